@@ -1,0 +1,1 @@
+"""One LightningModule per algorithm, over the shared AlignmentModule base."""

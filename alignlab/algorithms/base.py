@@ -1,0 +1,90 @@
+"""What every alignment LightningModule shares: optimisation, logging, held-out exact match, export.
+
+A subclass implements `compute(batch) -> (loss, metrics)`; metrics use the field's names and are
+logged as `train/<name>` and `eval/<name>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from alignlab.errors import ConfigError
+from alignlab.generation import completions_until_eos, exact_match, generate
+from alignlab.models.export import save_model
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+class AlignmentModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optim = dict(optim)
+        self.evaluation = dict(evaluation or {})
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+
+    # -- config checks, run before any model loads -----------------------------------------
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        """Raise ConfigError naming the key when a hyper-parameter is out of range."""
+
+    @staticmethod
+    def check_optim(optim: DictConfig) -> None:
+        if not optim.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {optim.lr}")
+        if optim.scheduler not in SCHEDULERS:
+            raise ConfigError(f"optim.scheduler must be one of {SCHEDULERS}, got {optim.scheduler!r}")
+
+    # -- the algorithm ------------------------------------------------------------------------
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def rows_in(self, batch: dict) -> int:
+        return len(batch["index"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.compute(batch)
+        self._log("train", {"loss": loss, **metrics}, self.rows_in(batch), on_step=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self.compute(batch)
+        if self.evaluation.get("exact_match") and "solution" in batch:
+            metrics["exact_match"] = self.exact_match(batch).mean()
+        self._log("eval", {"loss": loss, **metrics}, self.rows_in(batch), on_step=False)
+
+    def _log(self, split: str, metrics: dict, batch_size: int, on_step: bool) -> None:
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value.detach().float(), on_step=on_step, on_epoch=not on_step,
+                     batch_size=batch_size, prog_bar=name in ("loss", "rewards/accuracies", "exact_match"))
+
+    def exact_match(self, batch: dict) -> torch.Tensor:
+        """Greedy answers to the batch's prompts compared with their `solution` column."""
+        tokens = generate(self.model, self.tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                          max_new_tokens=self.evaluation.get("max_new_tokens", 16))
+        texts = self.tokenizer.batch_decode(completions_until_eos(tokens, self.tokenizer.eos_token_id),
+                                            skip_special_tokens=True)
+        return exact_match(texts, batch["solution"]).to(self.device)
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.optim["lr"], weight_decay=self.optim["weight_decay"],
+                                      betas=tuple(self.optim["betas"]))
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        scheduler = get_scheduler(self.optim["scheduler"], optimizer, num_warmup_steps=self.optim["warmup_steps"],
+                                  num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- output ---------------------------------------------------------------------------------
+    def save_final(self, run_dir: Path, merge_lora: bool = True) -> Path:
+        """Write the trained model in Hugging Face format; returns the folder to load it from."""
+        return save_model(self.model, self.tokenizer, run_dir, merge_lora=merge_lora)

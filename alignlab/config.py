@@ -1,0 +1,55 @@
+"""Checks that run before any model loads, and the resolved config saved with each run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.errors import ConfigError
+
+# Keys that hold algorithm metadata rather than constructor arguments.
+ALGORITHM_META_KEYS = ("name", "data_kinds", "requires_chat_template")
+SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+
+
+def data_kind(cfg: DictConfig) -> str:
+    return get_class(cfg.data._target_).kind
+
+
+def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
+    """Raise ConfigError for anything knowable before a model loads."""
+    choices = choices or {}
+    kind, accepted = data_kind(cfg), list(cfg.algorithm.data_kinds)
+    if kind not in accepted:
+        raise ConfigError(
+            f"algorithm={choices.get('algorithm', cfg.algorithm.name)} needs {' or '.join(accepted)} data, but "
+            f"data={choices.get('data', cfg.data._target_)} provides {kind} data; pick a data config of the right "
+            f"kind (e.g. data=arith_{'pairs' if 'pairwise' in accepted else accepted[0]})."
+        )
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
+    algorithm_class = get_class(cfg.algorithm._target_)
+    algorithm_class.check_config(cfg.algorithm)
+    algorithm_class.check_optim(cfg.optim)
+
+
+def redact(container):
+    """A copy with every secret-looking key's value replaced, for saved configs and loggers."""
+    if isinstance(container, dict):
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in container.items()}
+    if isinstance(container, list):
+        return [redact(v) for v in container]
+    return container
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def save_resolved_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))

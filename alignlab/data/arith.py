@@ -1,0 +1,65 @@
+"""The bundled synthetic task: small-number addition with a known answer.
+
+Rows are generated deterministically from a seed, so the same config always yields the same train
+and held-out problems, and the held-out problems never appear in training. One generator serves
+every data kind; a row carries `solution` (the right answer) in all of them.
+"""
+
+from __future__ import annotations
+
+import random
+
+from alignlab.data.rows import KINDS
+
+
+class ArithTask:
+    """`a+b=` → `a+b` for 0 ≤ a, b ≤ max_operand; rejected/undesirable answers are wrong sums."""
+
+    name = "arith"
+
+    def __init__(self, seed: int = 1234, n_train: int = 2000, n_eval: int = 128, max_operand: int = 49):
+        n_problems = (max_operand + 1) ** 2
+        if n_eval >= n_problems:
+            raise ValueError(f"n_eval={n_eval} leaves no training problems (only {n_problems} exist)")
+        self.seed, self.n_train, self.n_eval, self.max_operand = seed, n_train, n_eval, max_operand
+
+    def _problems(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        rng = random.Random(self.seed)
+        pairs = [(a, b) for a in range(self.max_operand + 1) for b in range(self.max_operand + 1)]
+        rng.shuffle(pairs)
+        held_out, pool = pairs[: self.n_eval], pairs[self.n_eval :]
+        # Training problems are drawn with replacement when n_train exceeds the pool.
+        train = [pool[i % len(pool)] for i in range(self.n_train)]
+        return train, held_out
+
+    def _wrong(self, rng: random.Random, right: int) -> int:
+        offset = rng.choice([d for d in range(-9, 10) if d != 0 and right + d >= 0])
+        return right + offset
+
+    def _row(self, a: int, b: int, kind: str, rng: random.Random, index: int) -> dict:
+        right = str(a + b)
+        prompt = [{"role": "user", "content": f"{a}+{b}="}]
+        wrong = str(self._wrong(rng, a + b))
+        if kind == "prompt":
+            return {"prompt": prompt, "solution": right}
+        if kind == "sft":
+            return {"prompt": prompt, "completion": right, "solution": right}
+        if kind == "pairwise":
+            return {"prompt": prompt, "chosen": right, "rejected": wrong, "solution": right}
+        # labelled: alternate desirable and undesirable rows (balanced, n_D = n_U).
+        desirable = index % 2 == 0
+        return {"prompt": prompt, "completion": right if desirable else wrong, "label": desirable, "solution": right}
+
+    def load(self, kind: str) -> dict[str, list[dict]]:
+        """Rows of `kind` for the `train` and `eval` splits, in alignlab's canonical form."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+        train, held_out = self._problems()
+        rng = random.Random(self.seed + 1)
+        return {
+            "train": [self._row(a, b, kind, rng, i) for i, (a, b) in enumerate(train)],
+            "eval": [self._row(a, b, kind, rng, i) for i, (a, b) in enumerate(held_out)],
+        }
+
+    def describe(self) -> str:
+        return f"bundled arithmetic (seed {self.seed}, operands 0..{self.max_operand})"

@@ -1,0 +1,56 @@
+"""Batch collation shared by every DataModule.
+
+Layout of an answer batch (the shape the log-prob code and later speed work rely on):
+- input_ids, attention_mask: [N, T] right-padded per batch to the longest row
+- loss_mask: [N, T], 1 on answer tokens (the positions whose log-prob counts), 0 on prompt and pad
+- index: [rows] position of each row in its split, the key for cached per-row values
+  (e.g. reference log-probs); any `ref_*` value present on the examples is stacked alongside.
+Pairwise batches put the B chosen sequences first and the B rejected ones after, so one forward
+pass serves both halves.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence; returns (ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def collate_answers(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int) -> dict:
+    """prompt + answer sequences with a loss mask over the answer tokens."""
+    input_ids, attention_mask = pad([p + a for p, a in zip(prompts, answers)], pad_id)
+    loss_mask = torch.zeros_like(attention_mask)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        loss_mask[i, len(p) : len(p) + len(a)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict:
+    """Left-padded prompts, ready for batched generation."""
+    ids, mask = pad(prompts, pad_id, left=True)
+    return {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+
+
+def collate_extras(examples: Sequence[dict], keys: Sequence[str]) -> dict:
+    """Per-row values that travel with the batch: row index, cached ref_* tensors, text columns."""
+    out = {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
+    for key in keys:
+        if key.startswith("ref_"):
+            out[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        else:
+            out[key] = [e.get(key) for e in examples]
+    return out

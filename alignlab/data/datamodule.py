@@ -1,0 +1,151 @@
+"""LightningDataModules for the data kinds, over one shared base.
+
+The base reads rows from a source (bundled task or files), encodes them once the tokenizer is
+known, drops rows whose prompt alone does not fit `max_length` (and says how many), and serves
+shuffled, per-batch padded loaders. A subclass says which data kind it reads, how a row is
+encoded and how examples are collated.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
+from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
+from alignlab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class AlignmentDataModule(L.LightningDataModule):
+    kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)
+    # Text columns that travel with eval batches (for exact-match and reward functions).
+    passthrough: tuple[str, ...] = ("solution",)
+
+    def __init__(self, source: Any, batch_size: int = 16, eval_batch_size: int = 64, max_length: int = 128,
+                 seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
+        if max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (a prompt token and an answer token), got {max_length}")
+        self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
+        self.max_length, self.seed, self.num_workers = max_length, seed, num_workers
+        self.tokenizer = None
+        self.splits: dict[str, list[dict]] = {}
+        self.dropped: dict[str, int] = {}
+
+    # -- subclasses ----------------------------------------------------------------------------
+    def encode(self, rows: list[dict]) -> list[dict | None]:
+        """Token ids per row; None for a row that cannot fit max_length."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict], with_prompts: bool) -> dict:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def set_tokenizer(self, tokenizer) -> None:
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer needs both a pad token and an eos token")
+        self.tokenizer = tokenizer
+
+    def rows(self) -> dict[str, list[dict]]:
+        """Canonical rows of both splits (no tokenizer needed)."""
+        return self.source.load(self.kind)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.tokenizer is None:
+            raise RuntimeError("call set_tokenizer() before setup()")
+        describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
+        for split, rows in self.rows().items():
+            encoded = self.encode(rows)
+            kept = []
+            for i, (row, ex) in enumerate(zip(rows, encoded)):
+                if ex is None:
+                    continue
+                ex["index"] = i
+                ex.update({k: row[k] for k in self.passthrough if k in row})
+                kept.append(ex)
+            self.dropped[split] = len(rows) - len(kept)
+            if self.dropped[split]:
+                log.warning("%s split: dropped %d of %d rows whose prompt alone does not fit max_length=%d",
+                            split, self.dropped[split], len(rows), self.max_length)
+            if not kept and rows:
+                raise DataError(describe, f"no {split} row fits max_length={self.max_length}; raise max_length")
+            self.splits[split] = kept
+        if not self.splits.get("train"):
+            raise DataError(describe, "the train split is empty")
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        with_prompts = split != "train"
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          collate_fn=partial(self.collate, with_prompts=with_prompts), num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("eval", self.eval_batch_size, shuffle=False)
+
+    def _extras(self, examples: list[dict], with_prompts: bool) -> dict:
+        keys = [k for k in examples[0] if k.startswith("ref_")]
+        if with_prompts:
+            keys += [k for k in self.passthrough if k in examples[0]]
+            out = collate_prompts([e["prompt_ids"] for e in examples], self.pad_id)
+        else:
+            out = {}
+        return {**out, **collate_extras(examples, keys)}
+
+
+class SFTDataModule(AlignmentDataModule):
+    """(prompt, completion) rows; the loss covers the completion tokens."""
+
+    kind = "sft"
+
+    def encode(self, rows: list[dict]) -> list[dict | None]:
+        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
+        answers = encode_answers(self.tokenizer, [r["completion"] for r in rows])
+        out = []
+        for p, a in zip(prompts, answers):
+            a = fit_answer(len(p), a, self.max_length)
+            out.append(None if a is None else {"prompt_ids": p, "completion_ids": a})
+        return out
+
+    def collate(self, examples: list[dict], with_prompts: bool) -> dict:
+        batch = collate_answers([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], self.pad_id)
+        return {**batch, **self._extras(examples, with_prompts)}
+
+
+class PairwiseDataModule(AlignmentDataModule):
+    """(prompt, chosen, rejected) rows; one batch holds B chosen then B rejected sequences."""
+
+    kind = "pairwise"
+
+    def encode(self, rows: list[dict]) -> list[dict | None]:
+        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
+        chosen = encode_answers(self.tokenizer, [r["chosen"] for r in rows])
+        rejected = encode_answers(self.tokenizer, [r["rejected"] for r in rows])
+        out = []
+        for p, c, r in zip(prompts, chosen, rejected):
+            c, r = fit_answer(len(p), c, self.max_length), fit_answer(len(p), r, self.max_length)
+            out.append(None if c is None else {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+        return out
+
+    def collate(self, examples: list[dict], with_prompts: bool) -> dict:
+        prompts = [e["prompt_ids"] for e in examples]
+        answers = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        batch = collate_answers(prompts + prompts, answers, self.pad_id)
+        return {**batch, **self._extras(examples, with_prompts)}

@@ -1,0 +1,159 @@
+"""Canonical rows for the data kinds, and the conversion from the file formats users bring.
+
+Canonical form (what every DataModule reads), prompts are always message lists:
+- prompt:   {"prompt": [messages], **extra}
+- sft:      {"prompt": [messages], "completion": str, **extra}
+- pairwise: {"prompt": [messages], "chosen": str, "rejected": str, **extra}
+- labelled: {"prompt": [messages], "completion": str, "label": bool, **extra}
+Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from alignlab.errors import DataError
+
+KINDS = ("prompt", "sft", "pairwise", "labelled")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class _Row:
+    """One raw row plus where it came from, so every complaint names file, row and field."""
+
+    def __init__(self, raw: dict, source: str, index: int):
+        self.raw, self.source, self.index = raw, source, index
+
+    def fail(self, field: str, problem: str) -> DataError:
+        return DataError(self.source, problem, row=self.index, field=field)
+
+    def has(self, field: str) -> bool:
+        return self.raw.get(field) is not None
+
+    def messages(self, field: str, value: Any = None) -> list[dict]:
+        value = self.raw.get(field) if value is None else value
+        if isinstance(value, str) and field == "messages":
+            try:  # CSV cells carry message lists as JSON text
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise self.fail(field, f"expected a list of messages, got text that is not JSON ({e})") from None
+        if not isinstance(value, list) or not value:
+            raise self.fail(field, f"expected a non-empty list of messages, got {type(value).__name__}")
+        out = []
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise self.fail(field, f"message {i} must be an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise self.fail(field, f"message {i} has role {m['role']!r}; expected one of {ROLES}")
+            if not isinstance(m["content"], str):
+                raise self.fail(field, f"message {i} content must be text, got {type(m['content']).__name__}")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+
+    def prompt(self, field: str = "prompt") -> list[dict]:
+        value = self.raw.get(field)
+        if isinstance(value, str):
+            if not value.strip():
+                raise self.fail(field, "prompt is empty")
+            return [{"role": "user", "content": value}]
+        msgs = self.messages(field)
+        if msgs[-1]["role"] == "assistant":
+            raise self.fail(field, "the prompt ends with an assistant message; the answer belongs elsewhere")
+        return msgs
+
+    def answer(self, field: str) -> tuple[list[dict], str]:
+        """An answer given as text or as messages ending in the assistant's reply.
+
+        Returns (messages before the reply, reply text); the prefix is non-empty only for the
+        implicit-prompt form where `chosen` holds the whole conversation.
+        """
+        value = self.raw.get(field)
+        if value is None:
+            raise self.fail(field, "missing")
+        if isinstance(value, str):
+            prefix, text = [], value
+        else:
+            msgs = self.messages(field, value)
+            if msgs[-1]["role"] != "assistant":
+                raise self.fail(field, "must end with an assistant message")
+            prefix, text = msgs[:-1], msgs[-1]["content"]
+        if not text.strip():
+            raise self.fail(field, "the answer is empty")
+        return prefix, text
+
+    def label(self, field: str = "label") -> bool:
+        value = self.raw.get(field)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"  # CSV has no boolean type
+        raise self.fail(field, f"expected true or false, got {value!r}")
+
+    def conversation(self) -> tuple[list[dict], str]:
+        """`messages` ending in an assistant answer → (prompt messages, answer)."""
+        msgs = self.messages("messages")
+        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            raise self.fail("messages", "must end with an assistant answer after at least one prompt message")
+        if not msgs[-1]["content"].strip():
+            raise self.fail("messages", "the assistant answer is empty")
+        return msgs[:-1], msgs[-1]["content"]
+
+    def prompt_and_answer(self, answer_field: str) -> tuple[list[dict], str]:
+        prefix, text = self.answer(answer_field)
+        if self.has("prompt"):
+            return self.prompt() + prefix, text
+        if prefix:
+            return prefix, text
+        raise self.fail("prompt", "missing (give `prompt`, or `messages` in the conversational form)")
+
+    def extra(self, used: set[str]) -> dict:
+        return {k: v for k, v in self.raw.items() if k not in used}
+
+
+def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
+    """Convert one file row to the canonical row of `kind`, or raise DataError naming the field."""
+    row = _Row(raw, source, index)
+    if not isinstance(raw, dict):
+        raise DataError(source, f"expected an object per row, got {type(raw).__name__}", row=index)
+    conversational = row.has("messages")
+    if kind == "prompt":
+        if conversational:
+            msgs = row.messages("messages")
+            while msgs and msgs[-1]["role"] == "assistant":  # a reference answer is not part of the prompt
+                msgs = msgs[:-1]
+            if not msgs:
+                raise row.fail("messages", "has no prompt message before the assistant answer")
+            prompt = msgs
+        elif row.has("prompt"):
+            prompt = row.prompt()
+        else:
+            raise row.fail("messages", "missing (give `messages` or `prompt`)")
+        return {"prompt": prompt, **row.extra({"messages", "prompt"})}
+    if kind == "sft":
+        if conversational:
+            prompt, completion = row.conversation()
+        else:
+            field = "completion" if row.has("completion") or not row.has("chosen") else "chosen"
+            prompt, completion = row.prompt_and_answer(field)
+        used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response"}
+        return {"prompt": prompt, "completion": completion, **row.extra(used)}
+    if kind == "pairwise":
+        if conversational:
+            prompt, chosen = row.conversation()
+            _, rejected = row.answer("rejected_response")
+        else:
+            prompt, chosen = row.prompt_and_answer("chosen")
+            _, rejected = row.answer("rejected")
+        if chosen == rejected:
+            raise row.fail("rejected", "identical to the chosen answer, so the pair carries no preference")
+        used = {"messages", "prompt", "chosen", "rejected", "rejected_response"}
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **row.extra(used)}
+    if kind == "labelled":
+        if conversational:
+            prompt, completion = row.conversation()
+        else:
+            prompt, completion = row.prompt_and_answer("completion")
+        used = {"messages", "prompt", "completion", "label"}
+        return {"prompt": prompt, "completion": completion, "label": row.label(), **row.extra(used)}
+    raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")

@@ -1,0 +1,31 @@
+"""Logger factories. W&B goes offline by itself when no API key is available."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+
+log = logging.getLogger(__name__)
+
+
+def wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(project: str, name: str, save_dir: str, entity: str | None = None, group: str | None = None,
+                 tags: list | None = None, offline: bool | None = None):
+    """A Lightning WandbLogger; offline (synced later with `wandb sync`) when there is no API key."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_api_key_available()
+        if offline:
+            log.warning("W&B: no API key found, logging offline to %s/wandb (upload later with `wandb sync`)", save_dir)
+    return WandbLogger(project=project, name=name, save_dir=save_dir, entity=entity, group=group,
+                       tags=list(tags or []), offline=offline)

@@ -1,0 +1,1 @@
+"""Loading, the embedded tiny model, the frozen reference and export."""

@@ -1,0 +1,93 @@
+"""Loading a policy and its tokenizer from a local folder or a Hub id, with optional LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.errors import ConfigError, ModelLoadError
+from alignlab.models.tiny import CHATML_TEMPLATE, ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model_cfg: DictConfig) -> str:
+    """The folder or Hub id to load; the embedded tiny model is written first if needed."""
+    if model_cfg.get("tiny"):
+        return os.fspath(ensure_tiny_model(model_cfg.path, OmegaConf.to_container(model_cfg.tiny)))
+    return os.fspath(model_cfg.path)
+
+
+def _offline_hint(path: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not load model '{path}': it is not a local folder and the Hugging Face Hub could not be "
+        f"reached, so download it where there is network access (e.g. `hf download {path} --local-dir "
+        f"/path/to/copy`) and run with model.path=/path/to/copy. ({type(error).__name__})"
+    )
+
+
+def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise ModelLoadError(f"Could not load a tokenizer from {path}: {e}") from None
+        raise _offline_hint(path, e) from None
+    if model_cfg.get("chat_template"):
+        tokenizer.chat_template = model_cfg.chat_template
+    if not tokenizer.chat_template:
+        if require_chat_template:
+            raise ConfigError(
+                f"The model at {path} has no chat template. A preference stage needs a chat model: run "
+                "algorithm=sft on it first (SFT installs a ChatML template), or set model.chat_template."
+            )
+        log.info("the tokenizer has no chat template; installing ChatML for SFT")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:  # many base models ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
+    """(model, tokenizer, path) for `model_cfg`; LoRA-wrapped when model.lora.enabled."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_cfg)
+    tokenizer = load_tokenizer(path, model_cfg, require_chat_template)
+    if model_cfg.dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
+        )
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise ModelLoadError(f"Could not load model weights from {path}: {e}") from None
+        raise _offline_hint(path, e) from None
+    if model_cfg.lora.enabled:
+        model = apply_lora(model, model_cfg.lora)
+    return model, tokenizer, path
+
+
+def apply_lora(model, lora_cfg: DictConfig):
+    from peft import LoraConfig, get_peft_model
+
+    target = lora_cfg.target_modules
+    config = LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, task_type="CAUSAL_LM",
+        target_modules=target if isinstance(target, str) else list(target),
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

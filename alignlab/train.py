@@ -1,0 +1,80 @@
+"""One training run: check the config, build data/model/algorithm/trainer from it, fit, export.
+
+Reads top to bottom; every object comes from the config with `instantiate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.config import ALGORITHM_META_KEYS, check_config, resolved_config, save_resolved_config
+from alignlab.models.loading import load_model
+
+log = logging.getLogger(__name__)
+
+
+def build_algorithm(cfg: DictConfig, model, tokenizer) -> L.LightningModule:
+    """The algorithm's LightningModule: its config minus metadata keys are constructor arguments."""
+    hparams = {k: v for k, v in cfg.algorithm.items() if k not in ALGORITHM_META_KEYS}
+    return instantiate(hparams, model=model, tokenizer=tokenizer, optim=OmegaConf.to_container(cfg.optim),
+                       evaluation=OmegaConf.to_container(cfg.evaluation), _recursive_=False)
+
+
+def train(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    check_config(cfg, choices)  # before anything slow: a wrong config fails in a second
+
+    run_dir = Path(cfg.paths.output_dir)
+    save_resolved_config(cfg, run_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
+    datamodule.set_tokenizer(tokenizer)
+    module = build_algorithm(cfg, model, tokenizer)
+
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    for logger in loggers:
+        logger.log_hyperparams(resolved_config(cfg))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    if cfg.evaluation.at_start and not cfg.ckpt_path:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    model_dir = module.save_final(run_dir, merge_lora=cfg.model.lora.merge) if cfg.save_model else None
+    result = {
+        "algorithm": cfg.algorithm.name,
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir) if model_dir else None,
+        "start_model": model_path,
+        "steps": trainer.global_step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "dropped_rows": dict(datamodule.dropped),
+        "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    print_summary(result)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    lines = [f"alignlab: {result['algorithm']} finished {result['steps']} steps in {result['seconds']} s",
+             f"  run folder:  {result['run_dir']}"]
+    if result["model_dir"]:
+        lines.append(f"  final model: {result['model_dir']}")
+    for split in ("train", "eval"):
+        shown = {k.split("/", 1)[1]: v for k, v in result["metrics"].items() if k.startswith(split + "/")}
+        if shown:
+            lines.append(f"  {split + ':':<6} " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    print("\n".join(lines), flush=True)
