@@ -33,7 +33,8 @@ class AnswerLogps:
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[..., index] without materialising the full log-softmax tensor."""
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
+        logits = logits.float()
     return torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

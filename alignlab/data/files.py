@@ -21,6 +21,10 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
             fmt = _FORMATS.get(local.suffix.lower())
             if fmt is None:
                 raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
+            if fmt == "csv":  # cells are text: keep "7" a string and an empty cell empty, not a number or NaN
+                import pandas as pd
+
+                return pd.read_csv(local, dtype=str, keep_default_na=False).to_dict("records")
             ds = datasets.load_dataset(fmt, data_files=str(local), split="train")
         else:
             ds = datasets.load_dataset(path, split=split)

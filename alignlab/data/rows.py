@@ -57,6 +57,8 @@ class _Row:
             if not value.strip():
                 raise self.fail(field, "prompt is empty")
             return [{"role": "user", "content": value}]
+        if not isinstance(value, list):
+            raise self.fail(field, f"expected text or a list of messages, got {type(value).__name__}")
         msgs = self.messages(field)
         if msgs[-1]["role"] == "assistant":
             raise self.fail(field, "the prompt ends with an assistant message; the answer belongs elsewhere")
@@ -73,6 +75,8 @@ class _Row:
             raise self.fail(field, "missing")
         if isinstance(value, str):
             prefix, text = [], value
+        elif not isinstance(value, list):
+            raise self.fail(field, f"expected text or a list of messages, got {type(value).__name__}")
         else:
             msgs = self.messages(field, value)
             if msgs[-1]["role"] != "assistant":

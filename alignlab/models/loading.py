@@ -24,6 +24,34 @@ def resolve_model_path(model_cfg: DictConfig) -> str:
     return os.fspath(model_cfg.path)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers at all; saves a minute of retries on a machine without network."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_path(path: str) -> None:
+    """For a Hub id: fine when cached locally or the Hub answers; else the offline hint at once."""
+    if Path(path).expanduser().exists():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str) or hub_reachable():
+        return
+    raise _offline_hint(path, ConnectionError("no network"))
+
+
 def _offline_hint(path: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"Could not load model '{path}': it is not a local folder and the Hugging Face Hub could not be "
@@ -61,6 +89,7 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_cfg)
+    check_hub_path(path)
     tokenizer = load_tokenizer(path, model_cfg, require_chat_template)
     if model_cfg.dtype not in _DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")

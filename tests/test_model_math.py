@@ -1,0 +1,105 @@
+"""Answer log-probs, the frozen reference (copy vs disabled LoRA adapter) and the DPO module's loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from alignlab.algorithms.dpo import DPO
+from alignlab.data.collate import collate_answers
+from alignlab.logprobs import answer_logprobs, selective_log_softmax
+from alignlab.losses import dpo_loss
+from alignlab.models.loading import apply_lora
+from alignlab.models.reference import ReferenceModel
+
+OPTIM = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "scheduler": "constant", "warmup_steps": 0}
+
+
+def pair_batch(tokenizer):
+    from alignlab.data.tokenize import encode_answers, encode_prompts
+
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "3+4="}], [{"role": "user", "content": "10+25="}]])
+    chosen = encode_answers(tokenizer, ["7", "35"])
+    rejected = encode_answers(tokenizer, ["9", "34 and more"])
+    batch = collate_answers(prompts + prompts, chosen + rejected, tokenizer.pad_token_id)
+    batch["index"] = torch.arange(2)
+    return batch
+
+
+def test_selective_log_softmax_matches_log_softmax():
+    logits = torch.randn(3, 5, 11, dtype=torch.float64)
+    index = torch.randint(0, 11, (3, 5))
+    expected = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(selective_log_softmax(logits, index), expected)
+
+
+def test_answer_logprobs_match_a_token_by_token_loop(tiny):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    out = answer_logprobs(model, batch)
+    with torch.no_grad():
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            ids = batch["input_ids"][i, :n]
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+            answer_positions = batch["loss_mask"][i, :n].nonzero().flatten().tolist()
+            expected = sum(logp[p - 1, ids[p]].item() for p in answer_positions)
+            assert out.logps[i].item() == pytest.approx(expected, rel=1e-5)
+            assert out.num_tokens[i].item() == len(answer_positions)
+    # chosen "7" + eos = 2 tokens, rejected "34 and more" + eos = 12 tokens
+    assert out.num_tokens.tolist() == [2, 3, 2, 12]
+
+
+def test_lora_disabled_reference_equals_frozen_copy(tiny):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    frozen = ReferenceModel(copy.deepcopy(model))
+    lora_cfg = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    policy = apply_lora(copy.deepcopy(model), lora_cfg)
+    with torch.no_grad():  # LoRA's B starts at zero; make the adapter change the output
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    disabled = ReferenceModel(policy)
+    assert disabled.copy is None  # no second copy of the weights
+    ref_a, ref_b = frozen.answer_logprobs(batch), disabled.answer_logprobs(batch)
+    assert torch.allclose(ref_a.logps, ref_b.logps, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(answer_logprobs(policy, batch).logps, ref_b.logps, atol=1e-3)
+
+
+@pytest.mark.parametrize("rpo_alpha", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_module_loss_is_preference_term_plus_weighted_nll(tiny, rpo_alpha, loss_type):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    module = DPO(copy.deepcopy(model), tokenizer, OPTIM, beta=0.1, rpo_alpha=rpo_alpha, loss_type=loss_type)
+    with torch.no_grad():  # move the policy away from the reference so the rewards are not all zero
+        for p in module.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        loss, metrics = module.compute(batch)
+        pol = answer_logprobs(module.model, batch)
+        ref = answer_logprobs(model, batch)
+    pref = dpo_loss(pol.logps[:2].double(), pol.logps[2:].double(), ref.logps[:2].double(), ref.logps[2:].double(),
+                    beta=0.1, loss_type=loss_type).losses.mean()
+    nll = -(pol.token_logps[:2].sum() / pol.mask[:2].sum()).double()
+    assert loss.item() == pytest.approx((pref + rpo_alpha * nll).item(), rel=1e-5)
+    assert metrics["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-5)
+    margins = 0.1 * ((pol.logps[:2] - ref.logps[:2]) - (pol.logps[2:] - ref.logps[2:]))
+    assert metrics["rewards/margins"].item() == pytest.approx(margins.mean().item(), rel=1e-4, abs=1e-7)
+    assert metrics["rewards/accuracies"].item() == (margins > 0).float().mean().item()
+
+
+def test_cached_reference_logps_are_used_when_present(tiny):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    module = DPO(copy.deepcopy(model), tokenizer, OPTIM, rpo_alpha=0.0)
+    with torch.no_grad():
+        live, _ = module.compute(batch)
+        ref = answer_logprobs(model, batch)
+        batch.update(ref_chosen_logps=ref.logps[:2], ref_rejected_logps=ref.logps[2:])
+        cached, _ = module.compute(batch)
+    assert cached.item() == pytest.approx(live.item(), abs=1e-6)
