@@ -12,7 +12,8 @@ from alignlab.errors import ConfigError
 
 # Keys that hold algorithm metadata rather than constructor arguments.
 ALGORITHM_META_KEYS = ("name", "data_kinds", "requires_chat_template")
-SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+# api_key, wandb_api_key, hf_token, access_token, secret, password; not tokenizer or max_new_tokens.
+SECRET_KEY = re.compile(r"(api_?key|secret|passw(or)?d|(^|_)token$)", re.IGNORECASE)
 
 
 def data_kind(cfg: DictConfig) -> str:

@@ -25,7 +25,8 @@ def build_algorithm(cfg: DictConfig, model, tokenizer) -> L.LightningModule:
     """The algorithm's LightningModule: its config minus metadata keys are constructor arguments."""
     hparams = {k: v for k, v in cfg.algorithm.items() if k not in ALGORITHM_META_KEYS}
     return instantiate(hparams, model=model, tokenizer=tokenizer, optim=OmegaConf.to_container(cfg.optim),
-                       evaluation=OmegaConf.to_container(cfg.evaluation), _recursive_=False)
+                       evaluation=OmegaConf.to_container(cfg.evaluation), _recursive_=False,
+                       _convert_="all")  # plain containers, so checkpoints load with weights_only=True
 
 
 def train(cfg: DictConfig) -> dict:

@@ -1,0 +1,118 @@
+"""Config composition for every group option, and clear errors for wrong configs."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from alignlab.config import check_config, redact, save_resolved_config
+from alignlab.errors import ConfigError
+from tests.conftest import CONF, ROOT, compose, run_cli
+
+GROUPS = ["algorithm", "model", "data", "hardware", "logger", "trainer", "callbacks", "paths"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes(group, option, tmp_path):
+    cfg = compose([f"{group}={option}"], output_dir=tmp_path)
+    OmegaConf.resolve(cfg)
+    if group == "algorithm":
+        assert cfg.algorithm.name == option
+        # an algorithm brings data of a kind it accepts, so its default run is valid
+        check_config(cfg)
+    if group == "data":
+        if OmegaConf.missing_keys(cfg.data):
+            assert OmegaConf.missing_keys(cfg.data) == {"data.source.path"}
+        else:
+            assert hasattr(instantiate(cfg.data), "setup")
+    if group == "hardware":
+        assert cfg.trainer.accelerator == {"cpu": "cpu", "gpu": "gpu"}[option]
+    if group == "logger":
+        assert ("csv" in cfg.logger) == (option in ("csv", "wandb"))
+        assert ("wandb" in cfg.logger) == (option == "wandb")
+    if group == "model":
+        assert cfg.model.name == option and cfg.model.lora.enabled is False
+
+
+def test_default_config_is_dpo_on_tiny_model_and_bundled_pairs_on_cpu(tmp_path):
+    cfg = compose(output_dir=tmp_path)
+    assert cfg.algorithm.name == "dpo"
+    assert cfg.model.name == "tiny"
+    assert cfg.data.source._target_ == "alignlab.data.arith.ArithTask"
+    assert cfg.trainer.accelerator == "cpu"
+    assert (cfg.algorithm.beta, cfg.algorithm.rpo_alpha, cfg.algorithm.loss_type) == (0.1, 1.0, "sigmoid")
+
+
+def test_algorithm_picks_its_own_data_kind_unless_overridden(tmp_path):
+    assert compose(["algorithm=sft"], tmp_path).data._target_ == "alignlab.data.SFTDataModule"
+    assert compose(["algorithm=dpo"], tmp_path).data._target_ == "alignlab.data.PairwiseDataModule"
+    assert compose(["algorithm=sft", "data=custom_sft"], tmp_path).data.source._target_.endswith("FileSource")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm=dpo", "data=arith_sft"], "algorithm=dpo needs pairwise data, but data=alignlab.data.SFTDataModule"),
+        (["algorithm=sft", "data=arith_pairs"], "algorithm=sft needs sft data"),
+        (["algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
+        (["algorithm.beta=-0.5"], "algorithm.beta must be > 0"),
+        (["algorithm.rpo_alpha=-1"], "algorithm.rpo_alpha must be >= 0"),
+        (["algorithm.loss_type=squared"], "algorithm.loss_type must be one of"),
+        (["algorithm.label_smoothing=0.5"], "algorithm.label_smoothing must be in [0, 0.5)"),
+        (["optim.lr=0"], "optim.lr must be > 0"),
+        (["optim.scheduler=exponential"], "optim.scheduler must be one of"),
+        (["data=custom_pairs"], "required config value(s) not set: data.source.path"),
+    ],
+)
+def test_bad_config_fails_before_any_model_loads(overrides, message, tmp_path, monkeypatch):
+    import alignlab.train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(alignlab.train, "load_model", no_model)
+    with pytest.raises(ConfigError) as err:
+        alignlab.train.train(compose(overrides, tmp_path))
+    assert message in str(err.value)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_wrong_overrides_on_the_command_line_are_clear(tmp_path):
+    out = run_cli(["algorithm=nope", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'algorithm/nope'" in out.stderr and "dpo" in out.stderr and "sft" in out.stderr
+    out = run_cli(["algorithm.bta=0.2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode != 0 and "algorithm.bta" in out.stderr
+    out = run_cli(["algorithm=dpo", "data=arith_sft", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode == 1
+    assert "alignlab: error: algorithm=dpo needs pairwise data, but data=arith_sft provides sft data" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_model_qwen_offline_ends_in_one_clear_sentence(tmp_path):
+    out = run_cli(["model=qwen", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("alignlab: error: Could not load model 'Qwen/Qwen2.5-0.5B-Instruct'")
+    assert "model.path=/path/to/copy" in last and "Traceback" not in out.stderr
+
+
+def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):
+    cfg = compose(["logger=wandb", "+logger.wandb.api_key=s3cr3t"], tmp_path)
+    save_resolved_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cr3t" not in text and "<redacted>" in text
+    assert "${" not in text and str(tmp_path) in text
+    assert redact({"a": {"hf_token": "x", "tokenizer": 1}, "max_new_tokens": 8, "b": [{"password": "p"}]}) == {
+        "a": {"hf_token": "<redacted>", "tokenizer": 1}, "max_new_tokens": 8, "b": [{"password": "<redacted>"}]}
+
+
+def test_readme_names_every_algorithm_hyper_parameter():
+    readme = (ROOT / "README.md").read_text()
+    for path in sorted((CONF / "algorithm").glob("*.yaml")):
+        for key in OmegaConf.load(path):
+            if key not in ("defaults", "_target_", "name", "data_kinds", "requires_chat_template"):
+                assert f"`{key}`" in readme, f"README does not document {path.stem}'s `{key}`"
+
