@@ -29,3 +29,12 @@ def wandb_logger(project: str, name: str, save_dir: str, entity: str | None = No
             log.warning("W&B: no API key found, logging offline to %s/wandb (upload later with `wandb sync`)", save_dir)
     return WandbLogger(project=project, name=name, save_dir=save_dir, entity=entity, group=group,
                        tags=list(tags or []), offline=offline)
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close W&B runs, so the next job of a sweep in this process starts a new one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

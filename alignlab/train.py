@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.config import ALGORITHM_META_KEYS, check_config, resolved_config, save_resolved_config
+from alignlab.loggers import finish_loggers
 from alignlab.models.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.evaluation.at_start and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finish_loggers(loggers)
 
     model_dir = module.save_final(run_dir, merge_lora=cfg.model.lora.merge) if cfg.save_model else None
     result = {

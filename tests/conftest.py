@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,7 @@ CONF = ROOT / "conf"
 
 # Every test (and every subprocess it starts) writes the tiny model into one throwaway cache and
 # never touches the network.
-_CACHE = Path(os.environ.get("PYTEST_ALIGNLAB_CACHE", "/tmp/alignlab-test-cache"))
-os.environ["ALIGNLAB_CACHE"] = str(_CACHE)
+os.environ["ALIGNLAB_CACHE"] = tempfile.mkdtemp(prefix="alignlab-test-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
