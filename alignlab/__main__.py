@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from alignlab.config import CONFIG_DIR
 from alignlab.errors import AlignlabError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     from alignlab.train import train
 

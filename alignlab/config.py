@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab.errors import ConfigError
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
 # Keys that hold algorithm metadata rather than constructor arguments.
 ALGORITHM_META_KEYS = ("name", "data_kinds", "requires_chat_template")
 # api_key, wandb_api_key, hf_token, access_token, secret, password; not tokenizer or max_new_tokens.
@@ -54,3 +56,22 @@ def resolved_config(cfg: DictConfig) -> dict:
 def save_resolved_config(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
+
+
+def compose(overrides: list[str] | None = None, output_dir: str | Path = "outputs/composed") -> DictConfig:
+    """The config `python -m alignlab OVERRIDES` would run, for use from Python (tests, studies).
+
+    Hydra's runtime values (the run folder, the group choices) are filled in, since no Hydra app runs.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides or []), return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.run_name = f"{cfg.algorithm.name}-{choices.model}"
+        del cfg.hydra
+    return cfg

@@ -14,16 +14,29 @@ def completions_until_eos(sequences: torch.Tensor, eos_id: int) -> list[list[int
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor,
-             max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> torch.Tensor:
+def generate(
+    model,
+    tokenizer,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """[B, max_new_tokens or fewer] completion tokens (prompt removed), padded after eos."""
     was_training = model.training
     model.eval()
     try:
         out = model.generate(
-            input_ids=prompt_input_ids, attention_mask=prompt_attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature if do_sample else None, top_p=None, top_k=None,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            input_ids=prompt_input_ids,
+            attention_mask=prompt_attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     finally:
         model.train(was_training)

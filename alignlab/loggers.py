@@ -18,8 +18,15 @@ def wandb_api_key_available() -> bool:
         return False
 
 
-def wandb_logger(project: str, name: str, save_dir: str, entity: str | None = None, group: str | None = None,
-                 tags: list | None = None, offline: bool | None = None):
+def wandb_logger(
+    project: str,
+    name: str,
+    save_dir: str,
+    entity: str | None = None,
+    group: str | None = None,
+    tags: list | None = None,
+    offline: bool | None = None,
+):
     """A Lightning WandbLogger; offline (synced later with `wandb sync`) when there is no API key."""
     from lightning.pytorch.loggers import WandbLogger
 
@@ -27,8 +34,15 @@ def wandb_logger(project: str, name: str, save_dir: str, entity: str | None = No
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_api_key_available()
         if offline:
             log.warning("W&B: no API key found, logging offline to %s/wandb (upload later with `wandb sync`)", save_dir)
-    return WandbLogger(project=project, name=name, save_dir=save_dir, entity=entity, group=group,
-                       tags=list(tags or []), offline=offline)
+    return WandbLogger(
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        entity=entity,
+        group=group,
+        tags=list(tags or []),
+        offline=offline,
+    )
 
 
 def finish_loggers(loggers: list) -> None:

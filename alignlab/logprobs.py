@@ -11,10 +11,10 @@ import torch
 class AnswerLogps:
     """Per-sequence statistics over the answer tokens of a batch of N sequences."""
 
-    logps: torch.Tensor        # [N] sum of log π(y_t | x, y_<t) over answer tokens
-    num_tokens: torch.Tensor   # [N] answer tokens per sequence
+    logps: torch.Tensor  # [N] sum of log π(y_t | x, y_<t) over answer tokens
+    num_tokens: torch.Tensor  # [N] answer tokens per sequence
     token_logps: torch.Tensor  # [N, T-1] per-token log-probs, 0 outside the answer
-    mask: torch.Tensor         # [N, T-1] 1 where the predicted token is an answer token
+    mask: torch.Tensor  # [N, T-1] 1 where the predicted token is an answer token
     mean_logits: torch.Tensor  # [N] mean logit over answer positions and vocabulary (detached)
 
     @property
@@ -22,11 +22,13 @@ class AnswerLogps:
         """Length-normalised log-prob: sum / number of answer tokens."""
         return self.logps / self.num_tokens.clamp(min=1)
 
-    def rows(self, sl: slice) -> "AnswerLogps":
+    def rows(self, sl: slice) -> AnswerLogps:
         """The statistics of a slice of the sequences (e.g. the chosen half of a pairwise batch)."""
-        return AnswerLogps(self.logps[sl], self.num_tokens[sl], self.token_logps[sl], self.mask[sl], self.mean_logits[sl])
+        return AnswerLogps(
+            self.logps[sl], self.num_tokens[sl], self.token_logps[sl], self.mask[sl], self.mean_logits[sl]
+        )
 
-    def split_pairs(self, n_pairs: int) -> tuple["AnswerLogps", "AnswerLogps"]:
+    def split_pairs(self, n_pairs: int) -> tuple[AnswerLogps, AnswerLogps]:
         """(chosen, rejected) halves of a pairwise batch laid out as B chosen then B rejected."""
         return self.rows(slice(0, n_pairs)), self.rows(slice(n_pairs, 2 * n_pairs))
 

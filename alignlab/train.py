@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 def build_algorithm(cfg: DictConfig, model, tokenizer) -> L.LightningModule:
     """The algorithm's LightningModule: its config minus metadata keys are constructor arguments."""
     hparams = {k: v for k, v in cfg.algorithm.items() if k not in ALGORITHM_META_KEYS}
-    return instantiate(hparams, model=model, tokenizer=tokenizer, optim=OmegaConf.to_container(cfg.optim),
-                       evaluation=OmegaConf.to_container(cfg.evaluation), _recursive_=False,
-                       _convert_="all")  # plain containers, so checkpoints load with weights_only=True
+    return instantiate(
+        hparams,
+        model=model,
+        tokenizer=tokenizer,
+        optim=OmegaConf.to_container(cfg.optim),
+        evaluation=OmegaConf.to_container(cfg.evaluation),
+        _recursive_=False,
+        _convert_="all",
+    )  # plain containers, so checkpoints load with weights_only=True
 
 
 def train(cfg: DictConfig) -> dict:
@@ -72,8 +78,10 @@ def train(cfg: DictConfig) -> dict:
 
 
 def print_summary(result: dict) -> None:
-    lines = [f"alignlab: {result['algorithm']} finished {result['steps']} steps in {result['seconds']} s",
-             f"  run folder:  {result['run_dir']}"]
+    lines = [
+        f"alignlab: {result['algorithm']} finished {result['steps']} steps in {result['seconds']} s",
+        f"  run folder:  {result['run_dir']}",
+    ]
     if result["model_dir"]:
         lines.append(f"  final model: {result['model_dir']}")
     for split in ("train", "eval"):

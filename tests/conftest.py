@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from alignlab.config import compose  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
@@ -21,26 +23,16 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
 
 
-def compose(overrides: list[str] | None = None, output_dir: str | Path = "/tmp/alignlab-test-run"):
-    """The composed config for `overrides`, with hydra: interpolations given concrete values."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides or [], return_hydra_config=True)
-    choices = cfg.hydra.runtime.choices
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.run_name = f"{cfg.algorithm.name}-{choices.model}"
-        del cfg.hydra
-    return cfg
-
-
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m alignlab ARGS` in a subprocess, as a user would run it."""
-    return subprocess.run([sys.executable, "-m", "alignlab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "alignlab", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,10 @@ def test_algorithm_picks_its_own_data_kind_unless_overridden(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["algorithm=dpo", "data=arith_sft"], "algorithm=dpo needs pairwise data, but data=alignlab.data.SFTDataModule"),
+        (
+            ["algorithm=dpo", "data=arith_sft"],
+            "algorithm=dpo needs pairwise data, but data=alignlab.data.SFTDataModule",
+        ),
         (["algorithm=sft", "data=arith_pairs"], "algorithm=sft needs sft data"),
         (["algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
         (["algorithm.beta=-0.5"], "algorithm.beta must be > 0"),
@@ -106,7 +109,10 @@ def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):
     assert "s3cr3t" not in text and "<redacted>" in text
     assert "${" not in text and str(tmp_path) in text
     assert redact({"a": {"hf_token": "x", "tokenizer": 1}, "max_new_tokens": 8, "b": [{"password": "p"}]}) == {
-        "a": {"hf_token": "<redacted>", "tokenizer": 1}, "max_new_tokens": 8, "b": [{"password": "<redacted>"}]}
+        "a": {"hf_token": "<redacted>", "tokenizer": 1},
+        "max_new_tokens": 8,
+        "b": [{"password": "<redacted>"}],
+    }
 
 
 def test_readme_names_every_algorithm_hyper_parameter():
@@ -115,4 +121,3 @@ def test_readme_names_every_algorithm_hyper_parameter():
         for key in OmegaConf.load(path):
             if key not in ("defaults", "_target_", "name", "data_kinds", "requires_chat_template"):
                 assert f"`{key}`" in readme, f"README does not document {path.stem}'s `{key}`"
-

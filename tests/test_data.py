@@ -45,11 +45,24 @@ def test_arith_rows_carry_the_right_solution(kind):
 
 def write_all_formats(tmp_path):
     """The same pairs in every accepted file layout."""
-    conversational = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                       "rejected_response": r, "solution": c} for p, c, r in PAIRS]
+    conversational = [
+        {
+            "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+            "rejected_response": r,
+            "solution": c,
+        }
+        for p, c, r in PAIRS
+    ]
     flat = [{"prompt": p, "chosen": c, "rejected": r, "solution": c} for p, c, r in PAIRS]
-    flat_messages = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
-                      "rejected": [{"role": "assistant", "content": r}], "solution": c} for p, c, r in PAIRS]
+    flat_messages = [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+            "solution": c,
+        }
+        for p, c, r in PAIRS
+    ]
     files = {}
     files["conv.jsonl"] = tmp_path / "conv.jsonl"
     files["conv.jsonl"].write_text("\n".join(json.dumps(r) for r in conversational))
@@ -60,14 +73,16 @@ def write_all_formats(tmp_path):
     files["messages.parquet"] = tmp_path / "messages.parquet"
     pd.DataFrame(flat_messages).to_parquet(files["messages.parquet"])
     files["conv.csv"] = tmp_path / "conv.csv"
-    pd.DataFrame([{**r, "messages": json.dumps(r["messages"])} for r in conversational]).to_csv(files["conv.csv"],
-                                                                                                index=False)
+    pd.DataFrame([{**r, "messages": json.dumps(r["messages"])} for r in conversational]).to_csv(
+        files["conv.csv"], index=False
+    )
     return files
 
 
 def test_every_file_format_gives_the_same_canonical_rows(tmp_path):
-    expected = [{"prompt": [{"role": "user", "content": p}], "chosen": c, "rejected": r, "solution": c}
-                for p, c, r in PAIRS]
+    expected = [
+        {"prompt": [{"role": "user", "content": p}], "chosen": c, "rejected": r, "solution": c} for p, c, r in PAIRS
+    ]
     for name, path in write_all_formats(tmp_path).items():
         rows = FileSource(str(path), eval_path=str(path)).load("pairwise")
         assert rows["train"] == expected, name
@@ -86,8 +101,12 @@ def test_pairwise_file_feeds_sft_and_prompt_kinds(tmp_path):
 def test_labelled_rows_accept_csv_booleans():
     row = to_canonical({"prompt": "1+1=", "completion": "2", "label": "True"}, "labelled", "f.csv", 3)
     assert row["label"] is True
-    row = to_canonical({"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "3"}],
-                        "label": False}, "labelled", "f.jsonl", 1)
+    row = to_canonical(
+        {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "3"}], "label": False},
+        "labelled",
+        "f.jsonl",
+        1,
+    )
     assert row == {"prompt": [{"role": "user", "content": "1+1="}], "completion": "3", "label": False}
 
 
@@ -101,8 +120,12 @@ def test_labelled_rows_accept_csv_booleans():
         ({"prompt": "3+4=", "chosen": "7", "rejected": "7"}, "pairwise", "rejected", "identical"),
         ({"prompt": 34, "chosen": "7", "rejected": "8"}, "pairwise", "prompt", "expected text or a list of messages"),
         ({"prompt": "3+4=", "chosen": 7, "rejected": "8"}, "pairwise", "chosen", "expected text or a list of messages"),
-        ({"messages": [{"role": "user", "content": "3+4="}], "rejected_response": "8"}, "pairwise", "messages",
-         "assistant answer"),
+        (
+            {"messages": [{"role": "user", "content": "3+4="}], "rejected_response": "8"},
+            "pairwise",
+            "messages",
+            "assistant answer",
+        ),
         ({"messages": [{"role": "robot", "content": "x"}]}, "prompt", "messages", "role 'robot'"),
         ({"messages": [{"role": "user", "content": 5}]}, "prompt", "messages", "content must be text"),
         ({"prompt": "1+1=", "completion": "2", "label": "yes"}, "labelled", "label", "true or false"),
@@ -146,8 +169,10 @@ class ListSource:
 
 def test_pairwise_batch_layout_and_loss_mask(tiny):
     _, tokenizer = tiny
-    rows = [to_canonical({"prompt": p, "chosen": c, "rejected": r, "solution": c}, "pairwise", "mem", i)
-            for i, (p, c, r) in enumerate(PAIRS)]
+    rows = [
+        to_canonical({"prompt": p, "chosen": c, "rejected": r, "solution": c}, "pairwise", "mem", i)
+        for i, (p, c, r) in enumerate(PAIRS)
+    ]
     dm = PairwiseDataModule(ListSource(rows), batch_size=4, eval_batch_size=4, max_length=64)
     dm.set_tokenizer(tokenizer)
     dm.setup()
@@ -171,8 +196,10 @@ def test_pairwise_batch_layout_and_loss_mask(tiny):
 def test_max_length_drops_long_prompts_and_truncates_answers(tiny):
     _, tokenizer = tiny
     prompt_len = len(encode_prompts(tokenizer, [[{"role": "user", "content": "3+4="}]])[0])
-    rows = [{"prompt": [{"role": "user", "content": "3+4="}], "completion": "a long answer"},
-            {"prompt": [{"role": "user", "content": "3+4=" + "x" * 50}], "completion": "7"}]
+    rows = [
+        {"prompt": [{"role": "user", "content": "3+4="}], "completion": "a long answer"},
+        {"prompt": [{"role": "user", "content": "3+4=" + "x" * 50}], "completion": "7"},
+    ]
     dm = SFTDataModule(ListSource(rows), batch_size=2, max_length=prompt_len + 3)
     dm.set_tokenizer(tokenizer)
     dm.setup()

@@ -25,16 +25,26 @@ def eval_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sft")
-    cfg = compose(["algorithm=sft", "trainer.max_steps=600", "batch_size=32", "trainer.val_check_interval=300",
-                   *QUIET], run_dir)
+    cfg = compose(
+        ["algorithm=sft", "trainer.max_steps=600", "batch_size=32", "trainer.val_check_interval=300", *QUIET], run_dir
+    )
     return train(cfg)
 
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dpo")
-    cfg = compose([f"model.path={sft_run['model_dir']}", "model.tiny=null", "trainer.max_steps=200",
-                   "trainer.val_check_interval=100", "optim.lr=2e-4", *QUIET], run_dir)
+    cfg = compose(
+        [
+            f"model.path={sft_run['model_dir']}",
+            "model.tiny=null",
+            "trainer.max_steps=200",
+            "trainer.val_check_interval=100",
+            "optim.lr=2e-4",
+            *QUIET,
+        ],
+        run_dir,
+    )
     return train(cfg)
 
 
@@ -66,13 +76,24 @@ def test_run_folder_holds_config_metrics_checkpoints_and_hf_model(dpo_run):
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     with open(run_dir / "metrics.csv") as f:
         header = next(csv.reader(f))
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss"):
+    for name in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "nll_loss",
+    ):
         assert f"train/{name}" in header and f"eval/{name}" in header, name
     model_dir = Path(dpo_run["model_dir"])
     assert model_dir == run_dir / "model"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in model_dir.iterdir()}
+        p.name for p in model_dir.iterdir()
+    }
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 200
 
 
@@ -102,8 +123,18 @@ def test_lora_dpo_saves_adapter_and_merged_model_that_agree(sft_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = compose([f"model.path={sft_run['model_dir']}", "model.tiny=null", "model.lora.enabled=true",
-                   "trainer.max_steps=60", "trainer.val_check_interval=60", "optim.lr=2e-3", *QUIET], tmp_path)
+    cfg = compose(
+        [
+            f"model.path={sft_run['model_dir']}",
+            "model.tiny=null",
+            "model.lora.enabled=true",
+            "trainer.max_steps=60",
+            "trainer.val_check_interval=60",
+            "optim.lr=2e-3",
+            *QUIET,
+        ],
+        tmp_path,
+    )
     result = train(cfg)
     assert result["metrics"]["eval/rewards/accuracies"] > 0.5
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
@@ -118,13 +149,21 @@ def test_lora_dpo_saves_adapter_and_merged_model_that_agree(sft_run, tmp_path):
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
-    first = compose(["trainer.max_steps=20", "trainer.val_check_interval=10", "callbacks.checkpoint.every_n_train_steps=10",
-                     *QUIET], tmp_path / "a")
+    first = compose(
+        [
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=10",
+            "callbacks.checkpoint.every_n_train_steps=10",
+            *QUIET,
+        ],
+        tmp_path / "a",
+    )
     train(first)
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 20
-    resumed = compose(["trainer.max_steps=30", "trainer.val_check_interval=10", f"ckpt_path={ckpt}", *QUIET],
-                      tmp_path / "b")
+    resumed = compose(
+        ["trainer.max_steps=30", "trainer.val_check_interval=10", f"ckpt_path={ckpt}", *QUIET], tmp_path / "b"
+    )
     assert train(resumed)["steps"] == 30
 
 

@@ -21,7 +21,9 @@ OPTIM = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "scheduler": "c
 def pair_batch(tokenizer):
     from alignlab.data.tokenize import encode_answers, encode_prompts
 
-    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "3+4="}], [{"role": "user", "content": "10+25="}]])
+    prompts = encode_prompts(
+        tokenizer, [[{"role": "user", "content": "3+4="}], [{"role": "user", "content": "10+25="}]]
+    )
     chosen = encode_answers(tokenizer, ["7", "35"])
     rejected = encode_answers(tokenizer, ["9", "34 and more"])
     batch = collate_answers(prompts + prompts, chosen + rejected, tokenizer.pad_token_id)
@@ -83,8 +85,14 @@ def test_dpo_module_loss_is_preference_term_plus_weighted_nll(tiny, rpo_alpha, l
         loss, metrics = module.compute(batch)
         pol = answer_logprobs(module.model, batch)
         ref = answer_logprobs(model, batch)
-    pref = dpo_loss(pol.logps[:2].double(), pol.logps[2:].double(), ref.logps[:2].double(), ref.logps[2:].double(),
-                    beta=0.1, loss_type=loss_type).losses.mean()
+    pref = dpo_loss(
+        pol.logps[:2].double(),
+        pol.logps[2:].double(),
+        ref.logps[:2].double(),
+        ref.logps[2:].double(),
+        beta=0.1,
+        loss_type=loss_type,
+    ).losses.mean()
     nll = -(pol.token_logps[:2].sum() / pol.mask[:2].sum()).double()
     assert loss.item() == pytest.approx((pref + rpo_alpha * nll).item(), rel=1e-5)
     assert metrics["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-5)

@@ -61,15 +61,27 @@ class AlignmentModule(L.LightningModule):
 
     def _log(self, split: str, metrics: dict, batch_size: int, on_step: bool) -> None:
         for name, value in metrics.items():
-            self.log(f"{split}/{name}", value.detach().float(), on_step=on_step, on_epoch=not on_step,
-                     batch_size=batch_size, prog_bar=name in ("loss", "rewards/accuracies", "exact_match"))
+            self.log(
+                f"{split}/{name}",
+                value.detach().float(),
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=batch_size,
+                prog_bar=name in ("loss", "rewards/accuracies", "exact_match"),
+            )
 
     def exact_match(self, batch: dict) -> torch.Tensor:
         """Greedy answers to the batch's prompts compared with their `solution` column."""
-        tokens = generate(self.model, self.tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                          max_new_tokens=self.evaluation.get("max_new_tokens", 16))
-        texts = self.tokenizer.batch_decode(completions_until_eos(tokens, self.tokenizer.eos_token_id),
-                                            skip_special_tokens=True)
+        tokens = generate(
+            self.model,
+            self.tokenizer,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            max_new_tokens=self.evaluation.get("max_new_tokens", 16),
+        )
+        texts = self.tokenizer.batch_decode(
+            completions_until_eos(tokens, self.tokenizer.eos_token_id), skip_special_tokens=True
+        )
         return exact_match(texts, batch["solution"]).to(self.device)
 
     # -- optimisation ---------------------------------------------------------------------------
@@ -77,11 +89,13 @@ class AlignmentModule(L.LightningModule):
         from transformers import get_scheduler
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.optim["lr"], weight_decay=self.optim["weight_decay"],
-                                      betas=tuple(self.optim["betas"]))
+        optimizer = torch.optim.AdamW(
+            params, lr=self.optim["lr"], weight_decay=self.optim["weight_decay"], betas=tuple(self.optim["betas"])
+        )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
-        scheduler = get_scheduler(self.optim["scheduler"], optimizer, num_warmup_steps=self.optim["warmup_steps"],
-                                  num_training_steps=total)
+        scheduler = get_scheduler(
+            self.optim["scheduler"], optimizer, num_warmup_steps=self.optim["warmup_steps"], num_training_steps=total
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- output ---------------------------------------------------------------------------------

@@ -27,10 +27,27 @@ def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_r
 
 
 class DPO(AlignmentModule):
-    def __init__(self, model, tokenizer, optim, evaluation=None, beta: float = 0.1, rpo_alpha: float = 1.0,
-                 loss_type: str = "sigmoid", label_smoothing: float = 0.0):
-        super().__init__(model, tokenizer, optim, evaluation, beta=beta, rpo_alpha=rpo_alpha, loss_type=loss_type,
-                         label_smoothing=label_smoothing)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        optim,
+        evaluation=None,
+        beta: float = 0.1,
+        rpo_alpha: float = 1.0,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(
+            model,
+            tokenizer,
+            optim,
+            evaluation,
+            beta=beta,
+            rpo_alpha=rpo_alpha,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
         self.beta, self.rpo_alpha, self.loss_type, self.label_smoothing = beta, rpo_alpha, loss_type, label_smoothing
         self.reference = ReferenceModel(model)
 
@@ -62,8 +79,15 @@ class DPO(AlignmentModule):
         n_pairs = self.rows_in(batch)
         chosen, rejected = answer_logprobs(self.model, batch).split_pairs(n_pairs)
         ref_chosen, ref_rejected = self.reference_logps(batch, n_pairs)
-        out = dpo_loss(chosen.logps, rejected.logps, ref_chosen, ref_rejected, beta=self.beta,
-                       loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+        out = dpo_loss(
+            chosen.logps,
+            rejected.logps,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )
         loss = out.losses.mean()
         nll = nll_loss(chosen.token_logps, chosen.mask)
         if self.rpo_alpha > 0:

@@ -28,8 +28,15 @@ class AlignmentDataModule(L.LightningDataModule):
     # Text columns that travel with eval batches (for exact-match and reward functions).
     passthrough: tuple[str, ...] = ("solution",)
 
-    def __init__(self, source: Any, batch_size: int = 16, eval_batch_size: int = 64, max_length: int = 128,
-                 seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        max_length: int = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
@@ -80,8 +87,13 @@ class AlignmentDataModule(L.LightningDataModule):
                 kept.append(ex)
             self.dropped[split] = len(rows) - len(kept)
             if self.dropped[split]:
-                log.warning("%s split: dropped %d of %d rows whose prompt alone does not fit max_length=%d",
-                            split, self.dropped[split], len(rows), self.max_length)
+                log.warning(
+                    "%s split: dropped %d of %d rows whose prompt alone does not fit max_length=%d",
+                    split,
+                    self.dropped[split],
+                    len(rows),
+                    self.max_length,
+                )
             if not kept and rows:
                 raise DataError(describe, f"no {split} row fits max_length={self.max_length}; raise max_length")
             self.splits[split] = kept
@@ -91,8 +103,14 @@ class AlignmentDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         with_prompts = split != "train"
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=partial(self.collate, with_prompts=with_prompts), num_workers=self.num_workers)
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=partial(self.collate, with_prompts=with_prompts),
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -125,7 +143,9 @@ class SFTDataModule(AlignmentDataModule):
         return out
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
-        batch = collate_answers([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], self.pad_id)
+        batch = collate_answers(
+            [e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], self.pad_id
+        )
         return {**batch, **self._extras(examples, with_prompts)}
 
 

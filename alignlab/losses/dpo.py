@@ -11,8 +11,8 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
 
 class DPOLossOutput(NamedTuple):
-    losses: torch.Tensor            # [B] per-pair loss
-    chosen_rewards: torch.Tensor    # [B] β·(log π(y_w|x) − log π_ref(y_w|x)), detached
+    losses: torch.Tensor  # [B] per-pair loss
+    chosen_rewards: torch.Tensor  # [B] β·(log π(y_w|x) − log π_ref(y_w|x)), detached
     rejected_rewards: torch.Tensor  # [B] β·(log π(y_l|x) − log π_ref(y_l|x)), detached
 
 

@@ -95,7 +95,9 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
         raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code,
+            path,
+            dtype=_DTYPES[model_cfg.dtype],
+            trust_remote_code=model_cfg.trust_remote_code,
             use_safetensors=True,  # never unpickle weights
         )
     except (OSError, ValueError) as e:
@@ -112,7 +114,10 @@ def apply_lora(model, lora_cfg: DictConfig):
 
     target = lora_cfg.target_modules
     config = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, task_type="CAUSAL_LM",
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        task_type="CAUSAL_LM",
         target_modules=target if isinstance(target, str) else list(target),
     )
     return get_peft_model(model, config)

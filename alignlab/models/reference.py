@@ -22,7 +22,7 @@ class ReferenceModel:
         self.policy = policy
         self.copy = None if is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
 
-    def to(self, device: torch.device) -> "ReferenceModel":
+    def to(self, device: torch.device) -> ReferenceModel:
         if self.copy is not None:
             self.copy.to(device)
         return self
