@@ -12,6 +12,9 @@ from alignlab.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
+# The bundled data config of each data kind, for error messages.
+BUNDLED = {"sft": "arith_sft", "pairwise": "arith_pairs", "labelled": "arith_kto", "prompt": "arith_prompts"}
+
 # Keys that hold algorithm metadata rather than constructor arguments.
 ALGORITHM_META_KEYS = ("name", "data_kinds", "requires_chat_template")
 # api_key, wandb_api_key, hf_token, access_token, secret, password; not tokenizer or max_new_tokens.
@@ -27,10 +30,14 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     choices = choices or {}
     kind, accepted = data_kind(cfg), list(cfg.algorithm.data_kinds)
     if kind not in accepted:
+        hint = f"pick a data config of that kind (e.g. data={BUNDLED[accepted[0]]})"
+        if kind == "pairwise" and "labelled" in accepted:
+            hint += (" or, to train on preference pairs, unpair them (chosen → desirable, rejected → undesirable) with "
+                     "data.unpair=true: data=arith_kto data.unpair=true, or data=custom_kto data.unpair=true "
+                     "data.source.path=<pairs file>")
         raise ConfigError(
             f"algorithm={choices.get('algorithm', cfg.algorithm.name)} needs {' or '.join(accepted)} data, but "
-            f"data={choices.get('data', cfg.data._target_)} provides {kind} data; pick a data config of the right "
-            f"kind (e.g. data=arith_{'pairs' if 'pairwise' in accepted else accepted[0]})."
+            f"data={choices.get('data', cfg.data._target_)} provides {kind} data; {hint}."
         )
     missing = OmegaConf.missing_keys(cfg)
     if missing:

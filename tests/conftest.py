@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -52,3 +53,28 @@ def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
+
+
+def eval_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of an eval metric from a run's metrics file."""
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(f) if r.get(metric)]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> dict:
+    """An SFT run on the bundled task: the warm start every preference stage's test begins from."""
+    from alignlab.train import train
+
+    run_dir = tmp_path_factory.mktemp("sft")
+    return train(compose(["algorithm=sft", "trainer.max_steps=600", "batch_size=32", "trainer.val_check_interval=300",
+                          *QUIET], run_dir))
+
+
+def from_sft(sft_run: dict, *overrides: str) -> list[str]:
+    """Overrides that start a preference stage from the SFT run's model, 200 steps, validating every 100."""
+    return [f"model.path={sft_run['model_dir']}", "model.tiny=null", "trainer.max_steps=200",
+            "trainer.val_check_interval=100", "optim.lr=2e-4", *QUIET, *overrides]

@@ -215,3 +215,30 @@ def test_max_length_drops_long_prompts_and_truncates_answers(tiny):
     dm.set_tokenizer(tokenizer)
     with pytest.raises(DataError, match="no train row fits max_length"):
         dm.setup()
+
+
+def test_unpair_turns_each_pair_into_a_desirable_and_an_undesirable_row(tiny):
+    from alignlab.data import LabelledDataModule
+
+    _, tokenizer = tiny
+    dm = LabelledDataModule(ArithTask(n_train=40, n_eval=8), unpair=True, batch_size=4)
+    rows = dm.rows()
+    assert len(rows["train"]) == 80 and len(rows["eval"]) == 16
+    first, second = rows["train"][:2]
+    assert first["prompt"] == second["prompt"] and (first["label"], second["label"]) == (True, False)
+    assert first["completion"] == first["solution"] != second["completion"]
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    assert sum(ex["label"] for ex in dm.splits["train"]) == 40
+
+
+def test_arith_desirable_fraction_sets_the_label_balance():
+    rows = ArithTask(n_train=1000, n_eval=10, desirable_fraction=0.8).load("labelled")["train"]
+    assert sum(r["label"] for r in rows) == 800
+
+
+def test_pairwise_file_read_as_labelled_names_the_unpair_switch(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    with pytest.raises(DataError, match=r"row 1, field 'label': missing: .*data.unpair=true"):
+        FileSource(str(path)).load("labelled")

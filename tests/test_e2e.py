@@ -10,41 +10,15 @@ import pytest
 import torch
 
 from alignlab.train import train
-from tests.conftest import compose, run_cli
+from tests.conftest import QUIET, compose, eval_curve, from_sft, run_cli
 
 pytestmark = pytest.mark.slow
-QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
-
-
-def eval_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    """(step, value) of an eval metric from the run's metrics file."""
-    with open(run_dir / "metrics.csv") as f:
-        return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(f) if r.get(metric)]
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sft")
-    cfg = compose(
-        ["algorithm=sft", "trainer.max_steps=600", "batch_size=32", "trainer.val_check_interval=300", *QUIET], run_dir
-    )
-    return train(cfg)
 
 
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dpo")
-    cfg = compose(
-        [
-            f"model.path={sft_run['model_dir']}",
-            "model.tiny=null",
-            "trainer.max_steps=200",
-            "trainer.val_check_interval=100",
-            "optim.lr=2e-4",
-            *QUIET,
-        ],
-        run_dir,
-    )
+    cfg = compose(from_sft(sft_run), run_dir)
     return train(cfg)
 
 

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from alignlab.errors import ConfigError
+from alignlab.checks import Checks
 from alignlab.generation import completions_until_eos, exact_match, generate
 from alignlab.models.export import save_model
 
@@ -36,14 +36,17 @@ class AlignmentModule(L.LightningModule):
 
     @staticmethod
     def check_optim(optim: DictConfig) -> None:
-        if not optim.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {optim.lr}")
-        if optim.scheduler not in SCHEDULERS:
-            raise ConfigError(f"optim.scheduler must be one of {SCHEDULERS}, got {optim.scheduler!r}")
+        Checks(optim, "optim").positive("lr").non_negative("weight_decay", "warmup_steps").one_of("scheduler", SCHEDULERS)
 
     # -- the algorithm ------------------------------------------------------------------------
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def mean_across_devices(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-device value over all devices (the value itself on one device)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.all_gather(value).mean(0)
 
     def rows_in(self, batch: dict) -> int:
         return len(batch["index"])
@@ -60,13 +63,19 @@ class AlignmentModule(L.LightningModule):
         self._log("eval", {"loss": loss, **metrics}, self.rows_in(batch), on_step=False)
 
     def _log(self, split: str, metrics: dict, batch_size: int, on_step: bool) -> None:
+        """A metric is a tensor over the batch's rows, or (tensor, rows it averages) for a subset."""
         for name, value in metrics.items():
+            weight = batch_size
+            if isinstance(value, tuple):
+                value, weight = value
+                if weight == 0:  # e.g. no undesirable rows in this KTO batch: nothing to average
+                    continue
             self.log(
                 f"{split}/{name}",
                 value.detach().float(),
                 on_step=on_step,
                 on_epoch=not on_step,
-                batch_size=batch_size,
+                batch_size=weight,
                 prog_bar=name in ("loss", "rewards/accuracies", "exact_match"),
             )
 

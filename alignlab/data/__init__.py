@@ -1,5 +1,5 @@
 """Data: the bundled task, file readers, canonical rows and the LightningDataModules."""
 
-from alignlab.data.datamodule import AlignmentDataModule, PairwiseDataModule, SFTDataModule
+from alignlab.data.datamodule import AlignmentDataModule, LabelledDataModule, PairwiseDataModule, SFTDataModule
 
-__all__ = ["AlignmentDataModule", "PairwiseDataModule", "SFTDataModule"]
+__all__ = ["AlignmentDataModule", "LabelledDataModule", "PairwiseDataModule", "SFTDataModule"]

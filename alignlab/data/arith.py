@@ -17,11 +17,15 @@ class ArithTask:
 
     name = "arith"
 
-    def __init__(self, seed: int = 1234, n_train: int = 2000, n_eval: int = 128, max_operand: int = 49):
+    def __init__(self, seed: int = 1234, n_train: int = 2000, n_eval: int = 128, max_operand: int = 49,
+                 desirable_fraction: float = 0.5):
         n_problems = (max_operand + 1) ** 2
         if n_eval >= n_problems:
             raise ValueError(f"n_eval={n_eval} leaves no training problems (only {n_problems} exist)")
+        if not 0 <= desirable_fraction <= 1:
+            raise ValueError(f"desirable_fraction must be in [0, 1], got {desirable_fraction}")
         self.seed, self.n_train, self.n_eval, self.max_operand = seed, n_train, n_eval, max_operand
+        self.desirable_fraction = desirable_fraction
 
     def _problems(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         rng = random.Random(self.seed)
@@ -46,8 +50,9 @@ class ArithTask:
             return {"prompt": prompt, "completion": right, "solution": right}
         if kind == "pairwise":
             return {"prompt": prompt, "chosen": right, "rejected": wrong, "solution": right}
-        # labelled: alternate desirable and undesirable rows (balanced, n_D = n_U).
-        desirable = index % 2 == 0
+        # labelled: row i is desirable when the running share of desirable rows is below the target,
+        # so any prefix of the split holds (almost exactly) desirable_fraction desirable rows.
+        desirable = int((index + 1) * self.desirable_fraction) > int(index * self.desirable_fraction)
         return {"prompt": prompt, "completion": right if desirable else wrong, "label": desirable, "solution": right}
 
     def load(self, kind: str) -> dict[str, list[dict]]:

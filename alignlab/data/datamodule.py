@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
+from alignlab.data.rows import unpair
 from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
 from alignlab.errors import ConfigError, DataError
 
@@ -168,4 +169,42 @@ class PairwiseDataModule(AlignmentDataModule):
         prompts = [e["prompt_ids"] for e in examples]
         answers = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         batch = collate_answers(prompts + prompts, answers, self.pad_id)
+        return {**batch, **self._extras(examples, with_prompts)}
+
+
+class LabelledDataModule(AlignmentDataModule):
+    """(prompt, completion, label) rows for KTO. A batch holds B matched sequences, then B mismatched
+    ones (prompt i with row i−1's answer) for KTO's KL reference point, and a bool `label` [B].
+
+    `unpair=True` reads a pairwise source and splits each pair into a desirable (chosen) and an
+    undesirable (rejected) row.
+    """
+
+    kind = "labelled"
+
+    def __init__(self, source, unpair: bool = False, **kwargs):
+        super().__init__(source, **kwargs)
+        self.unpair = unpair
+
+    def rows(self) -> dict[str, list[dict]]:
+        if not self.unpair:
+            return self.source.load("labelled")
+        return {split: [r for pair in rows for r in unpair(pair)] for split, rows in self.source.load("pairwise").items()}
+
+    def encode(self, rows: list[dict]) -> list[dict | None]:
+        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
+        answers = encode_answers(self.tokenizer, [r["completion"] for r in rows])
+        out = []
+        for row, p, a in zip(rows, prompts, answers):
+            a = fit_answer(len(p), a, self.max_length)
+            out.append(None if a is None else {"prompt_ids": p, "completion_ids": a, "label": bool(row["label"])})
+        return out
+
+    def collate(self, examples: list[dict], with_prompts: bool) -> dict:
+        prompts = [e["prompt_ids"] for e in examples]
+        answers = [e["completion_ids"] for e in examples]
+        shifted = answers[-1:] + answers[:-1]  # row i meets row i−1's answer (itself when B = 1)
+        mismatched = [fit_answer(len(p), a, self.max_length) for p, a in zip(prompts, shifted)]
+        batch = collate_answers(prompts + prompts, answers + mismatched, self.pad_id)
+        batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
         return {**batch, **self._extras(examples, with_prompts)}

@@ -88,6 +88,9 @@ class _Row:
 
     def label(self, field: str = "label") -> bool:
         value = self.raw.get(field)
+        if value is None and (self.has("rejected") or self.has("rejected_response")):
+            raise self.fail(field, "missing: this is a preference pair; set data.unpair=true to train on pairs "
+                                   "as desirable (chosen) and undesirable (rejected) rows")
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
@@ -154,10 +157,20 @@ def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
         used = {"messages", "prompt", "chosen", "rejected", "rejected_response"}
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **row.extra(used)}
     if kind == "labelled":
+        label = row.label()  # first: a preference pair fails here, with the hint to unpair it
         if conversational:
             prompt, completion = row.conversation()
         else:
             prompt, completion = row.prompt_and_answer("completion")
         used = {"messages", "prompt", "completion", "label"}
-        return {"prompt": prompt, "completion": completion, "label": row.label(), **row.extra(used)}
+        return {"prompt": prompt, "completion": completion, "label": label, **row.extra(used)}
     raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+
+
+def unpair(row: dict) -> list[dict]:
+    """A canonical pairwise row as two labelled rows: chosen desirable, rejected undesirable."""
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    return [
+        {"prompt": row["prompt"], "completion": row["chosen"], "label": True, **extra},
+        {"prompt": row["prompt"], "completion": row["rejected"], "label": False, **extra},
+    ]

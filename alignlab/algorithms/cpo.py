@@ -1,0 +1,30 @@
+"""CPO: a reference-free sigmoid preference loss plus NLL on the chosen answer."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
+from alignlab.checks import Checks
+from alignlab.losses import cpo_loss, nll_loss
+
+
+class CPO(PairwiseModule):
+    """loss = mean(−log σ(β·(log π(y_w) − log π(y_l)))) + cpo_alpha · NLL(y_w). No reference model."""
+
+    def __init__(self, model, tokenizer, optim, evaluation=None, beta: float = 0.1, cpo_alpha: float = 1.0):
+        super().__init__(model, tokenizer, optim, evaluation, beta=beta, cpo_alpha=cpo_alpha)
+        self.beta, self.cpo_alpha = beta, cpo_alpha
+
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        Checks(algorithm, "algorithm").positive("beta").non_negative("cpo_alpha")
+
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = self.policy_pairs(batch)
+        out = cpo_loss(chosen.logps, rejected.logps, beta=self.beta)
+        nll = nll_loss(chosen.token_logps, chosen.mask)
+        loss = out.losses.mean() + self.cpo_alpha * nll
+        metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)
+        return loss, {**metrics, "nll_loss": nll.detach()}

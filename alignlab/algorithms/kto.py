@@ -1,0 +1,71 @@
+"""KTO: unpaired desirable / undesirable answers against a frozen reference and a KL reference point."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from alignlab.algorithms.base import AlignmentModule
+from alignlab.checks import Checks
+from alignlab.logprobs import answer_logprobs
+from alignlab.losses import kto_kl_estimate, kto_loss, kto_weight_advice
+from alignlab.models.reference import ReferenceModel
+
+log = logging.getLogger(__name__)
+
+
+class KTO(AlignmentModule):
+    """Batches hold B matched (prompt, answer) rows, then B mismatched ones (prompt i with another
+    row's answer) whose policy/reference log-ratio estimates the reference point z₀."""
+
+    def __init__(self, model, tokenizer, optim, evaluation=None, beta: float = 0.1, desirable_weight: float = 1.0,
+                 undesirable_weight: float = 1.0):
+        super().__init__(model, tokenizer, optim, evaluation, beta=beta, desirable_weight=desirable_weight,
+                         undesirable_weight=undesirable_weight)
+        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+        self.reference = ReferenceModel(model)
+
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        Checks(algorithm, "algorithm").positive("beta").non_negative("desirable_weight", "undesirable_weight")
+
+    def on_fit_start(self) -> None:
+        self.reference.to(self.device)
+        labels = [ex["label"] for ex in self.trainer.datamodule.splits["train"]]
+        advice = kto_weight_advice(sum(labels), len(labels) - sum(labels), self.desirable_weight,
+                                   self.undesirable_weight)
+        if advice and self.trainer.is_global_zero:
+            log.warning(advice)
+
+    def on_validation_start(self) -> None:
+        self.reference.to(self.device)
+
+    def reference_logps(self, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_logps" in batch:
+            return batch["ref_logps"], batch["ref_kl_logps"]
+        ref = self.reference.answer_logprobs(batch)
+        return ref.logps[:n], ref.logps[n:]
+
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        n = self.rows_in(batch)
+        policy = answer_logprobs(self.model, batch)
+        matched, mismatched = policy.rows(slice(0, n)), policy.rows(slice(n, 2 * n))
+        ref, ref_kl = self.reference_logps(batch, n)
+        # z₀ is averaged over every device's batch before kto_loss clamps it at 0.
+        kl = self.mean_across_devices(kto_kl_estimate(mismatched.logps, ref_kl))
+        desirable = batch["label"]
+        out = kto_loss(matched.logps, ref, desirable, kl, beta=self.beta, desirable_weight=self.desirable_weight,
+                       undesirable_weight=self.undesirable_weight)
+        n_d, n_u = int(desirable.sum()), int((~desirable).sum())
+        d_rewards, u_rewards = out.rewards[desirable], out.rewards[~desirable]
+        metrics = {  # (value, rows it averages): a side absent from the batch is not logged
+            "kl": kl.clamp(min=0),
+            "rewards/chosen": (d_rewards.mean(), n_d),
+            "rewards/rejected": (u_rewards.mean(), n_u),
+            "rewards/margins": (d_rewards.mean() - u_rewards.mean(), min(n_d, n_u)),
+            "logps/chosen": (matched.logps[desirable].detach().mean(), n_d),
+            "logps/rejected": (matched.logps[~desirable].detach().mean(), n_u),
+        }
+        return out.losses.mean(), metrics

@@ -1,0 +1,34 @@
+"""SimPO: length-normalised, reference-free preference optimisation with a target margin γ."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
+from alignlab.checks import Checks
+from alignlab.losses import nll_loss, simpo_loss
+
+
+class SimPO(PairwiseModule):
+    """loss = mean(−log σ(β·(avg log π(y_w) − avg log π(y_l)) − γ)) + cpo_alpha · NLL(y_w).
+
+    cpo_alpha = 0 is the original SimPO; > 0 adds CPO's NLL term (CPO-SimPO). No reference model.
+    """
+
+    def __init__(self, model, tokenizer, optim, evaluation=None, beta: float = 2.0, simpo_gamma: float = 1.0,
+                 cpo_alpha: float = 1.0):
+        super().__init__(model, tokenizer, optim, evaluation, beta=beta, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha)
+        self.beta, self.simpo_gamma, self.cpo_alpha = beta, simpo_gamma, cpo_alpha
+
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        Checks(algorithm, "algorithm").positive("beta").non_negative("simpo_gamma", "cpo_alpha")
+
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = self.policy_pairs(batch)
+        out = simpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.beta, gamma=self.simpo_gamma)
+        nll = nll_loss(chosen.token_logps, chosen.mask)
+        loss = out.losses.mean() + self.cpo_alpha * nll if self.cpo_alpha > 0 else out.losses.mean()
+        metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)
+        return loss, {**metrics, "nll_loss": nll.detach()}

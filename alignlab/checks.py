@@ -1,0 +1,48 @@
+"""Range checks for config values, each failing with the key's full name and the allowed range."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from omegaconf import DictConfig
+
+from alignlab.errors import ConfigError
+
+
+class Checks:
+    """`Checks(cfg.algorithm, "algorithm").positive("beta")` → "algorithm.beta must be > 0, got 0"."""
+
+    def __init__(self, section: DictConfig, prefix: str):
+        self.section, self.prefix = section, prefix
+
+    def _fail(self, key: str, allowed: str) -> None:
+        raise ConfigError(f"{self.prefix}.{key} must be {allowed}, got {self.section[key]!r}")
+
+    def _number(self, key: str) -> float:
+        value: Any = self.section[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(key, "a number")
+        return value
+
+    def positive(self, *keys: str) -> Checks:
+        for key in keys:
+            if not self._number(key) > 0:
+                self._fail(key, "> 0")
+        return self
+
+    def non_negative(self, *keys: str) -> Checks:
+        for key in keys:
+            if not self._number(key) >= 0:
+                self._fail(key, ">= 0")
+        return self
+
+    def within(self, key: str, low: float, high: float, high_open: bool = False) -> Checks:
+        value = self._number(key)
+        if not (low <= value and (value < high if high_open else value <= high)):
+            self._fail(key, f"in [{low}, {high}{')' if high_open else ']'}")
+        return self
+
+    def one_of(self, key: str, options: Iterable[str]) -> Checks:
+        if self.section[key] not in tuple(options):
+            self._fail(key, f"one of {tuple(options)}")
+        return self

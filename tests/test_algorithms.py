@@ -1,0 +1,135 @@
+"""Each algorithm's LightningModule wires its pure loss correctly, and loads only the models it needs."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+
+from alignlab.algorithms.cpo import CPO
+from alignlab.algorithms.dpo import DPO
+from alignlab.algorithms.kto import KTO
+from alignlab.algorithms.orpo import ORPO
+from alignlab.algorithms.simpo import SimPO
+from alignlab.data import LabelledDataModule
+from alignlab.logprobs import answer_logprobs
+from alignlab.losses import cpo_loss, kto_loss, orpo_loss, simpo_loss
+from tests.test_model_math import OPTIM, pair_batch
+
+
+def perturbed(model, seed=0, scale=0.02):
+    """A copy of the model moved away from the starting point, so rewards are not all zero."""
+    g = torch.Generator().manual_seed(seed)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return moved
+
+
+def nll(out, n):
+    return -(out.token_logps[:n].sum() / out.mask[:n].sum())
+
+
+@pytest.mark.parametrize(
+    ("cls", "hparams", "reference"),
+    [
+        (CPO, {"beta": 0.1, "cpo_alpha": 1.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
+        (CPO, {"beta": 0.3, "cpo_alpha": 0.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
+        (SimPO, {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 1.0},
+         lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean()),
+        (SimPO, {"beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0},
+         lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean()),
+        (ORPO, {"beta": 0.1}, lambda c, r, h: orpo_loss(c.avg_logps, r.avg_logps, h["beta"]).losses.mean()),
+    ],
+)
+def test_reference_free_modules_add_their_nll_term(tiny, cls, hparams, reference):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    module = cls(perturbed(model), tokenizer, OPTIM, **hparams)
+    with torch.no_grad():
+        loss, metrics = module.compute(batch)
+        out = answer_logprobs(module.model, batch)
+    chosen, rejected = out.split_pairs(2)
+    alpha = hparams.get("cpo_alpha", 1.0)  # ORPO always adds the NLL with weight 1
+    assert loss.item() == pytest.approx((reference(chosen, rejected, hparams) + alpha * nll(out, 2)).item(), rel=1e-5)
+    assert metrics["nll_loss"].item() == pytest.approx(nll(out, 2).item(), rel=1e-5)
+    assert not hasattr(module, "reference")
+
+
+def resident_models(cls: type) -> int:
+    """Live instances of the model class (a causal LM also holds its decoder, another PreTrainedModel)."""
+    gc.collect()
+    return sum(type(o) is cls for o in gc.get_objects())
+
+
+@pytest.mark.parametrize(("cls", "extra"), [(CPO, 0), (ORPO, 0), (SimPO, 0), (DPO, 1), (KTO, 1)])
+def test_only_reference_based_algorithms_hold_a_second_model(tiny, cls, extra):
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model)
+    before = resident_models(type(model))
+    module = cls(policy, tokenizer, OPTIM)
+    assert resident_models(type(model)) - before == extra
+    del module
+
+
+class ListSource:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def load(self, kind):
+        return {"train": self.rows[kind], "eval": self.rows[kind]}
+
+
+def kto_batch(tokenizer, answers=("7", "9", "35"), labels=(True, False, True)):
+    prompts = [[{"role": "user", "content": q}] for q in ("3+4=", "4+4=", "10+25=")]
+    rows = [{"prompt": p, "completion": a, "label": lab} for p, a, lab in zip(prompts, answers, labels)]
+    dm = LabelledDataModule(ListSource({"labelled": rows}), batch_size=3, eval_batch_size=3, max_length=64)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    return dm, dm.collate(dm.splits["train"], with_prompts=False)
+
+
+def test_kto_batch_pairs_each_prompt_with_the_previous_rows_answer(tiny):
+    _, tokenizer = tiny
+    _, batch = kto_batch(tokenizer)
+    assert batch["input_ids"].shape[0] == 6
+    assert batch["label"].tolist() == [True, False, True]
+
+    def decode(i):
+        return tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()])
+
+    assert decode(0).endswith("3+4=<|im_end|>\n<|im_start|>assistant\n7<|im_end|>")
+    assert decode(3).endswith("3+4=<|im_end|>\n<|im_start|>assistant\n35<|im_end|>")  # row 0 meets row 2's answer
+    assert decode(4).endswith("4+4=<|im_end|>\n<|im_start|>assistant\n7<|im_end|>")
+
+
+def test_kto_module_loss_matches_the_pure_function(tiny):
+    model, tokenizer = tiny
+    _, batch = kto_batch(tokenizer)
+    module = KTO(copy.deepcopy(model), tokenizer, OPTIM, beta=0.1, desirable_weight=1.5, undesirable_weight=0.5)
+    module.model.load_state_dict(perturbed(model, scale=0.05).state_dict())  # policy moves, reference stays
+    with torch.no_grad():
+        loss, metrics = module.compute(batch)
+        pol, ref = answer_logprobs(module.model, batch), answer_logprobs(model, batch)
+    kl = (pol.logps[3:] - ref.logps[3:]).mean()
+    expected = kto_loss(pol.logps[:3], ref.logps[:3], batch["label"], kl, 0.1, 1.5, 0.5).losses.mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["kl"].item() == pytest.approx(max(kl.item(), 0.0), abs=1e-6)
+    rewards = 0.1 * (pol.logps[:3] - ref.logps[:3])
+    value, count = metrics["rewards/chosen"]
+    assert count == 2 and value.item() == pytest.approx(rewards[[0, 2]].mean().item(), rel=1e-4)
+    value, count = metrics["rewards/rejected"]
+    assert count == 1 and value.item() == pytest.approx(rewards[1].item(), rel=1e-4)
+
+
+def test_kto_all_desirable_batch_logs_no_rejected_side(tiny):
+    model, tokenizer = tiny
+    _, batch = kto_batch(tokenizer, labels=(True, True, True))
+    module = KTO(perturbed(model), tokenizer, OPTIM)
+    with torch.no_grad():
+        loss, metrics = module.compute(batch)
+    assert torch.isfinite(loss)
+    assert metrics["rewards/rejected"][1] == 0 and metrics["rewards/margins"][1] == 0
