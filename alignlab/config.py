@@ -32,9 +32,11 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     if kind not in accepted:
         hint = f"pick a data config of that kind (e.g. data={BUNDLED[accepted[0]]})"
         if kind == "pairwise" and "labelled" in accepted:
-            hint += (" or, to train on preference pairs, unpair them (chosen → desirable, rejected → undesirable) with "
-                     "data.unpair=true: data=arith_kto data.unpair=true, or data=custom_kto data.unpair=true "
-                     "data.source.path=<pairs file>")
+            hint += (
+                " or, to train on preference pairs, unpair them (chosen → desirable, rejected → undesirable) with "
+                "data.unpair=true: data=arith_kto data.unpair=true, or data=custom_kto data.unpair=true "
+                "data.source.path=<pairs file>"
+            )
         raise ConfigError(
             f"algorithm={choices.get('algorithm', cfg.algorithm.name)} needs {' or '.join(accepted)} data, but "
             f"data={choices.get('data', cfg.data._target_)} provides {kind} data; {hint}."

@@ -70,11 +70,22 @@ def sft_run(tmp_path_factory) -> dict:
     from alignlab.train import train
 
     run_dir = tmp_path_factory.mktemp("sft")
-    return train(compose(["algorithm=sft", "trainer.max_steps=600", "batch_size=32", "trainer.val_check_interval=300",
-                          *QUIET], run_dir))
+    return train(
+        compose(
+            ["algorithm=sft", "trainer.max_steps=600", "batch_size=32", "trainer.val_check_interval=300", *QUIET],
+            run_dir,
+        )
+    )
 
 
 def from_sft(sft_run: dict, *overrides: str) -> list[str]:
     """Overrides that start a preference stage from the SFT run's model, 200 steps, validating every 100."""
-    return [f"model.path={sft_run['model_dir']}", "model.tiny=null", "trainer.max_steps=200",
-            "trainer.val_check_interval=100", "optim.lr=2e-4", *QUIET, *overrides]
+    return [
+        f"model.path={sft_run['model_dir']}",
+        "model.tiny=null",
+        "trainer.max_steps=200",
+        "trainer.val_check_interval=100",
+        "optim.lr=2e-4",
+        *QUIET,
+        *overrides,
+    ]

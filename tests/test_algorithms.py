@@ -38,10 +38,16 @@ def nll(out, n):
     [
         (CPO, {"beta": 0.1, "cpo_alpha": 1.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
         (CPO, {"beta": 0.3, "cpo_alpha": 0.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
-        (SimPO, {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 1.0},
-         lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean()),
-        (SimPO, {"beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0},
-         lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean()),
+        (
+            SimPO,
+            {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 1.0},
+            lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean(),
+        ),
+        (
+            SimPO,
+            {"beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0},
+            lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean(),
+        ),
         (ORPO, {"beta": 0.1}, lambda c, r, h: orpo_loss(c.avg_logps, r.avg_logps, h["beta"]).losses.mean()),
     ],
 )

@@ -59,8 +59,11 @@ def test_algorithm_picks_its_own_data_kind_unless_overridden(tmp_path):
             "algorithm=dpo needs pairwise data, but data=alignlab.data.SFTDataModule",
         ),
         (["algorithm=sft", "data=arith_pairs"], "algorithm=sft needs sft data"),
-        (["algorithm=kto", "data=arith_pairs"], "provides pairwise data; pick a data config of that kind (e.g. "
-         "data=arith_kto) or, to train on preference pairs, unpair them"),
+        (
+            ["algorithm=kto", "data=arith_pairs"],
+            "provides pairwise data; pick a data config of that kind (e.g. "
+            "data=arith_kto) or, to train on preference pairs, unpair them",
+        ),
         (["algorithm=kto", "data=arith_pairs"], "data.unpair=true"),
         (["algorithm=kto", "algorithm.undesirable_weight=-1"], "algorithm.undesirable_weight must be >= 0, got -1"),
         (["algorithm=simpo", "algorithm.simpo_gamma=-0.1"], "algorithm.simpo_gamma must be >= 0, got -0.1"),

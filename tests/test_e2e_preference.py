@@ -40,16 +40,31 @@ def test_kto_desirable_rewards_rise_above_undesirable(sft_run, tmp_path):
 
 
 def test_kto_on_unpaired_pairs_learns_too(sft_run, tmp_path):
-    train(compose(from_sft(sft_run, "algorithm=kto", "data.unpair=true", "trainer.max_steps=100",
-                           "trainer.val_check_interval=100"), tmp_path))
+    train(
+        compose(
+            from_sft(
+                sft_run, "algorithm=kto", "data.unpair=true", "trainer.max_steps=100", "trainer.val_check_interval=100"
+            ),
+            tmp_path,
+        )
+    )
     chosen, rejected = eval_curve(tmp_path, "eval/rewards/chosen"), eval_curve(tmp_path, "eval/rewards/rejected")
     assert chosen[-1][1] > rejected[-1][1]
 
 
 def test_kto_on_an_imbalanced_set_prints_weight_advice(tmp_path):
-    out = run_cli(["algorithm=kto", "data.source.desirable_fraction=0.9", "trainer.max_steps=2", "logger=csv",
-                   "trainer.enable_progress_bar=false", "evaluation.at_start=false", f"hydra.run.dir={tmp_path}"],
-                  cwd=tmp_path)
+    out = run_cli(
+        [
+            "algorithm=kto",
+            "data.source.desirable_fraction=0.9",
+            "trainer.max_steps=2",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            "evaluation.at_start=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     printed = out.stdout + out.stderr  # Hydra's log handler writes to stdout
     assert "KTO: λ_D·n_D / (λ_U·n_U) = 1.0·1800 / (1.0·200) = 9, outside the advised [1, 4/3]" in printed

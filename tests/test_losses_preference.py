@@ -130,8 +130,10 @@ def test_kto_random_batches(desirable_share, n):
     labels = torch.arange(n) < round(desirable_share * n)
     for kl in (-1.0, 0.0, 0.8):
         out = kto_loss(policy, ref, labels, t(kl), beta=0.1, desirable_weight=1.3, undesirable_weight=0.7)
-        expected = [reference_kto(p - r, d, kl, 0.1, 1.3, 0.7) for p, r, d in zip(policy.tolist(), ref.tolist(),
-                                                                                  labels.tolist())]
+        expected = [
+            reference_kto(p - r, d, kl, 0.1, 1.3, 0.7)
+            for p, r, d in zip(policy.tolist(), ref.tolist(), labels.tolist())
+        ]
         assert torch.allclose(out.losses, t(*expected), rtol=1e-12)
 
 

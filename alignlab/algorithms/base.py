@@ -36,7 +36,9 @@ class AlignmentModule(L.LightningModule):
 
     @staticmethod
     def check_optim(optim: DictConfig) -> None:
-        Checks(optim, "optim").positive("lr").non_negative("weight_decay", "warmup_steps").one_of("scheduler", SCHEDULERS)
+        Checks(optim, "optim").positive("lr").non_negative("weight_decay", "warmup_steps").one_of(
+            "scheduler", SCHEDULERS
+        )
 
     # -- the algorithm ------------------------------------------------------------------------
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -23,8 +23,16 @@ class DPO(PairwiseModule):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
     ):
-        super().__init__(model, tokenizer, optim, evaluation, beta=beta, rpo_alpha=rpo_alpha, loss_type=loss_type,
-                         label_smoothing=label_smoothing)
+        super().__init__(
+            model,
+            tokenizer,
+            optim,
+            evaluation,
+            beta=beta,
+            rpo_alpha=rpo_alpha,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
         self.beta, self.rpo_alpha, self.loss_type, self.label_smoothing = beta, rpo_alpha, loss_type, label_smoothing
         self.reference = ReferenceModel(model)
 
@@ -49,8 +57,15 @@ class DPO(PairwiseModule):
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self.policy_pairs(batch)
         ref_chosen, ref_rejected = self.reference_logps(batch)
-        out = dpo_loss(chosen.logps, rejected.logps, ref_chosen, ref_rejected, beta=self.beta,
-                       loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+        out = dpo_loss(
+            chosen.logps,
+            rejected.logps,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )
         nll = nll_loss(chosen.token_logps, chosen.mask)
         loss = out.losses.mean() + self.rpo_alpha * nll if self.rpo_alpha > 0 else out.losses.mean()
         metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)

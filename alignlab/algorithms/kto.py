@@ -20,10 +20,25 @@ class KTO(AlignmentModule):
     """Batches hold B matched (prompt, answer) rows, then B mismatched ones (prompt i with another
     row's answer) whose policy/reference log-ratio estimates the reference point z₀."""
 
-    def __init__(self, model, tokenizer, optim, evaluation=None, beta: float = 0.1, desirable_weight: float = 1.0,
-                 undesirable_weight: float = 1.0):
-        super().__init__(model, tokenizer, optim, evaluation, beta=beta, desirable_weight=desirable_weight,
-                         undesirable_weight=undesirable_weight)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        optim,
+        evaluation=None,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+    ):
+        super().__init__(
+            model,
+            tokenizer,
+            optim,
+            evaluation,
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+        )
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
         self.reference = ReferenceModel(model)
 
@@ -34,8 +49,9 @@ class KTO(AlignmentModule):
     def on_fit_start(self) -> None:
         self.reference.to(self.device)
         labels = [ex["label"] for ex in self.trainer.datamodule.splits["train"]]
-        advice = kto_weight_advice(sum(labels), len(labels) - sum(labels), self.desirable_weight,
-                                   self.undesirable_weight)
+        advice = kto_weight_advice(
+            sum(labels), len(labels) - sum(labels), self.desirable_weight, self.undesirable_weight
+        )
         if advice and self.trainer.is_global_zero:
             log.warning(advice)
 
@@ -56,8 +72,15 @@ class KTO(AlignmentModule):
         # z₀ is averaged over every device's batch before kto_loss clamps it at 0.
         kl = self.mean_across_devices(kto_kl_estimate(mismatched.logps, ref_kl))
         desirable = batch["label"]
-        out = kto_loss(matched.logps, ref, desirable, kl, beta=self.beta, desirable_weight=self.desirable_weight,
-                       undesirable_weight=self.undesirable_weight)
+        out = kto_loss(
+            matched.logps,
+            ref,
+            desirable,
+            kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
         n_d, n_u = int(desirable.sum()), int((~desirable).sum())
         d_rewards, u_rewards = out.rewards[desirable], out.rewards[~desirable]
         metrics = {  # (value, rows it averages): a side absent from the batch is not logged

@@ -30,6 +30,7 @@ class ORPO(PairwiseModule):
         nll = nll_loss(chosen.token_logps, chosen.mask)
         loss = nll + out.losses.mean()
         metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)
-        metrics.update(nll_loss=nll.detach(), log_odds_ratio=out.log_odds_ratio.mean(),
-                       log_odds_chosen=out.log_odds_chosen.mean())
+        metrics.update(
+            nll_loss=nll.detach(), log_odds_ratio=out.log_odds_ratio.mean(), log_odds_chosen=out.log_odds_chosen.mean()
+        )
         return loss, metrics

@@ -17,8 +17,14 @@ class ArithTask:
 
     name = "arith"
 
-    def __init__(self, seed: int = 1234, n_train: int = 2000, n_eval: int = 128, max_operand: int = 49,
-                 desirable_fraction: float = 0.5):
+    def __init__(
+        self,
+        seed: int = 1234,
+        n_train: int = 2000,
+        n_eval: int = 128,
+        max_operand: int = 49,
+        desirable_fraction: float = 0.5,
+    ):
         n_problems = (max_operand + 1) ** 2
         if n_eval >= n_problems:
             raise ValueError(f"n_eval={n_eval} leaves no training problems (only {n_problems} exist)")

@@ -189,7 +189,9 @@ class LabelledDataModule(AlignmentDataModule):
     def rows(self) -> dict[str, list[dict]]:
         if not self.unpair:
             return self.source.load("labelled")
-        return {split: [r for pair in rows for r in unpair(pair)] for split, rows in self.source.load("pairwise").items()}
+        return {
+            split: [r for pair in rows for r in unpair(pair)] for split, rows in self.source.load("pairwise").items()
+        }
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])

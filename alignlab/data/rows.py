@@ -89,8 +89,11 @@ class _Row:
     def label(self, field: str = "label") -> bool:
         value = self.raw.get(field)
         if value is None and (self.has("rejected") or self.has("rejected_response")):
-            raise self.fail(field, "missing: this is a preference pair; set data.unpair=true to train on pairs "
-                                   "as desirable (chosen) and undesirable (rejected) rows")
+            raise self.fail(
+                field,
+                "missing: this is a preference pair; set data.unpair=true to train on pairs "
+                "as desirable (chosen) and undesirable (rejected) rows",
+            )
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):

@@ -8,7 +8,18 @@ from alignlab.losses.orpo import ORPOLossOutput, log1mexp, orpo_loss
 from alignlab.losses.simpo import simpo_loss
 
 __all__ = [
-    "DPO_LOSS_TYPES", "DPOLossOutput", "KTOLossOutput", "ORPOLossOutput", "RewardLossOutput", "cpo_loss",
-    "dpo_loss", "kto_kl_estimate", "kto_loss", "kto_weight_advice", "log1mexp", "nll_loss", "orpo_loss",
+    "DPO_LOSS_TYPES",
+    "DPOLossOutput",
+    "KTOLossOutput",
+    "ORPOLossOutput",
+    "RewardLossOutput",
+    "cpo_loss",
+    "dpo_loss",
+    "kto_kl_estimate",
+    "kto_loss",
+    "kto_weight_advice",
+    "log1mexp",
+    "nll_loss",
+    "orpo_loss",
     "simpo_loss",
 ]

@@ -9,12 +9,14 @@ import torch.nn.functional as F
 
 
 class RewardLossOutput(NamedTuple):
-    losses: torch.Tensor            # [B] per-pair preference loss
-    chosen_rewards: torch.Tensor    # [B] detached implicit reward of the chosen answer
+    losses: torch.Tensor  # [B] per-pair preference loss
+    chosen_rewards: torch.Tensor  # [B] detached implicit reward of the chosen answer
     rejected_rewards: torch.Tensor  # [B] detached implicit reward of the rejected answer
 
 
-def cpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, beta: float = 0.1) -> RewardLossOutput:
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, beta: float = 0.1
+) -> RewardLossOutput:
     """Contrastive Preference Optimization (Xu et al., 2024, arXiv:2401.08417), preference term.
 
     losses = −log σ(β·(log π(y_w|x) − log π(y_l|x)));  inputs [B] summed answer log-probs.

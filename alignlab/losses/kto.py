@@ -8,7 +8,7 @@ import torch
 
 
 class KTOLossOutput(NamedTuple):
-    losses: torch.Tensor   # [B] per-row weighted loss
+    losses: torch.Tensor  # [B] per-row weighted loss
     rewards: torch.Tensor  # [B] detached β·(log π(y|x) − log π_ref(y|x))
 
 
@@ -47,15 +47,21 @@ def kto_loss(
     return KTOLossOutput(losses, beta * r.detach())
 
 
-def kto_weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+def kto_weight_advice(
+    n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float
+) -> str | None:
     """Advice when λ_D·n_D / (λ_U·n_U) falls outside [1, 4/3], the range the KTO paper recommends."""
     if n_desirable == 0 or n_undesirable == 0:
-        return (f"KTO: the training set has {n_desirable} desirable and {n_undesirable} undesirable rows; "
-                "KTO needs both kinds")
+        return (
+            f"KTO: the training set has {n_desirable} desirable and {n_undesirable} undesirable rows; "
+            "KTO needs both kinds"
+        )
     ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
     if 1 <= ratio <= 4 / 3:
         return None
     # The desirable weight that brings the ratio to the middle of the range, undesirable weight fixed.
     suggested = round(7 / 6 * undesirable_weight * n_undesirable / n_desirable, 3)
-    return (f"KTO: λ_D·n_D / (λ_U·n_U) = {desirable_weight}·{n_desirable} / ({undesirable_weight}·{n_undesirable}) "
-            f"= {ratio:.3g}, outside the advised [1, 4/3]; try algorithm.desirable_weight={suggested}")
+    return (
+        f"KTO: λ_D·n_D / (λ_U·n_U) = {desirable_weight}·{n_desirable} / ({undesirable_weight}·{n_undesirable}) "
+        f"= {ratio:.3g}, outside the advised [1, 4/3]; try algorithm.desirable_weight={suggested}"
+    )

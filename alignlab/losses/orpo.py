@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 
 class ORPOLossOutput(NamedTuple):
-    losses: torch.Tensor            # [B] −λ·log σ(log odds ratio), the term added to the NLL
-    log_odds_ratio: torch.Tensor    # [B] detached log σ(log odds ratio)
-    log_odds_chosen: torch.Tensor   # [B] detached log odds ratio itself
-    chosen_rewards: torch.Tensor    # [B] detached λ·avg log π(y_w|x)
+    losses: torch.Tensor  # [B] −λ·log σ(log odds ratio), the term added to the NLL
+    log_odds_ratio: torch.Tensor  # [B] detached log σ(log odds ratio)
+    log_odds_chosen: torch.Tensor  # [B] detached log odds ratio itself
+    chosen_rewards: torch.Tensor  # [B] detached λ·avg log π(y_w|x)
     rejected_rewards: torch.Tensor  # [B] detached λ·avg log π(y_l|x)
 
 
@@ -25,7 +25,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: torch.Tensor, beta: float = 0.1) -> ORPOLossOutput:
+def orpo_loss(
+    policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: torch.Tensor, beta: float = 0.1
+) -> ORPOLossOutput:
     """Odds Ratio Preference Optimization (Hong et al., 2024, arXiv:2403.07691), eq. 6–7.
 
     With p = exp(avg log π(y|x)) (inputs [B] average per-token log-probs, < 0):
