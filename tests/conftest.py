@@ -56,6 +56,19 @@ def tiny(tiny_model_dir):
 
 
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
+OPTIM = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "scheduler": "constant", "warmup_steps": 0}
+
+
+def build_module(name: str, model, tokenizer, **overrides):
+    """The LightningModule of conf/algorithm/<name>.yaml with its configured defaults, some overridden."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from alignlab.config import ALGORITHM_META_KEYS
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "algorithm" / f"{name}.yaml"))
+    hparams = {k: v for k, v in cfg.items() if k not in (*ALGORITHM_META_KEYS, "defaults", "_target_")}
+    return get_class(cfg["_target_"])(model, tokenizer, OPTIM, **{**hparams, **overrides})
 
 
 def eval_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:

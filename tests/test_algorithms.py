@@ -8,15 +8,11 @@ import gc
 import pytest
 import torch
 
-from alignlab.algorithms.cpo import CPO
-from alignlab.algorithms.dpo import DPO
-from alignlab.algorithms.kto import KTO
-from alignlab.algorithms.orpo import ORPO
-from alignlab.algorithms.simpo import SimPO
 from alignlab.data import LabelledDataModule
 from alignlab.logprobs import answer_logprobs
 from alignlab.losses import cpo_loss, kto_loss, orpo_loss, simpo_loss
-from tests.test_model_math import OPTIM, pair_batch
+from tests.conftest import OPTIM, build_module
+from tests.test_model_math import pair_batch
 
 
 def perturbed(model, seed=0, scale=0.02):
@@ -34,27 +30,27 @@ def nll(out, n):
 
 
 @pytest.mark.parametrize(
-    ("cls", "hparams", "reference"),
+    ("name", "hparams", "reference"),
     [
-        (CPO, {"beta": 0.1, "cpo_alpha": 1.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
-        (CPO, {"beta": 0.3, "cpo_alpha": 0.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
+        ("cpo", {"beta": 0.1, "cpo_alpha": 1.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
+        ("cpo", {"beta": 0.3, "cpo_alpha": 0.0}, lambda c, r, h: cpo_loss(c.logps, r.logps, h["beta"]).losses.mean()),
         (
-            SimPO,
+            "simpo",
             {"beta": 2.0, "simpo_gamma": 1.0, "cpo_alpha": 1.0},
             lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean(),
         ),
         (
-            SimPO,
+            "simpo",
             {"beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0},
             lambda c, r, h: simpo_loss(c.avg_logps, r.avg_logps, h["beta"], h["simpo_gamma"]).losses.mean(),
         ),
-        (ORPO, {"beta": 0.1}, lambda c, r, h: orpo_loss(c.avg_logps, r.avg_logps, h["beta"]).losses.mean()),
+        ("orpo", {"beta": 0.1}, lambda c, r, h: orpo_loss(c.avg_logps, r.avg_logps, h["beta"]).losses.mean()),
     ],
 )
-def test_reference_free_modules_add_their_nll_term(tiny, cls, hparams, reference):
+def test_reference_free_modules_add_their_nll_term(tiny, name, hparams, reference):
     model, tokenizer = tiny
     batch = pair_batch(tokenizer)
-    module = cls(perturbed(model), tokenizer, OPTIM, **hparams)
+    module = build_module(name, perturbed(model), tokenizer, **hparams)
     with torch.no_grad():
         loss, metrics = module.compute(batch)
         out = answer_logprobs(module.model, batch)
@@ -62,7 +58,7 @@ def test_reference_free_modules_add_their_nll_term(tiny, cls, hparams, reference
     alpha = hparams.get("cpo_alpha", 1.0)  # ORPO always adds the NLL with weight 1
     assert loss.item() == pytest.approx((reference(chosen, rejected, hparams) + alpha * nll(out, 2)).item(), rel=1e-5)
     assert metrics["nll_loss"].item() == pytest.approx(nll(out, 2).item(), rel=1e-5)
-    assert not hasattr(module, "reference")
+    assert module.reference is None
 
 
 def resident_models(cls: type) -> int:
@@ -71,12 +67,12 @@ def resident_models(cls: type) -> int:
     return sum(type(o) is cls for o in gc.get_objects())
 
 
-@pytest.mark.parametrize(("cls", "extra"), [(CPO, 0), (ORPO, 0), (SimPO, 0), (DPO, 1), (KTO, 1)])
-def test_only_reference_based_algorithms_hold_a_second_model(tiny, cls, extra):
+@pytest.mark.parametrize(("name", "extra"), [("cpo", 0), ("orpo", 0), ("simpo", 0), ("sft", 0), ("dpo", 1), ("kto", 1)])
+def test_only_reference_based_algorithms_hold_a_second_model(tiny, name, extra):
     model, tokenizer = tiny
     policy = copy.deepcopy(model)
     before = resident_models(type(model))
-    module = cls(policy, tokenizer, OPTIM)
+    module = build_module(name, policy, tokenizer)
     assert resident_models(type(model)) - before == extra
     del module
 
@@ -115,7 +111,9 @@ def test_kto_batch_pairs_each_prompt_with_the_previous_rows_answer(tiny):
 def test_kto_module_loss_matches_the_pure_function(tiny):
     model, tokenizer = tiny
     _, batch = kto_batch(tokenizer)
-    module = KTO(copy.deepcopy(model), tokenizer, OPTIM, beta=0.1, desirable_weight=1.5, undesirable_weight=0.5)
+    module = build_module(
+        "kto", copy.deepcopy(model), tokenizer, beta=0.1, desirable_weight=1.5, undesirable_weight=0.5
+    )
     module.model.load_state_dict(perturbed(model, scale=0.05).state_dict())  # policy moves, reference stays
     with torch.no_grad():
         loss, metrics = module.compute(batch)
@@ -134,8 +132,16 @@ def test_kto_module_loss_matches_the_pure_function(tiny):
 def test_kto_all_desirable_batch_logs_no_rejected_side(tiny):
     model, tokenizer = tiny
     _, batch = kto_batch(tokenizer, labels=(True, True, True))
-    module = KTO(perturbed(model), tokenizer, OPTIM)
+    module = build_module("kto", perturbed(model), tokenizer)
     with torch.no_grad():
         loss, metrics = module.compute(batch)
     assert torch.isfinite(loss)
     assert metrics["rewards/rejected"][1] == 0 and metrics["rewards/margins"][1] == 0
+
+
+def test_a_module_refuses_missing_or_unknown_hyper_parameters(tiny):
+    from alignlab.algorithms.dpo import DPO
+
+    model, tokenizer = tiny
+    with pytest.raises(TypeError, match=r"missing \['label_smoothing'\], unknown \['gamma'\]"):
+        DPO(model, tokenizer, OPTIM, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", gamma=1.0)

@@ -8,14 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from alignlab.algorithms.dpo import DPO
 from alignlab.data.collate import collate_answers
 from alignlab.logprobs import answer_logprobs, selective_log_softmax
 from alignlab.losses import dpo_loss
 from alignlab.models.loading import apply_lora
 from alignlab.models.reference import ReferenceModel
-
-OPTIM = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "scheduler": "constant", "warmup_steps": 0}
+from tests.conftest import build_module
 
 
 def pair_batch(tokenizer):
@@ -78,7 +76,7 @@ def test_lora_disabled_reference_equals_frozen_copy(tiny):
 def test_dpo_module_loss_is_preference_term_plus_weighted_nll(tiny, rpo_alpha, loss_type):
     model, tokenizer = tiny
     batch = pair_batch(tokenizer)
-    module = DPO(copy.deepcopy(model), tokenizer, OPTIM, beta=0.1, rpo_alpha=rpo_alpha, loss_type=loss_type)
+    module = build_module("dpo", copy.deepcopy(model), tokenizer, beta=0.1, rpo_alpha=rpo_alpha, loss_type=loss_type)
     with torch.no_grad():  # move the policy away from the reference so the rewards are not all zero
         for p in module.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -104,7 +102,7 @@ def test_dpo_module_loss_is_preference_term_plus_weighted_nll(tiny, rpo_alpha, l
 def test_cached_reference_logps_are_used_when_present(tiny):
     model, tokenizer = tiny
     batch = pair_batch(tokenizer)
-    module = DPO(copy.deepcopy(model), tokenizer, OPTIM, rpo_alpha=0.0)
+    module = build_module("dpo", copy.deepcopy(model), tokenizer, rpo_alpha=0.0)
     with torch.no_grad():
         live, _ = module.compute(batch)
         ref = answer_logprobs(model, batch)

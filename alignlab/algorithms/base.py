@@ -1,7 +1,9 @@
-"""What every alignment LightningModule shares: optimisation, logging, held-out exact match, export.
+"""What every alignment LightningModule shares: hyper-parameters, the frozen reference, optimisation,
+logging, held-out exact match and export.
 
-A subclass implements `compute(batch) -> (loss, metrics)`; metrics use the field's names and are
-logged as `train/<name>` and `eval/<name>`.
+A subclass names its hyper-parameters (`hparam_names`; their defaults live in conf/algorithm/, once),
+says whether it needs a reference model, and implements `compute(batch) -> (loss, metrics)`;
+metrics use the field's names and are logged as `train/<name>` and `eval/<name>`.
 """
 
 from __future__ import annotations
@@ -16,17 +18,30 @@ from omegaconf import DictConfig
 from alignlab.checks import Checks
 from alignlab.generation import completions_until_eos, exact_match, generate
 from alignlab.models.export import save_model
+from alignlab.models.reference import ReferenceModel
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 class AlignmentModule(L.LightningModule):
+    hparam_names: tuple[str, ...] = ()  # the algorithm's keys in conf/algorithm/<name>.yaml
+    uses_reference: bool = False  # hold a frozen copy of the starting policy (or its disabled adapter)
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
+        missing, unknown = set(self.hparam_names) - hparams.keys(), hparams.keys() - set(self.hparam_names)
+        if missing or unknown:
+            raise TypeError(
+                f"{type(self).__name__} takes hyper-parameters {self.hparam_names}; "
+                f"missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
+        for name, value in hparams.items():
+            setattr(self, name, value)
         self.model = model
         self.tokenizer = tokenizer
         self.optim = dict(optim)
         self.evaluation = dict(evaluation or {})
+        self.reference = ReferenceModel(model) if self.uses_reference else None
         self.save_hyperparameters(ignore=["model", "tokenizer"])
 
     # -- config checks, run before any model loads -----------------------------------------
@@ -39,6 +54,15 @@ class AlignmentModule(L.LightningModule):
         Checks(optim, "optim").positive("lr").non_negative("weight_decay", "warmup_steps").one_of(
             "scheduler", SCHEDULERS
         )
+
+    # -- the reference model lives outside the module tree, so Lightning does not move it ------
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def on_validation_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
 
     # -- the algorithm ------------------------------------------------------------------------
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -13,9 +13,9 @@ from alignlab.losses import cpo_loss, nll_loss
 class CPO(PairwiseModule):
     """loss = mean(−log σ(β·(log π(y_w) − log π(y_l)))) + cpo_alpha · NLL(y_w). No reference model."""
 
-    def __init__(self, model, tokenizer, optim, evaluation=None, beta: float = 0.1, cpo_alpha: float = 1.0):
-        super().__init__(model, tokenizer, optim, evaluation, beta=beta, cpo_alpha=cpo_alpha)
-        self.beta, self.cpo_alpha = beta, cpo_alpha
+    hparam_names = ("beta", "cpo_alpha")
+    beta: float
+    cpo_alpha: float
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:

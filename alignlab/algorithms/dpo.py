@@ -8,44 +8,22 @@ from omegaconf import DictConfig
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
 from alignlab.checks import Checks
 from alignlab.losses import DPO_LOSS_TYPES, dpo_loss, nll_loss
-from alignlab.models.reference import ReferenceModel
 
 
 class DPO(PairwiseModule):
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        optim,
-        evaluation=None,
-        beta: float = 0.1,
-        rpo_alpha: float = 1.0,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-    ):
-        super().__init__(
-            model,
-            tokenizer,
-            optim,
-            evaluation,
-            beta=beta,
-            rpo_alpha=rpo_alpha,
-            loss_type=loss_type,
-            label_smoothing=label_smoothing,
-        )
-        self.beta, self.rpo_alpha, self.loss_type, self.label_smoothing = beta, rpo_alpha, loss_type, label_smoothing
-        self.reference = ReferenceModel(model)
+    """loss = mean(dpo_loss) + rpo_alpha · NLL(y_w), against the frozen starting policy."""
+
+    hparam_names = ("beta", "rpo_alpha", "loss_type", "label_smoothing")
+    uses_reference = True
+    beta: float
+    rpo_alpha: float
+    loss_type: str
+    label_smoothing: float
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         checks = Checks(algorithm, "algorithm").positive("beta").non_negative("rpo_alpha")
         checks.one_of("loss_type", DPO_LOSS_TYPES).within("label_smoothing", 0, 0.5, high_open=True)
-
-    def on_fit_start(self) -> None:
-        self.reference.to(self.device)
-
-    def on_validation_start(self) -> None:
-        self.reference.to(self.device)
 
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached per-row values when the batch carries them, else a no-grad reference forward."""

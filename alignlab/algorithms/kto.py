@@ -11,7 +11,6 @@ from alignlab.algorithms.base import AlignmentModule
 from alignlab.checks import Checks
 from alignlab.logprobs import answer_logprobs
 from alignlab.losses import kto_kl_estimate, kto_loss, kto_weight_advice
-from alignlab.models.reference import ReferenceModel
 
 log = logging.getLogger(__name__)
 
@@ -20,43 +19,24 @@ class KTO(AlignmentModule):
     """Batches hold B matched (prompt, answer) rows, then B mismatched ones (prompt i with another
     row's answer) whose policy/reference log-ratio estimates the reference point z₀."""
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        optim,
-        evaluation=None,
-        beta: float = 0.1,
-        desirable_weight: float = 1.0,
-        undesirable_weight: float = 1.0,
-    ):
-        super().__init__(
-            model,
-            tokenizer,
-            optim,
-            evaluation,
-            beta=beta,
-            desirable_weight=desirable_weight,
-            undesirable_weight=undesirable_weight,
-        )
-        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
-        self.reference = ReferenceModel(model)
+    hparam_names = ("beta", "desirable_weight", "undesirable_weight")
+    uses_reference = True
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         Checks(algorithm, "algorithm").positive("beta").non_negative("desirable_weight", "undesirable_weight")
 
     def on_fit_start(self) -> None:
-        self.reference.to(self.device)
+        super().on_fit_start()
         labels = [ex["label"] for ex in self.trainer.datamodule.splits["train"]]
         advice = kto_weight_advice(
             sum(labels), len(labels) - sum(labels), self.desirable_weight, self.undesirable_weight
         )
         if advice and self.trainer.is_global_zero:
             log.warning(advice)
-
-    def on_validation_start(self) -> None:
-        self.reference.to(self.device)
 
     def reference_logps(self, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_logps" in batch:

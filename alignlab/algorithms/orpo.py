@@ -16,9 +16,8 @@ class ORPO(PairwiseModule):
     λ is the config's `beta` (the name TRL uses).
     """
 
-    def __init__(self, model, tokenizer, optim, evaluation=None, beta: float = 0.1):
-        super().__init__(model, tokenizer, optim, evaluation, beta=beta)
-        self.beta = beta
+    hparam_names = ("beta",)
+    beta: float
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:

@@ -16,18 +16,10 @@ class SimPO(PairwiseModule):
     cpo_alpha = 0 is the original SimPO; > 0 adds CPO's NLL term (CPO-SimPO). No reference model.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        optim,
-        evaluation=None,
-        beta: float = 2.0,
-        simpo_gamma: float = 1.0,
-        cpo_alpha: float = 1.0,
-    ):
-        super().__init__(model, tokenizer, optim, evaluation, beta=beta, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha)
-        self.beta, self.simpo_gamma, self.cpo_alpha = beta, simpo_gamma, cpo_alpha
+    hparam_names = ("beta", "simpo_gamma", "cpo_alpha")
+    beta: float
+    simpo_gamma: float
+    cpo_alpha: float
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
