@@ -26,6 +26,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 class AlignmentModule(L.LightningModule):
     hparam_names: tuple[str, ...] = ()  # the algorithm's keys in conf/algorithm/<name>.yaml
     uses_reference: bool = False  # hold a frozen copy of the starting policy (or its disabled adapter)
+    generates: bool = True  # a policy that answers prompts (so held-out exact match applies)
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
@@ -84,7 +85,7 @@ class AlignmentModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute(batch)
-        if self.evaluation.get("exact_match") and "solution" in batch:
+        if self.generates and self.evaluation.get("exact_match") and "solution" in batch:
             metrics["exact_match"] = self.exact_match(batch).mean()
         self._log("eval", {"loss": loss, **metrics}, self.rows_in(batch), on_step=False)
 
@@ -102,7 +103,8 @@ class AlignmentModule(L.LightningModule):
                 on_step=on_step,
                 on_epoch=not on_step,
                 batch_size=weight,
-                prog_bar=name in ("loss", "rewards/accuracies", "exact_match"),
+                reduce_fx=name.rsplit("/", 1)[-1] if name.endswith(("/min", "/max")) else "mean",
+                prog_bar=name in ("loss", "rewards/accuracies", "exact_match", "accuracy"),
             )
 
     def exact_match(self, batch: dict) -> torch.Tensor:

@@ -4,7 +4,7 @@ Layout of an answer batch (the shape the log-prob code and later speed work rely
 - input_ids, attention_mask: [N, T] right-padded per batch to the longest row
 - loss_mask: [N, T], 1 on answer tokens (the positions whose log-prob counts), 0 on prompt and pad
 - index: [rows] position of each row in its split, the key for cached per-row values
-  (e.g. reference log-probs); any `ref_*` value present on the examples is stacked alongside.
+  (e.g. reference log-probs); `ref_*` values and numeric columns such as `margin` are stacked alongside.
 Pairwise batches put the B chosen sequences first and the B rejected ones after, so one forward
 pass serves both halves.
 """
@@ -45,12 +45,11 @@ def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict:
     return {"prompt_input_ids": ids, "prompt_attention_mask": mask}
 
 
-def collate_extras(examples: Sequence[dict], keys: Sequence[str]) -> dict:
-    """Per-row values that travel with the batch: row index, cached ref_* tensors, text columns."""
+def collate_extras(examples: Sequence[dict], numeric: Sequence[str], text: Sequence[str]) -> dict:
+    """Per-row values that travel with the batch: row index, numbers as float tensors, text as lists."""
     out = {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
-    for key in keys:
-        if key.startswith("ref_"):
-            out[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
-        else:
-            out[key] = [e.get(key) for e in examples]
+    for key in numeric:
+        out[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
+    for key in text:
+        out[key] = [e.get(key) for e in examples]
     return out

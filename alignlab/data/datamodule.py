@@ -28,6 +28,8 @@ class AlignmentDataModule(L.LightningDataModule):
     kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)
     # Text columns that travel with eval batches (for exact-match and reward functions).
     passthrough: tuple[str, ...] = ("solution",)
+    # Per-row numbers that travel with every batch as float tensors (e.g. a reward-model margin).
+    numeric_columns: tuple[str, ...] = ("margin",)
 
     def __init__(
         self,
@@ -84,7 +86,7 @@ class AlignmentDataModule(L.LightningDataModule):
                 if ex is None:
                     continue
                 ex["index"] = i
-                ex.update({k: row[k] for k in self.passthrough if k in row})
+                ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
                 kept.append(ex)
             self.dropped[split] = len(rows) - len(kept)
             if self.dropped[split]:
@@ -120,13 +122,10 @@ class AlignmentDataModule(L.LightningDataModule):
         return self._loader("eval", self.eval_batch_size, shuffle=False)
 
     def _extras(self, examples: list[dict], with_prompts: bool) -> dict:
-        keys = [k for k in examples[0] if k.startswith("ref_")]
-        if with_prompts:
-            keys += [k for k in self.passthrough if k in examples[0]]
-            out = collate_prompts([e["prompt_ids"] for e in examples], self.pad_id)
-        else:
-            out = {}
-        return {**out, **collate_extras(examples, keys)}
+        numeric = [k for k in examples[0] if k.startswith("ref_") or k in self.numeric_columns]
+        text = [k for k in self.passthrough if k in examples[0]] if with_prompts else []
+        out = collate_prompts([e["prompt_ids"] for e in examples], self.pad_id) if with_prompts else {}
+        return {**out, **collate_extras(examples, numeric, text)}
 
 
 class SFTDataModule(AlignmentDataModule):

@@ -15,6 +15,7 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
     """Raw rows of a local file, or of a data set on the Hub when `path` is not a local file."""
     import datasets
 
+    datasets.disable_progress_bars()
     local = Path(path).expanduser()
     try:
         if local.exists():

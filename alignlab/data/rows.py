@@ -100,6 +100,15 @@ class _Row:
             return value.strip().lower() == "true"  # CSV has no boolean type
         raise self.fail(field, f"expected true or false, got {value!r}")
 
+    def number(self, field: str) -> float:
+        value = self.raw.get(field)
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # CSV cells arrive as text
+        except (TypeError, ValueError):
+            raise self.fail(field, f"expected a number, got {value!r}") from None
+
     def conversation(self) -> tuple[list[dict], str]:
         """`messages` ending in an assistant answer → (prompt messages, answer)."""
         msgs = self.messages("messages")
@@ -158,7 +167,10 @@ def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
         if chosen == rejected:
             raise row.fail("rejected", "identical to the chosen answer, so the pair carries no preference")
         used = {"messages", "prompt", "chosen", "rejected", "rejected_response"}
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **row.extra(used)}
+        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected, **row.extra(used)}
+        if row.has("margin"):
+            out["margin"] = row.number("margin")
+        return out
     if kind == "labelled":
         label = row.label()  # first: a preference pair fails here, with the hint to unpair it
         if conversational:

@@ -1,0 +1,56 @@
+"""Reward modelling: a causal LM plus a scalar value head, trained with the Bradley-Terry loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from alignlab.algorithms.base import AlignmentModule
+from alignlab.checks import Checks
+from alignlab.losses.reward import bradley_terry_loss
+from alignlab.models.export import save_model
+from alignlab.models.reward import RewardModel
+
+
+class RM(AlignmentModule):
+    """loss = −log σ(r_c − r_r − m) + center_rewards_coefficient · (r_c + r_r)², r at the last answer token.
+
+    The optional per-row margin m comes from the data's `margin` column.
+    """
+
+    hparam_names = ("center_rewards_coefficient",)
+    generates = False
+    center_rewards_coefficient: float
+
+    def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
+        super().__init__(RewardModel(model), tokenizer, optim, evaluation, **hparams)
+
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        Checks(algorithm, "algorithm").non_negative("center_rewards_coefficient")
+
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = self.rows_in(batch)
+        rewards = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        chosen, rejected = rewards[:n], rewards[n:]
+        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
+        detached = rewards.detach()
+        return loss, {
+            "accuracy": (chosen > rejected).float().mean(),
+            "margin": (chosen - rejected).detach().mean(),
+            "rewards/chosen": chosen.detach().mean(),
+            "rewards/rejected": rejected.detach().mean(),
+            "reward/mean": detached.mean(),
+            "reward/min": detached.min(),
+            "reward/max": detached.max(),
+        }
+
+    def save_final(self, run_dir: Path, merge_lora: bool = True) -> Path:
+        """The backbone as a Hugging Face model (or adapter), with value_head.safetensors beside it."""
+        folder = save_model(self.model.backbone, self.tokenizer, run_dir, merge_lora=merge_lora)
+        for place in {folder, Path(run_dir) / "adapter"}:
+            if place.exists():
+                self.model.save_value_head(place)
+        return folder

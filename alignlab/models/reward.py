@@ -1,0 +1,80 @@
+"""A reward model: a causal LM backbone plus a scalar value head read at the last answer token.
+
+Saved as the backbone in Hugging Face format (or its LoRA adapter) with `value_head.safetensors`
+beside it; `RewardModel.from_pretrained` restores both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+LEGACY_VALUE_HEAD_FILE = "value_head.bin"
+
+
+def last_token_index(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N] position of each sequence's last answer token (its last real token if it has no answer)."""
+    mask = torch.where(loss_mask.any(-1, keepdim=True), loss_mask, attention_mask)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask).argmax(-1)
+
+
+class RewardModel(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, value_head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        if value_head is None:
+            value_head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.normal_(value_head.weight, std=1 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(value_head.bias)
+        self.value_head = value_head
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def _decoder(self) -> torch.nn.Module:
+        """The transformer without its LM head (LoRA layers, when present, sit inside it)."""
+        base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return base.get_decoder()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """[N] scalar rewards, read at each sequence's last answer token (never at padding)."""
+        hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = last_token_index(loss_mask, attention_mask)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def save_value_head(self, folder: str | Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        save_file(state, str(Path(folder) / VALUE_HEAD_FILE))
+
+    @staticmethod
+    def load_value_head(folder: str | Path) -> torch.nn.Linear:
+        folder = Path(folder)
+        if (folder / VALUE_HEAD_FILE).exists():
+            state = load_file(str(folder / VALUE_HEAD_FILE))
+        elif (folder / LEGACY_VALUE_HEAD_FILE).exists():
+            state = torch.load(folder / LEGACY_VALUE_HEAD_FILE, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(
+                f"{folder} has no {VALUE_HEAD_FILE} (or {LEGACY_VALUE_HEAD_FILE}); is it a reward model?"
+            )
+        # Other tools prefix the head's keys (e.g. v_head.summary.weight); keep the last part.
+        state = {k.rsplit(".", 1)[-1]: v for k, v in state.items()}
+        weight = state["weight"].reshape(1, -1)
+        head = torch.nn.Linear(weight.shape[1], 1, dtype=weight.dtype)
+        head.load_state_dict({"weight": weight, "bias": state["bias"].reshape(1)})
+        return head
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
+        """Backbone (full model, or a LoRA adapter over its base) and value head from a reward-model folder."""
+        from transformers import AutoModelForCausalLM
+
+        backbone = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        return cls(backbone, cls.load_value_head(folder).to(dtype))
