@@ -167,3 +167,30 @@ def test_margin_column_reaches_the_loss(tiny):
     assert loss.item() == pytest.approx(bradley_terry_loss(r[:2], r[2:], torch.tensor([0.5, 2.0])).item(), rel=1e-5)
     with pytest.raises(Exception, match="field 'margin': expected a number"):
         to_canonical({"prompt": "3+4=", "chosen": "7", "rejected": "8", "margin": "big"}, "pairwise", "f", 1)
+
+
+def test_lora_reward_model_loads_from_adapter_and_merged_folders(tiny, tmp_path):
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from alignlab.models.loading import apply_lora
+
+    model, tokenizer = tiny
+    lora = apply_lora(
+        copy.deepcopy(model), OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    )
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    module = build_module("rm", lora, tokenizer)
+    module.save_final(tmp_path, merge_lora=True)
+    batch = pair_batch(tokenizer)
+    with torch.no_grad():
+        expected = module.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        for folder in (tmp_path / "model", tmp_path / "adapter"):
+            assert (folder / VALUE_HEAD_FILE).exists()
+            loaded = RewardModel.from_pretrained(folder)
+            got = loaded(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            assert torch.allclose(got, expected, atol=1e-5), folder.name
