@@ -37,6 +37,14 @@ class Checks:
                 self._fail(key, ">= 0")
         return self
 
+    def at_least(self, minimum: int, *keys: str) -> Checks:
+        """Whole numbers >= minimum (counts such as epochs or batch sizes)."""
+        for key in keys:
+            value = self._number(key)
+            if not (float(value).is_integer() and value >= minimum):
+                self._fail(key, f"a whole number >= {minimum}")
+        return self
+
     def within(self, key: str, low: float, high: float, high_open: bool = False) -> Checks:
         value = self._number(key)
         if not (low <= value and (value < high if high_open else value <= high)):

@@ -46,6 +46,7 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
     algorithm_class = get_class(cfg.algorithm._target_)
     algorithm_class.check_config(cfg.algorithm)
+    algorithm_class.check_run(cfg)
     algorithm_class.check_optim(cfg.optim)
 
 

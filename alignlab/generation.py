@@ -33,8 +33,10 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
-            top_p=None,
-            top_k=None,
+            # Sampling draws from the whole tempered distribution (not the model's default top-k/top-p),
+            # so that online algorithms' log-probs describe what was sampled.
+            top_k=0 if do_sample else None,
+            top_p=1.0 if do_sample else None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -16,6 +16,7 @@ class AnswerLogps:
     token_logps: torch.Tensor  # [N, T-1] per-token log-probs, 0 outside the answer
     mask: torch.Tensor  # [N, T-1] 1 where the predicted token is an answer token
     mean_logits: torch.Tensor  # [N] mean logit over answer positions and vocabulary (detached)
+    token_entropy: torch.Tensor | None = None  # [N, T-1] entropy of each answer position (detached), on request
 
     @property
     def avg_logps(self) -> torch.Tensor:
@@ -40,17 +41,24 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def answer_logprobs(model, batch: dict) -> AnswerLogps:
+def answer_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False) -> AnswerLogps:
     """Forward `batch` (input_ids, attention_mask, loss_mask) and score its answer tokens.
 
-    Position t's logits predict token t+1, so logits are shifted left against the labels.
+    Position t's logits predict token t+1, so logits are shifted left against the labels. Online
+    algorithms score sampled answers under the sampling distribution: logits / temperature.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logits = logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
     labels = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:].to(logits.dtype)
     token_logps = selective_log_softmax(logits, labels) * mask
     num_tokens = mask.sum(-1)
+    token_entropy = None
     with torch.no_grad():
         mean_logits = (logits.float().mean(-1) * mask).sum(-1) / num_tokens.clamp(min=1)
-    return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits)
+        if entropy:
+            logp = torch.log_softmax(logits.float(), -1)
+            token_entropy = -(logp.exp() * logp).sum(-1) * mask
+    return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy)

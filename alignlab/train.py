@@ -54,7 +54,12 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams(resolved_config(cfg))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    manual = {}
+    if not module.automatic_optimization:
+        # Lightning clips and accumulates only under automatic optimisation; such a module does both itself.
+        module.max_grad_norm = cfg.trainer.gradient_clip_val
+        manual = {"gradient_clip_val": None, "accumulate_grad_batches": 1}
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual)
 
     if cfg.evaluation.at_start and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)

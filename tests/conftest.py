@@ -102,3 +102,19 @@ def from_sft(sft_run: dict, *overrides: str) -> list[str]:
         *QUIET,
         *overrides,
     ]
+
+
+@pytest.fixture(scope="session")
+def rm_run(sft_run, tmp_path_factory) -> dict:
+    """A reward model trained from the SFT run (centred rewards, so scores carry correctness, not the prompt)."""
+    from alignlab.train import train
+
+    run_dir = tmp_path_factory.mktemp("rm")
+    overrides = from_sft(
+        sft_run,
+        "algorithm=rm",
+        "trainer.max_steps=1500",
+        "trainer.val_check_interval=750",
+        "algorithm.center_rewards_coefficient=0.01",
+    )
+    return train(compose(overrides, run_dir))

@@ -9,18 +9,9 @@ import pytest
 from alignlab.data.arith import ArithTask
 from alignlab.models.reward import VALUE_HEAD_FILE
 from alignlab.score import RewardScorer
-from alignlab.train import train
-from tests.conftest import compose, eval_curve, from_sft
+from tests.conftest import eval_curve
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def rm_run(sft_run, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("rm")
-    return train(
-        compose(from_sft(sft_run, "algorithm=rm", "trainer.max_steps=600", "trainer.val_check_interval=300"), run_dir)
-    )
 
 
 def test_reward_model_held_out_accuracy_is_well_above_chance(rm_run):

@@ -43,12 +43,18 @@ class AlignmentModule(L.LightningModule):
         self.optim = dict(optim)
         self.evaluation = dict(evaluation or {})
         self.reference = ReferenceModel(model) if self.uses_reference else None
+        # Models outside the module tree that must follow it to the device (reference, reward model).
+        self.frozen: list = [self.reference] if self.reference is not None else []
         self.save_hyperparameters(ignore=["model", "tokenizer"])
 
     # -- config checks, run before any model loads -----------------------------------------
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         """Raise ConfigError naming the key when a hyper-parameter is out of range."""
+
+    @classmethod
+    def check_run(cls, cfg: DictConfig) -> None:
+        """Raise ConfigError for settings that must agree across groups (e.g. batch sizes)."""
 
     @staticmethod
     def check_optim(optim: DictConfig) -> None:
@@ -58,12 +64,12 @@ class AlignmentModule(L.LightningModule):
 
     # -- the reference model lives outside the module tree, so Lightning does not move it ------
     def on_fit_start(self) -> None:
-        if self.reference is not None:
-            self.reference.to(self.device)
+        for model in self.frozen:
+            model.to(self.device)
 
     def on_validation_start(self) -> None:
-        if self.reference is not None:
-            self.reference.to(self.device)
+        for model in self.frozen:
+            model.to(self.device)
 
     # -- the algorithm ------------------------------------------------------------------------
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -107,8 +113,8 @@ class AlignmentModule(L.LightningModule):
                 prog_bar=name in ("loss", "rewards/accuracies", "exact_match", "accuracy"),
             )
 
-    def exact_match(self, batch: dict) -> torch.Tensor:
-        """Greedy answers to the batch's prompts compared with their `solution` column."""
+    def greedy_answers(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
+        """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens], texts before eos)."""
         tokens = generate(
             self.model,
             self.tokenizer,
@@ -119,13 +125,17 @@ class AlignmentModule(L.LightningModule):
         texts = self.tokenizer.batch_decode(
             completions_until_eos(tokens, self.tokenizer.eos_token_id), skip_special_tokens=True
         )
-        return exact_match(texts, batch["solution"]).to(self.device)
+        return tokens, texts
+
+    def exact_match(self, batch: dict) -> torch.Tensor:
+        """Greedy answers to the batch's prompts compared with their `solution` column."""
+        return exact_match(self.greedy_answers(batch)[1], batch["solution"]).to(self.device)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]  # the policy and any trained head or value model
         optimizer = torch.optim.AdamW(
             params, lr=self.optim["lr"], weight_decay=self.optim["weight_decay"], betas=tuple(self.optim["betas"])
         )

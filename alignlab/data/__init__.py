@@ -1,5 +1,11 @@
 """Data: the bundled task, file readers, canonical rows and the LightningDataModules."""
 
-from alignlab.data.datamodule import AlignmentDataModule, LabelledDataModule, PairwiseDataModule, SFTDataModule
+from alignlab.data.datamodule import (
+    AlignmentDataModule,
+    LabelledDataModule,
+    PairwiseDataModule,
+    PromptDataModule,
+    SFTDataModule,
+)
 
-__all__ = ["AlignmentDataModule", "LabelledDataModule", "PairwiseDataModule", "SFTDataModule"]
+__all__ = ["AlignmentDataModule", "LabelledDataModule", "PairwiseDataModule", "PromptDataModule", "SFTDataModule"]

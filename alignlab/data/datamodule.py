@@ -30,6 +30,8 @@ class AlignmentDataModule(L.LightningDataModule):
     passthrough: tuple[str, ...] = ("solution",)
     # Per-row numbers that travel with every batch as float tensors (e.g. a reward-model margin).
     numeric_columns: tuple[str, ...] = ("margin",)
+    # Online algorithms split each batch into mini-batches, so a short last batch is dropped.
+    drop_last_train: bool = False
 
     def __init__(
         self,
@@ -108,6 +110,7 @@ class AlignmentDataModule(L.LightningDataModule):
         with_prompts = split != "train"
         return DataLoader(
             self.splits[split],
+            drop_last=self.drop_last_train and split == "train",
             batch_size=batch_size,
             shuffle=shuffle,
             generator=generator,
@@ -209,3 +212,24 @@ class LabelledDataModule(AlignmentDataModule):
         batch = collate_answers(prompts + prompts, answers + mismatched, self.pad_id)
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
         return {**batch, **self._extras(examples, with_prompts)}
+
+
+class PromptDataModule(AlignmentDataModule):
+    """Prompt-only rows for online algorithms (PPO, GRPO). Batches hold left-padded prompts, ready to
+    generate from, and every extra column of the rows (`columns`, e.g. `solution`) for reward functions."""
+
+    kind = "prompt"
+    drop_last_train = True
+
+    def encode(self, rows: list[dict]) -> list[dict | None]:
+        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
+        out = []
+        for row, p in zip(rows, prompts):
+            fits = len(p) < self.max_length  # room for at least one generated token
+            out.append({"prompt_ids": p, "columns": {k: v for k, v in row.items() if k != "prompt"}} if fits else None)
+        return out
+
+    def collate(self, examples: list[dict], with_prompts: bool) -> dict:
+        batch = self._extras(examples, with_prompts=True)
+        batch["columns"] = {k: [e["columns"].get(k) for e in examples] for k in examples[0]["columns"]}
+        return batch

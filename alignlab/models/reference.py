@@ -18,9 +18,19 @@ class ReferenceModel:
     checkpoints and the optimizer never see it.
     """
 
-    def __init__(self, policy: torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, model: torch.nn.Module | None = None):
         self.policy = policy
-        self.copy = None if is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+        if model is not None:  # a reference named in the config, not the starting policy
+            self.copy = model.eval().requires_grad_(False)
+        else:
+            self.copy = None if is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @classmethod
+    def from_folder(cls, policy: torch.nn.Module, folder: str) -> ReferenceModel:
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(policy.parameters()).dtype
+        return cls(policy, AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True))
 
     def to(self, device: torch.device) -> ReferenceModel:
         if self.copy is not None:
@@ -28,8 +38,24 @@ class ReferenceModel:
         return self
 
     @torch.no_grad()
-    def answer_logprobs(self, batch: dict) -> AnswerLogps:
+    def answer_logprobs(self, batch: dict, temperature: float = 1.0) -> AnswerLogps:
         if self.copy is not None:
-            return answer_logprobs(self.copy, batch)
+            return answer_logprobs(self.copy, batch, temperature)
         with self.policy.disable_adapter():
-            return answer_logprobs(self.policy, batch)
+            return answer_logprobs(self.policy, batch, temperature)
+
+
+class Frozen:
+    """A model used without gradients and kept outside the LightningModule's tree, so it is neither
+    optimised nor checkpointed (e.g. PPO's reward model); `to()` moves it with the module."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module.eval().requires_grad_(False)
+
+    def to(self, device: torch.device) -> Frozen:
+        self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

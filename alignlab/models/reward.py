@@ -42,12 +42,16 @@ class RewardModel(torch.nn.Module):
         base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
         return base.get_decoder()
 
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, T] the value head at every position (PPO's value model reads these)."""
+        hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """[N] scalar rewards, read at each sequence's last answer token (never at padding)."""
-        hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        values = self.values(input_ids, attention_mask)
         last = last_token_index(loss_mask, attention_mask)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+        return values[torch.arange(values.shape[0], device=values.device), last]
 
     def save_value_head(self, folder: str | Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}

@@ -1,0 +1,326 @@
+"""PPO for RLHF with four models: policy (trained), reference (frozen), reward model (frozen) and
+value model (initialised from the reward model, trained).
+
+One training step = one rollout: sample answers to a batch of prompts, score them, turn scores and
+per-token KL penalties into GAE advantages, then run `num_ppo_epochs` passes over
+`num_mini_batches` mini-batches, one optimizer step each (Lightning manual optimisation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from alignlab.algorithms.base import AlignmentModule
+from alignlab.checks import Checks
+from alignlab.data.collate import collate_answers
+from alignlab.errors import ConfigError
+from alignlab.generation import exact_match, generate
+from alignlab.logprobs import answer_logprobs
+from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
+from alignlab.models.reference import Frozen, ReferenceModel
+from alignlab.models.reward import LEGACY_VALUE_HEAD_FILE, VALUE_HEAD_FILE, RewardModel
+from alignlab.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten, truncate_after_eos
+from alignlab.samples import log_samples
+
+log = logging.getLogger(__name__)
+
+
+def response_positions(per_position: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """[N, length] values at positions starts−1+j: for a right-padded prompt+response row whose
+    response starts at `starts`, position starts−1+j is where response token j is predicted."""
+    index = (starts.unsqueeze(1) - 1 + torch.arange(length, device=starts.device)).clamp(max=per_position.shape[1] - 1)
+    return per_position.gather(1, index)
+
+
+class PPO(AlignmentModule):
+    hparam_names = (
+        "reward_model",
+        "value_model",
+        "ref_model",
+        "num_ppo_epochs",
+        "num_mini_batches",
+        "micro_batch_size",
+        "local_rollout_forward_batch_size",
+        "response_length",
+        "temperature",
+        "missing_eos_penalty",
+        "kl_coef",
+        "whiten_rewards",
+        "cliprange",
+        "vf_coef",
+        "cliprange_value",
+        "gamma",
+        "lam",
+        "num_sample_generations",
+    )
+    reward_model: str
+    value_model: str | None
+    ref_model: str | None
+    num_ppo_epochs: int
+    num_mini_batches: int
+    micro_batch_size: int | None
+    local_rollout_forward_batch_size: int
+    response_length: int
+    temperature: float
+    missing_eos_penalty: float | None
+    kl_coef: float
+    whiten_rewards: bool
+    cliprange: float
+    vf_coef: float
+    cliprange_value: float
+    gamma: float
+    lam: float
+    num_sample_generations: int
+
+    def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
+        super().__init__(model, tokenizer, optim, evaluation, **hparams)
+        self.automatic_optimization = False  # several optimizer steps per rollout
+        self.max_grad_norm: float | None = None  # set from trainer.gradient_clip_val by the runner
+        dtype = next(model.parameters()).dtype
+        self.value = RewardModel.from_pretrained(self.value_model or self.reward_model, dtype=dtype)
+        self.scorer = Frozen(RewardModel.from_pretrained(self.reward_model, dtype=dtype))
+        self.reference = ReferenceModel.from_folder(model, self.ref_model) if self.ref_model else ReferenceModel(model)
+        self.frozen = [self.reference, self.scorer]
+        self.episodes = 0  # prompts rolled out so far
+        self.rollouts = 0
+
+    # -- config ---------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        checks = Checks(algorithm, "algorithm")
+        checks.non_negative("kl_coef", "vf_coef").positive("cliprange", "cliprange_value", "temperature")
+        checks.within("gamma", 0, 1).within("lam", 0, 1)
+        checks.at_least(1, "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size", "response_length")
+        checks.at_least(0, "num_sample_generations")
+        if algorithm.micro_batch_size is not None:
+            checks.at_least(1, "micro_batch_size")
+        if algorithm.missing_eos_penalty is not None:
+            checks.non_negative("missing_eos_penalty")
+        for key in ("reward_model", "value_model"):
+            folder = algorithm[key]
+            if folder is None and key == "value_model":
+                continue
+            if not any((Path(folder) / f).exists() for f in (VALUE_HEAD_FILE, LEGACY_VALUE_HEAD_FILE)):
+                raise ConfigError(
+                    f"algorithm.{key}={folder} is not a reward-model folder (no {VALUE_HEAD_FILE}); "
+                    "train one with algorithm=rm and give its <run>/model folder"
+                )
+
+    @classmethod
+    def check_run(cls, cfg: DictConfig) -> None:
+        batch, minis = cfg.data.batch_size, cfg.algorithm.num_mini_batches
+        if batch % minis:
+            raise ConfigError(
+                f"batch_size ({batch} prompts per rollout) must be divisible by algorithm.num_mini_batches ({minis})"
+            )
+        micro = cfg.algorithm.micro_batch_size
+        if micro is not None and (batch // minis) % micro:
+            raise ConfigError(
+                f"the mini-batch (batch_size / algorithm.num_mini_batches = {batch // minis}) must be "
+                f"divisible by algorithm.micro_batch_size ({micro})"
+            )
+
+    # -- rollout --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> dict:
+        """Sample, score and compute advantages for a batch of left-padded prompts."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        chunk = self.local_rollout_forward_batch_size
+        responses, has_eos = [], []
+        for i in range(0, len(prompts), chunk):
+            tokens = generate(
+                self.model,
+                self.tokenizer,
+                batch["prompt_input_ids"][i : i + chunk],
+                batch["prompt_attention_mask"][i : i + chunk],
+                max_new_tokens=self.response_length,
+                do_sample=True,
+                temperature=self.temperature,
+            )
+            cut, mask, ended = truncate_after_eos(tokens, eos, pad)
+            responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
+            has_eos.append(ended)
+        # Prompt + response, right-padded: the layout answer_logprobs and the reward model read.
+        seqs = {k: v.to(self.device) for k, v in collate_answers(prompts, responses, pad).items()}
+        starts = torch.tensor([len(p) for p in prompts], device=self.device)
+        length = max(len(r) for r in responses)
+        mask = (
+            torch.arange(length, device=self.device)
+            < torch.tensor([len(r) for r in responses], device=self.device).unsqueeze(1)
+        ).float()
+        logprobs, ref_logprobs, values, scores = [], [], [], []
+        for i in range(0, len(prompts), chunk):
+            sub = {k: v[i : i + chunk] for k, v in seqs.items()}
+            logprobs.append(answer_logprobs(self.model, sub, self.temperature).token_logps)
+            ref_logprobs.append(self.reference.answer_logprobs(sub, self.temperature).token_logps)
+            values.append(self.value.values(sub["input_ids"], sub["attention_mask"]))
+            scores.append(self.scorer(sub["input_ids"], sub["attention_mask"], sub["loss_mask"]))
+        logprobs = response_positions(torch.cat(logprobs), starts, length) * mask
+        ref_logprobs = response_positions(torch.cat(ref_logprobs), starts, length) * mask
+        values = response_positions(torch.cat(values), starts, length).float() * mask
+        scores = torch.cat(scores).float()
+        has_eos = torch.cat(has_eos).to(self.device)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~has_eos).float()
+
+        rewards, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, scores, mask, self.kl_coef)
+        if self.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
+        advantages = masked_whiten(advantages, mask) * mask
+        kl = ((logprobs - ref_logprobs) * mask).sum(1)
+        stats = {
+            "objective/kl": kl.mean(),
+            "objective/entropy": (-logprobs * mask).sum(1).mean(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
+            "objective/scores": scores.mean(),
+            "val/num_eos_tokens": has_eos.float().sum(),
+        }
+        return {
+            **seqs,
+            "starts": starts,
+            "mask": mask,
+            "logprobs": logprobs,
+            "values": values,
+            "advantages": advantages,
+            "returns": returns,
+            "stats": stats,
+        }
+
+    # -- update ---------------------------------------------------------------------------------
+    def ppo_update(self, rollout: dict, optimizer, scheduler=None, generator: torch.Generator | None = None) -> dict:
+        """num_ppo_epochs × num_mini_batches optimizer steps; each mini-batch's gradient is accumulated
+        over micro-batches whose losses are normalised by the mini-batch's token count, so it equals
+        the gradient of the whole mini-batch at once."""
+        n = rollout["input_ids"].shape[0]
+        mini = n // self.num_mini_batches
+        micro = self.micro_batch_size or mini
+        length = rollout["mask"].shape[1]
+        stats: dict[str, list] = {
+            k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
+        }
+        for _ in range(self.num_ppo_epochs):
+            order = torch.randperm(n, generator=generator).to(self.device)
+            for start in range(0, n, mini):
+                rows = order[start : start + mini]
+                tokens = rollout["mask"][rows].sum()
+                for m in range(0, len(rows), micro):
+                    idx = rows[m : m + micro]
+                    sub = {k: rollout[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}
+                    out = answer_logprobs(self.model, sub, self.temperature, entropy=True)
+                    mask, starts = rollout["mask"][idx], rollout["starts"][idx]
+                    new_logprobs = response_positions(out.token_logps, starts, length) * mask
+                    vpred = response_positions(
+                        self.value.values(sub["input_ids"], sub["attention_mask"]), starts, length
+                    ).float()
+                    policy = ppo_policy_loss(
+                        new_logprobs,
+                        rollout["logprobs"][idx],
+                        rollout["advantages"][idx],
+                        mask,
+                        self.cliprange,
+                        normalizer=tokens,
+                    )
+                    vf_loss, vf_clipfrac = ppo_value_loss(
+                        vpred,
+                        rollout["values"][idx],
+                        rollout["returns"][idx],
+                        mask,
+                        self.cliprange_value,
+                        normalizer=tokens,
+                    )
+                    loss = policy.loss + self.vf_coef * vf_loss
+                    self.manual_backward(loss) if self._trainer is not None else loss.backward()
+                    entropy = masked_mean(response_positions(out.token_entropy, starts, length), mask)
+                    for key, value in zip(
+                        stats,
+                        (
+                            policy.approxkl,
+                            policy.clipfrac,
+                            policy.loss * len(rows) / len(idx),
+                            vf_loss * len(rows) / len(idx),
+                            vf_clipfrac,
+                            entropy,
+                            policy.ratio,
+                        ),
+                    ):
+                        stats[key].append(value.detach())
+                if self.max_grad_norm:
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                if scheduler is not None:
+                    scheduler.step()
+        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
+        return {
+            "policy/approxkl_avg": mean["approxkl"],
+            "policy/clipfrac_avg": mean["clipfrac"],
+            "loss/policy_avg": mean["pg_loss"],
+            "loss/value_avg": mean["vf_loss"],
+            "val/clipfrac_avg": mean["vf_clipfrac"],
+            "policy/entropy_avg": mean["entropy"],
+            "val/ratio": mean["ratio"],
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout = self.rollout(batch)
+        self.episodes += rollout["input_ids"].shape[0]
+        scheduler = self.lr_schedulers()
+        stats = self.ppo_update(rollout, self.optimizers(), scheduler)
+        metrics = {
+            **rollout["stats"],
+            **stats,
+            "lr": torch.tensor(scheduler.get_last_lr()[0]),
+            "episodes": torch.tensor(float(self.episodes)),
+        }
+        self._log("train", metrics, rollout["input_ids"].shape[0], on_step=True)
+        self.rollouts += 1  # batch_idx restarts every pass over the prompts; this does not
+        if self.sample_every and self.rollouts % self.sample_every == 0:
+            self.log_sample_table()
+
+    @property
+    def sample_every(self) -> int:
+        """Rollouts between sample tables, so that num_sample_generations tables span the run."""
+        if not self.num_sample_generations or self._trainer is None:
+            return 0
+        steps_per_rollout = self.num_ppo_epochs * self.num_mini_batches
+        rollouts = math.ceil(self.trainer.max_steps / steps_per_rollout) if self.trainer.max_steps > 0 else 0
+        return max(1, rollouts // self.num_sample_generations) if rollouts else 0
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_answers(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """Reward-model scores of generated answers to the batch's prompts."""
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        cut, mask, _ = truncate_after_eos(tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        answers = [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
+        seqs = {k: v.to(self.device) for k, v in collate_answers(prompts, answers, self.tokenizer.pad_token_id).items()}
+        return self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        tokens, texts = self.greedy_answers(batch)
+        metrics = {"objective/scores": self.score_answers(batch, tokens).mean()}
+        if self.evaluation.get("exact_match") and "solution" in batch:
+            metrics["exact_match"] = exact_match(texts, batch["solution"]).mean()
+        self._log("eval", metrics, len(texts), on_step=False)
+
+    def log_sample_table(self, n: int = 16) -> None:
+        """Greedy answers to the first held-out prompts, with their scores."""
+        batch = next(iter(self.trainer.datamodule.val_dataloader()))
+        batch = {
+            k: (v[:n].to(self.device) if torch.is_tensor(v) else v[:n]) for k, v in batch.items() if k != "columns"
+        }
+        tokens, texts = self.greedy_answers(batch)
+        scores = self.score_answers(batch, tokens).tolist()
+        prompts = self.tokenizer.batch_decode(
+            [ids[m.bool()] for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+        )
+        log_samples(self.trainer, [{"prompt": p, "answer": a, "score": s} for p, a, s in zip(prompts, texts, scores)])
