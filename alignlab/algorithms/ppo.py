@@ -17,24 +17,17 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.checks import Checks
-from alignlab.data.collate import collate_answers
 from alignlab.errors import ConfigError
-from alignlab.generation import exact_match, generate
+from alignlab.generation import exact_match
 from alignlab.logprobs import answer_logprobs
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignlab.models.reference import Frozen, ReferenceModel
 from alignlab.models.reward import LEGACY_VALUE_HEAD_FILE, VALUE_HEAD_FILE, RewardModel
 from alignlab.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten, truncate_after_eos
+from alignlab.rollout import pack, prompt_ids, response_positions, sample
 from alignlab.samples import log_samples
 
 log = logging.getLogger(__name__)
-
-
-def response_positions(per_position: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
-    """[N, length] values at positions starts−1+j: for a right-padded prompt+response row whose
-    response starts at `starts`, position starts−1+j is where response token j is predicted."""
-    index = (starts.unsqueeze(1) - 1 + torch.arange(length, device=starts.device)).clamp(max=per_position.shape[1] - 1)
-    return per_position.gather(1, index)
 
 
 class PPO(AlignmentModule):
@@ -129,33 +122,12 @@ class PPO(AlignmentModule):
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
         """Sample, score and compute advantages for a batch of left-padded prompts."""
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
         chunk = self.local_rollout_forward_batch_size
-        responses, has_eos = [], []
-        for i in range(0, len(prompts), chunk):
-            tokens = generate(
-                self.model,
-                self.tokenizer,
-                batch["prompt_input_ids"][i : i + chunk],
-                batch["prompt_attention_mask"][i : i + chunk],
-                max_new_tokens=self.response_length,
-                do_sample=True,
-                temperature=self.temperature,
-            )
-            cut, mask, ended = truncate_after_eos(tokens, eos, pad)
-            responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
-            has_eos.append(ended)
-        # Prompt + response, right-padded: the layout answer_logprobs and the reward model read.
-        seqs = {k: v.to(self.device) for k, v in collate_answers(prompts, responses, pad).items()}
-        starts = torch.tensor([len(p) for p in prompts], device=self.device)
-        length = max(len(r) for r in responses)
-        mask = (
-            torch.arange(length, device=self.device)
-            < torch.tensor([len(r) for r in responses], device=self.device).unsqueeze(1)
-        ).float()
+        samples = sample(self.model, self.tokenizer, batch, self.response_length, self.temperature, chunk)
+        seqs, starts, mask, has_eos = samples.seqs, samples.starts, samples.mask, samples.has_eos
+        length, n = mask.shape[1], mask.shape[0]
         logprobs, ref_logprobs, values, scores = [], [], [], []
-        for i in range(0, len(prompts), chunk):
+        for i in range(0, n, chunk):
             sub = {k: v[i : i + chunk] for k, v in seqs.items()}
             logprobs.append(answer_logprobs(self.model, sub, self.temperature).token_logps)
             ref_logprobs.append(self.reference.answer_logprobs(sub, self.temperature).token_logps)
@@ -165,7 +137,6 @@ class PPO(AlignmentModule):
         ref_logprobs = response_positions(torch.cat(ref_logprobs), starts, length) * mask
         values = response_positions(torch.cat(values), starts, length).float() * mask
         scores = torch.cat(scores).float()
-        has_eos = torch.cat(has_eos).to(self.device)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~has_eos).float()
 
@@ -299,10 +270,9 @@ class PPO(AlignmentModule):
     @torch.no_grad()
     def score_answers(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
         """Reward-model scores of generated answers to the batch's prompts."""
-        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        cut, mask, _ = truncate_after_eos(tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        cut, mask, ended = truncate_after_eos(tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         answers = [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
-        seqs = {k: v.to(self.device) for k, v in collate_answers(prompts, answers, self.tokenizer.pad_token_id).items()}
+        seqs = pack(prompt_ids(batch), answers, ended, self.tokenizer.pad_token_id, self.device).seqs
         return self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -320,7 +290,5 @@ class PPO(AlignmentModule):
         }
         tokens, texts = self.greedy_answers(batch)
         scores = self.score_answers(batch, tokens).tolist()
-        prompts = self.tokenizer.batch_decode(
-            [ids[m.bool()] for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
-        )
+        prompts = self.tokenizer.batch_decode(prompt_ids(batch))
         log_samples(self.trainer, [{"prompt": p, "answer": a, "score": s} for p, a, s in zip(prompts, texts, scores)])

@@ -1,0 +1,261 @@
+"""GRPO (Shao et al., 2024): `num_generations` answers per prompt, advantages relative to the group,
+a clipped token loss and an optional KL to a frozen reference. No value model.
+
+One training step = one generation batch: `batch_size` prompts × `num_generations` completions,
+sampled in one batched, KV-cached generate; then `num_iterations` optimizer steps on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.algorithms.base import AlignmentModule
+from alignlab.checks import Checks
+from alignlab.errors import ConfigError
+from alignlab.generation import exact_match
+from alignlab.logprobs import answer_logprobs
+from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
+from alignlab.models.reference import ReferenceModel
+from alignlab.rewards import build_reward_function, call_reward_function
+from alignlab.rollout import prompt_ids, response_positions, sample
+from alignlab.samples import log_samples
+
+
+class GRPO(AlignmentModule):
+    hparam_names = (
+        "num_generations",
+        "scale_rewards",
+        "epsilon",
+        "epsilon_high",
+        "beta",
+        "num_iterations",
+        "loss_type",
+        "mask_truncated_completions",
+        "temperature",
+        "max_completion_length",
+        "reward_funcs",
+        "reward_weights",
+        "micro_batch_size",
+        "generation_chunk_size",
+        "num_sample_generations",
+    )
+    num_generations: int
+    scale_rewards: str
+    epsilon: float
+    epsilon_high: float | None
+    beta: float
+    num_iterations: int
+    loss_type: str
+    mask_truncated_completions: bool
+    temperature: float
+    max_completion_length: int
+    reward_funcs: list
+    reward_weights: list | None
+    micro_batch_size: int | None
+    generation_chunk_size: int
+    num_sample_generations: int
+
+    def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
+        super().__init__(model, tokenizer, optim, evaluation, **hparams)
+        self.automatic_optimization = False  # num_iterations optimizer steps per generation batch
+        self.max_grad_norm: float | None = None
+        self.rewards = [build_reward_function(spec) for spec in self.reward_funcs]
+        self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
+        if self.beta != 0.0:  # with beta 0 no reference model is loaded
+            self.reference = ReferenceModel(model)
+            self.frozen = [self.reference]
+        self.generation_batches = 0
+
+    # -- config ---------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        checks = Checks(algorithm, "algorithm").at_least(2, "num_generations").positive("epsilon", "temperature")
+        checks.non_negative("beta").at_least(1, "num_iterations", "max_completion_length", "generation_chunk_size")
+        checks.one_of("loss_type", GRPO_LOSS_TYPES).one_of("scale_rewards", SCALE_REWARDS)
+        checks.at_least(0, "num_sample_generations")
+        if algorithm.epsilon_high is not None:
+            checks.positive("epsilon_high")
+        if algorithm.micro_batch_size is not None:
+            checks.at_least(1, "micro_batch_size")
+        funcs = OmegaConf.to_container(algorithm.reward_funcs)
+        if not funcs:
+            raise ConfigError("algorithm.reward_funcs must name at least one reward function")
+        if algorithm.reward_weights is not None and len(algorithm.reward_weights) != len(funcs):
+            raise ConfigError(
+                f"algorithm.reward_weights has {len(algorithm.reward_weights)} weights for "
+                f"{len(funcs)} reward functions"
+            )
+        for spec in funcs:  # unknown names and unimportable targets fail here, before any model loads
+            build_reward_function(spec)
+
+    @classmethod
+    def check_run(cls, cfg: DictConfig) -> None:
+        completions = cfg.data.batch_size * cfg.algorithm.num_generations
+        micro = cfg.algorithm.micro_batch_size
+        if micro is not None and completions % micro:
+            raise ConfigError(
+                f"each step generates batch_size × algorithm.num_generations = {cfg.data.batch_size} × "
+                f"{cfg.algorithm.num_generations} = {completions} completions, which algorithm.micro_batch_size "
+                f"({micro}) must divide"
+            )
+
+    # -- generation and rewards -----------------------------------------------------------------
+    def rewards_of(self, batch: dict, texts: list[str]) -> tuple[torch.Tensor, dict]:
+        """Weighted sum of every reward function: [N], plus per-function values for metrics."""
+        g = self.num_generations
+        prompts = [p for p in batch["prompt_messages"] for _ in range(g)] if "prompt_messages" in batch else None
+        if prompts is None:
+            prompts = [p for p in self.tokenizer.batch_decode(prompt_ids(batch)) for _ in range(g)]
+        columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
+        per_fn, total = {}, torch.zeros(len(texts), device=self.device)
+        for (name, fn), weight in zip(self.rewards, self.weights):
+            values = torch.tensor(call_reward_function(name, fn, prompts, texts, columns), device=self.device)
+            per_fn[name] = values
+            total += weight * values
+        return total, per_fn
+
+    @torch.no_grad()
+    def generate_batch(self, batch: dict) -> dict:
+        g = self.num_generations
+        samples = sample(
+            self.model,
+            self.tokenizer,
+            batch,
+            self.max_completion_length,
+            self.temperature,
+            self.generation_chunk_size,
+            num_per_prompt=g,
+        )
+        texts = self.tokenizer.batch_decode(
+            [r[:-1] if ended else r for r, ended in zip(samples.responses, samples.has_eos.tolist())],
+            skip_special_tokens=True,
+        )
+        rewards, per_fn = self.rewards_of(batch, texts)
+        advantages = group_advantages(rewards, g, self.scale_rewards)
+        mask = samples.mask
+        if self.mask_truncated_completions:  # answers cut at the length limit teach nothing
+            mask = mask * samples.has_eos.unsqueeze(1).float()
+        length = mask.shape[1]
+        old = ref = None
+        if self.num_iterations > 1:  # later iterations need the log-probs at generation time
+            old = response_positions(
+                answer_logprobs(self.model, samples.seqs, self.temperature).token_logps, samples.starts, length
+            )
+        if self.reference is not None:
+            ref = response_positions(
+                self.reference.answer_logprobs(samples.seqs, self.temperature).token_logps, samples.starts, length
+            )
+        grouped_std = rewards.view(-1, g).std(1)
+        stats = {
+            "reward": rewards.mean(),
+            "reward_std": grouped_std.mean(),
+            "frac_reward_zero_std": (grouped_std < 1e-6).float().mean(),
+            "completions/mean_length": samples.mask.sum(1).mean(),
+            "completions/clipped_ratio": 1 - samples.has_eos.float().mean(),
+        }
+        for name, values in per_fn.items():
+            stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = values.mean(), values.std()
+        return {
+            **samples.seqs,
+            "starts": samples.starts,
+            "mask": mask,
+            "advantages": advantages,
+            "old_logprobs": old,
+            "ref_logprobs": ref,
+            "stats": stats,
+            "texts": texts,
+        }
+
+    # -- update ---------------------------------------------------------------------------------
+    def grpo_update(self, gen: dict, optimizer, scheduler=None) -> dict:
+        """num_iterations optimizer steps on one generation batch, each accumulated over micro-batches
+        so that the step equals one pass over the whole batch."""
+        n, length = gen["input_ids"].shape[0], gen["mask"].shape[1]
+        micro = self.micro_batch_size or n
+        tokens = gen["mask"].sum()
+        stats: dict[str, list] = {"clip_ratio/low_mean": [], "clip_ratio/high_mean": [], "kl": []}
+        for _ in range(self.num_iterations):
+            for start in range(0, n, micro):
+                idx = slice(start, start + micro)
+                sub = {k: gen[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}
+                logprobs = response_positions(
+                    answer_logprobs(self.model, sub, self.temperature).token_logps, gen["starts"][idx], length
+                )
+                old = logprobs.detach() if gen["old_logprobs"] is None else gen["old_logprobs"][idx]
+                ref = None if gen["ref_logprobs"] is None else gen["ref_logprobs"][idx]
+                out = grpo_loss(
+                    logprobs,
+                    old,
+                    gen["advantages"][idx],
+                    gen["mask"][idx],
+                    self.epsilon,
+                    self.epsilon_high,
+                    self.beta,
+                    ref,
+                    self.loss_type,
+                    self.max_completion_length,
+                    normalizer=tokens,
+                )
+                # dapo is already normalised by the whole batch; the per-row means are scaled to it.
+                loss = out.loss if self.loss_type == "dapo" else out.loss * (sub["input_ids"].shape[0] / n)
+                self.manual_backward(loss) if self._trainer is not None else loss.backward()
+                stats["clip_ratio/low_mean"].append(out.clip_low)
+                stats["clip_ratio/high_mean"].append(out.clip_high)
+                if out.kl is not None:
+                    stats["kl"].append(out.kl.detach())
+            if self.max_grad_norm:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            if scheduler is not None:
+                scheduler.step()
+        out = {k: torch.stack(v).mean() for k, v in stats.items() if v}
+        out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        gen = self.generate_batch(batch)
+        scheduler = self.lr_schedulers()
+        stats = self.grpo_update(gen, self.optimizers(), scheduler)
+        self._log("train", {**gen["stats"], **stats}, gen["input_ids"].shape[0], on_step=True)
+        self.generation_batches += 1
+        every = self.sample_every
+        if every and self.generation_batches % every == 0:
+            self.log_sample_table()
+
+    @property
+    def sample_every(self) -> int:
+        if not self.num_sample_generations or self._trainer is None or self.trainer.max_steps <= 0:
+            return 0
+        batches = -(-self.trainer.max_steps // self.num_iterations)
+        return max(1, batches // self.num_sample_generations)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, texts = self.greedy_answers(batch)
+        g, self.num_generations = self.num_generations, 1  # one greedy answer per held-out prompt
+        try:
+            reward, _ = self.rewards_of(batch, texts)
+        finally:
+            self.num_generations = g
+        metrics = {"reward": reward.mean()}
+        if self.evaluation.get("exact_match") and "solution" in batch:
+            metrics["exact_match"] = exact_match(texts, batch["solution"]).mean()
+        self._log("eval", metrics, len(texts), on_step=False)
+
+    def log_sample_table(self, n: int = 16) -> None:
+        batch = next(iter(self.trainer.datamodule.val_dataloader()))
+        batch = {k: (v[:n].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch["columns"] = {k: v[:n] for k, v in batch.get("columns", {}).items()}
+        _, texts = self.greedy_answers(batch)
+        g, self.num_generations = self.num_generations, 1
+        try:
+            rewards, _ = self.rewards_of(batch, texts)
+        finally:
+            self.num_generations = g
+        prompts = self.tokenizer.batch_decode(prompt_ids(batch))
+        log_samples(
+            self.trainer, [{"prompt": p, "answer": a, "reward": r} for p, a, r in zip(prompts, texts, rewards.tolist())]
+        )

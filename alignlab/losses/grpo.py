@@ -1,0 +1,95 @@
+"""GRPO: group-relative advantages and the clipped, optionally KL-regularised token loss."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """A_i = (r_i − mean of its group) / (std + eps) (Shao et al., 2024, DeepSeekMath §4.1.2).
+
+    rewards [B·G], consecutive groups of G = num_generations answers to one prompt. The std is the
+    group's (`group`), the whole batch's (`batch`), or none (`none`, Dr. GRPO, Liu et al., 2025).
+    Standard deviations are unbiased (Bessel's correction).
+    """
+    grouped = rewards.view(-1, num_generations)
+    centred = (grouped - grouped.mean(1, keepdim=True)).view(-1)
+    if scale_rewards == "group":
+        return centred / (grouped.std(1).repeat_interleave(num_generations) + eps)
+    if scale_rewards == "batch":
+        return centred / (rewards.std() + eps)
+    if scale_rewards == "none":
+        return centred
+    raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate exp(ref − log π) − (ref − log π) − 1 ≥ 0 (Schulman's k3)."""
+    diff = ref_logprobs - logprobs
+    return torch.exp(diff) - diff - 1
+
+
+class GRPOLossOutput(NamedTuple):
+    loss: torch.Tensor
+    per_token: torch.Tensor  # [N, R] per-token loss (0 outside the mask)
+    kl: torch.Tensor | None  # mean k3 KL over tokens, when a reference is given
+    clip_low: torch.Tensor  # share of tokens with A < 0 and ρ < 1 − ε_low
+    clip_high: torch.Tensor  # share of tokens with A > 0 and ρ > 1 + ε_high
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    loss_type: str = "dapo",
+    max_completion_length: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> GRPOLossOutput:
+    """per_token = −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β·k3(π, π_ref), ρ = exp(log π − log π_old).
+
+    logprobs, old_logprobs, ref_logprobs, mask [N, R]; advantages [N] (one per completion).
+    Aggregation (`loss_type`):
+    - grpo: mean over completions of each completion's token mean (DeepSeekMath)
+    - bnpo: token mean over the batch
+    - dr_grpo: token sum / (N · max_completion_length) (Dr. GRPO: no length bias)
+    - dapo: token sum / `normalizer`, the token count of the whole generation batch (DAPO), so
+      micro-batch losses add up to the batch's token mean; without normalizer it equals bnpo.
+    """
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages.unsqueeze(1)
+    high = epsilon if epsilon_high is None else epsilon_high
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + high) * a)
+    kl = None
+    if beta != 0.0:
+        token_kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * token_kl
+        kl = (token_kl * mask).sum() / mask.sum().clamp(min=1)
+    per_token = per_token * mask
+    if loss_type == "grpo":
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (per_token.shape[0] * (max_completion_length or per_token.shape[1]))
+    elif loss_type == "dapo":
+        loss = per_token.sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1))
+    else:
+        raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clip_low = (((ratio < 1 - epsilon) & (a < 0)).float() * mask).sum() / n
+        clip_high = (((ratio > 1 + high) & (a > 0)).float() * mask).sum() / n
+    return GRPOLossOutput(loss, per_token, kl, clip_low, clip_high)

@@ -1,0 +1,82 @@
+"""Sampling answers for online algorithms (PPO, GRPO) and packing them for scoring.
+
+One place turns a batch of left-padded prompts into sampled answers laid out as right-padded
+prompt + answer rows (the layout `answer_logprobs` and the reward model read), plus response-aligned
+masks, so every online algorithm shares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignlab.data.collate import collate_answers
+from alignlab.generation import generate
+from alignlab.rlhf import truncate_after_eos
+
+
+@dataclass
+class Samples:
+    seqs: dict  # input_ids, attention_mask, loss_mask [N, T]: prompt + answer, right-padded
+    starts: torch.Tensor  # [N] where each answer starts (= its prompt's length)
+    mask: torch.Tensor  # [N, R] 1 on each answer's real tokens (through its first eos)
+    has_eos: torch.Tensor  # [N] the answer ended with eos (not truncated at the length limit)
+    prompts: list[list[int]]  # [N] prompt token ids
+    responses: list[list[int]]  # [N] answer token ids (through eos)
+
+
+def prompt_ids(batch: dict) -> list[list[int]]:
+    """The unpadded prompt token ids of a left-padded batch."""
+    return [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+
+
+def response_positions(per_position: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """[N, length] values at positions starts−1+j: for a right-padded prompt+answer row whose answer
+    starts at `starts`, position starts−1+j is where answer token j is predicted."""
+    index = (starts.unsqueeze(1) - 1 + torch.arange(length, device=starts.device)).clamp(max=per_position.shape[1] - 1)
+    return per_position.gather(1, index)
+
+
+def pack(
+    prompts: list[list[int]], responses: list[list[int]], has_eos: torch.Tensor, pad_id: int, device: torch.device
+) -> Samples:
+    seqs = {k: v.to(device) for k, v in collate_answers(prompts, responses, pad_id).items()}
+    lengths = torch.tensor([len(r) for r in responses], device=device)
+    mask = (torch.arange(int(lengths.max()), device=device) < lengths.unsqueeze(1)).float()
+    starts = torch.tensor([len(p) for p in prompts], device=device)
+    return Samples(seqs, starts, mask, has_eos.to(device), prompts, responses)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    batch: dict,
+    max_new_tokens: int,
+    temperature: float,
+    chunk: int,
+    num_per_prompt: int = 1,
+    do_sample: bool = True,
+) -> Samples:
+    """`num_per_prompt` answers to each prompt (consecutive rows), from KV-cached `generate` calls of
+    at most `chunk` rows each."""
+    ids = batch["prompt_input_ids"].repeat_interleave(num_per_prompt, 0)
+    attn = batch["prompt_attention_mask"].repeat_interleave(num_per_prompt, 0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    responses, has_eos = [], []
+    for i in range(0, ids.shape[0], chunk):
+        tokens = generate(
+            model,
+            tokenizer,
+            ids[i : i + chunk],
+            attn[i : i + chunk],
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+        )
+        cut, mask, ended = truncate_after_eos(tokens, eos, pad)
+        responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
+        has_eos.append(ended)
+    prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]
+    return pack(prompts, responses, torch.cat(has_eos), pad, batch["prompt_input_ids"].device)
