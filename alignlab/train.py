@@ -64,6 +64,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.evaluation.at_start and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     finish_loggers(loggers)
 
     model_dir = module.save_final(run_dir, merge_lora=cfg.model.lora.merge) if cfg.save_model else None

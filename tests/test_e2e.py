@@ -151,3 +151,12 @@ def test_default_command_trains_dpo_and_prints_a_summary(tmp_path):
     assert summary["metrics"]["eval/rewards/accuracies"] > 0.8
     assert summary["metrics"]["eval/rewards/margins"] > 0.1
     assert (tmp_path / "wandb").is_dir()  # W&B logged offline by itself
+
+
+def test_the_final_model_is_always_validated(tmp_path):
+    """15 steps validated every 10: the runner adds a validation of the final model, so the summary's
+    eval metrics describe the model that was saved."""
+    result = train(compose(["trainer.max_steps=15", "trainer.val_check_interval=10", *QUIET], tmp_path))
+    steps = [step for step, _ in eval_curve(tmp_path, "eval/loss")]
+    assert steps == [0, 9, 15]  # before training, after 10 steps (Lightning's 0-based 9), the final model
+    assert result["metrics"]["eval/loss"] == pytest.approx(eval_curve(tmp_path, "eval/loss")[-1][1])

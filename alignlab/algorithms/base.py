@@ -95,6 +95,9 @@ class AlignmentModule(L.LightningModule):
             metrics["exact_match"] = self.exact_match(batch).mean()
         self._log("eval", {"loss": loss, **metrics}, self.rows_in(batch), on_step=False)
 
+    def on_validation_epoch_end(self) -> None:
+        self.validated_at = self.global_step  # lets the runner validate the final model if this is stale
+
     def _log(self, split: str, metrics: dict, batch_size: int, on_step: bool) -> None:
         """A metric is a tensor over the batch's rows, or (tensor, rows it averages) for a subset."""
         for name, value in metrics.items():
