@@ -177,3 +177,18 @@ def test_grpo_config_errors_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         check_config(compose(["algorithm=grpo", *overrides], tmp_path))
     assert message in str(err.value)
+
+
+def test_a_reward_model_folder_is_a_reward_function(tiny, tmp_path):
+    import copy
+
+    from alignlab.score import RewardScorer
+    from tests.conftest import build_module
+
+    model, tokenizer = tiny
+    folder = build_module("rm", copy.deepcopy(model), tokenizer).save_final(tmp_path)
+    name, fn = build_reward_function(str(folder))
+    assert name == "reward_model:model" and isinstance(fn, RewardScorer)
+    prompts = [[{"role": "user", "content": "3+4="}], [{"role": "user", "content": "3+4="}]]
+    values = call_reward_function(name, fn, prompts, ["7", "8"], {"solution": ["7", "7"]})
+    assert values == pytest.approx(RewardScorer(folder).score(prompts, ["7", "8"]), abs=1e-6)
