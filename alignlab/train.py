@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.evaluation.at_start and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    save_last_checkpoint(trainer)
     if getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
         trainer.validate(module, datamodule=datamodule, verbose=False)
     finish_loggers(loggers)
@@ -82,6 +83,16 @@ def train(cfg: DictConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
     print_summary(result)
     return result
+
+
+def save_last_checkpoint(trainer) -> None:
+    """last.ckpt at the final step: checkpointing every N steps would otherwise miss the tail of a run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+            trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
+            return
 
 
 def print_summary(result: dict) -> None:

@@ -159,4 +159,6 @@ def test_the_final_model_is_always_validated(tmp_path):
     result = train(compose(["trainer.max_steps=15", "trainer.val_check_interval=10", *QUIET], tmp_path))
     steps = [step for step, _ in eval_curve(tmp_path, "eval/loss")]
     assert steps == [0, 9, 15]  # before training, after 10 steps (Lightning's 0-based 9), the final model
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 15  # checkpointing every 250 steps would have written none
     assert result["metrics"]["eval/loss"] == pytest.approx(eval_curve(tmp_path, "eval/loss")[-1][1])
