@@ -24,6 +24,17 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
 
 
+class ListSource:
+    """A source over in-memory canonical rows (the same rows serve both splits)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def load(self, kind):
+        rows = self.rows[kind] if isinstance(self.rows, dict) else self.rows
+        return {"train": rows, "eval": rows}
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m alignlab ARGS` in a subprocess, as a user would run it."""
     return subprocess.run(

@@ -11,7 +11,7 @@ import torch
 from alignlab.data import LabelledDataModule
 from alignlab.logprobs import answer_logprobs
 from alignlab.losses import cpo_loss, kto_loss, orpo_loss, simpo_loss
-from tests.conftest import OPTIM, build_module
+from tests.conftest import OPTIM, ListSource, build_module
 from tests.test_model_math import pair_batch
 
 
@@ -75,14 +75,6 @@ def test_only_reference_based_algorithms_hold_a_second_model(tiny, name, extra):
     module = build_module(name, policy, tokenizer)
     assert resident_models(type(model)) - before == extra
     del module
-
-
-class ListSource:
-    def __init__(self, rows):
-        self.rows = rows
-
-    def load(self, kind):
-        return {"train": self.rows[kind], "eval": self.rows[kind]}
 
 
 def kto_batch(tokenizer, answers=("7", "9", "35"), labels=(True, False, True)):

@@ -13,6 +13,7 @@ from alignlab.data.files import FileSource
 from alignlab.data.rows import KINDS, to_canonical
 from alignlab.data.tokenize import encode_prompts
 from alignlab.errors import DataError
+from tests.conftest import ListSource
 
 PAIRS = [("3+4=", "7", "8"), ("10+5=", "15", "16"), ("2+2=", "4", "5"), ("9+9=", "18", "81")]
 
@@ -157,14 +158,6 @@ def test_unreadable_and_unknown_files_are_named(tmp_path):
     odd.write_text("hello")
     with pytest.raises(DataError, match="rows.txt: unknown file type"):
         FileSource(str(odd)).load("pairwise")
-
-
-class ListSource:
-    def __init__(self, rows):
-        self._rows = rows
-
-    def load(self, kind):
-        return {"train": self._rows, "eval": self._rows}
 
 
 def test_pairwise_batch_layout_and_loss_mask(tiny):

@@ -12,7 +12,7 @@ from alignlab.data import PairwiseDataModule
 from alignlab.losses.reward import bradley_terry_loss
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, last_token_index
 from alignlab.score import RewardScorer, main
-from tests.conftest import build_module
+from tests.conftest import ListSource, build_module
 from tests.test_model_math import pair_batch
 
 
@@ -137,14 +137,6 @@ def test_score_command_writes_one_score_per_row(tiny, tmp_path):
         == 1
     )
     assert not (tmp_path / "bad_out.jsonl").exists()
-
-
-class ListSource:
-    def __init__(self, rows):
-        self.rows = rows
-
-    def load(self, kind):
-        return {"train": self.rows, "eval": self.rows}
 
 
 def test_margin_column_reaches_the_loss(tiny):

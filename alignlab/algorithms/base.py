@@ -135,6 +135,22 @@ class AlignmentModule(L.LightningModule):
         return exact_match(self.greedy_answers(batch)[1], batch["solution"]).to(self.device)
 
     # -- optimisation ---------------------------------------------------------------------------
+    max_grad_norm: float | None = None  # manual optimisation clips itself (set from trainer.gradient_clip_val)
+
+    def backpropagate(self, loss: torch.Tensor) -> None:
+        """Backward through Lightning when attached to a trainer (precision, strategies), else plainly."""
+        self.manual_backward(loss) if self._trainer is not None else loss.backward()
+
+    def optimizer_step_manually(self, optimizer, scheduler=None) -> None:
+        """One step under manual optimisation: clip the accumulated gradient, step, clear, schedule."""
+        if self.max_grad_norm:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
     def configure_optimizers(self):
         from transformers import get_scheduler
 

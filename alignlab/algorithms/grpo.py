@@ -59,7 +59,6 @@ class GRPO(AlignmentModule):
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
         self.automatic_optimization = False  # num_iterations optimizer steps per generation batch
-        self.max_grad_norm: float | None = None
         self.rewards = [build_reward_function(spec) for spec in self.reward_funcs]
         self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
         if self.beta != 0.0:  # with beta 0 no reference model is loaded
@@ -199,18 +198,12 @@ class GRPO(AlignmentModule):
                 )
                 # dapo is already normalised by the whole batch; the per-row means are scaled to it.
                 loss = out.loss if self.loss_type == "dapo" else out.loss * (sub["input_ids"].shape[0] / n)
-                self.manual_backward(loss) if self._trainer is not None else loss.backward()
+                self.backpropagate(loss)
                 stats["clip_ratio/low_mean"].append(out.clip_low)
                 stats["clip_ratio/high_mean"].append(out.clip_high)
                 if out.kl is not None:
                     stats["kl"].append(out.kl.detach())
-            if self.max_grad_norm:
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-            if scheduler is not None:
-                scheduler.step()
+            self.optimizer_step_manually(optimizer, scheduler)
         out = {k: torch.stack(v).mean() for k, v in stats.items() if v}
         out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
         return out

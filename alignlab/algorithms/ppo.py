@@ -73,7 +73,6 @@ class PPO(AlignmentModule):
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
         self.automatic_optimization = False  # several optimizer steps per rollout
-        self.max_grad_norm: float | None = None  # set from trainer.gradient_clip_val by the runner
         dtype = next(model.parameters()).dtype
         self.value = RewardModel.from_pretrained(self.value_model or self.reward_model, dtype=dtype)
         self.scorer = Frozen(RewardModel.from_pretrained(self.reward_model, dtype=dtype))
@@ -208,7 +207,7 @@ class PPO(AlignmentModule):
                         normalizer=tokens,
                     )
                     loss = policy.loss + self.vf_coef * vf_loss
-                    self.manual_backward(loss) if self._trainer is not None else loss.backward()
+                    self.backpropagate(loss)
                     entropy = masked_mean(response_positions(out.token_entropy, starts, length), mask)
                     for key, value in zip(
                         stats,
@@ -223,13 +222,7 @@ class PPO(AlignmentModule):
                         ),
                     ):
                         stats[key].append(value.detach())
-                if self.max_grad_norm:
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                if scheduler is not None:
-                    scheduler.step()
+                self.optimizer_step_manually(optimizer, scheduler)
         mean = {k: torch.stack(v).mean() for k, v in stats.items()}
         return {
             "policy/approxkl_avg": mean["approxkl"],
