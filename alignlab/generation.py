@@ -37,6 +37,7 @@ def generate(
             # so that online algorithms' log-probs describe what was sampled.
             top_k=0 if do_sample else None,
             top_p=1.0 if do_sample else None,
+            repetition_penalty=1.0 if do_sample else None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -192,3 +192,10 @@ def test_a_reward_model_folder_is_a_reward_function(tiny, tmp_path):
     prompts = [[{"role": "user", "content": "3+4="}], [{"role": "user", "content": "3+4="}]]
     values = call_reward_function(name, fn, prompts, ["7", "8"], {"solution": ["7", "7"]})
     assert values == pytest.approx(RewardScorer(folder).score(prompts, ["7", "8"]), abs=1e-6)
+
+
+def test_dapo_with_every_completion_masked_out_is_zero_not_nan():
+    logp = t([[-1.0, -2.0]]).requires_grad_(True)
+    out = grpo_loss(logp, logp.detach(), t([1.0]), t([[0, 0]]), loss_type="dapo", normalizer=t([[0, 0]]).sum())
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.isfinite(logp.grad).all()

@@ -156,3 +156,11 @@ def test_kto_weight_advice():
     assert "0.25" in low and "algorithm.desirable_weight=4.667" in low
     assert kto_weight_advice(100, 400, 4.667, 1.0) is None
     assert "needs both" in kto_weight_advice(10, 0, 1.0, 1.0)
+
+
+def test_orpo_gradient_is_finite_when_the_chosen_answer_is_almost_certain():
+    # float32 log-probs within 3e-8 of 0 made exp(x) round to 1 in the unused branch of log1mexp
+    x = torch.tensor([-1e-8, 0.0, -0.5], requires_grad=True)
+    loss = orpo_loss(x, torch.tensor([-2.0, -2.0, -1.0]), beta=0.1).losses.sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()

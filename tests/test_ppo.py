@@ -125,3 +125,18 @@ def test_ppo_holds_four_models_with_lora_reference_as_disabled_adapter(tiny, rew
     trained = {id(p) for p in module.parameters() if p.requires_grad}
     assert all(id(p) in trained for p in module.value.parameters())
     assert not any(p.requires_grad for p in module.scorer.module.parameters())
+
+
+def test_online_algorithms_turn_dropout_off(tiny, reward_folder):
+    from omegaconf import OmegaConf
+
+    from alignlab.models.loading import apply_lora
+
+    model, tokenizer = tiny
+    lora = apply_lora(
+        copy.deepcopy(model), OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"})
+    )
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lora.modules())
+    module = build_module("ppo", lora, tokenizer, reward_model=str(reward_folder))
+    for part in (module.model, module.value):
+        assert all(m.p == 0 for m in part.modules() if isinstance(m, torch.nn.Dropout))

@@ -23,10 +23,19 @@ from alignlab.models.reference import ReferenceModel
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability in `model` to 0 (LoRA dropout included)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 class AlignmentModule(L.LightningModule):
     hparam_names: tuple[str, ...] = ()  # the algorithm's keys in conf/algorithm/<name>.yaml
     uses_reference: bool = False  # hold a frozen copy of the starting policy (or its disabled adapter)
     generates: bool = True  # a policy that answers prompts (so held-out exact match applies)
+    # Online algorithms compare log-probs of the same answers at rollout and update time: no dropout.
+    disables_dropout: bool = False
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
@@ -38,6 +47,8 @@ class AlignmentModule(L.LightningModule):
             )
         for name, value in hparams.items():
             setattr(self, name, value)
+        if self.disables_dropout:
+            disable_dropout(model)
         self.model = model
         self.tokenizer = tokenizer
         self.optim = dict(optim)

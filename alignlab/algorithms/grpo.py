@@ -23,6 +23,7 @@ from alignlab.samples import log_samples
 
 
 class GRPO(AlignmentModule):
+    disables_dropout = True
     hparam_names = (
         "num_generations",
         "scale_rewards",
@@ -168,8 +169,9 @@ class GRPO(AlignmentModule):
 
     # -- update ---------------------------------------------------------------------------------
     def grpo_update(self, gen: dict, optimizer, scheduler=None) -> dict:
-        """num_iterations optimizer steps on one generation batch, each accumulated over micro-batches
-        so that the step equals one pass over the whole batch."""
+        """num_iterations optimizer steps on one generation batch, each accumulated over micro-batches.
+        For grpo, dr_grpo and dapo the step equals one pass over the whole batch; bnpo normalises each
+        micro-batch by its own tokens (as its name says), so it does not."""
         n, length = gen["input_ids"].shape[0], gen["mask"].shape[1]
         micro = self.micro_batch_size or n
         tokens = gen["mask"].sum()

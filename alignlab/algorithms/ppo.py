@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from alignlab.algorithms.base import AlignmentModule
+from alignlab.algorithms.base import AlignmentModule, disable_dropout
 from alignlab.checks import Checks
 from alignlab.errors import ConfigError
 from alignlab.generation import exact_match
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class PPO(AlignmentModule):
+    disables_dropout = True
     hparam_names = (
         "reward_model",
         "value_model",
@@ -75,6 +76,7 @@ class PPO(AlignmentModule):
         self.automatic_optimization = False  # several optimizer steps per rollout
         dtype = next(model.parameters()).dtype
         self.value = RewardModel.from_pretrained(self.value_model or self.reward_model, dtype=dtype)
+        disable_dropout(self.value)
         self.scorer = Frozen(RewardModel.from_pretrained(self.reward_model, dtype=dtype))
         self.reference = ReferenceModel.from_folder(model, self.ref_model) if self.ref_model else ReferenceModel(model)
         self.frozen = [self.reference, self.scorer]

@@ -85,7 +85,8 @@ def grpo_loss(
     elif loss_type == "dr_grpo":
         loss = per_token.sum() / (per_token.shape[0] * (max_completion_length or per_token.shape[1]))
     elif loss_type == "dapo":
-        loss = per_token.sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1))
+        total = mask.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=per_token.dtype)
+        loss = per_token.sum() / total.clamp(min=1)  # every completion masked out: loss 0, not 0/0
     else:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
     with torch.no_grad():

@@ -18,11 +18,18 @@ class ORPOLossOutput(NamedTuple):
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − eˣ) for x ≤ 0, accurate at both ends (Mächler, 2012).
+    """log(1 − eˣ) for x < 0, accurate at both ends (Mächler, 2012).
 
     Near 0, 1 − eˣ cancels: use log(−expm1(x)). Far below, eˣ underflows harmlessly: log1p(−eˣ).
+    Each branch sees only inputs where it is finite (a dummy elsewhere), so the unused branch of
+    `where` cannot turn the gradient into NaN; x is capped at −eps because log(1 − e⁰) = −∞.
     """
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    x = x.clamp(max=-torch.finfo(x.dtype).eps)
+    near = x > -math.log(2)
+    dummy = torch.full_like(x, -1.0)
+    return torch.where(
+        near, torch.log(-torch.expm1(torch.where(near, x, dummy))), torch.log1p(-torch.exp(torch.where(near, dummy, x)))
+    )
 
 
 def orpo_loss(

@@ -21,7 +21,9 @@ def _reduce(per_token: torch.Tensor, mask: torch.Tensor, normalizer: float | tor
     micro-batch losses add up to the mini-batch's mean exactly (correct gradient accumulation)."""
     if normalizer is None:
         return masked_mean(per_token, mask)
-    return (per_token * mask.to(per_token.dtype)).sum() / normalizer
+    return (per_token * mask.to(per_token.dtype)).sum() / torch.as_tensor(normalizer, dtype=per_token.dtype).clamp(
+        min=1
+    )
 
 
 def ppo_policy_loss(
