@@ -199,3 +199,29 @@ def test_dapo_with_every_completion_masked_out_is_zero_not_nan():
     out = grpo_loss(logp, logp.detach(), t([1.0]), t([[0, 0]]), loss_type="dapo", normalizer=t([[0, 0]]).sum())
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.isfinite(logp.grad).all()
+
+
+def test_reward_functions_receive_the_prompt_messages_and_columns(tiny):
+    import copy
+
+    from alignlab.data import PromptDataModule
+    from alignlab.data.arith import ArithTask
+    from tests.conftest import build_module
+
+    model, tokenizer = tiny
+    dm = PromptDataModule(ArithTask(n_train=8, n_eval=4), batch_size=2)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    seen = {}
+
+    def spy(prompts, completions, solution, **columns):
+        seen.update(prompts=prompts, solution=solution)
+        return [0.0] * len(completions)
+
+    module = build_module("grpo", copy.deepcopy(model), tokenizer, num_generations=2)
+    module.rewards = [("spy", spy)]
+    module.rewards_of(batch, ["1", "2", "3", "4"])
+    assert seen["prompts"][0] == seen["prompts"][1] == batch["prompt_messages"][0]
+    assert seen["prompts"][0][0]["role"] == "user" and seen["prompts"][0][0]["content"].endswith("=")
+    assert seen["solution"] == [batch["columns"]["solution"][0]] * 2 + [batch["columns"]["solution"][1]] * 2

@@ -104,9 +104,7 @@ class GRPO(AlignmentModule):
     def rewards_of(self, batch: dict, texts: list[str]) -> tuple[torch.Tensor, dict]:
         """Weighted sum of every reward function: [N], plus per-function values for metrics."""
         g = self.num_generations
-        prompts = [p for p in batch["prompt_messages"] for _ in range(g)] if "prompt_messages" in batch else None
-        if prompts is None:
-            prompts = [p for p in self.tokenizer.batch_decode(prompt_ids(batch)) for _ in range(g)]
+        prompts = [p for p in batch["prompt_messages"] for _ in range(g)]  # message lists, as the data gave them
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
         per_fn, total = {}, torch.zeros(len(texts), device=self.device)
         for (name, fn), weight in zip(self.rewards, self.weights):
@@ -244,6 +242,7 @@ class GRPO(AlignmentModule):
         batch = next(iter(self.trainer.datamodule.val_dataloader()))
         batch = {k: (v[:n].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         batch["columns"] = {k: v[:n] for k, v in batch.get("columns", {}).items()}
+        batch["prompt_messages"] = batch["prompt_messages"][:n]
         _, texts = self.greedy_answers(batch)
         g, self.num_generations = self.num_generations, 1
         try:

@@ -226,10 +226,12 @@ class PromptDataModule(AlignmentDataModule):
         out = []
         for row, p in zip(rows, prompts):
             fits = len(p) < self.max_length  # room for at least one generated token
-            out.append({"prompt_ids": p, "columns": {k: v for k, v in row.items() if k != "prompt"}} if fits else None)
+            columns = {k: v for k, v in row.items() if k != "prompt"}
+            out.append({"prompt_ids": p, "prompt": row["prompt"], "columns": columns} if fits else None)
         return out
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         batch = self._extras(examples, with_prompts=True)
         batch["columns"] = {k: [e["columns"].get(k) for e in examples] for k in examples[0]["columns"]}
+        batch["prompt_messages"] = [e["prompt"] for e in examples]  # what reward functions receive
         return batch
