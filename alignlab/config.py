@@ -59,6 +59,19 @@ def redact(container):
     return container
 
 
+def redact_overrides(lines: list[str]) -> list[str]:
+    """Command-line overrides with the values of secret-looking keys replaced."""
+    split = (line.partition("=") for line in lines)
+    return [f"{k}=<redacted>" if SECRET_KEY.search(k.rsplit(".", 1)[-1]) else f"{k}={v}" for k, _, v in split]
+
+
+def task_overrides() -> list[str]:
+    """This job's overrides (command line and sweeper), secrets redacted; [] outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return redact_overrides(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else []
+
+
 def resolved_config(cfg: DictConfig) -> dict:
     return redact(OmegaConf.to_container(cfg, resolve=True))
 

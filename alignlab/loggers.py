@@ -7,6 +7,7 @@ import netrc
 import os
 
 log = logging.getLogger(__name__)
+_said_offline = False  # a sweep's jobs share one process: say it once
 
 
 def wandb_api_key_available() -> bool:
@@ -30,10 +31,12 @@ def wandb_logger(
     """A Lightning WandbLogger; offline (synced later with `wandb sync`) when there is no API key."""
     from lightning.pytorch.loggers import WandbLogger
 
+    global _said_offline
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_api_key_available()
-        if offline:
-            log.warning("W&B: no API key found, logging offline to %s/wandb (upload later with `wandb sync`)", save_dir)
+        if offline and not _said_offline:
+            _said_offline = True
+            log.warning("W&B: no API key found; logging offline to each run folder's wandb/ (upload: `wandb sync`)")
     return WandbLogger(
         project=project,
         name=name,
@@ -52,3 +55,14 @@ def finish_loggers(loggers: list) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def wandb_identity(loggers: list) -> dict | None:
+    """The W&B run's id, name, group and project (None without a W&B logger), for the run's summary."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            return {"id": run.id, "name": run.name, "group": run.group, "project": run.project}
+    return None

@@ -15,9 +15,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab.config import ALGORITHM_META_KEYS, check_config, resolved_config, save_resolved_config
-from alignlab.loggers import finish_loggers
+from alignlab.config import ALGORITHM_META_KEYS, check_config, resolved_config, save_resolved_config, task_overrides
+from alignlab.errors import ConfigError
+from alignlab.loggers import finish_loggers, wandb_identity
 from alignlab.models.loading import load_model
+from alignlab.sweeps import current_job, name_run
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     check_config(cfg, choices)  # before anything slow: a wrong config fails in a second
+    name_run(cfg, current_job())  # a sweep's jobs: named after their overrides, grouped by sweep
 
     run_dir = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, run_dir / "config.yaml")
@@ -52,7 +55,7 @@ def train(cfg: DictConfig) -> dict:
 
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     for logger in loggers:
-        logger.log_hyperparams(resolved_config(cfg))
+        logger.log_hyperparams({**resolved_config(cfg), "overrides": task_overrides()})
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     manual = {}
     if not module.automatic_optimization:
@@ -67,6 +70,7 @@ def train(cfg: DictConfig) -> dict:
     save_last_checkpoint(trainer)
     if getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
         trainer.validate(module, datamodule=datamodule, verbose=False)
+    wandb_run = wandb_identity(loggers)
     finish_loggers(loggers)
 
     model_dir = module.save_final(run_dir, merge_lora=cfg.model.lora.merge) if cfg.save_model else None
@@ -74,6 +78,9 @@ def train(cfg: DictConfig) -> dict:
         "algorithm": cfg.algorithm.name,
         "run_dir": str(run_dir),
         "model_dir": str(model_dir) if model_dir else None,
+        "run_name": cfg.run_name,
+        "overrides": task_overrides(),
+        "wandb": wandb_run,
         "start_model": model_path,
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - start, 1),
@@ -83,6 +90,15 @@ def train(cfg: DictConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
     print_summary(result)
     return result
+
+
+def objective_value(result: dict, objective: str | None) -> float | None:
+    """The final value of the metric a search optimises (`objective`), or None when none is named."""
+    if objective is None:
+        return None
+    if objective not in result["metrics"]:
+        raise ConfigError(f"objective={objective!r} is not among this run's final metrics: {sorted(result['metrics'])}")
+    return result["metrics"][objective]
 
 
 def save_last_checkpoint(trainer) -> None:

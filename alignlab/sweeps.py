@@ -1,0 +1,67 @@
+"""What a job knows about the Hydra multirun it belongs to: the sweep's name (the W&B group every job
+shares) and the job's own name, made of the values it was given for the swept keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    group: str  # e.g. "dpo_beta-2026-11-25_10-00-00": the sweep config (or "multirun") and the sweep folder
+    name: str  # e.g. "algorithm.beta=0.1,seed=0"
+    num: int  # the job's number in the sweep
+
+
+def swept_keys(sweep_dir: Path, sweeper_params: dict | None) -> list[str]:
+    """Keys the sweep varies: the sweeper's `params` plus command-line overrides with sweep syntax
+    (`a=1,2`, `range(…)`), read from the multirun.yaml Hydra writes before launching jobs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = list(sweeper_params or {})
+    multirun = sweep_dir / "multirun.yaml"
+    if multirun.exists():
+        task = OmegaConf.load(multirun).hydra.overrides.task
+        for override in OverridesParser.create().parse_overrides(list(task)):
+            if override.is_sweep_override() and override.key_or_group not in keys:
+                keys.append(override.key_or_group)
+    return keys
+
+
+def current_job() -> SweepJob | None:
+    """The running job's place in its sweep; None outside a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(hc.sweep.dir)
+    params = OmegaConf.to_container(hc.sweeper.params) if hc.sweeper.get("params") else None
+    keys = swept_keys(sweep_dir, params)
+    given = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
+    given = {k.lstrip("+~"): v for k, v in given.items()}
+    shown = [f"{k}={given[k]}" for k in keys if k in given] or [f"{k}={v}" for k, v in given.items()]
+    sweep = hc.runtime.choices.get("sweep") or "multirun"
+    return SweepJob(group=f"{sweep}-{sweep_dir.name}", name=",".join(shown) or f"job{hc.job.num}", num=hc.job.num)
+
+
+def name_run(cfg: DictConfig, job: SweepJob | None) -> None:
+    """In a sweep: the run is named after its overrides and W&B groups it under the sweep, unless the
+    command line named them itself."""
+    if job is None:
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    with open_dict(cfg):
+        if "run_name" not in given:
+            cfg.run_name = job.name
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        if wandb is not None and wandb.get("group") is None:
+            wandb.group = job.group

@@ -1,0 +1,218 @@
+"""Sweeps end to end: a real 2×2 multirun on the tiny model, read back with alignlab.results, its W&B
+runs (offline, real library), the analysis notebook executed headless, and the shipped sweep configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from alignlab.results import SweepError, load_history, load_sweep, lower_is_better, overrides_dict
+from tests.conftest import CONF, ROOT, run_cli
+from tests.wandb_records import run_record
+
+BETAS, SEEDS = (0.1, 0.5), (0, 1)
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory) -> Path:
+    """`python -m alignlab -m algorithm.beta=0.1,0.5 seed=0,1 …` with W&B (offline) and the metrics file."""
+    out = tmp_path_factory.mktemp("sweep") / "multirun"
+    result = run_cli(
+        [
+            "-m",
+            "algorithm.beta=0.1,0.5",
+            "seed=0,1",
+            "trainer.max_steps=12",
+            "trainer.val_check_interval=6",
+            "trainer.enable_progress_bar=false",
+            "evaluation.exact_match=false",
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+
+
+def metrics_csv(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "metrics.csv")
+
+
+# -- alignlab.results on the real sweep ---------------------------------------------------------
+def test_load_sweep_has_one_row_per_run_matching_its_folder(sweep_dir):
+    runs = load_sweep(sweep_dir)
+    assert len(runs) == 4
+    assert sorted(zip(runs["algorithm.beta"], runs["seed"])) == [(b, s) for b in BETAS for s in SEEDS]
+    assert runs["algorithm.beta"].dtype == float and set(runs["algorithm"]) == {"dpo"}
+    assert runs["finished"].all() and (runs["steps"] == 12).all()
+    for folder in job_folders(sweep_dir):
+        row = runs.set_index("run").loc[folder.name]
+        summary = json.loads((folder / "summary.json").read_text())
+        for metric, value in summary["metrics"].items():
+            assert row[metric] == pytest.approx(value), metric
+        history = metrics_csv(folder)
+        assert row["best/eval/loss"] == pytest.approx(history["eval/loss"].min())
+        assert row["best/eval/rewards/accuracies"] == pytest.approx(history["eval/rewards/accuracies"].max())
+        assert Path(row["run_dir"]) == folder
+        (offline,) = folder.glob("wandb/offline-run-*")
+        assert offline.name.endswith(row["wandb_id"])
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert (config["algorithm"]["beta"], config["seed"]) == (row["algorithm.beta"], row["seed"])
+
+
+def test_load_history_is_the_metrics_files_in_long_form(sweep_dir):
+    history = load_history(sweep_dir)
+    assert {"run", "algorithm.beta", "seed", "step", "metric", "value"} <= set(history.columns)
+    for folder in job_folders(sweep_dir):
+        wide = metrics_csv(folder).dropna(subset=["eval/loss"])
+        mine = history[(history.run == folder.name) & (history.metric == "eval/loss")]
+        assert mine["step"].tolist() == wide["step"].tolist()
+        assert mine["value"].tolist() == pytest.approx(wide["eval/loss"].tolist())
+    assert len(history[history.metric == "eval/loss"]) == 4 * 3  # step 0 and every 6 steps of 12
+
+
+def test_half_finished_sweep_lists_unfinished_runs(sweep_dir, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("model", "checkpoints", "wandb"))
+    (copy / "2" / "summary.json").unlink()  # job 2 was killed before it finished
+    with pytest.raises(SweepError, match=r"1 of 4 runs .* have not finished: 2\b"):
+        load_sweep(copy)
+    runs = load_sweep(copy, allow_unfinished=True)
+    assert runs.set_index("run")["finished"].to_dict() == {"0": True, "1": True, "2": False, "3": True}
+    assert runs.set_index("run").loc["2", "algorithm.beta"] == 0.5  # its hyper-parameters are still there
+
+
+def test_empty_or_missing_sweep_is_a_clear_error(tmp_path):
+    with pytest.raises(SweepError, match="no runs found"):
+        load_sweep(tmp_path)
+    with pytest.raises(SweepError, match="neither a folder nor a W&B path"):
+        load_sweep(tmp_path / "nowhere")
+
+
+def test_overrides_are_typed_and_hydra_keys_dropped():
+    assert overrides_dict(["algorithm.beta=0.1", "seed=2", "algorithm=cpo", "hydra.sweep.dir=x", "sweep=demo"]) == {
+        "algorithm.beta": 0.1,
+        "seed": 2,
+        "algorithm": "cpo",
+    }
+    assert lower_is_better("eval/loss") and lower_is_better("train/kl") and not lower_is_better("eval/exact_match")
+
+
+# -- W&B, offline with the real library -----------------------------------------------------------
+def test_wandb_runs_share_the_sweep_group_and_are_named_after_their_overrides(sweep_dir):
+    names = set()
+    for folder in job_folders(sweep_dir):
+        run, config = run_record(folder)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert run.run_group == f"multirun-{sweep_dir.name}" == summary["wandb"]["group"]
+        assert run.run_id == summary["wandb"]["id"]
+        names.add(run.display_name)
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert {k: config[k] for k in saved} == saved  # the whole resolved config
+        assert config["overrides"] == summary["overrides"]
+    assert names == {f"algorithm.beta={b},seed={s}" for b in BETAS for s in SEEDS}
+
+
+class FakeRun:
+    """What the W&B public API returns for a run, with the fields alignlab.results reads."""
+
+    def __init__(self, name, beta, seed, state, accuracies):
+        self.name, self.id, self.group, self.state = name, f"id-{name}", "dpo_beta-1", state
+        self.url = f"https://wandb.ai/me/alignlab/runs/{self.id}"
+        self.config = {
+            "algorithm": {"name": "dpo", "beta": beta},
+            "seed": seed,
+            "overrides": [f"algorithm.beta={beta}"],
+        }
+        self.summary = {"eval/rewards/accuracies": accuracies[-1], "trainer/global_step": 20, "_runtime": 9.0}
+        self._history = pd.DataFrame(
+            {
+                "_step": range(len(accuracies)),
+                "trainer/global_step": [0, 10, 20][: len(accuracies)],
+                "eval/rewards/accuracies": accuracies,
+            }
+        )
+
+    def history(self, samples, pandas):
+        return self._history
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.asked = runs, []
+
+    def runs(self, path, filters):
+        self.asked.append((path, filters))
+        return self._runs
+
+
+def test_load_sweep_from_the_wandb_api():
+    api = FakeApi(
+        [FakeRun("a", 0.1, 0, "finished", [0.5, 0.8, 0.7]), FakeRun("b", 0.5, 0, "finished", [0.5, 0.6, 0.9])]
+    )
+    runs = load_sweep("me/alignlab/dpo_beta-1", api=api)
+    assert api.asked == [("me/alignlab", {"group": "dpo_beta-1"})]
+    assert runs["algorithm.beta"].tolist() == [0.1, 0.5] and runs["wandb_id"].tolist() == ["id-a", "id-b"]
+    assert runs["eval/rewards/accuracies"].tolist() == [0.7, 0.9]
+    assert runs["best/eval/rewards/accuracies"].tolist() == [0.8, 0.9]
+    history = load_history("me/alignlab/dpo_beta-1", api=api)
+    assert history[history.run == "a"]["step"].tolist() == [0, 10, 20]
+    api = FakeApi([FakeRun("a", 0.1, 0, "finished", [0.5]), FakeRun("b", 0.5, 0, "running", [0.5])])
+    with pytest.raises(SweepError, match="have not finished: b"):
+        load_sweep("me/alignlab/dpo_beta-1", api=api)
+
+
+# -- the notebook -------------------------------------------------------------------------------
+NOTEBOOK = ROOT / "notebooks" / "sweep_analysis.ipynb"
+
+
+def test_notebook_is_stored_without_outputs():
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+
+
+def test_notebook_runs_top_to_bottom_on_the_sweep(sweep_dir, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ALIGNLAB_SWEEP", str(sweep_dir))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plots were drawn
+    assert any(f"sweep: {sweep_dir}" in o.get("text", "") for o in outputs)
+
+
+# -- shipped sweep configs ----------------------------------------------------------------------
+SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_shipped_sweep_config_names_real_keys(name):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"sweep={name}"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params
+    for key in params:
+        if key == "algorithm":  # a config group
+            assert all((CONF / "algorithm" / f"{a}.yaml").exists() for a in params[key].split(","))
+        else:
+            assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+    assert f"/multirun/{name}/" in cfg.hydra.sweep.dir
