@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from alignlab.results import SweepError, load_history, load_sweep, lower_is_better, overrides_dict
-from tests.conftest import CONF, ROOT, run_cli
+from tests.conftest import CONF, QUIET, ROOT, run_cli
 from tests.wandb_records import run_record
 
 BETAS, SEEDS = (0.1, 0.5), (0, 1)
@@ -216,3 +216,64 @@ def test_shipped_sweep_config_names_real_keys(name):
         else:
             assert OmegaConf.select(cfg, key, default="missing") != "missing", key
     assert f"/multirun/{name}/" in cfg.hydra.sweep.dir
+
+
+def test_optuna_search_maximises_the_named_held_out_metric(tmp_path):
+    """sweep=optuna_dpo: each trial returns `objective` (a held-out metric) and Optuna keeps the best."""
+    out = tmp_path / "search"
+    result = run_cli(
+        [
+            "sweep=optuna_dpo",
+            "hydra.sweeper.n_trials=3",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=6",
+            "evaluation.exact_match=false",
+            *QUIET,
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = load_sweep(out)
+    assert len(runs) == 3 and {"algorithm.beta", "optim.lr"} <= set(runs.columns)
+    assert runs["algorithm.beta"].between(0.01, 1.0).all() and runs["optim.lr"].between(1e-4, 3e-3).all()
+    best = yaml.safe_load((out / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(runs["eval/rewards/accuracies"].max())
+    winner = runs.loc[runs["eval/rewards/accuracies"].idxmax()]
+    assert best["best_params"]["algorithm.beta"] == pytest.approx(winner["algorithm.beta"])
+
+
+def test_objective_is_a_final_metric_or_a_clear_error():
+    from alignlab.errors import ConfigError
+    from alignlab.train import objective_value
+
+    result = {"metrics": {"eval/exact_match": 0.75, "train/loss": 0.3}}
+    assert objective_value(result, None) is None
+    assert objective_value(result, "eval/exact_match") == 0.75
+    with pytest.raises(ConfigError, match=r"objective='eval/acc' is not among .*'eval/exact_match'"):
+        objective_value(result, "eval/acc")
+
+
+@pytest.mark.slow
+def test_compare_algorithms_study_writes_its_table_and_plot(tmp_path):
+    """The study end to end on a tiny budget: one algorithm's β grid, its table, its plot."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--steps", "4", "--sft-steps", "8", "--algorithms", "dpo"]
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_algorithms.py"), *args], check=True, cwd=ROOT)
+    table = pd.read_csv(out / "results.csv")
+    assert table["algorithm.beta"].tolist() == [0.05, 0.1, 0.5] and set(table["algorithm"]) == {"dpo"}
+    assert table["kl_to_sft"].between(-0.5, 5).all()  # a Monte-Carlo estimate: near 0 after 4 steps
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| dpo | 0.5 |" in (out / "results.md").read_text()
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "compare_algorithms.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    sft = str(out / "sft" / "model")
+    assert study.kl_to_reference(sft, sft, samples_per_prompt=2) == 0.0  # every log-ratio is exactly 0
+    assert study.kl_to_reference(str(out / "runs" / "dpo-2" / "model"), sft, samples_per_prompt=2) != 0.0
