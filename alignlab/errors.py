@@ -24,3 +24,7 @@ class DataError(AlignlabError):
 
 class ModelLoadError(AlignlabError):
     """A model or tokenizer could not be loaded from its path."""
+
+
+class NonFiniteLossError(AlignlabError):
+    """The training loss became NaN or infinite; raised before the step that would spread it."""

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.checks import Checks
+from alignlab.errors import NonFiniteLossError
 from alignlab.generation import completions_until_eos, exact_match, generate
 from alignlab.models.export import save_model
 from alignlab.models.reference import ReferenceModel
@@ -148,9 +149,29 @@ class AlignmentModule(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------
     max_grad_norm: float | None = None  # manual optimisation clips itself (set from trainer.gradient_clip_val)
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Stop before a NaN or infinite loss reaches the weights (automatic and manual optimisation
+        both pass here), so the checkpoints already written stay good."""
+        if torch.isfinite(loss).all():
+            return
+        step, where = 0, ""
+        if self._trainer is not None:
+            step = self.trainer.global_step
+            for callback in self.trainer.callbacks:
+                if getattr(callback, "last_model_path", None):
+                    where = f"; the last good checkpoint is {callback.last_model_path}"
+        raise NonFiniteLossError(
+            f"train/loss is {loss.detach().float().sum().item()} at step {step}: training stopped before this "
+            f"step changed the weights{where}. Lower optim.lr, or check this batch's data rows"
+        )
+
     def backpropagate(self, loss: torch.Tensor) -> None:
         """Backward through Lightning when attached to a trainer (precision, strategies), else plainly."""
-        self.manual_backward(loss) if self._trainer is not None else loss.backward()
+        if self._trainer is not None:
+            self.manual_backward(loss)  # Lightning calls on_before_backward
+        else:
+            self.on_before_backward(loss)
+            loss.backward()
 
     def optimizer_step_manually(self, optimizer, scheduler=None) -> None:
         """One step under manual optimisation: clip the accumulated gradient, step, clear, schedule."""
