@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from alignlab.errors import AlignlabError
+from alignlab.sweeps import split_override
 
 # Folders inside a run that hold config.yaml files of their own.
 _NOT_RUNS = {"wandb", ".hydra", "model", "checkpoints", "adapter"}
@@ -42,12 +43,11 @@ def lower_is_better(metric: str) -> bool:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from a Hydra override line, the value typed as YAML reads it (0.1 → float)."""
-    key, _, value = text.partition("=")
+    key, value = split_override(text)
     try:
-        parsed = yaml.safe_load(value)
+        return key, yaml.safe_load(value)
     except yaml.YAMLError:
-        parsed = value
-    return key.lstrip("+~"), parsed
+        return key, value
 
 
 def overrides_dict(lines: Iterable[str]) -> dict[str, Any]:

@@ -14,6 +14,13 @@ class SweepJob:
     group: str  # e.g. "dpo_beta-2026-11-25_10-00-00": the sweep config (or "multirun") and the sweep folder
     name: str  # e.g. "algorithm.beta=0.1,seed=0"
     num: int  # the job's number in the sweep
+    given: dict  # every override this job was given (command line and sweeper), as text
+
+
+def split_override(line: str) -> tuple[str, str]:
+    """(key, value text) of a Hydra override line; `+key` (add) and `~key` (delete) give `key`."""
+    key, _, value = line.partition("=")
+    return key.lstrip("+~"), value
 
 
 def swept_keys(sweep_dir: Path, sweeper_params: dict | None) -> list[str]:
@@ -44,11 +51,11 @@ def current_job() -> SweepJob | None:
     sweep_dir = Path(hc.sweep.dir)
     params = OmegaConf.to_container(hc.sweeper.params) if hc.sweeper.get("params") else None
     keys = swept_keys(sweep_dir, params)
-    given = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
-    given = {k.lstrip("+~"): v for k, v in given.items()}
+    given = dict(split_override(o) for o in hc.overrides.task if "=" in o)
     shown = [f"{k}={given[k]}" for k in keys if k in given] or [f"{k}={v}" for k, v in given.items()]
     sweep = hc.runtime.choices.get("sweep") or "multirun"
-    return SweepJob(group=f"{sweep}-{sweep_dir.name}", name=",".join(shown) or f"job{hc.job.num}", num=hc.job.num)
+    name = ",".join(shown) or f"job{hc.job.num}"
+    return SweepJob(group=f"{sweep}-{sweep_dir.name}", name=name, num=hc.job.num, given=given)
 
 
 def name_run(cfg: DictConfig, job: SweepJob | None) -> None:
@@ -56,11 +63,8 @@ def name_run(cfg: DictConfig, job: SweepJob | None) -> None:
     command line named them itself."""
     if job is None:
         return
-    from hydra.core.hydra_config import HydraConfig
-
-    given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     with open_dict(cfg):
-        if "run_name" not in given:
+        if "run_name" not in job.given:
             cfg.run_name = job.name
         wandb = (cfg.get("logger") or {}).get("wandb")
         if wandb is not None and wandb.get("group") is None:

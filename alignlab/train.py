@@ -53,9 +53,10 @@ def train(cfg: DictConfig) -> dict:
     datamodule.set_tokenizer(tokenizer)
     module = build_algorithm(cfg, model, tokenizer)
 
+    overrides = task_overrides()
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     for logger in loggers:
-        logger.log_hyperparams({**resolved_config(cfg), "overrides": task_overrides()})
+        logger.log_hyperparams({**resolved_config(cfg), "overrides": overrides})
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     manual = {}
     if not module.automatic_optimization:
@@ -79,7 +80,7 @@ def train(cfg: DictConfig) -> dict:
         "run_dir": str(run_dir),
         "model_dir": str(model_dir) if model_dir else None,
         "run_name": cfg.run_name,
-        "overrides": task_overrides(),
+        "overrides": overrides,
         "wandb": wandb_run,
         "start_model": model_path,
         "steps": trainer.global_step,
