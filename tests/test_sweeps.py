@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from alignlab.results import SweepError, load_history, load_sweep, lower_is_better, overrides_dict
 from tests.conftest import CONF, QUIET, ROOT, run_cli
-from tests.wandb_records import run_record
+from tests.wandb_records import history, run_record
 
 BETAS, SEEDS = (0.1, 0.5), (0, 1)
 
@@ -121,6 +121,15 @@ def test_wandb_runs_share_the_sweep_group_and_are_named_after_their_overrides(sw
         assert {k: config[k] for k in saved} == saved  # the whole resolved config
         assert config["overrides"] == summary["overrides"]
     assert names == {f"algorithm.beta={b},seed={s}" for b in BETAS for s in SEEDS}
+
+
+def test_the_metrics_file_carries_the_numbers_wandb_logged(sweep_dir):
+    for folder in job_folders(sweep_dir):
+        logged = [(row["trainer/global_step"], row["eval/loss"]) for row in history(folder) if "eval/loss" in row]
+        wide = metrics_csv(folder).dropna(subset=["eval/loss"])
+        assert len(logged) == len(wide) == 3
+        assert [step for step, _ in logged] == wide["step"].tolist()
+        assert [value for _, value in logged] == pytest.approx(wide["eval/loss"].tolist())
 
 
 class FakeRun:

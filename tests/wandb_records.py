@@ -51,3 +51,16 @@ def run_record(run_folder: Path) -> tuple:
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
     assert run is not None, f"no run record in {path}"
     return run, config
+
+
+def history(run_folder: Path) -> list[dict]:
+    """Every row W&B logged for the one run in a run folder, as {metric: value}."""
+    import json
+
+    (path,) = Path(run_folder).glob("wandb/offline-run-*/run-*.wandb")
+    rows = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    return rows
