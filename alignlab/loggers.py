@@ -66,3 +66,28 @@ def wandb_identity(loggers: list) -> dict | None:
             run = logger.experiment
             return {"id": run.id, "name": run.name, "group": run.group, "project": run.project}
     return None
+
+
+def csv_logger(save_dir: str):
+    """<run>/metrics.csv, appended to when a run resumes in its folder (Lightning's own writer deletes
+    an existing file on start; the rows an interrupted run wrote are part of its history)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class KeepingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):  # continue its columns; new ones widen the header
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    class KeepingCSVLogger(CSVLogger):
+        @property
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = KeepingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return KeepingCSVLogger(save_dir=save_dir, name="", version="")

@@ -13,12 +13,14 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.config import ALGORITHM_META_KEYS, check_config, resolved_config, save_resolved_config, task_overrides
 from alignlab.errors import ConfigError
 from alignlab.loggers import finish_loggers, wandb_identity
 from alignlab.models.loading import load_model
+from alignlab.resume import LAST, CheckpointOnSignal, RunInterrupted, resume_checkpoint
 from alignlab.sweeps import current_job, name_run
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ def train(cfg: DictConfig) -> dict:
     name_run(cfg, current_job())  # a sweep's jobs: named after their overrides, grouped by sweep
 
     run_dir = Path(cfg.paths.output_dir)
-    save_resolved_config(cfg, run_dir / "config.yaml")
+    ckpt_path = resume_checkpoint(cfg.resume, run_dir)
+    save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
@@ -58,6 +61,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({**resolved_config(cfg), "overrides": overrides})
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(CheckpointOnSignal(run_dir / LAST.parent))
     manual = {}
     if not module.automatic_optimization:
         # Lightning clips and accumulates only under automatic optimisation; such a module does both itself.
@@ -65,9 +69,16 @@ def train(cfg: DictConfig) -> dict:
         manual = {"gradient_clip_val": None, "accumulate_grad_batches": 1}
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual)
 
-    if cfg.evaluation.at_start and not cfg.ckpt_path:
+    if cfg.evaluation.at_start and not ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # CheckpointOnSignal has written last.ckpt
+        finish_loggers(loggers)
+        raise RunInterrupted(
+            f"stopped on a signal at step {trainer.global_step}; checkpoint {run_dir / LAST}. Continue with the "
+            f"same command plus resume=auto hydra.run.dir={run_dir} (or resume={run_dir / LAST})"
+        ) from None
     save_last_checkpoint(trainer)
     if getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
         trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -136,7 +136,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == 20
     resumed = compose(
-        ["trainer.max_steps=30", "trainer.val_check_interval=10", f"ckpt_path={ckpt}", *QUIET], tmp_path / "b"
+        ["trainer.max_steps=30", "trainer.val_check_interval=10", f"resume={ckpt}", *QUIET], tmp_path / "b"
     )
     assert train(resumed)["steps"] == 30
 

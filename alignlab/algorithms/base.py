@@ -20,6 +20,7 @@ from alignlab.errors import NonFiniteLossError
 from alignlab.generation import completions_until_eos, exact_match, generate
 from alignlab.models.export import save_model
 from alignlab.models.reference import ReferenceModel
+from alignlab.resume import rng_state, set_rng_state
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -37,6 +38,8 @@ class AlignmentModule(L.LightningModule):
     generates: bool = True  # a policy that answers prompts (so held-out exact match applies)
     # Online algorithms compare log-probs of the same answers at rollout and update time: no dropout.
     disables_dropout: bool = False
+    # Plain attributes a resumed run must continue from (e.g. PPO's episode count), saved in checkpoints.
+    counters: tuple[str, ...] = ()
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
@@ -125,6 +128,7 @@ class AlignmentModule(L.LightningModule):
                 on_epoch=not on_step,
                 batch_size=weight,
                 reduce_fx=name.rsplit("/", 1)[-1] if name.endswith(("/min", "/max")) else "mean",
+                sync_dist=True,  # under ddp: the value over every device's rows (a no-op on one)
                 prog_bar=name in ("loss", "rewards/accuracies", "exact_match", "accuracy"),
             )
 
@@ -195,6 +199,19 @@ class AlignmentModule(L.LightningModule):
             self.optim["scheduler"], optimizer, num_warmup_steps=self.optim["warmup_steps"], num_training_steps=total
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- resume: what a checkpoint needs beyond Lightning's weights, optimizer and loop state ---
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        counters = {name: getattr(self, name) for name in self.counters}
+        checkpoint["alignlab"] = {"rng": rng_state(), "counters": counters}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("alignlab")
+        if state is None:  # a checkpoint from before alignlab saved its own state
+            return
+        set_rng_state(state["rng"])
+        for name, value in state["counters"].items():
+            setattr(self, name, value)
 
     # -- output ---------------------------------------------------------------------------------
     def save_final(self, run_dir: Path, merge_lora: bool = True) -> Path:

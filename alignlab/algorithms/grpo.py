@@ -24,6 +24,7 @@ from alignlab.samples import log_samples
 
 class GRPO(AlignmentModule):
     disables_dropout = True
+    counters = ("generation_batches",)
     hparam_names = (
         "num_generations",
         "scale_rewards",

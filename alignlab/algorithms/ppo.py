@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 class PPO(AlignmentModule):
     disables_dropout = True
+    counters = ("episodes", "rollouts")
     hparam_names = (
         "reward_model",
         "value_model",

@@ -8,6 +8,7 @@ every data kind; a row carries `solution` (the right answer) in all of them.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from alignlab.data.rows import KINDS
 
@@ -24,6 +25,7 @@ class ArithTask:
         n_eval: int = 128,
         max_operand: int = 49,
         desirable_fraction: float = 0.5,
+        wrong_offsets: Sequence[int] | None = None,
     ):
         n_problems = (max_operand + 1) ** 2
         if n_eval >= n_problems:
@@ -31,7 +33,13 @@ class ArithTask:
         if not 0 <= desirable_fraction <= 1:
             raise ValueError(f"desirable_fraction must be in [0, 1], got {desirable_fraction}")
         self.seed, self.n_train, self.n_eval, self.max_operand = seed, n_train, n_eval, max_operand
-        self.desirable_fraction = desirable_fraction
+        # Wrong answers are the right sum plus an offset drawn from this list (repeat one to weight
+        # it). The default ±1..9 never keeps the ones digit, so a reward model trained on it cannot
+        # tell a carry slip (off by exactly 10) from the right answer; add ±10 to catch those.
+        offsets = list(wrong_offsets) if wrong_offsets is not None else [d for d in range(-9, 10) if d]
+        if not offsets or 0 in offsets:
+            raise ValueError(f"wrong_offsets must be a non-empty list of non-zero integers, got {wrong_offsets}")
+        self.desirable_fraction, self.wrong_offsets = desirable_fraction, offsets
 
     def _problems(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         rng = random.Random(self.seed)
@@ -43,7 +51,7 @@ class ArithTask:
         return train, held_out
 
     def _wrong(self, rng: random.Random, right: int) -> int:
-        offset = rng.choice([d for d in range(-9, 10) if d != 0 and right + d >= 0])
+        offset = rng.choice([d for d in self.wrong_offsets if right + d >= 0] or [abs(d) for d in self.wrong_offsets])
         return right + offset
 
     def _row(self, a: int, b: int, kind: str, rng: random.Random, index: int) -> dict:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
+from alignlab.data.order import GlobalBatchSampler, ResumableLoader
 from alignlab.data.rows import unpair
 from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
 from alignlab.errors import ConfigError, DataError
@@ -52,6 +53,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.splits: dict[str, list[dict]] = {}
         self.dropped: dict[str, int] = {}
+        self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
 
     # -- subclasses ----------------------------------------------------------------------------
     def encode(self, rows: list[dict]) -> list[dict | None]:
@@ -105,24 +107,29 @@ class AlignmentDataModule(L.LightningDataModule):
         if not self.splits.get("train"):
             raise DataError(describe, "the train split is empty")
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        with_prompts = split != "train"
-        return DataLoader(
-            self.splits[split],
-            drop_last=self.drop_last_train and split == "train",
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=partial(self.collate, with_prompts=with_prompts),
-            num_workers=self.num_workers,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        self.order = GlobalBatchSampler(
+            len(self.splits["train"]), self.batch_size, self.seed, drop_last=self.drop_last_train
+        )
+        return ResumableLoader(self.splits["train"], self.order, **self._loader_args(with_prompts=False))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("eval", self.eval_batch_size, shuffle=False)
+        args = self._loader_args(with_prompts=True)
+        return DataLoader(self.splits["eval"], batch_size=self.eval_batch_size, shuffle=False, **args)
+
+    def _loader_args(self, with_prompts: bool) -> dict:
+        # A loader's own generator: creating its iterator then draws no number from the global RNG,
+        # so validating (or resuming) does not change what training samples afterwards.
+        return {
+            "collate_fn": partial(self.collate, with_prompts=with_prompts),
+            "num_workers": self.num_workers,
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and self.order is not None:
+            self.order.step()  # the batch is about to be trained on: a checkpoint from now on counts it
+        return batch
 
     def _extras(self, examples: list[dict], with_prompts: bool) -> dict:
         numeric = [k for k in examples[0] if k.startswith("ref_") or k in self.numeric_columns]

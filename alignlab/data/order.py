@@ -1,0 +1,78 @@
+"""The training order: the same for any number of processes, and resumable mid-epoch.
+
+Epoch e shuffles every row with a generator seeded from (seed, e) and cuts the permutation into
+global batches of batch_size × world_size rows; process r takes the r-th contiguous slice of each.
+So a 2-process run sees exactly the rows a 1-process run with twice the batch size sees, and a
+restored run knows where it stopped: the loader's state (epoch, batches consumed) is saved in every
+Lightning checkpoint and the resumed epoch skips what was already trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GlobalBatchSampler:
+    """Per-process batches of row indices (see the module docstring)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, drop_last: bool, shuffle: bool = True):
+        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
+        self.drop_last, self.shuffle = drop_last, shuffle
+        self.epoch, self.consumed = 0, 0  # batches of `epoch` already trained on
+
+    def _global_batches(self, world: int) -> list[torch.Tensor]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n_rows, generator=generator)
+        else:
+            order = torch.arange(self.n_rows)
+        size = self.batch_size * world
+        batches = list(order.split(size))
+        if batches and len(batches[-1]) < size and (self.drop_last or len(batches[-1]) < world):
+            batches.pop()  # a short last batch, when kept, must still give every process a row
+        return batches
+
+    def __len__(self) -> int:
+        _, world = process_group()
+        size = self.batch_size * world
+        full, rest = divmod(self.n_rows, size)
+        return full + (1 if rest and not self.drop_last and rest >= world else 0)
+
+    def __iter__(self):
+        rank, world = process_group()
+        for batch in self._global_batches(world)[self.consumed :]:
+            yield batch.tensor_split(world)[rank].tolist()  # contiguous slices; a short batch splits evenly
+
+    def step(self) -> None:
+        """One batch was trained on (called as it starts, so a checkpoint taken after it counts it)."""
+        self.consumed += 1
+        if self.consumed >= len(self):
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a GlobalBatchSampler whose position Lightning saves and restores."""
+
+    def __init__(self, dataset, sampler: GlobalBatchSampler, **kwargs):
+        super().__init__(dataset, batch_sampler=sampler, **kwargs)
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
