@@ -8,6 +8,8 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from alignlab.checks import Checks
+from alignlab.data.rows import ON_BAD_ROW
 from alignlab.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -44,6 +46,9 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
+    data = Checks(cfg.data, "data").at_least(1, "batch_size", "eval_batch_size").at_least(2, "max_length")
+    if "on_bad_row" in cfg.data:
+        data.one_of("on_bad_row", ON_BAD_ROW)
     algorithm_class = get_class(cfg.algorithm._target_)
     algorithm_class.check_config(cfg.algorithm)
     algorithm_class.check_run(cfg)

@@ -55,10 +55,15 @@ def _as_tuple(value):
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
-    """The checkpoint `resume` names: null → none; `auto` → this run folder's last.ckpt if there is
-    one (a rerun of the same command with the same hydra.run.dir, e.g. a requeued job), else none;
-    a path → that file, which must exist."""
+    """The checkpoint `resume` names. null: none, and the folder must not already hold a run; `auto`:
+    this run folder's last.ckpt if there is one (a rerun of the same command with the same
+    hydra.run.dir, e.g. a requeued job), else none; a path: that file, which must exist."""
     if resume in (None, ""):
+        if (run_dir / LAST).is_file():  # starting afresh here would overwrite that run's checkpoints
+            raise ConfigError(
+                f"the run folder {run_dir} already holds a run ({LAST}); continue it with resume=auto, "
+                "or choose another hydra.run.dir"
+            )
         return None
     if resume == "auto":
         last = run_dir / LAST

@@ -48,10 +48,11 @@ def train(cfg: DictConfig) -> dict:
 
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.read()  # bad data fails here, before anything is written to the run folder
     save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data)
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
     datamodule.set_tokenizer(tokenizer)
     module = build_algorithm(cfg, model, tokenizer)
@@ -97,6 +98,7 @@ def train(cfg: DictConfig) -> dict:
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - start, 1),
         "dropped_rows": dict(datamodule.dropped),
+        "skipped_bad_rows": datamodule.skipped,
         "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
     }
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2))

@@ -30,7 +30,7 @@ class ListSource:
     def __init__(self, rows):
         self.rows = rows
 
-    def load(self, kind):
+    def load(self, kind, on_bad_row="error"):
         rows = self.rows[kind] if isinstance(self.rows, dict) else self.rows
         return {"train": rows, "eval": rows}
 

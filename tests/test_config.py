@@ -57,6 +57,9 @@ def test_algorithm_picks_its_own_data_kind_unless_overridden(tmp_path):
     assert compose(["algorithm=sft", "data=custom_sft"], tmp_path).data.source._target_.endswith("FileSource")
 
 
+PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -85,6 +88,26 @@ def test_algorithm_picks_its_own_data_kind_unless_overridden(tmp_path):
         (["optim.lr=0"], "optim.lr must be > 0"),
         (["optim.scheduler=exponential"], "optim.scheduler must be one of"),
         (["data=custom_pairs"], "required config value(s) not set: data.source.path"),
+        (["batch_size=0"], "data.batch_size must be a whole number >= 1, got 0"),
+        (["max_length=1"], "data.max_length must be a whole number >= 2, got 1"),
+        (["data=custom_pairs", "data.source.path=x.jsonl", "data.on_bad_row=ignore"], "data.on_bad_row must be one of"),
+        ([*PPO, "algorithm.cliprange=0"], "algorithm.cliprange must be > 0, got 0"),
+        ([*PPO, "algorithm.cliprange_value=-0.2"], "algorithm.cliprange_value must be > 0, got -0.2"),
+        ([*PPO, "algorithm.lam=1.5"], "algorithm.lam must be in [0, 1], got 1.5"),
+        ([*PPO, "algorithm.gamma=-0.1"], "algorithm.gamma must be in [0, 1], got -0.1"),
+        ([*PPO, "algorithm.vf_coef=-1"], "algorithm.vf_coef must be >= 0, got -1"),
+        ([*PPO, "algorithm.kl_coef=-0.05"], "algorithm.kl_coef must be >= 0, got -0.05"),
+        (PPO, "algorithm.reward_model=/nowhere/rm is not a reward-model folder"),
+        (["algorithm=ppo"], "required config value(s) not set: algorithm.reward_model"),
+        (["algorithm=grpo", "algorithm.num_generations=1"], "algorithm.num_generations must be a whole number >= 2"),
+        (["algorithm=grpo", "algorithm.beta=-0.1"], "algorithm.beta must be >= 0, got -0.1"),
+        (["algorithm=grpo", "algorithm.epsilon=0"], "algorithm.epsilon must be > 0, got 0"),
+        (["algorithm=kto", "algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
+        (
+            ["algorithm=rm", "algorithm.center_rewards_coefficient=-1"],
+            "algorithm.center_rewards_coefficient must be >= 0",
+        ),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0, got -0.1"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(overrides, message, tmp_path, monkeypatch):

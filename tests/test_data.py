@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -131,6 +132,21 @@ def test_labelled_rows_accept_csv_booleans():
         ({"messages": [{"role": "user", "content": 5}]}, "prompt", "messages", "content must be text"),
         ({"prompt": "1+1=", "completion": "2", "label": "yes"}, "labelled", "label", "true or false"),
         ({"prompt": "1+1=", "completion": "2", "label": 1}, "labelled", "label", "true or false"),
+        ({"prompt": "1+1=", "completion": "2"}, "labelled", "label", "expected true or false, got None"),
+        ({"prompt": "", "chosen": "7", "rejected": "8"}, "pairwise", "prompt", "prompt is empty"),
+        ({"prompt": "3+4=", "chosen": "7", "rejected": "8", "margin": "big"}, "pairwise", "margin", "a number"),
+        ({"prompt": "3+4=", "chosen": "7", "rejected": "8", "margin": "nan"}, "pairwise", "margin", "finite"),
+        (
+            {"prompt": [{"role": "assistant", "content": "hi"}], "completion": "2"},
+            "sft",
+            "prompt",
+            "ends with an assistant message",
+        ),
+        ({"prompt": "3+4="}, "sft", "completion", "missing"),
+        ({"completion": "7"}, "sft", "prompt", "missing"),
+        ({"messages": []}, "prompt", "messages", "non-empty list of messages"),
+        ({"messages": "not json"}, "sft", "messages", "not JSON"),
+        ({"other": 1}, "prompt", "messages", "missing (give `messages` or `prompt`)"),
     ],
 )
 def test_bad_rows_name_file_row_and_field(raw, kind, field, message):
@@ -235,3 +251,60 @@ def test_pairwise_file_read_as_labelled_names_the_unpair_switch(tmp_path):
     path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
     with pytest.raises(DataError, match=r"row 1, field 'label': missing: .*data.unpair=true"):
         FileSource(str(path)).load("labelled")
+
+
+def test_not_an_object_row_is_named():
+    with pytest.raises(DataError, match=r"^rows\.jsonl, row 3: expected an object per row, got list"):
+        to_canonical([1, 2], "pairwise", "rows.jsonl", 3)
+
+
+def bad_pairs_file(tmp_path) -> Path:
+    rows = [
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+        {"prompt": "1+2=", "chosen": "3", "rejected": "3"},  # identical
+        {"prompt": "1+3=", "chosen": "4"},  # no rejected
+        {"prompt": "1+4=", "chosen": "5", "rejected": "6"},
+        {"prompt": "1+5=", "chosen": " ", "rejected": "7"},  # empty answer
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_on_bad_row_skip_leaves_bad_rows_out_and_counts_them(tmp_path, caplog):
+    path = bad_pairs_file(tmp_path)
+    source = FileSource(str(path), eval_path=str(path))
+    with caplog.at_level("WARNING"):
+        rows = source.load("pairwise", on_bad_row="skip")
+    assert [r["chosen"] for r in rows["train"]] == ["2", "5"]
+    assert source.skipped == {"train": 3, "eval": 3}
+    assert f"{path}: skipped 3 of 5 rows (data.on_bad_row=skip); first: {path}, row 2, field 'rejected'" in caplog.text
+    with pytest.raises(DataError, match=r"row 2, field 'rejected': identical"):
+        FileSource(str(path)).load("pairwise")  # the default stops at the first bad row
+
+
+def test_on_bad_row_skip_with_no_good_row_left_is_an_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "chosen": "2"}))
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl: every one of its 1 rows is bad; the first: .*row 1, field 'rejected'"
+    ):
+        FileSource(str(path)).load("pairwise", on_bad_row="skip")
+
+
+def test_training_with_skipped_rows_reports_them_and_bad_data_leaves_the_run_folder_alone(tmp_path):
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    path = bad_pairs_file(tmp_path)
+    data = ["data=custom_pairs", f"data.source.path={path}", f"data.source.eval_path={path}"]
+    run = tmp_path / "run"
+    result = train(compose([*data, "data.on_bad_row=skip", "trainer.max_steps=2", "batch_size=2", *QUIET], run))
+    assert result["skipped_bad_rows"] == {"train": 3, "eval": 3}  # the held-out file is the same file
+    assert json.loads((run / "summary.json").read_text())["skipped_bad_rows"] == {"train": 3, "eval": 3}
+
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"row 2, field 'rejected'"):
+        train(compose([*data, "resume=auto", "trainer.max_steps=4", *QUIET], run))
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # nothing the first run wrote was touched

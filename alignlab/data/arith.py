@@ -69,8 +69,9 @@ class ArithTask:
         desirable = int((index + 1) * self.desirable_fraction) > int(index * self.desirable_fraction)
         return {"prompt": prompt, "completion": right if desirable else wrong, "label": desirable, "solution": right}
 
-    def load(self, kind: str) -> dict[str, list[dict]]:
-        """Rows of `kind` for the `train` and `eval` splits, in alignlab's canonical form."""
+    def load(self, kind: str, on_bad_row: str = "error") -> dict[str, list[dict]]:
+        """Rows of `kind` for the `train` and `eval` splits, in alignlab's canonical form (generated
+        rows are never bad, so `on_bad_row` changes nothing)."""
         if kind not in KINDS:
             raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
         train, held_out = self._problems()

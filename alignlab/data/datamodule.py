@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader
-from alignlab.data.rows import unpair
+from alignlab.data.rows import ON_BAD_ROW, unpair
 from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
 from alignlab.errors import ConfigError, DataError
 
@@ -42,8 +42,12 @@ class AlignmentDataModule(L.LightningDataModule):
         max_length: int = 128,
         seed: int = 0,
         num_workers: int = 0,
+        on_bad_row: str = "error",
     ):
         super().__init__()
+        if on_bad_row not in ON_BAD_ROW:
+            raise ConfigError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+        self.on_bad_row = on_bad_row
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
         if max_length < 2:
@@ -53,6 +57,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.splits: dict[str, list[dict]] = {}
         self.dropped: dict[str, int] = {}
+        self._rows: dict[str, list[dict]] | None = None
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
 
     # -- subclasses ----------------------------------------------------------------------------
@@ -75,7 +80,23 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def rows(self) -> dict[str, list[dict]]:
         """Canonical rows of both splits (no tokenizer needed)."""
-        return self.source.load(self.kind)
+        return self.load(self.kind)
+
+    def read(self) -> dict[str, list[dict]]:
+        """Read and check every row once; the runner calls this before it writes or loads anything,
+        so bad data stops the run while the run folder is untouched."""
+        if self._rows is None:
+            self._rows = self.rows()
+        return self._rows
+
+    def load(self, kind: str) -> dict[str, list[dict]]:
+        return self.source.load(kind, on_bad_row=self.on_bad_row)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Rows the source left out as bad (data.on_bad_row=skip), by split (train is the whole train
+        file: a held-out fraction is split off after the bad rows are left out)."""
+        return dict(getattr(self.source, "skipped", {}))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -83,7 +104,7 @@ class AlignmentDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("call set_tokenizer() before setup()")
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
-        for split, rows in self.rows().items():
+        for split, rows in self.read().items():
             encoded = self.encode(rows)
             kept = []
             for i, (row, ex) in enumerate(zip(rows, encoded)):
@@ -197,10 +218,8 @@ class LabelledDataModule(AlignmentDataModule):
 
     def rows(self) -> dict[str, list[dict]]:
         if not self.unpair:
-            return self.source.load("labelled")
-        return {
-            split: [r for pair in rows for r in unpair(pair)] for split, rows in self.source.load("pairwise").items()
-        }
+            return self.load("labelled")
+        return {split: [r for pair in rows for r in unpair(pair)] for split, rows in self.load("pairwise").items()}
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])

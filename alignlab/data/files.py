@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 from alignlab.data.rows import to_canonical
 from alignlab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -39,21 +42,41 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
 
 
 class FileSource:
-    """A train file and either a held-out file or a seeded held-out fraction of the train file."""
+    """A train file and either a held-out file or a seeded held-out fraction of the train file.
+
+    A row that cannot be used stops loading with an error naming file, row and field; with
+    `on_bad_row="skip"` it is left out instead, and the count (with the first reason) is logged.
+    """
 
     def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05, split_seed: int = 0):
         self.path, self.eval_path, self.eval_fraction, self.split_seed = path, eval_path, eval_fraction, split_seed
+        self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
 
-    def _canonical(self, path: str, kind: str) -> list[dict]:
+    def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
         rows = read_rows(path)
         if not rows:
             raise DataError(path, "has no rows")
-        return [to_canonical(r, kind, path, i + 1) for i, r in enumerate(rows)]
+        out, bad = [], []
+        for i, raw in enumerate(rows):
+            try:
+                out.append(to_canonical(raw, kind, path, i + 1))
+            except DataError as e:
+                if on_bad_row != "skip":
+                    raise
+                bad.append(e)
+        if bad:
+            self.skipped[split] = len(bad)
+            log.warning(
+                "%s: skipped %d of %d rows (data.on_bad_row=skip); first: %s", path, len(bad), len(rows), bad[0]
+            )
+        if not out:
+            raise DataError(path, f"every one of its {len(rows)} rows is bad; the first: {bad[0]}")
+        return out
 
-    def load(self, kind: str) -> dict[str, list[dict]]:
-        train = self._canonical(self.path, kind)
+    def load(self, kind: str, on_bad_row: str = "error") -> dict[str, list[dict]]:
+        train = self._canonical(self.path, kind, on_bad_row, "train")
         if self.eval_path:
-            return {"train": train, "eval": self._canonical(self.eval_path, kind)}
+            return {"train": train, "eval": self._canonical(self.eval_path, kind, on_bad_row, "eval")}
         order = list(range(len(train)))
         random.Random(self.split_seed).shuffle(order)
         n_eval = int(round(len(train) * self.eval_fraction))

@@ -11,12 +11,14 @@ Extra columns (e.g. `solution`) pass through untouched for reward functions and 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from alignlab.errors import DataError
 
 KINDS = ("prompt", "sft", "pairwise", "labelled")
 ROLES = ("system", "user", "assistant", "tool")
+ON_BAD_ROW = ("error", "skip")  # data.on_bad_row: stop at a bad row, or leave it out and count it
 
 
 class _Row:
@@ -105,9 +107,12 @@ class _Row:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # CSV cells arrive as text
-        except (TypeError, ValueError):
+            number = float(value)  # CSV cells arrive as text
+        except (TypeError, ValueError, OverflowError):
             raise self.fail(field, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise self.fail(field, f"expected a finite number, got {value!r}")
+        return number
 
     def conversation(self) -> tuple[list[dict], str]:
         """`messages` ending in an assistant answer → (prompt messages, answer)."""
