@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from hydra.utils import get_class
@@ -11,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab.checks import Checks
 from alignlab.data.rows import ON_BAD_ROW
 from alignlab.errors import ConfigError
+from alignlab.redact import redact, redact_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -19,8 +19,6 @@ BUNDLED = {"sft": "arith_sft", "pairwise": "arith_pairs", "labelled": "arith_kto
 
 # Keys that hold algorithm metadata rather than constructor arguments.
 ALGORITHM_META_KEYS = ("name", "data_kinds", "requires_chat_template")
-# api_key, wandb_api_key, hf_token, access_token, secret, password; not tokenizer or max_new_tokens.
-SECRET_KEY = re.compile(r"(api_?key|secret|passw(or)?d|(^|_)token$)", re.IGNORECASE)
 
 
 def data_kind(cfg: DictConfig) -> str:
@@ -53,21 +51,6 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     algorithm_class.check_config(cfg.algorithm)
     algorithm_class.check_run(cfg)
     algorithm_class.check_optim(cfg.optim)
-
-
-def redact(container):
-    """A copy with every secret-looking key's value replaced, for saved configs and loggers."""
-    if isinstance(container, dict):
-        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in container.items()}
-    if isinstance(container, list):
-        return [redact(v) for v in container]
-    return container
-
-
-def redact_overrides(lines: list[str]) -> list[str]:
-    """Command-line overrides with the values of secret-looking keys replaced."""
-    split = (line.partition("=") for line in lines)
-    return [f"{k}=<redacted>" if SECRET_KEY.search(k.rsplit(".", 1)[-1]) else f"{k}={v}" for k, _, v in split]
 
 
 def task_overrides() -> list[str]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import sys
+
+from alignlab.redact import redact_text
 
 log = logging.getLogger(__name__)
 _said_offline = False  # a sweep's jobs share one process: say it once
@@ -37,6 +40,12 @@ def wandb_logger(
         if offline and not _said_offline:
             _said_offline = True
             log.warning("W&B: no API key found; logging offline to each run folder's wandb/ (upload: `wandb sync`)")
+    extra = {}
+    if any(redact_text(arg) != arg for arg in sys.argv[1:]):
+        # W&B records the command line with the run's metadata; keep a secret given there out of it.
+        import wandb
+
+        extra["settings"] = wandb.Settings(x_disable_meta=True)
     return WandbLogger(
         project=project,
         name=name,
@@ -45,6 +54,7 @@ def wandb_logger(
         group=group,
         tags=list(tags or []),
         offline=offline,
+        **extra,
     )
 
 

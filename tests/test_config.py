@@ -6,8 +6,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from alignlab.config import check_config, redact, save_resolved_config
+from alignlab.config import check_config, save_resolved_config
 from alignlab.errors import ConfigError
+from alignlab.redact import redact
 from tests.conftest import CONF, ROOT, compose, run_cli
 
 GROUPS = ["algorithm", "model", "data", "hardware", "logger", "trainer", "callbacks", "paths"]
