@@ -1,8 +1,64 @@
-"""Batched, KV-cached generation from left-padded prompts, and exact-match scoring."""
+"""Batched, KV-cached generation from left-padded prompts, and exact-match scoring.
+
+Sampling can be keyed: each row's draws then depend only on its key (seed, step, data row, sample
+number) and the model, never on which batch or process the row is in, so a run on N processes
+samples exactly what one process with the same global batch samples, and a resumed run what the
+uninterrupted run would have. Each step inverts the row's own CDF of softmax(logits/T) at a uniform
+number taken from a counter-based hash of (key, position).
+"""
 
 from __future__ import annotations
 
 import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x·c) mod 2³² for int64 tensors holding 32-bit values, without int64 overflow."""
+    low = (x & 0xFFFF) * c
+    high = (((x >> 16) * c) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (lowbias32, C. Wellons) of int64 tensors holding 32-bit values."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed: int, step: int, rows: torch.Tensor, num_per_prompt: int = 1) -> torch.Tensor:
+    """[len(rows)·num_per_prompt] keys: sample j of data row r at `step` (consecutive per row)."""
+    seed = (seed ^ (seed >> 32)) & _MASK32
+    base = hash32(hash32(torch.tensor(seed, dtype=torch.long)) ^ (step & _MASK32))
+    per_row = hash32(base ^ rows.long().cpu().repeat_interleave(num_per_prompt))
+    j = torch.arange(num_per_prompt).repeat(len(rows))
+    return hash32(per_row ^ hash32(j + 0x9E3779B9))
+
+
+def keyed_uniform(keys: torch.Tensor, position: int) -> torch.Tensor:
+    """[B] float64 uniform numbers in (0, 1) with 53 random bits, a function of (key, position) alone."""
+    at = hash32(keys ^ hash32(torch.tensor(position + 0x632BE5AB, device=keys.device)))
+    high, low = hash32(at ^ 0x85EBCA6B) >> 6, hash32(at ^ 0xC2B2AE35) >> 5  # 26 + 27 bits
+    return ((high * 2**27 + low).double() + 0.5) / 2**53
+
+
+class KeyedSampling:
+    """A logits processor that turns greedy decoding into keyed sampling at `temperature`: it leaves
+    only the token the row's uniform number picks from softmax(scores / temperature)."""
+
+    def __init__(self, keys: torch.Tensor, temperature: float, prompt_length: int):
+        self.keys, self.temperature, self.prompt_length = keys, temperature, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = keyed_uniform(self.keys.to(scores.device), input_ids.shape[1] - self.prompt_length)
+        cdf = torch.softmax(scores.double() / self.temperature, -1).cumsum(-1)
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
 def completions_until_eos(sequences: torch.Tensor, eos_id: int) -> list[list[int]]:
@@ -22,8 +78,17 @@ def generate(
     max_new_tokens: int,
     do_sample: bool = False,
     temperature: float = 1.0,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, max_new_tokens or fewer] completion tokens (prompt removed), padded after eos."""
+    """[B, max_new_tokens or fewer] completion tokens (prompt removed), padded after eos.
+
+    With do_sample and `keys` ([B] ints, see sample_keys), each row's sample depends on its key alone.
+    """
+    from transformers import LogitsProcessorList
+
+    keyed = do_sample and keys is not None
+    processors = LogitsProcessorList([KeyedSampling(keys, temperature, prompt_input_ids.shape[1])] if keyed else [])
+    sampling = do_sample and not keyed  # keyed sampling is greedy decoding of noised logits
     was_training = model.training
     model.eval()
     try:
@@ -31,13 +96,14 @@ def generate(
             input_ids=prompt_input_ids,
             attention_mask=prompt_attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
             # Sampling draws from the whole tempered distribution (not the model's default top-k/top-p),
             # so that online algorithms' log-probs describe what was sampled.
-            top_k=0 if do_sample else None,
-            top_p=1.0 if do_sample else None,
+            top_k=0 if sampling else None,
+            top_p=1.0 if sampling else None,
             repetition_penalty=1.0 if do_sample else None,
+            logits_processor=processors,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -6,6 +6,8 @@ including the first eos) and 0 after.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -27,9 +29,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked elements; with shift_mean=False the mean is added back."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(x − mean) / std over the masked elements (unbiased variance); with shift_mean=False the mean
+    is added back. `total` sums a tensor over every process holding part of the batch (None: this
+    process holds all of it), so the statistics are the whole batch's."""
+    total = total or (lambda t: t)
+    mask = mask.to(x.dtype)
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n.clamp(min=1)
+    var = total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 

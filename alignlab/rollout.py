@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.data.collate import collate_answers
-from alignlab.generation import generate
+from alignlab.generation import generate, sample_keys
 from alignlab.rlhf import truncate_after_eos
 
 
@@ -58,9 +58,14 @@ def sample(
     chunk: int,
     num_per_prompt: int = 1,
     do_sample: bool = True,
+    step: int | None = None,
 ) -> Samples:
     """`num_per_prompt` answers to each prompt (consecutive rows), from KV-cached `generate` calls of
-    at most `chunk` rows each."""
+    at most `chunk` rows each. With `step` (a count of rollouts so far) sampling is keyed on (seed,
+    step, the batch's data rows): the same answers whatever the batch split or process count."""
+    keys = None
+    if step is not None:
+        keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
     ids = batch["prompt_input_ids"].repeat_interleave(num_per_prompt, 0)
     attn = batch["prompt_attention_mask"].repeat_interleave(num_per_prompt, 0)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -74,6 +79,7 @@ def sample(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
+            keys=None if keys is None else keys[i : i + chunk],
         )
         cut, mask, ended = truncate_after_eos(tokens, eos, pad)
         responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]

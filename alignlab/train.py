@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,7 +51,8 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
     datamodule = instantiate(cfg.data)
     datamodule.read()  # bad data fails here, before anything is written to the run folder
-    save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
+    if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
+        save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
@@ -86,7 +88,12 @@ def train(cfg: DictConfig) -> dict:
     wandb_run = wandb_identity(loggers)
     finish_loggers(loggers)
 
-    model_dir = module.save_final(run_dir, merge_lora=cfg.model.lora.merge) if cfg.save_model else None
+    model_dir = None
+    if cfg.save_model:
+        model_dir = run_dir / "model"
+        if trainer.is_global_zero:
+            module.save_final(run_dir, merge_lora=cfg.model.lora.merge)
+        trainer.strategy.barrier()  # every process returns once the model is on disk
     result = {
         "algorithm": cfg.algorithm.name,
         "run_dir": str(run_dir),
@@ -101,8 +108,9 @@ def train(cfg: DictConfig) -> dict:
         "skipped_bad_rows": datamodule.skipped,
         "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
     }
-    (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    print_summary(result)
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        print_summary(result)
     return result
 
 

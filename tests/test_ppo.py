@@ -25,7 +25,7 @@ def prompt_batch(tokenizer, n=6):
     from alignlab.data.tokenize import encode_prompts
 
     prompts = [[{"role": "user", "content": f"{i}+{i + 3}="}] for i in range(n)]
-    return collate_prompts(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
+    return {**collate_prompts(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id), "index": torch.arange(n)}
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,41 @@ def test_masked_mean_var_whiten_hand_checked():
     assert masked_whiten(x, MASK, shift_mean=False)[0, 0].item() == pytest.approx((1 - 4.5) / math.sqrt(var) + 4.5)
 
 
+def test_whitening_split_over_processes_equals_whitening_the_whole_batch():
+    """Two 'processes' (threads) each holding half the rows, with `total` an all-reduce sum between
+    them, whiten exactly as one process holding every row does."""
+    import threading
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 5, dtype=torch.float64), (torch.rand(6, 5) < 0.7).double()
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def all_reduce_sum(rank):
+        def total(value):
+            slots[rank] = value
+            barrier.wait()
+            out = slots[0] + slots[1]
+            barrier.wait()  # both have read before the next call overwrites the slots
+            return out
+
+        return total
+
+    halves = [None, None]
+
+    def process(rank):
+        rows = slice(3 * rank, 3 * rank + 3)
+        halves[rank] = masked_whiten(x[rows], mask[rows], total=all_reduce_sum(rank))
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    whole = masked_whiten(x, mask)
+    assert torch.allclose(torch.cat(halves) * mask, whole * mask, atol=1e-12)
+    assert not torch.allclose(masked_whiten(x[:3], mask[:3]) * mask[:3], whole[:3] * mask[:3])
+
+
 def test_truncate_after_eos():
     eos, pad = 9, 0
     responses = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 5, 5, 5]])

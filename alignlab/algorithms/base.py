@@ -96,6 +96,18 @@ class AlignmentModule(L.LightningModule):
             return value
         return self.all_gather(value).mean(0)
 
+    def sum_across_devices(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a per-device value over all devices (the value itself on one device)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.all_gather(value).sum(0)
+
+    def gather_across_devices(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every device's rows of a per-row tensor, concatenated in rank order (`rows` on one device)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return rows
+        return self.all_gather(rows).flatten(0, 1)
+
     def rows_in(self, batch: dict) -> int:
         return len(batch["index"])
 

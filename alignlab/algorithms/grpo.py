@@ -125,13 +125,14 @@ class GRPO(AlignmentModule):
             self.temperature,
             self.generation_chunk_size,
             num_per_prompt=g,
+            step=self.generation_batches,
         )
         texts = self.tokenizer.batch_decode(
             [r[:-1] if ended else r for r, ended in zip(samples.responses, samples.has_eos.tolist())],
             skip_special_tokens=True,
         )
         rewards, per_fn = self.rewards_of(batch, texts)
-        advantages = group_advantages(rewards, g, self.scale_rewards)
+        advantages = group_advantages(rewards, g, self.scale_rewards, batch_rewards=self.gather_across_devices(rewards))
         mask = samples.mask
         if self.mask_truncated_completions:  # answers cut at the length limit teach nothing
             mask = mask * samples.has_eos.unsqueeze(1).float()
@@ -154,7 +155,8 @@ class GRPO(AlignmentModule):
             "completions/clipped_ratio": 1 - samples.has_eos.float().mean(),
         }
         for name, values in per_fn.items():
-            stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = values.mean(), values.std()
+            everyone = self.gather_across_devices(values)  # the std of the whole batch, not a mean of stds
+            stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = values.mean(), everyone.std()
         return {
             **samples.seqs,
             "starts": samples.starts,
@@ -173,8 +175,13 @@ class GRPO(AlignmentModule):
         micro-batch by its own tokens (as its name says), so it does not."""
         n, length = gen["input_ids"].shape[0], gen["mask"].shape[1]
         micro = self.micro_batch_size or n
-        tokens = gen["mask"].sum()
-        stats: dict[str, list] = {"clip_ratio/low_mean": [], "clip_ratio/high_mean": [], "kl": []}
+        # dapo normalises by the generation batch's tokens on every device: the per-device losses then
+        # average (as DDP averages gradients) to the whole batch's token mean.
+        tokens = self.mean_across_devices(gen["mask"].sum())
+        # Token-weighted sums over every micro-batch and iteration, turned into token means at the end
+        # (over all devices' tokens, so the logged value is the whole batch's).
+        sums = {"clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "kl": 0.0}
+        counted = 0.0
         for _ in range(self.num_iterations):
             for start in range(0, n, micro):
                 idx = slice(start, start + micro)
@@ -200,12 +207,15 @@ class GRPO(AlignmentModule):
                 # dapo is already normalised by the whole batch; the per-row means are scaled to it.
                 loss = out.loss if self.loss_type == "dapo" else out.loss * (sub["input_ids"].shape[0] / n)
                 self.backpropagate(loss)
-                stats["clip_ratio/low_mean"].append(out.clip_low)
-                stats["clip_ratio/high_mean"].append(out.clip_high)
+                n_tokens = gen["mask"][idx].sum()
+                counted = counted + n_tokens
+                sums["clip_ratio/low_mean"] = sums["clip_ratio/low_mean"] + out.clip_low * n_tokens
+                sums["clip_ratio/high_mean"] = sums["clip_ratio/high_mean"] + out.clip_high * n_tokens
                 if out.kl is not None:
-                    stats["kl"].append(out.kl.detach())
+                    sums["kl"] = sums["kl"] + out.kl.detach() * n_tokens
             self.optimizer_step_manually(optimizer, scheduler)
-        out = {k: torch.stack(v).mean() for k, v in stats.items() if v}
+        total = self.mean_across_devices(counted).clamp(min=1)  # means of both sides: their ratio is the sums'
+        out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.beta != 0.0}
         out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
         return out
 

@@ -125,7 +125,9 @@ class PPO(AlignmentModule):
     def rollout(self, batch: dict) -> dict:
         """Sample, score and compute advantages for a batch of left-padded prompts."""
         chunk = self.local_rollout_forward_batch_size
-        samples = sample(self.model, self.tokenizer, batch, self.response_length, self.temperature, chunk)
+        samples = sample(
+            self.model, self.tokenizer, batch, self.response_length, self.temperature, chunk, step=self.rollouts
+        )
         seqs, starts, mask, has_eos = samples.seqs, samples.starts, samples.mask, samples.has_eos
         length, n = mask.shape[1], mask.shape[0]
         logprobs, ref_logprobs, values, scores = [], [], [], []
@@ -143,10 +145,11 @@ class PPO(AlignmentModule):
             scores = scores - self.missing_eos_penalty * (~has_eos).float()
 
         rewards, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, scores, mask, self.kl_coef)
+        total = self.sum_across_devices  # whitening statistics are the whole rollout's, on every device
         if self.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+            rewards = masked_whiten(rewards, mask, shift_mean=False, total=total) * mask
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
-        advantages = masked_whiten(advantages, mask) * mask
+        advantages = masked_whiten(advantages, mask, total=total) * mask
         kl = ((logprobs - ref_logprobs) * mask).sum(1)
         stats = {
             "objective/kl": kl.mean(),
@@ -183,7 +186,9 @@ class PPO(AlignmentModule):
             order = torch.randperm(n, generator=generator).to(self.device)
             for start in range(0, n, mini):
                 rows = order[start : start + mini]
-                tokens = rollout["mask"][rows].sum()
+                # Losses are normalised by the mini-batch's tokens on every device (their mean), so the
+                # gradients DDP averages add up to the whole mini-batch's token mean.
+                tokens = self.mean_across_devices(rollout["mask"][rows].sum())
                 for m in range(0, len(rows), micro):
                     idx = rows[m : m + micro]
                     sub = {k: rollout[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}

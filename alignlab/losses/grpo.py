@@ -11,20 +11,25 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 
 def group_advantages(
-    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+    batch_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A_i = (r_i − mean of its group) / (std + eps) (Shao et al., 2024, DeepSeekMath §4.1.2).
 
     rewards [B·G], consecutive groups of G = num_generations answers to one prompt. The std is the
     group's (`group`), the whole batch's (`batch`), or none (`none`, Dr. GRPO, Liu et al., 2025).
-    Standard deviations are unbiased (Bessel's correction).
+    Standard deviations are unbiased (Bessel's correction). `batch_rewards`: the whole batch's
+    rewards when `rewards` is one process's share of it (for the `batch` std; default `rewards`).
     """
     grouped = rewards.view(-1, num_generations)
     centred = (grouped - grouped.mean(1, keepdim=True)).view(-1)
     if scale_rewards == "group":
         return centred / (grouped.std(1).repeat_interleave(num_generations) + eps)
     if scale_rewards == "batch":
-        return centred / (rewards.std() + eps)
+        return centred / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
     if scale_rewards == "none":
         return centred
     raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
