@@ -4,6 +4,7 @@ batch: same weights and the same logged metrics, for an offline (DPO) and an onl
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -68,5 +69,41 @@ def test_grpo_on_two_processes_matches_one_process(tmp_path, tiny_model_dir):
         "evaluation.exact_match=false",
     ]
     single, ddp = single_and_ddp(tmp_path, overrides, batch_size=8)
-    metrics = ["train/reward", "train/reward_std", "train/kl", "train/rewards/length_reward/std", "train/clip_ratio/region_mean", "train/completions/mean_length", "eval/reward"]
+    metrics = [
+        "train/reward",
+        "train/reward_std",
+        "train/kl",
+        "train/rewards/length_reward/std",
+        "train/clip_ratio/region_mean",
+        "train/completions/mean_length",
+        "eval/reward",
+    ]
     assert_same_run(single, ddp, load_file(tiny_model_dir / "model.safetensors"), metrics)
+
+
+def test_every_algorithm_trains_under_ddp_with_identical_weights_on_every_process(tmp_path):
+    """Every algorithm, 2 processes under torchrun: training changes the weights, and both processes
+    end with the same weights (DDP reduced every gradient) and report the same final metrics."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.ddp_every_algorithm import ALGORITHMS
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    script = ROOT / "tests" / "ddp_every_algorithm.py"
+    out = subprocess.run([*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ALGORITHMS:
+        ranks = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+        start, end = ranks[0]["start"], ranks[0]["end"]
+        assert ranks[1]["start"] == start, name  # both start from the same weights
+        moved = max(abs(a - b) for k in end for a, b in zip(end[k], start[k]))
+        apart = max(abs(a - b) for k in end for a, b in zip(end[k], ranks[1]["end"][k]))
+        assert moved > 1e-3 and apart <= 1e-9 * moved, (name, moved, apart)
+        metrics = [json.loads((tmp_path / f"{name}.result.rank{r}.json").read_text()) for r in (0, 1)]
+        assert metrics[0] and metrics[0] == metrics[1], name
+        assert all(math.isfinite(v) for v in metrics[0].values()), name
