@@ -109,6 +109,9 @@ PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
             "algorithm.center_rewards_coefficient must be >= 0",
         ),
         (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0, got -0.1"),
+        (["model.quantization=8bit"], "model.quantization must be one of (None, '4bit'), got '8bit'"),
+        (["model.quantization=4bit"], "model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights"),
+        (["model.dtype=float64"], "model.dtype must be one of"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(overrides, message, tmp_path, monkeypatch):

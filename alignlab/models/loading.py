@@ -84,26 +84,82 @@ def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool
     return tokenizer
 
 
+QUANTIZATIONS = (None, "4bit")
+
+
+def check_model_config(model_cfg: DictConfig) -> None:
+    """Model settings that can be checked before anything loads."""
+    if model_cfg.dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
+    quantization = model_cfg.get("quantization")
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "4bit":
+        if not model_cfg.lora.enabled:
+            raise ConfigError(
+                "model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights: set model.lora.enabled=true"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("model.quantization=4bit needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def quantization_config(model_cfg: DictConfig):
+    """The transformers quantization config for model.quantization (None: full-precision weights)."""
+    if model_cfg.get("quantization") != "4bit":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(  # QLoRA (Dettmers et al., 2023): NF4 weights, double quantization
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_DTYPES[model_cfg.dtype],
+    )
+
+
 def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
-    """(model, tokenizer, path) for `model_cfg`; LoRA-wrapped when model.lora.enabled."""
+    """(model, tokenizer, path) for `model_cfg`; LoRA-wrapped when model.lora.enabled, on 4-bit base
+    weights with model.quantization=4bit; gradient checkpointing with model.gradient_checkpointing."""
     from transformers import AutoModelForCausalLM
 
+    check_model_config(model_cfg)
     path = resolve_model_path(model_cfg)
     check_hub_path(path)
     tokenizer = load_tokenizer(path, model_cfg, require_chat_template)
-    if model_cfg.dtype not in _DTYPES:
-        raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
+    quantization = quantization_config(model_cfg)
+    placement = {}
+    if quantization is not None and torch.cuda.is_available():  # quantize straight onto this process's GPU
+        placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=_DTYPES[model_cfg.dtype],
             trust_remote_code=model_cfg.trust_remote_code,
             use_safetensors=True,  # never unpickle weights
+            quantization_config=quantization,
+            **placement,
         )
     except (OSError, ValueError) as e:
         if Path(path).exists():
             raise ModelLoadError(f"Could not load model weights from {path}: {e}") from None
         raise _offline_hint(path, e) from None
+    checkpointing = bool(model_cfg.get("gradient_checkpointing"))
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        for module in model.modules():
+            # On CPU, bitsandbytes repacks 4-bit weights for inference at the first eval forward and
+            # cannot train on them afterwards; training interleaves evaluation, so keep one layout.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    elif checkpointing:
+        # Recompute each layer's activations in the backward pass: memory for compute.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if model_cfg.lora.enabled:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need a grad path
     if model_cfg.lora.enabled:
         model = apply_lora(model, model_cfg.lora)
     return model, tokenizer, path
