@@ -128,11 +128,13 @@ class AlignmentModule(L.LightningModule):
     def _log(self, split: str, metrics: dict, batch_size: int, on_step: bool) -> None:
         """A metric is a tensor over the batch's rows, or (tensor, rows it averages) for a subset."""
         for name, value in metrics.items():
-            weight = batch_size
+            weight, sync = batch_size, True  # under ddp: the value over every device's rows
             if isinstance(value, tuple):
                 value, weight = value
+                value, weight = self._subset_mean_across_devices(value.detach().float(), weight)
                 if weight == 0:  # e.g. no undesirable rows in this KTO batch: nothing to average
                     continue
+                sync = False  # already the mean over every device's rows of the subset
             self.log(
                 f"{split}/{name}",
                 value.detach().float(),
@@ -140,9 +142,19 @@ class AlignmentModule(L.LightningModule):
                 on_epoch=not on_step,
                 batch_size=weight,
                 reduce_fx=name.rsplit("/", 1)[-1] if name.endswith(("/min", "/max")) else "mean",
-                sync_dist=True,  # under ddp: the value over every device's rows (a no-op on one)
+                sync_dist=sync,
                 prog_bar=name in ("loss", "rewards/accuracies", "exact_match", "accuracy"),
             )
+
+    def _subset_mean_across_devices(self, mean: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+        """(mean, rows) of a metric over a subset of each device's rows, combined over all devices.
+        Every device takes part even when its share is empty, as collectives need."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return mean, rows
+        rows_t = torch.tensor(float(rows), device=mean.device)
+        total = self.sum_across_devices(rows_t)
+        combined = self.sum_across_devices(torch.nan_to_num(mean) * rows_t) / total.clamp(min=1)
+        return combined, int(total.item())
 
     def greedy_answers(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
         """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens], texts before eos)."""

@@ -1,7 +1,8 @@
 """The training order: the same for any number of processes, and resumable mid-epoch.
 
-Epoch e shuffles every row with a generator seeded from (seed, e) and cuts the permutation into
-global batches of batch_size × world_size rows; process r takes the r-th contiguous slice of each.
+Epoch e shuffles every row with the permutation a shuffled DataLoader(generator=manual_seed(seed))
+draws for its e-th epoch, and cuts it into global batches of batch_size × world_size rows; process
+r takes the r-th contiguous slice of each. So one process trains in exactly PyTorch's usual order.
 So a 2-process run sees exactly the rows a 1-process run with twice the batch size sees, and a
 restored run knows where it stopped: the loader's state (epoch, batches consumed) is saved in every
 Lightning checkpoint and the resumed epoch skips what was already trained on.
@@ -30,16 +31,22 @@ class GlobalBatchSampler:
         self.epoch, self.consumed = 0, 0  # batches of `epoch` already trained on
 
     def _global_batches(self, world: int) -> list[torch.Tensor]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n_rows, generator=generator)
-        else:
-            order = torch.arange(self.n_rows)
+        order = self._permutation() if self.shuffle else torch.arange(self.n_rows)
         size = self.batch_size * world
         batches = list(order.split(size))
         if batches and len(batches[-1]) < size and (self.drop_last or len(batches[-1]) < world):
             batches.pop()  # a short last batch, when kept, must still give every process a row
         return batches
+
+    def _permutation(self) -> torch.Tensor:
+        """This epoch's order, replayed from the seed: per epoch a DataLoader draws its iterator's base
+        seed, then RandomSampler draws the permutation and, when exhausted, an unused tail one."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(self.n_rows, generator=generator)
+            torch.randperm(self.n_rows, generator=generator)
+        return order
 
     def __len__(self) -> int:
         _, world = process_group()

@@ -97,7 +97,8 @@ def check_model_config(model_cfg: DictConfig) -> None:
     if quantization == "4bit":
         if not model_cfg.lora.enabled:
             raise ConfigError(
-                "model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights: set model.lora.enabled=true"
+                "model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights: "
+                "set model.lora.enabled=true"
             )
         try:
             import bitsandbytes  # noqa: F401
