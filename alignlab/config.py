@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab.checks import Checks
 from alignlab.data.rows import ON_BAD_ROW
 from alignlab.errors import ConfigError
+from alignlab.hardware import check_hardware
 from alignlab.models.loading import check_model_config
 from alignlab.redact import redact, redact_overrides
 
@@ -49,6 +50,7 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     if "on_bad_row" in cfg.data:
         data.one_of("on_bad_row", ON_BAD_ROW)
     check_model_config(cfg.model)
+    check_hardware(cfg.trainer)
     algorithm_class = get_class(cfg.algorithm._target_)
     algorithm_class.check_config(cfg.algorithm)
     algorithm_class.check_run(cfg)

@@ -91,8 +91,11 @@ def train(cfg: DictConfig) -> dict:
     model_dir = None
     if cfg.save_model:
         model_dir = run_dir / "model"
+        # Sharded strategies hold a slice of each weight per process: gather them (every process takes
+        # part) and save from the whole tensors. Other strategies save the live model as it is.
+        whole = trainer.strategy.lightning_module_state_dict() if is_sharded(trainer.strategy) else None
         if trainer.is_global_zero:
-            module.save_final(run_dir, merge_lora=cfg.model.lora.merge)
+            module.save_final(run_dir, cfg.model.lora.merge, whole)
         trainer.strategy.barrier()  # every process returns once the model is on disk
     result = {
         "algorithm": cfg.algorithm.name,
@@ -112,6 +115,12 @@ def train(cfg: DictConfig) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
         print_summary(result)
     return result
+
+
+def is_sharded(strategy) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    return isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy))
 
 
 def objective_value(result: dict, objective: str | None) -> float | None:

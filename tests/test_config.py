@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -35,7 +37,9 @@ def test_every_group_option_composes(group, option, tmp_path):
         else:
             assert hasattr(instantiate(cfg.data), "setup")
     if group == "hardware":
-        assert cfg.trainer.accelerator == {"cpu": "cpu", "gpu": "gpu"}[option]
+        assert cfg.trainer.accelerator == ("cpu" if option in ("cpu", "ddp_cpu") else "gpu")
+        if option != "deepspeed" or importlib.util.find_spec("deepspeed"):  # DeepSpeed is an optional install
+            check_config(cfg)
     if group == "logger":
         assert ("csv" in cfg.logger) == (option in ("csv", "wandb"))
         assert ("wandb" in cfg.logger) == (option == "wandb")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from alignlab.checks import Checks
 from alignlab.errors import NonFiniteLossError
 from alignlab.generation import completions_until_eos, exact_match, generate
-from alignlab.models.export import save_model
+from alignlab.models.export import save_model, submodule_state
 from alignlab.models.reference import ReferenceModel
 from alignlab.resume import rng_state, set_rng_state
 
@@ -238,6 +238,7 @@ class AlignmentModule(L.LightningModule):
             setattr(self, name, value)
 
     # -- output ---------------------------------------------------------------------------------
-    def save_final(self, run_dir: Path, merge_lora: bool = True) -> Path:
-        """Write the trained model in Hugging Face format; returns the folder to load it from."""
-        return save_model(self.model, self.tokenizer, run_dir, merge_lora=merge_lora)
+    def save_final(self, run_dir: Path, merge_lora: bool = True, state_dict: dict | None = None) -> Path:
+        """Write the trained model in Hugging Face format; returns the folder to load it from.
+        `state_dict`: this module's whole weights, when the strategy shards them (see save_model)."""
+        return save_model(self.model, self.tokenizer, run_dir, merge_lora, submodule_state(state_dict, "model."))

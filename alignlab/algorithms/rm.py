@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.checks import Checks
 from alignlab.losses.reward import bradley_terry_loss
-from alignlab.models.export import save_model
+from alignlab.models.export import save_model, submodule_state
 from alignlab.models.reward import RewardModel
 
 
@@ -47,10 +47,11 @@ class RM(AlignmentModule):
             "reward/max": detached.max(),
         }
 
-    def save_final(self, run_dir: Path, merge_lora: bool = True) -> Path:
+    def save_final(self, run_dir: Path, merge_lora: bool = True, state_dict: dict | None = None) -> Path:
         """The backbone as a Hugging Face model (or adapter), with value_head.safetensors beside it."""
-        folder = save_model(self.model.backbone, self.tokenizer, run_dir, merge_lora=merge_lora)
+        backbone = submodule_state(state_dict, "model.backbone.")
+        folder = save_model(self.model.backbone, self.tokenizer, run_dir, merge_lora, backbone)
         for place in {folder, Path(run_dir) / "adapter"}:
             if place.exists():
-                self.model.save_value_head(place)
+                self.model.save_value_head(place, submodule_state(state_dict, "model.value_head."))
         return folder

@@ -8,27 +8,38 @@ from pathlib import Path
 from alignlab.models.loading import is_peft
 
 
-def save_model(model, tokenizer, run_dir: Path, merge_lora: bool = True) -> Path:
+def submodule_state(state_dict: dict | None, prefix: str) -> dict | None:
+    """The entries of a module's state dict under `prefix` (e.g. "model."), with the prefix removed."""
+    if state_dict is None:
+        return None
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def save_model(model, tokenizer, run_dir: Path, merge_lora: bool = True, state_dict: dict | None = None) -> Path:
     """Save to <run_dir>/model (and <run_dir>/adapter with LoRA); return the loadable folder.
 
     Without LoRA, <run>/model holds config.json, *.safetensors and the tokenizer. With LoRA the
     adapter always goes to <run>/adapter; <run>/model then holds the merged weights when
     merge_lora, else the adapter too (transformers loads it on top of its base model via PEFT).
+    `state_dict`: the model's whole weights when the live model holds only a shard of them (FSDP,
+    DeepSpeed ZeRO-3 gather them for process 0); a merged model is then rebuilt from the base model
+    and the saved adapter.
     """
+    weights = {} if state_dict is None else {"state_dict": state_dict}
     run_dir = Path(run_dir)
     model_dir = run_dir / "model"
     if is_peft(model):
         adapter_dir = run_dir / "adapter"
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+        model.save_pretrained(adapter_dir, safe_serialization=True, **weights)
         tokenizer.save_pretrained(adapter_dir)
         if not merge_lora:
-            model.save_pretrained(model_dir, safe_serialization=True)
-        elif is_quantized(model):  # QLoRA: merge into the full-precision base, not into 4-bit weights
+            model.save_pretrained(model_dir, safe_serialization=True, **weights)
+        elif is_quantized(model) or state_dict is not None:  # merge into the base model as loaded from disk
             merged_from_full_precision(model, adapter_dir).save_pretrained(model_dir, safe_serialization=True)
         else:  # merge a copy, so the live (still LoRA-wrapped) module is untouched
             copy.deepcopy(model).merge_and_unload().save_pretrained(model_dir, safe_serialization=True)
     else:
-        model.save_pretrained(model_dir, safe_serialization=True)
+        model.save_pretrained(model_dir, safe_serialization=True, **weights)
     tokenizer.save_pretrained(model_dir)
     return model_dir
 
@@ -38,11 +49,14 @@ def is_quantized(model) -> bool:
 
 
 def merged_from_full_precision(model, adapter_dir: Path):
-    """The base model reloaded without quantization, with the saved adapter merged into it."""
+    """The base model reloaded from its folder (without quantization), with the saved adapter merged in."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = model.get_base_model()
-    dtype = base.hf_quantizer.quantization_config.bnb_4bit_compute_dtype
+    if is_quantized(model):
+        dtype = base.hf_quantizer.quantization_config.bnb_4bit_compute_dtype
+    else:
+        dtype = base.dtype
     full = AutoModelForCausalLM.from_pretrained(base.config._name_or_path, dtype=dtype, use_safetensors=True)
     return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()

@@ -53,8 +53,8 @@ class RewardModel(torch.nn.Module):
         last = last_token_index(loss_mask, attention_mask)
         return values[torch.arange(values.shape[0], device=values.device), last]
 
-    def save_value_head(self, folder: str | Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+    def save_value_head(self, folder: str | Path, state_dict: dict | None = None) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.value_head.state_dict()).items()}
         save_file(state, str(Path(folder) / VALUE_HEAD_FILE))
 
     @staticmethod
