@@ -117,15 +117,17 @@ def from_sft(sft_run: dict, *overrides: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def rm_run(sft_run, tmp_path_factory) -> dict:
-    """A reward model trained from the SFT run (centred rewards, so scores carry correctness, not the prompt)."""
+    """The reward model PPO uses: trained from the SFT run on pairs whose wrong answers include carry
+    slips (data=arith_slips), with centred rewards so that scores carry correctness, not the prompt."""
     from alignlab.train import train
 
     run_dir = tmp_path_factory.mktemp("rm")
     overrides = from_sft(
         sft_run,
         "algorithm=rm",
-        "trainer.max_steps=1500",
-        "trainer.val_check_interval=750",
+        "data=arith_slips",
+        "trainer.max_steps=3000",
+        "trainer.val_check_interval=1500",
         "algorithm.center_rewards_coefficient=0.01",
     )
     return train(compose(overrides, run_dir))

@@ -27,8 +27,8 @@ def test_reward_model_held_out_accuracy_is_well_above_chance(rm_run):
 
 
 def test_reward_model_ranks_right_answers_above_wrong_ones_on_unseen_prompts(rm_run):
-    """Scored outside training, with the scorer: held-out prompts, wrong answers drawn as in training
-    (off by 1 to 9). Answers off by exactly 10 never occur in training; see the README for that case."""
+    """Scored outside training, with the scorer, on held-out prompts: wrong answers off by 1 to 9, and
+    carry slips off by exactly ±10 (which keep the ones digit; data=arith_slips puts them in training)."""
     folder = Path(rm_run["model_dir"])
     assert (folder / VALUE_HEAD_FILE).exists()
     scorer = RewardScorer(folder)
@@ -37,3 +37,7 @@ def test_reward_model_ranks_right_answers_above_wrong_ones_on_unseen_prompts(rm_
     right = scorer.score(prompts, [r["chosen"] for r in held_out])
     wrong = scorer.score(prompts, [r["rejected"] for r in held_out])
     assert sum(r > w for r, w in zip(right, wrong)) / len(held_out) > 0.85
+    for slip in (10, -10):
+        rows = [i for i, r in enumerate(held_out) if int(r["chosen"]) + slip >= 0]
+        slipped = scorer.score([prompts[i] for i in rows], [str(int(held_out[i]["chosen"]) + slip) for i in rows])
+        assert sum(right[i] > w for i, w in zip(rows, slipped)) / len(rows) > 0.85, slip

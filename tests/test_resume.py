@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from alignlab.resume import RunInterrupted
 from alignlab.train import train
@@ -61,9 +62,12 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 CASES = {
     # 40 DPO steps over 2000 pairs in batches of 16: the interruption falls mid-epoch.
     "dpo": ["trainer.max_steps=40", "trainer.val_check_interval=15"],
-    # GRPO samples with the global RNG: resuming must restore it to draw the same completions.
+    # GRPO samples with keys from its step counter, which the checkpoint restores; the length reward
+    # varies for the untrained model's answers, so the policy moves.
     "grpo": [
         "algorithm=grpo",
+        "algorithm.reward_funcs=[{_target_:alignlab.rewards.length_reward,target:4}]",
+        "algorithm.max_completion_length=8",
         "batch_size=8",
         "algorithm.num_generations=4",
         "trainer.max_steps=12",
@@ -76,7 +80,7 @@ CASES = {
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 @pytest.mark.parametrize("algorithm", sorted(CASES))
-def test_interrupted_and_resumed_equals_straight(algorithm, signum, tmp_path):
+def test_interrupted_and_resumed_equals_straight(algorithm, signum, tmp_path, tiny_model_dir):
     overrides = [*CASES[algorithm], "trainer.log_every_n_steps=1", "save_model=false", *QUIET]
     steps = int(next(o for o in overrides if o.startswith("trainer.max_steps=")).split("=")[1])
     straight = train(compose(overrides, tmp_path / "straight"))
@@ -91,6 +95,8 @@ def test_interrupted_and_resumed_equals_straight(algorithm, signum, tmp_path):
 
     a, b = weights(tmp_path / "straight"), weights(run)
     assert a.keys() == b.keys()
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max((a[f"model.{k}"] - v).abs().max().item() for k, v in start.items()) > 1e-3  # it trained
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
     straight_history, resumed_history = history(tmp_path / "straight"), history(run)
