@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -41,24 +42,64 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def answer_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False) -> AnswerLogps:
-    """Forward `batch` (input_ids, attention_mask, loss_mask) and score its answer tokens.
+# Answer positions per output-layer call. Logits exist for one chunk at a time (and are recomputed in
+# the backward pass rather than kept): with a 150k-token vocabulary, 1024 positions are 0.6 GB in
+# float32, where a whole batch's logits would be many GB. 0: every answer position at once.
+CHUNK_SIZE = 1024
 
-    Position t's logits predict token t+1, so logits are shifted left against the labels. Online
-    algorithms score sampled answers under the sampling distribution: logits / temperature.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1]
+
+def _score_chunk(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float, entropy: bool):
+    """(log-prob of each target, mean logit, entropy or None) for hidden states [K, H]."""
+    logits = head(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
+        logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    labels = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].to(logits.dtype)
-    token_logps = selective_log_softmax(logits, labels) * mask
-    num_tokens = mask.sum(-1)
-    token_entropy = None
+    logps = selective_log_softmax(logits, targets)
     with torch.no_grad():
-        mean_logits = (logits.float().mean(-1) * mask).sum(-1) / num_tokens.clamp(min=1)
+        mean_logit = logits.mean(-1)
+        ent = None
         if entropy:
-            logp = torch.log_softmax(logits.float(), -1)
-            token_entropy = -(logp.exp() * logp).sum(-1) * mask
+            logp = torch.log_softmax(logits, -1)
+            ent = -(logp.exp() * logp).sum(-1)
+    return logps, mean_logit, ent
+
+
+def answer_logprobs(
+    model, batch: dict, temperature: float = 1.0, entropy: bool = False, chunk_size: int = CHUNK_SIZE
+) -> AnswerLogps:
+    """Forward `batch` (input_ids, attention_mask, loss_mask) and score its answer tokens.
+
+    Position t predicts token t+1. The decoder runs over the whole batch, but the output layer only
+    at answer positions, `chunk_size` of them at a time, each chunk's logits recomputed in the backward
+    pass instead of stored: no full-vocabulary logits for the batch ever exist. Online algorithms score
+    sampled answers under the sampling distribution: logits / temperature.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    mask = batch["loss_mask"][:, 1:]
+    rows, cols = mask.nonzero(as_tuple=True)  # answer positions, row by row
+    states, targets = hidden[rows, cols], batch["input_ids"][:, 1:][rows, cols]
+    step = chunk_size if chunk_size > 0 else max(len(targets), 1)
+    pieces = []
+    for start in range(0, len(targets), step):
+        args = (states[start : start + step], targets[start : start + step], head, temperature, entropy)
+        if torch.is_grad_enabled() and states.requires_grad:
+            pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
+        else:
+            pieces.append(_score_chunk(*args))
+    dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+    logps = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=dtype)
+    token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)
+    mask = mask.to(logps.dtype)
+    num_tokens = mask.sum(-1)
+    with torch.no_grad():
+        mean_logit = torch.cat([p[1] for p in pieces]) if pieces else logps.detach()
+        mean_logits = torch.zeros_like(num_tokens).index_add(0, rows, mean_logit) / num_tokens.clamp(min=1)
+        token_entropy = None
+        if entropy:
+            values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
+            token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
     return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy)

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -64,6 +65,8 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({**resolved_config(cfg), "overrides": overrides})
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not loggers:  # logger=none: nothing to monitor the learning rate into (Lightning refuses to start)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks.append(CheckpointOnSignal(run_dir / LAST.parent))
     manual = {}
     if not module.automatic_optimization:

@@ -109,3 +109,41 @@ def test_cached_reference_logps_are_used_when_present(tiny):
         batch.update(ref_chosen_logps=ref.logps[:2], ref_rejected_logps=ref.logps[2:])
         cached, _ = module.compute(batch)
     assert cached.item() == pytest.approx(live.item(), abs=1e-6)
+
+
+def full_logits_reference(model, batch, temperature=1.0):
+    """The plain computation: every position's full-vocabulary logits, log-softmax, gather."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1] / temperature
+    logp = torch.log_softmax(logits, -1)
+    mask = batch["loss_mask"][:, 1:].to(logp.dtype)
+    token_logps = logp.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(logp.exp() * logp).sum(-1) * mask
+    mean_logits = (logits.mean(-1) * mask).sum(-1) / mask.sum(-1)
+    return token_logps, entropy, mean_logits
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 0])
+@pytest.mark.parametrize("lora", [False, True])
+def test_chunked_answer_logprobs_equal_full_logits_in_value_and_gradient(tiny, chunk_size, lora):
+    """Scoring only answer positions, a few at a time (logits recomputed in backward), gives the
+    full-logits log-probs, entropies, mean logits and gradients, in float64."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).double()
+    if lora:
+        model = apply_lora(model, OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}))
+    batch = pair_batch(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    out = answer_logprobs(model, batch, temperature=0.7, entropy=True, chunk_size=chunk_size)
+    (out.logps * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)).sum().backward()
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    token_logps, entropy, mean_logits = full_logits_reference(model, batch, temperature=0.7)
+    (token_logps.sum(-1) * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)).sum().backward()
+
+    assert torch.allclose(out.token_logps, token_logps, atol=1e-12)
+    assert torch.allclose(out.token_entropy, entropy, atol=1e-12)
+    assert torch.allclose(out.mean_logits, mean_logits, atol=1e-12)
+    assert torch.equal(out.num_tokens, batch["loss_mask"][:, 1:].sum(-1).double())
+    for p, g in zip(params, grads):
+        assert torch.allclose(p.grad, g, atol=1e-10)

@@ -43,8 +43,10 @@ class AlignmentDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         on_bad_row: str = "error",
+        shuffle: bool = True,
     ):
         super().__init__()
+        self.shuffle = shuffle
         if on_bad_row not in ON_BAD_ROW:
             raise ConfigError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
         self.on_bad_row = on_bad_row
@@ -130,7 +132,7 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.order = GlobalBatchSampler(
-            len(self.splits["train"]), self.batch_size, self.seed, drop_last=self.drop_last_train
+            len(self.splits["train"]), self.batch_size, self.seed, drop_last=self.drop_last_train, shuffle=self.shuffle
         )
         return ResumableLoader(self.splits["train"], self.order, **self._loader_args(with_prompts=False))
 
