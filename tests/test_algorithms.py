@@ -135,5 +135,7 @@ def test_a_module_refuses_missing_or_unknown_hyper_parameters(tiny):
     from alignlab.algorithms.dpo import DPO
 
     model, tokenizer = tiny
-    with pytest.raises(TypeError, match=r"missing \['label_smoothing'\], unknown \['gamma'\]"):
+    with pytest.raises(
+        TypeError, match=r"missing \['label_smoothing', 'precompute_ref_log_probs'\], unknown \['gamma'\]"
+    ):
         DPO(model, tokenizer, OPTIM, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", gamma=1.0)

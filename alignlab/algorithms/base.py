@@ -86,6 +86,27 @@ class AlignmentModule(L.LightningModule):
         for model in self.frozen:
             model.to(self.device)
 
+    # -- reference log-probs computed once -------------------------------------------------------
+    @torch.no_grad()
+    def cache_reference(self, score, batch_size: int = 64) -> None:
+        """Score every row of both splits with the frozen reference once and keep the values in the
+        rows (batches then carry them as `ref_*` entries), then let a reference copy go: it is not
+        needed again. `score(batch) -> {name: [rows] tensor}`. Rows are scored in order of length,
+        so the batches pad little. Every process scores every row (the reference is fixed)."""
+        datamodule = self.trainer.datamodule
+        for rows in datamodule.splits.values():
+            order = sorted(range(len(rows)), key=lambda i: datamodule.length(rows[i]))
+            for start in range(0, len(order), batch_size):
+                chunk = [rows[i] for i in order[start : start + batch_size]]
+                batch = datamodule.collate(chunk, with_prompts=False)
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                for name, values in score(batch).items():
+                    for row, value in zip(chunk, values.tolist()):
+                        row[name] = value
+        if self.reference is not None and self.reference.copy is not None:
+            self.frozen = [m for m in self.frozen if m is not self.reference]
+            self.reference = None  # the copy's memory goes back; batches carry its values from now on
+
     # -- the algorithm ------------------------------------------------------------------------
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError

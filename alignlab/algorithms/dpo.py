@@ -13,24 +13,32 @@ from alignlab.losses import DPO_LOSS_TYPES, dpo_loss, nll_loss
 class DPO(PairwiseModule):
     """loss = mean(dpo_loss) + rpo_alpha · NLL(y_w), against the frozen starting policy."""
 
-    hparam_names = ("beta", "rpo_alpha", "loss_type", "label_smoothing")
+    hparam_names = ("beta", "rpo_alpha", "loss_type", "label_smoothing", "precompute_ref_log_probs")
     uses_reference = True
     beta: float
     rpo_alpha: float
     loss_type: str
     label_smoothing: float
+    precompute_ref_log_probs: bool
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         checks = Checks(algorithm, "algorithm").positive("beta").non_negative("rpo_alpha")
         checks.one_of("loss_type", DPO_LOSS_TYPES).within("label_smoothing", 0, 0.5, high_open=True)
 
+    def on_train_start(self) -> None:
+        if self.precompute_ref_log_probs:
+            self.cache_reference(self.score_reference, batch_size=self.trainer.datamodule.eval_batch_size)
+
+    def score_reference(self, batch: dict) -> dict[str, torch.Tensor]:
+        chosen, rejected = self.reference.answer_logprobs(batch).split_pairs(self.rows_in(batch))
+        return {"ref_chosen_logps": chosen.logps, "ref_rejected_logps": rejected.logps}
+
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached per-row values when the batch carries them, else a no-grad reference forward."""
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        chosen, rejected = self.reference.answer_logprobs(batch).split_pairs(self.rows_in(batch))
-        return chosen.logps, rejected.logps
+        if "ref_chosen_logps" not in batch:
+            batch = {**batch, **self.score_reference(batch)}
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self.policy_pairs(batch)

@@ -44,9 +44,10 @@ class AlignmentDataModule(L.LightningDataModule):
         num_workers: int = 0,
         on_bad_row: str = "error",
         shuffle: bool = True,
+        group_by_length: bool = False,
     ):
         super().__init__()
-        self.shuffle = shuffle
+        self.shuffle, self.group_by_length = shuffle, group_by_length
         if on_bad_row not in ON_BAD_ROW:
             raise ConfigError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
         self.on_bad_row = on_bad_row
@@ -79,6 +80,12 @@ class AlignmentDataModule(L.LightningDataModule):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer needs both a pad token and an eos token")
         self.tokenizer = tokenizer
+
+    def length(self, ex: dict) -> int:
+        """Tokens an encoded row takes in a batch (its longest sequence): for grouping by length."""
+        return len(ex["prompt_ids"]) + max((len(ex[k]) for k in self.answer_keys), default=0)
+
+    answer_keys: tuple[str, ...] = ()  # the encoded answers of a row, e.g. ("chosen_ids", "rejected_ids")
 
     def rows(self) -> dict[str, list[dict]]:
         """Canonical rows of both splits (no tokenizer needed)."""
@@ -131,8 +138,16 @@ class AlignmentDataModule(L.LightningDataModule):
             raise DataError(describe, "the train split is empty")
 
     def train_dataloader(self) -> DataLoader:
+        rows = self.splits["train"]
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         self.order = GlobalBatchSampler(
-            len(self.splits["train"]), self.batch_size, self.seed, drop_last=self.drop_last_train, shuffle=self.shuffle
+            len(rows),
+            self.batch_size,
+            self.seed,
+            drop_last=self.drop_last_train,
+            shuffle=self.shuffle,
+            lengths=[self.length(ex) for ex in rows] if self.group_by_length else None,
+            accumulate=accumulate,
         )
         return ResumableLoader(self.splits["train"], self.order, **self._loader_args(with_prompts=False))
 
@@ -165,6 +180,7 @@ class SFTDataModule(AlignmentDataModule):
     """(prompt, completion) rows; the loss covers the completion tokens."""
 
     kind = "sft"
+    answer_keys = ("completion_ids",)
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
@@ -186,6 +202,7 @@ class PairwiseDataModule(AlignmentDataModule):
     """(prompt, chosen, rejected) rows; one batch holds B chosen then B rejected sequences."""
 
     kind = "pairwise"
+    answer_keys = ("chosen_ids", "rejected_ids")
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
@@ -213,6 +230,7 @@ class LabelledDataModule(AlignmentDataModule):
     """
 
     kind = "labelled"
+    answer_keys = ("completion_ids",)
 
     def __init__(self, source, unpair: bool = False, **kwargs):
         super().__init__(source, **kwargs)

@@ -25,9 +25,22 @@ def process_group() -> tuple[int, int]:
 class GlobalBatchSampler:
     """Per-process batches of row indices (see the module docstring)."""
 
-    def __init__(self, n_rows: int, batch_size: int, seed: int, drop_last: bool, shuffle: bool = True):
+    def __init__(
+        self,
+        n_rows: int,
+        batch_size: int,
+        seed: int,
+        drop_last: bool,
+        shuffle: bool = True,
+        lengths: list[int] | None = None,
+        accumulate: int = 1,
+    ):
+        """`lengths` (tokens per row) turns on grouping by length within each optimizer step of
+        `accumulate` micro-batches: the step's rows are sorted by length before being cut into its
+        micro-batches, so each micro-batch pads little while the step trains on the same rows."""
         self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
         self.drop_last, self.shuffle = drop_last, shuffle
+        self.lengths, self.accumulate = lengths, accumulate
         self.epoch, self.consumed = 0, 0  # batches of `epoch` already trained on
 
     def _global_batches(self, world: int) -> list[torch.Tensor]:
@@ -36,7 +49,23 @@ class GlobalBatchSampler:
         batches = list(order.split(size))
         if batches and len(batches[-1]) < size and (self.drop_last or len(batches[-1]) < world):
             batches.pop()  # a short last batch, when kept, must still give every process a row
+        if self.lengths is not None and self.accumulate > 1:
+            batches = self._grouped(batches, world)
         return batches
+
+    def _grouped(self, batches: list[torch.Tensor], world: int) -> list[torch.Tensor]:
+        """Each optimizer step's global batches re-cut from its rows sorted by length (longest first),
+        sizes kept. A global batch's rows go to the processes in turn (row i to process i mod world),
+        so every process gets rows of about the same length."""
+        lengths = torch.tensor(self.lengths)
+        out = []
+        for start in range(0, len(batches), self.accumulate):
+            step = batches[start : start + self.accumulate]
+            rows = torch.cat(step)
+            rows = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
+            for piece in rows.split([len(b) for b in step]):
+                out.append(torch.cat([piece[r::world] for r in range(world)]))  # tensor_split: r-th slice
+        return out
 
     def _permutation(self) -> torch.Tensor:
         """This epoch's order, replayed from the seed: per epoch a DataLoader draws its iterator's base

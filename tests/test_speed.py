@@ -1,0 +1,90 @@
+"""Speed settings change speed, not results: the same weights and metrics with and without each."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from alignlab.train import train
+from tests.conftest import QUIET, compose
+
+pytestmark = pytest.mark.slow
+
+PADDING: dict[str, list[int]] = {}  # run name → [real tokens, padded tokens] of its training batches
+
+
+class CountPadding(L.Callback):
+    def __init__(self, name: str):
+        self.name = name
+        PADDING[name] = [0, 0]
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        PADDING[self.name][0] += int(batch["attention_mask"].sum())
+        PADDING[self.name][1] += batch["attention_mask"].numel()
+
+
+def run(tmp_path: Path, name: str, *overrides: str) -> dict:
+    counting = [f"+callbacks.padding._target_={__name__}.CountPadding", f"+callbacks.padding.name={name}"]
+    common = ["trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1", *QUIET]
+    return train(compose([*common, *counting, *overrides], tmp_path / name))
+
+
+def weights(result: dict) -> dict[str, torch.Tensor]:
+    path = Path(result["run_dir"]) / "checkpoints" / "last.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def history(result: dict, names: list[str]) -> dict[tuple[str, int], float]:
+    with open(Path(result["run_dir"]) / "metrics.csv") as f:
+        return {(n, int(r["step"])): float(r[n]) for r in csv.DictReader(f) for n in names if r.get(n)}
+
+
+def assert_same(a: dict, b: dict, metrics: list[str]) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5, msg=key)
+    ha, hb = history(a, metrics), history(b, metrics)
+    assert ha.keys() == hb.keys() and {n for n, _ in ha} == set(metrics)
+    for key, value in ha.items():
+        assert hb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_precomputed_reference_log_probs_change_nothing_and_free_the_reference(tmp_path, monkeypatch):
+    from alignlab.algorithms import dpo
+
+    live = run(tmp_path, "live", "algorithm.precompute_ref_log_probs=false")
+    calls = {"train": 0}
+    score = dpo.DPO.score_reference
+
+    def counted(self, batch):
+        calls["train"] += self.trainer.training and self.trainer.global_step > 0
+        return score(self, batch)
+
+    monkeypatch.setattr(dpo.DPO, "score_reference", counted)
+    cached = run(tmp_path, "cached", "algorithm.precompute_ref_log_probs=true")
+    assert calls["train"] == 0  # no reference forward once training has started
+    metrics = ["train/loss", "train/rewards/margins", "eval/loss", "eval/rewards/chosen", "eval/rewards/accuracies"]
+    assert_same(live, cached, metrics)
+
+
+def test_grouping_by_length_within_a_step_changes_nothing_but_padding(tmp_path):
+    """Four micro-batches of 4 pairs per step, with and without sorting the step's 16 pairs by length:
+    the same weights and losses as one batch of 16, with a third less padding. (DPO's pair term is a
+    mean over pairs, so it splits into micro-batches exactly; rpo_alpha's NLL is a token mean over
+    each micro-batch, which does not.)"""
+    dpo = ["algorithm.rpo_alpha=0"]
+    whole = run(tmp_path, "whole", *dpo, "batch_size=16")
+    micro = ["batch_size=4", "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=16"]  # in micro-batches
+    plain = run(tmp_path, "plain", *dpo, *micro)
+    grouped = run(tmp_path, "grouped", *dpo, *micro, "data.group_by_length=true")
+    metrics = ["eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"]
+    assert_same(whole, grouped, metrics)
+    assert_same(plain, grouped, metrics)
+    assert PADDING["plain"][0] == PADDING["grouped"][0] == PADDING["whole"][0]  # the same real tokens
+    pad = {name: padded - real for name, (real, padded) in PADDING.items()}
+    assert pad["grouped"] < 0.67 * pad["plain"], pad
