@@ -29,6 +29,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -93,6 +94,13 @@ def write_data(out: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     return pairs, prompts
 
 
+def held_out(path: str, rows: int = 8) -> Path:
+    """alignlab needs a held-out split; a few rows of the data, so that scoring it costs little."""
+    out = Path(path).with_suffix(".eval.jsonl")
+    out.write_text("".join(open(path).readlines()[:rows]))
+    return out
+
+
 def matmul_rate(device: str, seconds: float = 3.0) -> float:
     """FLOP/s of a 2048² matmul, the best of repeated timings."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -139,13 +147,18 @@ def alignlab_clock():
     import lightning as L
 
     class Clock(L.Callback):
+        micro: list[float] = []
+
         def on_train_start(self, trainer, module):
             CLOCK.begin()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            CLOCK.tick()
             loss = trainer.callback_metrics.get("train/loss")
-            LOSSES.append(float(loss) if loss is not None else None)
+            self.micro.append(float(loss) if loss is not None else float("nan"))
+            if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # an optimizer step ended
+                CLOCK.tick()
+                LOSSES.append(sum(self.micro) / len(self.micro))
+                self.micro = []
 
     return Clock()
 
@@ -161,7 +174,7 @@ def run_alignlab(cfg: dict) -> dict:
         "model.tiny=null",
         f"data=custom_{'pairs' if algorithm == 'dpo' else 'prompts'}",
         f"data.source.path={cfg['data']}",
-        f"data.source.eval_path={cfg['data']}",
+        f"data.source.eval_path={held_out(cfg['data'])}",
         "data.shuffle=false",
         f"batch_size={cfg['batch_size']}",
         f"max_length={cfg['max_length']}",
@@ -341,6 +354,18 @@ def configurations(args, model: Path, pairs: Path, prompts: Path, device: str) -
                 "alignlab": [],
             },
             {**dpo, "trainer": "alignlab", "label": "alignlab defaults", "trl": {}, "alignlab": same_loss},
+            {
+                **dpo,
+                "trainer": "alignlab",
+                "label": f"alignlab, {args.micro_batches} length-grouped micro-batches",
+                "trl": {},
+                "alignlab": [
+                    *same_loss,
+                    f"batch_size={args.batch_size // args.micro_batches}",
+                    f"trainer.accumulate_grad_batches={args.micro_batches}",
+                    "data.group_by_length=true",
+                ],
+            },
         ]
     if "grpo" in args.algorithms:
         grpo = {
@@ -387,6 +412,7 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["dpo", "grpo"], choices=["dpo", "grpo"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="DPO pairs per step")
+    parser.add_argument("--micro-batches", type=int, default=4, help="alignlab's length-grouped micro-batches per step")
     parser.add_argument("--grpo-prompts", type=int, default=4, help="GRPO prompts per step (× 8 completions)")
     parser.add_argument("--trainers", nargs="+", default=["trl", "alignlab"], choices=["trl", "alignlab"])
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state step time")
@@ -411,6 +437,7 @@ def main() -> None:
             if cfg["trainer"] not in args.trainers:
                 continue
             cfg.update(work=str(args.out / f"run{i}-{size}"), result=str(args.out / f"run{i}-{size}.json"))
+            shutil.rmtree(cfg["work"], ignore_errors=True)  # a fresh run folder each time
             job = args.out / f"run{i}-{size}.config.json"
             job.write_text(json.dumps(cfg))
             print(f"[bench] {size} {cfg['algorithm']}: {cfg['label']}", flush=True)

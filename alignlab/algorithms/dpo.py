@@ -28,7 +28,9 @@ class DPO(PairwiseModule):
 
     def on_train_start(self) -> None:
         if self.precompute_ref_log_probs:
-            self.cache_reference(self.score_reference, batch_size=self.trainer.datamodule.eval_batch_size)
+            # Training's micro-batch size: known to fit in memory, and long rows in large batches would
+            # make attention (quadratic in length) slow.
+            self.cache_reference(self.score_reference, batch_size=self.trainer.datamodule.batch_size)
 
     def score_reference(self, batch: dict) -> dict[str, torch.Tensor]:
         chosen, rejected = self.reference.answer_logprobs(batch).split_pairs(self.rows_in(batch))
