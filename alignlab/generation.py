@@ -55,10 +55,66 @@ class KeyedSampling:
         self.keys, self.temperature, self.prompt_length = keys, temperature, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = keyed_uniform(self.keys.to(scores.device), input_ids.shape[1] - self.prompt_length)
-        cdf = torch.softmax(scores.double() / self.temperature, -1).cumsum(-1)
-        choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
+        choice = keyed_choice(scores, self.keys, input_ids.shape[1] - self.prompt_length, self.temperature)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice.unsqueeze(1), 0.0)
+
+
+def keyed_choice(scores: torch.Tensor, keys: torch.Tensor, position: int, temperature: float) -> torch.Tensor:
+    """[B] token ids: each row's inverse CDF of softmax(scores / temperature) at its keyed uniform."""
+    u = keyed_uniform(keys.to(scores.device), position)
+    cdf = torch.softmax(scores.double() / temperature, -1).cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1).clamp(max=scores.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample_shared_prefix(
+    model,
+    prompt_input_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    num_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    keys: torch.Tensor,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """[B·num_per_prompt, ≤ max_new_tokens] keyed samples (consecutive rows per prompt), padded after
+    eos. Each prompt is run through the model once and its KV cache copied to its completions, where
+    generate() would run it once per completion; then a plain KV-cached decoding loop."""
+    was_training = model.training
+    model.eval()
+    try:
+        mask = prompt_attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        out = model(
+            input_ids=prompt_input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(num_per_prompt)
+        logits = out.logits[:, -1].repeat_interleave(num_per_prompt, 0)
+        mask = mask.repeat_interleave(num_per_prompt, 0)
+        position = positions[:, -1:].repeat_interleave(num_per_prompt, 0)
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            choice = keyed_choice(logits, keys, step, temperature).masked_fill(done, pad_id)
+            tokens.append(choice)
+            done |= choice == eos_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            position = position + 1
+            out = model(
+                input_ids=choice.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1]
+    finally:
+        model.train(was_training)
+    return torch.stack(tokens, 1)
 
 
 def completions_until_eos(sequences: torch.Tensor, eos_id: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.data.collate import collate_answers
-from alignlab.generation import generate, sample_keys
+from alignlab.generation import generate, sample_keys, sample_shared_prefix
 from alignlab.rlhf import truncate_after_eos
 
 
@@ -60,27 +60,39 @@ def sample(
     do_sample: bool = True,
     step: int | None = None,
 ) -> Samples:
-    """`num_per_prompt` answers to each prompt (consecutive rows), from KV-cached `generate` calls of
-    at most `chunk` rows each. With `step` (a count of rollouts so far) sampling is keyed on (seed,
-    step, the batch's data rows): the same answers whatever the batch split or process count."""
-    keys = None
-    if step is not None:
-        keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
-    ids = batch["prompt_input_ids"].repeat_interleave(num_per_prompt, 0)
-    attn = batch["prompt_attention_mask"].repeat_interleave(num_per_prompt, 0)
+    """`num_per_prompt` answers to each prompt (consecutive rows), KV-cached, at most `chunk` answers
+    at a time. With `step` (a count of rollouts so far) sampling is keyed on (seed, step, the batch's
+    data rows): the same answers whatever the batch split or process count; each prompt is then
+    encoded once for all its answers (sample_shared_prefix). Without, `generate` samples plainly."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, attn = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     responses, has_eos = [], []
-    for i in range(0, ids.shape[0], chunk):
-        tokens = generate(
-            model,
-            tokenizer,
-            ids[i : i + chunk],
-            attn[i : i + chunk],
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            keys=None if keys is None else keys[i : i + chunk],
-        )
+    if step is not None:  # keyed: each prompt's KV cache is computed once and shared by its completions
+        keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
+        per_chunk = max(1, chunk // num_per_prompt)
+        pieces = []
+        for i in range(0, ids.shape[0], per_chunk):
+            rows = slice(i * num_per_prompt, (i + per_chunk) * num_per_prompt)
+            pieces.append(
+                sample_shared_prefix(
+                    model,
+                    ids[i : i + per_chunk],
+                    attn[i : i + per_chunk],
+                    num_per_prompt,
+                    max_new_tokens,
+                    temperature,
+                    keys[rows],
+                    eos,
+                    pad,
+                )
+            )
+    else:
+        ids, attn = ids.repeat_interleave(num_per_prompt, 0), attn.repeat_interleave(num_per_prompt, 0)
+        pieces = [
+            generate(model, tokenizer, ids[i : i + chunk], attn[i : i + chunk], max_new_tokens, do_sample, temperature)
+            for i in range(0, ids.shape[0], chunk)
+        ]
+    for tokens in pieces:
         cut, mask, ended = truncate_after_eos(tokens, eos, pad)
         responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
         has_eos.append(ended)

@@ -64,3 +64,23 @@ def test_a_rows_answer_does_not_depend_on_its_batch(tiny):
     assert whole == answers([0, 1, 2]) + answers([3, 4, 5, 6, 7])
     assert answers([4, 0]) == [whole[4], whole[0]]
     assert len(set(whole)) > 4  # an untrained model at temperature 1: the draws differ
+
+
+def test_shared_prefix_sampling_gives_generates_answers(tiny):
+    """Encoding each prompt once and copying its KV cache to its completions samples exactly what
+    generate() with the keyed processor samples from the repeated prompts."""
+    from alignlab.data.collate import collate_prompts
+    from alignlab.data.tokenize import encode_prompts
+    from alignlab.generation import sample_shared_prefix
+
+    model, tokenizer = tiny
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "x" * (3 * i) + f"{i}+{i}="}] for i in range(5)])
+    batch = collate_prompts(prompts, tokenizer.pad_token_id)  # left-padded, prompts of different lengths
+    keys = sample_keys(seed=0, step=3, rows=torch.arange(5), num_per_prompt=4)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    shared = sample_shared_prefix(model, ids, mask, 4, 8, 1.0, keys, eos, pad)
+    plain = generate(model, tokenizer, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), 8, True, 1.0, keys)
+    assert shared.shape == plain.shape == (20, 8)
+    assert torch.equal(shared, plain)
+    assert len({tuple(r) for r in shared.tolist()}) > 10  # the 20 draws mostly differ
