@@ -130,7 +130,9 @@ def test_chunked_answer_logprobs_equal_full_logits_in_value_and_gradient(tiny, c
     model, tokenizer = tiny
     model = copy.deepcopy(model).double()
     if lora:
-        model = apply_lora(model, OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}))
+        model = apply_lora(
+            model, OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+        )
     batch = pair_batch(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
 
