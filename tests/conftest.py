@@ -96,7 +96,7 @@ def sft_run(tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp("sft")
     return train(
         compose(
-            ["algorithm=sft", "trainer.max_steps=600", "batch_size=32", "trainer.val_check_interval=300", *QUIET],
+            ["algorithm=sft", "trainer.max_steps=800", "batch_size=32", "trainer.val_check_interval=400", *QUIET],
             run_dir,
         )
     )
