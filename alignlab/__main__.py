@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from alignlab.config import CONFIG_DIR
 from alignlab.errors import AlignlabError
+
+# Not imported from alignlab.config: that pulls in Lightning (seconds), and a mistyped override
+# should be reported by Hydra at once.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
