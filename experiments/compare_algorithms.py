@@ -26,7 +26,7 @@ from alignlab.rollout import response_positions, sample
 from alignlab.train import train
 
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
-SFT = ["algorithm=sft", "batch_size=32", "trainer.max_steps=600", "trainer.val_check_interval=300"]
+SFT = ["algorithm=sft", "batch_size=32", "trainer.max_steps=800", "trainer.val_check_interval=400"]
 # β grids on each loss's own scale (SimPO's β multiplies average log-probs, so it sits near 2).
 GRID = {
     "dpo": [0.05, 0.1, 0.5],
@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/out/compare_algorithms"))
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per algorithm run")
-    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--sft-steps", type=int, default=800)
     parser.add_argument("--algorithms", nargs="+", default=list(GRID), choices=list(GRID))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

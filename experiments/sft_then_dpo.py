@@ -18,7 +18,7 @@ from alignlab.train import train
 
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]
 STAGES = {
-    "sft": ["algorithm=sft", "batch_size=32", "trainer.max_steps=600", "trainer.val_check_interval=300"],
+    "sft": ["algorithm=sft", "batch_size=32", "trainer.max_steps=800", "trainer.val_check_interval=400"],
     "dpo": ["algorithm=dpo", "trainer.max_steps=200", "trainer.val_check_interval=100", "optim.lr=2e-4"],
 }
 SHOWN = ["eval/exact_match", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"]
