@@ -37,6 +37,7 @@ def test_grpo_raises_a_reachable_reward_and_logs_its_metrics(sft_run, tmp_path):
     rewards = [float(r["train/reward"]) for r in rows]
     assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-3:]) / 3 > 0.8  # one-character answers, learnt
     for name in (
+        "loss",
         "reward",
         "reward_std",
         "rewards/length/mean",

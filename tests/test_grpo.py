@@ -225,3 +225,47 @@ def test_reward_functions_receive_the_prompt_messages_and_columns(tiny):
     assert seen["prompts"][0] == seen["prompts"][1] == batch["prompt_messages"][0]
     assert seen["prompts"][0][0]["role"] == "user" and seen["prompts"][0][0]["content"].endswith("=")
     assert seen["solution"] == [batch["columns"]["solution"][0]] * 2 + [batch["columns"]["solution"][1]] * 2
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batches_take_the_step_one_big_batch_takes(tiny, loss_type):
+    """algorithm.micro_batch_size: gradients accumulated over micro-batches give the weights and the
+    logged loss of the whole generation batch at once (bnpo normalises per micro-batch by design)."""
+    import copy
+
+    from alignlab.data import PromptDataModule
+    from alignlab.data.arith import ArithTask
+    from alignlab.rewards import length_reward
+    from tests.conftest import build_module
+
+    model, tokenizer = tiny
+    dm = PromptDataModule(ArithTask(n_train=8, n_eval=4), batch_size=3)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    whole = build_module(
+        "grpo",
+        copy.deepcopy(model),
+        tokenizer,
+        num_generations=4,
+        beta=0.04,
+        loss_type=loss_type,
+        max_completion_length=6,
+    )
+    whole.rewards, whole.weights = [("length", lambda p, c, **kw: length_reward(p, c, target=3))], [1.0]
+    torch.manual_seed(0)
+    gen = whole.generate_batch(batch)
+    assert gen["advantages"].abs().sum() > 0  # the rewards differ within groups: there is a gradient
+    split = copy.deepcopy(whole)
+    split.micro_batch_size = 4
+    logged = []
+    for module in (whole, split):
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+        logged.append(module.grpo_update(gen, optimizer))
+    assert logged[1]["loss"].item() == pytest.approx(logged[0]["loss"].item(), rel=1e-5, abs=1e-7)
+    assert logged[1]["kl"].item() == pytest.approx(logged[0]["kl"].item(), rel=1e-5, abs=1e-7)
+    start = dict(model.named_parameters())
+    moved = max((p - start[n]).abs().max().item() for n, p in whole.model.named_parameters())
+    assert moved > 1e-4
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)

@@ -181,7 +181,7 @@ class GRPO(AlignmentModule):
         # Token-weighted sums over every micro-batch and iteration, turned into token means at the end
         # (over all devices' tokens, so the logged value is the whole batch's).
         sums = {"clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "kl": 0.0}
-        counted = 0.0
+        counted, applied = 0.0, 0.0  # applied: the loss whose gradient each optimizer step took, summed
         for _ in range(self.num_iterations):
             for start in range(0, n, micro):
                 idx = slice(start, start + micro)
@@ -207,6 +207,7 @@ class GRPO(AlignmentModule):
                 # dapo is already normalised by the whole batch; the per-row means are scaled to it.
                 loss = out.loss if self.loss_type == "dapo" else out.loss * (sub["input_ids"].shape[0] / n)
                 self.backpropagate(loss)
+                applied = applied + loss.detach()
                 n_tokens = gen["mask"][idx].sum()
                 counted = counted + n_tokens
                 sums["clip_ratio/low_mean"] = sums["clip_ratio/low_mean"] + out.clip_low * n_tokens
@@ -217,6 +218,7 @@ class GRPO(AlignmentModule):
         total = self.mean_across_devices(counted).clamp(min=1)  # means of both sides: their ratio is the sums'
         out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.beta != 0.0}
         out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
+        out["loss"] = self.mean_across_devices(applied) / self.num_iterations
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
