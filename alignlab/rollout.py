@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from alignlab.backends import GenerationBackend, TransformersBackend
 from alignlab.data.collate import collate_answers
-from alignlab.generation import generate, sample_keys, sample_shared_prefix
+from alignlab.generation import generate, sample_keys
 from alignlab.rlhf import truncate_after_eos
 
 
@@ -59,22 +60,25 @@ def sample(
     num_per_prompt: int = 1,
     do_sample: bool = True,
     step: int | None = None,
+    backend: GenerationBackend | None = None,
 ) -> Samples:
     """`num_per_prompt` answers to each prompt (consecutive rows), KV-cached, at most `chunk` answers
     at a time. With `step` (a count of rollouts so far) sampling is keyed on (seed, step, the batch's
     data rows): the same answers whatever the batch split or process count; each prompt is then
-    encoded once for all its answers (sample_shared_prefix). Without, `generate` samples plainly."""
+    encoded once for all its answers (sample_shared_prefix), by `backend` (alignlab.backends; default: this
+    process's model). Without, `generate` samples plainly."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, attn = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     responses, has_eos = [], []
     if step is not None:  # keyed: each prompt's KV cache is computed once and shared by its completions
+        backend = backend or TransformersBackend()
         keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
         per_chunk = max(1, chunk // num_per_prompt)
         pieces = []
         for i in range(0, ids.shape[0], per_chunk):
             rows = slice(i * num_per_prompt, (i + per_chunk) * num_per_prompt)
             pieces.append(
-                sample_shared_prefix(
+                backend.sample(
                     model,
                     ids[i : i + per_chunk],
                     attn[i : i + per_chunk],

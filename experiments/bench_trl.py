@@ -386,6 +386,13 @@ def configurations(args, model: Path, pairs: Path, prompts: Path, device: str) -
         runs += [
             {**grpo, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},
             {**grpo, "trainer": "alignlab", "label": "alignlab defaults", "trl": {}, "alignlab": same},
+            {
+                **grpo,
+                "trainer": "alignlab",
+                "label": "alignlab, micro-batches of 8 completions",
+                "trl": {},
+                "alignlab": [*same, "algorithm.micro_batch_size=8"],
+            },
         ]
     return runs
 

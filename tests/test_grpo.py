@@ -171,6 +171,11 @@ def test_a_failing_reward_function_is_named(target, message):
             ["batch_size=5", "algorithm.num_generations=3", "algorithm.micro_batch_size=4"],
             "batch_size × algorithm.num_generations = 5 × 3 = 15 completions, which algorithm.micro_batch_size (4)",
         ),
+        (["algorithm.generation_backend=vllm"], "algorithm.generation_backend must be null or {_target_:"),
+        (
+            ["algorithm.generation_backend={_target_:no.such.Engine}"],
+            "algorithm.generation_backend 'no.such.Engine' could not be imported",
+        ),
     ],
 )
 def test_grpo_config_errors_name_the_key(overrides, message, tmp_path):
@@ -269,3 +274,40 @@ def test_micro_batches_take_the_step_one_big_batch_takes(tiny, loss_type):
     assert moved > 1e-4
     for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class FixedAnswers:
+    """A generation backend that answers every prompt with the same tokens and records its syncs."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.synced = tokens, []
+
+    def sync(self, model):
+        self.synced.append(model)
+
+    def sample(self, model, prompt_input_ids, prompt_attention_mask, num_per_prompt, max_new_tokens, *rest):
+        eos_id = rest[-2]
+        return torch.tensor([*self.tokens, eos_id]).repeat(prompt_input_ids.shape[0] * num_per_prompt, 1)
+
+
+def test_a_configured_generation_backend_samples_the_answers(tiny):
+    """algorithm.generation_backend={_target_: ...}: the class samples every answer and is handed the
+    policy before each rollout (where an inference engine would copy its weights)."""
+    import copy
+
+    from alignlab.data import PromptDataModule
+    from alignlab.data.arith import ArithTask
+    from tests.conftest import build_module
+
+    model, tokenizer = tiny
+    dm = PromptDataModule(ArithTask(n_train=8, n_eval=4), batch_size=3)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    spec = {"_target_": "tests.test_grpo.FixedAnswers", "tokens": tokenizer.encode("7", add_special_tokens=False)}
+    module = build_module("grpo", copy.deepcopy(model), tokenizer, num_generations=2, generation_backend=spec)
+    gen = module.generate_batch(batch)
+    assert gen["texts"] == ["7"] * 6
+    assert gen["mask"].sum(-1).tolist() == [2.0] * 6  # "7" and eos
+    module.generate_batch(batch)
+    assert module.backend.synced == [module.model, module.model]

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.algorithms.base import AlignmentModule
+from alignlab.backends import build_backend, check_backend_spec
 from alignlab.checks import Checks
 from alignlab.errors import ConfigError
 from alignlab.generation import exact_match
@@ -40,6 +41,7 @@ class GRPO(AlignmentModule):
         "reward_weights",
         "micro_batch_size",
         "generation_chunk_size",
+        "generation_backend",
         "num_sample_generations",
     )
     num_generations: int
@@ -56,6 +58,7 @@ class GRPO(AlignmentModule):
     reward_weights: list | None
     micro_batch_size: int | None
     generation_chunk_size: int
+    generation_backend: dict | None
     num_sample_generations: int
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
@@ -67,6 +70,7 @@ class GRPO(AlignmentModule):
             self.reference = ReferenceModel(model)
             self.frozen = [self.reference]
         self.generation_batches = 0
+        self.backend = build_backend(self.generation_backend)
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
@@ -75,6 +79,7 @@ class GRPO(AlignmentModule):
         checks.non_negative("beta").at_least(1, "num_iterations", "max_completion_length", "generation_chunk_size")
         checks.one_of("loss_type", GRPO_LOSS_TYPES).one_of("scale_rewards", SCALE_REWARDS)
         checks.at_least(0, "num_sample_generations")
+        check_backend_spec(algorithm.generation_backend)
         if algorithm.epsilon_high is not None:
             checks.positive("epsilon_high")
         if algorithm.micro_batch_size is not None:
@@ -117,6 +122,7 @@ class GRPO(AlignmentModule):
     @torch.no_grad()
     def generate_batch(self, batch: dict) -> dict:
         g = self.num_generations
+        self.backend.sync(self.model)
         samples = sample(
             self.model,
             self.tokenizer,
@@ -126,6 +132,7 @@ class GRPO(AlignmentModule):
             self.generation_chunk_size,
             num_per_prompt=g,
             step=self.generation_batches,
+            backend=self.backend,
         )
         texts = self.tokenizer.batch_decode(
             [r[:-1] if ended else r for r, ended in zip(samples.responses, samples.has_eos.tolist())],

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule, disable_dropout
+from alignlab.backends import build_backend, check_backend_spec
 from alignlab.checks import Checks
 from alignlab.errors import ConfigError
 from alignlab.generation import exact_match
@@ -41,6 +42,7 @@ class PPO(AlignmentModule):
         "num_mini_batches",
         "micro_batch_size",
         "local_rollout_forward_batch_size",
+        "generation_backend",
         "response_length",
         "temperature",
         "missing_eos_penalty",
@@ -60,6 +62,7 @@ class PPO(AlignmentModule):
     num_mini_batches: int
     micro_batch_size: int | None
     local_rollout_forward_batch_size: int
+    generation_backend: dict | None
     response_length: int
     temperature: float
     missing_eos_penalty: float | None
@@ -83,6 +86,7 @@ class PPO(AlignmentModule):
         self.frozen = [self.reference, self.scorer]
         self.episodes = 0  # prompts rolled out so far
         self.rollouts = 0
+        self.backend = build_backend(self.generation_backend)
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
@@ -92,6 +96,7 @@ class PPO(AlignmentModule):
         checks.within("gamma", 0, 1).within("lam", 0, 1)
         checks.at_least(1, "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size", "response_length")
         checks.at_least(0, "num_sample_generations")
+        check_backend_spec(algorithm.generation_backend)
         if algorithm.micro_batch_size is not None:
             checks.at_least(1, "micro_batch_size")
         if algorithm.missing_eos_penalty is not None:
@@ -125,8 +130,16 @@ class PPO(AlignmentModule):
     def rollout(self, batch: dict) -> dict:
         """Sample, score and compute advantages for a batch of left-padded prompts."""
         chunk = self.local_rollout_forward_batch_size
+        self.backend.sync(self.model)
         samples = sample(
-            self.model, self.tokenizer, batch, self.response_length, self.temperature, chunk, step=self.rollouts
+            self.model,
+            self.tokenizer,
+            batch,
+            self.response_length,
+            self.temperature,
+            chunk,
+            step=self.rollouts,
+            backend=self.backend,
         )
         seqs, starts, mask, has_eos = samples.seqs, samples.starts, samples.mask, samples.has_eos
         length, n = mask.shape[1], mask.shape[0]

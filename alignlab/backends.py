@@ -1,0 +1,110 @@
+"""Generation backends: what samples the online algorithms' (PPO, GRPO) answers.
+
+A backend turns a chunk of left-padded prompts into sampled answer tokens. The default,
+`TransformersBackend`, runs the policy itself in this process (each prompt encoded once, its KV
+cache shared by its completions, keyed sampling; see alignlab.generation). An inference engine in
+its own memory, such as vLLM on a GPU, plugs in through the same two methods: `sync` receives the
+policy before every rollout (the engine copies its weights), `sample` returns the answers. Name one
+with `algorithm.generation_backend={_target_: package.module.Class, ...}`; its other keys are passed
+to the class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from alignlab.errors import ConfigError
+from alignlab.generation import sample_shared_prefix
+
+
+class GenerationBackend(Protocol):
+    def sync(self, model: torch.nn.Module) -> None:
+        """Called before each rollout with the policy whose current weights the samples must follow."""
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        prompt_input_ids: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        num_per_prompt: int,
+        max_new_tokens: int,
+        temperature: float,
+        keys: torch.Tensor,
+        eos_id: int,
+        pad_id: int,
+    ) -> torch.Tensor:
+        """[B·num_per_prompt, ≤ max_new_tokens] answer tokens (a prompt's answers in consecutive rows),
+        padded with pad_id after eos. `keys` ([B·num_per_prompt] ints) make sampling reproducible
+        where the backend can use them."""
+
+
+class TransformersBackend:
+    """The policy samples its own answers, in this process, with keyed sampling."""
+
+    def sync(self, model: torch.nn.Module) -> None:  # it samples from the live policy: nothing to copy
+        pass
+
+    def sample(
+        self,
+        model,
+        prompt_input_ids,
+        prompt_attention_mask,
+        num_per_prompt,
+        max_new_tokens,
+        temperature,
+        keys,
+        eos_id,
+        pad_id,
+    ):
+        return sample_shared_prefix(
+            model,
+            prompt_input_ids,
+            prompt_attention_mask,
+            num_per_prompt,
+            max_new_tokens,
+            temperature,
+            keys,
+            eos_id,
+            pad_id,
+        )
+
+
+def build_backend(spec: Any) -> GenerationBackend:
+    """null: TransformersBackend; a mapping with `_target_`: that class, built with the other keys."""
+    if spec is None:
+        return TransformersBackend()
+    if not hasattr(spec, "get") or not spec.get("_target_"):
+        raise ConfigError(
+            f"algorithm.generation_backend must be null or {{_target_: package.module.Class, ...}}, got {spec!r}"
+        )
+    from hydra.utils import instantiate
+
+    try:
+        backend = instantiate(spec)
+    except Exception as e:
+        raise ConfigError(f"algorithm.generation_backend {spec['_target_']!r} could not be built: {e}") from None
+    missing = [m for m in ("sync", "sample") if not callable(getattr(backend, m, None))]
+    if missing:
+        raise ConfigError(
+            f"algorithm.generation_backend {spec['_target_']!r} lacks {' and '.join(missing)} "
+            "(see alignlab.backends.GenerationBackend)"
+        )
+    return backend
+
+
+def check_backend_spec(spec: Any) -> None:
+    """Before any model loads: null, or a mapping whose `_target_` imports."""
+    if spec is None:
+        return
+    if not hasattr(spec, "get") or not spec.get("_target_"):
+        raise ConfigError(
+            f"algorithm.generation_backend must be null or {{_target_: package.module.Class, ...}}, got {spec!r}"
+        )
+    from hydra.utils import get_class
+
+    try:
+        get_class(spec["_target_"])
+    except Exception as e:
+        raise ConfigError(f"algorithm.generation_backend {spec['_target_']!r} could not be imported: {e}") from None
