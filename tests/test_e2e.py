@@ -162,3 +162,16 @@ def test_the_final_model_is_always_validated(tmp_path):
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 15  # checkpointing every 250 steps would have written none
     assert result["metrics"]["eval/loss"] == pytest.approx(eval_curve(tmp_path, "eval/loss")[-1][1])
+
+
+def test_logger_none_trains_with_the_default_callbacks(tmp_path):
+    """logger=none: console only. The learning-rate monitor (a default callback) has nowhere to log and
+    is left out rather than stopping the run; no metrics file is written, the summary still is."""
+    result = train(
+        compose(
+            ["logger=none", "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.enable_progress_bar=false"],
+            tmp_path,
+        )
+    )
+    assert result["steps"] == 4 and "eval/loss" in result["metrics"]
+    assert not (tmp_path / "metrics.csv").exists() and (tmp_path / "summary.json").exists()
