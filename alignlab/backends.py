@@ -46,52 +46,7 @@ class TransformersBackend:
     def sync(self, model: torch.nn.Module) -> None:  # it samples from the live policy: nothing to copy
         pass
 
-    def sample(
-        self,
-        model,
-        prompt_input_ids,
-        prompt_attention_mask,
-        num_per_prompt,
-        max_new_tokens,
-        temperature,
-        keys,
-        eos_id,
-        pad_id,
-    ):
-        return sample_shared_prefix(
-            model,
-            prompt_input_ids,
-            prompt_attention_mask,
-            num_per_prompt,
-            max_new_tokens,
-            temperature,
-            keys,
-            eos_id,
-            pad_id,
-        )
-
-
-def build_backend(spec: Any) -> GenerationBackend:
-    """null: TransformersBackend; a mapping with `_target_`: that class, built with the other keys."""
-    if spec is None:
-        return TransformersBackend()
-    if not hasattr(spec, "get") or not spec.get("_target_"):
-        raise ConfigError(
-            f"algorithm.generation_backend must be null or {{_target_: package.module.Class, ...}}, got {spec!r}"
-        )
-    from hydra.utils import instantiate
-
-    try:
-        backend = instantiate(spec)
-    except Exception as e:
-        raise ConfigError(f"algorithm.generation_backend {spec['_target_']!r} could not be built: {e}") from None
-    missing = [m for m in ("sync", "sample") if not callable(getattr(backend, m, None))]
-    if missing:
-        raise ConfigError(
-            f"algorithm.generation_backend {spec['_target_']!r} lacks {' and '.join(missing)} "
-            "(see alignlab.backends.GenerationBackend)"
-        )
-    return backend
+    sample = staticmethod(sample_shared_prefix)
 
 
 def check_backend_spec(spec: Any) -> None:
@@ -108,3 +63,23 @@ def check_backend_spec(spec: Any) -> None:
         get_class(spec["_target_"])
     except Exception as e:
         raise ConfigError(f"algorithm.generation_backend {spec['_target_']!r} could not be imported: {e}") from None
+
+
+def build_backend(spec: Any) -> GenerationBackend:
+    """null: TransformersBackend; a mapping with `_target_`: that class, built with the other keys."""
+    if spec is None:
+        return TransformersBackend()
+    check_backend_spec(spec)
+    from hydra.utils import instantiate
+
+    try:
+        backend = instantiate(spec)
+    except Exception as e:
+        raise ConfigError(f"algorithm.generation_backend {spec['_target_']!r} could not be built: {e}") from None
+    missing = [m for m in ("sync", "sample") if not callable(getattr(backend, m, None))]
+    if missing:
+        raise ConfigError(
+            f"algorithm.generation_backend {spec['_target_']!r} lacks {' and '.join(missing)} "
+            "(see alignlab.backends.GenerationBackend)"
+        )
+    return backend
