@@ -81,11 +81,11 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ConfigError("the tokenizer needs both a pad token and an eos token")
         self.tokenizer = tokenizer
 
+    answer_keys: tuple[str, ...] = ()  # the encoded answers of a row, e.g. ("chosen_ids", "rejected_ids")
+
     def length(self, ex: dict) -> int:
         """Tokens an encoded row takes in a batch (its longest sequence): for grouping by length."""
         return len(ex["prompt_ids"]) + max((len(ex[k]) for k in self.answer_keys), default=0)
-
-    answer_keys: tuple[str, ...] = ()  # the encoded answers of a row, e.g. ("chosen_ids", "rejected_ids")
 
     def rows(self) -> dict[str, list[dict]]:
         """Canonical rows of both splits (no tokenizer needed)."""
@@ -149,7 +149,7 @@ class AlignmentDataModule(L.LightningDataModule):
             lengths=[self.length(ex) for ex in rows] if self.group_by_length else None,
             accumulate=accumulate,
         )
-        return ResumableLoader(self.splits["train"], self.order, **self._loader_args(with_prompts=False))
+        return ResumableLoader(rows, self.order, **self._loader_args(with_prompts=False))
 
     def val_dataloader(self) -> DataLoader:
         args = self._loader_args(with_prompts=True)
