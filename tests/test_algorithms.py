@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from alignlab.data import LabelledDataModule
+from alignlab.data.rows import mismatch_partners
 from alignlab.logprobs import answer_logprobs
 from alignlab.losses import cpo_loss, kto_loss, orpo_loss, simpo_loss
 from tests.conftest import OPTIM, ListSource, build_module
@@ -86,18 +87,43 @@ def kto_batch(tokenizer, answers=("7", "9", "35"), labels=(True, False, True)):
     return dm, dm.collate(dm.splits["train"], with_prompts=False)
 
 
-def test_kto_batch_pairs_each_prompt_with_the_previous_rows_answer(tiny):
+def test_kto_batch_pairs_each_prompt_with_its_partners_answer(tiny):
     _, tokenizer = tiny
-    _, batch = kto_batch(tokenizer)
+    dm, batch = kto_batch(tokenizer)
     assert batch["input_ids"].shape[0] == 6
     assert batch["label"].tolist() == [True, False, True]
 
     def decode(i):
         return tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()])
 
-    assert decode(0).endswith("3+4=<|im_end|>\n<|im_start|>assistant\n7<|im_end|>")
-    assert decode(3).endswith("3+4=<|im_end|>\n<|im_start|>assistant\n35<|im_end|>")  # row 0 meets row 2's answer
-    assert decode(4).endswith("4+4=<|im_end|>\n<|im_start|>assistant\n7<|im_end|>")
+    answers = ["7", "9", "35"]
+    partners = mismatch_partners(3, dm.seed)
+    assert sorted(partners) == [0, 1, 2] and all(p != i for i, p in enumerate(partners))
+    for i, question in enumerate(("3+4=", "4+4=", "10+25=")):
+        assert decode(i).endswith(f"{question}<|im_end|>\n<|im_start|>assistant\n{answers[i]}<|im_end|>")
+        mismatched = f"{question}<|im_end|>\n<|im_start|>assistant\n{answers[partners[i]]}<|im_end|>"
+        assert decode(3 + i).endswith(mismatched)
+    # The pairing belongs to the rows, not to the batch: a batch of rows 2 and 0 keeps it.
+    again = dm.collate([dm.splits["train"][2], dm.splits["train"][0]], with_prompts=False)
+
+    def tokens(b, i):
+        return b["input_ids"][i][b["attention_mask"][i].bool()].tolist()
+
+    assert tokens(again, 2) == tokens(batch, 5) and tokens(again, 3) == tokens(batch, 3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 101])
+def test_mismatch_partners_form_one_cycle_through_every_row(n):
+    partners = mismatch_partners(n, seed=7)
+    assert sorted(partners) == list(range(n))  # every answer is used once
+    row, seen = 0, set()
+    while row not in seen:  # one cycle: following partners from row 0 visits every row
+        seen.add(row)
+        row = partners[row]
+    assert len(seen) == n and (n == 1 or all(p != i for i, p in enumerate(partners)))
+    assert mismatch_partners(n, seed=7) == partners
+    if n > 3:
+        assert mismatch_partners(n, seed=8) != partners
 
 
 def test_kto_module_loss_matches_the_pure_function(tiny):

@@ -54,22 +54,34 @@ def assert_same(a: dict, b: dict, metrics: list[str]) -> None:
         assert hb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
-def test_precomputed_reference_log_probs_change_nothing_and_free_the_reference(tmp_path, monkeypatch):
-    from alignlab.algorithms import dpo
+REFERENCE_METRICS = {
+    "dpo": ["train/loss", "train/rewards/margins", "eval/loss", "eval/rewards/chosen", "eval/rewards/accuracies"],
+    "kto": ["train/loss", "train/kl", "eval/loss", "eval/kl", "eval/rewards/chosen", "eval/rewards/rejected"],
+}
 
-    live = run(tmp_path, "live", "algorithm.precompute_ref_log_probs=false")
-    calls = {"train": 0}
-    score = dpo.DPO.score_reference
 
-    def counted(self, batch):
-        calls["train"] += self.trainer.training and self.trainer.global_step > 0
-        return score(self, batch)
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_precomputed_reference_log_probs_change_nothing_and_free_the_reference(tmp_path, monkeypatch, algorithm):
+    from alignlab.algorithms.base import AlignmentModule
 
-    monkeypatch.setattr(dpo.DPO, "score_reference", counted)
-    cached = run(tmp_path, "cached", "algorithm.precompute_ref_log_probs=true")
-    assert calls["train"] == 0  # no reference forward once training has started
-    metrics = ["train/loss", "train/rewards/margins", "eval/loss", "eval/rewards/chosen", "eval/rewards/accuracies"]
-    assert_same(live, cached, metrics)
+    name = f"algorithm={algorithm}"
+    live = run(tmp_path, "live", name, "algorithm.precompute_ref_log_probs=false")
+    calls = {"scored": 0, "in_training": 0}
+    cache = AlignmentModule.cache_reference
+
+    def counted(self, score, **kwargs):
+        def counted_score(batch):
+            calls["scored"] += 1
+            calls["in_training"] += self.trainer.global_step > 0
+            return score(batch)
+
+        cache(self, counted_score, **kwargs)
+        assert self.reference is None  # the copy is freed once every row carries its values
+
+    monkeypatch.setattr(AlignmentModule, "cache_reference", counted)
+    cached = run(tmp_path, "cached", name, "algorithm.precompute_ref_log_probs=true")
+    assert calls["scored"] > 0 and calls["in_training"] == 0  # scored once, before the first step
+    assert_same(live, cached, REFERENCE_METRICS[algorithm])
 
 
 def test_grouping_by_length_within_a_step_changes_nothing_but_padding(tmp_path):

@@ -40,6 +40,8 @@ class AlignmentModule(L.LightningModule):
     disables_dropout: bool = False
     # Plain attributes a resumed run must continue from (e.g. PPO's episode count), saved in checkpoints.
     counters: tuple[str, ...] = ()
+    # Offline algorithms with a reference make this a hyper-parameter: score every row once (see below).
+    precompute_ref_log_probs: bool = False
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
@@ -87,6 +89,16 @@ class AlignmentModule(L.LightningModule):
             model.to(self.device)
 
     # -- reference log-probs computed once -------------------------------------------------------
+    def on_train_start(self) -> None:
+        if self.precompute_ref_log_probs:
+            # Training's micro-batch size: known to fit in memory, and long rows in large batches would
+            # make attention (quadratic in length) slow.
+            self.cache_reference(self.score_reference, batch_size=self.trainer.datamodule.batch_size)
+
+    def score_reference(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The reference's per-row values for a batch, by the names batches carry once cached."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference values to cache")
+
     @torch.no_grad()
     def cache_reference(self, score, batch_size: int = 64) -> None:
         """Score every row of both splits with the frozen reference once and keep the values in the

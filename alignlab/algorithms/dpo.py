@@ -26,12 +26,6 @@ class DPO(PairwiseModule):
         checks = Checks(algorithm, "algorithm").positive("beta").non_negative("rpo_alpha")
         checks.one_of("loss_type", DPO_LOSS_TYPES).within("label_smoothing", 0, 0.5, high_open=True)
 
-    def on_train_start(self) -> None:
-        if self.precompute_ref_log_probs:
-            # Training's micro-batch size: known to fit in memory, and long rows in large batches would
-            # make attention (quadratic in length) slow.
-            self.cache_reference(self.score_reference, batch_size=self.trainer.datamodule.batch_size)
-
     def score_reference(self, batch: dict) -> dict[str, torch.Tensor]:
         chosen, rejected = self.reference.answer_logprobs(batch).split_pairs(self.rows_in(batch))
         return {"ref_chosen_logps": chosen.logps, "ref_rejected_logps": rejected.logps}

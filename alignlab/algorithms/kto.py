@@ -19,11 +19,12 @@ class KTO(AlignmentModule):
     """Batches hold B matched (prompt, answer) rows, then B mismatched ones (prompt i with another
     row's answer) whose policy/reference log-ratio estimates the reference point z₀."""
 
-    hparam_names = ("beta", "desirable_weight", "undesirable_weight")
+    hparam_names = ("beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs")
     uses_reference = True
     beta: float
     desirable_weight: float
     undesirable_weight: float
+    precompute_ref_log_probs: bool
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
@@ -38,17 +39,21 @@ class KTO(AlignmentModule):
         if advice and self.trainer.is_global_zero:
             log.warning(advice)
 
-    def reference_logps(self, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if "ref_logps" in batch:
-            return batch["ref_logps"], batch["ref_kl_logps"]
-        ref = self.reference.answer_logprobs(batch)
-        return ref.logps[:n], ref.logps[n:]
+    def score_reference(self, batch: dict) -> dict[str, torch.Tensor]:
+        n, ref = self.rows_in(batch), self.reference.answer_logprobs(batch)
+        return {"ref_logps": ref.logps[:n], "ref_kl_logps": ref.logps[n:]}
+
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached per-row values (matched, mismatched) when the batch carries them, else a reference forward."""
+        if "ref_logps" not in batch:
+            batch = {**batch, **self.score_reference(batch)}
+        return batch["ref_logps"], batch["ref_kl_logps"]
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
         n = self.rows_in(batch)
         policy = answer_logprobs(self.model, batch)
         matched, mismatched = policy.rows(slice(0, n)), policy.rows(slice(n, 2 * n))
-        ref, ref_kl = self.reference_logps(batch, n)
+        ref, ref_kl = self.reference_logps(batch)
         # z₀ is averaged over every device's batch before kto_loss clamps it at 0.
         kl = self.mean_across_devices(kto_kl_estimate(mismatched.logps, ref_kl))
         desirable = batch["label"]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader
-from alignlab.data.rows import ON_BAD_ROW, unpair
+from alignlab.data.rows import ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
 from alignlab.errors import ConfigError, DataError
 
@@ -223,14 +223,16 @@ class PairwiseDataModule(AlignmentDataModule):
 
 class LabelledDataModule(AlignmentDataModule):
     """(prompt, completion, label) rows for KTO. A batch holds B matched sequences, then B mismatched
-    ones (prompt i with row i−1's answer) for KTO's KL reference point, and a bool `label` [B].
+    ones (each row's prompt with its fixed partner's answer, see `mismatch_partners`) for KTO's KL
+    reference point, and a bool `label` [B]. The partner is fixed per row, not drawn per batch, so a
+    row's reference log-probs (matched and mismatched) can be computed once before training.
 
     `unpair=True` reads a pairwise source and splits each pair into a desirable (chosen) and an
     undesirable (rejected) row.
     """
 
     kind = "labelled"
-    answer_keys = ("completion_ids",)
+    answer_keys = ("completion_ids", "kl_completion_ids")
 
     def __init__(self, source, unpair: bool = False, **kwargs):
         super().__init__(source, **kwargs)
@@ -244,18 +246,21 @@ class LabelledDataModule(AlignmentDataModule):
     def encode(self, rows: list[dict]) -> list[dict | None]:
         prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
         answers = encode_answers(self.tokenizer, [r["completion"] for r in rows])
+        partners = mismatch_partners(len(rows), self.seed)
         out = []
-        for row, p, a in zip(rows, prompts, answers):
+        for row, p, a, partner in zip(rows, prompts, answers, partners):
             a = fit_answer(len(p), a, self.max_length)
-            out.append(None if a is None else {"prompt_ids": p, "completion_ids": a, "label": bool(row["label"])})
+            if a is None:
+                out.append(None)
+                continue
+            kl = fit_answer(len(p), answers[partner], self.max_length)  # the partner's answer after this prompt
+            out.append({"prompt_ids": p, "completion_ids": a, "kl_completion_ids": kl, "label": bool(row["label"])})
         return out
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
-        answers = [e["completion_ids"] for e in examples]
-        shifted = answers[-1:] + answers[:-1]  # row i meets row i−1's answer (itself when B = 1)
-        mismatched = [fit_answer(len(p), a, self.max_length) for p, a in zip(prompts, shifted)]
-        batch = collate_answers(prompts + prompts, answers + mismatched, self.pad_id)
+        answers = [e["completion_ids"] for e in examples] + [e["kl_completion_ids"] for e in examples]
+        batch = collate_answers(prompts + prompts, answers, self.pad_id)
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
         return {**batch, **self._extras(examples, with_prompts)}
 

@@ -14,6 +14,8 @@ import json
 import math
 from typing import Any
 
+import torch
+
 from alignlab.errors import DataError
 
 KINDS = ("prompt", "sft", "pairwise", "labelled")
@@ -185,6 +187,17 @@ def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
         used = {"messages", "prompt", "completion", "label"}
         return {"prompt": prompt, "completion": completion, "label": label, **row.extra(used)}
     raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+
+
+def mismatch_partners(n: int, seed: int) -> list[int]:
+    """For each of n rows, another row whose answer it is paired with for KTO's KL reference point:
+    one cycle through a seeded shuffle of the rows, so no row is its own partner (unless n = 1) and
+    rows next to each other in the file (e.g. the two halves of an unpaired pair) rarely meet."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    partners = [0] * n
+    for j, row in enumerate(order):
+        partners[row] = order[j - 1]
+    return partners
 
 
 def unpair(row: dict) -> list[dict]:
