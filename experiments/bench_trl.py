@@ -1,11 +1,11 @@
 """Benchmark: alignlab against TRL, the field's reference trainer, on the same model, data and settings.
 
-For each algorithm (DPO, GRPO) and each configuration, one worker subprocess trains a fixed number of
+For each algorithm (DPO, KTO, GRPO) and each configuration, one worker subprocess trains a fixed number of
 steps and reports step times, real (non-padding) tokens, peak memory and its first losses; the parent
 measures the machine's matmul rate in the same command and writes a markdown table and a JSON file.
 
     pip install -e ".[bench]"
-    python experiments/bench_trl.py                       # DPO and GRPO, CPU, the 30M-parameter model
+    python experiments/bench_trl.py                       # DPO, KTO and GRPO, CPU, the 30M-parameter model
     python experiments/bench_trl.py --algorithms dpo --steps 30 --out experiments/out/bench_trl
 
 Model: a Qwen2 of about 30M parameters (hidden 512 × 8 layers, alignlab's byte-level ChatML tokenizer),
@@ -57,6 +57,7 @@ MODELS = {
         "init_seed": 0,
     },
 }
+DATA_CONFIGS = {"dpo": "custom_pairs", "kto": "custom_kto", "grpo": "custom_prompts"}  # alignlab's data group
 WORDS = "the a of to and in is it that for on with as was at by an be this are from or have one had not but".split()
 
 
@@ -76,10 +77,11 @@ def text(rng: random.Random, median: int, low: int, high: int) -> str:
     return " ".join(words)[:target]
 
 
-def write_data(out: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
-    """pairs.jsonl (prompt, chosen, rejected) and prompts.jsonl (prompt) in alignlab's flat form."""
+def write_data(out: Path, rows: int, seed: int = 0) -> dict[str, Path]:
+    """pairs.jsonl (prompt, chosen, rejected), labelled.jsonl (prompt, completion, label: desirable
+    and undesirable in turn) and prompts.jsonl (prompt), in alignlab's flat form."""
     rng = random.Random(seed)
-    pairs, prompts = out / "pairs.jsonl", out / "prompts.jsonl"
+    pairs, labelled, prompts = out / "pairs.jsonl", out / "labelled.jsonl", out / "prompts.jsonl"
     with open(pairs, "w") as f:
         for _ in range(rows):
             row = {
@@ -88,10 +90,14 @@ def write_data(out: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
                 "rejected": text(rng, 80, 4, 300),
             }
             f.write(json.dumps(row) + "\n")
+    with open(labelled, "w") as f:
+        for i in range(rows):
+            row = {"prompt": text(rng, 120, 16, 400), "completion": text(rng, 80, 4, 300), "label": i % 2 == 0}
+            f.write(json.dumps(row) + "\n")
     with open(prompts, "w") as f:
         for _ in range(rows):
             f.write(json.dumps({"prompt": text(rng, 120, 16, 400)}) + "\n")
-    return pairs, prompts
+    return {"dpo": pairs, "kto": labelled, "grpo": prompts}
 
 
 def held_out(path: str, rows: int = 8) -> Path:
@@ -172,7 +178,7 @@ def run_alignlab(cfg: dict) -> dict:
         f"algorithm={algorithm}",
         f"model.path={cfg['model']}",
         "model.tiny=null",
-        f"data=custom_{'pairs' if algorithm == 'dpo' else 'prompts'}",
+        f"data={DATA_CONFIGS[algorithm]}",
         f"data.source.path={cfg['data']}",
         f"data.source.eval_path={held_out(cfg['data'])}",
         "data.shuffle=false",
@@ -258,6 +264,17 @@ def run_trl(cfg: dict) -> dict:
             processing_class=tokenizer,
             callbacks=[Clock()],
         )
+    elif cfg["algorithm"] == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(**common, max_length=cfg["max_length"], beta=0.1, **cfg["trl"])
+        trainer = in_order(KTOTrainer)(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
     else:
         from trl import GRPOConfig, GRPOTrainer
 
@@ -307,6 +324,16 @@ def real_tokens(cfg: dict) -> list[int]:
         chosen = encode_answers(tokenizer, [r["chosen"] for r in rows])
         rejected = encode_answers(tokenizer, [r["rejected"] for r in rows])
         per_row = [2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    elif cfg["algorithm"] == "kto":  # each prompt twice: with its answer, and with its mismatched partner's
+        answers = [len(a) for a in encode_answers(tokenizer, [r["completion"] for r in rows])]
+        if cfg["trainer"] == "trl":  # TRL pairs a row with its neighbour's answer within the batch
+            b = cfg["batch_size"]
+            partner = [i - 1 if i % b else min(i + b, len(rows)) - 1 for i in range(len(rows))]
+        else:
+            from alignlab.data.rows import mismatch_partners
+
+            partner = mismatch_partners(len(rows), seed=0)
+        per_row = [2 * len(p) + answers[i] + answers[partner[i]] for i, p in enumerate(prompts)]
     else:  # every completion runs to the length limit (the untrained model rarely emits eos)
         per_row = [cfg["num_generations"] * (len(p) + cfg["completion_length"]) for p in prompts]
     b = cfg["batch_size"]
@@ -320,7 +347,9 @@ def summarise(cfg: dict, result: dict, params: int, peak_flops: float, warmup: i
     total = steps[-1] - result["start"]
     steady = sorted(times[warmup:])[len(times[warmup:]) // 2]
     # Model FLOPs: 6N per trained token (forward and backward) and 2N per reference-scored token (DPO).
-    per_token = 6 * params + (2 * params if cfg["algorithm"] == "dpo" else 0)
+    # KTO trains and scores its matched half (8N per token) but only runs the policy and the reference
+    # forward on its mismatched half (4N): 6N per token on average.
+    per_token = {"dpo": 8 * params, "kto": 6 * params}.get(cfg["algorithm"], 6 * params)
     if cfg["algorithm"] == "grpo":
         per_token = 6 * params  # generation is not counted; the update forward and backward are
     out = {
@@ -338,11 +367,11 @@ def summarise(cfg: dict, result: dict, params: int, peak_flops: float, warmup: i
     return out
 
 
-def configurations(args, model: Path, pairs: Path, prompts: Path, device: str) -> list[dict]:
+def configurations(args, model: Path, data: dict[str, Path], device: str) -> list[dict]:
     base = {"model": str(model), "device": device, "steps": args.steps, "lr": 1e-5, "max_length": 1024}
     runs = []
     if "dpo" in args.algorithms:
-        dpo = {**base, "algorithm": "dpo", "data": str(pairs), "batch_size": args.batch_size}
+        dpo = {**base, "algorithm": "dpo", "data": str(data["dpo"]), "batch_size": args.batch_size}
         same_loss = ["algorithm.rpo_alpha=0.0"]  # TRL's sigmoid DPO loss has no NLL term
         runs += [
             {**dpo, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},
@@ -367,11 +396,35 @@ def configurations(args, model: Path, pairs: Path, prompts: Path, device: str) -
                 ],
             },
         ]
+    if "kto" in args.algorithms:
+        kto = {**base, "algorithm": "kto", "data": str(data["kto"]), "batch_size": args.batch_size}
+        runs += [
+            {**kto, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},
+            {
+                **kto,
+                "trainer": "trl",
+                "label": "TRL precompute_ref_log_probs",
+                "trl": {"precompute_ref_log_probs": True},
+                "alignlab": [],
+            },
+            {**kto, "trainer": "alignlab", "label": "alignlab defaults", "trl": {}, "alignlab": []},
+            {
+                **kto,
+                "trainer": "alignlab",
+                "label": f"alignlab, {args.micro_batches} length-grouped micro-batches",
+                "trl": {},
+                "alignlab": [
+                    f"batch_size={args.batch_size // args.micro_batches}",
+                    f"trainer.accumulate_grad_batches={args.micro_batches}",
+                    "data.group_by_length=true",
+                ],
+            },
+        ]
     if "grpo" in args.algorithms:
         grpo = {
             **base,
             "algorithm": "grpo",
-            "data": str(prompts),
+            "data": str(data["grpo"]),
             "batch_size": args.grpo_prompts,
             "num_generations": 8,
             "completion_length": 64,
@@ -416,9 +469,9 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_trl"))
-    parser.add_argument("--algorithms", nargs="+", default=["dpo", "grpo"], choices=["dpo", "grpo"])
+    parser.add_argument("--algorithms", nargs="+", default=["dpo", "kto", "grpo"], choices=["dpo", "kto", "grpo"])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8, help="DPO pairs per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="DPO pairs (KTO rows) per step")
     parser.add_argument("--micro-batches", type=int, default=4, help="alignlab's length-grouped micro-batches per step")
     parser.add_argument("--grpo-prompts", type=int, default=4, help="GRPO prompts per step (× 8 completions)")
     parser.add_argument("--trainers", nargs="+", default=["trl", "alignlab"], choices=["trl", "alignlab"])
@@ -431,7 +484,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     rows = args.steps * max(args.batch_size, args.grpo_prompts)
-    pairs, prompts = write_data(args.out, rows)
+    data = write_data(args.out, rows)
     sizes = ["30M", "300M"] if device == "cuda" else ["30M"]
     peak = matmul_rate(device)
     results = []
@@ -440,7 +493,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
-        for i, cfg in enumerate(configurations(args, model, pairs, prompts, device)):
+        for i, cfg in enumerate(configurations(args, model, data, device)):
             if cfg["trainer"] not in args.trainers:
                 continue
             cfg.update(work=str(args.out / f"run{i}-{size}"), result=str(args.out / f"run{i}-{size}.json"))

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignlab.config import compose  # noqa: F401  (re-exported for the tests)
 
@@ -22,6 +23,23 @@ os.environ["ALIGNLAB_CACHE"] = tempfile.mkdtemp(prefix="alignlab-test-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
+
+# Under pytest-xdist (the README runs `-n auto`) each worker takes an equal share of the cores, and so
+# do the subprocesses it starts: two one-thread workers on two cores do about 1.4× the work of one
+# two-thread process, because the tiny model's matmuls are too small to split well. Its results are
+# bitwise the same at one thread as at two, so the end-to-end thresholds hold either way.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With -n, pytest-xdist hands each test file whole to one worker (`--dist loadfile`), so a file's
+    shared runs are made once, in this order (`--no-loadscope-reorder`): the longest chain (SFT →
+    reward model → PPO) first, then the other end-to-end files, then the rest, which fill in at the end.
+    The sort is stable, so tests keep their order otherwise."""
+    items.sort(key=lambda item: 0 if "rm_run" in item.fixturenames else 1 if item.get_closest_marker("slow") else 2)
 
 
 class ListSource:

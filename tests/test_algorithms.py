@@ -147,6 +147,27 @@ def test_kto_module_loss_matches_the_pure_function(tiny):
     assert count == 1 and value.item() == pytest.approx(rewards[1].item(), rel=1e-4)
 
 
+def test_kto_gradient_equals_one_forward_over_both_halves(tiny):
+    """The mismatched half is scored without gradients (z₀ is detached): the policy gradient is the
+    paper's, taken through one forward over the whole batch."""
+    model, tokenizer = tiny
+    _, batch = kto_batch(tokenizer)
+    module = build_module("kto", copy.deepcopy(model), tokenizer, beta=0.5)
+    module.model.load_state_dict(perturbed(model, scale=0.05).state_dict())
+    loss, _ = module.compute(batch)
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in module.model.named_parameters()}
+    module.model.zero_grad()
+    pol = answer_logprobs(module.model, batch)
+    with torch.no_grad():
+        ref = answer_logprobs(model, batch)
+    kl = (pol.logps[3:] - ref.logps[3:]).detach().mean()
+    kto_loss(pol.logps[:3], ref.logps[:3], batch["label"], kl, 0.5, 1.0, 1.0).losses.mean().backward()
+    assert any(g.abs().sum() > 0 for g in got.values())
+    for name, p in module.model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_kto_all_desirable_batch_logs_no_rejected_side(tiny):
     model, tokenizer = tiny
     _, batch = kto_batch(tokenizer, labels=(True, True, True))

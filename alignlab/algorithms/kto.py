@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.checks import Checks
+from alignlab.data.collate import select_rows
 from alignlab.logprobs import answer_logprobs
 from alignlab.losses import kto_kl_estimate, kto_loss, kto_weight_advice
 
@@ -51,8 +52,9 @@ class KTO(AlignmentModule):
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
         n = self.rows_in(batch)
-        policy = answer_logprobs(self.model, batch)
-        matched, mismatched = policy.rows(slice(0, n)), policy.rows(slice(n, 2 * n))
+        matched = answer_logprobs(self.model, select_rows(batch, slice(0, n)))
+        with torch.no_grad():  # z₀ is detached, so the mismatched half needs no backward pass
+            mismatched = answer_logprobs(self.model, select_rows(batch, slice(n, 2 * n)))
         ref, ref_kl = self.reference_logps(batch)
         # z₀ is averaged over every device's batch before kto_loss clamps it at 0.
         kl = self.mean_across_devices(kto_kl_estimate(mismatched.logps, ref_kl))

@@ -39,6 +39,12 @@ def collate_answers(prompts: Sequence[list[int]], answers: Sequence[list[int]], 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
+def select_rows(batch: dict, rows: slice) -> dict:
+    """Some sequences of an answer batch, cut to the longest of them (the padding is on the right)."""
+    width = int(batch["attention_mask"][rows].sum(-1).max())
+    return {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
+
+
 def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict:
     """Left-padded prompts, ready for batched generation."""
     ids, mask = pad(prompts, pad_id, left=True)
