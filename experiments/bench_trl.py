@@ -169,10 +169,19 @@ def alignlab_clock():
     return Clock()
 
 
+def trl_partners(n: int, batch_size: int) -> list[int]:
+    """TRL's KTO pairing: each row with its neighbour's answer within its batch, rotated by one."""
+    return [i - 1 if i % batch_size else min(i + batch_size, n) - 1 for i in range(n)]
+
+
 def run_alignlab(cfg: dict) -> dict:
     from alignlab.config import compose
     from alignlab.train import train
 
+    if cfg.get("kto_pairing") == "trl":  # --kto-pairing trl: only to compare the losses step for step
+        import alignlab.data.datamodule
+
+        alignlab.data.datamodule.mismatch_partners = lambda n, seed: trl_partners(n, cfg["batch_size"])
     algorithm = cfg["algorithm"]
     overrides = [
         f"algorithm={algorithm}",
@@ -326,9 +335,8 @@ def real_tokens(cfg: dict) -> list[int]:
         per_row = [2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
     elif cfg["algorithm"] == "kto":  # each prompt twice: with its answer, and with its mismatched partner's
         answers = [len(a) for a in encode_answers(tokenizer, [r["completion"] for r in rows])]
-        if cfg["trainer"] == "trl":  # TRL pairs a row with its neighbour's answer within the batch
-            b = cfg["batch_size"]
-            partner = [i - 1 if i % b else min(i + b, len(rows)) - 1 for i in range(len(rows))]
+        if cfg["trainer"] == "trl" or cfg.get("kto_pairing") == "trl":
+            partner = trl_partners(len(rows), cfg["batch_size"])
         else:
             from alignlab.data.rows import mismatch_partners
 
@@ -398,6 +406,7 @@ def configurations(args, model: Path, data: dict[str, Path], device: str) -> lis
         ]
     if "kto" in args.algorithms:
         kto = {**base, "algorithm": "kto", "data": str(data["kto"]), "batch_size": args.batch_size}
+        kto["kto_pairing"] = args.kto_pairing
         runs += [
             {**kto, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},
             {
@@ -473,6 +482,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="DPO pairs (KTO rows) per step")
     parser.add_argument("--micro-batches", type=int, default=4, help="alignlab's length-grouped micro-batches per step")
+    parser.add_argument(
+        "--kto-pairing",
+        choices=["alignlab", "trl"],
+        default="alignlab",
+        help="alignlab's KTO runs pair rows for z0 as alignlab does, or as TRL does (for comparing losses)",
+    )
     parser.add_argument("--grpo-prompts", type=int, default=4, help="GRPO prompts per step (× 8 completions)")
     parser.add_argument("--trainers", nargs="+", default=["trl", "alignlab"], choices=["trl", "alignlab"])
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state step time")
