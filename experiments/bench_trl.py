@@ -262,22 +262,13 @@ def run_trl(cfg: dict) -> dict:
         "seed": 0,
         "disable_tqdm": True,
     }
-    if cfg["algorithm"] == "dpo":
-        from trl import DPOConfig, DPOTrainer
+    if cfg["algorithm"] in ("dpo", "kto"):  # offline: the same settings for both
+        import trl
 
-        args = DPOConfig(**common, max_length=cfg["max_length"], beta=0.1, **cfg["trl"])
-        trainer = in_order(DPOTrainer)(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            callbacks=[Clock()],
-        )
-    elif cfg["algorithm"] == "kto":
-        from trl import KTOConfig, KTOTrainer
-
-        args = KTOConfig(**common, max_length=cfg["max_length"], beta=0.1, **cfg["trl"])
-        trainer = in_order(KTOTrainer)(
+        name = cfg["algorithm"].upper()
+        config, trainer_class = getattr(trl, f"{name}Config"), getattr(trl, f"{name}Trainer")
+        args = config(**common, max_length=cfg["max_length"], beta=0.1, **cfg["trl"])
+        trainer = in_order(trainer_class)(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(rows),
