@@ -366,60 +366,35 @@ def summarise(cfg: dict, result: dict, params: int, peak_flops: float, warmup: i
     return out
 
 
+def offline_runs(common: dict, args) -> list[dict]:
+    """DPO or KTO: TRL at its defaults and with precomputed reference log-probs; alignlab at its defaults
+    and with length-grouped micro-batches making up the same batch."""
+    common = {**common, "batch_size": args.batch_size, "kto_pairing": args.kto_pairing}
+    same_loss = ["algorithm.rpo_alpha=0.0"] if common["algorithm"] == "dpo" else []  # TRL's DPO has no NLL term
+    micro = [
+        f"batch_size={args.batch_size // args.micro_batches}",
+        f"trainer.accumulate_grad_batches={args.micro_batches}",
+        "data.group_by_length=true",
+    ]
+    trl, alignlab = {**common, "trainer": "trl", "alignlab": []}, {**common, "trainer": "alignlab", "trl": {}}
+    return [
+        {**trl, "label": "TRL defaults", "trl": {}},
+        {**trl, "label": "TRL precompute_ref_log_probs", "trl": {"precompute_ref_log_probs": True}},
+        {**alignlab, "label": "alignlab defaults", "alignlab": same_loss},
+        {
+            **alignlab,
+            "label": f"alignlab, {args.micro_batches} length-grouped micro-batches",
+            "alignlab": same_loss + micro,
+        },
+    ]
+
+
 def configurations(args, model: Path, data: dict[str, Path], device: str) -> list[dict]:
     base = {"model": str(model), "device": device, "steps": args.steps, "lr": 1e-5, "max_length": 1024}
     runs = []
-    if "dpo" in args.algorithms:
-        dpo = {**base, "algorithm": "dpo", "data": str(data["dpo"]), "batch_size": args.batch_size}
-        same_loss = ["algorithm.rpo_alpha=0.0"]  # TRL's sigmoid DPO loss has no NLL term
-        runs += [
-            {**dpo, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},
-            {
-                **dpo,
-                "trainer": "trl",
-                "label": "TRL precompute_ref_log_probs",
-                "trl": {"precompute_ref_log_probs": True},
-                "alignlab": [],
-            },
-            {**dpo, "trainer": "alignlab", "label": "alignlab defaults", "trl": {}, "alignlab": same_loss},
-            {
-                **dpo,
-                "trainer": "alignlab",
-                "label": f"alignlab, {args.micro_batches} length-grouped micro-batches",
-                "trl": {},
-                "alignlab": [
-                    *same_loss,
-                    f"batch_size={args.batch_size // args.micro_batches}",
-                    f"trainer.accumulate_grad_batches={args.micro_batches}",
-                    "data.group_by_length=true",
-                ],
-            },
-        ]
-    if "kto" in args.algorithms:
-        kto = {**base, "algorithm": "kto", "data": str(data["kto"]), "batch_size": args.batch_size}
-        kto["kto_pairing"] = args.kto_pairing
-        runs += [
-            {**kto, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},
-            {
-                **kto,
-                "trainer": "trl",
-                "label": "TRL precompute_ref_log_probs",
-                "trl": {"precompute_ref_log_probs": True},
-                "alignlab": [],
-            },
-            {**kto, "trainer": "alignlab", "label": "alignlab defaults", "trl": {}, "alignlab": []},
-            {
-                **kto,
-                "trainer": "alignlab",
-                "label": f"alignlab, {args.micro_batches} length-grouped micro-batches",
-                "trl": {},
-                "alignlab": [
-                    f"batch_size={args.batch_size // args.micro_batches}",
-                    f"trainer.accumulate_grad_batches={args.micro_batches}",
-                    "data.group_by_length=true",
-                ],
-            },
-        ]
+    for algorithm in ("dpo", "kto"):
+        if algorithm in args.algorithms:
+            runs += offline_runs({**base, "algorithm": algorithm, "data": str(data[algorithm])}, args)
     if "grpo" in args.algorithms:
         grpo = {
             **base,
