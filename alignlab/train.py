@@ -111,6 +111,7 @@ def train(cfg: DictConfig) -> dict:
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - start, 1),
         "dropped_rows": dict(datamodule.dropped),
+        "dropped_rows_by_reason": dict(datamodule.dropped_by_reason),
         "skipped_bad_rows": datamodule.skipped,
         "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
     }

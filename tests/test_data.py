@@ -222,7 +222,7 @@ def test_max_length_drops_long_prompts_and_truncates_answers(tiny):
     assert len(dm.splits["train"][0]["completion_ids"]) == 1
     dm = SFTDataModule(ListSource(rows[:1]), batch_size=2, max_length=prompt_len)
     dm.set_tokenizer(tokenizer)
-    with pytest.raises(DataError, match="no train row fits max_length"):
+    with pytest.raises(DataError, match="no train row is usable at max_length"):
         dm.setup()
 
 

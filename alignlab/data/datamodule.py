@@ -1,7 +1,8 @@
 """LightningDataModules for the data kinds, over one shared base.
 
 The base reads rows from a source (bundled task or files), encodes them once the tokenizer is
-known, drops rows whose prompt alone does not fit `max_length` (and says how many), and serves
+known, drops rows that `max_length` leaves meaningless (a prompt that alone does not fit; a pair
+whose two answers are the same tokens once cut) and says how many for each reason, and serves
 shuffled, per-batch padded loaders. A subclass says which data kind it reads, how a row is
 encoded and how examples are collated.
 """
@@ -9,6 +10,7 @@ encoded and how examples are collated.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from functools import partial
 from typing import Any
 
@@ -18,19 +20,27 @@ from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader
-from alignlab.data.rows import ON_BAD_ROW, mismatch_partners, unpair
+from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+# Why setup leaves a row out (the keys of `dropped_by_reason`), as the log and errors say it.
+DROP_REASONS = {
+    "prompt_too_long": "whose prompt alone does not fit max_length={max_length}",
+    "identical_after_truncation": "whose chosen and rejected answers are the same tokens once cut to "
+    "max_length={max_length} (they differ only after it)",
+}
 
 
 class AlignmentDataModule(L.LightningDataModule):
     kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)
     # Text columns that travel with eval batches (for exact-match and reward functions).
     passthrough: tuple[str, ...] = ("solution",)
-    # Per-row numbers that travel with every batch as float tensors (e.g. a reward-model margin).
-    numeric_columns: tuple[str, ...] = ("margin",)
+    # Per-row numbers that travel with every batch as float tensors (e.g. a reward-model margin);
+    # a row without one counts as 0.
+    numeric_columns: tuple[str, ...] = ()
     # Online algorithms split each batch into mini-batches, so a short last batch is dropped.
     drop_last_train: bool = False
 
@@ -59,7 +69,8 @@ class AlignmentDataModule(L.LightningDataModule):
         self.max_length, self.seed, self.num_workers = max_length, seed, num_workers
         self.tokenizer = None
         self.splits: dict[str, list[dict]] = {}
-        self.dropped: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}  # split → rows left out by setup, all reasons together
+        self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows
         self._rows: dict[str, list[dict]] | None = None
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
 
@@ -70,6 +81,11 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         raise NotImplementedError
+
+    def drop_reasons(self, rows: list[dict], encoded: list[dict | None]) -> list[str | None]:
+        """Why setup leaves each row out (a DROP_REASONS key), None for a row it keeps: here, a row
+        `encode` could not fit. Subclasses add what truncation makes meaningless for their kind."""
+        return ["prompt_too_long" if ex is None else None for ex in encoded]
 
     # -- shared ---------------------------------------------------------------------------------
     @property
@@ -115,24 +131,28 @@ class AlignmentDataModule(L.LightningDataModule):
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
         for split, rows in self.read().items():
             encoded = self.encode(rows)
+            reasons = self.drop_reasons(rows, encoded)
             kept = []
-            for i, (row, ex) in enumerate(zip(rows, encoded)):
-                if ex is None:
+            for i, (row, ex, why) in enumerate(zip(rows, encoded, reasons)):
+                if why is not None:
                     continue
                 ex["index"] = i
                 ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
                 kept.append(ex)
-            self.dropped[split] = len(rows) - len(kept)
-            if self.dropped[split]:
-                log.warning(
-                    "%s split: dropped %d of %d rows whose prompt alone does not fit max_length=%d",
-                    split,
-                    self.dropped[split],
-                    len(rows),
-                    self.max_length,
-                )
+            counts = Counter(why for why in reasons if why is not None)
+            self.dropped[split], self.dropped_by_reason[split] = sum(counts.values()), dict(counts)
+            said = [
+                f"{n} of {len(rows)} rows " + DROP_REASONS[why].format(max_length=self.max_length)
+                for why, n in counts.items()
+            ]
+            for text in said:
+                log.warning("%s split: dropped %s", split, text)
             if not kept and rows:
-                raise DataError(describe, f"no {split} row fits max_length={self.max_length}; raise max_length")
+                hint = ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""
+                raise DataError(
+                    describe,
+                    f"no {split} row fits max_length={self.max_length}: {'; '.join(said)}; raise max_length{hint}",
+                )
             self.splits[split] = kept
         if not self.splits.get("train"):
             raise DataError(describe, "the train split is empty")
@@ -170,8 +190,9 @@ class AlignmentDataModule(L.LightningDataModule):
         return batch
 
     def _extras(self, examples: list[dict], with_prompts: bool) -> dict:
-        numeric = [k for k in examples[0] if k.startswith("ref_") or k in self.numeric_columns]
-        text = [k for k in self.passthrough if k in examples[0]] if with_prompts else []
+        keys = dict.fromkeys(k for e in examples for k in e)  # a column only some rows give is the batch's
+        numeric = [k for k in keys if k.startswith("ref_") or k in self.numeric_columns]
+        text = [k for k in self.passthrough if k in keys] if with_prompts else []
         out = collate_prompts([e["prompt_ids"] for e in examples], self.pad_id) if with_prompts else {}
         return {**out, **collate_extras(examples, numeric, text)}
 
@@ -203,6 +224,7 @@ class PairwiseDataModule(AlignmentDataModule):
 
     kind = "pairwise"
     answer_keys = ("chosen_ids", "rejected_ids")
+    numeric_columns = NUMERIC_COLUMNS
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
@@ -213,6 +235,12 @@ class PairwiseDataModule(AlignmentDataModule):
             c, r = fit_answer(len(p), c, self.max_length), fit_answer(len(p), r, self.max_length)
             out.append(None if c is None else {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
         return out
+
+    def drop_reasons(self, rows: list[dict], encoded: list[dict | None]) -> list[str | None]:
+        """Also a pair whose chosen and rejected are the same tokens once cut to max_length."""
+        reasons = super().drop_reasons(rows, encoded)
+        same = [ex is not None and ex["chosen_ids"] == ex["rejected_ids"] for ex in encoded]
+        return ["identical_after_truncation" if s and why is None else why for s, why in zip(same, reasons)]
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
@@ -257,6 +285,17 @@ class LabelledDataModule(AlignmentDataModule):
             out.append({"prompt_ids": p, "completion_ids": a, "kl_completion_ids": kl, "label": bool(row["label"])})
         return out
 
+    def drop_reasons(self, rows: list[dict], encoded: list[dict | None]) -> list[str | None]:
+        """With `unpair`, also both rows of a pair (rows 2k and 2k+1, see `rows`) whose answers are
+        the same tokens once cut to max_length: one text labelled both desirable and undesirable."""
+        reasons = super().drop_reasons(rows, encoded)
+        if self.unpair:
+            for i in range(0, len(encoded) - 1, 2):
+                a, b = encoded[i], encoded[i + 1]
+                if a is not None and b is not None and a["completion_ids"] == b["completion_ids"]:
+                    reasons[i] = reasons[i + 1] = "identical_after_truncation"
+        return reasons
+
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
         answers = [e["completion_ids"] for e in examples] + [e["kl_completion_ids"] for e in examples]
@@ -283,6 +322,7 @@ class PromptDataModule(AlignmentDataModule):
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         batch = self._extras(examples, with_prompts=True)
-        batch["columns"] = {k: [e["columns"].get(k) for e in examples] for k in examples[0]["columns"]}
+        keys = dict.fromkeys(k for e in examples for k in e["columns"])  # a row without a column gets None
+        batch["columns"] = {k: [e["columns"].get(k) for e in examples] for k in keys}
         batch["prompt_messages"] = [e["prompt"] for e in examples]  # what reward functions receive
         return batch
