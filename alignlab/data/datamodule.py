@@ -151,7 +151,7 @@ class AlignmentDataModule(L.LightningDataModule):
                 hint = ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""
                 raise DataError(
                     describe,
-                    f"no {split} row fits max_length={self.max_length}: {'; '.join(said)}; raise max_length{hint}",
+                    f"no {split} row is usable at max_length={self.max_length}: {'; '.join(said)}; raise max_length{hint}",
                 )
             self.splits[split] = kept
         if not self.splits.get("train"):
