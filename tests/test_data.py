@@ -542,7 +542,9 @@ def test_answers_match_the_solution_as_text_or_as_the_same_number(answer, soluti
 def test_unreadable_json_names_the_file_and_line(tmp_path):
     bad_line = tmp_path / "rows.jsonl"
     bad_line.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c",}\n')
-    with pytest.raises(DataError, match=r"rows\.jsonl: line 4 is not valid JSON \(.* at column 15\)"):
+    with pytest.raises(
+        DataError, match=r"rows\.jsonl: line 4 is not valid JSON \(Expecting property name .* at column 16\)"
+    ):
         read_rows(str(bad_line))
     bad_file = tmp_path / "rows.json"
     bad_file.write_text('[{"prompt": "a"},\n {"prompt": }]')
