@@ -82,7 +82,7 @@ class AlignmentDataModule(L.LightningDataModule):
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         raise NotImplementedError
 
-    def drop_reasons(self, rows: list[dict], encoded: list[dict | None]) -> list[str | None]:
+    def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
         """Why setup leaves each row out (a DROP_REASONS key), None for a row it keeps: here, a row
         `encode` could not fit. Subclasses add what truncation makes meaningless for their kind."""
         return ["prompt_too_long" if ex is None else None for ex in encoded]
@@ -131,7 +131,7 @@ class AlignmentDataModule(L.LightningDataModule):
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
         for split, rows in self.read().items():
             encoded = self.encode(rows)
-            reasons = self.drop_reasons(rows, encoded)
+            reasons = self.drop_reasons(encoded)
             kept = []
             for i, (row, ex, why) in enumerate(zip(rows, encoded, reasons)):
                 if why is not None:
@@ -148,10 +148,11 @@ class AlignmentDataModule(L.LightningDataModule):
             for text in said:
                 log.warning("%s split: dropped %s", split, text)
             if not kept and rows:
-                hint = ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""
+                hint = "raise max_length" + (
+                    ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""
+                )
                 raise DataError(
-                    describe,
-                    f"no {split} row is usable at max_length={self.max_length}: {'; '.join(said)}; raise max_length{hint}",
+                    describe, f"no {split} row is usable at max_length={self.max_length}: {'; '.join(said)}; {hint}"
                 )
             self.splits[split] = kept
         if not self.splits.get("train"):
@@ -236,9 +237,9 @@ class PairwiseDataModule(AlignmentDataModule):
             out.append(None if c is None else {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
         return out
 
-    def drop_reasons(self, rows: list[dict], encoded: list[dict | None]) -> list[str | None]:
+    def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
         """Also a pair whose chosen and rejected are the same tokens once cut to max_length."""
-        reasons = super().drop_reasons(rows, encoded)
+        reasons = super().drop_reasons(encoded)
         same = [ex is not None and ex["chosen_ids"] == ex["rejected_ids"] for ex in encoded]
         return ["identical_after_truncation" if s and why is None else why for s, why in zip(same, reasons)]
 
@@ -285,10 +286,10 @@ class LabelledDataModule(AlignmentDataModule):
             out.append({"prompt_ids": p, "completion_ids": a, "kl_completion_ids": kl, "label": bool(row["label"])})
         return out
 
-    def drop_reasons(self, rows: list[dict], encoded: list[dict | None]) -> list[str | None]:
+    def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
         """With `unpair`, also both rows of a pair (rows 2k and 2k+1, see `rows`) whose answers are
         the same tokens once cut to max_length: one text labelled both desirable and undesirable."""
-        reasons = super().drop_reasons(rows, encoded)
+        reasons = super().drop_reasons(encoded)
         if self.unpair:
             for i in range(0, len(encoded) - 1, 2):
                 a, b = encoded[i], encoded[i + 1]
