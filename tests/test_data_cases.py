@@ -64,6 +64,15 @@ def test_pairs_identical_after_truncation_leave_nothing_to_train_on_and_the_erro
         FileSource(str(CASES / "truncation_identical_pair" / "identical_text.jsonl")).load("pairwise")
 
 
+def test_a_run_with_no_pair_left_after_truncation_stops_before_writing_its_folder(tmp_path):
+    pairs = CASES / "truncation_identical_pair" / "pairs.jsonl"
+    run = tmp_path / "run"
+    overrides = ["data=custom_pairs", f"data.source.path={pairs}", "max_length=50", "trainer.max_steps=1", *QUIET]
+    with pytest.raises(DataError, match=r"no train row is usable at max_length=50: 11 of 11 rows whose chosen"):
+        train(compose(overrides, run))  # 11: one of the 12 rows is held out
+    assert not run.exists() or not any(run.iterdir())
+
+
 def test_a_dpo_run_counts_the_pairs_truncation_made_identical_in_its_summary(tmp_path):
     mixed = tmp_path / "pairs.jsonl"
     short = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(4)]
