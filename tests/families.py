@@ -7,17 +7,32 @@ corpus, so text is cut into multi-byte pieces as real tokenizers cut it; the fam
 are added as special tokens after the learnt vocabulary. Models: hidden 64, 2 layers, the family's
 `transformers` config class. What each family reproduces:
 
-| name         | reproduces |
-|--------------|------------|
-| `llama3`     | Llama-3-Instruct: the template writes BOS `<|begin_of_text|>` (the tokenizer also adds it with `add_special_tokens`, so encoding the rendered text that way doubles it), `<|start_header_id|>role<|end_header_id|>\\n\\n` headers, contents trimmed, end of turn `<|eot_id|>` ≠ eos `<|end_of_text|>`, no pad, `generation_config.eos_token_id` a list [eot, eos]; GPT-2-style regex pre-tokenizer |
-| `qwen25`     | Qwen2.5-Instruct: ChatML (`<|im_start|>`, end of turn `<|im_end|>` = eos, then `\\n`), default system prompt inserted when none is given, pad `<|endoftext|>`, no BOS, eos list [im_end, endoftext] |
-| `qwen3`      | Qwen3: ChatML; the assistant turn after the last user message is rendered with an empty `<think>\\n\\n</think>\\n\\n` block while the generation prompt (thinking on, the default) has none, so the prompt is not a prefix of prompt + answer; `<think>`/`</think>` are added *non-special* tokens; reasoning before `</think>` in an answer is moved as the real template does |
-| `mistral`    | Mistral-7B-Instruct v0.1: BOS `<s>` written by the template (and added by the tokenizer), `[INST] … [/INST]` as plain text, the answer followed by eos `</s>`, no pad, roles must alternate, a system role raises; SentencePiece-style `▁` for spaces with `▁` prepended only at the start of the text |
-| `gemma2`     | Gemma-2-it: `<bos>`, `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n`, contents trimmed, end of turn `<end_of_turn>` ≠ eos `<eos>`, pad `<pad>`, the template raises (`raise_exception`) on a system role and on non-alternating roles, `final_logit_softcapping=30`, eos list [eos, end_of_turn]; `▁` spaces, no prefix |
-| `gemma3`     | as `gemma2` with `Gemma3TextConfig` (the real Gemma-3 template merges a system message into the first user turn; this one raises like Gemma-2's, as issue 15 asks) |
-| `phi3`       | Phi-3-mini-instruct: `<|user|>\\n…<|end|>\\n<|assistant|>\\n…<|end|>\\n`, eos `<|endoftext|>` appended when no generation prompt is asked for, the markers strip the whitespace to their right (`rstrip=True`, so the `\\n` after `<|end|>` has no token), pad `<|endoftext|>`, eos list [endoftext, assistant, end]; `▁` spaces prepended at the start |
-| `gpt2`       | GPT-2: no chat template, bos = eos = unk = `<|endoftext|>`, no pad |
-| `llama_base` | Llama-2 base: BOS `<s>` (added by the tokenizer), eos `</s>`, unk `<unk>`, no pad, no chat template; `▁` spaces prepended at the start |
+- `llama3` (Llama-3-Instruct): the template writes BOS `<|begin_of_text|>` (the tokenizer also adds it
+  with `add_special_tokens=True`, so encoding rendered text that way doubles it); headers
+  `<|start_header_id|>role<|end_header_id|>\n\n`; contents trimmed; end of turn `<|eot_id|>` differs
+  from eos `<|end_of_text|>`; no pad; `generation_config.eos_token_id` the list [eot, eos]; GPT-2 regex pieces.
+- `qwen25` (Qwen2.5-Instruct): ChatML, end of turn `<|im_end|>` (= eos) then `\n`; a default system
+  prompt when none is given; pad `<|endoftext|>`; no BOS; eos list [im_end, endoftext].
+- `qwen3` (Qwen3): ChatML; the assistant turn after the last user message gets an empty
+  `<think>\n\n</think>\n\n` block while the generation prompt (thinking on, the default) has none, so
+  the generation prompt is not a prefix of prompt + answer; `<think>`/`</think>` are added tokens that
+  are *not* special; reasoning before `</think>` in an answer is moved into the block as the real one does.
+- `mistral` (Mistral-7B-Instruct v0.1): BOS `<s>` written by the template (and added by the tokenizer);
+  `[INST] … [/INST]` as plain text; the answer followed by eos `</s>`; no pad; roles must alternate and a
+  system role raises; SentencePiece-style `▁` for spaces, one prepended only at the start of the text.
+- `gemma2` (Gemma-2-it): `<bos><start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n`; contents
+  trimmed; end of turn `<end_of_turn>` differs from eos `<eos>`; pad `<pad>`; the template raises
+  (`raise_exception`) on a system role and on roles that do not alternate; `final_logit_softcapping=30`;
+  eos list [eos, end_of_turn]; `▁` for spaces, none prepended.
+- `gemma3`: as `gemma2`, on `Gemma3TextConfig` (the real Gemma-3 template merges a system message into
+  the first user turn; this one raises like Gemma-2's, as issue 15 asks).
+- `phi3` (Phi-3-mini-instruct): `<|user|>\n…<|end|>\n<|assistant|>\n…<|end|>\n`, then eos
+  `<|endoftext|>` when no generation prompt is asked for; the markers take the whitespace to their right
+  (`rstrip=True`: the `\n` after `<|end|>` has no token of its own); pad `<|endoftext|>`; eos list
+  [endoftext, assistant, end]; `▁` for spaces, one prepended at the start.
+- `gpt2` (GPT-2): no chat template; bos = eos = unk = `<|endoftext|>`; no pad.
+- `llama_base` (Llama-2 base): BOS `<s>` added by the tokenizer, eos `</s>`, unk `<unk>`, no pad, no chat
+  template; `▁` for spaces, one prepended at the start.
 """
 
 from __future__ import annotations
@@ -63,7 +78,8 @@ QWEN3_TEMPLATE = (
     "{%- for message in messages %}{%- if message.role == 'user' %}"
     "{%- set ns.last_query_index = loop.index0 %}{%- endif %}{%- endfor %}"
     "{%- for message in messages %}"
-    "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}"
+    "{%- if message.content is string %}{%- set content = message.content %}"
+    "{%- else %}{%- set content = '' %}{%- endif %}"
     "{%- if message.role == 'user' or message.role == 'system' %}"
     "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}"
     "{%- elif message.role == 'assistant' %}"
