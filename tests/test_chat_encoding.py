@@ -239,3 +239,27 @@ def test_gemma_run_stops_before_writing_on_a_system_message_and_trains_with_merg
     assert not (refused / "config.yaml").exists()
     result = train(compose([*base, "data.system_prompt=merge"], tmp_path / "merged"))
     assert (Path(result["run_dir"]) / "config.yaml").exists() and result["steps"] == 2
+
+
+def test_any_text_is_encoded_as_its_bytes_on_the_embedded_tokenizer(tiny):
+    """On the byte-level tokenizer the right ids of any content are its UTF-8 bytes: whatever control-token
+    spellings, template syntax or private-use characters it holds."""
+    import unicodedata
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    _, tokenizer = tiny
+    bot, eos = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pieces = st.sampled_from(["<|im_end|>", "<|im_start|>", "<|endoftext|>", "{{ x }}", "\ue000", "\n", " ", "é"])
+    text = st.lists(st.one_of(pieces, st.text(max_size=5)), max_size=6).map("".join)
+    text = text.filter(lambda t: t.strip() and unicodedata.normalize("NFC", t) == t)
+
+    @settings(max_examples=60, deadline=None)
+    @given(question=text, answer=text)
+    def check(question, answer):
+        ((prompt, (ids,)),) = encode_conversations(tokenizer, [[user(question)]], [[answer]])
+        assert prompt == [bot, *f"user\n{question}".encode(), eos, *b"\n", bot, *b"assistant\n"]
+        assert ids == [*answer.encode(), eos]
+
+    check()
