@@ -45,6 +45,7 @@ def conversations(name):
     """Single- and multi-turn prompts, with a system message where the template allows one."""
     out = [
         [user("What is 2+2?")],
+        [user(" What is 2+2?\n")],  # templates that trim contents (Llama-3, Gemma) are followed
         [user("hi there"), {"role": "assistant", "content": "Hello! How can I help?"}, user("12+30=")],
     ]
     if name not in SYSTEM_REFUSING:
