@@ -171,6 +171,33 @@ def test_special_token_case_rows_get_the_text_ids_in_every_data_kind(tiny):
     assert [e["prompt_ids"] for e in prompts] == want_prompt  # what PPO and GRPO sample after
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_special_token_case_rows_stay_text_in_every_data_kind_on_every_family(family_dir, name):
+    tokenizer = load_tokenizer(family_dir(name))
+    special, eot = set(tokenizer.all_special_ids), end_of_turn_ids(tokenizer)
+    rows = [{"prompt": [user(r["prompt"])], "chosen": r["chosen"], "rejected": r["rejected"]} for r in case_rows()]
+    plain = encode_prompts(tokenizer, [[user("plain")]])[0]
+    pairs = module(PairwiseDataModule, {"pairwise": rows}, tokenizer)
+    for row, ex in zip(rows, pairs):
+        for key in ("chosen", "rejected"):
+            body = ex[f"{key}_ids"][: -len(eot)]
+            assert tuple(ex[f"{key}_ids"][-len(eot) :]) == eot and not special & set(body)
+            assert tokenizer.decode(body) == row[key]
+        assert sum(i in special for i in ex["prompt_ids"]) == sum(i in special for i in plain)
+    sft = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    labelled = [{**r, "label": True} for r in sft]
+    prompts = [{"prompt": r["prompt"]} for r in rows]
+    for kind, cls, data, key in [
+        ("sft", SFTDataModule, sft, "completion_ids"),
+        ("labelled", LabelledDataModule, labelled, "completion_ids"),
+        ("prompt", PromptDataModule, prompts, None),
+    ]:
+        examples = module(cls, {kind: data}, tokenizer)
+        assert [e["prompt_ids"] for e in examples] == [e["prompt_ids"] for e in pairs]  # PPO/GRPO prompts too
+        if key:
+            assert [e[key] for e in examples] == [e["chosen_ids"] for e in pairs]
+
+
 def write_rows(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
