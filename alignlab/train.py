@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> dict:
 
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
     datamodule.set_tokenizer(tokenizer)
-    datamodule.setup()  # so does data that max_length leaves unusable (it needs the tokenizer)
+    datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
     if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
         save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     module = build_algorithm(cfg, model, tokenizer)
