@@ -60,11 +60,31 @@ def _offline_hint(path: str, error: Exception) -> ModelLoadError:
     )
 
 
-def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
-    from transformers import AutoTokenizer
+# Classes that load a folder's tokenizer.json exactly as written. For some model types (qwen2, phi3, …)
+# AutoTokenizer substitutes its own class whatever tokenizer_config.json declares, and that class
+# rebuilds the pipeline: Qwen2Tokenizer adds Unicode NFC, so "e" + combining accent became "é".
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def tokenizer_from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer of a folder or Hub id, as the folder declares it.
+
+    A folder whose tokenizer_config.json names the generic class (alignlab's embedded model and
+    every folder it exports) loads its tokenizer.json unchanged, so any text encodes and decodes
+    byte for byte; other folders load through AutoTokenizer. Raises what `from_pretrained` raises.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    declared = get_tokenizer_config(os.fspath(path))
+    if declared.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES and "auto_map" not in declared:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = tokenizer_from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         if Path(path).exists():
             raise ModelLoadError(f"Could not load a tokenizer from {path}: {e}") from None
