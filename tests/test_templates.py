@@ -154,3 +154,22 @@ def test_a_template_whose_tokens_the_tokenizer_has_adds_nothing(tiny_model_dir):
     tokenizer = tokenizer_from_pretrained(tiny_model_dir)
     n = len(tokenizer)
     assert install_chat_template(tokenizer, CHATML_TEMPLATE) == [] and len(tokenizer) == n
+
+
+def test_a_custom_template_gets_its_named_markers_and_ends_answers_with_its_end_of_turn(family_dir):
+    """model.chat_template of another shape (Gemma's markers) on a GPT-2 base, markers listed in
+    model.new_special_tokens: single tokens, and answers end with `<end_of_turn>`, not eos."""
+    from tests.families import GEMMA_TEMPLATE
+
+    folder = family_dir("gpt2")
+    n = len(tokenizer_from_pretrained(folder))
+    markers = ["<start_of_turn>", "<end_of_turn>"]
+    cfg = model_cfg(folder)
+    cfg.chat_template, cfg.new_special_tokens = GEMMA_TEMPLATE, markers
+    model, tokenizer, _ = load_model(cfg, require_chat_template=True)
+    assert tokenizer.convert_tokens_to_ids(markers) == [n, n + 1]
+    assert model.get_input_embeddings().weight.shape[0] == n + 2
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn_ids(tokenizer)[-1] == end
+    assert [a[-1] for a in encode_answers(tokenizer, ANSWERS)] == [end, end]
+    assert end in model.generation_config.eos_token_id
