@@ -173,3 +173,27 @@ def test_a_custom_template_gets_its_named_markers_and_ends_answers_with_its_end_
     assert end_of_turn_ids(tokenizer)[-1] == end
     assert [a[-1] for a in encode_answers(tokenizer, ANSWERS)] == [end, end]
     assert end in model.generation_config.eos_token_id
+
+
+def test_lora_with_new_tokens_exports_the_same_model_from_live_or_gathered_weights(family_dir, tmp_path):
+    """The merged export is the same whether saved from the live LoRA model or, as under FSDP or
+    DeepSpeed, rebuilt from the base folder and the whole gathered weights (`state_dict`)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from alignlab.models.export import save_model
+
+    model, tokenizer, _ = load_model(model_cfg(family_dir("llama_base"), "lora.enabled=true"), False)
+    with torch.no_grad():  # move the adapter and the new rows away from their start
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    ids = torch.tensor(conversation_ids(tokenizer)[:1])
+    live, gathered = (
+        save_model(model, tokenizer, tmp_path / "live"),
+        save_model(model, tokenizer, tmp_path / "gathered", state_dict=model.state_dict()),
+    )
+    with torch.no_grad():
+        expected = model(ids).logits
+        for folder in (live, gathered):
+            torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(ids).logits, expected)
+            assert tokenizer.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(folder).eos_token_id
