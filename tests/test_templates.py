@@ -184,10 +184,11 @@ def test_lora_with_new_tokens_exports_the_same_model_from_live_or_gathered_weigh
 
     model, tokenizer, _ = load_model(model_cfg(family_dir("llama_base"), "lora.enabled=true"), False)
     with torch.no_grad():  # move the adapter and the new rows away from their start
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
     ids = torch.tensor(conversation_ids(tokenizer)[:1])
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     live, gathered = (
         save_model(model, tokenizer, tmp_path / "live"),
         save_model(model, tokenizer, tmp_path / "gathered", state_dict=model.state_dict()),
@@ -196,4 +197,4 @@ def test_lora_with_new_tokens_exports_the_same_model_from_live_or_gathered_weigh
         expected = model(ids).logits
         for folder in (live, gathered):
             torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(ids).logits, expected)
-            assert tokenizer.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(folder).eos_token_id
+            assert end in GenerationConfig.from_pretrained(folder).eos_token_id
