@@ -86,6 +86,11 @@ def tokenizer_from_pretrained(path: str | os.PathLike, trust_remote_code: bool =
 
 
 def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
+    """The tokenizer a run uses for the model at `path` (see `prepare_tokenizer`)."""
+    return prepare_tokenizer(path, model_cfg, require_chat_template)[0]
+
+
+def prepare_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
     """(tokenizer, ids of the tokens added to it) for the model at `path`.
 
     The chat template is `model.chat_template` when set, else the model's own; a model without one
@@ -233,7 +238,7 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
     check_model_config(model_cfg)
     path = resolve_model_path(model_cfg)
     check_hub_path(path)
-    tokenizer, added = load_tokenizer(path, model_cfg, require_chat_template)
+    tokenizer, added = prepare_tokenizer(path, model_cfg, require_chat_template)
     if added and model_cfg.lora.enabled and not model_cfg.lora.merge:
         raise ConfigError(
             f"The chat template's tokens {tokenizer.convert_ids_to_tokens(added)} are new to the tokenizer of "
