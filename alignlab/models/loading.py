@@ -147,7 +147,7 @@ def install_chat_template(tokenizer, template: str, new_special_tokens: Sequence
     models write it, since alignlab encodes rendered conversations without adding special tokens.
     Returns the ids of the tokens added, ascending ([] when the tokenizer had them all).
     """
-    if adds_bos(tokenizer) and "bos_token" not in template:
+    if adds_bos(tokenizer) and "bos_token" not in template and tokenizer.bos_token not in template:
         template = "{{ bos_token }}" + template
     tokenizer.chat_template = template
     before = len(tokenizer)
