@@ -72,8 +72,8 @@ GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 def tokenizer_from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False):
     """The tokenizer of a folder or Hub id, as the folder declares it.
 
-    A folder whose tokenizer_config.json names the generic class (alignlab's embedded model and
-    every folder it exports) loads its tokenizer.json unchanged, so any text encodes and decodes
+    A folder whose tokenizer_config.json names the generic class (alignlab's embedded model and the
+    folders exported from it) loads its tokenizer.json unchanged, so any text encodes and decodes
     byte for byte; other folders load through AutoTokenizer. Raises what `from_pretrained` raises.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
