@@ -71,15 +71,15 @@ def test_shared_prefix_sampling_gives_generates_answers(tiny):
     generate() with the keyed processor samples from the repeated prompts."""
     from alignlab.data.collate import collate_prompts
     from alignlab.data.tokenize import encode_prompts
-    from alignlab.generation import sample_shared_prefix
+    from alignlab.generation import sample_shared_prefix, stop_token_ids
 
     model, tokenizer = tiny
     prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "x" * (3 * i) + f"{i}+{i}="}] for i in range(5)])
     batch = collate_prompts(prompts, tokenizer.pad_token_id)  # left-padded, prompts of different lengths
     keys = sample_keys(seed=0, step=3, rows=torch.arange(5), num_per_prompt=4)
     ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    shared = sample_shared_prefix(model, ids, mask, 4, 8, 1.0, keys, eos, pad)
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
+    shared = sample_shared_prefix(model, ids, mask, 4, 8, 1.0, keys, stops, pad)
     plain = generate(model, tokenizer, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), 8, True, 1.0, keys)
     assert shared.shape == plain.shape == (20, 8)
     assert torch.equal(shared, plain)

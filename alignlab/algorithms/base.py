@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from alignlab.checks import Checks
 from alignlab.errors import NonFiniteLossError
-from alignlab.generation import completions_until_eos, exact_match, generate
+from alignlab.generation import completions_until_eos, exact_match, generate, stop_token_ids
 from alignlab.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.reference import ReferenceModel
@@ -223,17 +223,18 @@ class AlignmentModule(L.LightningModule):
         return combined, int(total.item())
 
     def greedy_answers(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
-        """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens], texts before eos)."""
+        """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens], texts before the
+        first stop token: the template's end of turn or any eos id, see stop_token_ids)."""
+        stops = stop_token_ids(self.model, self.tokenizer)
         tokens = generate(
             self.model,
             self.tokenizer,
             batch["prompt_input_ids"],
             batch["prompt_attention_mask"],
             max_new_tokens=self.evaluation.get("max_new_tokens", 16),
+            stop_ids=stops,
         )
-        texts = self.tokenizer.batch_decode(
-            completions_until_eos(tokens, self.tokenizer.eos_token_id), skip_special_tokens=True
-        )
+        texts = self.tokenizer.batch_decode(completions_until_eos(tokens, stops), skip_special_tokens=True)
         return tokens, texts
 
     def exact_match(self, batch: dict) -> torch.Tensor:
