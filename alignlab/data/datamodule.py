@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader
 from alignlab.data.rows import ON_BAD_ROW, mismatch_partners, unpair
-from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
+from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,12 @@ class AlignmentDataModule(L.LightningDataModule):
         on_bad_row: str = "error",
         shuffle: bool = True,
         group_by_length: bool = False,
+        system_prompt: str = "keep",
     ):
         super().__init__()
+        if system_prompt not in SYSTEM_PROMPT:
+            raise ConfigError(f"data.system_prompt must be one of {SYSTEM_PROMPT}, got {system_prompt!r}")
+        self.system_prompt = system_prompt
         self.shuffle, self.group_by_length = shuffle, group_by_length
         if on_bad_row not in ON_BAD_ROW:
             raise ConfigError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
@@ -61,6 +65,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.splits: dict[str, list[dict]] = {}
         self.dropped: dict[str, int] = {}
         self._rows: dict[str, list[dict]] | None = None
+        self._derived: dict[int, dict] = {}  # id(row made from another row, e.g. unpaired) → that row
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
 
     # -- subclasses ----------------------------------------------------------------------------
@@ -72,6 +77,34 @@ class AlignmentDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------
+    def encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...]) -> list[tuple[list[int], list[list[int]]]]:
+        """(prompt ids, [ids of each answer column]) per row, through the chat template (see
+        alignlab.data.tokenize); no answer columns: prompts only.
+
+        Raises:
+            DataError: the template refuses a row (e.g. a system role it does not support), naming the
+                file, row, field and the template's reason.
+        """
+        prompts = [r["prompt"] for r in rows]
+        answers = [[r[k] for k in answer_keys] for r in rows] if answer_keys else None
+        try:
+            return encode_conversations(self.tokenizer, prompts, answers, self.system_prompt)
+        except TemplateRefusal as e:
+            raise self._refused(rows[e.index], e.reason) from None
+
+    def _refused(self, row: dict, reason: str) -> DataError:
+        origin = getattr(self.source, "origin", lambda _: None)(self._derived.get(id(row), row))
+        source, index, field = origin or (getattr(self.source, "describe", lambda: "data")(), None, "prompt")
+        problem = f"the model's chat template refuses this conversation: {reason}"
+        if any(m["role"] == "system" for m in row["prompt"]) and self.system_prompt == "keep":
+            problem += (
+                ". To put the system text before the first user message instead (as Gemma and Mistral v0.1 users"
+                " do), set data.system_prompt=merge; or remove the system message"
+            )
+        else:
+            problem += "; change the row so that the template accepts it"
+        return DataError(source, problem, row=index, field=field)
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
@@ -183,10 +216,8 @@ class SFTDataModule(AlignmentDataModule):
     answer_keys = ("completion_ids",)
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        answers = encode_answers(self.tokenizer, [r["completion"] for r in rows])
         out = []
-        for p, a in zip(prompts, answers):
+        for p, (a,) in self.encode_rows(rows, ("completion",)):
             a = fit_answer(len(p), a, self.max_length)
             out.append(None if a is None else {"prompt_ids": p, "completion_ids": a})
         return out
@@ -205,11 +236,8 @@ class PairwiseDataModule(AlignmentDataModule):
     answer_keys = ("chosen_ids", "rejected_ids")
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        chosen = encode_answers(self.tokenizer, [r["chosen"] for r in rows])
-        rejected = encode_answers(self.tokenizer, [r["rejected"] for r in rows])
         out = []
-        for p, c, r in zip(prompts, chosen, rejected):
+        for p, (c, r) in self.encode_rows(rows, ("chosen", "rejected")):
             c, r = fit_answer(len(p), c, self.max_length), fit_answer(len(p), r, self.max_length)
             out.append(None if c is None else {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
         return out
@@ -241,14 +269,21 @@ class LabelledDataModule(AlignmentDataModule):
     def rows(self) -> dict[str, list[dict]]:
         if not self.unpair:
             return self.load("labelled")
-        return {split: [r for pair in rows for r in unpair(pair)] for split, rows in self.load("pairwise").items()}
+        out = {}
+        for split, pairs in self.load("pairwise").items():
+            out[split] = []
+            for pair in pairs:
+                for row in unpair(pair):
+                    self._derived[id(row)] = pair  # a template error names the pair's file row
+                    out[split].append(row)
+        return out
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        answers = encode_answers(self.tokenizer, [r["completion"] for r in rows])
+        encoded = self.encode_rows(rows, ("completion",))
+        answers = [a for _, (a,) in encoded]
         partners = mismatch_partners(len(rows), self.seed)
         out = []
-        for row, p, a, partner in zip(rows, prompts, answers, partners):
+        for row, (p, _), a, partner in zip(rows, encoded, answers, partners):
             a = fit_answer(len(p), a, self.max_length)
             if a is None:
                 out.append(None)
@@ -273,9 +308,8 @@ class PromptDataModule(AlignmentDataModule):
     drop_last_train = True
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
         out = []
-        for row, p in zip(rows, prompts):
+        for row, (p, _) in zip(rows, self.encode_rows(rows, ())):
             fits = len(p) < self.max_length  # room for at least one generated token
             columns = {k: v for k, v in row.items() if k != "prompt"}
             out.append({"prompt_ids": p, "prompt": row["prompt"], "columns": columns} if fits else None)

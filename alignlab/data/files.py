@@ -51,6 +51,7 @@ class FileSource:
     def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05, split_seed: int = 0):
         self.path, self.eval_path, self.eval_fraction, self.split_seed = path, eval_path, eval_fraction, split_seed
         self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
+        self._origin: dict[int, tuple[str, int, str]] = {}  # id(canonical row) → (file, row, prompt field)
 
     def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
         rows = read_rows(path)
@@ -60,6 +61,7 @@ class FileSource:
         for i, raw in enumerate(rows):
             try:
                 out.append(to_canonical(raw, kind, path, i + 1))
+                self._origin[id(out[-1])] = (path, i + 1, _prompt_field(raw))
             except DataError as e:
                 if on_bad_row != "skip":
                     raise
@@ -90,3 +92,13 @@ class FileSource:
 
     def describe(self) -> str:
         return self.path
+
+    def origin(self, row: dict) -> tuple[str, int, str] | None:
+        """(file, row number, field that holds the prompt) of a canonical row this source made."""
+        return self._origin.get(id(row))
+
+
+def _prompt_field(raw: dict) -> str:
+    """The field a row's prompt messages come from (what an error about the conversation names)."""
+    fields = ("messages", "prompt", "chosen", "completion")
+    return next((f for f in fields if raw.get(f) is not None), "prompt")
