@@ -14,25 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from alignlab.data.tokenize import end_of_turn_ids
+
 _MASK32 = 0xFFFFFFFF
-
-
-def _end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token the chat template writes right after an assistant message ([] without a
-    template, or where it writes none there)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    marker = "\ue000answer\ue001"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-    except Exception:  # a template that refuses this conversation names no end of turn
-        return []
-    after = text.split(marker, 1)[-1] if marker in text else ""
-    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-    found = [(after.find(t), -len(t), t) for t in specials if t in after]
-    return [tokenizer.convert_tokens_to_ids(min(found)[2])] if found else []
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -48,7 +32,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     if generation_config is None:
         listed = getattr(getattr(model, "config", None), "eos_token_id", None)
     listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
-    ids = [*_end_of_turn_ids(tokenizer), *listed, tokenizer.eos_token_id]
+    ids = [*end_of_turn_ids(tokenizer)[-1:], *listed, tokenizer.eos_token_id]  # [-1]: the one it stops at
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
