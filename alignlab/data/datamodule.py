@@ -95,14 +95,16 @@ class AlignmentDataModule(L.LightningDataModule):
     def _refused(self, row: dict, reason: str) -> DataError:
         origin = getattr(self.source, "origin", lambda _: None)(self._derived.get(id(row), row))
         source, index, field = origin or (getattr(self.source, "describe", lambda: "data")(), None, "prompt")
-        problem = f"the model's chat template refuses this conversation: {reason}"
+        problem = f'the model\'s chat template refuses this conversation, saying "{reason}".'
         if any(m["role"] == "system" for m in row["prompt"]) and self.system_prompt == "keep":
             problem += (
-                ". To put the system text before the first user message instead (as Gemma and Mistral v0.1 users"
+                " To put the system text before the first user message instead (as Gemma and Mistral v0.1 users"
                 " do), set data.system_prompt=merge; or remove the system message"
             )
         else:
-            problem += "; change the row so that the template accepts it"
+            problem += (
+                " Change the row so that the template accepts it (data.system_prompt=merge folds system messages in)"
+            )
         return DataError(source, problem, row=index, field=field)
 
     @property

@@ -198,6 +198,21 @@ def _as_written(pieces: list[str], contents: list[str], rendered: str) -> list[s
     return out if rendered[pos:] == pieces[-1] else None
 
 
+def _lay_out(tokenizer, messages: list[dict], index: int) -> tuple[list[str], list[int]]:
+    """The template's markup around the contents of `messages` + an assistant answer: (markup pieces,
+    which message's content follows each piece but the last); the answer (index len(messages)) is the
+    last content, written once. The template may leave a message out or write one twice."""
+    n = len(messages)
+    masked = [{**m, "content": _placeholder(i)} for i, m in enumerate(messages)]
+    layout = _render(tokenizer, [*masked, {"role": "assistant", "content": _placeholder(n)}], index)
+    found = list(_PLACEHOLDER.finditer(layout))
+    order = [int(m.group(1)) for m in found]
+    if not order or order[-1] != n or order.count(n) != 1:
+        raise TemplateRefusal(index, "the chat template does not write the assistant answer last")
+    starts, ends = [0] + [m.end() for m in found], [m.start() for m in found] + [len(layout)]
+    return [layout[a:b] for a, b in zip(starts, ends)], order
+
+
 def encode_conversations(
     tokenizer, prompts: Sequence[list[dict]], answers: Sequence[Sequence[str]] | None = None, system_prompt="keep"
 ) -> list[tuple[list[int], list[list[int]]]]:
@@ -217,13 +232,7 @@ def encode_conversations(
         row_answers = list(answers[index]) if answers is not None else []
         contents = [m["content"] for m in messages]
         n = len(messages)  # the answer's placeholder
-        masked = [{**m, "content": _placeholder(i)} for i, m in enumerate(messages)]
-        layout = _render(tokenizer, [*masked, {"role": "assistant", "content": _placeholder(n)}], index)
-        found = [(m.start(), m.end(), int(m.group(1))) for m in _PLACEHOLDER.finditer(layout)]
-        if not found or found[-1][2] != n or sum(1 for f in found if f[2] == n) != 1:
-            raise TemplateRefusal(index, "the chat template does not write the assistant answer last")
-        pieces = [layout[a:b] for a, b in zip([0] + [f[1] for f in found], [f[0] for f in found] + [len(layout)])]
-        order = [f[2] for f in found]
+        pieces, order = _lay_out(tokenizer, messages, index)
         ragged = any(c != c.strip() for c in contents + row_answers)
         written = [contents[i] if i < n else None for i in order]
         for k, answer in enumerate(row_answers or [None]):
