@@ -152,3 +152,28 @@ def test_shared_prefix_sampling_stops_at_any_listed_id(family_dir):
         assert sample_shared_prefix(*args, [eos, eot], 0).tolist() == [[*answer, eot]] * 4
         unstopped = sample_shared_prefix(*args, [eos], 0)  # eot alone is not on this list: runs to 6 tokens
         assert unstopped.shape == (4, 6) and unstopped[0, len(answer)] == eot
+
+
+@pytest.mark.parametrize(("name", "stop"), [("gemma2", "<end_of_turn>"), ("llama3", "<|eot_id|>"), ("phi3", "<|end|>")])
+def test_grpo_treats_the_end_of_turn_as_the_answers_end(family_dir, name, stop):
+    """GRPO on a model that ends its turn with a token other than the tokenizer's eos: the rewards see
+    the text before it, the stop token is the last answer token trained on, nothing counts as cut off."""
+    from tests.conftest import build_module
+
+    model, tokenizer = family(str(family_dir(name)))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answer, stop_id = tokenizer(ANSWER, add_special_tokens=False)["input_ids"], tokenizer.convert_tokens_to_ids(stop)
+    assert stop_id != tokenizer.eos_token_id
+    batch = prompts(tokenizer)
+    batch["prompt_messages"] = [[{"role": "user", "content": "?"}]] * 2
+    batch["columns"] = {"solution": ["43", ANSWER]}
+    module = build_module("grpo", model, tokenizer, num_generations=2, max_completion_length=8)
+    with Forced(model, answer, stop_id):
+        gen = module.generate_batch(batch)
+    assert gen["texts"] == [ANSWER] * 4
+    assert gen["mask"].sum(1).tolist() == [len(answer) + 1] * 4
+    starts = gen["starts"].tolist()
+    assert [gen["input_ids"][i, starts[i] + len(answer)].item() for i in range(4)] == [stop_id] * 4
+    assert gen["stats"]["completions/clipped_ratio"].item() == 0.0
+    assert gen["stats"]["reward"].item() == 0.5  # "42" against solutions "43" and "42"
