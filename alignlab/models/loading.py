@@ -277,7 +277,10 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
                 module.support_avx512bf16_for_cpu = False
     elif checkpointing:
         # Recompute each layer's activations in the backward pass: memory for compute.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.23; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_cfg.lora.enabled:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need a grad path
     if model_cfg.lora.enabled:
