@@ -142,7 +142,8 @@ class AlignmentModule(L.LightningModule):
                 models.append(self.reference.copy)
         rows = scoring_rows(batch)
         for model in models:
-            if model.get_output_embeddings() is None:  # a reward model: a score head, no log-probs
+            head = getattr(model, "get_output_embeddings", None)
+            if head is None or head() is None:  # a reward model: a score head, no log-probs
                 continue
             difference, tolerance = check_answer_logprobs(model, rows)
             # Every device decides alike (max over devices), so all run the same forward passes.
