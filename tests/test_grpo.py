@@ -201,7 +201,7 @@ def test_a_reward_model_folder_is_a_reward_function(tiny, tmp_path):
 
 def test_dapo_with_every_completion_masked_out_is_zero_not_nan():
     logp = t([[-1.0, -2.0]]).requires_grad_(True)
-    out = grpo_loss(logp, logp.detach(), t([1.0]), t([[0, 0]]), loss_type="dapo", normalizer=t([[0, 0]]).sum())
+    out = grpo_loss(logp, logp.detach(), t([1.0]), t([[0, 0]]), loss_type="dapo", num_items_in_batch=t([[0, 0]]).sum())
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.isfinite(logp.grad).all()
 

@@ -62,6 +62,7 @@ class AlignmentModule(L.LightningModule):
         self.reference = ReferenceModel(model) if self.uses_reference else None
         # Models outside the module tree that must follow it to the device (reference, reward model).
         self.frozen: list = [self.reference] if self.reference is not None else []
+        self._step_sums: dict[str, torch.Tensor] = {}  # step_sums metrics over the step's micro-batches so far
         self.save_hyperparameters(ignore=["model", "tokenizer"])
 
     # -- config checks, run before any model loads -----------------------------------------
@@ -144,10 +145,44 @@ class AlignmentModule(L.LightningModule):
     def rows_in(self, batch: dict) -> int:
         return len(batch["index"])
 
+    # -- one optimizer step is the same step however it is cut ---------------------------------
+    def loss_scale(self) -> float:
+        """What the training loop divides a micro-batch loss's gradient by before the optimizer step:
+        Lightning's automatic optimisation divides each loss by `accumulate_grad_batches`, and DDP
+        (FSDP, DeepSpeed) averages gradients over processes. 1 outside a trainer."""
+        if self._trainer is None:
+            return 1.0
+        accumulate = self.trainer.accumulate_grad_batches if self.automatic_optimization else 1
+        return float(accumulate * self.trainer.world_size)
+
+    def step_count(self, batch: dict, count: str) -> tuple[int | None, float]:
+        """(num_items_in_batch, scale) for the losses' step_mean reduction: the optimizer step's total
+        `count` ("rows", or a token count such as "completion_tokens") over every micro-batch and
+        process, as the datamodule attaches it to training batches (`step_totals`), and
+        loss_scale(); so the gradient Lightning and DDP accumulate is the step's. A batch without step
+        totals (validation, a direct call) is its own step: (None, 1)."""
+        totals = batch.get("step_totals")
+        if totals is None:
+            return None, 1.0
+        return totals[count], self.loss_scale()
+
+    # Metrics that are shares of the step's mean: summed over a step's micro-batches, not averaged.
+    step_sums: tuple[str, ...] = ("loss", "nll_loss")
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute(batch)
-        self._log("train", {"loss": loss, **metrics}, self.rows_in(batch), on_step=True)
+        metrics = {"loss": loss, **metrics}
+        if "step_totals" in batch:  # log the step's loss (as TRL does), not the last micro-batch's share
+            accumulate = self.trainer.accumulate_grad_batches
+            for name in self.step_sums:
+                if name in metrics:
+                    sums = self._step_sums.get(name, 0.0) + metrics[name].detach() / accumulate
+                    self._step_sums[name] = metrics[name] = sums
+        self._log("train", metrics, self.rows_in(batch), on_step=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self._step_sums = {}  # Lightning logged the step's last micro-batch with its sums
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute(batch)

@@ -1,0 +1,140 @@
+"""One optimizer step is the same step however it is cut (issue 16 §1): micro-batches (gradient
+accumulation), length-grouped micro-batches and processes all give the gradient of the whole batch,
+because every loss term divides its sums by the optimizer step's totals (alignlab.losses.reduction).
+
+Rows of very different lengths (1-token and ~60-token answers), float64, one step: the gradient of one
+batch of 8 equals that of 2 and 4 accumulated micro-batches (with and without data.group_by_length) and
+of 2 processes, to 1e-6 relative. Lightning and DDP are emulated exactly as they act on gradients:
+each micro-batch loss divided by accumulate_grad_batches, the processes' gradients averaged; a real
+Trainer check runs the case `ga_sft_scaling/` (SFT) and DPO through `train()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from alignlab.data import LabelledDataModule, PairwiseDataModule, SFTDataModule
+from alignlab.losses import nll_loss, step_mean
+from alignlab.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
+from alignlab.losses.reward import bradley_terry_loss
+from tests.conftest import QUIET, ListSource, build_module, compose
+
+CASE = Path("/work/shared/cases/ga_sft_scaling/sft.jsonl")
+LONG = "one two three four five six seven eight nine ten eleven twelve"  # 62 tokens with eos (bytes)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# -- the pure reduction, float64 ---------------------------------------------------------------------
+def test_step_mean_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert step_mean(values, mask).item() == pytest.approx((1 + 2 + 4) / 3, rel=1e-15)  # own count
+    assert step_mean(values, mask, 7).item() == pytest.approx(7 / 7, rel=1e-15)  # the step holds 7 tokens
+    assert step_mean(values, mask, 7, scale=4).item() == pytest.approx(4.0, rel=1e-15)
+    assert step_mean(values[0], None, 10).item() == pytest.approx(6 / 10, rel=1e-15)  # rows: 3 of 10
+    assert step_mean(values, torch.zeros_like(mask), 0).item() == 0.0  # an empty step: 0, not 0/0
+
+
+def test_micro_batch_shares_add_up_to_the_step_mean_for_every_term():
+    """Random rows cut into uneven micro-batches: the shares (each divided by the scale the loop
+    divides by) sum to the whole step's token or row mean, for NLL, Bradley-Terry and every GRPO
+    loss_type."""
+    g = torch.Generator().manual_seed(0)
+    n, t = 10, 7
+    logps = -torch.rand(n, t, generator=g, dtype=torch.float64)
+    mask = (torch.rand(n, t, generator=g) > 0.5).double()
+    mask[3] = 0  # a row whose answer is all masked out
+    cuts = [slice(0, 1), slice(1, 5), slice(5, 10)]
+    tokens, scale = mask.sum(), 3.0
+    whole = nll_loss(logps, mask)
+    assert whole.item() == pytest.approx((-(logps * mask).sum() / mask.sum()).item(), rel=1e-15)
+    parts = sum(nll_loss(logps[c], mask[c], tokens, scale) / scale for c in cuts)
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-13)
+    old = sum(nll_loss(logps[c], mask[c]) for c in cuts) / len(cuts)  # the equal-weight mean it replaces
+    assert abs(old.item() - whole.item()) > 1e-3
+    rc, rr = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    whole = bradley_terry_loss(rc, rr, center_rewards_coefficient=0.1)
+    parts = sum(bradley_terry_loss(rc[c], rr[c], None, 0.1, n, scale) / scale for c in cuts)
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-13)
+    adv, old_logps = torch.randn(n, generator=g, dtype=torch.float64), logps + 0.1 * torch.randn(n, t, generator=g)
+    ref = logps - 0.2
+    for loss_type in GRPO_LOSS_TYPES:
+        args = dict(epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=t)
+        whole = grpo_loss(logps, old_logps, adv, mask, ref_logprobs=ref, **args).loss
+        parts = sum(
+            grpo_loss(logps[c], old_logps[c], adv[c], mask[c], ref_logprobs=ref[c], **args,
+                      num_items_in_batch=tokens, num_completions=n, scale=scale).loss / scale
+            for c in cuts
+        )  # fmt: skip
+        assert parts.item() == pytest.approx(whole.item(), rel=1e-13), loss_type
+
+
+# -- every offline algorithm: whole batch = accumulated micro-batches = 2 processes -----------------
+def rows_of(kind: str) -> list[dict]:
+    """8 rows whose answers alternate between 1 token and ~60 tokens (+ eos)."""
+    out = []
+    for i in range(8):
+        prompt = [{"role": "user", "content": f"{i}+{i}="}]
+        short, long = str(2 * i), LONG[: 50 + i]
+        a, b = (short, long) if i % 2 else (long, short)
+        if kind == "sft":
+            out.append({"prompt": prompt, "completion": a})
+        elif kind == "pairwise":
+            out.append({"prompt": prompt, "chosen": a, "rejected": b})
+        else:
+            out.append({"prompt": prompt, "completion": a, "label": i % 3 != 0})
+    return out
+
+
+DATA = {"sft": SFTDataModule, "pairwise": PairwiseDataModule, "labelled": LabelledDataModule}
+KIND = {"sft": "sft", "kto": "labelled", **{n: "pairwise" for n in ("dpo", "cpo", "orpo", "simpo", "rm")}}
+HPARAMS = {"rm": {"center_rewards_coefficient": 0.1}, "simpo": {"cpo_alpha": 0.5}}
+
+
+def step_gradient(module, tokenizer, kind, batch_size, accumulate=1, world=1, group=False, monkeypatch=None):
+    """The gradient of the first optimizer step, as Lightning (÷ accumulate_grad_batches per micro-batch)
+    and DDP (mean over processes) compute it, with the datamodule's own micro-batches and step totals."""
+    module.zero_grad()
+    module.loss_scale = lambda: float(accumulate * world)
+    for rank in range(world):
+        monkeypatch.setattr("alignlab.data.order.process_group", lambda: (rank, world))
+        dm = DATA[kind](ListSource({kind: rows_of(kind)}), batch_size=batch_size, shuffle=False, group_by_length=group)
+        dm.set_tokenizer(tokenizer)
+        dm.setup()
+        dm.trainer = SimpleNamespace(accumulate_grad_batches=accumulate, training=True)
+        for _, batch in zip(range(accumulate), dm.train_dataloader()):
+            loss, _ = module.compute(dm.on_before_batch_transfer(batch, 0))
+            (loss / accumulate).backward()
+    return torch.cat([p.grad.flatten() / world for p in module.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "cpo", "orpo", "simpo", "kto", "rm"])
+def test_every_cut_of_a_step_gives_the_whole_batch_gradient(tiny, monkeypatch, name):
+    """KTO: its reference point z₀ is estimated per micro-batch (over every process's share of it), so
+    its objective does depend on the micro-batching; at the first step policy = reference, so z₀ = 0 in
+    every micro-batch and what is tested is the rest: the rows' mean over the whole step."""
+    model, tokenizer = tiny
+    module = build_module(name, copy.deepcopy(model).double(), tokenizer, **HPARAMS.get(name, {})).double()
+    kind = KIND[name]
+    whole = step_gradient(module, tokenizer, kind, 8, monkeypatch=monkeypatch)
+    assert whole.norm() > 1e-3
+    cuts = {
+        "2 micro-batches": dict(batch_size=4, accumulate=2),
+        "4 micro-batches": dict(batch_size=2, accumulate=4),
+        "2 grouped by length": dict(batch_size=4, accumulate=2, group=True),
+        "4 grouped by length": dict(batch_size=2, accumulate=4, group=True),
+        "2 processes": dict(batch_size=4, world=2),
+        "2 processes × 2 grouped": dict(batch_size=2, accumulate=2, world=2, group=True),
+    }
+    for cut, kwargs in cuts.items():
+        assert relative(step_gradient(module, tokenizer, kind, monkeypatch=monkeypatch, **kwargs), whole) < 1e-6, cut
