@@ -80,10 +80,10 @@ def test_micro_batch_shares_add_up_to_the_step_mean_for_every_term():
 
 
 # -- every offline algorithm: whole batch = accumulated micro-batches = 2 processes -----------------
-def rows_of(kind: str) -> list[dict]:
-    """8 rows whose answers alternate between 1 token and ~60 tokens (+ eos)."""
+def rows_of(kind: str, n: int = 8) -> list[dict]:
+    """n rows whose answers alternate between 1 token and ~60 tokens (+ eos)."""
     out = []
-    for i in range(8):
+    for i in range(n):
         prompt = [{"role": "user", "content": f"{i}+{i}="}]
         short, long = str(2 * i), LONG[: 50 + i]
         a, b = (short, long) if i % 2 else (long, short)
@@ -101,14 +101,14 @@ KIND = {"sft": "sft", "kto": "labelled", **{n: "pairwise" for n in ("dpo", "cpo"
 HPARAMS = {"rm": {"center_rewards_coefficient": 0.1}, "simpo": {"cpo_alpha": 0.5}}
 
 
-def step_gradient(module, tokenizer, kind, batch_size, accumulate=1, world=1, group=False, monkeypatch=None):
+def step_gradient(module, tokenizer, kind, batch_size, accumulate=1, world=1, group=False, n=8, monkeypatch=None):
     """The gradient of the first optimizer step, as Lightning (÷ accumulate_grad_batches per micro-batch)
     and DDP (mean over processes) compute it, with the datamodule's own micro-batches and step totals."""
     module.zero_grad()
     module.loss_scale = lambda: float(accumulate * world)
     for rank in range(world):
         monkeypatch.setattr("alignlab.data.order.process_group", lambda: (rank, world))
-        dm = DATA[kind](ListSource({kind: rows_of(kind)}), batch_size=batch_size, shuffle=False, group_by_length=group)
+        dm = DATA[kind](ListSource({kind: rows_of(kind, n)}), batch_size=batch_size, shuffle=False, group_by_length=group)
         dm.set_tokenizer(tokenizer)
         dm.setup()
         dm.trainer = SimpleNamespace(accumulate_grad_batches=accumulate, training=True)
@@ -138,3 +138,7 @@ def test_every_cut_of_a_step_gives_the_whole_batch_gradient(tiny, monkeypatch, n
     }
     for cut, kwargs in cuts.items():
         assert relative(step_gradient(module, tokenizer, kind, monkeypatch=monkeypatch, **kwargs), whole) < 1e-6, cut
+    # 6 rows in micro-batches of 4 and 2: row-level means weigh each row once, not each micro-batch
+    whole = step_gradient(module, tokenizer, kind, 6, n=6, monkeypatch=monkeypatch)
+    short = step_gradient(module, tokenizer, kind, 4, accumulate=2, n=6, monkeypatch=monkeypatch)
+    assert relative(short, whole) < 1e-6
