@@ -108,7 +108,9 @@ def step_gradient(module, tokenizer, kind, batch_size, accumulate=1, world=1, gr
     module.loss_scale = lambda: float(accumulate * world)
     for rank in range(world):
         monkeypatch.setattr("alignlab.data.order.process_group", lambda: (rank, world))
-        dm = DATA[kind](ListSource({kind: rows_of(kind, n)}), batch_size=batch_size, shuffle=False, group_by_length=group)
+        dm = DATA[kind](
+            ListSource({kind: rows_of(kind, n)}), batch_size=batch_size, shuffle=False, group_by_length=group
+        )
         dm.set_tokenizer(tokenizer)
         dm.setup()
         dm.trainer = SimpleNamespace(accumulate_grad_batches=accumulate, training=True)
@@ -196,6 +198,122 @@ def test_case_ga_sft_scaling_accumulation_takes_the_whole_batch_step(tmp_path, g
 def test_dpo_with_its_nll_term_takes_the_whole_batch_step_under_accumulation(tmp_path):
     """DPO at its default rpo_alpha=1 (pair mean + chosen-token NLL) through train()."""
     whole, whole_loss = trained_step(tmp_path, "whole", "algorithm=dpo", "batch_size=8")
-    split, split_loss = trained_step(tmp_path, "split", "algorithm=dpo", "batch_size=2", "trainer.accumulate_grad_batches=4")
+    split, split_loss = trained_step(
+        tmp_path, "split", "algorithm=dpo", "batch_size=2", "trainer.accumulate_grad_batches=4"
+    )
     assert relative(split, whole) <= 1e-6
     assert split_loss == pytest.approx(whole_loss, rel=1e-9)
+
+
+# -- PPO and GRPO: micro-batches and processes within their manual optimizer steps ------------------
+class CaptureStep:
+    """An optimizer stand-in: averages each step's gradient over the processes (as DDP does) and keeps it."""
+
+    def __init__(self, module, world: int):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.param_groups, self.world, self.steps = [{"params": self.params}], world, []
+
+    def step(self) -> None:
+        grads = torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten() for p in self.params])
+        if self.world > 1:
+            torch.distributed.all_reduce(grads)
+        self.steps.append(grads / self.world)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def online_module(name: str, model_dir: str, reward_folder: str, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlab.rewards import length_reward
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    if name == "grpo":
+        module = build_module("grpo", model.double(), tokenizer, num_generations=4, beta=0.04, max_completion_length=6)
+        module.rewards, module.weights = [("length", lambda p, c, **kw: length_reward(p, c, target=3))], [1.0]
+    else:
+        module = build_module("ppo", model.double(), tokenizer, reward_model=reward_folder, response_length=6)
+    for key, value in overrides.items():
+        setattr(module, key, value)
+    return module.double(), tokenizer
+
+
+def update_gradient(module, samples: dict, world: int) -> torch.Tensor:
+    """The first optimizer step's gradient of grpo_update / ppo_update on these rows."""
+    optimizer = CaptureStep(module, world)
+    if hasattr(module, "grpo_update"):
+        module.grpo_update(samples, optimizer)
+    else:
+        module.ppo_update(samples, optimizer, generator=torch.Generator().manual_seed(0))
+    return optimizer.steps[0]
+
+
+def rows(samples: dict, part: slice) -> dict:
+    return {k: (v[part] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in samples.items()}
+
+
+def _update_on_two_processes(rank: int, folder: str, name: str, model_dir: str, reward_folder: str, cases: list):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+
+    def total(value: torch.Tensor) -> torch.Tensor:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        return value
+
+    samples = torch.load(f"{folder}/samples.pt")
+    half = samples["input_ids"].shape[0] // 2  # each process its contiguous share of the prompts (and groups)
+    for i, overrides in enumerate(cases):
+        module, _ = online_module(name, model_dir, reward_folder, **overrides, micro_batch_size=2)
+        module.sum_across_devices, module.mean_across_devices = total, lambda v: total(v) / 2
+        module.loss_scale = lambda: 2.0  # what DDP divides by (manual optimisation: no accumulation factor)
+        grads = update_gradient(module, rows(samples, slice(rank * half, (rank + 1) * half)), world=2)
+        torch.save(grads, f"{folder}/grads{i}.rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+ONLINE = {"grpo": [{"loss_type": t} for t in GRPO_LOSS_TYPES], "ppo": [{"num_mini_batches": 1}]}
+
+
+@pytest.mark.slow  # starts two processes
+@pytest.mark.parametrize("name", ONLINE)
+def test_online_steps_are_the_same_however_cut(tiny_model_dir, tmp_path, name):
+    """GRPO under every loss_type (bnpo too: here it is the step's token mean, as dapo) and PPO: the
+    step's gradient on the whole batch = micro-batches of 2 = 2 processes (gloo) with micro-batches of 2.
+    GRPO's advantages are per generation batch and PPO's whitening per rollout, both before the step,
+    so they are computed once here, as every process sees them."""
+    from alignlab.data.collate import collate_prompts
+    from alignlab.data.tokenize import encode_prompts
+
+    reward_folder = ""
+    if name == "ppo":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        rm = build_module(
+            "rm", AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+        )
+        reward_folder = str(rm.save_final(tmp_path / "rm"))
+    module, tokenizer = online_module(name, str(tiny_model_dir), reward_folder, **ONLINE[name][0])
+    prompts = [[{"role": "user", "content": "12+345=" if i % 2 else "1="}] for i in range(4)]
+    batch = {**collate_prompts(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id), "index": torch.arange(4)}
+    batch["prompt_messages"], batch["columns"] = prompts, {}
+    torch.manual_seed(0)
+    samples = module.generate_batch(batch) if name == "grpo" else module.rollout(batch)
+    samples = {k: v for k, v in samples.items() if torch.is_tensor(v) or v is None}
+    # the untrained model never ends early: cut the answers to 1 and 6 tokens (of 6) in turn
+    n, length = samples["mask"].shape
+    keep = torch.tensor([1 if i % 3 else length for i in range(n)]).unsqueeze(1)
+    samples["mask"] = samples["mask"] * (torch.arange(length) < keep)
+    torch.save(samples, tmp_path / "samples.pt")
+    args = (str(tmp_path), name, str(tiny_model_dir), reward_folder, ONLINE[name])
+    torch.multiprocessing.spawn(_update_on_two_processes, args=args, nprocs=2)
+    for i, overrides in enumerate(ONLINE[name]):
+        for key, value in {**overrides, "micro_batch_size": None}.items():
+            setattr(module, key, value)
+        whole = update_gradient(module, samples, world=1)
+        assert whole.norm() > 1e-6
+        module.micro_batch_size = 2
+        assert relative(update_gradient(module, samples, world=1), whole) < 1e-6, overrides
+        for rank in (0, 1):
+            assert relative(torch.load(tmp_path / f"grads{i}.rank{rank}.pt"), whole) < 1e-6, (overrides, rank)
