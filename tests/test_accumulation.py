@@ -107,7 +107,7 @@ def step_gradient(module, tokenizer, kind, batch_size, accumulate=1, world=1, gr
     module.zero_grad()
     module.loss_scale = lambda: float(accumulate * world)
     for rank in range(world):
-        monkeypatch.setattr("alignlab.data.order.process_group", lambda: (rank, world))
+        monkeypatch.setattr("alignlab.data.order.process_group", lambda rank=rank: (rank, world))
         dm = DATA[kind](
             ListSource({kind: rows_of(kind, n)}), batch_size=batch_size, shuffle=False, group_by_length=group
         )
