@@ -148,7 +148,7 @@ def test_every_cut_of_a_step_gives_the_whole_batch_gradient(tiny, monkeypatch, n
 
 # -- through the real Trainer ------------------------------------------------------------------------
 class SaveGradients(L.Callback):
-    """Writes the first optimizer step's accumulated gradient (before clipping) and its logged loss."""
+    """Writes the first optimizer step's accumulated gradient (before clipping) and its logged train metrics."""
 
     def __init__(self, path: str):
         self.path = path
@@ -159,12 +159,12 @@ class SaveGradients(L.Callback):
             torch.save(grads, self.path)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == 1 and not Path(f"{self.path}.loss").exists():
-            loss = trainer.callback_metrics["train/loss"].item()
-            Path(f"{self.path}.loss").write_text(json.dumps(loss))
+        if trainer.global_step == 1 and not Path(f"{self.path}.json").exists():
+            logged = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            Path(f"{self.path}.json").write_text(json.dumps(logged))
 
 
-def trained_step(tmp_path: Path, name: str, *overrides: str) -> tuple[torch.Tensor, float]:
+def trained_step(tmp_path: Path, name: str, *overrides: str) -> tuple[torch.Tensor, dict[str, float]]:
     from alignlab.train import train
 
     path = tmp_path / f"{name}.grad"
@@ -179,30 +179,34 @@ def trained_step(tmp_path: Path, name: str, *overrides: str) -> tuple[torch.Tens
         *QUIET,
     ]
     train(compose([*common, *overrides], tmp_path / name))
-    return torch.load(path), json.loads(Path(f"{path}.loss").read_text())
+    return torch.load(path), json.loads(Path(f"{path}.json").read_text())
 
 
 @pytest.mark.parametrize("group", ["false", "true"])
 def test_case_ga_sft_scaling_accumulation_takes_the_whole_batch_step(tmp_path, group):
     """shared/cases/ga_sft_scaling: 8 SFT rows, 4 with 1-token and 4 with ~60-token answers. One batch of
     8 and 2 accumulated micro-batches of 4 (length-grouped or not) take the same step (the equal-weight
-    mean of micro-batch token means was 99% off), and log the same train/loss: the step's token mean."""
+    mean of micro-batch token means was 99% off), and log the same step metrics (loss: the step's
+    token mean, mean_token_accuracy, num_tokens)."""
     data = ["algorithm=sft", "data=custom_sft", f"data.source.path={CASE}", f"data.source.eval_path={CASE}"]
-    whole, whole_loss = trained_step(tmp_path, "whole", *data, "batch_size=8")
+    whole, whole_logged = trained_step(tmp_path, "whole", *data, "batch_size=8")
     cut = ["batch_size=4", "trainer.accumulate_grad_batches=2", f"data.group_by_length={group}"]
-    split, split_loss = trained_step(tmp_path, "split", *data, *cut)
+    split, split_logged = trained_step(tmp_path, "split", *data, *cut)
     assert relative(split, whole) <= 1e-6
-    assert split_loss == pytest.approx(whole_loss, rel=1e-9)
+    assert split_logged.keys() == whole_logged.keys() >= {"train/loss", "train/mean_token_accuracy", "train/num_tokens"}
+    assert split_logged == pytest.approx(whole_logged, rel=1e-9)
 
 
 def test_dpo_with_its_nll_term_takes_the_whole_batch_step_under_accumulation(tmp_path):
-    """DPO at its default rpo_alpha=1 (pair mean + chosen-token NLL) through train()."""
-    whole, whole_loss = trained_step(tmp_path, "whole", "algorithm=dpo", "batch_size=8")
-    split, split_loss = trained_step(
-        tmp_path, "split", "algorithm=dpo", "batch_size=2", "trainer.accumulate_grad_batches=4"
-    )
+    """DPO at its default rpo_alpha=1 (pair mean + chosen-token NLL) through train(): the same gradient,
+    and every logged train metric is the step's (loss and nll_loss its sums, the others means over its
+    pairs)."""
+    whole, whole_logged = trained_step(tmp_path, "whole", "algorithm=dpo", "batch_size=8")
+    cut = ["batch_size=2", "trainer.accumulate_grad_batches=4"]
+    split, split_logged = trained_step(tmp_path, "split", "algorithm=dpo", *cut)
     assert relative(split, whole) <= 1e-6
-    assert split_loss == pytest.approx(whole_loss, rel=1e-9)
+    assert split_logged.keys() == whole_logged.keys() >= {"train/loss", "train/nll_loss", "train/rewards/margins"}
+    assert split_logged == pytest.approx(whole_logged, rel=1e-9)
 
 
 # -- PPO and GRPO: micro-batches and processes within their manual optimizer steps ------------------

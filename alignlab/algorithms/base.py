@@ -62,7 +62,7 @@ class AlignmentModule(L.LightningModule):
         self.reference = ReferenceModel(model) if self.uses_reference else None
         # Models outside the module tree that must follow it to the device (reference, reward model).
         self.frozen: list = [self.reference] if self.reference is not None else []
-        self._step_sums: dict[str, torch.Tensor] = {}  # step_sums metrics over the step's micro-batches so far
+        self._step_sums: dict = {}  # train metrics over the step's micro-batches so far (see _over_step)
         self.save_hyperparameters(ignore=["model", "tokenizer"])
 
     # -- config checks, run before any model loads -----------------------------------------
@@ -172,17 +172,40 @@ class AlignmentModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute(batch)
         metrics = {"loss": loss, **metrics}
-        if "step_totals" in batch:  # log the step's loss (as TRL does), not the last micro-batch's share
-            accumulate = self.trainer.accumulate_grad_batches
-            for name in self.step_sums:
-                if name in metrics:
-                    sums = self._step_sums.get(name, 0.0) + metrics[name].detach() / accumulate
-                    self._step_sums[name] = metrics[name] = sums
+        if "step_totals" in batch:  # Lightning logs the step's last micro-batch: make its values the step's
+            metrics = self._over_step(metrics, self.rows_in(batch))
         self._log("train", metrics, self.rows_in(batch), on_step=True)
         return loss
 
+    def _over_step(self, metrics: dict, rows: int) -> dict:
+        """Each metric over the optimizer step's micro-batches so far, on this process: `step_sums`
+        (shares of the step's mean) added up ÷ accumulate_grad_batches, so that the mean over processes
+        is the step's value (the step's loss, as TRL logs it); `/min` and `/max` over the micro-batches;
+        any other the row-weighted mean (a (value, rows) subset metric weighted by its rows)."""
+        accumulate = self.trainer.accumulate_grad_batches
+        out = {}
+        for name, metric in metrics.items():
+            value, weight = metric if isinstance(metric, tuple) else (metric, rows)
+            value, seen = value.detach(), self._step_sums.get(name)
+            if name in self.step_sums:
+                out[name] = value / accumulate + (0.0 if seen is None else seen)
+            elif name.endswith(("/min", "/max")):
+                pick = torch.minimum if name.endswith("/min") else torch.maximum
+                out[name] = value if seen is None else pick(seen, value)
+            else:
+                if weight:  # an empty subset (its mean is nan) adds nothing
+                    total, count = (0.0, 0) if seen is None else seen
+                    seen = (total + value * weight, count + weight)
+                out[name] = (value, 0) if seen is None else (seen[0] / seen[1], seen[1])
+                self._step_sums[name] = seen
+                if not isinstance(metric, tuple):
+                    out[name] = out[name][0]
+                continue
+            self._step_sums[name] = out[name]
+        return out
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._step_sums = {}  # Lightning logged the step's last micro-batch with its sums
+        self._step_sums = {}  # Lightning logged the step's last micro-batch, with the step's values
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute(batch)
