@@ -79,6 +79,23 @@ def test_micro_batch_shares_add_up_to_the_step_mean_for_every_term():
         assert parts.item() == pytest.approx(whole.item(), rel=1e-13), loss_type
 
 
+# -- the step totals the training order attaches --------------------------------------------------------
+def test_step_totals_cover_every_micro_batch_and_process_of_the_step(monkeypatch):
+    """10 rows, 2 processes × batch 2 × accumulate 2: steps of 8 rows and then the short last step of
+    2 rows; every global batch of a step carries the step's totals, grouped by length or not."""
+    from alignlab.data.order import GlobalBatchSampler
+
+    tokens = [1, 60, 2, 59, 3, 58, 4, 57, 5, 56]
+    for group in (None, tokens):
+        monkeypatch.setattr("alignlab.data.order.process_group", lambda: (0, 2))
+        order = GlobalBatchSampler(10, 2, 0, False, shuffle=False, lengths=group, accumulate=2, counts={"t": tokens})
+        first = {"rows": 8, "t": sum(tokens[:8])}
+        assert [order.step_totals(i) for i in range(3)] == [first, first, {"rows": 2, "t": 61}]
+        assert order.step_totals(2, rows=[8]) == {"rows": 2, "t": 61}
+        with pytest.raises(RuntimeError, match="batch 2 of epoch 0 holds rows outside"):
+            order.step_totals(2, rows=[0])
+
+
 # -- every offline algorithm: whole batch = accumulated micro-batches = 2 processes -----------------
 def rows_of(kind: str, n: int = 8) -> list[dict]:
     """n rows whose answers alternate between 1 token and ~60 tokens (+ eos)."""
@@ -144,6 +161,46 @@ def test_every_cut_of_a_step_gives_the_whole_batch_gradient(tiny, monkeypatch, n
     whole = step_gradient(module, tokenizer, kind, 6, n=6, monkeypatch=monkeypatch)
     short = step_gradient(module, tokenizer, kind, 4, accumulate=2, n=6, monkeypatch=monkeypatch)
     assert relative(short, whole) < 1e-6
+
+
+def _offline_on_two_processes(rank: int, folder: str, model_dir: str, names: list[str]):
+    """Each process: its share of the step (2 micro-batches of 2 rows, grouped by length), gradients
+    averaged over the processes with a real all-reduce, as DDP does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    for name in names:
+        torch.manual_seed(0)  # RM's value head starts random: the same in every process
+        module = build_module(name, copy.deepcopy(model).double(), tokenizer, **HPARAMS.get(name, {})).double()
+        module.loss_scale = lambda: 4.0  # accumulate_grad_batches × processes
+        kind = KIND[name]
+        dm = DATA[kind](ListSource({kind: rows_of(kind)}), batch_size=2, shuffle=False, group_by_length=True)
+        dm.set_tokenizer(tokenizer)
+        dm.setup()
+        dm.trainer = SimpleNamespace(accumulate_grad_batches=2, training=True)
+        for _, batch in zip(range(2), dm.train_dataloader()):
+            loss, _ = module.compute(dm.on_before_batch_transfer(batch, 0))
+            (loss / 2).backward()
+        grads = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+        torch.distributed.all_reduce(grads)
+        torch.save(grads / 2, f"{folder}/{name}.rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # starts two processes
+def test_every_offline_step_on_two_gloo_processes_is_the_whole_batch_step(tiny, tiny_model_dir, tmp_path, monkeypatch):
+    """The same as above with real processes: the order shards each global batch by the process group's
+    rank, and the gradients are all-reduced over gloo."""
+    names = list(KIND)
+    torch.multiprocessing.spawn(_offline_on_two_processes, args=(str(tmp_path), str(tiny_model_dir), names), nprocs=2)
+    model, tokenizer = tiny
+    for name in names:
+        torch.manual_seed(0)
+        module = build_module(name, copy.deepcopy(model).double(), tokenizer, **HPARAMS.get(name, {})).double()
+        whole = step_gradient(module, tokenizer, KIND[name], 8, monkeypatch=monkeypatch)
+        for rank in (0, 1):
+            assert relative(torch.load(tmp_path / f"{name}.rank{rank}.pt"), whole) < 1e-6, (name, rank)
 
 
 # -- through the real Trainer ------------------------------------------------------------------------
