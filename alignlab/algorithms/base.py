@@ -188,20 +188,16 @@ class AlignmentModule(L.LightningModule):
             value, weight = metric if isinstance(metric, tuple) else (metric, rows)
             value, seen = value.detach(), self._step_sums.get(name)
             if name in self.step_sums:
-                out[name] = value / accumulate + (0.0 if seen is None else seen)
+                self._step_sums[name] = out[name] = value / accumulate + (0.0 if seen is None else seen)
             elif name.endswith(("/min", "/max")):
                 pick = torch.minimum if name.endswith("/min") else torch.maximum
-                out[name] = value if seen is None else pick(seen, value)
-            else:
-                if weight:  # an empty subset (its mean is nan) adds nothing
+                self._step_sums[name] = out[name] = value if seen is None else pick(seen, value)
+            else:  # (Σ value·rows, Σ rows) so far; an empty subset (its mean is nan) adds nothing
+                if weight:
                     total, count = (0.0, 0) if seen is None else seen
-                    seen = (total + value * weight, count + weight)
-                out[name] = (value, 0) if seen is None else (seen[0] / seen[1], seen[1])
-                self._step_sums[name] = seen
-                if not isinstance(metric, tuple):
-                    out[name] = out[name][0]
-                continue
-            self._step_sums[name] = out[name]
+                    self._step_sums[name] = seen = (total + value * weight, count + weight)
+                mean = (value, 0) if seen is None else (seen[0] / seen[1], seen[1])
+                out[name] = mean if isinstance(metric, tuple) else mean[0]
         return out
 
     def on_before_optimizer_step(self, optimizer) -> None:
