@@ -4,9 +4,12 @@ because every loss term divides its sums by the optimizer step's totals (alignla
 
 Rows of very different lengths (1-token and ~60-token answers), float64, one step: the gradient of one
 batch of 8 equals that of 2 and 4 accumulated micro-batches (with and without data.group_by_length) and
-of 2 processes, to 1e-6 relative. Lightning and DDP are emulated exactly as they act on gradients:
-each micro-batch loss divided by accumulate_grad_batches, the processes' gradients averaged; a real
-Trainer check runs the case `ga_sft_scaling/` (SFT) and DPO through `train()`.
+of 2 processes, to 1e-6 relative. With the datamodule's own micro-batches, Lightning and DDP are
+emulated as they act on gradients (each micro-batch loss ÷ accumulate_grad_batches, the processes'
+gradients averaged), then checked with 2 real gloo processes (slow); the case `ga_sft_scaling/` (SFT),
+DPO, KTO and RM also run through `train()`; PPO and GRPO (every loss_type) through their update loops.
+KTO's z₀ is estimated per micro-batch, so its objective depends on the cut; at the first step, where
+policy = reference, z₀ = 0 in every micro-batch and the rest of the step is tested.
 """
 
 from __future__ import annotations
