@@ -99,6 +99,24 @@ def test_step_totals_cover_every_micro_batch_and_process_of_the_step(monkeypatch
             order.step_totals(2, rows=[0])
 
 
+@pytest.mark.parametrize("kind", ["sft", "pairwise", "labelled"])
+def test_step_totals_count_the_tokens_the_losses_score(tiny, kind):
+    """A whole-batch step's totals are its rows and the answer tokens its loss mask scores (SFT: the
+    completions'; pairwise: the chosen answers', which the NLL terms cover)."""
+    from alignlab.data.collate import scored_tokens
+
+    _, tokenizer = tiny
+    dm = DATA[kind](ListSource({kind: rows_of(kind)}), batch_size=8, shuffle=False)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    dm.trainer = SimpleNamespace(accumulate_grad_batches=1, training=True)
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    scored = batch["loss_mask"][:, 1:].sum(1)
+    expected = {"sft": {"completion_tokens": int(scored.sum())}, "pairwise": {"chosen_tokens": int(scored[:8].sum())}}
+    assert batch["step_totals"] == {"rows": 8, **expected.get(kind, {})}
+    assert scored_tokens(0, 5) == 4 and scored_tokens(3, 5) == 5  # with no prompt, nothing predicts token 0
+
+
 # -- every offline algorithm: whole batch = accumulated micro-batches = 2 processes -----------------
 def rows_of(kind: str, n: int = 8) -> list[dict]:
     """n rows whose answers alternate between 1 token and ~60 tokens (+ eos)."""
