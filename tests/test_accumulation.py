@@ -29,7 +29,11 @@ from alignlab.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignlab.losses.reward import bradley_terry_loss
 from tests.conftest import QUIET, ListSource, build_module, compose
 
-CASE = Path("/work/shared/cases/ga_sft_scaling/sft.jsonl")
+# shared/cases/ga_sft_scaling/sft.jsonl: 4 rows with 1-token answers, 4 with ~60-token answers
+SPELL = "one two three four five six seven eight nine ten one two thr"
+CASE_ROWS = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(1, 5)] + [
+    {"prompt": f"Spell {i} in words, slowly.", "completion": SPELL[:49] if i == 1 else SPELL} for i in range(1, 5)
+]
 LONG = "one two three four five six seven eight nine ten eleven twelve"  # 62 tokens with eos (bytes)
 
 
@@ -266,7 +270,9 @@ def test_case_ga_sft_scaling_accumulation_takes_the_whole_batch_step(tmp_path, g
     8 and 2 accumulated micro-batches of 4 (length-grouped or not) take the same step (the equal-weight
     mean of micro-batch token means was 99% off), and log the same step metrics (loss: the step's
     token mean, mean_token_accuracy, num_tokens)."""
-    data = ["algorithm=sft", "data=custom_sft", f"data.source.path={CASE}", f"data.source.eval_path={CASE}"]
+    case = tmp_path / "sft.jsonl"
+    case.write_text("".join(json.dumps(row) + "\n" for row in CASE_ROWS))
+    data = ["algorithm=sft", "data=custom_sft", f"data.source.path={case}", f"data.source.eval_path={case}"]
     whole, whole_logged = trained_step(tmp_path, "whole", *data, "batch_size=8")
     cut = ["batch_size=4", "trainer.accumulate_grad_batches=2", f"data.group_by_length={group}"]
     split, split_logged = trained_step(tmp_path, "split", *data, *cut)
