@@ -173,10 +173,10 @@ class AlignmentDataModule(L.LightningDataModule):
             encoded = self.encode(rows)
             reasons = self.drop_reasons(encoded)
             kept = []
-            for i, (row, ex, why) in enumerate(zip(rows, encoded, reasons)):
+            for row, ex, why in zip(rows, encoded, reasons):
                 if why is not None:
                     continue
-                ex["index"] = i
+                ex["index"] = len(kept)  # its position among the kept rows, which the loaders' order indexes
                 ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
                 kept.append(ex)
             counts = Counter(why for why in reasons if why is not None)
