@@ -149,10 +149,9 @@ def _score_chunk(
     entropy: bool,
 ):
     """(log-prob of each target, mean logit, entropy or None) for hidden states [K, H]."""
-    logits = head(hidden)
+    logits = transform(head(hidden))  # in the model's dtype, as its forward does, so the numbers are its own
     if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
         logits = logits.float()
-    logits = transform(logits)
     if temperature != 1.0:
         logits = logits / temperature
     logps = selective_log_softmax(logits, targets)
