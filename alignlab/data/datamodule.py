@@ -114,7 +114,7 @@ class AlignmentDataModule(L.LightningDataModule):
             raise RuntimeError("call set_tokenizer() before setup()")
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
         for split, rows in self.read().items():
-            encoded = self.encode(rows)
+            encoded = self.encode(rows) if rows else []  # no held-out rows: the run trains without validation
             kept = []
             for i, (row, ex) in enumerate(zip(rows, encoded)):
                 if ex is None:
@@ -136,6 +136,11 @@ class AlignmentDataModule(L.LightningDataModule):
             self.splits[split] = kept
         if not self.splits.get("train"):
             raise DataError(describe, "the train split is empty")
+
+    @property
+    def has_eval_rows(self) -> bool:
+        """Whether any row is held out for validation (eval_fraction=0 or a one-row file hold none)."""
+        return bool(self.read().get("eval"))
 
     def train_dataloader(self) -> DataLoader:
         rows = self.splits["train"]

@@ -14,8 +14,35 @@ log = logging.getLogger(__name__)
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def read_rows(path: str, split: str = "train") -> list[dict]:
-    """Raw rows of a local file, or of a data set on the Hub when `path` is not a local file."""
+def looks_like_file(path: str) -> bool:
+    """A name that can only mean a local file, never a Hub data set id: it carries a data file
+    extension or starts like a path (/, ./, ../, ~)."""
+    return Path(path).suffix.lower() in _FORMATS or path.startswith(("/", "./", "../", "~", ".\\"))
+
+
+def check_source_exists(path: str, key: str | None = None) -> None:
+    """Raise DataError at once for a local file that is not there, naming the config `key` that gave
+    it, instead of looking the name up on the Hub; and for a Hub name while the Hub is unreachable."""
+    if Path(path).expanduser().exists():
+        return
+    where = f"check {key} (relative paths start from {Path.cwd()})" if key else f"relative to {Path.cwd()}"
+    if looks_like_file(path):
+        raise DataError(path, f"no such file; {where}")
+    from alignlab.models.loading import hub_reachable
+
+    if not hub_reachable():
+        raise DataError(
+            path,
+            f"no such local file, and it cannot be looked up as a Hugging Face Hub data set because the Hub "
+            f"is not reachable (offline); {where}, or download the data set where there is network",
+        )
+
+
+def read_rows(path: str, split: str = "train", key: str | None = None) -> list[dict]:
+    """Raw rows of a local file, or of a data set on the Hub when `path` is not a local file.
+
+    `key` names the config key that gave `path` (e.g. data.source.path), for error messages."""
+    check_source_exists(path, key)
     import datasets
 
     datasets.disable_progress_bars()
@@ -53,7 +80,7 @@ class FileSource:
         self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
 
     def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
-        rows = read_rows(path)
+        rows = read_rows(path, key="data.source.eval_path" if split == "eval" else "data.source.path")
         if not rows:
             raise DataError(path, "has no rows")
         out, bad = [], []
