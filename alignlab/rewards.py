@@ -103,9 +103,9 @@ def call_reward_function(name: str, fn: Callable, prompts: list, completions: li
             number = None
         if number is None or not math.isfinite(number):  # a NaN would spread to its group's advantages and the loss
             raise RewardFunctionError(
-                f"reward function '{name}' returned {value!r} for completion {i + 1} of {len(values)} "
-                f"(prompt {_last_user_text(prompts[i])!r}, completion {completions[i]!r}); a reward must be a "
-                "finite number: return e.g. 0.0 for an answer it cannot score"
+                f"reward function '{name}' returned {value!r} for completion {i + 1} of {len(values)}, the answer "
+                f"{completions[i]!r} to the data row whose prompt is {_last_user_text(prompts[i])!r}; a reward must "
+                "be a finite number: return e.g. 0.0 for an answer it cannot score"
             )
         out.append(number)
     return out

@@ -114,7 +114,10 @@ class AlignmentDataModule(L.LightningDataModule):
             raise RuntimeError("call set_tokenizer() before setup()")
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
         for split, rows in self.read().items():
-            encoded = self.encode(rows) if rows else []  # no held-out rows: the run trains without validation
+            if not rows:  # no held-out rows: the run trains without validation (alignlab.train)
+                self.splits[split], self.dropped[split] = [], 0
+                continue
+            encoded = self.encode(rows)
             kept = []
             for i, (row, ex) in enumerate(zip(rows, encoded)):
                 if ex is None:

@@ -14,6 +14,34 @@ log = logging.getLogger(__name__)
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def read_rows(path: str, split: str = "train") -> list[dict]:
+    """Raw rows of a local file, or of a data set on the Hub when `path` is not a local file."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    check_source_exists(path)
+    local = Path(path).expanduser()
+    try:
+        if local.exists():
+            fmt = _FORMATS.get(local.suffix.lower())
+            if fmt is None:
+                raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
+            if fmt == "csv":  # cells are text: keep "7" a string and an empty cell empty, not a number or NaN
+                import pandas as pd
+
+                return pd.read_csv(local, dtype=str, keep_default_na=False).to_dict("records")
+            ds = datasets.load_dataset(fmt, data_files=str(local), split="train")
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except DataError:
+        raise
+    except FileNotFoundError as e:
+        raise DataError(path, f"not found ({e})") from None
+    except Exception as e:  # arrow/json/csv parse errors: keep their text, name the file
+        raise DataError(path, f"could not be read: {type(e).__name__}: {e}") from None
+    return ds.to_list()
+
+
 def looks_like_file(path: str) -> bool:
     """A name that can only mean a local file, never a Hub data set id: it carries a data file
     extension or starts like a path (/, ./, ../, ~)."""
@@ -38,36 +66,6 @@ def check_source_exists(path: str, key: str | None = None) -> None:
         )
 
 
-def read_rows(path: str, split: str = "train", key: str | None = None) -> list[dict]:
-    """Raw rows of a local file, or of a data set on the Hub when `path` is not a local file.
-
-    `key` names the config key that gave `path` (e.g. data.source.path), for error messages."""
-    check_source_exists(path, key)
-    import datasets
-
-    datasets.disable_progress_bars()
-    local = Path(path).expanduser()
-    try:
-        if local.exists():
-            fmt = _FORMATS.get(local.suffix.lower())
-            if fmt is None:
-                raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
-            if fmt == "csv":  # cells are text: keep "7" a string and an empty cell empty, not a number or NaN
-                import pandas as pd
-
-                return pd.read_csv(local, dtype=str, keep_default_na=False).to_dict("records")
-            ds = datasets.load_dataset(fmt, data_files=str(local), split="train")
-        else:
-            ds = datasets.load_dataset(path, split=split)
-    except DataError:
-        raise
-    except FileNotFoundError as e:
-        raise DataError(path, f"not found ({e})") from None
-    except Exception as e:  # arrow/json/csv parse errors: keep their text, name the file
-        raise DataError(path, f"could not be read: {type(e).__name__}: {e}") from None
-    return ds.to_list()
-
-
 class FileSource:
     """A train file and either a held-out file or a seeded held-out fraction of the train file.
 
@@ -80,7 +78,8 @@ class FileSource:
         self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
 
     def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
-        rows = read_rows(path, key="data.source.eval_path" if split == "eval" else "data.source.path")
+        check_source_exists(path, "data.source.eval_path" if split == "eval" and self.eval_path else "data.source.path")
+        rows = read_rows(path)
         if not rows:
             raise DataError(path, "has no rows")
         out, bad = [], []
