@@ -145,6 +145,7 @@ def preflight(argv: Sequence[str]) -> None:
     overrides = {o.key_or_group: o for o in parsed}
     check_algorithm_overrides(overrides)
     check_slurm(overrides)
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    # A multirun (-m, or a shipped sweep, which sets hydra.mode) writes into hydra.sweep.dir instead.
+    multirun = any(a in ("-m", "--multirun") for a in argv) or "sweep" in overrides or "hydra.mode" in overrides
     if not multirun:
         check_run_folder(overrides)
