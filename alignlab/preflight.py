@@ -146,6 +146,11 @@ def preflight(argv: Sequence[str]) -> None:
     check_algorithm_overrides(overrides)
     check_slurm(overrides)
     # A multirun (-m, or a shipped sweep, which sets hydra.mode) writes into hydra.sweep.dir instead.
-    multirun = any(a in ("-m", "--multirun") for a in argv) or "sweep" in overrides or "hydra.mode" in overrides
+    sweep = overrides.get("sweep")
+    multirun = (
+        any(a in ("-m", "--multirun") for a in argv)
+        or (sweep is not None and sweep.value() is not None)
+        or "hydra.mode" in overrides
+    )
     if not multirun:
         check_run_folder(overrides)
