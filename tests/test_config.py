@@ -226,6 +226,7 @@ def test_model_qwen_offline_ends_in_one_clear_sentence(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("alignlab: error: Could not load model 'Qwen/Qwen2.5-0.5B-Instruct'")
     assert "model.path=/path/to/copy" in last and "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "alignlab.log"]  # said before anything is written
 
 
 def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):
