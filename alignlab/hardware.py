@@ -48,7 +48,9 @@ def check_hardware(trainer: DictConfig, choice: str | None = None) -> None:
         ConfigError: a GPU profile on a machine where torch finds no CUDA GPU, DeepSpeed not
             installed, or a ZeRO stage that does not exist.
     """
-    if trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+    accelerator = trainer.get("accelerator")
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's "gpu" is Apple's GPU there
+    if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or mps):
         profile = f"hardware={choice}" if choice else "this hardware profile"
         raise ConfigError(
             f"{profile} (trainer.accelerator={trainer.accelerator}) needs a CUDA GPU, and torch finds none on this "

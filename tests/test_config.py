@@ -17,6 +17,7 @@ from alignlab.redact import redact
 from tests.conftest import CONF, ROOT, compose, run_cli
 
 GROUPS = ["algorithm", "model", "data", "hardware", "logger", "trainer", "callbacks", "paths"]
+HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -41,7 +42,7 @@ def test_every_group_option_composes(group, option, tmp_path):
             assert hasattr(instantiate(cfg.data), "setup")
     if group == "hardware":
         assert cfg.trainer.accelerator == ("cpu" if option in ("cpu", "ddp_cpu") else "gpu")
-        if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        if cfg.trainer.accelerator == "gpu" and not HAS_GPU:
             with pytest.raises(ConfigError, match=f"hardware={option} .* needs a CUDA GPU"):
                 check_config(cfg, {"hardware": option})
         elif option != "deepspeed" or importlib.util.find_spec("deepspeed"):  # DeepSpeed is an optional install
@@ -148,7 +149,7 @@ def test_bad_config_fails_before_any_model_loads(overrides, message, tmp_path, m
     assert not (tmp_path / "run").exists()  # nothing written, not even the folder
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
 @pytest.mark.parametrize("hardware", ["gpu", "ddp", "fsdp", "deepspeed"])
 def test_a_gpu_profile_without_a_gpu_fails_before_any_model_loads(hardware, tmp_path, monkeypatch):
     import alignlab.train
