@@ -9,6 +9,8 @@ number taken from a counter-based hash of (key, position).
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -168,6 +170,29 @@ def generate(
     return out[:, prompt_input_ids.shape[1] :]
 
 
-def exact_match(texts: list[str], solutions: list[str]) -> torch.Tensor:
-    """1.0 where the answer equals the solution after stripping surrounding white space."""
-    return torch.tensor([float(t.strip() == str(s).strip()) for t, s in zip(texts, solutions)])
+def _number(text: str) -> Decimal | None:
+    try:
+        value = Decimal(text)
+    except (InvalidOperation, ValueError):
+        return None
+    return value if value.is_finite() else None
+
+
+def matches_solution(answer: str, solution) -> bool:
+    """Whether an answer is the row's solution: the same text once surrounding white space is
+    stripped, or the same finite number when both read as numbers (exactly, as decimals: "5" matches
+    5, 5.0 and "5.00"; "0.5" matches ".5"), as math-verify counts numeric answers equal. The solution
+    may be any value (a Parquet float column gives 5.0 for a written 5); a missing one (None) never
+    matches."""
+    if solution is None:
+        return False
+    answer, expected = answer.strip(), str(solution).strip()
+    if answer == expected:
+        return True
+    a, b = _number(answer), _number(expected)
+    return a is not None and b is not None and a == b
+
+
+def exact_match(texts: list[str], solutions: list) -> torch.Tensor:
+    """[B] 1.0 where the answer matches the row's solution (see `matches_solution`), else 0.0."""
+    return torch.tensor([float(matches_solution(t, s)) for t, s in zip(texts, solutions)])

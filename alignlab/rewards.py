@@ -16,19 +16,19 @@ from typing import Any
 from hydra.utils import instantiate
 
 from alignlab.errors import AlignlabError, ConfigError
+from alignlab.generation import matches_solution
 
 
 class RewardFunctionError(AlignlabError):
     """A reward function raised, returned the wrong number of values, or a value that is not a finite number."""
 
 
-def accuracy(
-    prompts: Sequence, completions: Sequence[str], solution: Sequence[str] | None = None, **columns
-) -> list[float]:
-    """1.0 where the completion equals the row's `solution` (surrounding white space ignored), else 0.0."""
+def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns) -> list[float]:
+    """1.0 where the completion matches the row's `solution` (the same text, surrounding white space
+    ignored, or the same number: see `alignlab.generation.matches_solution`), else 0.0."""
     if solution is None:
         raise ValueError("the data has no `solution` column")
-    return [float(c.strip() == str(s).strip()) for c, s in zip(completions, solution)]
+    return [float(matches_solution(c, s)) for c, s in zip(completions, solution)]
 
 
 def format_reward(prompts: Sequence, completions: Sequence[str], pattern: str = r"-?\d+", **columns) -> list[float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from alignlab.data.collate import collate_answers
-from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
+from alignlab.data.tokenize import encode_conversations, fit_answer
 from alignlab.models.reward import RewardModel
 
 
@@ -51,8 +51,8 @@ class RewardScorer:
         scores: list[float] = []
         for start in range(0, len(messages), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            p_ids = encode_prompts(self.tokenizer, messages[chunk])
-            a_ids = encode_answers(self.tokenizer, answers[chunk])
+            encoded = encode_conversations(self.tokenizer, messages[chunk], [[a] for a in answers[chunk]])
+            p_ids, a_ids = [p for p, _ in encoded], [a for _, (a,) in encoded]
             if self.max_length:
                 a_ids = [fit_answer(len(p), a, self.max_length) or a[:1] for p, a in zip(p_ids, a_ids)]
             batch = collate_answers(p_ids, a_ids, self.tokenizer.pad_token_id)

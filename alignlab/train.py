@@ -52,12 +52,13 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
     datamodule = instantiate(cfg.data)
     datamodule.read()  # bad data fails here, before anything is written to the run folder
-    if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
-        save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
     datamodule.set_tokenizer(tokenizer)
+    datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
+    if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
+        save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     module = build_algorithm(cfg, model, tokenizer)
 
     overrides = task_overrides()
@@ -118,6 +119,7 @@ def train(cfg: DictConfig) -> dict:
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - start, 1),
         "dropped_rows": dict(datamodule.dropped),
+        "dropped_rows_by_reason": dict(datamodule.dropped_by_reason),
         "skipped_bad_rows": datamodule.skipped,
         "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
     }

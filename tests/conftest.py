@@ -149,3 +149,19 @@ def rm_run(sft_run, tmp_path_factory) -> dict:
         "algorithm.center_rewards_coefficient=0.01",
     )
     return train(compose(overrides, run_dir))
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """`family_dir(name) -> Path`: the folder of a tiny model of family `name` (see tests/families.py),
+    written once per test session on first use."""
+    from tests.families import build_family
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_family(name, tmp_path_factory.mktemp(f"family-{name}"))
+        return built[name]
+
+    return get

@@ -10,7 +10,7 @@ import pytest
 
 from alignlab.data import PairwiseDataModule, SFTDataModule
 from alignlab.data.arith import ArithTask
-from alignlab.data.files import FileSource
+from alignlab.data.files import FileSource, read_rows
 from alignlab.data.rows import KINDS, to_canonical
 from alignlab.data.tokenize import encode_prompts
 from alignlab.errors import DataError
@@ -112,6 +112,86 @@ def test_labelled_rows_accept_csv_booleans():
     assert row == {"prompt": [{"role": "user", "content": "1+1="}], "completion": "3", "label": False}
 
 
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+# (row, kind, field, message index, role): a blank message in each form rows.py reads
+EMPTY_MESSAGES = [
+    ({"messages": [user(""), assistant("4")]}, "sft", "messages", 0, "user"),
+    ({"messages": [system(""), user("  "), assistant("4")], "label": True}, "labelled", "messages", 1, "user"),
+    ({"messages": [user("2+2="), assistant(" ")], "rejected_response": "5"}, "pairwise", "messages", 1, "assistant"),
+    ({"messages": [user("\n\t")]}, "prompt", "messages", 0, "user"),
+    ({"prompt": [user("\n")]}, "prompt", "prompt", 0, "user"),
+    ({"prompt": [system("s"), user("")], "completion": "x"}, "sft", "prompt", 1, "user"),
+    ({"prompt": [user("q"), assistant(""), user("q2")], "completion": "x"}, "sft", "prompt", 1, "assistant"),
+    ({"prompt": [user("")], "completion": "x", "label": False}, "labelled", "prompt", 0, "user"),
+    ({"prompt": [user("2+2=")], "chosen": [assistant("")], "rejected": "5"}, "pairwise", "chosen", 0, "assistant"),
+    ({"prompt": "2+2=", "chosen": "4", "rejected": [assistant("  ")]}, "pairwise", "rejected", 0, "assistant"),
+    ({"chosen": [user(" "), assistant("4")], "rejected": [user(" "), assistant("5")]}, "pairwise", "chosen", 0, "user"),
+    (
+        {"messages": [user("2+2="), assistant("4")], "rejected_response": [assistant("")]},
+        "pairwise",
+        "rejected_response",
+        0,
+        "assistant",
+    ),
+    ({"messages": [{"role": "tool", "content": ""}, user("q"), assistant("a")]}, "sft", "messages", 0, "tool"),
+]
+
+# (pairwise row, field, message): answers that follow another conversation than the pair's prompt
+PROMPT_MISMATCHES = [
+    (  # TRL's implicit prompt: the conversations inside `chosen` and `rejected` differ
+        {"chosen": [user("2+2="), assistant("4")], "rejected": [user("3+3="), assistant("5")]},
+        "rejected",
+        "answers another conversation than `chosen` (message 0 is user '3+3=' where `chosen` has user '2+2=')",
+    ),
+    (
+        {"chosen": [system("A"), user("q"), assistant("4")], "rejected": [system("B"), user("q"), assistant("5")]},
+        "rejected",
+        "(message 0 is system 'B' where `chosen` has system 'A')",
+    ),
+    (  # a multi-turn chosen whose earlier turns the rejected answer lacks
+        {"chosen": [user("q"), assistant("a"), user("q2"), assistant("b")], "rejected": [user("q"), assistant("c")]},
+        "rejected",
+        "(it has 1 prompt messages where `chosen` has 3)",
+    ),
+    (  # an explicit prompt and a conversation inside `rejected` that disagree
+        {"prompt": "2+2=", "chosen": "4", "rejected": [user("3+3="), assistant("5")]},
+        "rejected",
+        "its prompt turns differ from `prompt` (message 0 is user '3+3=' where `prompt` has user '2+2=')",
+    ),
+    (
+        {"prompt": [user("2+2=")], "chosen": [user("3+3="), assistant("6")], "rejected": [assistant("5")]},
+        "chosen",
+        "its prompt turns differ from `prompt`",
+    ),
+    (  # `chosen` continues the prompt with more turns, `rejected` answers the prompt itself
+        {"prompt": "q", "chosen": [assistant("a"), user("q2"), assistant("b")], "rejected": "c"},
+        "rejected",
+        "(it has 1 prompt messages where `chosen` has 3)",
+    ),
+    (  # conversational form: `rejected_response` holding another conversation
+        {"messages": [user("2+2="), assistant("4")], "rejected_response": [user("3+3="), assistant("5")]},
+        "rejected_response",
+        "its prompt turns differ from `messages` (message 0 is user '3+3=' where `messages` has user '2+2=')",
+    ),
+    (
+        {"messages": [user("2+2="), assistant("4")], "rejected_response": [assistant("x"), user("y"), assistant("5")]},
+        "rejected_response",
+        "answers another conversation than `messages` (it has 3 prompt messages where `messages` has 1)",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("raw", "kind", "field", "message"),
     [
@@ -147,6 +227,23 @@ def test_labelled_rows_accept_csv_booleans():
         ({"messages": []}, "prompt", "messages", "non-empty list of messages"),
         ({"messages": "not json"}, "sft", "messages", "not JSON"),
         ({"other": 1}, "prompt", "messages", "missing (give `messages` or `prompt`)"),
+        # empty or blank message content, in every form (an empty system message is allowed)
+        *[(raw, kind, field, f"message {i} ({role}) is empty") for raw, kind, field, i, role in EMPTY_MESSAGES],
+        # the two answers of a pair, or an answer and `prompt`, following different conversations
+        *[(raw, "pairwise", field, message) for raw, field, message in PROMPT_MISMATCHES],
+        (
+            {"prompt": "2+2=", "completion": [user("3+3="), assistant("6")]},
+            "sft",
+            "completion",
+            "its prompt turns differ from `prompt` (message 0 is user '3+3=' where `prompt` has user '2+2=')",
+        ),
+        (
+            {"prompt": "2+2=", "completion": [user("3+3="), assistant("6")], "label": True},
+            "labelled",
+            "completion",
+            "its prompt turns differ from `prompt`",
+        ),
+        ({"prompt": "3+4=", "chosen": "7", "rejected": "8", "margin": [2]}, "pairwise", "margin", "a number"),
     ],
 )
 def test_bad_rows_name_file_row_and_field(raw, kind, field, message):
@@ -168,7 +265,9 @@ def test_bad_row_in_a_file_is_reported_with_its_row_number(tmp_path):
 def test_unreadable_and_unknown_files_are_named(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "1+1=", "chosen": "2"\n')
-    with pytest.raises(DataError, match="broken.jsonl: could not be read"):
+    with pytest.raises(
+        DataError, match=r"broken\.jsonl: line 1 is not valid JSON \(Expecting ',' delimiter at column 33\)"
+    ):
         FileSource(str(broken)).load("pairwise")
     odd = tmp_path / "rows.txt"
     odd.write_text("hello")
@@ -222,7 +321,7 @@ def test_max_length_drops_long_prompts_and_truncates_answers(tiny):
     assert len(dm.splits["train"][0]["completion_ids"]) == 1
     dm = SFTDataModule(ListSource(rows[:1]), batch_size=2, max_length=prompt_len)
     dm.set_tokenizer(tokenizer)
-    with pytest.raises(DataError, match="no train row fits max_length"):
+    with pytest.raises(DataError, match="no train row is usable at max_length"):
         dm.setup()
 
 
@@ -344,3 +443,225 @@ def test_training_with_skipped_rows_reports_them_and_bad_data_leaves_the_run_fol
         train(compose([*data, "resume=auto", "trainer.max_steps=4", *QUIET], run))
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before  # nothing the first run wrote was touched
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"chosen": [user("1+1="), assistant("2")], "rejected": [user("1+1="), assistant("3")]},
+        {"chosen": [user("1+1="), assistant("2")], "rejected": "3"},  # implicit prompt, rejected as text
+        {"prompt": "1+1=", "chosen": [user("1+1="), assistant("2")], "rejected": [user("1+1="), assistant("3")]},
+        {"prompt": [user("1+1=")], "chosen": [assistant("2")], "rejected": [user("1+1="), assistant("3")]},
+        {"messages": [user("1+1="), assistant("2")], "rejected_response": [user("1+1="), assistant("3")]},
+        {"messages": [user("1+1="), assistant("2")], "rejected_response": [assistant("3")]},
+    ],
+)
+def test_pair_forms_that_answer_one_prompt_give_it_once(raw):
+    """A conversation inside an answer that repeats the prompt is the same prompt, taken once."""
+    row = to_canonical(raw, "pairwise", "f.jsonl", 1)
+    assert row == {"prompt": [user("1+1=")], "chosen": "2", "rejected": "3"}
+
+
+def test_an_answer_may_continue_an_explicit_prompt_and_an_empty_system_message_is_allowed():
+    raw = {
+        "prompt": [system(""), user("q")],
+        "chosen": [assistant("a"), user("q2"), assistant("b")],
+        "rejected": [system(""), user("q"), assistant("a"), user("q2"), assistant("c")],
+    }
+    row = to_canonical(raw, "pairwise", "f.jsonl", 1)
+    assert row["prompt"] == [system(""), user("q"), assistant("a"), user("q2")]
+    assert (row["chosen"], row["rejected"]) == ("b", "c")
+    sft = to_canonical({"messages": [system(" "), user("q"), assistant("a")]}, "sft", "f.jsonl", 1)
+    assert sft["prompt"] == [system(" "), user("q")]
+    assert to_canonical({"prompt": [system(""), user("q")]}, "prompt", "f.jsonl", 1)["prompt"] == [
+        system(""),
+        user("q"),
+    ]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(2, 2.0), ("2.5", 2.5), (None, None), ("", None), ("  ", None)])
+def test_an_optional_margin_is_a_float_or_absent(value, expected):
+    """null (JSON, Parquet) and an empty CSV cell mean no margin: the row lacks the key, and counts as 0."""
+    row = to_canonical({"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": value}, "pairwise", "f.csv", 1)
+    assert row.get("margin") == expected and ("margin" in row) == (expected is not None)
+    if expected is not None:
+        assert type(row["margin"]) is float
+
+
+# One row of each type a reward function may compare with, beside integer solutions: the file's
+# values must come back as written, with no row widening another's type.
+TYPED_ROWS = [
+    {"prompt": "2+3=", "solution": 5},
+    {"prompt": "1/2=", "solution": 0.5},
+    {"prompt": "big", "solution": 12345678901234567891},
+    {"prompt": "name", "solution": "five"},
+    {"prompt": "yes?", "solution": True},
+    {"prompt": "list", "solution": [1, 2]},
+    {"prompt": "none", "solution": None},
+    {"prompt": "absent"},
+]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json list", "json data", "json rows", "json lines named .json"])
+def test_json_files_keep_each_rows_own_types(tmp_path, layout):
+    lines = "\n".join(json.dumps(r) for r in TYPED_ROWS)
+    text = {
+        "jsonl": lines,
+        "json list": json.dumps(TYPED_ROWS, indent=1),
+        "json data": json.dumps({"data": TYPED_ROWS}),
+        "json rows": json.dumps({"rows": TYPED_ROWS}),
+        "json lines named .json": lines + "\n\n",
+    }[layout]
+    path = tmp_path / ("rows.jsonl" if layout == "jsonl" else "rows.json")
+    path.write_text(text)
+    assert read_rows(str(path)) == TYPED_ROWS
+    rows = FileSource(str(path), eval_fraction=0).load("prompt")["train"]
+    assert [type(r.get("solution")) for r in rows] == [int, float, int, str, bool, list, type(None), type(None)]
+    assert rows[0]["solution"] == 5 and "solution" not in rows[-1]
+
+
+def test_csv_cells_and_parquet_columns_arrive_as_written(tmp_path):
+    """CSV cells are text; a Parquet column has the type its writer gave it (an int column stays int,
+    a float column stays float: pandas writes 5 beside 0.5 as 5.0), and a null is a missing value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv_path = tmp_path / "rows.csv"
+    csv_path.write_text('prompt,solution\n2+3=,5\n1/2=,0.5\n"a,b",\n')
+    assert read_rows(str(csv_path)) == [
+        {"prompt": "2+3=", "solution": "5"},
+        {"prompt": "1/2=", "solution": "0.5"},
+        {"prompt": "a,b", "solution": ""},
+    ]
+    parquet = tmp_path / "rows.parquet"
+    table = pa.table({"prompt": ["2+3=", "1/2="], "solution": [5, 7], "score": [5.0, 0.5], "tag": ["x", None]})
+    pq.write_table(table, parquet)
+    rows = read_rows(str(parquet))
+    assert rows == [
+        {"prompt": "2+3=", "solution": 5, "score": 5.0, "tag": "x"},
+        {"prompt": "1/2=", "solution": 7, "score": 0.5, "tag": None},
+    ]
+    assert [type(r["solution"]) for r in rows] == [int, int]
+    widened = tmp_path / "widened.parquet"
+    pd.DataFrame(TYPED_ROWS[:2]).to_parquet(widened)
+    assert [r["solution"] for r in read_rows(str(widened))] == [5.0, 0.5]  # typed by the writer, not the reader
+
+
+@pytest.mark.parametrize(
+    ("answer", "solution", "matches"),
+    [
+        ("5", 5, True),
+        (" 5\n", "5", True),
+        ("5", 5.0, True),  # a Parquet float column: the number is the same
+        ("5.0", "5", True),
+        (".5", 0.5, True),
+        ("-0", 0, True),
+        ("12345678901234567890", 12345678901234567891, False),  # compared exactly, not as floats
+        ("6", 5.0, False),
+        ("five", "five", True),
+        ("Five", "five", False),
+        ("1/2", 0.5, False),  # a fraction is not read as a number
+        ("nan", "NaN", False),  # not finite: only the same text matches
+        ("5", None, False),  # a row without a solution
+        ("1", True, False),
+    ],
+)
+def test_answers_match_the_solution_as_text_or_as_the_same_number(answer, solution, matches):
+    from alignlab.generation import exact_match, matches_solution
+    from alignlab.rewards import accuracy
+
+    assert matches_solution(answer, solution) is matches
+    assert accuracy([[user("q")]], [answer], solution=[solution]) == [float(matches)]
+    assert exact_match([answer], [solution]).tolist() == [float(matches)]
+
+
+def test_unreadable_json_names_the_file_and_line(tmp_path):
+    bad_line = tmp_path / "rows.jsonl"
+    bad_line.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c",}\n')
+    with pytest.raises(
+        DataError, match=r"rows\.jsonl: line 4 is not valid JSON \(Expecting property name .* at column 16\)"
+    ):
+        read_rows(str(bad_line))
+    bad_file = tmp_path / "rows.json"
+    bad_file.write_text('[{"prompt": "a"},\n {"prompt": }]')
+    with pytest.raises(DataError, match=r"rows\.json: is not valid JSON \(Expecting value at line 2, column 13\)"):
+        read_rows(str(bad_file))
+
+
+def test_optional_numeric_columns_count_as_zero_and_columns_some_rows_lack_reach_the_batch(tiny):
+    """The first row of a batch decides nothing: a column any row gives is the batch's."""
+    from alignlab.data import PromptDataModule
+
+    _, tokenizer = tiny
+    rows = [
+        {"prompt": [user("1+1=")], "chosen": "2", "rejected": "3"},
+        {"prompt": [user("1+2=")], "chosen": "3", "rejected": "4", "margin": 2.0, "solution": "3"},
+    ]
+    dm = PairwiseDataModule(ListSource(rows), batch_size=2, eval_batch_size=2, shuffle=False)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    train = next(iter(dm.train_dataloader()))
+    assert train["margin"].tolist() == [0.0, 2.0]
+    assert next(iter(dm.val_dataloader()))["solution"] == [None, "3"]
+    sft = SFTDataModule(ListSource([{"prompt": [user("q")], "completion": "a", "margin": "x"}]), batch_size=1)
+    sft.set_tokenizer(tokenizer)
+    sft.setup()
+    assert "margin" not in next(iter(sft.train_dataloader()))  # only pairwise batches carry numeric columns
+    prompts = PromptDataModule(ListSource([{"prompt": [user("q")]}, {"prompt": [user("r")], "solution": 5}]))
+    prompts.set_tokenizer(tokenizer)
+    prompts.setup()
+    batch = next(iter(prompts.val_dataloader()))
+    assert batch["columns"] == {"solution": [None, 5]}
+
+
+def identical_after_truncation_rows(tokenizer, max_length):
+    """Pairs for PAIRS' prompts, answers sharing a long start and differing at the end: identical once cut
+    to max_length except the first, which differs early; plus a row whose prompt alone is too long."""
+    rows = [{"prompt": [user(p)], "chosen": "x" * 60 + c, "rejected": "x" * 60 + r, "solution": c} for p, c, r in PAIRS]
+    rows[0] = {**rows[0], "chosen": "a" + rows[0]["chosen"]}
+    rows.append({"prompt": [user("y" * 200)], "chosen": "1", "rejected": "2"})
+    for r in rows[1:4]:  # the cut really falls inside the shared part
+        prompt_len = len(encode_prompts(tokenizer, [r["prompt"]])[0])
+        assert prompt_len + len(tokenizer(r["chosen"][:60])["input_ids"]) > max_length
+    return rows
+
+
+def test_pairs_that_truncation_makes_identical_are_dropped_and_counted_by_reason(tiny, caplog):
+    _, tokenizer = tiny
+    rows = identical_after_truncation_rows(tokenizer, 40)
+    dm = PairwiseDataModule(ListSource(rows), batch_size=2, max_length=40)
+    dm.set_tokenizer(tokenizer)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert dm.dropped == {"train": 4, "eval": 4}
+    assert dm.dropped_by_reason["train"] == {"identical_after_truncation": 3, "prompt_too_long": 1}
+    assert [ex["index"] for ex in dm.splits["train"]] == [0]
+    assert "train split: dropped 3 of 5 rows whose chosen and rejected answers are the same tokens" in caplog.text
+    assert "train split: dropped 1 of 5 rows whose prompt alone does not fit max_length=40" in caplog.text
+    # KTO reading the pairs unpaired: both rows of such a pair go (one text, labelled both ways)
+    from alignlab.data import LabelledDataModule
+
+    kto = LabelledDataModule(ListSource({"pairwise": rows}), unpair=True, batch_size=2, max_length=40)
+    kto.set_tokenizer(tokenizer)
+    kto.setup()
+    assert kto.dropped_by_reason["train"] == {"identical_after_truncation": 6, "prompt_too_long": 2}
+    assert [ex["index"] for ex in kto.splits["train"]] == [0, 1]
+    # with room for the whole answers nothing but the long prompt is dropped
+    dm = PairwiseDataModule(ListSource(rows), batch_size=2, max_length=128)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    assert dm.dropped_by_reason["train"] == {"prompt_too_long": 1}
+
+
+def test_no_pair_left_after_truncation_is_an_error_naming_max_length(tiny):
+    _, tokenizer = tiny
+    rows = identical_after_truncation_rows(tokenizer, 40)[1:4]
+    dm = PairwiseDataModule(ListSource(rows), batch_size=2, max_length=40)
+    dm.set_tokenizer(tokenizer)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    assert str(err.value) == (
+        "ListSource: no train row is usable at max_length=40: 3 of 3 rows whose chosen and rejected answers are "
+        "the same tokens once cut to max_length=40 (they differ only after it); raise max_length, or shorten what "
+        "the two answers share"
+    )

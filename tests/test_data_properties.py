@@ -41,6 +41,7 @@ def well_formed(row: dict, kind: str) -> None:
     prompt = row["prompt"]
     assert isinstance(prompt, list) and prompt
     assert all(m["role"] in ROLES and isinstance(m["content"], str) for m in prompt)
+    assert all(m["content"].strip() or m["role"] == "system" for m in prompt)  # only a system message may be empty
     assert prompt[-1]["role"] != "assistant"
     answers = {"sft": ["completion"], "labelled": ["completion"], "pairwise": ["chosen", "rejected"], "prompt": []}
     for field in answers[kind]:

@@ -52,10 +52,12 @@ def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict:
 
 
 def collate_extras(examples: Sequence[dict], numeric: Sequence[str], text: Sequence[str]) -> dict:
-    """Per-row values that travel with the batch: row index, numbers as float tensors, text as lists."""
+    """Per-row values that travel with the batch: row index, numbers as float tensors (a row without
+    the number, e.g. an optional `margin`, counts as 0), text as lists (None where a row has none)."""
     out = {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
     for key in numeric:
-        out[key] = torch.tensor([float(e[key]) for e in examples], dtype=torch.float32)
+        values = [0.0 if e.get(key) is None else float(e[key]) for e in examples]
+        out[key] = torch.tensor(values, dtype=torch.float32)
     for key in text:
         out[key] = [e.get(key) for e in examples]
     return out

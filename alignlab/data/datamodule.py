@@ -1,7 +1,8 @@
 """LightningDataModules for the data kinds, over one shared base.
 
 The base reads rows from a source (bundled task or files), encodes them once the tokenizer is
-known, drops rows whose prompt alone does not fit `max_length` (and says how many), and serves
+known, drops rows that `max_length` leaves meaningless (a prompt that alone does not fit; a pair
+whose two answers are the same tokens once cut) and says how many for each reason, and serves
 shuffled, per-batch padded loaders. A subclass says which data kind it reads, how a row is
 encoded and how examples are collated.
 """
@@ -9,6 +10,7 @@ encoded and how examples are collated.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from functools import partial
 from typing import Any
 
@@ -18,19 +20,27 @@ from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader
-from alignlab.data.rows import ON_BAD_ROW, mismatch_partners, unpair
-from alignlab.data.tokenize import encode_answers, encode_prompts, fit_answer
+from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
+from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+# Why setup leaves a row out (the keys of `dropped_by_reason`), as the log and errors say it.
+DROP_REASONS = {
+    "prompt_too_long": "whose prompt alone does not fit max_length={max_length}",
+    "identical_after_truncation": "whose chosen and rejected answers are the same tokens once cut to "
+    "max_length={max_length} (they differ only after it)",
+}
 
 
 class AlignmentDataModule(L.LightningDataModule):
     kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)
     # Text columns that travel with eval batches (for exact-match and reward functions).
     passthrough: tuple[str, ...] = ("solution",)
-    # Per-row numbers that travel with every batch as float tensors (e.g. a reward-model margin).
-    numeric_columns: tuple[str, ...] = ("margin",)
+    # Per-row numbers that travel with every batch as float tensors (e.g. a reward-model margin);
+    # a row without one counts as 0.
+    numeric_columns: tuple[str, ...] = ()
     # Online algorithms split each batch into mini-batches, so a short last batch is dropped.
     drop_last_train: bool = False
 
@@ -45,8 +55,12 @@ class AlignmentDataModule(L.LightningDataModule):
         on_bad_row: str = "error",
         shuffle: bool = True,
         group_by_length: bool = False,
+        system_prompt: str = "keep",
     ):
         super().__init__()
+        if system_prompt not in SYSTEM_PROMPT:
+            raise ConfigError(f"data.system_prompt must be one of {SYSTEM_PROMPT}, got {system_prompt!r}")
+        self.system_prompt = system_prompt
         self.shuffle, self.group_by_length = shuffle, group_by_length
         if on_bad_row not in ON_BAD_ROW:
             raise ConfigError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
@@ -59,8 +73,10 @@ class AlignmentDataModule(L.LightningDataModule):
         self.max_length, self.seed, self.num_workers = max_length, seed, num_workers
         self.tokenizer = None
         self.splits: dict[str, list[dict]] = {}
-        self.dropped: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}  # split → rows left out by setup, all reasons together
+        self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows
         self._rows: dict[str, list[dict]] | None = None
+        self._derived: dict[int, dict] = {}  # id(row made from another row, e.g. unpaired) → that row
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
 
     # -- subclasses ----------------------------------------------------------------------------
@@ -71,7 +87,42 @@ class AlignmentDataModule(L.LightningDataModule):
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         raise NotImplementedError
 
+    def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
+        """Why setup leaves each row out (a DROP_REASONS key), None for a row it keeps: here, a row
+        `encode` could not fit. Subclasses add what truncation makes meaningless for their kind."""
+        return ["prompt_too_long" if ex is None else None for ex in encoded]
+
     # -- shared ---------------------------------------------------------------------------------
+    def encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...]) -> list[tuple[list[int], list[list[int]]]]:
+        """(prompt ids, [ids of each answer column]) per row, through the chat template (see
+        alignlab.data.tokenize); no answer columns: prompts only.
+
+        Raises:
+            DataError: the template refuses a row (e.g. a system role it does not support), naming the
+                file, row, field and the template's reason.
+        """
+        prompts = [r["prompt"] for r in rows]
+        answers = [[r[k] for k in answer_keys] for r in rows] if answer_keys else None
+        try:
+            return encode_conversations(self.tokenizer, prompts, answers, self.system_prompt)
+        except TemplateRefusal as e:
+            raise self._refused(rows[e.index], e.reason) from None
+
+    def _refused(self, row: dict, reason: str) -> DataError:
+        origin = getattr(self.source, "origin", lambda _: None)(self._derived.get(id(row), row))
+        source, index, field = origin or (getattr(self.source, "describe", lambda: "data")(), None, "prompt")
+        problem = f'the model\'s chat template refuses this conversation, saying "{reason}".'
+        if any(m["role"] == "system" for m in row["prompt"]) and self.system_prompt == "keep":
+            problem += (
+                " To put the system text before the first user message instead (as Gemma and Mistral v0.1 users"
+                " do), set data.system_prompt=merge; or remove the system message"
+            )
+        else:
+            problem += (
+                " Change the row so that the template accepts it (data.system_prompt=merge folds system messages in)"
+            )
+        return DataError(source, problem, row=index, field=field)
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
@@ -118,24 +169,29 @@ class AlignmentDataModule(L.LightningDataModule):
                 self.splits[split], self.dropped[split] = [], 0
                 continue
             encoded = self.encode(rows)
+            reasons = self.drop_reasons(encoded)
             kept = []
-            for i, (row, ex) in enumerate(zip(rows, encoded)):
-                if ex is None:
+            for i, (row, ex, why) in enumerate(zip(rows, encoded, reasons)):
+                if why is not None:
                     continue
                 ex["index"] = i
                 ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
                 kept.append(ex)
-            self.dropped[split] = len(rows) - len(kept)
-            if self.dropped[split]:
-                log.warning(
-                    "%s split: dropped %d of %d rows whose prompt alone does not fit max_length=%d",
-                    split,
-                    self.dropped[split],
-                    len(rows),
-                    self.max_length,
-                )
+            counts = Counter(why for why in reasons if why is not None)
+            self.dropped[split], self.dropped_by_reason[split] = sum(counts.values()), dict(counts)
+            said = [
+                f"{n} of {len(rows)} rows " + DROP_REASONS[why].format(max_length=self.max_length)
+                for why, n in counts.items()
+            ]
+            for text in said:
+                log.warning("%s split: dropped %s", split, text)
             if not kept and rows:
-                raise DataError(describe, f"no {split} row fits max_length={self.max_length}; raise max_length")
+                hint = "raise max_length" + (
+                    ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""
+                )
+                raise DataError(
+                    describe, f"no {split} row is usable at max_length={self.max_length}: {'; '.join(said)}; {hint}"
+                )
             self.splits[split] = kept
         if not self.splits.get("train"):
             raise DataError(describe, "the train split is empty")
@@ -178,8 +234,9 @@ class AlignmentDataModule(L.LightningDataModule):
         return batch
 
     def _extras(self, examples: list[dict], with_prompts: bool) -> dict:
-        numeric = [k for k in examples[0] if k.startswith("ref_") or k in self.numeric_columns]
-        text = [k for k in self.passthrough if k in examples[0]] if with_prompts else []
+        keys = dict.fromkeys(k for e in examples for k in e)  # a column only some rows give is the batch's
+        numeric = [k for k in keys if k.startswith("ref_") or k in self.numeric_columns]
+        text = [k for k in self.passthrough if k in keys] if with_prompts else []
         out = collate_prompts([e["prompt_ids"] for e in examples], self.pad_id) if with_prompts else {}
         return {**out, **collate_extras(examples, numeric, text)}
 
@@ -191,10 +248,8 @@ class SFTDataModule(AlignmentDataModule):
     answer_keys = ("completion_ids",)
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        answers = encode_answers(self.tokenizer, [r["completion"] for r in rows])
         out = []
-        for p, a in zip(prompts, answers):
+        for p, (a,) in self.encode_rows(rows, ("completion",)):
             a = fit_answer(len(p), a, self.max_length)
             out.append(None if a is None else {"prompt_ids": p, "completion_ids": a})
         return out
@@ -211,16 +266,20 @@ class PairwiseDataModule(AlignmentDataModule):
 
     kind = "pairwise"
     answer_keys = ("chosen_ids", "rejected_ids")
+    numeric_columns = NUMERIC_COLUMNS
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        chosen = encode_answers(self.tokenizer, [r["chosen"] for r in rows])
-        rejected = encode_answers(self.tokenizer, [r["rejected"] for r in rows])
         out = []
-        for p, c, r in zip(prompts, chosen, rejected):
+        for p, (c, r) in self.encode_rows(rows, ("chosen", "rejected")):
             c, r = fit_answer(len(p), c, self.max_length), fit_answer(len(p), r, self.max_length)
             out.append(None if c is None else {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
         return out
+
+    def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
+        """Also a pair whose chosen and rejected are the same tokens once cut to max_length."""
+        reasons = super().drop_reasons(encoded)
+        same = [ex is not None and ex["chosen_ids"] == ex["rejected_ids"] for ex in encoded]
+        return ["identical_after_truncation" if s and why is None else why for s, why in zip(same, reasons)]
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
@@ -249,14 +308,21 @@ class LabelledDataModule(AlignmentDataModule):
     def rows(self) -> dict[str, list[dict]]:
         if not self.unpair:
             return self.load("labelled")
-        return {split: [r for pair in rows for r in unpair(pair)] for split, rows in self.load("pairwise").items()}
+        out = {}
+        for split, pairs in self.load("pairwise").items():
+            out[split] = []
+            for pair in pairs:
+                for row in unpair(pair):
+                    self._derived[id(row)] = pair  # a template error names the pair's file row
+                    out[split].append(row)
+        return out
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
-        answers = encode_answers(self.tokenizer, [r["completion"] for r in rows])
+        encoded = self.encode_rows(rows, ("completion",))
+        answers = [a for _, (a,) in encoded]
         partners = mismatch_partners(len(rows), self.seed)
         out = []
-        for row, p, a, partner in zip(rows, prompts, answers, partners):
+        for row, (p, _), a, partner in zip(rows, encoded, answers, partners):
             a = fit_answer(len(p), a, self.max_length)
             if a is None:
                 out.append(None)
@@ -264,6 +330,17 @@ class LabelledDataModule(AlignmentDataModule):
             kl = fit_answer(len(p), answers[partner], self.max_length)  # the partner's answer after this prompt
             out.append({"prompt_ids": p, "completion_ids": a, "kl_completion_ids": kl, "label": bool(row["label"])})
         return out
+
+    def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
+        """With `unpair`, also both rows of a pair (rows 2k and 2k+1, see `rows`) whose answers are
+        the same tokens once cut to max_length: one text labelled both desirable and undesirable."""
+        reasons = super().drop_reasons(encoded)
+        if self.unpair:
+            for i in range(0, len(encoded) - 1, 2):
+                a, b = encoded[i], encoded[i + 1]
+                if a is not None and b is not None and a["completion_ids"] == b["completion_ids"]:
+                    reasons[i] = reasons[i + 1] = "identical_after_truncation"
+        return reasons
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         prompts = [e["prompt_ids"] for e in examples]
@@ -281,9 +358,8 @@ class PromptDataModule(AlignmentDataModule):
     drop_last_train = True
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
-        prompts = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
         out = []
-        for row, p in zip(rows, prompts):
+        for row, (p, _) in zip(rows, self.encode_rows(rows, ())):
             fits = len(p) < self.max_length  # room for at least one generated token
             columns = {k: v for k, v in row.items() if k != "prompt"}
             out.append({"prompt_ids": p, "prompt": row["prompt"], "columns": columns} if fits else None)
@@ -291,6 +367,7 @@ class PromptDataModule(AlignmentDataModule):
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         batch = self._extras(examples, with_prompts=True)
-        batch["columns"] = {k: [e["columns"].get(k) for e in examples] for k in examples[0]["columns"]}
+        keys = dict.fromkeys(k for e in examples for k in e["columns"])  # a row without a column gets None
+        batch["columns"] = {k: [e["columns"].get(k) for e in examples] for k in keys}
         batch["prompt_messages"] = [e["prompt"] for e in examples]  # what reward functions receive
         return batch

@@ -1,9 +1,18 @@
-"""Rows from the user's files (JSONL/JSON/CSV/Parquet) or a Hugging Face `datasets` name."""
+"""Rows from the user's files (JSONL/JSON/CSV/Parquet) or a Hugging Face `datasets` name.
+
+Each row keeps the values its file gives it: JSON rows are read with the `json` module, so `5` stays
+the integer 5 even when another row holds `0.5` (an Arrow reader would widen the whole column to
+float and turn it into 5.0); CSV cells stay text; Parquet values come back as the Python values of
+their column's type (Parquet columns are typed by whoever wrote the file: a float column written
+as float reads as float). A key missing from a row stays missing (it is not filled with null).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from alignlab.data.rows import to_canonical
@@ -12,10 +21,61 @@ from alignlab.errors import DataError
 log = logging.getLogger(__name__)
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_CONTAINER_KEYS = ("data", "rows")  # a JSON file may hold {"data": [rows]} or {"rows": [rows]}
+
+
+def _json_lines(path: Path, lines: Iterator[str], first_line: int = 1) -> Iterator[dict]:
+    """One value per non-blank line; a line that is not JSON is named by its number."""
+    for number, line in enumerate(lines, first_line):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), f"line {number} is not valid JSON ({e.msg} at column {e.pos + 1})") from None
+
+
+def read_jsonl(path: Path) -> list:
+    """Rows of a JSON Lines file, streamed line by line, each with the types written in the file."""
+    with open(path, encoding="utf-8") as f:
+        return list(_json_lines(path, f))
+
+
+def read_json(path: Path) -> list:
+    """Rows of a JSON file: a list of rows, `{"data": [rows]}` / `{"rows": [rows]}`, a single row
+    (an object), or JSON Lines saved under a .json name. Each row keeps the types written in the file."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":  # "Extra data": one JSON value per line, read as JSON Lines
+            raise DataError(str(path), f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return list(_json_lines(path, text.splitlines()))
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, inner),) = value.items()
+        if key in _CONTAINER_KEYS and isinstance(inner, list):
+            return inner
+    return value if isinstance(value, list) else [value]
+
+
+def read_parquet(path: Path) -> list[dict]:
+    """Rows of a Parquet file as Python values of each column's type (as the writer typed it)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+_READERS = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
 
 
 def read_rows(path: str, split: str = "train") -> list[dict]:
-    """Raw rows of a local file, or of a data set on the Hub when `path` is not a local file."""
+    """Raw rows of a local file, each with the values written in it (see the module docstring), or of
+    a data set on the Hub when `path` is not a local file (as `datasets` gives them).
+
+    Raises:
+        DataError: the file is of an unknown type, cannot be read, or holds text that is not JSON
+            (naming the line).
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -30,7 +90,7 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
                 import pandas as pd
 
                 return pd.read_csv(local, dtype=str, keep_default_na=False).to_dict("records")
-            ds = datasets.load_dataset(fmt, data_files=str(local), split="train")
+            return _READERS[local.suffix.lower()](local)
         else:
             ds = datasets.load_dataset(path, split=split)
     except DataError:
@@ -76,6 +136,7 @@ class FileSource:
     def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05, split_seed: int = 0):
         self.path, self.eval_path, self.eval_fraction, self.split_seed = path, eval_path, eval_fraction, split_seed
         self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
+        self._origin: dict[int, tuple[str, int, str]] = {}  # id(canonical row) → (file, row, prompt field)
 
     def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
         check_source_exists(path, "data.source.eval_path" if split == "eval" and self.eval_path else "data.source.path")
@@ -86,6 +147,7 @@ class FileSource:
         for i, raw in enumerate(rows):
             try:
                 out.append(to_canonical(raw, kind, path, i + 1))
+                self._origin[id(out[-1])] = (path, i + 1, _prompt_field(raw))
             except DataError as e:
                 if on_bad_row != "skip":
                     raise
@@ -116,3 +178,13 @@ class FileSource:
 
     def describe(self) -> str:
         return self.path
+
+    def origin(self, row: dict) -> tuple[str, int, str] | None:
+        """(file, row number, field that holds the prompt) of a canonical row this source made."""
+        return self._origin.get(id(row))
+
+
+def _prompt_field(raw: dict) -> str:
+    """The field a row's prompt messages come from (what an error about the conversation names)."""
+    fields = ("messages", "prompt", "chosen", "completion")
+    return next((f for f in fields if raw.get(f) is not None), "prompt")

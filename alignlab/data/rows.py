@@ -5,7 +5,9 @@ Canonical form (what every DataModule reads), prompts are always message lists:
 - sft:      {"prompt": [messages], "completion": str, **extra}
 - pairwise: {"prompt": [messages], "chosen": str, "rejected": str, **extra}
 - labelled: {"prompt": [messages], "completion": str, "label": bool, **extra}
-Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation.
+Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation; the
+optional numeric columns (`NUMERIC_COLUMNS`, e.g. `margin`) of a pairwise row become floats, and a
+row without one (missing, null or an empty CSV cell) simply lacks the key (it then counts as 0).
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ from alignlab.errors import DataError
 KINDS = ("prompt", "sft", "pairwise", "labelled")
 ROLES = ("system", "user", "assistant", "tool")
 ON_BAD_ROW = ("error", "skip")  # data.on_bad_row: stop at a bad row, or leave it out and count it
+NUMERIC_COLUMNS = ("margin",)  # optional per-row numbers of pairwise rows (a reward-model margin)
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _difference(turns: list[dict], expected: list[dict], name: str) -> str:
+    """Where two prompt conversations part, in words."""
+    for i, (got, want) in enumerate(zip(turns, expected)):
+        if got != want:
+            return (
+                f"message {i} is {got['role']} {_short(got['content'])} where {name} has "
+                f"{want['role']} {_short(want['content'])}"
+            )
+    return f"it has {len(turns)} prompt messages where {name} has {len(expected)}"
 
 
 class _Row:
@@ -52,6 +70,8 @@ class _Row:
                 raise self.fail(field, f"message {i} has role {m['role']!r}; expected one of {ROLES}")
             if not isinstance(m["content"], str):
                 raise self.fail(field, f"message {i} content must be text, got {type(m['content']).__name__}")
+            if not m["content"].strip() and m["role"] != "system":  # an empty system prompt is a choice
+                raise self.fail(field, f"message {i} ({m['role']}) is empty; only a system message may be empty")
             out.append({"role": m["role"], "content": m["content"]})
         return out
 
@@ -125,13 +145,55 @@ class _Row:
             raise self.fail("messages", "the assistant answer is empty")
         return msgs[:-1], msgs[-1]["content"]
 
+    def follow(self, prompt: list[dict], turns: list[dict], field: str, name: str) -> list[dict]:
+        """The conversation an answer in `field` follows: `prompt` (from `name`) plus the `turns` its
+        message list holds before the answer. Turns that repeat the whole prompt count once; other
+        turns must continue it (start with an assistant turn), else the answer belongs to another
+        prompt and the row is refused."""
+        if turns[: len(prompt)] == prompt:
+            turns = turns[len(prompt) :]
+        elif turns and turns[0]["role"] != "assistant":
+            raise self.fail(
+                field,
+                f"its prompt turns differ from {name} ({_difference(turns, prompt, name)}); give the answer "
+                "alone, or the whole conversation it answers",
+            )
+        return prompt + turns
+
     def prompt_and_answer(self, answer_field: str) -> tuple[list[dict], str]:
+        """(prompt messages, answer): `prompt` followed by what the answer field holds before its
+        reply (see `follow`), or, without `prompt`, the conversation the answer field holds."""
         prefix, text = self.answer(answer_field)
         if self.has("prompt"):
-            return self.prompt() + prefix, text
+            return self.follow(self.prompt(), prefix, answer_field, "`prompt`"), text
         if prefix:
             return prefix, text
         raise self.fail("prompt", "missing (give `prompt`, or `messages` in the conversational form)")
+
+    def rejected(self, prompt: list[dict]) -> str:
+        """The rejected answer of a pair whose chosen answer follows `prompt`; refused (naming the
+        rejected field) when it answers another conversation."""
+        if self.has("messages"):
+            field, name = "rejected_response", "`messages`"
+            prefix, text = self.answer(field)
+            own = self.follow(prompt, prefix, field, name)
+        else:
+            field, name = "rejected", "`chosen`"
+            prefix, text = self.answer(field)
+            # plain text without `prompt` answers the conversation `chosen` holds (TRL's implicit prompt)
+            own = self.prompt_and_answer(field)[0] if prefix or self.has("prompt") else prompt
+        if own != prompt:
+            raise self.fail(
+                field,
+                f"answers another conversation than {name} ({_difference(own, prompt, name)}); "
+                "both answers of a pair must follow the same prompt",
+            )
+        return text
+
+    def numbers(self, columns: tuple[str, ...]) -> dict[str, float]:
+        """The optional numeric columns this row gives (a null or blank cell counts as not given)."""
+        given = [k for k in columns if self.has(k) and not (isinstance(self.raw[k], str) and not self.raw[k].strip())]
+        return {k: self.number(k) for k in given}
 
     def extra(self, used: set[str]) -> dict:
         return {k: v for k, v in self.raw.items() if k not in used}
@@ -165,19 +227,18 @@ def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
         used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response"}
         return {"prompt": prompt, "completion": completion, **row.extra(used)}
     if kind == "pairwise":
-        if conversational:
-            prompt, chosen = row.conversation()
-            _, rejected = row.answer("rejected_response")
-        else:
-            prompt, chosen = row.prompt_and_answer("chosen")
-            _, rejected = row.answer("rejected")
+        prompt, chosen = row.conversation() if conversational else row.prompt_and_answer("chosen")
+        rejected = row.rejected(prompt)
         if chosen == rejected:
             raise row.fail("rejected", "identical to the chosen answer, so the pair carries no preference")
-        used = {"messages", "prompt", "chosen", "rejected", "rejected_response"}
-        out = {"prompt": prompt, "chosen": chosen, "rejected": rejected, **row.extra(used)}
-        if row.has("margin"):
-            out["margin"] = row.number("margin")
-        return out
+        used = {"messages", "prompt", "chosen", "rejected", "rejected_response", *NUMERIC_COLUMNS}
+        return {
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            **row.extra(used),
+            **row.numbers(NUMERIC_COLUMNS),
+        }
     if kind == "labelled":
         label = row.label()  # first: a preference pair fails here, with the hint to unpair it
         if conversational:

@@ -1,20 +1,298 @@
-"""Turning canonical rows into token ids: prompts through the chat template, answers + eos."""
+"""Turning canonical rows into token ids through the model's own chat template.
+
+How a row becomes ids (the same for every data kind, in training, evaluation and the prompts PPO and
+GRPO sample from):
+
+1. The template renders the prompt messages plus the assistant answer with every message content
+   replaced by a unique placeholder. The text between placeholders is the template's markup, so no
+   assumption about the family is made: Llama-3 headers, ChatML, `[INST]`, Gemma turns, Qwen3's empty
+   think block all come from the template.
+2. Markup is encoded with its special tokens as those tokens; message contents are encoded as text only,
+   so a message that spells `<|im_end|>`, `</s>` or the pad token gets the ids of those characters, never
+   the control token (a copy of the fast tokenizer with special-token matching off, in which the
+   markup's special tokens are stand-in strings mapped back to their ids: one encoder call per text, so
+   pieces are cut exactly as the tokenizer cuts the rendered text).
+3. Prompt ids are everything before the answer's content (taken from the full rendering, so they are a
+   prefix of prompt + answer even for templates whose generation prompt differs, e.g. Qwen3, whose
+   assistant turn carries an empty think block that its thinking-on generation prompt lacks). Answer
+   ids are the content followed by the template's end of turn: what it writes right after an assistant
+   message up to and including the first special token there (`<|eot_id|>`, `<end_of_turn>`,
+   `<|im_end|>`, `</s>`, `<|end|>`). The newline many templates write after that token is not trained:
+   generation stops at the end-of-turn token, so the model never writes it. A template that writes no
+   special token there ends the answer with its text (right whitespace dropped) and eos.
+4. A content the template trims (Llama-3, Gemma) is encoded as the template writes it; any other rewrite
+   by the template (e.g. Qwen3 moving `<think>…</think>` out of an answer) is not followed: the content
+   is encoded as written.
+The prompt and the answer are encoded as two texts, so the answer's ids are those the model generates
+after the prompt; they equal the ids of the whole rendered conversation unless the tokenizer would
+merge the prompt's last characters with the answer's first ones.
+"""
 
 from __future__ import annotations
 
+import re
+import secrets
+import weakref
 from collections.abc import Sequence
 
+SYSTEM_PROMPT = ("keep", "merge")  # data.system_prompt: pass system messages to the template, or fold them in
 
-def encode_prompts(tokenizer, prompts: Sequence[list[dict]]) -> list[list[int]]:
-    """Render each prompt with the model's chat template (ending in the assistant header)."""
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+# Placeholders and stand-ins carry a random mark, so no text a user writes can be mistaken for them.
+_MARK = secrets.token_hex(8)
+_PLACEHOLDER = re.compile("\ue000" + _MARK + r":(\d+)\ue001")
+
+
+def _placeholder(i: int) -> str:
+    return f"\ue000{_MARK}:{i}\ue001"
+
+
+class TemplateRefusal(ValueError):
+    """The chat template raised on a conversation. `index` is its position in the batch, `reason` the
+    template's own message (e.g. Gemma's "System role not supported")."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"row {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
+def merge_system(messages: list[dict]) -> list[dict]:
+    """data.system_prompt=merge: each system message's text is put before the next user message's
+    (separated by a blank line), for templates that refuse a system role (Gemma, Mistral v0.1). An empty
+    system message is dropped; a system message with no user message after it is kept."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    out, pending = [], []
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i < last_user:
+            if m["content"]:
+                pending.append(m["content"])
+        elif m["role"] == "user" and pending:
+            out.append({**m, "content": "\n\n".join([*pending, m["content"]])})
+            pending = []
+        else:
+            out.append(m)
+    return out
+
+
+class _Codec:
+    """Encodes template text in which special tokens are written as stand-ins (markup) and every other
+    character is text (content), with one call of a copy of the fast tokenizer per text."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import AddedToken, Tokenizer
+
+        specials = {i: t for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.fast = bool(getattr(tokenizer, "is_fast", False)) and hasattr(tokenizer, "backend_tokenizer")
+        self.tokenizer = tokenizer
+        self.stand_in = {t.content: f"\ue002{_MARK}:{i}\ue003" for i, t in specials.items()}
+        self.special_id = {self.stand_in[t.content]: i for i, t in specials.items()}
+        by_length = sorted(self.stand_in, key=len, reverse=True)  # the longest match wins, as in the tokenizer
+        self.pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+        self.takes_right_space = {self.stand_in[t.content] for t in specials.values() if t.rstrip}
+        self.boundary = f"\ue004{_MARK}\ue005"  # starts a text mid-conversation (see encode)
+        if not self.fast:
+            return
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+        backend.encode_special_tokens = True  # content never becomes a special token
+        backend.add_tokens(
+            [
+                AddedToken(self.stand_in[t.content], special=False, normalized=False, lstrip=t.lstrip, rstrip=t.rstrip)
+                for t in specials.values()
+            ]
+            + [AddedToken(self.boundary, special=False, normalized=False)]
+        )
+        self.backend = backend
+        self.to_real = {backend.token_to_id(s): i for s, i in self.special_id.items()}
+
+    def protect(self, markup: str) -> str:
+        """Markup with each special token written as its stand-in."""
+        return self.pattern.sub(lambda m: self.stand_in[m.group(0)], markup) if self.pattern else markup
+
+    def encode(self, texts: list[str], after: list[str] | None = None) -> list[list[int]]:
+        """Ids of protected texts. `after`: per text, the protected text it follows in the conversation
+        (None: the text starts the input). A text is encoded behind the stand-in that ends what it
+        follows (or a neutral one), whose id is then dropped: so it is cut as in the whole conversation
+        (no prefix space mid-input; a special token that takes the whitespace to its right takes it)."""
+        if not self.fast:
+            return [self._encode_slow(t) for t in texts]
+        heads = [self._head(a) if a is not None else "" for a in after] if after is not None else [""] * len(texts)
+        encodings = self.backend.encode_batch([h + t for h, t in zip(heads, texts)], add_special_tokens=False)
+        return [[self.to_real.get(i, i) for i in e.ids[1 if h else 0 :]] for h, e in zip(heads, encodings)]
+
+    def _head(self, before: str) -> str:
+        """What a text following `before` is encoded behind: the special token `before` ends with, with
+        the whitespace after it when that token takes the whitespace to its right; else a neutral one."""
+        stripped = before.rstrip()
+        last = next((s for s in self.special_id if stripped.endswith(s)), None)
+        if last is not None and (stripped == before or last in self.takes_right_space):
+            return before[len(stripped) - len(last) :]
+        return self.boundary
+
+    def _encode_slow(self, text: str) -> list[int]:
+        """A tokenizer without a `tokenizers` backend: text between special tokens, one piece at a time."""
+        ids, start = [], 0
+        stand_ins = re.compile("|".join(map(re.escape, self.special_id))) if self.special_id else None
+        for m in stand_ins.finditer(text) if stand_ins else ():
+            if m.start() > start:
+                ids += self._text_ids(text[start : m.start()])
+            ids.append(self.special_id[m.group(0)])
+            start = m.end()
+        return ids + (self._text_ids(text[start:]) if start < len(text) else [])
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+_CODECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _codec(tokenizer) -> _Codec:
+    key = (len(tokenizer), tuple(tokenizer.added_tokens_decoder))
+    cached = _CODECS.get(tokenizer)
+    if cached is None or cached[0] != key:
+        cached = _CODECS[tokenizer] = (key, _Codec(tokenizer))
+    return cached[1]
+
+
+def _render(tokenizer, messages: list[dict], index: int) -> str:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    except TemplateError as e:  # raise_exception(...) in the template, an undefined variable, ...
+        raise TemplateRefusal(index, str(e)) from None
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        if not tokenizer.chat_template:
+            raise
+        raise TemplateRefusal(index, f"{type(e).__name__}: {e}") from None
+
+
+def _end_of_turn(codec: _Codec, tail: str, eos: str | None) -> str:
+    """The protected text that ends an answer: the template's text after the answer up to and including
+    its first special token; without one, that text without right whitespace, then eos."""
+    protected = codec.protect(tail)
+    first = min((protected.find(s) for s in codec.special_id if s in protected), default=-1)
+    if first >= 0:
+        stand_in = next(s for s in codec.special_id if protected.startswith(s, first))
+        return protected[: first + len(stand_in)]
+    return protected.rstrip() + (codec.protect(eos) if eos else "")
+
+
+def _as_written(pieces: list[str], contents: list[str], rendered: str) -> list[str] | None:
+    """The contents as the template wrote them in `rendered` (trimmed, if it trims), given the markup
+    `pieces` around them (len(contents) + 1 pieces); None when `rendered` is not that markup with each
+    content, or a trimmed form of it, in its place."""
+    out, pos = [], 0
+    for markup, content, after in zip(pieces, contents, pieces[1:]):
+        if not rendered.startswith(markup, pos):
+            return None
+        pos += len(markup)
+        forms = (content, content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"))
+        form = next((f for f in forms if rendered.startswith(f + after, pos)), None)
+        if form is None:
+            return None
+        out.append(form)
+        pos += len(form)
+    return out if rendered[pos:] == pieces[-1] else None
+
+
+def _lay_out(tokenizer, messages: list[dict], index: int) -> tuple[list[str], list[int]]:
+    """The template's markup around the contents of `messages` + an assistant answer: (markup pieces,
+    which message's content follows each piece but the last); the answer (index len(messages)) is the
+    last content, written once. The template may leave a message out or write one twice."""
+    n = len(messages)
+    masked = [{**m, "content": _placeholder(i)} for i, m in enumerate(messages)]
+    layout = _render(tokenizer, [*masked, {"role": "assistant", "content": _placeholder(n)}], index)
+    found = list(_PLACEHOLDER.finditer(layout))
+    order = [int(m.group(1)) for m in found]
+    if not order or order[-1] != n or order.count(n) != 1:
+        raise TemplateRefusal(index, "the chat template does not write the assistant answer last")
+    starts, ends = [0] + [m.end() for m in found], [m.start() for m in found] + [len(layout)]
+    return [layout[a:b] for a, b in zip(starts, ends)], order
+
+
+def encode_conversations(
+    tokenizer, prompts: Sequence[list[dict]], answers: Sequence[Sequence[str]] | None = None, system_prompt="keep"
+) -> list[tuple[list[int], list[list[int]]]]:
+    """Per row, (prompt ids, [ids of each answer]) as the chat template lays the conversation out (see the
+    module docstring). `answers[i]` are row i's alternative answers to the same prompt (SFT: one;
+    pairwise: chosen and rejected); None: prompts only (the ids PPO/GRPO sample after).
+
+    Raises:
+        TemplateRefusal: the template raised on row `index` (e.g. a system role it does not support).
+    """
+    codec = _codec(tokenizer)
+    merge = system_prompt == "merge"
+    eos = tokenizer.eos_token
+    prompt_texts, answer_texts, answer_after, shape = [], [], [], []
+    for index, messages in enumerate(prompts):
+        messages = merge_system(messages) if merge else list(messages)
+        row_answers = list(answers[index]) if answers is not None else []
+        contents = [m["content"] for m in messages]
+        n = len(messages)  # the answer's placeholder
+        pieces, order = _lay_out(tokenizer, messages, index)
+        ragged = any(c != c.strip() for c in contents + row_answers)
+        written = [contents[i] if i < n else None for i in order]
+        for k, answer in enumerate(row_answers or [None]):
+            final = _placeholder(n) if answer is None else answer  # prompts only: the placeholder stays
+            shown = [c if c is not None else final for c in written]
+            if ragged:  # the template may trim: read the forms from a real rendering
+                real = _render(tokenizer, [*messages, {"role": "assistant", "content": final}], index)
+                shown = _as_written(pieces, shown, real) or shown
+            if k == 0:
+                prompt = "".join(codec.protect(p) + c for p, c in zip(pieces[:-2], shown[:-1]))
+                prompt_texts.append(prompt + codec.protect(pieces[-2]))
+            if answer is not None:
+                answer_texts.append(shown[-1] + _end_of_turn(codec, pieces[-1], eos))
+                answer_after.append(prompt_texts[-1])
+        shape.append(len(row_answers))
+    prompt_ids = codec.encode(prompt_texts)
+    answer_ids = iter(codec.encode(answer_texts, after=answer_after))
+    return [(p, [next(answer_ids) for _ in range(k)]) for p, k in zip(prompt_ids, shape)]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[list[dict]], system_prompt: str = "keep") -> list[list[int]]:
+    """Prompt ids, ending where the assistant's answer begins (see `encode_conversations`)."""
+    return [p for p, _ in encode_conversations(tokenizer, prompts, None, system_prompt)]
 
 
 def encode_answers(tokenizer, answers: Sequence[str]) -> list[list[int]]:
-    """Answer tokens followed by eos, which ends the assistant turn and teaches the model to stop."""
-    ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
-    return [a + [tokenizer.eos_token_id] for a in ids]
+    """Answer ids, each followed by the template's end of turn (`end_of_turn_ids`), with no prompt: the
+    answer is encoded as written (a template that trims contents is not consulted)."""
+    codec = _codec(tokenizer)
+    end = _end_of_turn_text(tokenizer)
+    texts = [a + end for a in answers]
+    return codec.encode(texts, after=[""] * len(texts))
+
+
+def _end_of_turn_text(tokenizer) -> str:
+    codec = _codec(tokenizer)
+    if not tokenizer.chat_template:
+        return codec.protect(tokenizer.eos_token or "")
+    turn = [{"role": "user", "content": _placeholder(0)}, {"role": "assistant", "content": _placeholder(1)}]
+    try:
+        layout = _render(tokenizer, turn, 0)
+    except TemplateRefusal:
+        return codec.protect(tokenizer.eos_token or "")
+    return _end_of_turn(codec, layout.split(_placeholder(1))[-1], tokenizer.eos_token)
+
+
+def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end every answer alignlab trains on: what the chat template writes right after an
+    assistant message, up to and including the first special token there (Llama-3 `<|eot_id|>`, Gemma
+    `<end_of_turn>`, ChatML `<|im_end|>`, Mistral `</s>`, Phi-3 `<|end|>`), or that text and eos when
+    it has no special token (eos alone without a template). The last id is the one generation stops at.
+
+    A pure function of the tokenizer (its chat template and vocabulary); cached per tokenizer.
+    """
+    key = (tokenizer.chat_template, len(tokenizer), tokenizer.eos_token)
+    cached = _END_OF_TURN.get(tokenizer)
+    if cached is None or cached[0] != key:
+        ids = tuple(_codec(tokenizer).encode([_end_of_turn_text(tokenizer)], after=[""])[0])
+        cached = _END_OF_TURN[tokenizer] = (key, ids)
+    return cached[1]
 
 
 def fit_answer(prompt_len: int, answer: list[int], max_length: int) -> list[int] | None:
