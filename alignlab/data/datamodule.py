@@ -166,7 +166,7 @@ class AlignmentDataModule(L.LightningDataModule):
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
         for split, rows in self.read().items():
             if not rows:  # no held-out rows: the run trains without validation (alignlab.train)
-                self.splits[split], self.dropped[split] = [], 0
+                self.splits[split], self.dropped[split], self.dropped_by_reason[split] = [], 0, {}
                 continue
             encoded = self.encode(rows)
             reasons = self.drop_reasons(encoded)
