@@ -11,6 +11,7 @@ to the class.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -32,12 +33,14 @@ class GenerationBackend(Protocol):
         max_new_tokens: int,
         temperature: float,
         keys: torch.Tensor,
-        eos_id: int,
+        stop_ids: Sequence[int],
         pad_id: int,
     ) -> torch.Tensor:
         """[B·num_per_prompt, ≤ max_new_tokens] answer tokens (a prompt's answers in consecutive rows),
-        padded with pad_id after eos. `keys` ([B·num_per_prompt] ints) make sampling reproducible
-        where the backend can use them."""
+        each row padded with pad_id after its first token in `stop_ids` (every id that ends an answer:
+        the chat template's end of turn and each eos id, alignlab.generation.stop_token_ids; an engine
+        must stop at any of them, e.g. vLLM's `stop_token_ids`). `keys` ([B·num_per_prompt] ints) make
+        sampling reproducible where the backend can use them."""
 
 
 class TransformersBackend:

@@ -14,6 +14,7 @@ from alignlab.hardware import check_hardware
 from alignlab.models.loading import check_model_config
 from alignlab.preflight import ALGORITHM_META_KEYS, unknown_key_error
 from alignlab.redact import redact, redact_overrides
+from alignlab.sweeps import name_run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -83,7 +84,7 @@ def save_resolved_config(cfg: DictConfig, path: Path) -> None:
 def compose(overrides: list[str] | None = None, output_dir: str | Path = "outputs/composed") -> DictConfig:
     """The config `python -m alignlab OVERRIDES` would run, for use from Python (tests, studies).
 
-    Hydra's runtime values (the run folder, the group choices) are filled in, since no Hydra app runs.
+    Hydra's runtime values (the run folder) and the run name are filled in, since no Hydra app runs.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -91,9 +92,8 @@ def compose(overrides: list[str] | None = None, output_dir: str | Path = "output
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=list(overrides or []), return_hydra_config=True)
-    choices = cfg.hydra.runtime.choices
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
-        cfg.run_name = f"{cfg.algorithm.name}-{choices.model}"
         del cfg.hydra
+    name_run(cfg, None)
     return cfg

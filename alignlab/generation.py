@@ -9,11 +9,32 @@ number taken from a counter-based hash of (key, position).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
 import torch
 
+from alignlab.data.tokenize import end_of_turn_ids
+
 _MASK32 = 0xFFFFFFFF
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends an answer: the chat template's end of turn, each id of the model's
+    generation_config.eos_token_id (an int or a list), and the tokenizer's eos, in that order, without
+    repeats. Generation stops at the first of any of them, and answers are cut there.
+
+    Gemma-style models end a turn with `<end_of_turn>`, not eos `<eos>`; Llama-3-Instruct lists
+    `<|eot_id|>` and `<|end_of_text|>`: stopping at the tokenizer's eos alone would run past the answer.
+    """
+    generation_config = getattr(model, "generation_config", None)
+    listed = getattr(generation_config, "eos_token_id", None)
+    if generation_config is None:
+        listed = getattr(getattr(model, "config", None), "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    ids = [*end_of_turn_ids(tokenizer)[-1:], *listed, tokenizer.eos_token_id]  # [-1]: the one it stops at
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -68,6 +89,19 @@ def keyed_choice(scores: torch.Tensor, keys: torch.Tensor, position: int, temper
     return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1).clamp(max=scores.shape[-1] - 1)
 
 
+def _cache_kwarg(model) -> str:
+    """The name `model`'s forward takes its KV cache by: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes kwargs on
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    """The KV cache a forward returned, read under its current name where the output has it."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def sample_shared_prefix(
     model,
@@ -77,12 +111,13 @@ def sample_shared_prefix(
     max_new_tokens: int,
     temperature: float,
     keys: torch.Tensor,
-    eos_id: int,
+    stop_ids: Sequence[int],
     pad_id: int,
 ) -> torch.Tensor:
-    """[B·num_per_prompt, ≤ max_new_tokens] keyed samples (consecutive rows per prompt), padded after
-    eos. Each prompt is run through the model once and its KV cache copied to its completions, where
-    generate() would run it once per completion; then a plain KV-cached decoding loop."""
+    """[B·num_per_prompt, ≤ max_new_tokens] keyed samples (consecutive rows per prompt), each row
+    padded with pad_id after its first token in `stop_ids` (see stop_token_ids). Each prompt is run
+    through the model once and its KV cache copied to its completions, where generate() would run it
+    once per completion; then a plain KV-cached decoding loop."""
     was_training = model.training
     model.eval()
     try:
@@ -91,17 +126,18 @@ def sample_shared_prefix(
         out = model(
             input_ids=prompt_input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        cache = out.past_key_values
+        cache_kwarg, cache = _cache_kwarg(model), _cache_of(out)
         cache.batch_repeat_interleave(num_per_prompt)
         logits = out.logits[:, -1].repeat_interleave(num_per_prompt, 0)
         mask = mask.repeat_interleave(num_per_prompt, 0)
         position = positions[:, -1:].repeat_interleave(num_per_prompt, 0)
         done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=mask.device)
         tokens = []
         for step in range(max_new_tokens):
             choice = keyed_choice(logits, keys, step, temperature).masked_fill(done, pad_id)
             tokens.append(choice)
-            done |= choice == eos_id
+            done |= torch.isin(choice, stops)
             if done.all() or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
@@ -110,20 +146,22 @@ def sample_shared_prefix(
                 input_ids=choice.unsqueeze(1),
                 attention_mask=mask,
                 position_ids=position,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kwarg: cache},
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = _cache_of(out), out.logits[:, -1]
     finally:
         model.train(was_training)
     return torch.stack(tokens, 1)
 
 
-def completions_until_eos(sequences: torch.Tensor, eos_id: int) -> list[list[int]]:
-    """Token lists cut just before the first eos (the eos itself is not part of the text)."""
-    out = []
+def completions_until_eos(sequences: torch.Tensor, stop_ids: Sequence[int]) -> list[list[int]]:
+    """Token lists cut just before the first token in `stop_ids` (see stop_token_ids); the stop token
+    itself is not part of the text."""
+    stops, out = set(stop_ids), []
     for row in sequences.tolist():
-        out.append(row[: row.index(eos_id)] if eos_id in row else row)
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:end])
     return out
 
 
@@ -137,8 +175,10 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     keys: torch.Tensor | None = None,
+    stop_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """[B, max_new_tokens or fewer] completion tokens (prompt removed), padded after eos.
+    """[B, max_new_tokens or fewer] completion tokens (prompt removed), each row padded after its
+    first stop token: any of `stop_ids` (default stop_token_ids(model, tokenizer)).
 
     With do_sample and `keys` ([B] ints, see sample_keys), each row's sample depends on its key alone.
     """
@@ -162,7 +202,8 @@ def generate(
             top_p=1.0 if sampling else None,
             repetition_penalty=1.0 if do_sample else None,
             logits_processor=processors,
-            eos_token_id=tokenizer.eos_token_id,
+            # Every end token, not the tokenizer's eos alone (which would override the model's list).
+            eos_token_id=list(stop_ids) if stop_ids is not None else stop_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
         )
     finally:

@@ -1,12 +1,12 @@
 """RLHF math on response-aligned tensors: pure functions, no models or configs.
 
 Shapes: N responses of up to R tokens; `mask` [N, R] is 1 on real response tokens (up to and
-including the first eos) and 0 after.
+including the first stop token: eos or end of turn) and 0 after.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -49,16 +49,18 @@ def masked_whiten(
 
 
 def truncate_after_eos(
-    responses: torch.Tensor, eos_id: int, pad_id: int
+    responses: torch.Tensor, stop_ids: Sequence[int], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each sampled response after its first eos.
+    """Cut each sampled response after its first stop token: any id in `stop_ids` (the end of turn
+    and every eos id, see alignlab.generation.stop_token_ids).
 
-    Returns (responses with every token after the first eos set to pad, mask [N, R] of real tokens
-    including the eos, has_eos [N]). A response without eos keeps all R tokens.
+    Returns (responses with every token after the first stop token set to pad, mask [N, R] of real
+    tokens including the stop token, has_eos [N]: the response has one). A response without a stop
+    token keeps all R tokens.
     """
-    is_eos = responses == eos_id
+    is_eos = torch.isin(responses, torch.tensor(list(stop_ids), dtype=responses.dtype, device=responses.device))
     has_eos = is_eos.any(-1)
-    # Number of eos tokens strictly before each position: > 0 means "after the first eos".
+    # Number of stop tokens strictly before each position: > 0 means "after the first one".
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return responses.masked_fill(after, pad_id), (~after).long(), has_eos
 

@@ -13,7 +13,7 @@ import torch
 
 from alignlab.backends import GenerationBackend, TransformersBackend
 from alignlab.data.collate import collate_answers
-from alignlab.generation import generate, sample_keys
+from alignlab.generation import generate, sample_keys, stop_token_ids
 from alignlab.rlhf import truncate_after_eos
 
 
@@ -21,10 +21,10 @@ from alignlab.rlhf import truncate_after_eos
 class Samples:
     seqs: dict  # input_ids, attention_mask, loss_mask [N, T]: prompt + answer, right-padded
     starts: torch.Tensor  # [N] where each answer starts (= its prompt's length)
-    mask: torch.Tensor  # [N, R] 1 on each answer's real tokens (through its first eos)
-    has_eos: torch.Tensor  # [N] the answer ended with eos (not truncated at the length limit)
+    mask: torch.Tensor  # [N, R] 1 on each answer's real tokens (through its first stop token)
+    has_eos: torch.Tensor  # [N] the answer ended with a stop token, eos or end of turn (not cut at the length limit)
     prompts: list[list[int]]  # [N] prompt token ids
-    responses: list[list[int]]  # [N] answer token ids (through eos)
+    responses: list[list[int]]  # [N] answer token ids (through the stop token)
 
 
 def prompt_ids(batch: dict) -> list[list[int]]:
@@ -66,8 +66,9 @@ def sample(
     at a time. With `step` (a count of rollouts so far) sampling is keyed on (seed, step, the batch's
     data rows): the same answers whatever the batch split or process count; each prompt is then
     encoded once for all its answers (sample_shared_prefix), by `backend` (alignlab.backends; default: this
-    process's model). Without, `generate` samples plainly."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    process's model). Without, `generate` samples plainly. Answers end at the first of any stop token
+    (the template's end of turn, every eos id: stop_token_ids)."""
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
     ids, attn = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     responses, has_eos = [], []
     if step is not None:  # keyed: each prompt's KV cache is computed once and shared by its completions
@@ -86,18 +87,27 @@ def sample(
                     max_new_tokens,
                     temperature,
                     keys[rows],
-                    eos,
+                    stops,
                     pad,
                 )
             )
     else:
         ids, attn = ids.repeat_interleave(num_per_prompt, 0), attn.repeat_interleave(num_per_prompt, 0)
         pieces = [
-            generate(model, tokenizer, ids[i : i + chunk], attn[i : i + chunk], max_new_tokens, do_sample, temperature)
+            generate(
+                model,
+                tokenizer,
+                ids[i : i + chunk],
+                attn[i : i + chunk],
+                max_new_tokens,
+                do_sample,
+                temperature,
+                stop_ids=stops,
+            )
             for i in range(0, ids.shape[0], chunk)
         ]
     for tokens in pieces:
-        cut, mask, ended = truncate_after_eos(tokens, eos, pad)
+        cut, mask, ended = truncate_after_eos(tokens, stops, pad)
         responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
         has_eos.append(ended)
     prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]

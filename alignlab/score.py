@@ -37,10 +37,10 @@ class RewardScorer:
         max_length: int | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        from transformers import AutoTokenizer
+        from alignlab.models.loading import tokenizer_from_pretrained
 
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = tokenizer_from_pretrained(folder)
         self.model = RewardModel.from_pretrained(folder, dtype=dtype).to(self.device).eval()
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
@@ -58,14 +59,41 @@ def current_job() -> SweepJob | None:
     return SweepJob(group=f"{sweep}-{sweep_dir.name}", name=name, num=hc.job.num, given=given)
 
 
+# Folders a run writes its exported model into (alignlab.models.export.save_model).
+EXPORT_FOLDERS = ("model", "adapter")
+
+
+def model_label(model_cfg: DictConfig) -> str:
+    """What a run name says about the starting model.
+
+    The embedded model: its config name (`tiny`). A folder or Hub id: its last path part
+    (`Qwen2.5-0.5B-Instruct`, `my-sft-copy`). A run's export (`<run>/model`, `<run>/adapter`) is
+    named after that run: its `run_name` from `summary.json` or `config.yaml` (`sft-tiny`), else the
+    run folder's name.
+    """
+    if model_cfg.get("tiny"):
+        return str(model_cfg.name)
+    path = Path(str(model_cfg.path)).expanduser()
+    if path.name not in EXPORT_FOLDERS or not path.is_dir():
+        return path.name or str(model_cfg.path)
+    run_dir = path.resolve().parent
+    for record in (run_dir / "summary.json", run_dir / "config.yaml"):
+        if record.is_file():
+            name = (yaml.safe_load(record.read_text()) or {}).get("run_name")  # JSON is YAML too
+            if isinstance(name, str) and name:
+                return str(name)
+    return run_dir.name
+
+
 def name_run(cfg: DictConfig, job: SweepJob | None) -> None:
-    """In a sweep: the run is named after its overrides and W&B groups it under the sweep, unless the
-    command line named them itself."""
-    if job is None:
-        return
+    """Fill `run_name` unless the command line set it: in a sweep, the job's overrides; otherwise
+    `<algorithm>-<starting model>` (see `model_label`). In a sweep W&B also groups the run under the
+    sweep, unless `logger.wandb.group` is set."""
     with open_dict(cfg):
-        if "run_name" not in job.given:
-            cfg.run_name = job.name
+        if cfg.get("run_name") is None:
+            cfg.run_name = job.name if job is not None else f"{cfg.algorithm.name}-{model_label(cfg.model)}"
+        if job is None:
+            return
         wandb = (cfg.get("logger") or {}).get("wandb")
         if wandb is not None and wandb.get("group") is None:
             wandb.group = job.group

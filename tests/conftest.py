@@ -79,9 +79,11 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, tokenizer) of the embedded tiny model, loaded through from_pretrained."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    from alignlab.models.loading import tokenizer_from_pretrained
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer_from_pretrained(tiny_model_dir)
 
 
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]

@@ -93,9 +93,14 @@ def test_end_of_turn_without_a_template_or_without_special_markers_ends_with_eos
 
     gpt2 = AutoTokenizer.from_pretrained(family_dir("gpt2"))
     assert end_of_turn_ids(gpt2) == (gpt2.eos_token_id,)  # no template: eos alone
-    chatml = load_tokenizer(family_dir("gpt2"))  # ChatML installed for SFT; its markers are plain text here
-    eot = end_of_turn_ids(chatml)
-    assert eot[-1] == chatml.eos_token_id and chatml.decode(list(eot)) == "<|im_end|><|endoftext|>"
+    chatml = load_tokenizer(family_dir("gpt2"))  # ChatML installed for SFT: its markers become special tokens
+    assert end_of_turn_ids(chatml) == (chatml.convert_tokens_to_ids("<|im_end|>"),)
+    from alignlab.models.loading import load_tokenizer as load
+
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"  # no marker at all
+    cfg = OmegaConf.create({"trust_remote_code": False, "chat_template": plain})
+    eot = end_of_turn_ids(load(str(family_dir("gpt2")), cfg, require_chat_template=False))
+    assert eot == (gpt2.eos_token_id,)  # the text after the answer (a newline, stripped), then eos
 
 
 def test_merge_system_puts_system_text_before_the_next_user_message():

@@ -302,8 +302,8 @@ class FixedAnswers:
         self.synced.append(model)
 
     def sample(self, model, prompt_input_ids, prompt_attention_mask, num_per_prompt, max_new_tokens, *rest):
-        eos_id = rest[-2]
-        return torch.tensor([*self.tokens, eos_id]).repeat(prompt_input_ids.shape[0] * num_per_prompt, 1)
+        stop_ids = rest[-2]  # every token that ends an answer; the first is the template's end of turn
+        return torch.tensor([*self.tokens, stop_ids[0]]).repeat(prompt_input_ids.shape[0] * num_per_prompt, 1)
 
 
 def test_a_configured_generation_backend_samples_the_answers(tiny):

@@ -71,10 +71,19 @@ def test_whitening_split_over_processes_equals_whitening_the_whole_batch():
 def test_truncate_after_eos():
     eos, pad = 9, 0
     responses = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 5, 5, 5]])
-    cut, mask, has_eos = truncate_after_eos(responses, eos, pad)
+    cut, mask, has_eos = truncate_after_eos(responses, [eos], pad)
     assert cut.tolist() == [[5, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert has_eos.tolist() == [True, False, True]
+
+
+def test_truncate_after_the_first_of_any_stop_token():
+    """End of turn (9) and two eos ids (4, 8): each response ends at whichever comes first."""
+    responses = torch.tensor([[5, 8, 9, 7], [5, 6, 4, 9], [9, 8, 4, 5], [5, 6, 7, 3]])
+    cut, mask, has_eos = truncate_after_eos(responses, [9, 4, 8], pad_id=0)
+    assert cut.tolist() == [[5, 8, 0, 0], [5, 6, 4, 0], [9, 0, 0, 0], [5, 6, 7, 3]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, True, True, False]
 
 
 def test_kl_penalty_on_every_token_and_score_at_the_last_one():

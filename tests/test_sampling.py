@@ -3,6 +3,10 @@ alone, not on the batch or process it is sampled in."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
+import pytest
 import torch
 
 from alignlab.generation import KeyedSampling, generate, keyed_uniform, sample_keys
@@ -71,16 +75,75 @@ def test_shared_prefix_sampling_gives_generates_answers(tiny):
     generate() with the keyed processor samples from the repeated prompts."""
     from alignlab.data.collate import collate_prompts
     from alignlab.data.tokenize import encode_prompts
-    from alignlab.generation import sample_shared_prefix
+    from alignlab.generation import sample_shared_prefix, stop_token_ids
 
     model, tokenizer = tiny
     prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "x" * (3 * i) + f"{i}+{i}="}] for i in range(5)])
     batch = collate_prompts(prompts, tokenizer.pad_token_id)  # left-padded, prompts of different lengths
     keys = sample_keys(seed=0, step=3, rows=torch.arange(5), num_per_prompt=4)
     ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    shared = sample_shared_prefix(model, ids, mask, 4, 8, 1.0, keys, eos, pad)
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
+    shared = sample_shared_prefix(model, ids, mask, 4, 8, 1.0, keys, stops, pad)
     plain = generate(model, tokenizer, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), 8, True, 1.0, keys)
     assert shared.shape == plain.shape == (20, 8)
     assert torch.equal(shared, plain)
     assert len({tuple(r) for r in shared.tolist()}) > 10  # the 20 draws mostly differ
+
+
+@pytest.fixture
+def deprecations_are_errors(monkeypatch):
+    """Every deprecation `transformers` announces raises: its warnings (FutureWarning,
+    DeprecationWarning) and the ones it only logs (e.g. reading `out.past_key_values`)."""
+    import logging
+
+    def fail_on_deprecation(original):
+        def log(self, msg, *args, **kwargs):
+            if "deprecat" in str(msg).lower():
+                raise AssertionError(f"deprecated transformers call: {msg}")
+            return original(self, msg, *args, **kwargs)
+
+        return log
+
+    for name in ("warning", "warning_once"):
+        if hasattr(logging.Logger, name):
+            monkeypatch.setattr(logging.Logger, name, fail_on_deprecation(getattr(logging.Logger, name)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        yield
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_hot_paths_make_no_deprecated_transformers_call(tiny, lora, deprecations_are_errors):
+    """Keyed sampling (a KV cache passed back each step), generate() and answer_logprobs (both paths)
+    run with deprecations as errors, on a plain and a LoRA-wrapped policy."""
+    from omegaconf import OmegaConf
+
+    from alignlab.data.collate import collate_answers, collate_prompts
+    from alignlab.data.tokenize import encode_prompts
+    from alignlab.generation import sample_shared_prefix, stop_token_ids
+    from alignlab.logprobs import answer_logprobs
+    from alignlab.models.loading import apply_lora
+
+    model, tokenizer = tiny
+    if lora:
+        with warnings.catch_warnings():  # building the wrapper is not the hot path
+            warnings.simplefilter("ignore")
+            lora_cfg = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+            model = apply_lora(copy.deepcopy(model), lora_cfg)
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": f"{i}+{i}="}] for i in range(3)])
+    batch = collate_prompts(prompts, tokenizer.pad_token_id)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    keys = sample_keys(seed=0, step=0, rows=torch.arange(3), num_per_prompt=2)
+    stops = stop_token_ids(model, tokenizer)
+    shared = sample_shared_prefix(model, ids, mask, 2, 5, 1.0, keys, stops, tokenizer.pad_token_id)
+    assert shared.shape[0] == 6 and 1 <= shared.shape[1] <= 5
+    plain = generate(model, tokenizer, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), 5, True, 1.0, keys)
+    assert torch.equal(shared, plain)
+    greedy = generate(model, tokenizer, ids, mask, 5)
+    assert greedy.shape[0] == 3
+    scored = collate_answers(prompts, [[5, 6, tokenizer.eos_token_id]] * 3, tokenizer.pad_token_id)
+    fast = answer_logprobs(model, scored)
+    full = answer_logprobs(model, scored, by_forward=True)
+    fast.logps.sum().backward()
+    assert torch.allclose(fast.logps, full.logps, atol=1e-4)

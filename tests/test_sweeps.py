@@ -286,3 +286,36 @@ def test_compare_algorithms_study_writes_its_table_and_plot(tmp_path):
     sft = str(out / "sft" / "model")
     assert study.kl_to_reference(sft, sft, samples_per_prompt=2) == 0.0  # every log-ratio is exactly 0
     assert study.kl_to_reference(str(out / "runs" / "dpo-2" / "model"), sft, samples_per_prompt=2) != 0.0
+
+
+# -- run names ----------------------------------------------------------------------------------
+def test_a_run_is_named_after_its_algorithm_and_starting_model(tmp_path):
+    from alignlab.config import compose
+
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    assert compose().run_name == "dpo-tiny"
+    assert compose(["algorithm=sft", f"model.path={folder}", "model.tiny=null"]).run_name == "sft-my-base"
+    assert compose(["model.path=/elsewhere/my-base/", "model.tiny=null"]).run_name == "dpo-my-base"
+    assert compose(["model=qwen"]).run_name == "dpo-Qwen2.5-0.5B-Instruct"
+    assert compose(["run_name=mine", f"model.path={folder}", "model.tiny=null"]).run_name == "mine"
+
+
+def test_a_run_started_from_an_export_is_named_after_the_run_that_wrote_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    from alignlab.config import compose
+    from alignlab.sweeps import name_run
+
+    run = tmp_path / "2026-11-29_10-00-00"
+    (run / "model").mkdir(parents=True)
+    overrides = [f"model.path={run / 'model'}", "model.tiny=null"]
+    assert compose(overrides).run_name == "dpo-2026-11-29_10-00-00"  # no record: the run folder's name
+    (run / "config.yaml").write_text("run_name: sft-tiny\nseed: 0\n")  # written as the run starts
+    assert compose(overrides).run_name == "dpo-sft-tiny"
+    (run / "summary.json").write_text(json.dumps({"run_name": "sft-lr3", "steps": 800}))
+    assert compose(["algorithm=grpo", *overrides]).run_name == "grpo-sft-lr3"
+    # As in `python -m alignlab`: run_name is null until the run names itself.
+    cfg = OmegaConf.create({"run_name": None, "algorithm": {"name": "kto"}, "model": {"path": str(run / "model")}})
+    name_run(cfg, None)
+    assert cfg.run_name == "kto-sft-lr3"

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from alignlab.checks import Checks
 from alignlab.errors import NonFiniteLossError
-from alignlab.generation import completions_until_eos, exact_match, generate
+from alignlab.generation import completions_until_eos, exact_match, generate, stop_token_ids
+from alignlab.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.reference import ReferenceModel
 from alignlab.resume import rng_state, set_rng_state
@@ -46,6 +47,8 @@ class AlignmentModule(L.LightningModule):
     counters: tuple[str, ...] = ()
     # Offline algorithms with a reference make this a hyper-parameter: score every row once (see below).
     precompute_ref_log_probs: bool = False
+    # The answer-only log-prob path has been compared with the model's own forward (see check_logprobs).
+    logprobs_checked: bool = False
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
@@ -125,12 +128,43 @@ class AlignmentModule(L.LightningModule):
                 scored += len(chunk)
                 batch = datamodule.collate(chunk, with_prompts=False)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                self.check_logprobs(batch)  # before the first scores, not at the first training batch
                 for name, values in score(batch).items():
                     for row, value in zip(chunk, values.tolist()):
                         row[name] = value
         if self.reference is not None and self.reference.copy is not None:
             self.frozen = [m for m in self.frozen if m is not self.reference]
             self.reference = None  # the copy's memory goes back; batches carry its values from now on
+
+    # -- log-probs: the answer-only path checked against the model's own forward, once per run ----
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self.check_logprobs(batch)
+
+    @torch.no_grad()
+    def check_logprobs(self, batch: dict) -> None:
+        """On the first batch seen: compare answer_logprobs' answer-only output layer with each causal
+        LM's own forward (the policy, and a reference of another architecture), on every device; where
+        they differ beyond rounding, that architecture is scored through its forward from now on, with
+        one warning (alignlab.logprobs.score_by_forward). Later calls do nothing."""
+        if self.logprobs_checked:
+            return
+        self.logprobs_checked = True
+        models = [self.model]
+        if self.reference is not None and self.reference.copy is not None:
+            if architecture(self.reference.copy) is not architecture(self.model):
+                models.append(self.reference.copy)
+        rows = scoring_rows(batch)
+        for model in models:
+            head = getattr(model, "get_output_embeddings", None)
+            if head is None or head() is None:  # a reward model: a score head, no log-probs
+                continue
+            difference, tolerance = check_answer_logprobs(model, rows)
+            # Every device decides alike (max over devices), so all run the same forward passes.
+            difference = self.gather_across_devices(torch.tensor([difference], device=self.device)).max().item()
+            if not difference <= tolerance:  # NaN included
+                score_by_forward(
+                    model, f"by up to {difference:.3g} nats on the first batch; rounding allows {tolerance:g}"
+                )
 
     # -- the algorithm ------------------------------------------------------------------------
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -203,17 +237,18 @@ class AlignmentModule(L.LightningModule):
         return combined, int(total.item())
 
     def greedy_answers(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
-        """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens], texts before eos)."""
+        """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens], texts before the
+        first stop token: the template's end of turn or any eos id, see stop_token_ids)."""
+        stops = stop_token_ids(self.model, self.tokenizer)
         tokens = generate(
             self.model,
             self.tokenizer,
             batch["prompt_input_ids"],
             batch["prompt_attention_mask"],
             max_new_tokens=self.evaluation.get("max_new_tokens", 16),
+            stop_ids=stops,
         )
-        texts = self.tokenizer.batch_decode(
-            completions_until_eos(tokens, self.tokenizer.eos_token_id), skip_special_tokens=True
-        )
+        texts = self.tokenizer.batch_decode(completions_until_eos(tokens, stops), skip_special_tokens=True)
         return tokens, texts
 
     def exact_match(self, batch: dict) -> torch.Tensor:

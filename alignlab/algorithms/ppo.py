@@ -19,7 +19,7 @@ from alignlab.algorithms.base import AlignmentModule, disable_dropout
 from alignlab.backends import build_backend, check_backend_spec
 from alignlab.checks import Checks
 from alignlab.errors import ConfigError
-from alignlab.generation import exact_match
+from alignlab.generation import exact_match, stop_token_ids
 from alignlab.logprobs import answer_logprobs
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignlab.models.reference import Frozen, ReferenceModel
@@ -284,7 +284,8 @@ class PPO(AlignmentModule):
     @torch.no_grad()
     def score_answers(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
         """Reward-model scores of generated answers to the batch's prompts."""
-        cut, mask, ended = truncate_after_eos(tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        stops = stop_token_ids(self.model, self.tokenizer)
+        cut, mask, ended = truncate_after_eos(tokens, stops, self.tokenizer.pad_token_id)
         answers = [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
         seqs = pack(prompt_ids(batch), answers, ended, self.tokenizer.pad_token_id, self.device).seqs
         return self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()

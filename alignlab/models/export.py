@@ -49,7 +49,11 @@ def is_quantized(model) -> bool:
 
 
 def merged_from_full_precision(model, adapter_dir: Path):
-    """The base model reloaded from its folder (without quantization), with the saved adapter merged in."""
+    """The base model reloaded from its folder (without quantization), with the saved adapter merged in.
+
+    When the run added tokens (an installed chat template), the reloaded base grows to the live
+    model's vocabulary first, so the adapter's embedding rows fit, and takes the live generation
+    config (which stops at the template's end of turn)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -59,4 +63,8 @@ def merged_from_full_precision(model, adapter_dir: Path):
     else:
         dtype = base.dtype
     full = AutoModelForCausalLM.from_pretrained(base.config._name_or_path, dtype=dtype, use_safetensors=True)
+    vocab = base.config.get_text_config().vocab_size  # the live vocabulary (PEFT wraps the embedding layer)
+    if full.get_input_embeddings().num_embeddings < vocab:
+        full.resize_token_embeddings(vocab, mean_resizing=False)  # rows come from the adapter
+    full.generation_config = copy.deepcopy(base.generation_config)
     return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()

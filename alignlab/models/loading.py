@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tokenizers import AddedToken
 
 from alignlab.errors import ConfigError, ModelLoadError
 from alignlab.models.tiny import CHATML_TEMPLATE, ensure_tiny_model
@@ -60,28 +63,135 @@ def _offline_hint(path: str, error: Exception) -> ModelLoadError:
     )
 
 
-def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
-    from transformers import AutoTokenizer
+# Classes that load a folder's tokenizer.json exactly as written. For some model types (qwen2, phi3, …)
+# AutoTokenizer substitutes its own class whatever tokenizer_config.json declares, and that class
+# rebuilds the pipeline: Qwen2Tokenizer adds Unicode NFC, so "e" + combining accent became "é".
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def tokenizer_from_pretrained(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer of a folder or Hub id, as the folder declares it.
+
+    A folder whose tokenizer_config.json names the generic class (alignlab's embedded model and the
+    folders exported from it) loads its tokenizer.json unchanged, so any text encodes and decodes
+    byte for byte; other folders load through AutoTokenizer. Raises what `from_pretrained` raises.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    declared = get_tokenizer_config(os.fspath(path))
+    if declared.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES and "auto_map" not in declared:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
+    """The tokenizer a run uses for the model at `path` (see `prepare_tokenizer`)."""
+    return prepare_tokenizer(path, model_cfg, require_chat_template)[0]
+
+
+def prepare_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
+    """(tokenizer, ids of the tokens added to it) for the model at `path`.
+
+    The chat template is `model.chat_template` when set, else the model's own; a model without one
+    gets ChatML when the stage allows it (SFT). A template alignlab installs has its markers added as
+    special tokens (see `install_chat_template`); pad falls back to eos.
+    Raises ModelLoadError (unloadable folder, unreachable Hub) and ConfigError (no template where a
+    preference stage needs one).
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = tokenizer_from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         if Path(path).exists():
             raise ModelLoadError(f"Could not load a tokenizer from {path}: {e}") from None
         raise _offline_hint(path, e) from None
-    if model_cfg.get("chat_template"):
-        tokenizer.chat_template = model_cfg.chat_template
-    if not tokenizer.chat_template:
+    template = model_cfg.get("chat_template")
+    if not template and not tokenizer.chat_template:
         if require_chat_template:
             raise ConfigError(
                 f"The model at {path} has no chat template. A preference stage needs a chat model: run "
                 "algorithm=sft on it first (SFT installs a ChatML template), or set model.chat_template."
             )
         log.info("the tokenizer has no chat template; installing ChatML for SFT")
-        tokenizer.chat_template = CHATML_TEMPLATE
+        template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:  # many base models ship without one
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    added = []
+    if template:
+        added = install_chat_template(tokenizer, template, model_cfg.get("new_special_tokens") or ())
+    return tokenizer, added
+
+
+# A template's control tokens by ChatML's convention: `<|im_start|>`, `<|im_end|>`, Phi-3's `<|end|>`, …
+_MARKER = re.compile(r"<\|[^|\s<>{}'\"]+\|>")
+
+
+def template_markers(template: str, new_special_tokens: Sequence[str] = ()) -> list[str]:
+    """The control tokens a chat template writes: every `<|name|>` literal in it, then
+    `new_special_tokens` (markers of other shapes, e.g. Gemma's `<start_of_turn>`), each once."""
+    return list(dict.fromkeys([*_MARKER.findall(template), *new_special_tokens]))
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS before text it encodes (Llama: `<s>`; GPT-2: no)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def install_chat_template(tokenizer, template: str, new_special_tokens: Sequence[str] = ()) -> list[int]:
+    """Set `template` on the tokenizer so that it encodes what a chat model of that template reads.
+
+    Its markers (`template_markers`) become single special tokens, added after the vocabulary where the
+    tokenizer lacks them (the model's embeddings must then grow: `grow_embeddings`). A tokenizer that
+    puts BOS before text (Llama) gets it at the start of each conversation, as templates of such
+    models write it, since alignlab encodes rendered conversations without adding special tokens.
+    Returns the ids of the tokens added, ascending ([] when the tokenizer had them all).
+    """
+    if adds_bos(tokenizer) and "bos_token" not in template and tokenizer.bos_token not in template:
+        template = "{{ bos_token }}" + template
+    tokenizer.chat_template = template
+    before = len(tokenizer)
+    markers = [AddedToken(m, special=True, normalized=False) for m in template_markers(template, new_special_tokens)]
+    tokenizer.add_special_tokens({"extra_special_tokens": markers}, replace_extra_special_tokens=False)
+    return list(range(before, len(tokenizer)))
+
+
+def grow_embeddings(model, new_ids: Sequence[int]) -> None:
+    """Give tokens just added to the tokenizer their embedding rows.
+
+    The input and output embeddings grow to cover the largest new id (rows a padded vocabulary already
+    has are reused), and every new row, input and output alike (tied or not), is the mean of the rows of
+    the ids before the first new one (Hewitt, 2021, "Initializing new word embeddings"), so the new
+    tokens start with the average token's meaning instead of noise. A bias of the output layer gets
+    the mean bias.
+    """
+    if not new_ids:
+        return
+    if max(new_ids) >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+    known, rows = min(new_ids), torch.as_tensor(list(new_ids))
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    with torch.no_grad():
+        seen = set()
+        for layer in layers:
+            for param in (getattr(layer, "weight", None), getattr(layer, "bias", None)):
+                if param is None or param.data_ptr() in seen:  # a tied output layer shares the input's rows
+                    continue
+                seen.add(param.data_ptr())
+                param[rows] = param[:known].double().mean(0).to(param.dtype)
+
+
+def stop_at_end_of_turn(model, tokenizer) -> None:
+    """Add the chat template's end of turn to `generation_config.eos_token_id` (kept as a list), so
+    generation from the model, and from the folder it is exported to, stops where an answer ends."""
+    from alignlab.data.tokenize import end_of_turn_ids
+
+    config = model.generation_config
+    listed = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    listed = [i for i in listed if i is not None]
+    stop = end_of_turn_ids(tokenizer)[-1]
+    if stop not in listed:
+        config.eos_token_id = [*listed, stop]
 
 
 QUANTIZATIONS = (None, "4bit")
@@ -164,7 +274,14 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
 
     check_model_config(model_cfg)  # a missing folder, or a Hub id offline: said before anything loads
     path = resolve_model_path(model_cfg)
-    tokenizer = load_tokenizer(path, model_cfg, require_chat_template)
+    tokenizer, added = prepare_tokenizer(path, model_cfg, require_chat_template)
+    if added and model_cfg.lora.enabled and not model_cfg.lora.merge:
+        raise ConfigError(
+            f"The chat template's tokens {tokenizer.convert_ids_to_tokens(added)} are new to the tokenizer of "
+            f"{path}, so the embeddings grow; model.lora.merge=false would save only an adapter, which does not "
+            "load on the unchanged base model. Set model.lora.merge=true (the default), or start from a model "
+            "whose tokenizer has these tokens."
+        )
     quantization = quantization_config(model_cfg)
     placement = {}
     if quantization is not None and torch.cuda.is_available():  # quantize straight onto this process's GPU
@@ -182,6 +299,8 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
         if Path(path).exists():
             raise ModelLoadError(f"Could not load model weights from {path}: {e}") from None
         raise _offline_hint(path, e) from None
+    grow_embeddings(model, added)
+    stop_at_end_of_turn(model, tokenizer)
     checkpointing = bool(model_cfg.get("gradient_checkpointing"))
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
@@ -194,26 +313,44 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
                 module.support_avx512bf16_for_cpu = False
     elif checkpointing:
         # Recompute each layer's activations in the backward pass: memory for compute.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.23; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_cfg.lora.enabled:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need a grad path
     if model_cfg.lora.enabled:
-        model = apply_lora(model, model_cfg.lora)
+        model = apply_lora(model, model_cfg.lora, added)
     return model, tokenizer, path
 
 
-def apply_lora(model, lora_cfg: DictConfig):
+def apply_lora(model, lora_cfg: DictConfig, new_token_ids: Sequence[int] = ()):
+    """The model wrapped in LoRA adapters. Rows of tokens just added to the tokenizer train too (PEFT's
+    `trainable_token_indices`, in the input and, when untied, the output embeddings), since their
+    mean-initialised rows carry no meaning yet; merging writes them into the exported embeddings."""
     from peft import LoraConfig, get_peft_model
 
     target = lora_cfg.target_modules
+    tokens = None
+    if new_token_ids:
+        tokens = {_module_name(model, model.get_input_embeddings()): list(new_token_ids)}
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not model.get_input_embeddings().weight:
+            tokens[_module_name(model, output)] = list(new_token_ids)
     config = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         task_type="CAUSAL_LM",
         target_modules=target if isinstance(target, str) else list(target),
+        trainable_token_indices=tokens,
     )
     return get_peft_model(model, config)
+
+
+def _module_name(model, module) -> str:
+    """The last part of `module`'s name in `model` (`embed_tokens`, `wte`, `lm_head`), as PEFT matches it."""
+    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
 
 
 def is_peft(model) -> bool:
