@@ -217,7 +217,7 @@ def test_a_reward_model_folder_is_a_reward_function(tiny, tmp_path):
 
 def test_dapo_with_every_completion_masked_out_is_zero_not_nan():
     logp = t([[-1.0, -2.0]]).requires_grad_(True)
-    out = grpo_loss(logp, logp.detach(), t([1.0]), t([[0, 0]]), loss_type="dapo", normalizer=t([[0, 0]]).sum())
+    out = grpo_loss(logp, logp.detach(), t([1.0]), t([[0, 0]]), loss_type="dapo", num_items_in_batch=t([[0, 0]]).sum())
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.isfinite(logp.grad).all()
 
@@ -248,10 +248,10 @@ def test_reward_functions_receive_the_prompt_messages_and_columns(tiny):
     assert seen["solution"] == [batch["columns"]["solution"][0]] * 2 + [batch["columns"]["solution"][1]] * 2
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
 def test_micro_batches_take_the_step_one_big_batch_takes(tiny, loss_type):
     """algorithm.micro_batch_size: gradients accumulated over micro-batches give the weights and the
-    logged loss of the whole generation batch at once (bnpo normalises per micro-batch by design)."""
+    logged loss of the whole generation batch at once (bnpo too: it divides by the step's tokens)."""
     import copy
 
     from alignlab.data import PromptDataModule

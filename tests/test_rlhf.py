@@ -174,7 +174,7 @@ def test_normalised_micro_batch_losses_add_up_to_the_mini_batch_loss():
     whole = ppo_policy_loss(logp, old, adv, mask).loss
     total = mask.sum()
     parts = sum(
-        ppo_policy_loss(logp[i : i + 3], old[i : i + 3], adv[i : i + 3], mask[i : i + 3], normalizer=total).loss
+        ppo_policy_loss(logp[i : i + 3], old[i : i + 3], adv[i : i + 3], mask[i : i + 3], num_items_in_batch=total).loss
         for i in (0, 3, 6)
     )
     assert parts.item() == pytest.approx(whole.item(), rel=1e-12)

@@ -86,10 +86,8 @@ def test_precomputed_reference_log_probs_change_nothing_and_free_the_reference(t
 
 def test_grouping_by_length_within_a_step_changes_nothing_but_padding(tmp_path):
     """Four micro-batches of 4 pairs per step, with and without sorting the step's 16 pairs by length:
-    the same weights and losses as one batch of 16, with a third less padding. (DPO's pair term is a
-    mean over pairs, so it splits into micro-batches exactly; rpo_alpha's NLL is a token mean over
-    each micro-batch, which does not.)"""
-    dpo = ["algorithm.rpo_alpha=0"]
+    the same weights and losses as one batch of 16, with a third less padding."""
+    dpo = []  # rpo_alpha's NLL included: it divides by the step's chosen tokens
     whole = run(tmp_path, "whole", *dpo, "batch_size=16")
     micro = ["batch_size=4", "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=16"]  # in micro-batches
     plain = run(tmp_path, "plain", *dpo, *micro)

@@ -69,6 +69,7 @@ class AlignmentModule(L.LightningModule):
         self.reference = ReferenceModel(model) if self.uses_reference else None
         # Models outside the module tree that must follow it to the device (reference, reward model).
         self.frozen: list = [self.reference] if self.reference is not None else []
+        self._step_sums: dict = {}  # train metrics over the step's micro-batches so far (see _over_step)
         self.save_hyperparameters(ignore=["model", "tokenizer"])
 
     # -- config checks, run before any model loads -----------------------------------------
@@ -191,10 +192,63 @@ class AlignmentModule(L.LightningModule):
     def rows_in(self, batch: dict) -> int:
         return len(batch["index"])
 
+    # -- one optimizer step is the same step however it is cut ---------------------------------
+    def loss_scale(self) -> float:
+        """What the training loop divides a micro-batch loss's gradient by before the optimizer step:
+        Lightning's automatic optimisation divides each loss by `accumulate_grad_batches`, and DDP
+        (FSDP, DeepSpeed) averages gradients over processes. 1 outside a trainer."""
+        if self._trainer is None:
+            return 1.0
+        accumulate = self.trainer.accumulate_grad_batches if self.automatic_optimization else 1
+        return float(accumulate * self.trainer.world_size)
+
+    def step_count(self, batch: dict, count: str) -> tuple[int | None, float]:
+        """(num_items_in_batch, scale) for the losses' step_mean reduction: the optimizer step's total
+        `count` ("rows", or a token count such as "completion_tokens") over every micro-batch and
+        process, as the datamodule attaches it to training batches (`step_totals`), and
+        loss_scale(); so the gradient Lightning and DDP accumulate is the step's. A batch without step
+        totals (validation, a direct call) is its own step: (None, 1)."""
+        totals = batch.get("step_totals")
+        if totals is None:
+            return None, 1.0
+        return totals[count], self.loss_scale()
+
+    # Metrics that are shares of the step's mean: summed over a step's micro-batches, not averaged.
+    step_sums: tuple[str, ...] = ("loss", "nll_loss")
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute(batch)
-        self._log("train", {"loss": loss, **metrics}, self.rows_in(batch), on_step=True)
+        metrics = {"loss": loss, **metrics}
+        if "step_totals" in batch:  # Lightning logs the step's last micro-batch: make its values the step's
+            metrics = self._over_step(metrics, self.rows_in(batch))
+        self._log("train", metrics, self.rows_in(batch), on_step=True)
         return loss
+
+    def _over_step(self, metrics: dict, rows: int) -> dict:
+        """Each metric over the optimizer step's micro-batches so far, on this process: `step_sums`
+        (shares of the step's mean) added up ÷ accumulate_grad_batches, so that the mean over processes
+        is the step's value (the step's loss, as TRL logs it); `/min` and `/max` over the micro-batches;
+        any other the row-weighted mean (a (value, rows) subset metric weighted by its rows)."""
+        accumulate = self.trainer.accumulate_grad_batches
+        out = {}
+        for name, metric in metrics.items():
+            value, weight = metric if isinstance(metric, tuple) else (metric, rows)
+            value, seen = value.detach(), self._step_sums.get(name)
+            if name in self.step_sums:
+                self._step_sums[name] = out[name] = value / accumulate + (0.0 if seen is None else seen)
+            elif name.endswith(("/min", "/max")):
+                pick = torch.minimum if name.endswith("/min") else torch.maximum
+                self._step_sums[name] = out[name] = value if seen is None else pick(seen, value)
+            else:  # (Σ value·rows, Σ rows) so far; an empty subset (its mean is nan) adds nothing
+                if weight:
+                    total, count = (0.0, 0) if seen is None else seen
+                    self._step_sums[name] = seen = (total + value * weight, count + weight)
+                mean = (value, 0) if seen is None else (seen[0] / seen[1], seen[1])
+                out[name] = mean if isinstance(metric, tuple) else mean[0]
+        return out
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self._step_sums = {}  # Lightning logged the step's last micro-batch, with the step's values
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute(batch)

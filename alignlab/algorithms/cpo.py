@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
 from alignlab.checks import Checks
-from alignlab.losses import cpo_loss, nll_loss
+from alignlab.losses import cpo_loss, nll_loss, step_mean
 
 
 class CPO(PairwiseModule):
@@ -24,7 +24,7 @@ class CPO(PairwiseModule):
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self.policy_pairs(batch)
         out = cpo_loss(chosen.logps, rejected.logps, beta=self.beta)
-        nll = nll_loss(chosen.token_logps, chosen.mask)
-        loss = out.losses.mean() + self.cpo_alpha * nll
+        nll = nll_loss(chosen.token_logps, chosen.mask, *self.step_count(batch, "chosen_tokens"))
+        loss = step_mean(out.losses, None, *self.step_count(batch, "rows")) + self.cpo_alpha * nll
         metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)
         return loss, {**metrics, "nll_loss": nll.detach()}

@@ -7,11 +7,12 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
 from alignlab.checks import Checks
-from alignlab.losses import DPO_LOSS_TYPES, dpo_loss, nll_loss
+from alignlab.losses import DPO_LOSS_TYPES, dpo_loss, nll_loss, step_mean
 
 
 class DPO(PairwiseModule):
-    """loss = mean(dpo_loss) + rpo_alpha · NLL(y_w), against the frozen starting policy."""
+    """loss = mean(dpo_loss) + rpo_alpha · NLL(y_w), against the frozen starting policy: the mean over the
+    optimizer step's pairs, the NLL over its chosen tokens."""
 
     hparam_names = ("beta", "rpo_alpha", "loss_type", "label_smoothing", "precompute_ref_log_probs")
     uses_reference = True
@@ -48,7 +49,8 @@ class DPO(PairwiseModule):
             loss_type=self.loss_type,
             label_smoothing=self.label_smoothing,
         )
-        nll = nll_loss(chosen.token_logps, chosen.mask)
-        loss = out.losses.mean() + self.rpo_alpha * nll if self.rpo_alpha > 0 else out.losses.mean()
+        nll = nll_loss(chosen.token_logps, chosen.mask, *self.step_count(batch, "chosen_tokens"))
+        loss = step_mean(out.losses, None, *self.step_count(batch, "rows"))
+        loss = loss + self.rpo_alpha * nll if self.rpo_alpha > 0 else loss
         metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)
         return loss, {**metrics, "nll_loss": nll.detach()}

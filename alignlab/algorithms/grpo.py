@@ -178,13 +178,13 @@ class GRPO(AlignmentModule):
     # -- update ---------------------------------------------------------------------------------
     def grpo_update(self, gen: dict, optimizer, scheduler=None) -> dict:
         """num_iterations optimizer steps on one generation batch, each accumulated over micro-batches.
-        For grpo, dr_grpo and dapo the step equals one pass over the whole batch; bnpo normalises each
-        micro-batch by its own tokens (as its name says), so it does not."""
+        Every loss_type divides by the step's totals over every device (completion tokens, or
+        completions), so each step equals one pass over the whole generation batch on one process."""
         n, length = gen["input_ids"].shape[0], gen["mask"].shape[1]
         micro = self.micro_batch_size or n
-        # dapo normalises by the generation batch's tokens on every device: the per-device losses then
-        # average (as DDP averages gradients) to the whole batch's token mean.
-        tokens = self.mean_across_devices(gen["mask"].sum())
+        tokens = self.sum_across_devices(gen["mask"].sum())
+        completions = self.sum_across_devices(torch.tensor(float(n), device=gen["mask"].device))
+        scale = self.loss_scale()  # DDP averages the devices' gradients
         # Token-weighted sums over every micro-batch and iteration, turned into token means at the end
         # (over all devices' tokens, so the logged value is the whole batch's).
         sums = {"clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "kl": 0.0}
@@ -209,10 +209,11 @@ class GRPO(AlignmentModule):
                     ref,
                     self.loss_type,
                     self.max_completion_length,
-                    normalizer=tokens,
+                    num_items_in_batch=tokens,
+                    num_completions=completions,
+                    scale=scale,
                 )
-                # dapo is already normalised by the whole batch; the per-row means are scaled to it.
-                loss = out.loss if self.loss_type == "dapo" else out.loss * (sub["input_ids"].shape[0] / n)
+                loss = out.loss
                 self.backpropagate(loss)
                 applied = applied + loss.detach()
                 n_tokens = gen["mask"][idx].sum()
@@ -225,7 +226,7 @@ class GRPO(AlignmentModule):
         total = self.mean_across_devices(counted).clamp(min=1)  # means of both sides: their ratio is the sums'
         out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.beta != 0.0}
         out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
-        out["loss"] = self.mean_across_devices(applied) / self.num_iterations
+        out["loss"] = self.mean_across_devices(applied) / self.num_iterations  # the steps' losses, averaged
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

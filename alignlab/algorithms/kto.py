@@ -11,7 +11,7 @@ from alignlab.algorithms.base import AlignmentModule
 from alignlab.checks import Checks
 from alignlab.data.collate import select_rows
 from alignlab.logprobs import answer_logprobs
-from alignlab.losses import kto_kl_estimate, kto_loss, kto_weight_advice
+from alignlab.losses import kto_kl_estimate, kto_loss, kto_weight_advice, step_mean
 
 log = logging.getLogger(__name__)
 
@@ -78,4 +78,4 @@ class KTO(AlignmentModule):
             "logps/chosen": (matched.logps[desirable].detach().mean(), n_d),
             "logps/rejected": (matched.logps[~desirable].detach().mean(), n_u),
         }
-        return out.losses.mean(), metrics
+        return step_mean(out.losses, None, *self.step_count(batch, "rows")), metrics

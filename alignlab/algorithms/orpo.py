@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
 from alignlab.checks import Checks
-from alignlab.losses import nll_loss, orpo_loss
+from alignlab.losses import nll_loss, orpo_loss, step_mean
 
 
 class ORPO(PairwiseModule):
@@ -26,8 +26,8 @@ class ORPO(PairwiseModule):
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self.policy_pairs(batch)
         out = orpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.beta)
-        nll = nll_loss(chosen.token_logps, chosen.mask)
-        loss = nll + out.losses.mean()
+        nll = nll_loss(chosen.token_logps, chosen.mask, *self.step_count(batch, "chosen_tokens"))
+        loss = nll + step_mean(out.losses, None, *self.step_count(batch, "rows"))
         metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)
         metrics.update(
             nll_loss=nll.detach(), log_odds_ratio=out.log_odds_ratio.mean(), log_odds_chosen=out.log_odds_chosen.mean()

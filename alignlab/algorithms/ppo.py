@@ -199,9 +199,9 @@ class PPO(AlignmentModule):
             order = torch.randperm(n, generator=generator).to(self.device)
             for start in range(0, n, mini):
                 rows = order[start : start + mini]
-                # Losses are normalised by the mini-batch's tokens on every device (their mean), so the
-                # gradients DDP averages add up to the whole mini-batch's token mean.
-                tokens = self.mean_across_devices(rollout["mask"][rows].sum())
+                # Losses are normalised by the mini-batch's tokens on every device, so the gradients
+                # DDP averages add up to the whole mini-batch's token mean.
+                tokens = self.sum_across_devices(rollout["mask"][rows].sum())
                 for m in range(0, len(rows), micro):
                     idx = rows[m : m + micro]
                     sub = {k: rollout[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}
@@ -217,7 +217,8 @@ class PPO(AlignmentModule):
                         rollout["advantages"][idx],
                         mask,
                         self.cliprange,
-                        normalizer=tokens,
+                        num_items_in_batch=tokens,
+                        scale=self.loss_scale(),
                     )
                     vf_loss, vf_clipfrac = ppo_value_loss(
                         vpred,
@@ -225,7 +226,8 @@ class PPO(AlignmentModule):
                         rollout["returns"][idx],
                         mask,
                         self.cliprange_value,
-                        normalizer=tokens,
+                        num_items_in_batch=tokens,
+                        scale=self.loss_scale(),
                     )
                     loss = policy.loss + self.vf_coef * vf_loss
                     self.backpropagate(loss)

@@ -35,7 +35,9 @@ class RM(AlignmentModule):
         n = self.rows_in(batch)
         rewards = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         chosen, rejected = rewards[:n], rewards[n:]
-        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
+        loss = bradley_terry_loss(
+            chosen, rejected, batch.get("margin"), self.center_rewards_coefficient, *self.step_count(batch, "rows")
+        )
         detached = rewards.detach()
         return loss, {
             "accuracy": (chosen > rejected).float().mean(),

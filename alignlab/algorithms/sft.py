@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.logprobs import answer_logprobs
-from alignlab.losses import nll_loss
+from alignlab.losses import nll_loss, step_mean
 
 
 class SFT(AlignmentModule):
-    """loss = mean NLL over answer tokens. Metrics: loss, mean_token_accuracy, num_tokens."""
+    """loss = mean NLL over the optimizer step's answer tokens. Metrics: loss, mean_token_accuracy, num_tokens."""
+
+    step_sums = ("loss", "mean_token_accuracy")  # both token means over the step
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = answer_logprobs(self.model, batch)
-        loss = nll_loss(out.token_logps, out.mask)
+        count = self.step_count(batch, "completion_tokens")
+        loss = nll_loss(out.token_logps, out.mask, *count)
         with torch.no_grad():
             # A token is "right" when the model gives it probability > 0.5 (so it is the argmax).
-            right = ((out.token_logps > torch.log(torch.tensor(0.5))) * out.mask).sum() / out.mask.sum()
-        return loss, {"mean_token_accuracy": right, "num_tokens": out.num_tokens.sum()}
+            right = step_mean((out.token_logps > math.log(0.5)).to(out.mask.dtype), out.mask, *count)
+            tokens = out.num_tokens.sum() if count[0] is None else out.mask.new_tensor(float(count[0]))
+        return loss, {"mean_token_accuracy": right, "num_tokens": tokens}

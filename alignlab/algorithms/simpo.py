@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
 from alignlab.checks import Checks
-from alignlab.losses import nll_loss, simpo_loss
+from alignlab.losses import nll_loss, simpo_loss, step_mean
 
 
 class SimPO(PairwiseModule):
@@ -28,7 +28,8 @@ class SimPO(PairwiseModule):
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self.policy_pairs(batch)
         out = simpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.beta, gamma=self.simpo_gamma)
-        nll = nll_loss(chosen.token_logps, chosen.mask)
-        loss = out.losses.mean() + self.cpo_alpha * nll if self.cpo_alpha > 0 else out.losses.mean()
+        nll = nll_loss(chosen.token_logps, chosen.mask, *self.step_count(batch, "chosen_tokens"))
+        loss = step_mean(out.losses, None, *self.step_count(batch, "rows"))
+        loss = loss + self.cpo_alpha * nll if self.cpo_alpha > 0 else loss
         metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, chosen, rejected)
         return loss, {**metrics, "nll_loss": nll.detach()}

@@ -39,6 +39,13 @@ def collate_answers(prompts: Sequence[list[int]], answers: Sequence[list[int]], 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
+def scored_tokens(prompt_length: int, answer_length: int) -> int:
+    """Answer tokens whose log-prob a loss counts in a `collate_answers` sequence: every answer token
+    with a token before it (position 0 is predicted by nothing); the sum of the row's shifted
+    loss_mask[:, 1:]."""
+    return answer_length if prompt_length > 0 else max(answer_length - 1, 0)
+
+
 def select_rows(batch: dict, rows: slice) -> dict:
     """Some sequences of an answer batch, cut to the longest of them (the padding is on the right)."""
     width = int(batch["attention_mask"][rows].sum(-1).max())

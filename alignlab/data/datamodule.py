@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from alignlab.data.collate import collate_answers, collate_extras, collate_prompts
+from alignlab.data.collate import collate_answers, collate_extras, collate_prompts, scored_tokens
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader
 from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
@@ -138,6 +138,11 @@ class AlignmentDataModule(L.LightningDataModule):
         """Tokens an encoded row takes in a batch (its longest sequence): for grouping by length."""
         return len(ex["prompt_ids"]) + max((len(ex[k]) for k in self.answer_keys), default=0)
 
+    def step_counts(self, ex: dict) -> dict[str, int]:
+        """Per-row counts of the items the losses average over, besides rows (e.g. answer tokens),
+        added up per optimizer step into the `step_totals` of every training batch."""
+        return {}
+
     def rows(self) -> dict[str, list[dict]]:
         """Canonical rows of both splits (no tokenizer needed)."""
         return self.load(self.kind)
@@ -171,10 +176,10 @@ class AlignmentDataModule(L.LightningDataModule):
             encoded = self.encode(rows)
             reasons = self.drop_reasons(encoded)
             kept = []
-            for i, (row, ex, why) in enumerate(zip(rows, encoded, reasons)):
+            for row, ex, why in zip(rows, encoded, reasons):
                 if why is not None:
                     continue
-                ex["index"] = i
+                ex["index"] = len(kept)  # its position among the kept rows, which the loaders' order indexes
                 ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
                 kept.append(ex)
             counts = Counter(why for why in reasons if why is not None)
@@ -212,8 +217,13 @@ class AlignmentDataModule(L.LightningDataModule):
             shuffle=self.shuffle,
             lengths=[self.length(ex) for ex in rows] if self.group_by_length else None,
             accumulate=accumulate,
+            counts=self._step_counts(rows),
         )
         return ResumableLoader(rows, self.order, **self._loader_args(with_prompts=False))
+
+    def _step_counts(self, rows: list[dict]) -> dict[str, list[int]]:
+        per_row = [self.step_counts(ex) for ex in rows]
+        return {name: [c[name] for c in per_row] for name in (per_row[0] if per_row else {})}
 
     def val_dataloader(self) -> DataLoader:
         args = self._loader_args(with_prompts=True)
@@ -230,6 +240,10 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and self.order is not None:
+            # Its optimizer step's totals over every micro-batch and process ("num_items_in_batch"), which
+            # the losses divide by (alignlab.losses.reduction), so accumulation, length grouping and the
+            # process count leave the step unchanged.
+            batch["step_totals"] = self.order.step_totals(self.order.consumed, batch["index"].tolist())
             self.order.step()  # the batch is about to be trained on: a checkpoint from now on counts it
         return batch
 
@@ -246,6 +260,9 @@ class SFTDataModule(AlignmentDataModule):
 
     kind = "sft"
     answer_keys = ("completion_ids",)
+
+    def step_counts(self, ex: dict) -> dict[str, int]:
+        return {"completion_tokens": scored_tokens(len(ex["prompt_ids"]), len(ex["completion_ids"]))}
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         out = []
@@ -267,6 +284,9 @@ class PairwiseDataModule(AlignmentDataModule):
     kind = "pairwise"
     answer_keys = ("chosen_ids", "rejected_ids")
     numeric_columns = NUMERIC_COLUMNS
+
+    def step_counts(self, ex: dict) -> dict[str, int]:
+        return {"chosen_tokens": scored_tokens(len(ex["prompt_ids"]), len(ex["chosen_ids"]))}  # the NLL's
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         out = []

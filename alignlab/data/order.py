@@ -6,6 +6,10 @@ r takes the r-th contiguous slice of each. So one process trains in exactly PyTo
 So a 2-process run sees exactly the rows a 1-process run with twice the batch size sees, and a
 restored run knows where it stopped: the loader's state (epoch, batches consumed) is saved in every
 Lightning checkpoint and the resumed epoch skips what was already trained on.
+
+An optimizer step is `accumulate` consecutive global batches from the start of the epoch (the last
+step of an epoch may have fewer), as Lightning accumulates; so the sampler also knows each step's
+totals over all its micro-batches and processes (rows, answer tokens), which the losses divide by.
 """
 
 from __future__ import annotations
@@ -34,14 +38,20 @@ class GlobalBatchSampler:
         shuffle: bool = True,
         lengths: list[int] | None = None,
         accumulate: int = 1,
+        counts: dict[str, list[int]] | None = None,
     ):
         """`lengths` (tokens per row) turns on grouping by length within each optimizer step of
         `accumulate` micro-batches: the step's rows are sorted by length before being cut into its
-        micro-batches, so each micro-batch pads little while the step trains on the same rows."""
+        micro-batches, so each micro-batch pads little while the step trains on the same rows.
+        `counts`: per-row numbers (name -> one int per row, e.g. answer tokens) that `step_totals`
+        adds up over each optimizer step."""
         self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
         self.drop_last, self.shuffle = drop_last, shuffle
         self.lengths, self.accumulate = lengths, accumulate
+        self.counts = {name: torch.tensor(values, dtype=torch.long) for name, values in (counts or {}).items()}
         self.epoch, self.consumed = 0, 0  # batches of `epoch` already trained on
+        # ((epoch, world), per global batch (its rows, its step's totals)), computed once per epoch
+        self._totals: tuple[tuple[int, int], list[tuple[set, dict[str, int]]]] | None = None
 
     def _global_batches(self, world: int) -> list[torch.Tensor]:
         order = self._permutation() if self.shuffle else torch.arange(self.n_rows)
@@ -87,6 +97,37 @@ class GlobalBatchSampler:
         rank, world = process_group()
         for batch in self._global_batches(world)[self.consumed :]:
             yield batch.tensor_split(world)[rank].tolist()  # contiguous slices; a short batch splits evenly
+
+    def step_totals(self, position: int, rows: list[int] | None = None) -> dict[str, int]:
+        """The totals of the optimizer step that global batch `position` of this epoch belongs to, over
+        all its micro-batches and processes: "rows" and each of `counts`. `rows` (the row indices a
+        process received in that batch) are checked to belong to it, so a loader that ever strayed from
+        this order stops instead of normalising by another step's totals.
+
+        Raises:
+            RuntimeError: when `rows` are not in that global batch.
+        """
+        _, world = process_group()
+        if self._totals is None or self._totals[0] != (self.epoch, world):
+            self._totals = ((self.epoch, world), self._step_totals(world))
+        members, totals = self._totals[1][position]
+        if rows is not None and not set(rows) <= members:
+            raise RuntimeError(
+                f"batch {position} of epoch {self.epoch} holds rows outside the training order's batch there; "
+                "its optimizer step's totals are unknown"
+            )
+        return totals
+
+    def _step_totals(self, world: int) -> list[tuple[set, dict[str, int]]]:
+        """Per global batch of the epoch: (its rows, its optimizer step's totals)."""
+        batches = self._global_batches(world)
+        out = []
+        for start in range(0, len(batches), self.accumulate):
+            step = batches[start : start + self.accumulate]
+            rows = torch.cat(step)
+            totals = {"rows": len(rows), **{name: int(c[rows].sum()) for name, c in self.counts.items()}}
+            out.extend((set(b.tolist()), totals) for b in step)
+        return out
 
     def step(self) -> None:
         """One batch was trained on (called as it starts, so a checkpoint taken after it counts it)."""

@@ -5,6 +5,7 @@ from alignlab.losses.dpo import DPO_LOSS_TYPES, DPOLossOutput, dpo_loss
 from alignlab.losses.kto import KTOLossOutput, kto_kl_estimate, kto_loss, kto_weight_advice
 from alignlab.losses.nll import nll_loss
 from alignlab.losses.orpo import ORPOLossOutput, log1mexp, orpo_loss
+from alignlab.losses.reduction import step_mean
 from alignlab.losses.simpo import simpo_loss
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "nll_loss",
     "orpo_loss",
     "simpo_loss",
+    "step_mean",
 ]

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from alignlab.losses.reduction import step_mean
+
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -60,17 +62,21 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     loss_type: str = "dapo",
     max_completion_length: int | None = None,
-    normalizer: float | torch.Tensor | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    num_completions: float | torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> GRPOLossOutput:
     """per_token = −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β·k3(π, π_ref), ρ = exp(log π − log π_old).
 
     logprobs, old_logprobs, ref_logprobs, mask [N, R]; advantages [N] (one per completion).
-    Aggregation (`loss_type`):
-    - grpo: mean over completions of each completion's token mean (DeepSeekMath)
-    - bnpo: token mean over the batch
-    - dr_grpo: token sum / (N · max_completion_length) (Dr. GRPO: no length bias)
-    - dapo: token sum / `normalizer`, the token count of the whole generation batch (DAPO), so
-      micro-batch losses add up to the batch's token mean; without normalizer it equals bnpo.
+    Aggregation (`loss_type`), over the optimizer step's `num_items_in_batch` completion tokens and
+    `num_completions` completions (every micro-batch and process; None: these N rows' own):
+    - grpo: mean over completions of each completion's token mean (DeepSeekMath); row-level
+    - bnpo, dapo: token sum / the step's tokens (DAPO). TRL's bnpo divides by each micro-batch's
+      own tokens, so its step depends on the micro-batching; here it is the step's token mean, the
+      same loss as dapo
+    - dr_grpo: token sum / (completions · max_completion_length) (Dr. GRPO: no length bias)
+    Each is a micro-batch's share of the step (alignlab.losses.reduction.step_mean, with `scale`).
     """
     mask = mask.to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs)
@@ -84,14 +90,12 @@ def grpo_loss(
         kl = (token_kl * mask).sum() / mask.sum().clamp(min=1)
     per_token = per_token * mask
     if loss_type == "grpo":
-        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = per_token.sum() / mask.sum().clamp(min=1)
+        loss = step_mean(per_token.sum(1) / mask.sum(1).clamp(min=1), None, num_completions, scale)
+    elif loss_type in ("bnpo", "dapo"):  # every completion masked out: loss 0, not 0/0
+        loss = step_mean(per_token, mask, num_items_in_batch, scale)
     elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (per_token.shape[0] * (max_completion_length or per_token.shape[1]))
-    elif loss_type == "dapo":
-        total = mask.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=per_token.dtype)
-        loss = per_token.sum() / total.clamp(min=1)  # every completion masked out: loss 0, not 0/0
+        rows = per_token.shape[0] if num_completions is None else num_completions
+        loss = step_mean(per_token, mask, rows * (max_completion_length or per_token.shape[1]), scale)
     else:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
     with torch.no_grad():

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from alignlab.losses.reduction import step_mean
 from alignlab.rlhf import masked_mean
 
 
@@ -16,33 +17,26 @@ class PolicyLossOutput(NamedTuple):
     ratio: torch.Tensor  # mean π / π_old
 
 
-def _reduce(per_token: torch.Tensor, mask: torch.Tensor, normalizer: float | torch.Tensor | None) -> torch.Tensor:
-    """Token mean; with `normalizer` (the token count of the whole mini-batch) a sum over it, so that
-    micro-batch losses add up to the mini-batch's mean exactly (correct gradient accumulation)."""
-    if normalizer is None:
-        return masked_mean(per_token, mask)
-    return (per_token * mask.to(per_token.dtype)).sum() / torch.as_tensor(normalizer, dtype=per_token.dtype).clamp(
-        min=1
-    )
-
-
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float = 0.2,
-    normalizer: float | torch.Tensor | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> PolicyLossOutput:
     """Clipped surrogate objective (Schulman et al., 2017), as a loss over response tokens [N, R]:
 
     ρ = exp(log π − log π_old);  loss_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)).
+    The token mean runs over the optimizer step's (the mini-batch's) `num_items_in_batch` tokens on
+    every micro-batch and process (None: these N rows' own); see alignlab.losses.reduction.step_mean.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = _reduce(torch.max(unclipped, clipped), mask, normalizer)
+    loss = step_mean(torch.max(unclipped, clipped), mask, num_items_in_batch, scale)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approxkl = 0.5 * masked_mean(log_ratio**2, mask)
@@ -56,15 +50,17 @@ def ppo_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     cliprange_value: float = 0.2,
-    normalizer: float | torch.Tensor | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss: ½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²) per token.
+    """Clipped value loss: ½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²) per token,
+    averaged as ppo_policy_loss averages.
 
     Returns (loss, clipfrac: share of tokens where the clipped error was the larger).
     """
     clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped_values - returns) ** 2
-    loss = 0.5 * _reduce(torch.max(unclipped_err, clipped_err), mask, normalizer)
+    loss = 0.5 * step_mean(torch.max(unclipped_err, clipped_err), mask, num_items_in_batch, scale)
     with torch.no_grad():
         clipfrac = masked_mean((clipped_err > unclipped_err).float(), mask)
     return loss, clipfrac
