@@ -26,5 +26,17 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def launch() -> None:
+    """Check the command line (alignlab.preflight), then hand it to Hydra."""
+    from alignlab.preflight import preflight
+
+    try:
+        preflight(sys.argv[1:])  # before Hydra creates the run folder and writes .hydra/ into it
+    except AlignlabError as e:
+        print(f"alignlab: error: {e}", file=sys.stderr)
+        sys.exit(1)
     main()
+
+
+if __name__ == "__main__":
+    launch()

@@ -12,6 +12,7 @@ from alignlab.data.rows import ON_BAD_ROW
 from alignlab.errors import ConfigError
 from alignlab.hardware import check_hardware
 from alignlab.models.loading import check_model_config
+from alignlab.preflight import ALGORITHM_META_KEYS, unknown_key_error
 from alignlab.redact import redact, redact_overrides
 from alignlab.sweeps import name_run
 
@@ -19,9 +20,6 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # The bundled data config of each data kind, for error messages.
 BUNDLED = {"sft": "arith_sft", "pairwise": "arith_pairs", "labelled": "arith_kto", "prompt": "arith_prompts"}
-
-# Keys that hold algorithm metadata rather than constructor arguments.
-ALGORITHM_META_KEYS = ("name", "data_kinds", "requires_chat_template")
 
 
 def data_kind(cfg: DictConfig) -> str:
@@ -51,11 +49,20 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     if "on_bad_row" in cfg.data:
         data.one_of("on_bad_row", ON_BAD_ROW)
     check_model_config(cfg.model)
-    check_hardware(cfg.trainer)
+    check_hardware(cfg.trainer, choices.get("hardware"))
     algorithm_class = get_class(cfg.algorithm._target_)
+    check_algorithm_keys(cfg.algorithm, algorithm_class, choices.get("algorithm", cfg.algorithm.name))
     algorithm_class.check_config(cfg.algorithm)
     algorithm_class.check_run(cfg)
     algorithm_class.check_optim(cfg.optim)
+
+
+def check_algorithm_keys(algorithm: DictConfig, algorithm_class: type, choice: str) -> None:
+    """A key the algorithm does not take (e.g. `+algorithm.betta=0.2`) is refused with the closest
+    valid name, here rather than by the module's constructor once the model has loaded."""
+    for key in algorithm:
+        if key not in ("_target_", *algorithm_class.hparam_names, *ALGORITHM_META_KEYS):
+            raise unknown_key_error("algorithm", choice, key, algorithm_class.hparam_names)
 
 
 def task_overrides() -> list[str]:

@@ -41,8 +41,13 @@ def deepspeed_strategy(**kwargs: Any):
     return DeepSpeedStrategy(**kwargs)
 
 
-def check_hardware(trainer: DictConfig) -> None:
-    """What a hardware profile needs that can be checked before any model loads."""
+def check_hardware(trainer: DictConfig, choice: str | None = None) -> None:
+    """What a hardware profile (`choice`, e.g. "gpu") needs that can be checked before any model loads.
+
+    Raises:
+        ConfigError: a GPU profile on a machine where torch finds no CUDA GPU, DeepSpeed not
+            installed, or a ZeRO stage that does not exist.
+    """
     strategy = trainer.get("strategy")
     name = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
     if "deepspeed" in name and importlib.util.find_spec("deepspeed") is None:
@@ -51,3 +56,11 @@ def check_hardware(trainer: DictConfig) -> None:
         )
     if isinstance(strategy, DictConfig) and strategy.get("stage") is not None and strategy.stage not in (1, 2, 3):
         raise ConfigError(f"trainer.strategy.stage must be one of (1, 2, 3), got {strategy.stage!r}")
+    accelerator = trainer.get("accelerator")
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()  # Lightning's "gpu" is Apple's GPU there
+    if accelerator in ("gpu", "cuda") and not (torch.cuda.is_available() or mps):
+        profile = f"hardware={choice}" if choice else "this hardware profile"
+        raise ConfigError(
+            f"{profile} (trainer.accelerator={trainer.accelerator}) needs a CUDA GPU, and torch finds none on this "
+            "machine; use hardware=cpu, or hardware=ddp_cpu for data parallel in CPU processes"
+        )

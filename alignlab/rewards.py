@@ -8,6 +8,7 @@ arrives as a keyword argument holding one value per completion. It returns one f
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from alignlab.generation import matches_solution
 
 
 class RewardFunctionError(AlignlabError):
-    """A reward function raised or returned the wrong number of values."""
+    """A reward function raised, returned the wrong number of values, or a value that is not a finite number."""
 
 
 def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns) -> list[float]:
@@ -79,7 +80,12 @@ def build_reward_function(spec: Any) -> tuple[str, Callable]:
 
 
 def call_reward_function(name: str, fn: Callable, prompts: list, completions: list[str], columns: dict) -> list[float]:
-    """Call one reward function, failing with its name if it raises or miscounts."""
+    """Call one reward function, failing with its name if it raises or miscounts, and with its name and
+    the completion's prompt if a value is None, not a number, NaN or infinite.
+
+    Raises:
+        RewardFunctionError: before any value reaches an advantage or a loss.
+    """
     try:
         values = fn(prompts, completions, **columns)
     except Exception as e:
@@ -89,7 +95,25 @@ def call_reward_function(name: str, fn: Callable, prompts: list, completions: li
         raise RewardFunctionError(
             f"reward function '{name}' returned {len(values)} values for {len(completions)} completions"
         )
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError) as e:
-        raise RewardFunctionError(f"reward function '{name}' returned a value that is not a number: {e}") from None
+    out = []
+    for i, value in enumerate(values):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number):  # a NaN would spread to its group's advantages and the loss
+            raise RewardFunctionError(
+                f"reward function '{name}' returned {value!r} for completion {i + 1} of {len(values)}, the answer "
+                f"{completions[i]!r} to the data row whose prompt is {_last_user_text(prompts[i])!r}; a reward must "
+                "be a finite number: return e.g. 0.0 for an answer it cannot score"
+            )
+        out.append(number)
+    return out
+
+
+def _last_user_text(prompt: Any) -> str:
+    """The last user message of a prompt (a message list, or text): what identifies its data row."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt or [] if isinstance(m, dict) and m.get("role") == "user"]
+    return str(users[-1]) if users else str(prompt)

@@ -74,9 +74,16 @@ def train(cfg: DictConfig) -> dict:
         # Lightning clips and accumulates only under automatic optimisation; such a module does both itself.
         module.max_grad_norm = cfg.trainer.gradient_clip_val
         manual = {"gradient_clip_val": None, "accumulate_grad_batches": 1}
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual)
+    validate = datamodule.has_eval_rows
+    no_validation = {} if validate else {"limit_val_batches": 0}  # Lightning then skips every scheduled validation
+    if not validate:
+        if hasattr(module, "num_sample_generations"):
+            module.num_sample_generations = 0  # PPO/GRPO sample tables answer held-out prompts
+        if rank_zero_only.rank == 0:
+            log.warning("%s", no_validation_message(cfg, len(datamodule.read()["train"])))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual, **no_validation)
 
-    if cfg.evaluation.at_start and not ckpt_path:
+    if validate and cfg.evaluation.at_start and not ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -87,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
             f"same command plus resume=auto hydra.run.dir={run_dir} (or resume={run_dir / LAST})"
         ) from None
     save_last_checkpoint(trainer)
-    if getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
+    if validate and getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
         trainer.validate(module, datamodule=datamodule, verbose=False)
     wandb_run = wandb_identity(loggers)
     finish_loggers(loggers)
@@ -120,6 +127,17 @@ def train(cfg: DictConfig) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
         print_summary(result)
     return result
+
+
+def no_validation_message(cfg: DictConfig, train_rows: int) -> str:
+    """What a run without held-out rows says, once: why, and how to get validation back."""
+    fraction = cfg.data.source.get("eval_fraction")
+    why = "the data has one row" if train_rows == 1 and fraction else f"data.source.eval_fraction={fraction}"
+    return (
+        f"no held-out rows ({why}), so this run trains without validation and reports no eval/ metrics; "
+        "to validate, hold rows out with data.source.eval_fraction > 0 on a file of 2 or more rows, or give "
+        "data.source.eval_path"
+    )
 
 
 def is_sharded(strategy) -> bool:

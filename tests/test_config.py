@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -14,6 +17,7 @@ from alignlab.redact import redact
 from tests.conftest import CONF, ROOT, compose, run_cli
 
 GROUPS = ["algorithm", "model", "data", "hardware", "logger", "trainer", "callbacks", "paths"]
+HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -38,7 +42,12 @@ def test_every_group_option_composes(group, option, tmp_path):
             assert hasattr(instantiate(cfg.data), "setup")
     if group == "hardware":
         assert cfg.trainer.accelerator == ("cpu" if option in ("cpu", "ddp_cpu") else "gpu")
-        if option != "deepspeed" or importlib.util.find_spec("deepspeed"):  # DeepSpeed is an optional install
+        if option == "deepspeed" and not importlib.util.find_spec("deepspeed"):
+            pass  # an optional install; tests/test_hardware.py checks the message that says so
+        elif cfg.trainer.accelerator == "gpu" and not HAS_GPU:
+            with pytest.raises(ConfigError, match=f"hardware={option} .* needs a CUDA GPU"):
+                check_config(cfg, {"hardware": option})
+        else:
             check_config(cfg)
     if group == "logger":
         assert ("csv" in cfg.logger) == (option in ("csv", "wandb"))
@@ -116,6 +125,17 @@ PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
         (["model.quantization=8bit"], "model.quantization must be one of (None, '4bit'), got '8bit'"),
         (["model.quantization=4bit"], "model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights"),
         (["model.dtype=float64"], "model.dtype must be one of"),
+        # what users mistype most: a key the algorithm does not have, a model folder that is not there
+        (
+            ["+algorithm.betta=0.2"],
+            "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its settings are beta, "
+            "label_smoothing, loss_type, precompute_ref_log_probs, rpo_alpha",
+        ),
+        (["algorithm=kto", "+algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
+        (["algorithm=grpo", "+algorithm.num_generation=4"], "(did you mean num_generations?)"),
+        (["model.tiny=null", "model.path=/nowhere/model"], "model.path=/nowhere/model: no such folder"),
+        (["model.tiny=null", "model.path=./runs/dpo/model"], "model.path=./runs/dpo/model: no such folder"),
+        (["model.tiny=null", "model.path=runs/dpo/1/model"], "model.path=runs/dpo/1/model: no such folder"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(overrides, message, tmp_path, monkeypatch):
@@ -126,9 +146,24 @@ def test_bad_config_fails_before_any_model_loads(overrides, message, tmp_path, m
 
     monkeypatch.setattr(alignlab.train, "load_model", no_model)
     with pytest.raises(ConfigError) as err:
-        alignlab.train.train(compose(overrides, tmp_path))
+        alignlab.train.train(compose(overrides, tmp_path / "run"))
     assert message in str(err.value)
-    assert not (tmp_path / "config.yaml").exists()
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
+@pytest.mark.parametrize("hardware", ["gpu", "ddp", "fsdp", "deepspeed"])
+def test_a_gpu_profile_without_a_gpu_fails_before_any_model_loads(hardware, tmp_path, monkeypatch):
+    import alignlab.train
+
+    monkeypatch.setattr(alignlab.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    real = importlib.util.find_spec  # as if DeepSpeed were installed: the machine is what is missing
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu\) needs a CUDA GPU, and torch finds none"):
+        alignlab.train.train(compose([f"hardware={hardware}"], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_wrong_overrides_on_the_command_line_are_clear(tmp_path):
@@ -143,12 +178,62 @@ def test_wrong_overrides_on_the_command_line_are_clear(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["algorithm.betta=0.2"], "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its"),
+        (["+algorithm.betta=0.2"], "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its"),
+        (["algorithm=kto", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
+        (["sweep=kto_beta", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
+        (["-m", "algorithm=dpo,cpo", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=cpo"),
+        (
+            ["-m", "hardware=slurm"],
+            "hardware=slurm submits the run through SLURM, but sbatch and srun are not on this machine's PATH: "
+            "launch from a SLURM login node, or train on this machine with hardware=cpu, gpu or ddp",
+        ),
+    ],
+)
+def test_mistyped_command_lines_are_refused_before_hydra_creates_the_run_folder(args, message, tmp_path, monkeypatch):
+    """Hydra writes the run folder and .hydra/ before alignlab's code runs: these are caught first."""
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no SLURM tools here, whatever the machine
+    run = tmp_path / "run"
+    out = run_cli([*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={run}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alignlab: error: {message}"), out.stderr
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["data=custom_pairs", "data.source.path=data/train.jsonl"],
+            "data/train.jsonl: no such file; check data.source.path (relative paths start from {cwd})",
+        ),
+        (
+            ["model.tiny=null", "model.path=/nowhere/model"],
+            "model.path=/nowhere/model: no such folder (relative paths start from {cwd}); give a folder that holds "
+            "a Hugging Face model (config.json, weights and tokenizer, e.g. a run's <run>/model) or a Hub id such "
+            "as Qwen/Qwen2.5-0.5B-Instruct",
+        ),
+    ],
+)
+def test_a_missing_data_file_or_model_folder_is_one_sentence_and_the_run_folder_stays_empty(args, message, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "alignlab: error: " + message.format(cwd=tmp_path)
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "alignlab.log"]  # Hydra's own, nothing of alignlab's
+
+
 def test_model_qwen_offline_ends_in_one_clear_sentence(tmp_path):
     out = run_cli(["model=qwen", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, timeout=120)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("alignlab: error: Could not load model 'Qwen/Qwen2.5-0.5B-Instruct'")
     assert "model.path=/path/to/copy" in last and "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "alignlab.log"]  # said before anything is written
 
 
 def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):

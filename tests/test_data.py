@@ -340,6 +340,42 @@ def test_unpair_turns_each_pair_into_a_desirable_and_an_undesirable_row(tiny):
     assert sum(ex["label"] for ex in dm.splits["train"]) == 40
 
 
+@pytest.mark.parametrize("name", ["data/train.jsonl", "train.csv", "./train", "~/nowhere/train", "/nowhere/pairs"])
+def test_a_local_file_that_is_not_there_is_named_with_its_key_never_looked_up_on_the_hub(name, tmp_path, monkeypatch):
+    import alignlab.models.loading
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(alignlab.models.loading, "hub_reachable", lambda: pytest.fail("looked up on the Hub"))
+    with pytest.raises(DataError) as err:
+        FileSource(name).load("pairwise")
+    assert str(err.value) == f"{name}: no such file; check data.source.path (relative paths start from {tmp_path})"
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}))
+    with pytest.raises(DataError, match=r"^held\.jsonl: no such file; check data\.source\.eval_path"):
+        FileSource(str(train), eval_path="held.jsonl").load("pairwise")
+
+
+def test_a_name_neither_local_nor_reachable_on_the_hub_says_both(monkeypatch):
+    import alignlab.models.loading
+
+    monkeypatch.setattr(alignlab.models.loading, "hub_reachable", lambda: False)
+    with pytest.raises(DataError) as err:
+        FileSource("someone/pairs-v2").load("pairwise")
+    assert str(err.value).startswith(
+        "someone/pairs-v2: no such local file, and it cannot be looked up as a Hugging Face Hub data set because "
+        "the Hub is not reachable (offline); check data.source.path"
+    )
+
+
+def test_a_missing_data_file_stops_the_run_before_anything_is_written(tmp_path):
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    with pytest.raises(DataError, match="nope.jsonl: no such file; check data.source.path"):
+        train(compose(["data=custom_pairs", f"data.source.path={tmp_path / 'nope.jsonl'}", *QUIET], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_arith_desirable_fraction_sets_the_label_balance():
     rows = ArithTask(n_train=1000, n_eval=10, desirable_fraction=0.8).load("labelled")["train"]
     assert sum(r["label"] for r in rows) == 800

@@ -158,6 +158,22 @@ def test_a_failing_reward_function_is_named(target, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None, "high"])
+def test_a_reward_that_is_not_a_finite_number_names_the_function_and_the_row(bad):
+    """NaN would make its group's advantages and the loss NaN; the run stops before the step instead."""
+
+    def second_is_bad(prompts, completions, **columns):
+        return [1.0, bad, 0.0]
+
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1=", "2+2=", "3+3=")]
+    with pytest.raises(RewardFunctionError) as err:
+        call_reward_function("second_is_bad", second_is_bad, prompts, ["2", "5", "6"], {})
+    assert str(err.value) == (
+        f"reward function 'second_is_bad' returned {bad!r} for completion 2 of 3, the answer '5' to the data row "
+        "whose prompt is '2+2='; a reward must be a finite number: return e.g. 0.0 for an answer it cannot score"
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -146,6 +146,19 @@ def test_sigterm_on_a_real_run_writes_a_checkpoint_that_resume_auto_continues(tm
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped
     config = (run / "config.yaml").read_text()
 
+    # The same command again without resume is refused before Hydra rewrites the run's .hydra/.
+    hydra_files = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    again = subprocess.run(
+        [sys.executable, "-m", "alignlab", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [
+        f"alignlab: error: the run folder {run} already holds a run (checkpoints/last.ckpt); continue it with "
+        "resume=auto, or choose another hydra.run.dir"
+    ]
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == hydra_files
+    assert {"config.yaml", "overrides.yaml"} <= hydra_files.keys()
+
     done = stopped + 3
     resumed = subprocess.run(
         [sys.executable, "-m", "alignlab", f"trainer.max_steps={done}", *args[1:4], *QUIET, "resume=auto"],
@@ -158,3 +171,59 @@ def test_sigterm_on_a_real_run_writes_a_checkpoint_that_resume_auto_continues(tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"finished {done} steps" in resumed.stdout
     assert (run / "config.yaml").read_text() == config  # what the first run wrote is kept
+
+
+def test_a_signal_during_reference_pre_scoring_stops_it_within_a_batch(tmp_path):
+    """precompute_ref_log_probs scores every row before the first step; SIGINT there stops as it does
+    in training: after the current batch, with a checkpoint and the resume hint."""
+    run = tmp_path / "run"
+    args = [
+        "algorithm.precompute_ref_log_probs=true",
+        "batch_size=1",
+        "evaluation.at_start=false",
+        f"hydra.run.dir={run}",
+        *QUIET,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignlab", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    total = None
+    for line in proc.stdout:  # 2128 rows one at a time: seconds of scoring to interrupt
+        if "rows with the reference model once" in line:
+            total = int(line.split(" - scoring ")[1].split()[0])
+            proc.send_signal(signal.SIGINT)
+            break
+    assert total, "pre-scoring never started"
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in rest, rest[-2000:]
+    scored = int(rest.split("stopped scoring with the reference after ")[1].split(" of ")[0])
+    assert scored < total
+    assert f"alignlab: error: stopped on a signal at step 0; checkpoint {run / 'checkpoints' / 'last.ckpt'}" in rest
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_pre_scoring_scores_no_batch_after_the_signal(signum, tmp_path, monkeypatch):
+    """The signal arrives while the third batch is scored: that batch ends, no fourth one starts."""
+    from alignlab.algorithms.dpo import DPO
+
+    real, calls = DPO.score_reference, []
+
+    def score_and_signal(self, batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
+        return real(self, batch)
+
+    monkeypatch.setattr(DPO, "score_reference", score_and_signal)
+    overrides = ["algorithm.precompute_ref_log_probs=true", "batch_size=4", "evaluation.at_start=false", *QUIET]
+    with pytest.raises(RunInterrupted, match="stopped on a signal at step 0"):
+        train(compose(overrides, tmp_path))
+    assert len(calls) == 3
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 0

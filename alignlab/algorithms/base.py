@@ -8,11 +8,13 @@ metrics use the field's names and are logged as `train/<name>` and `eval/<name>`
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from alignlab.checks import Checks
@@ -22,6 +24,8 @@ from alignlab.logprobs import architecture, check_answer_logprobs, score_by_forw
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.reference import ReferenceModel
 from alignlab.resume import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -108,12 +112,21 @@ class AlignmentModule(L.LightningModule):
         """Score every row of both splits with the frozen reference once and keep the values in the
         rows (batches then carry them as `ref_*` entries), then let a reference copy go: it is not
         needed again. `score(batch) -> {name: [rows] tensor}`. Rows are scored in order of length,
-        so the batches pad little. Every process scores every row (the reference is fixed)."""
+        so the batches pad little. Every process scores every row (the reference is fixed).
+
+        A SIGTERM or SIGINT (alignlab.resume.CheckpointOnSignal) stops it after the current batch,
+        as it stops training: raises SIGTERMException, and the run ends with a checkpoint."""
         datamodule = self.trainer.datamodule
+        total, scored = sum(len(rows) for rows in datamodule.splits.values()), 0
+        log.info("scoring %d rows with the reference model once (precompute_ref_log_probs)", total)
         for rows in datamodule.splits.values():
             order = sorted(range(len(rows)), key=lambda i: datamodule.length(rows[i]))
             for start in range(0, len(order), batch_size):
+                if self.trainer.received_sigterm:
+                    log.warning("stopped scoring with the reference after %d of %d rows", scored, total)
+                    raise SIGTERMException
                 chunk = [rows[i] for i in order[start : start + batch_size]]
+                scored += len(chunk)
                 batch = datamodule.collate(chunk, with_prompts=False)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 self.check_logprobs(batch)  # before the first scores, not at the first training batch

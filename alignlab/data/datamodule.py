@@ -170,6 +170,9 @@ class AlignmentDataModule(L.LightningDataModule):
             raise RuntimeError("call set_tokenizer() before setup()")
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
         for split, rows in self.read().items():
+            if not rows:  # no held-out rows: the run trains without validation (alignlab.train)
+                self.splits[split], self.dropped[split], self.dropped_by_reason[split] = [], 0, {}
+                continue
             encoded = self.encode(rows)
             reasons = self.drop_reasons(encoded)
             kept = []
@@ -197,6 +200,11 @@ class AlignmentDataModule(L.LightningDataModule):
             self.splits[split] = kept
         if not self.splits.get("train"):
             raise DataError(describe, "the train split is empty")
+
+    @property
+    def has_eval_rows(self) -> bool:
+        """Whether any row is held out for validation (eval_fraction=0 or a one-row file hold none)."""
+        return bool(self.read().get("eval"))
 
     def train_dataloader(self) -> DataLoader:
         rows = self.splits["train"]

@@ -79,6 +79,7 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    check_source_exists(path)
     local = Path(path).expanduser()
     try:
         if local.exists():
@@ -101,6 +102,30 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
     return ds.to_list()
 
 
+def looks_like_file(path: str) -> bool:
+    """A name that can only mean a local file, never a Hub data set id: it carries a data file
+    extension or starts like a path (/, ./, ../, ~)."""
+    return Path(path).suffix.lower() in _FORMATS or path.startswith(("/", "./", "../", "~", ".\\"))
+
+
+def check_source_exists(path: str, key: str | None = None) -> None:
+    """Raise DataError at once for a local file that is not there, naming the config `key` that gave
+    it, instead of looking the name up on the Hub; and for a Hub name while the Hub is unreachable."""
+    if Path(path).expanduser().exists():
+        return
+    where = f"check {key} (relative paths start from {Path.cwd()})" if key else f"relative to {Path.cwd()}"
+    if looks_like_file(path):
+        raise DataError(path, f"no such file; {where}")
+    from alignlab.models.loading import hub_reachable
+
+    if not hub_reachable():
+        raise DataError(
+            path,
+            f"no such local file, and it cannot be looked up as a Hugging Face Hub data set because the Hub "
+            f"is not reachable (offline); {where}, or download the data set where there is network",
+        )
+
+
 class FileSource:
     """A train file and either a held-out file or a seeded held-out fraction of the train file.
 
@@ -114,6 +139,7 @@ class FileSource:
         self._origin: dict[int, tuple[str, int, str]] = {}  # id(canonical row) → (file, row, prompt field)
 
     def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
+        check_source_exists(path, "data.source.eval_path" if split == "eval" and self.eval_path else "data.source.path")
         rows = read_rows(path)
         if not rows:
             raise DataError(path, "has no rows")

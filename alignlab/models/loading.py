@@ -197,8 +197,45 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
 QUANTIZATIONS = (None, "4bit")
 
 
+def is_hub_id(path: str) -> bool:
+    """Whether `path` has the shape of a Hub model id ('name' or 'org/name'), rather than only a folder's."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if path.startswith((".", "~")) or os.path.isabs(path):
+        return False
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_path(model_cfg: DictConfig) -> None:
+    """model.path that can only be a folder (not Hub-id-shaped) must exist; a Hub id must be cached
+    or the Hub reachable (check_hub_path). The embedded tiny model is written on demand.
+
+    Raises:
+        ConfigError: no such folder. ModelLoadError: a Hub id offline and not cached.
+    """
+    if model_cfg.get("tiny"):
+        return
+    path = os.fspath(model_cfg.path)
+    if Path(path).expanduser().exists():
+        return
+    if is_hub_id(path):
+        check_hub_path(path)  # offline and not cached: the download hint, before anything is written
+        return
+    raise ConfigError(
+        f"model.path={path}: no such folder (relative paths start from {Path.cwd()}); give a folder that "
+        "holds a Hugging Face model (config.json, weights and tokenizer, e.g. a run's <run>/model) or "
+        "a Hub id such as Qwen/Qwen2.5-0.5B-Instruct"
+    )
+
+
 def check_model_config(model_cfg: DictConfig) -> None:
     """Model settings that can be checked before anything loads."""
+    check_model_path(model_cfg)
     if model_cfg.dtype not in _DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_cfg.dtype!r}")
     quantization = model_cfg.get("quantization")
@@ -235,9 +272,8 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
     weights with model.quantization=4bit; gradient checkpointing with model.gradient_checkpointing."""
     from transformers import AutoModelForCausalLM
 
-    check_model_config(model_cfg)
+    check_model_config(model_cfg)  # a missing folder, or a Hub id offline: said before anything loads
     path = resolve_model_path(model_cfg)
-    check_hub_path(path)
     tokenizer, added = prepare_tokenizer(path, model_cfg, require_chat_template)
     if added and model_cfg.lora.enabled and not model_cfg.lora.merge:
         raise ConfigError(
