@@ -6,8 +6,17 @@ import json
 from pathlib import Path
 
 
+def with_columns(rows: list[dict], columns: dict[str, list]) -> list[dict]:
+    """Each row followed by its data row's extra columns (e.g. `solution`), values as the file wrote
+    them; a column named like one of the row's own keys (prompt, answer, reward, score) is left out."""
+    return [
+        {**row, **{k: v[i] for k, v in columns.items() if k not in row and k != "step"}} for i, row in enumerate(rows)
+    ]
+
+
 def log_samples(trainer, rows: list[dict], key: str = "samples") -> None:
-    """Write `rows` (dicts with the same keys, e.g. prompt/answer/score) for the current step."""
+    """Write `rows` (dicts with the same keys, e.g. prompt/answer/score and the data's extra columns)
+    for the current step."""
     if not rows or not trainer.is_global_zero:
         return
     step = trainer.global_step

@@ -179,6 +179,32 @@ def test_grpo_reward_functions_receive_each_solution_as_written(tmp_path, monkey
     assert {(s["solution"], s["type"]) for s in seen} == {(s, type(s).__name__) for s in written}
 
 
+def test_grpo_sample_tables_carry_each_solution_as_written(tmp_path):
+    """samples.jsonl holds each held-out row's extra columns beside its prompt, answer and reward,
+    with the file's own values: the integer solutions stay integers beside the one 0.5."""
+    path = CASES / "grpo_solution_float" / "prompts.jsonl"
+    overrides = [
+        "algorithm=grpo",
+        "data=custom_prompts",
+        f"data.source.path={path}",
+        f"data.source.eval_path={path}",
+        "data.shuffle=false",
+        "batch_size=4",
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=2",
+        "algorithm.num_sample_generations=1",
+        "trainer.max_steps=1",
+        "evaluation.at_start=false",
+        *QUIET,
+    ]
+    train(compose(overrides, tmp_path / "run"))
+    samples = lines(tmp_path / "run" / "samples.jsonl")
+    written = [r["solution"] for r in lines(path)][: len(samples)]
+    assert len(samples) == 16 and set(samples[0]) == {"step", "prompt", "answer", "reward", "solution"}
+    assert [(s["solution"], type(s["solution"])) for s in samples] == [(w, type(w)) for w in written]
+    assert all(type(s["solution"]) is int for s in samples)  # not 5.0: the file's 0.5 is in row 17
+
+
 # -- rm_margin_partial ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_a_missing_margin_counts_as_zero(tiny, tmp_path, fmt):

@@ -117,5 +117,5 @@ def test_metrics_and_sample_tables(ppo_run):
         assert f"train/{name}" in header, name
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len({s["step"] for s in samples}) == 10  # num_sample_generations
-    assert set(samples[0]) == {"step", "prompt", "answer", "score"}
+    assert set(samples[0]) == {"step", "prompt", "answer", "score", "solution"}
     assert train_curve(run_dir, "train/episodes")[-1] == 100 * 512

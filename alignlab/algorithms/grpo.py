@@ -20,7 +20,7 @@ from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantage
 from alignlab.models.reference import ReferenceModel
 from alignlab.rewards import build_reward_function, call_reward_function
 from alignlab.rollout import prompt_ids, response_positions, sample
-from alignlab.samples import log_samples
+from alignlab.samples import log_samples, with_columns
 
 
 class GRPO(AlignmentModule):
@@ -271,6 +271,5 @@ class GRPO(AlignmentModule):
         finally:
             self.num_generations = g
         prompts = self.tokenizer.batch_decode(prompt_ids(batch))
-        log_samples(
-            self.trainer, [{"prompt": p, "answer": a, "reward": r} for p, a, r in zip(prompts, texts, rewards.tolist())]
-        )
+        rows = [{"prompt": p, "answer": a, "reward": r} for p, a, r in zip(prompts, texts, rewards.tolist())]
+        log_samples(self.trainer, with_columns(rows, batch["columns"]))

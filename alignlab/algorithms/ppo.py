@@ -26,7 +26,7 @@ from alignlab.models.reference import Frozen, ReferenceModel
 from alignlab.models.reward import LEGACY_VALUE_HEAD_FILE, VALUE_HEAD_FILE, RewardModel
 from alignlab.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten, truncate_after_eos
 from alignlab.rollout import pack, prompt_ids, response_positions, sample
-from alignlab.samples import log_samples
+from alignlab.samples import log_samples, with_columns
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +302,12 @@ class PPO(AlignmentModule):
     def log_sample_table(self, n: int = 16) -> None:
         """Greedy answers to the first held-out prompts, with their scores."""
         batch = next(iter(self.trainer.datamodule.val_dataloader()))
+        columns = {k: v[:n] for k, v in batch.get("columns", {}).items()}
         batch = {
             k: (v[:n].to(self.device) if torch.is_tensor(v) else v[:n]) for k, v in batch.items() if k != "columns"
         }
         tokens, texts = self.greedy_answers(batch)
         scores = self.score_answers(batch, tokens).tolist()
         prompts = self.tokenizer.batch_decode(prompt_ids(batch))
-        log_samples(self.trainer, [{"prompt": p, "answer": a, "score": s} for p, a, s in zip(prompts, texts, scores)])
+        rows = [{"prompt": p, "answer": a, "score": s} for p, a, s in zip(prompts, texts, scores)]
+        log_samples(self.trainer, with_columns(rows, columns))
