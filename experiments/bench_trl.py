@@ -153,18 +153,15 @@ def alignlab_clock():
     import lightning as L
 
     class Clock(L.Callback):
-        micro: list[float] = []
-
         def on_train_start(self, trainer, module):
             CLOCK.begin()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            loss = trainer.callback_metrics.get("train/loss")
-            self.micro.append(float(loss) if loss is not None else float("nan"))
             if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # an optimizer step ended
                 CLOCK.tick()
-                LOSSES.append(sum(self.micro) / len(self.micro))
-                self.micro = []
+                # At a step's last micro-batch alignlab's train/loss is the whole step's loss.
+                loss = trainer.callback_metrics.get("train/loss")
+                LOSSES.append(float(loss) if loss is not None else float("nan"))
 
     return Clock()
 

@@ -131,7 +131,6 @@ def measure(name, config, dtype, device, rows, length, answer, logit_std) -> dic
         start = time.perf_counter()
         out[f"peak_mib_{label}"] = peak_memory(fn, device)
         out[f"seconds_{label}"] = round(time.perf_counter() - start, 3)
-    del model
     return out
 
 

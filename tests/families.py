@@ -176,15 +176,6 @@ SPEC = {
         eos_list=["<eos>", "<end_of_turn>"],
         arch="gemma2",
     ),
-    "gemma3": dict(
-        split="never",
-        special=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
-        roles=dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"),
-        add_bos=True,
-        template=GEMMA_TEMPLATE,
-        eos_list=["<eos>", "<end_of_turn>"],
-        arch="gemma3",
-    ),
     "phi3": dict(
         split="first",
         special=["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>+", "<|system|>+", "<|end|>+", "<|user|>+"],
@@ -211,6 +202,7 @@ SPEC = {
         arch="llama",
     ),
 }
+SPEC["gemma3"] = {**SPEC["gemma2"], "arch": "gemma3"}  # the same tokenizer and template, Gemma-3 text model
 FAMILIES = tuple(SPEC)
 CHAT_FAMILIES = tuple(name for name, spec in SPEC.items() if spec["template"])
 SYSTEM_REFUSING = ("mistral", "gemma2", "gemma3")  # templates that raise on a system message
