@@ -148,28 +148,36 @@ def test_solutions_reach_the_rows_as_written(tmp_path, fmt):
     assert rows[11] == {"prompt": [{"role": "user", "content": "2+3="}], "solution": 5}
 
 
+def one_grpo_step(path: Path, *overrides: str) -> list[str]:
+    """One GRPO step (2 two-token completions a prompt) on `path`, held out against itself, in file order."""
+    return [
+        "algorithm=grpo",
+        "data=custom_prompts",
+        f"data.source.path={path}",
+        f"data.source.eval_path={path}",
+        "data.shuffle=false",
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=2",
+        "trainer.max_steps=1",
+        "evaluation.at_start=false",
+        *QUIET,
+        *overrides,
+    ]
+
+
 def test_grpo_reward_functions_receive_each_solution_as_written(tmp_path, monkeypatch):
     folder = CASES / "grpo_solution_float"
     record = tmp_path / "seen.jsonl"
     monkeypatch.setenv("RECORD", str(record))
     monkeypatch.syspath_prepend(str(folder))
     path = folder / "prompts.jsonl"
-    overrides = [
-        "algorithm=grpo",
-        "data=custom_prompts",
-        f"data.source.path={path}",
-        f"data.source.eval_path={path}",
-        "data.shuffle=false",
+    overrides = one_grpo_step(
+        path,
         "batch_size=17",
         "eval_batch_size=17",
-        "algorithm.num_generations=2",
-        "algorithm.max_completion_length=2",
         "algorithm.num_sample_generations=0",
         "algorithm.reward_funcs=[{_target_: myrewards.record}]",
-        "trainer.max_steps=1",
-        "evaluation.at_start=false",
-        *QUIET,
-    ]
+    )
     train(compose(overrides, tmp_path / "run"))
     seen = lines(record)
     train_seen, eval_seen = seen[:34], seen[34:]
@@ -183,20 +191,7 @@ def test_grpo_sample_tables_carry_each_solution_as_written(tmp_path):
     """samples.jsonl holds each held-out row's extra columns beside its prompt, answer and reward,
     with the file's own values: the integer solutions stay integers beside the one 0.5."""
     path = CASES / "grpo_solution_float" / "prompts.jsonl"
-    overrides = [
-        "algorithm=grpo",
-        "data=custom_prompts",
-        f"data.source.path={path}",
-        f"data.source.eval_path={path}",
-        "data.shuffle=false",
-        "batch_size=4",
-        "algorithm.num_generations=2",
-        "algorithm.max_completion_length=2",
-        "algorithm.num_sample_generations=1",
-        "trainer.max_steps=1",
-        "evaluation.at_start=false",
-        *QUIET,
-    ]
+    overrides = one_grpo_step(path, "batch_size=4", "algorithm.num_sample_generations=1")
     train(compose(overrides, tmp_path / "run"))
     samples = lines(tmp_path / "run" / "samples.jsonl")
     written = [r["solution"] for r in lines(path)][: len(samples)]
