@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from alignlab.errors import AlignlabError
 
-# Not imported from alignlab.config: that pulls in Lightning (seconds), and a mistyped override
-# should be reported by Hydra at once.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Only light modules here (not alignlab.runner.config: it pulls in Lightning, seconds), so a mistyped
+# override is reported at once.
+from alignlab.runner.preflight import CONFIG_DIR, preflight
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -27,9 +26,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def launch() -> None:
-    """Check the command line (alignlab.preflight), then hand it to Hydra."""
-    from alignlab.preflight import preflight
-
+    """Check the command line (alignlab.runner.preflight), then hand it to Hydra."""
     try:
         preflight(sys.argv[1:])  # before Hydra creates the run folder and writes .hydra/ into it
     except AlignlabError as e:

@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from alignlab.errors import AlignlabError
-from alignlab.sweeps import split_override
+from alignlab.runner.sweeps import split_override
 
 # Folders inside a run that hold config.yaml files of their own.
 _NOT_RUNS = {"wandb", ".hydra", "model", "checkpoints", "adapter"}

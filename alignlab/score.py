@@ -17,56 +17,9 @@ from pathlib import Path
 
 import torch
 
-from alignlab.data.collate import collate_answers
-from alignlab.data.tokenize import encode_conversations, fit_answer
-from alignlab.models.reward import RewardModel
+from alignlab.models.reward import RewardScorer
 
-
-class RewardScorer:
-    """One float per (prompt, answer), batched, on any device; prompts are text or message lists.
-
-    The answer is tokenised exactly as in training (chat-template prompt, answer + eos) and the
-    reward is read at its last token.
-    """
-
-    def __init__(
-        self,
-        folder: str | Path,
-        device: str | torch.device = "cpu",
-        batch_size: int = 64,
-        max_length: int | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        from alignlab.models.loading import tokenizer_from_pretrained
-
-        self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
-        self.tokenizer = tokenizer_from_pretrained(folder)
-        self.model = RewardModel.from_pretrained(folder, dtype=dtype).to(self.device).eval()
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str | list[dict]], answers: Sequence[str]) -> list[float]:
-        if len(prompts) != len(answers):
-            raise ValueError(f"got {len(prompts)} prompts and {len(answers)} answers")
-        messages = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
-        scores: list[float] = []
-        for start in range(0, len(messages), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            encoded = encode_conversations(self.tokenizer, messages[chunk], [[a] for a in answers[chunk]])
-            p_ids, a_ids = [p for p, _ in encoded], [a for _, (a,) in encoded]
-            if self.max_length:
-                a_ids = [fit_answer(len(p), a, self.max_length) or a[:1] for p, a in zip(p_ids, a_ids)]
-            batch = collate_answers(p_ids, a_ids, self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            scores += self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).float().tolist()
-        return scores
-
-    def score_messages(self, conversations: Sequence[list[dict]]) -> list[float]:
-        """Conversations that end in the assistant answer to score."""
-        return self.score([c[:-1] for c in conversations], [c[-1]["content"] for c in conversations])
-
-    def __call__(self, prompts: Sequence[str | list[dict]], completions: Sequence[str], **columns) -> list[float]:
-        """The reward-function signature: extra data columns are accepted and ignored."""
-        return self.score(prompts, completions)
+__all__ = ["RewardScorer", "main"]  # RewardScorer lives with the reward model; importable from here too
 
 
 def main(argv: Sequence[str] | None = None) -> int:

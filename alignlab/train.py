@@ -18,12 +18,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab.config import ALGORITHM_META_KEYS, check_config, resolved_config, save_resolved_config, task_overrides
 from alignlab.errors import ConfigError
-from alignlab.loggers import finish_loggers, wandb_identity
 from alignlab.models.loading import load_model
-from alignlab.resume import LAST, CheckpointOnSignal, RunInterrupted, resume_checkpoint
-from alignlab.sweeps import current_job, name_run
+from alignlab.runner.config import (
+    ALGORITHM_META_KEYS,
+    check_config,
+    resolved_config,
+    save_resolved_config,
+    task_overrides,
+)
+from alignlab.runner.loggers import finish_loggers, wandb_identity
+from alignlab.runner.resume import LAST, CheckpointOnSignal, RunInterrupted, resume_checkpoint
+from alignlab.runner.sweeps import current_job, name_run
 
 log = logging.getLogger(__name__)
 

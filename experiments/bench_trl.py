@@ -172,7 +172,7 @@ def trl_partners(n: int, batch_size: int) -> list[int]:
 
 
 def run_alignlab(cfg: dict) -> dict:
-    from alignlab.config import compose
+    from alignlab.runner.config import compose
     from alignlab.train import train
 
     if cfg.get("kto_pairing") == "trl":  # --kto-pairing trl: only to compare the losses step for step
@@ -275,7 +275,7 @@ def run_trl(cfg: dict) -> dict:
     else:
         from trl import GRPOConfig, GRPOTrainer
 
-        from alignlab.rewards import length_reward
+        from alignlab.online.rewards import length_reward
 
         def reward(prompts, completions, **kwargs):
             return length_reward(prompts, completions, target=cfg["target_length"])
@@ -406,7 +406,7 @@ def configurations(args, model: Path, data: dict[str, Path], device: str) -> lis
         same = [
             "algorithm.num_generations=8",
             "algorithm.max_completion_length=64",
-            "algorithm.reward_funcs=[{_target_:alignlab.rewards.length_reward,target:32}]",
+            "algorithm.reward_funcs=[{_target_:alignlab.online.rewards.length_reward,target:32}]",
         ]
         runs += [
             {**grpo, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},

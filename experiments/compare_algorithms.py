@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from alignlab.config import compose
-from alignlab.logprobs import answer_logprobs
+from alignlab.models.logprobs import answer_logprobs
+from alignlab.online.rollout import response_positions, sample
 from alignlab.results import load_sweep
-from alignlab.rollout import response_positions, sample
+from alignlab.runner.config import compose
 from alignlab.train import train
 
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]

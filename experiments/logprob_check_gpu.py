@@ -1,6 +1,6 @@
-"""How far the answer-only output layer (alignlab.logprobs.answer_logprobs) is from each architecture's
+"""How far the answer-only output layer (alignlab.models.logprobs.answer_logprobs) is from each architecture's
 own forward in bf16 and float32 on a GPU, against the tolerance the first-batch check allows
-(alignlab.logprobs.CHECK_TOLERANCE), and how far a *missing* logit transform would put it.
+(alignlab.models.logprobs.CHECK_TOLERANCE), and how far a *missing* logit transform would put it.
 
 The start-up check must pass rounding (or every run on a GPU would fall back to the memory-heavy
 full forward) and must catch a transform alignlab does not apply. This measures both sides on
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from alignlab.logprobs import CHECK_TOLERANCE, LOGIT_TRANSFORMS, answer_logprobs, check_answer_logprobs
+from alignlab.models.logprobs import CHECK_TOLERANCE, LOGIT_TRANSFORMS, answer_logprobs, check_answer_logprobs
 
 
 def configs(small: bool) -> dict:

@@ -13,7 +13,7 @@ import csv
 import json
 from pathlib import Path
 
-from alignlab.config import compose
+from alignlab.runner.config import compose
 from alignlab.train import train
 
 QUIET = ["logger=csv", "trainer.enable_progress_bar=false"]

@@ -21,10 +21,12 @@ os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import torch  # noqa: E402
 
-from alignlab.config import compose  # noqa: E402,F401  (re-exported for the tests)
+from alignlab.runner.config import compose  # noqa: E402,F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
+# The shared failing inputs (see their README); CI checks the folder out beside the clone.
+CASES = Path(os.environ.get("ALIGNLAB_CASES") or ROOT.parent / "shared" / "cases")
 
 # Every test (and every subprocess it starts) writes the tiny model into one throwaway cache and
 # never touches the network.
@@ -104,7 +106,7 @@ def build_module(name: str, model, tokenizer, **overrides):
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from alignlab.config import ALGORITHM_META_KEYS
+    from alignlab.runner.config import ALGORITHM_META_KEYS
 
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "algorithm" / f"{name}.yaml"))
     hparams = {k: v for k, v in cfg.items() if k not in (*ALGORITHM_META_KEYS, "defaults", "_target_")}

@@ -17,13 +17,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from alignlab.checks import Checks
 from alignlab.errors import NonFiniteLossError
-from alignlab.generation import completions_until_eos, exact_match, generate, stop_token_ids
-from alignlab.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
 from alignlab.models.export import save_model, submodule_state
+from alignlab.models.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
 from alignlab.models.reference import ReferenceModel
-from alignlab.resume import rng_state, set_rng_state
+from alignlab.online.generation import completions_until_eos, exact_match, generate, stop_token_ids
+from alignlab.runner.checks import Checks
+from alignlab.runner.resume import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class AlignmentModule(L.LightningModule):
         needed again. `score(batch) -> {name: [rows] tensor}`. Rows are scored in order of length,
         so the batches pad little. Every process scores every row (the reference is fixed).
 
-        A SIGTERM or SIGINT (alignlab.resume.CheckpointOnSignal) stops it after the current batch,
+        A SIGTERM or SIGINT (alignlab.runner.resume.CheckpointOnSignal) stops it after the current batch,
         as it stops training: raises SIGTERMException, and the run ends with a checkpoint."""
         datamodule = self.trainer.datamodule
         total, scored = sum(len(rows) for rows in datamodule.splits.values()), 0
@@ -146,7 +146,7 @@ class AlignmentModule(L.LightningModule):
         """On the first batch seen: compare answer_logprobs' answer-only output layer with each causal
         LM's own forward (the policy, and a reference of another architecture), on every device; where
         they differ beyond rounding, that architecture is scored through its forward from now on, with
-        one warning (alignlab.logprobs.score_by_forward). Later calls do nothing."""
+        one warning (alignlab.models.logprobs.score_by_forward). Later calls do nothing."""
         if self.logprobs_checked:
             return
         self.logprobs_checked = True

@@ -11,16 +11,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.algorithms.base import AlignmentModule
-from alignlab.backends import build_backend, check_backend_spec
-from alignlab.checks import Checks
 from alignlab.errors import ConfigError
-from alignlab.generation import exact_match
-from alignlab.logprobs import answer_logprobs
 from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
+from alignlab.models.logprobs import answer_logprobs
 from alignlab.models.reference import ReferenceModel
-from alignlab.rewards import build_reward_function, call_reward_function
-from alignlab.rollout import prompt_ids, response_positions, sample
-from alignlab.samples import log_samples, with_columns
+from alignlab.online.backends import build_backend, check_backend_spec
+from alignlab.online.generation import exact_match
+from alignlab.online.rewards import build_reward_function, call_reward_function
+from alignlab.online.rollout import prompt_ids, response_positions, sample
+from alignlab.online.samples import log_samples, with_columns
+from alignlab.runner.checks import Checks
 
 
 class GRPO(AlignmentModule):

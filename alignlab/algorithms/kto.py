@@ -8,10 +8,10 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
-from alignlab.checks import Checks
 from alignlab.data.collate import select_rows
-from alignlab.logprobs import answer_logprobs
 from alignlab.losses import kto_kl_estimate, kto_loss, kto_weight_advice, step_mean
+from alignlab.models.logprobs import answer_logprobs
+from alignlab.runner.checks import Checks
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
-from alignlab.checks import Checks
 from alignlab.losses import nll_loss, orpo_loss, step_mean
+from alignlab.runner.checks import Checks
 
 
 class ORPO(PairwiseModule):

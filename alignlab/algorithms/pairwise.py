@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.algorithms.base import AlignmentModule
-from alignlab.logprobs import AnswerLogps, answer_logprobs
+from alignlab.models.logprobs import AnswerLogps, answer_logprobs
 
 
 def preference_metrics(

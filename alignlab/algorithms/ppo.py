@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule, disable_dropout
-from alignlab.backends import build_backend, check_backend_spec
-from alignlab.checks import Checks
 from alignlab.errors import ConfigError
-from alignlab.generation import exact_match, stop_token_ids
-from alignlab.logprobs import answer_logprobs
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
+from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten, truncate_after_eos
+from alignlab.models.logprobs import answer_logprobs
 from alignlab.models.reference import Frozen, ReferenceModel
-from alignlab.models.reward import LEGACY_VALUE_HEAD_FILE, VALUE_HEAD_FILE, RewardModel
-from alignlab.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten, truncate_after_eos
-from alignlab.rollout import pack, prompt_ids, response_positions, sample
-from alignlab.samples import log_samples, with_columns
+from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
+from alignlab.online.backends import build_backend, check_backend_spec
+from alignlab.online.generation import exact_match, stop_token_ids
+from alignlab.online.rollout import pack, prompt_ids, response_positions, sample
+from alignlab.online.samples import log_samples, with_columns
+from alignlab.runner.checks import Checks
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ class PPO(AlignmentModule):
             folder = algorithm[key]
             if folder is None and key == "value_model":
                 continue
-            if not any((Path(folder) / f).exists() for f in (VALUE_HEAD_FILE, LEGACY_VALUE_HEAD_FILE)):
+            if not is_reward_model_folder(folder):
                 raise ConfigError(
                     f"algorithm.{key}={folder} is not a reward-model folder (no {VALUE_HEAD_FILE}); "
                     "train one with algorithm=rm and give its <run>/model folder"

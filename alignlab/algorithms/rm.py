@@ -8,10 +8,10 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
-from alignlab.checks import Checks
 from alignlab.losses.reward import bradley_terry_loss
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.reward import RewardModel
+from alignlab.runner.checks import Checks
 
 
 class RM(AlignmentModule):

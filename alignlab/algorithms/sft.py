@@ -7,8 +7,8 @@ import math
 import torch
 
 from alignlab.algorithms.base import AlignmentModule
-from alignlab.logprobs import answer_logprobs
 from alignlab.losses import nll_loss, step_mean
+from alignlab.models.logprobs import answer_logprobs
 
 
 class SFT(AlignmentModule):

@@ -108,6 +108,23 @@ def looks_like_file(path: str) -> bool:
     return Path(path).suffix.lower() in _FORMATS or path.startswith(("/", "./", "../", "~", ".\\"))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers at all; saves a minute of retries on a machine without network."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def check_source_exists(path: str, key: str | None = None) -> None:
     """Raise DataError at once for a local file that is not there, naming the config `key` that gave
     it, instead of looking the name up on the Hub; and for a Hub name while the Hub is unreachable."""
@@ -116,8 +133,6 @@ def check_source_exists(path: str, key: str | None = None) -> None:
     where = f"check {key} (relative paths start from {Path.cwd()})" if key else f"relative to {Path.cwd()}"
     if looks_like_file(path):
         raise DataError(path, f"no such file; {where}")
-    from alignlab.models.loading import hub_reachable
-
     if not hub_reachable():
         raise DataError(
             path,

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from alignlab.losses.reduction import step_mean
-from alignlab.rlhf import masked_mean
+from alignlab.losses.rlhf import masked_mean
 
 
 class PolicyLossOutput(NamedTuple):

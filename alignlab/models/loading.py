@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import AddedToken
 
+from alignlab.data import files
 from alignlab.errors import ConfigError, ModelLoadError
 from alignlab.models.tiny import CHATML_TEMPLATE, ensure_tiny_model
 
@@ -27,30 +28,13 @@ def resolve_model_path(model_cfg: DictConfig) -> str:
     return os.fspath(model_cfg.path)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host answers at all; saves a minute of retries on a machine without network."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def check_hub_path(path: str) -> None:
     """For a Hub id: fine when cached locally or the Hub answers; else the offline hint at once."""
     if Path(path).expanduser().exists():
         return
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(path, "config.json"), str) or hub_reachable():
+    if isinstance(try_to_load_from_cache(path, "config.json"), str) or files.hub_reachable():
         return
     raise _offline_hint(path, ConnectionError("no network"))
 

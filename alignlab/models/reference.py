@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from alignlab.logprobs import AnswerLogps, answer_logprobs
 from alignlab.models.loading import is_peft
+from alignlab.models.logprobs import AnswerLogps, answer_logprobs
 
 
 class ReferenceModel:

@@ -1,0 +1,104 @@
+"""RLHF math on response-aligned tensors: pure functions, no models or configs.
+
+Shapes: N responses of up to R tokens; `mask` [N, R] is 1 on real response tokens (up to and
+including the first stop token: eos or end of turn) and 0 after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1 (over all elements, or along `dim`)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x where mask is 1; unbiased (Bessel's correction) by default."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(x − mean) / std over the masked elements (unbiased variance); with shift_mean=False the mean
+    is added back. `total` sums a tensor over every process holding part of the batch (None: this
+    process holds all of it), so the statistics are the whole batch's."""
+    total = total or (lambda t: t)
+    mask = mask.to(x.dtype)
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n.clamp(min=1)
+    var = total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+def truncate_after_eos(
+    responses: torch.Tensor, stop_ids: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each sampled response after its first stop token: any id in `stop_ids` (the end of turn
+    and every eos id, see alignlab.online.generation.stop_token_ids).
+
+    Returns (responses with every token after the first stop token set to pad, mask [N, R] of real
+    tokens including the stop token, has_eos [N]: the response has one). A response without a stop
+    token keeps all R tokens.
+    """
+    is_eos = torch.isin(responses, torch.tensor(list(stop_ids), dtype=responses.dtype, device=responses.device))
+    has_eos = is_eos.any(-1)
+    # Number of stop tokens strictly before each position: > 0 means "after the first one".
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return responses.masked_fill(after, pad_id), (~after).long(), has_eos
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """[N] index of the last 1 in each row of mask (0 for an empty row)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return (positions * mask).argmax(-1)
+
+
+def kl_penalty_rewards(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: −kl_coef·(log π − log π_ref) on every response token, plus the score at
+    the last one (Ziegler et al., 2019; Ouyang et al., 2022). Returns (rewards, non_score_reward), [N, R]."""
+    mask = mask.to(logprobs.dtype)
+    non_score_reward = -kl_coef * (logprobs - ref_logprobs) * mask
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_index(mask)] += scores
+    return rewards, non_score_reward
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) over each response.
+
+    δ_t = r_t + γ·V_{t+1} − V_t (V past the last token is 0), A_t = δ_t + γλ·A_{t+1}; returns
+    (advantages, returns = advantages + values), both 0 outside the mask.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask

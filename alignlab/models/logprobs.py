@@ -1,0 +1,261 @@
+"""Answer log-probabilities from a causal LM: the one place every algorithm gets them from."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class AnswerLogps:
+    """Per-sequence statistics over the answer tokens of a batch of N sequences."""
+
+    logps: torch.Tensor  # [N] sum of log π(y_t | x, y_<t) over answer tokens
+    num_tokens: torch.Tensor  # [N] answer tokens per sequence
+    token_logps: torch.Tensor  # [N, T-1] per-token log-probs, 0 outside the answer
+    mask: torch.Tensor  # [N, T-1] 1 where the predicted token is an answer token
+    mean_logits: torch.Tensor  # [N] mean logit over answer positions and vocabulary (detached)
+    token_entropy: torch.Tensor | None = None  # [N, T-1] entropy of each answer position (detached), on request
+
+    @property
+    def avg_logps(self) -> torch.Tensor:
+        """Length-normalised log-prob: sum / number of answer tokens."""
+        return self.logps / self.num_tokens.clamp(min=1)
+
+    def rows(self, sl: slice) -> AnswerLogps:
+        """The statistics of a slice of the sequences (e.g. the chosen half of a pairwise batch)."""
+        return AnswerLogps(
+            self.logps[sl], self.num_tokens[sl], self.token_logps[sl], self.mask[sl], self.mean_logits[sl]
+        )
+
+    def split_pairs(self, n_pairs: int) -> tuple[AnswerLogps, AnswerLogps]:
+        """(chosen, rejected) halves of a pairwise batch laid out as B chosen then B rejected."""
+        return self.rows(slice(0, n_pairs)), self.rows(slice(n_pairs, 2 * n_pairs))
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., index] without materialising the full log-softmax tensor."""
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
+        logits = logits.float()
+    return torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM's forward does to its output layer's logits, in this order: multiply by
+    `multiply`, divide by `divide`, then soft-cap as `softcap`·tanh(logits / `softcap`). None: skip."""
+
+    multiply: float | None = None
+    divide: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiply is not None:
+            logits = logits * self.multiply
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _softcap(config) -> LogitTransform:  # Gemma-2/3 and kin: final_logit_softcapping (None: off)
+    return LogitTransform(softcap=config.final_logit_softcapping)
+
+
+def _times_logit_scale(config) -> LogitTransform:  # Cohere: logits * logit_scale
+    return LogitTransform(multiply=config.logit_scale)
+
+
+def _over_logits_scaling(config) -> LogitTransform:  # Granite (µP): logits / logits_scaling
+    return LogitTransform(divide=config.logits_scaling)
+
+
+# What each architecture's ForCausalLM.forward applies after its output layer (transformers 5.24), by
+# config.model_type; a type not listed applies nothing. Each entry is tested against the model's own
+# forward (tests/models/test_architectures.py); an architecture whose forward does something else is caught
+# on the first batch (check_answer_logprobs) and scored through its forward instead.
+LOGIT_TRANSFORMS = {
+    "gemma2": _softcap,
+    "gemma3_text": _softcap,
+    "vaultgemma": _softcap,
+    "nanochat": _softcap,
+    "beam": _softcap,
+    "cohere": _times_logit_scale,
+    "cohere2": _times_logit_scale,
+    "cohere2_moe": _times_logit_scale,
+    "granite": _over_logits_scaling,
+    "granite_swa": _over_logits_scaling,
+    "granitemoe": _over_logits_scaling,
+    "granitemoeshared": _over_logits_scaling,
+    "granitemoe_swa": _over_logits_scaling,
+    "minicpm3": _over_logits_scaling,  # divides the hidden states before its bias-free output layer
+    "hyperclovax": lambda config: LogitTransform(multiply=config.logits_scaling),  # multiplies, unlike Granite
+}
+
+
+def logit_transform(model) -> LogitTransform:
+    """The transform `model`'s forward applies to its output layer's logits (see LOGIT_TRANSFORMS)."""
+    config = model.config
+    rule = LOGIT_TRANSFORMS.get(config.model_type)
+    return rule(config) if rule is not None else LogitTransform()
+
+
+def architecture(model) -> type:
+    """The model class behind any PEFT wrapper: what decides how logits are computed."""
+    return type(model.get_base_model()) if hasattr(model, "get_base_model") else type(model)
+
+
+# Architectures found on a first batch to compute logits otherwise than their output layer and
+# LOGIT_TRANSFORMS say (see check_answer_logprobs): their log-probs come from their full forward.
+_SCORED_BY_FORWARD: set[type] = set()
+
+
+def scores_by_forward(model) -> bool:
+    """Whether `model`'s answer log-probs come from its full forward rather than the answer-only path."""
+    return architecture(model) in _SCORED_BY_FORWARD
+
+
+def score_by_forward(model, reason: str) -> None:
+    """From now on, take `model`'s architecture's log-probs from its full forward; warns once."""
+    arch = architecture(model)
+    if arch in _SCORED_BY_FORWARD:
+        return
+    _SCORED_BY_FORWARD.add(arch)
+    warnings.warn(
+        f"{arch.__name__} (model_type {model.config.model_type!r}): answer log-probs from its output layer "
+        f"differ from its own forward ({reason}), so it applies a logit transform alignlab does not know; "
+        "log-probs now come from the full forward (correct, but with full-vocabulary logits for the whole "
+        "batch: more memory). Please report the architecture.",
+        stacklevel=2,
+    )
+
+
+# Answer positions per output-layer call. Logits exist for one chunk at a time (and are recomputed in
+# the backward pass rather than kept): with a 150k-token vocabulary, 1024 positions are 0.6 GB in
+# float32, where a whole batch's logits would be many GB. 0: every answer position at once.
+CHUNK_SIZE = 1024
+
+
+def _score_chunk(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    transform: LogitTransform,
+    temperature: float,
+    entropy: bool,
+):
+    """(log-prob of each target, mean logit, entropy or None) for hidden states [K, H]."""
+    logits = transform(head(hidden))  # in the model's dtype, as its forward does, so the numbers are its own
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = selective_log_softmax(logits, targets)
+    with torch.no_grad():
+        mean_logit = logits.mean(-1)
+        ent = None
+        if entropy:
+            logp = torch.log_softmax(logits, -1)
+            ent = -(logp.exp() * logp).sum(-1)
+    return logps, mean_logit, ent
+
+
+def answer_logprobs(
+    model,
+    batch: dict,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+    by_forward: bool | None = None,
+) -> AnswerLogps:
+    """Forward `batch` (input_ids, attention_mask, loss_mask) and score its answer tokens.
+
+    Position t predicts token t+1. The decoder runs over the whole batch, but the output layer only
+    at answer positions, `chunk_size` of them at a time, each chunk's logits recomputed in the backward
+    pass instead of stored: no full-vocabulary logits for the batch ever exist. The architecture's
+    logit transform (LOGIT_TRANSFORMS: soft-capping, logit scaling) is applied as its forward does, so
+    the log-probs are log_softmax(model(...).logits) at the answer tokens. Online algorithms score
+    sampled answers under the sampling distribution: logits / temperature. `by_forward` (default: as
+    check_answer_logprobs decided for the architecture) takes the logits from the model's full forward.
+    """
+    if by_forward is None:
+        by_forward = scores_by_forward(model)
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    if by_forward:  # full logits, then the same gathering; the "head" is the identity
+        hidden = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        head, transform = torch.nn.Identity(), LogitTransform()
+    else:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        hidden, head, transform = hidden[:, :-1], model.get_output_embeddings(), logit_transform(model)
+    mask = batch["loss_mask"][:, 1:]
+    rows, cols = mask.nonzero(as_tuple=True)  # answer positions, row by row
+    states, targets = hidden[rows, cols], ids[:, 1:][rows, cols]
+    step = chunk_size if chunk_size > 0 else max(len(targets), 1)
+    pieces = []
+    for start in range(0, len(targets), step):
+        args = (states[start : start + step], targets[start : start + step], head, transform, temperature, entropy)
+        if torch.is_grad_enabled() and states.requires_grad:
+            pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
+        else:
+            pieces.append(_score_chunk(*args))
+    dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+    logps = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=dtype)
+    token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)
+    mask = mask.to(logps.dtype)
+    num_tokens = mask.sum(-1)
+    with torch.no_grad():
+        mean_logit = torch.cat([p[1] for p in pieces]) if pieces else logps.detach()
+        mean_logits = torch.zeros_like(num_tokens).index_add(0, rows, mean_logit) / num_tokens.clamp(min=1)
+        token_entropy = None
+        if entropy:
+            values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
+            token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
+    return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy)
+
+
+# Largest |difference| in a token's log-prob (nats) that check_answer_logprobs puts down to rounding,
+# by the dtype of the model's logits. In half precision the two paths round the same logits apart by
+# up to an ulp (0.125 at 30 in bfloat16); a transform left out (a scale, a cap, a bias) moves them more.
+CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.5}
+
+
+def scoring_rows(batch: dict, rows: int = 2) -> dict:
+    """A batch for check_answer_logprobs from the first `rows` rows of any batch alignlab trains on:
+    prompt + answer rows (input_ids, attention_mask), or prompts alone (prompt_input_ids,
+    prompt_attention_mask; PPO, GRPO), right-padded (left padding leaves some attention
+    implementations rows with nothing to attend to). Every token after the first is scored."""
+    if "input_ids" in batch:
+        ids, attention = batch["input_ids"][:rows], batch["attention_mask"][:rows]
+    else:
+        ids, attention = batch["prompt_input_ids"][:rows], batch["prompt_attention_mask"][:rows]
+    order = torch.argsort((attention == 0).int(), dim=1, stable=True)  # real tokens first, in order
+    ids, attention = ids.gather(1, order), attention.gather(1, order)
+    loss_mask = attention.clone()
+    loss_mask[:, 0] = 0
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+@torch.no_grad()
+def check_answer_logprobs(model, batch: dict) -> tuple[float, float]:
+    """(largest |difference| between answer_logprobs' answer-only path and log_softmax of the model's
+    own forward over the scored tokens of `batch`, the tolerance for the forward's logits dtype).
+
+    Run once on a first batch (AlignmentModule does, see score_by_forward): an architecture whose
+    forward applies a transform LOGIT_TRANSFORMS does not know shows here, before any step trains on
+    wrong numbers. Cheap: one extra forward of a few rows without gradients.
+    """
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ
+    try:
+        fast = answer_logprobs(model, batch, by_forward=False)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    finally:
+        model.train(was_training)
+    reference = selective_log_softmax(logits[:, :-1], batch["input_ids"][:, 1:])
+    gap = torch.where(fast.mask.bool(), fast.token_logps - reference, 0.0).abs()
+    difference = gap.max().item() if gap.numel() else 0.0
+    return difference, CHECK_TOLERANCE.get(logits.dtype, 1e-3)

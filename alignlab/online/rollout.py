@@ -1,0 +1,114 @@
+"""Sampling answers for online algorithms (PPO, GRPO) and packing them for scoring.
+
+One place turns a batch of left-padded prompts into sampled answers laid out as right-padded
+prompt + answer rows (the layout `answer_logprobs` and the reward model read), plus response-aligned
+masks, so every online algorithm shares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignlab.data.collate import collate_answers
+from alignlab.losses.rlhf import truncate_after_eos
+from alignlab.online.backends import GenerationBackend, TransformersBackend
+from alignlab.online.generation import generate, sample_keys, stop_token_ids
+
+
+@dataclass
+class Samples:
+    seqs: dict  # input_ids, attention_mask, loss_mask [N, T]: prompt + answer, right-padded
+    starts: torch.Tensor  # [N] where each answer starts (= its prompt's length)
+    mask: torch.Tensor  # [N, R] 1 on each answer's real tokens (through its first stop token)
+    has_eos: torch.Tensor  # [N] the answer ended with a stop token, eos or end of turn (not cut at the length limit)
+    prompts: list[list[int]]  # [N] prompt token ids
+    responses: list[list[int]]  # [N] answer token ids (through the stop token)
+
+
+def prompt_ids(batch: dict) -> list[list[int]]:
+    """The unpadded prompt token ids of a left-padded batch."""
+    return [ids[m.bool()].tolist() for ids, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"])]
+
+
+def response_positions(per_position: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """[N, length] values at positions starts−1+j: for a right-padded prompt+answer row whose answer
+    starts at `starts`, position starts−1+j is where answer token j is predicted."""
+    index = (starts.unsqueeze(1) - 1 + torch.arange(length, device=starts.device)).clamp(max=per_position.shape[1] - 1)
+    return per_position.gather(1, index)
+
+
+def pack(
+    prompts: list[list[int]], responses: list[list[int]], has_eos: torch.Tensor, pad_id: int, device: torch.device
+) -> Samples:
+    seqs = {k: v.to(device) for k, v in collate_answers(prompts, responses, pad_id).items()}
+    lengths = torch.tensor([len(r) for r in responses], device=device)
+    mask = (torch.arange(int(lengths.max()), device=device) < lengths.unsqueeze(1)).float()
+    starts = torch.tensor([len(p) for p in prompts], device=device)
+    return Samples(seqs, starts, mask, has_eos.to(device), prompts, responses)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    batch: dict,
+    max_new_tokens: int,
+    temperature: float,
+    chunk: int,
+    num_per_prompt: int = 1,
+    do_sample: bool = True,
+    step: int | None = None,
+    backend: GenerationBackend | None = None,
+) -> Samples:
+    """`num_per_prompt` answers to each prompt (consecutive rows), KV-cached, at most `chunk` answers
+    at a time. With `step` (a count of rollouts so far) sampling is keyed on (seed, step, the batch's
+    data rows): the same answers whatever the batch split or process count; each prompt is then
+    encoded once for all its answers (sample_shared_prefix), by `backend` (alignlab.online.backends; default: this
+    process's model). Without, `generate` samples plainly. Answers end at the first of any stop token
+    (the template's end of turn, every eos id: stop_token_ids)."""
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
+    ids, attn = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    responses, has_eos = [], []
+    if step is not None:  # keyed: each prompt's KV cache is computed once and shared by its completions
+        backend = backend or TransformersBackend()
+        keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
+        per_chunk = max(1, chunk // num_per_prompt)
+        pieces = []
+        for i in range(0, ids.shape[0], per_chunk):
+            rows = slice(i * num_per_prompt, (i + per_chunk) * num_per_prompt)
+            pieces.append(
+                backend.sample(
+                    model,
+                    ids[i : i + per_chunk],
+                    attn[i : i + per_chunk],
+                    num_per_prompt,
+                    max_new_tokens,
+                    temperature,
+                    keys[rows],
+                    stops,
+                    pad,
+                )
+            )
+    else:
+        ids, attn = ids.repeat_interleave(num_per_prompt, 0), attn.repeat_interleave(num_per_prompt, 0)
+        pieces = [
+            generate(
+                model,
+                tokenizer,
+                ids[i : i + chunk],
+                attn[i : i + chunk],
+                max_new_tokens,
+                do_sample,
+                temperature,
+                stop_ids=stops,
+            )
+            for i in range(0, ids.shape[0], chunk)
+        ]
+    for tokens in pieces:
+        cut, mask, ended = truncate_after_eos(tokens, stops, pad)
+        responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
+        has_eos.append(ended)
+    prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]
+    return pack(prompts, responses, torch.cat(has_eos), pad, batch["prompt_input_ids"].device)

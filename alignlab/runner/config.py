@@ -1,0 +1,97 @@
+"""Checks that run before any model loads, and the resolved config saved with each run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.data.rows import ON_BAD_ROW
+from alignlab.errors import ConfigError
+from alignlab.models.loading import check_model_config
+from alignlab.runner.checks import Checks
+from alignlab.runner.hardware import check_hardware
+from alignlab.runner.preflight import ALGORITHM_META_KEYS, CONFIG_DIR, unknown_key_error
+from alignlab.runner.redact import redact, redact_overrides
+from alignlab.runner.sweeps import name_run
+
+# The bundled data config of each data kind, for error messages.
+BUNDLED = {"sft": "arith_sft", "pairwise": "arith_pairs", "labelled": "arith_kto", "prompt": "arith_prompts"}
+
+
+def data_kind(cfg: DictConfig) -> str:
+    return get_class(cfg.data._target_).kind
+
+
+def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
+    """Raise ConfigError for anything knowable before a model loads."""
+    choices = choices or {}
+    kind, accepted = data_kind(cfg), list(cfg.algorithm.data_kinds)
+    if kind not in accepted:
+        hint = f"pick a data config of that kind (e.g. data={BUNDLED[accepted[0]]})"
+        if kind == "pairwise" and "labelled" in accepted:
+            hint += (
+                " or, to train on preference pairs, unpair them (chosen → desirable, rejected → undesirable) with "
+                "data.unpair=true: data=arith_kto data.unpair=true, or data=custom_kto data.unpair=true "
+                "data.source.path=<pairs file>"
+            )
+        raise ConfigError(
+            f"algorithm={choices.get('algorithm', cfg.algorithm.name)} needs {' or '.join(accepted)} data, but "
+            f"data={choices.get('data', cfg.data._target_)} provides {kind} data; {hint}."
+        )
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
+    data = Checks(cfg.data, "data").at_least(1, "batch_size", "eval_batch_size").at_least(2, "max_length")
+    if "on_bad_row" in cfg.data:
+        data.one_of("on_bad_row", ON_BAD_ROW)
+    check_model_config(cfg.model)
+    check_hardware(cfg.trainer, choices.get("hardware"))
+    algorithm_class = get_class(cfg.algorithm._target_)
+    check_algorithm_keys(cfg.algorithm, algorithm_class, choices.get("algorithm", cfg.algorithm.name))
+    algorithm_class.check_config(cfg.algorithm)
+    algorithm_class.check_run(cfg)
+    algorithm_class.check_optim(cfg.optim)
+
+
+def check_algorithm_keys(algorithm: DictConfig, algorithm_class: type, choice: str) -> None:
+    """A key the algorithm does not take (e.g. `+algorithm.betta=0.2`) is refused with the closest
+    valid name, here rather than by the module's constructor once the model has loaded."""
+    for key in algorithm:
+        if key not in ("_target_", *algorithm_class.hparam_names, *ALGORITHM_META_KEYS):
+            raise unknown_key_error("algorithm", choice, key, algorithm_class.hparam_names)
+
+
+def task_overrides() -> list[str]:
+    """This job's overrides (command line and sweeper), secrets redacted; [] outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return redact_overrides(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else []
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def save_resolved_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
+
+
+def compose(overrides: list[str] | None = None, output_dir: str | Path = "outputs/composed") -> DictConfig:
+    """The config `python -m alignlab OVERRIDES` would run, for use from Python (tests, studies).
+
+    Hydra's runtime values (the run folder) and the run name are filled in, since no Hydra app runs.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides or []), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    name_run(cfg, None)
+    return cfg

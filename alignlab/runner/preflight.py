@@ -1,0 +1,156 @@
+"""Checks on the command line that must run before Hydra starts a job.
+
+Hydra creates the run folder and writes `.hydra/` before alignlab's code runs, so a mistake that
+Hydra itself would report with a traceback (an algorithm key that does not exist), one that would
+otherwise rewrite another run's `.hydra/` (a second launch into its folder) or one that only a
+launcher plugin would find (no SLURM) is caught here, from the overrides alone. Light imports only:
+this runs before Lightning is imported, so a mistyped override is reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from alignlab.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/, beside the package
+# The checkpoint a run folder holds once it has trained (the same file as alignlab.runner.resume.LAST,
+# which imports Lightning): a folder with one already holds a run.
+RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# Keys of conf/algorithm/<name>.yaml that hold algorithm metadata rather than hyper-parameters.
+ALGORITHM_META_KEYS = ("name", "data_kinds", "requires_chat_template")
+# Flags under which Hydra only prints (help, the config): no job runs, no folder is written.
+_PRINT_ONLY = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """' (did you mean beta?)' for the valid name closest to `name`, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def unknown_key_error(group: str, choice: str, key: str, settings: Sequence[str]) -> ConfigError:
+    """The error for `group.key`, which `group=choice` does not have among its `settings`."""
+    return ConfigError(
+        f"{group}.{key} is not a setting of {group}={choice}{did_you_mean(key, settings)}; "
+        f"its settings are {', '.join(sorted(settings))}"
+    )
+
+
+def algorithm_hparams(name: str) -> list[str]:
+    """The hyper-parameter keys of conf/algorithm/<name>.yaml."""
+    cfg = OmegaConf.load(CONFIG_DIR / "algorithm" / f"{name}.yaml")
+    return [k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS)]
+
+
+def _values(override) -> list:
+    """The value(s) an override sets: one, or each value of a sweep (`a=x,y`)."""
+    if override.is_sweep_override():
+        return list(override.sweep_string_iterator())
+    return [override.value()]
+
+
+def _sweep_algorithms(sweep: str) -> list[str]:
+    """Algorithms a shipped sweep (conf/sweep/<sweep>.yaml) selects, or [] when it selects none."""
+    path = CONFIG_DIR / "sweep" / f"{sweep}.yaml"
+    if not path.is_file():
+        return []
+    cfg = OmegaConf.load(path)
+    for entry in cfg.get("defaults") or []:
+        if isinstance(entry, dict) or OmegaConf.is_dict(entry):
+            for key, value in entry.items():
+                if key.endswith("/algorithm"):
+                    return [str(value)]
+    params = OmegaConf.select(cfg, "hydra.sweeper.params.algorithm")
+    return [s.strip() for s in str(params).split(",")] if params else []
+
+
+def chosen_algorithms(overrides: dict) -> list[str]:
+    """The algorithm(s) the command line runs: `algorithm=`, else the sweep's, else conf/train.yaml's."""
+    if "algorithm" in overrides:
+        return [str(v) for v in _values(overrides["algorithm"])]
+    if "sweep" in overrides:
+        found = [a for s in _values(overrides["sweep"]) if s for a in _sweep_algorithms(str(s))]
+        if found:
+            return found
+    for entry in OmegaConf.load(CONFIG_DIR / "train.yaml").defaults:
+        if OmegaConf.is_dict(entry) and "algorithm" in entry:
+            return [str(entry.algorithm)]
+    return []
+
+
+def check_algorithm_overrides(overrides: dict) -> None:
+    """`algorithm.KEY=...` or `+algorithm.KEY=...` with a KEY the chosen algorithm does not have."""
+    for name in chosen_algorithms(overrides):
+        if not (CONFIG_DIR / "algorithm" / f"{name}.yaml").is_file():
+            return  # Hydra lists the algorithms there are
+        hparams = algorithm_hparams(name)
+        for key, override in overrides.items():
+            if key.startswith("algorithm.") and not override.is_delete():
+                top = key.split(".")[1]
+                if top not in (*hparams, *ALGORITHM_META_KEYS):
+                    raise unknown_key_error("algorithm", name, top, hparams)
+
+
+def check_slurm(overrides: dict) -> None:
+    """hardware=slurm submits jobs with SLURM's tools: say so at once where they are missing."""
+    hardware = overrides.get("hardware")
+    if hardware is None or "slurm" not in [str(v) for v in _values(hardware)]:
+        return
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(
+            f"hardware=slurm submits the run through SLURM, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on this machine's PATH: launch from a SLURM login node, "
+            "or train on this machine with hardware=cpu, gpu or ddp"
+        )
+
+
+def check_run_folder(overrides: dict) -> None:
+    """A second launch into a folder that already holds a run (hydra.run.dir=... without resume):
+    refused here, before Hydra rewrites that run's `.hydra/`. resume=auto (or a checkpoint path)
+    continues the run instead, as alignlab.runner.resume.resume_checkpoint describes."""
+    run_dir = overrides.get("hydra.run.dir")
+    if run_dir is None or run_dir.is_sweep_override():
+        return
+    value = str(run_dir.value())
+    resume = overrides["resume"].value() if "resume" in overrides else None
+    if "${" in value or resume not in (None, ""):
+        return  # an interpolation is Hydra's to resolve; train() checks the folder again
+    folder = Path(value).expanduser()
+    if (folder / RUN_CHECKPOINT).is_file():
+        raise ConfigError(
+            f"the run folder {folder} already holds a run ({RUN_CHECKPOINT}); continue it with resume=auto, "
+            "or choose another hydra.run.dir"
+        )
+
+
+def preflight(argv: Sequence[str]) -> None:
+    """Run every check above on a command line (`sys.argv[1:]`); raise ConfigError on the first
+    failure. A line Hydra cannot parse is left to Hydra, which says what is wrong with it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.split("=", 1)[0] in _PRINT_ONLY for a in argv):
+        return
+    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:
+        return
+    overrides = {o.key_or_group: o for o in parsed}
+    check_algorithm_overrides(overrides)
+    check_slurm(overrides)
+    # A multirun (-m, or a shipped sweep, which sets hydra.mode) writes into hydra.sweep.dir instead.
+    sweep = overrides.get("sweep")
+    multirun = (
+        any(a in ("-m", "--multirun") for a in argv)
+        or (sweep is not None and sweep.value() is not None)
+        or "hydra.mode" in overrides
+    )
+    if not multirun:
+        check_run_folder(overrides)

@@ -1,0 +1,257 @@
+"""Config composition for every group option, and clear errors for wrong configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from alignlab.errors import ConfigError
+from alignlab.runner.config import check_config, save_resolved_config
+from alignlab.runner.redact import redact
+from tests.conftest import CONF, ROOT, compose, run_cli
+
+GROUPS = ["algorithm", "model", "data", "hardware", "logger", "trainer", "callbacks", "paths"]
+HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes(group, option, tmp_path):
+    cfg = compose([f"{group}={option}"], output_dir=tmp_path)
+    OmegaConf.resolve(cfg)
+    if group == "algorithm":
+        assert cfg.algorithm.name == option
+        # an algorithm brings data of a kind it accepts, so its default run is valid once every
+        # required value is given (PPO needs a reward model folder)
+        missing = OmegaConf.missing_keys(cfg)
+        if option == "ppo":
+            assert missing == {"algorithm.reward_model"}
+        else:
+            assert not missing
+            check_config(cfg)
+    if group == "data":
+        if OmegaConf.missing_keys(cfg.data):
+            assert OmegaConf.missing_keys(cfg.data) == {"data.source.path"}
+        else:
+            assert hasattr(instantiate(cfg.data), "setup")
+    if group == "hardware":
+        assert cfg.trainer.accelerator == ("cpu" if option in ("cpu", "ddp_cpu") else "gpu")
+        if option == "deepspeed" and not importlib.util.find_spec("deepspeed"):
+            pass  # an optional install; tests/runner/test_hardware.py checks the message that says so
+        elif cfg.trainer.accelerator == "gpu" and not HAS_GPU:
+            with pytest.raises(ConfigError, match=f"hardware={option} .* needs a CUDA GPU"):
+                check_config(cfg, {"hardware": option})
+        else:
+            check_config(cfg)
+    if group == "logger":
+        assert ("csv" in cfg.logger) == (option in ("csv", "wandb"))
+        assert ("wandb" in cfg.logger) == (option == "wandb")
+    if group == "model":
+        assert cfg.model.name == option and cfg.model.lora.enabled is False
+
+
+def test_default_config_is_dpo_on_tiny_model_and_bundled_pairs_on_cpu(tmp_path):
+    cfg = compose(output_dir=tmp_path)
+    assert cfg.algorithm.name == "dpo"
+    assert cfg.model.name == "tiny"
+    assert cfg.data.source._target_ == "alignlab.data.arith.ArithTask"
+    assert cfg.trainer.accelerator == "cpu"
+    assert (cfg.algorithm.beta, cfg.algorithm.rpo_alpha, cfg.algorithm.loss_type) == (0.1, 1.0, "sigmoid")
+
+
+def test_algorithm_picks_its_own_data_kind_unless_overridden(tmp_path):
+    assert compose(["algorithm=sft"], tmp_path).data._target_ == "alignlab.data.SFTDataModule"
+    assert compose(["algorithm=dpo"], tmp_path).data._target_ == "alignlab.data.PairwiseDataModule"
+    assert compose(["algorithm=sft", "data=custom_sft"], tmp_path).data.source._target_.endswith("FileSource")
+
+
+PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algorithm=dpo", "data=arith_sft"],
+            "algorithm=dpo needs pairwise data, but data=alignlab.data.SFTDataModule",
+        ),
+        (["algorithm=sft", "data=arith_pairs"], "algorithm=sft needs sft data"),
+        (
+            ["algorithm=kto", "data=arith_pairs"],
+            "provides pairwise data; pick a data config of that kind (e.g. "
+            "data=arith_kto) or, to train on preference pairs, unpair them",
+        ),
+        (["algorithm=kto", "data=arith_pairs"], "data.unpair=true"),
+        (["algorithm=kto", "algorithm.undesirable_weight=-1"], "algorithm.undesirable_weight must be >= 0, got -1"),
+        (["algorithm=simpo", "algorithm.simpo_gamma=-0.1"], "algorithm.simpo_gamma must be >= 0, got -0.1"),
+        (["algorithm=simpo", "algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
+        (["algorithm=orpo", "algorithm.beta=-1"], "algorithm.beta must be > 0"),
+        (["algorithm=cpo", "algorithm.cpo_alpha=-1"], "algorithm.cpo_alpha must be >= 0"),
+        (["algorithm.beta=abc"], "algorithm.beta must be a number, got 'abc'"),
+        (["algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
+        (["algorithm.beta=-0.5"], "algorithm.beta must be > 0"),
+        (["algorithm.rpo_alpha=-1"], "algorithm.rpo_alpha must be >= 0"),
+        (["algorithm.loss_type=squared"], "algorithm.loss_type must be one of"),
+        (["algorithm.label_smoothing=0.5"], "algorithm.label_smoothing must be in [0, 0.5)"),
+        (["optim.lr=0"], "optim.lr must be > 0"),
+        (["optim.scheduler=exponential"], "optim.scheduler must be one of"),
+        (["data=custom_pairs"], "required config value(s) not set: data.source.path"),
+        (["batch_size=0"], "data.batch_size must be a whole number >= 1, got 0"),
+        (["max_length=1"], "data.max_length must be a whole number >= 2, got 1"),
+        (["data=custom_pairs", "data.source.path=x.jsonl", "data.on_bad_row=ignore"], "data.on_bad_row must be one of"),
+        ([*PPO, "algorithm.cliprange=0"], "algorithm.cliprange must be > 0, got 0"),
+        ([*PPO, "algorithm.cliprange_value=-0.2"], "algorithm.cliprange_value must be > 0, got -0.2"),
+        ([*PPO, "algorithm.lam=1.5"], "algorithm.lam must be in [0, 1], got 1.5"),
+        ([*PPO, "algorithm.gamma=-0.1"], "algorithm.gamma must be in [0, 1], got -0.1"),
+        ([*PPO, "algorithm.vf_coef=-1"], "algorithm.vf_coef must be >= 0, got -1"),
+        ([*PPO, "algorithm.kl_coef=-0.05"], "algorithm.kl_coef must be >= 0, got -0.05"),
+        (PPO, "algorithm.reward_model=/nowhere/rm is not a reward-model folder"),
+        (["algorithm=ppo"], "required config value(s) not set: algorithm.reward_model"),
+        (["algorithm=grpo", "algorithm.num_generations=1"], "algorithm.num_generations must be a whole number >= 2"),
+        (["algorithm=grpo", "algorithm.beta=-0.1"], "algorithm.beta must be >= 0, got -0.1"),
+        (["algorithm=grpo", "algorithm.epsilon=0"], "algorithm.epsilon must be > 0, got 0"),
+        (["algorithm=kto", "algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
+        (
+            ["algorithm=rm", "algorithm.center_rewards_coefficient=-1"],
+            "algorithm.center_rewards_coefficient must be >= 0",
+        ),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0, got -0.1"),
+        (["model.quantization=8bit"], "model.quantization must be one of (None, '4bit'), got '8bit'"),
+        (["model.quantization=4bit"], "model.quantization=4bit (QLoRA) trains LoRA adapters on frozen 4-bit weights"),
+        (["model.dtype=float64"], "model.dtype must be one of"),
+        # what users mistype most: a key the algorithm does not have, a model folder that is not there
+        (
+            ["+algorithm.betta=0.2"],
+            "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its settings are beta, "
+            "label_smoothing, loss_type, precompute_ref_log_probs, rpo_alpha",
+        ),
+        (["algorithm=kto", "+algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
+        (["algorithm=grpo", "+algorithm.num_generation=4"], "(did you mean num_generations?)"),
+        (["model.tiny=null", "model.path=/nowhere/model"], "model.path=/nowhere/model: no such folder"),
+        (["model.tiny=null", "model.path=./runs/dpo/model"], "model.path=./runs/dpo/model: no such folder"),
+        (["model.tiny=null", "model.path=runs/dpo/1/model"], "model.path=runs/dpo/1/model: no such folder"),
+    ],
+)
+def test_bad_config_fails_before_any_model_loads(overrides, message, tmp_path, monkeypatch):
+    import alignlab.train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(alignlab.train, "load_model", no_model)
+    with pytest.raises(ConfigError) as err:
+        alignlab.train.train(compose(overrides, tmp_path / "run"))
+    assert message in str(err.value)
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
+@pytest.mark.parametrize("hardware", ["gpu", "ddp", "fsdp", "deepspeed"])
+def test_a_gpu_profile_without_a_gpu_fails_before_any_model_loads(hardware, tmp_path, monkeypatch):
+    import alignlab.train
+
+    monkeypatch.setattr(alignlab.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    real = importlib.util.find_spec  # as if DeepSpeed were installed: the machine is what is missing
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu\) needs a CUDA GPU, and torch finds none"):
+        alignlab.train.train(compose([f"hardware={hardware}"], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_overrides_on_the_command_line_are_clear(tmp_path):
+    out = run_cli(["algorithm=nope", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Could not find 'algorithm/nope'" in out.stderr and "dpo" in out.stderr and "sft" in out.stderr
+    out = run_cli(["algorithm.bta=0.2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode != 0 and "algorithm.bta" in out.stderr
+    out = run_cli(["algorithm=dpo", "data=arith_sft", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert out.returncode == 1
+    assert "alignlab: error: algorithm=dpo needs pairwise data, but data=arith_sft provides sft data" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["algorithm.betta=0.2"], "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its"),
+        (["+algorithm.betta=0.2"], "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its"),
+        (["algorithm=kto", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
+        (["sweep=kto_beta", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
+        (["-m", "algorithm=dpo,cpo", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=cpo"),
+        (
+            ["-m", "hardware=slurm"],
+            "hardware=slurm submits the run through SLURM, but sbatch and srun are not on this machine's PATH: "
+            "launch from a SLURM login node, or train on this machine with hardware=cpu, gpu or ddp",
+        ),
+    ],
+)
+def test_mistyped_command_lines_are_refused_before_hydra_creates_the_run_folder(args, message, tmp_path, monkeypatch):
+    """Hydra writes the run folder and .hydra/ before alignlab's code runs: these are caught first."""
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no SLURM tools here, whatever the machine
+    run = tmp_path / "run"
+    out = run_cli([*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={run}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alignlab: error: {message}"), out.stderr
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["data=custom_pairs", "data.source.path=data/train.jsonl"],
+            "data/train.jsonl: no such file; check data.source.path (relative paths start from {cwd})",
+        ),
+        (
+            ["model.tiny=null", "model.path=/nowhere/model"],
+            "model.path=/nowhere/model: no such folder (relative paths start from {cwd}); give a folder that holds "
+            "a Hugging Face model (config.json, weights and tokenizer, e.g. a run's <run>/model) or a Hub id such "
+            "as Qwen/Qwen2.5-0.5B-Instruct",
+        ),
+    ],
+)
+def test_a_missing_data_file_or_model_folder_is_one_sentence_and_the_run_folder_stays_empty(args, message, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "alignlab: error: " + message.format(cwd=tmp_path)
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "alignlab.log"]  # Hydra's own, nothing of alignlab's
+
+
+def test_model_qwen_offline_ends_in_one_clear_sentence(tmp_path):
+    out = run_cli(["model=qwen", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("alignlab: error: Could not load model 'Qwen/Qwen2.5-0.5B-Instruct'")
+    assert "model.path=/path/to/copy" in last and "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "alignlab.log"]  # said before anything is written
+
+
+def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):
+    cfg = compose(["logger=wandb", "+logger.wandb.api_key=s3cr3t"], tmp_path)
+    save_resolved_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cr3t" not in text and "<redacted>" in text
+    assert "${" not in text and str(tmp_path) in text
+    assert redact({"a": {"hf_token": "x", "tokenizer": 1}, "max_new_tokens": 8, "b": [{"password": "p"}]}) == {
+        "a": {"hf_token": "<redacted>", "tokenizer": 1},
+        "max_new_tokens": 8,
+        "b": [{"password": "<redacted>"}],
+    }
+
+
+def test_readme_names_every_algorithm_hyper_parameter():
+    readme = (ROOT / "README.md").read_text()
+    for path in sorted((CONF / "algorithm").glob("*.yaml")):
+        for key in OmegaConf.load(path):
+            if key not in ("defaults", "_target_", "name", "data_kinds", "requires_chat_template"):
+                assert f"`{key}`" in readme, f"README does not document {path.stem}'s `{key}`"

@@ -1,0 +1,321 @@
+"""Sweeps end to end: a real 2×2 multirun on the tiny model, read back with alignlab.results, its W&B
+runs (offline, real library), the analysis notebook executed headless, and the shipped sweep configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from alignlab.results import SweepError, load_history, load_sweep, lower_is_better, overrides_dict
+from tests.conftest import CONF, QUIET, ROOT, run_cli
+from tests.wandb_records import history, run_record
+
+BETAS, SEEDS = (0.1, 0.5), (0, 1)
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory) -> Path:
+    """`python -m alignlab -m algorithm.beta=0.1,0.5 seed=0,1 …` with W&B (offline) and the metrics file."""
+    out = tmp_path_factory.mktemp("sweep") / "multirun"
+    result = run_cli(
+        [
+            "-m",
+            "algorithm.beta=0.1,0.5",
+            "seed=0,1",
+            "trainer.max_steps=12",
+            "trainer.val_check_interval=6",
+            "trainer.enable_progress_bar=false",
+            "evaluation.exact_match=false",
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+
+
+def metrics_csv(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "metrics.csv")
+
+
+# -- alignlab.results on the real sweep ---------------------------------------------------------
+def test_load_sweep_has_one_row_per_run_matching_its_folder(sweep_dir):
+    runs = load_sweep(sweep_dir)
+    assert len(runs) == 4
+    assert sorted(zip(runs["algorithm.beta"], runs["seed"])) == [(b, s) for b in BETAS for s in SEEDS]
+    assert runs["algorithm.beta"].dtype == float and set(runs["algorithm"]) == {"dpo"}
+    assert runs["finished"].all() and (runs["steps"] == 12).all()
+    for folder in job_folders(sweep_dir):
+        row = runs.set_index("run").loc[folder.name]
+        summary = json.loads((folder / "summary.json").read_text())
+        for metric, value in summary["metrics"].items():
+            assert row[metric] == pytest.approx(value), metric
+        history = metrics_csv(folder)
+        assert row["best/eval/loss"] == pytest.approx(history["eval/loss"].min())
+        assert row["best/eval/rewards/accuracies"] == pytest.approx(history["eval/rewards/accuracies"].max())
+        assert Path(row["run_dir"]) == folder
+        (offline,) = folder.glob("wandb/offline-run-*")
+        assert offline.name.endswith(row["wandb_id"])
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert (config["algorithm"]["beta"], config["seed"]) == (row["algorithm.beta"], row["seed"])
+
+
+def test_load_history_is_the_metrics_files_in_long_form(sweep_dir):
+    history = load_history(sweep_dir)
+    assert {"run", "algorithm.beta", "seed", "step", "metric", "value"} <= set(history.columns)
+    for folder in job_folders(sweep_dir):
+        wide = metrics_csv(folder).dropna(subset=["eval/loss"])
+        mine = history[(history.run == folder.name) & (history.metric == "eval/loss")]
+        assert mine["step"].tolist() == wide["step"].tolist()
+        assert mine["value"].tolist() == pytest.approx(wide["eval/loss"].tolist())
+    assert len(history[history.metric == "eval/loss"]) == 4 * 3  # step 0 and every 6 steps of 12
+
+
+def test_half_finished_sweep_lists_unfinished_runs(sweep_dir, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("model", "checkpoints", "wandb"))
+    (copy / "2" / "summary.json").unlink()  # job 2 was killed before it finished
+    with pytest.raises(SweepError, match=r"1 of 4 runs .* have not finished: 2\b"):
+        load_sweep(copy)
+    runs = load_sweep(copy, allow_unfinished=True)
+    assert runs.set_index("run")["finished"].to_dict() == {"0": True, "1": True, "2": False, "3": True}
+    assert runs.set_index("run").loc["2", "algorithm.beta"] == 0.5  # its hyper-parameters are still there
+
+
+def test_empty_or_missing_sweep_is_a_clear_error(tmp_path):
+    with pytest.raises(SweepError, match="no runs found"):
+        load_sweep(tmp_path)
+    with pytest.raises(SweepError, match="neither a folder nor a W&B path"):
+        load_sweep(tmp_path / "nowhere")
+
+
+def test_overrides_are_typed_and_hydra_keys_dropped():
+    assert overrides_dict(["algorithm.beta=0.1", "seed=2", "algorithm=cpo", "hydra.sweep.dir=x", "sweep=demo"]) == {
+        "algorithm.beta": 0.1,
+        "seed": 2,
+        "algorithm": "cpo",
+    }
+    assert lower_is_better("eval/loss") and lower_is_better("train/kl") and not lower_is_better("eval/exact_match")
+
+
+# -- W&B, offline with the real library -----------------------------------------------------------
+def test_wandb_runs_share_the_sweep_group_and_are_named_after_their_overrides(sweep_dir):
+    names = set()
+    for folder in job_folders(sweep_dir):
+        run, config = run_record(folder)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert run.run_group == f"multirun-{sweep_dir.name}" == summary["wandb"]["group"]
+        assert run.run_id == summary["wandb"]["id"]
+        names.add(run.display_name)
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert {k: config[k] for k in saved} == saved  # the whole resolved config
+        assert config["overrides"] == summary["overrides"]
+    assert names == {f"algorithm.beta={b},seed={s}" for b in BETAS for s in SEEDS}
+
+
+def test_the_metrics_file_carries_the_numbers_wandb_logged(sweep_dir):
+    for folder in job_folders(sweep_dir):
+        logged = [(row["trainer/global_step"], row["eval/loss"]) for row in history(folder) if "eval/loss" in row]
+        wide = metrics_csv(folder).dropna(subset=["eval/loss"])
+        assert len(logged) == len(wide) == 3
+        assert [step for step, _ in logged] == wide["step"].tolist()
+        assert [value for _, value in logged] == pytest.approx(wide["eval/loss"].tolist())
+
+
+class FakeRun:
+    """What the W&B public API returns for a run, with the fields alignlab.results reads."""
+
+    def __init__(self, name, beta, seed, state, accuracies):
+        self.name, self.id, self.group, self.state = name, f"id-{name}", "dpo_beta-1", state
+        self.url = f"https://wandb.ai/me/alignlab/runs/{self.id}"
+        self.config = {
+            "algorithm": {"name": "dpo", "beta": beta},
+            "seed": seed,
+            "overrides": [f"algorithm.beta={beta}"],
+        }
+        self.summary = {"eval/rewards/accuracies": accuracies[-1], "trainer/global_step": 20, "_runtime": 9.0}
+        self._history = pd.DataFrame(
+            {
+                "_step": range(len(accuracies)),
+                "trainer/global_step": [0, 10, 20][: len(accuracies)],
+                "eval/rewards/accuracies": accuracies,
+            }
+        )
+
+    def history(self, samples, pandas):
+        return self._history
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.asked = runs, []
+
+    def runs(self, path, filters):
+        self.asked.append((path, filters))
+        return self._runs
+
+
+def test_load_sweep_from_the_wandb_api():
+    api = FakeApi(
+        [FakeRun("a", 0.1, 0, "finished", [0.5, 0.8, 0.7]), FakeRun("b", 0.5, 0, "finished", [0.5, 0.6, 0.9])]
+    )
+    runs = load_sweep("me/alignlab/dpo_beta-1", api=api)
+    assert api.asked == [("me/alignlab", {"group": "dpo_beta-1"})]
+    assert runs["algorithm.beta"].tolist() == [0.1, 0.5] and runs["wandb_id"].tolist() == ["id-a", "id-b"]
+    assert runs["eval/rewards/accuracies"].tolist() == [0.7, 0.9]
+    assert runs["best/eval/rewards/accuracies"].tolist() == [0.8, 0.9]
+    history = load_history("me/alignlab/dpo_beta-1", api=api)
+    assert history[history.run == "a"]["step"].tolist() == [0, 10, 20]
+    api = FakeApi([FakeRun("a", 0.1, 0, "finished", [0.5]), FakeRun("b", 0.5, 0, "running", [0.5])])
+    with pytest.raises(SweepError, match="have not finished: b"):
+        load_sweep("me/alignlab/dpo_beta-1", api=api)
+
+
+# -- the notebook -------------------------------------------------------------------------------
+NOTEBOOK = ROOT / "notebooks" / "sweep_analysis.ipynb"
+
+
+def test_notebook_is_stored_without_outputs():
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+
+
+def test_notebook_runs_top_to_bottom_on_the_sweep(sweep_dir, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ALIGNLAB_SWEEP", str(sweep_dir))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plots were drawn
+    assert any(f"sweep: {sweep_dir}" in o.get("text", "") for o in outputs)
+
+
+# -- shipped sweep configs ----------------------------------------------------------------------
+SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_shipped_sweep_config_names_real_keys(name):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"sweep={name}"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params
+    for key in params:
+        if key == "algorithm":  # a config group
+            assert all((CONF / "algorithm" / f"{a}.yaml").exists() for a in params[key].split(","))
+        else:
+            assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+    assert f"/multirun/{name}/" in cfg.hydra.sweep.dir
+
+
+def test_optuna_search_maximises_the_named_held_out_metric(tmp_path):
+    """sweep=optuna_dpo: each trial returns `objective` (a held-out metric) and Optuna keeps the best."""
+    out = tmp_path / "search"
+    result = run_cli(
+        [
+            "sweep=optuna_dpo",
+            "hydra.sweeper.n_trials=3",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=6",
+            "evaluation.exact_match=false",
+            *QUIET,
+            f"hydra.sweep.dir={out}",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = load_sweep(out)
+    assert len(runs) == 3 and {"algorithm.beta", "optim.lr"} <= set(runs.columns)
+    assert runs["algorithm.beta"].between(0.01, 1.0).all() and runs["optim.lr"].between(1e-4, 3e-3).all()
+    best = yaml.safe_load((out / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(runs["eval/rewards/accuracies"].max())
+    winner = runs.loc[runs["eval/rewards/accuracies"].idxmax()]
+    assert best["best_params"]["algorithm.beta"] == pytest.approx(winner["algorithm.beta"])
+
+
+def test_objective_is_a_final_metric_or_a_clear_error():
+    from alignlab.errors import ConfigError
+    from alignlab.train import objective_value
+
+    result = {"metrics": {"eval/exact_match": 0.75, "train/loss": 0.3}}
+    assert objective_value(result, None) is None
+    assert objective_value(result, "eval/exact_match") == 0.75
+    with pytest.raises(ConfigError, match=r"objective='eval/acc' is not among .*'eval/exact_match'"):
+        objective_value(result, "eval/acc")
+
+
+@pytest.mark.slow
+def test_compare_algorithms_study_writes_its_table_and_plot(tmp_path):
+    """The study end to end on a tiny budget: one algorithm's β grid, its table, its plot."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    args = ["--out", str(out), "--steps", "4", "--sft-steps", "8", "--algorithms", "dpo"]
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_algorithms.py"), *args], check=True, cwd=ROOT)
+    table = pd.read_csv(out / "results.csv")
+    assert table["algorithm.beta"].tolist() == [0.05, 0.1, 0.5] and set(table["algorithm"]) == {"dpo"}
+    assert table["kl_to_sft"].between(-0.5, 5).all()  # a Monte-Carlo estimate: near 0 after 4 steps
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| dpo | 0.5 |" in (out / "results.md").read_text()
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "compare_algorithms.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    sft = str(out / "sft" / "model")
+    assert study.kl_to_reference(sft, sft, samples_per_prompt=2) == 0.0  # every log-ratio is exactly 0
+    assert study.kl_to_reference(str(out / "runs" / "dpo-2" / "model"), sft, samples_per_prompt=2) != 0.0
+
+
+# -- run names ----------------------------------------------------------------------------------
+def test_a_run_is_named_after_its_algorithm_and_starting_model(tmp_path):
+    from alignlab.runner.config import compose
+
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    assert compose().run_name == "dpo-tiny"
+    assert compose(["algorithm=sft", f"model.path={folder}", "model.tiny=null"]).run_name == "sft-my-base"
+    assert compose(["model.path=/elsewhere/my-base/", "model.tiny=null"]).run_name == "dpo-my-base"
+    assert compose(["model=qwen"]).run_name == "dpo-Qwen2.5-0.5B-Instruct"
+    assert compose(["run_name=mine", f"model.path={folder}", "model.tiny=null"]).run_name == "mine"
+
+
+def test_a_run_started_from_an_export_is_named_after_the_run_that_wrote_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    from alignlab.runner.config import compose
+    from alignlab.runner.sweeps import name_run
+
+    run = tmp_path / "2026-11-29_10-00-00"
+    (run / "model").mkdir(parents=True)
+    overrides = [f"model.path={run / 'model'}", "model.tiny=null"]
+    assert compose(overrides).run_name == "dpo-2026-11-29_10-00-00"  # no record: the run folder's name
+    (run / "config.yaml").write_text("run_name: sft-tiny\nseed: 0\n")  # written as the run starts
+    assert compose(overrides).run_name == "dpo-sft-tiny"
+    (run / "summary.json").write_text(json.dumps({"run_name": "sft-lr3", "steps": 800}))
+    assert compose(["algorithm=grpo", *overrides]).run_name == "grpo-sft-lr3"
+    # As in `python -m alignlab`: run_name is null until the run names itself.
+    cfg = OmegaConf.create({"run_name": None, "algorithm": {"name": "kto"}, "model": {"path": str(run / "model")}})
+    name_run(cfg, None)
+    assert cfg.run_name == "kto-sft-lr3"
