@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from alignlab.losses.reduction import step_mean
+from alignlab.losses.reduction import masked_mean, step_mean
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -87,10 +87,10 @@ def grpo_loss(
     if beta != 0.0:
         token_kl = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + beta * token_kl
-        kl = (token_kl * mask).sum() / mask.sum().clamp(min=1)
+        kl = masked_mean(token_kl, mask)
     per_token = per_token * mask
     if loss_type == "grpo":
-        loss = step_mean(per_token.sum(1) / mask.sum(1).clamp(min=1), None, num_completions, scale)
+        loss = step_mean(masked_mean(per_token, mask, dim=1), None, num_completions, scale)
     elif loss_type in ("bnpo", "dapo"):  # every completion masked out: loss 0, not 0/0
         loss = step_mean(per_token, mask, num_items_in_batch, scale)
     elif loss_type == "dr_grpo":
@@ -99,7 +99,6 @@ def grpo_loss(
     else:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        clip_low = (((ratio < 1 - epsilon) & (a < 0)).float() * mask).sum() / n
-        clip_high = (((ratio > 1 + high) & (a > 0)).float() * mask).sum() / n
+        clip_low = masked_mean(((ratio < 1 - epsilon) & (a < 0)).to(mask.dtype), mask)
+        clip_high = masked_mean(((ratio > 1 + high) & (a > 0)).to(mask.dtype), mask)
     return GRPOLossOutput(loss, per_token, kl, clip_low, clip_high)

@@ -6,8 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from alignlab.losses.reduction import step_mean
-from alignlab.losses.rlhf import masked_mean
+from alignlab.losses.reduction import masked_mean, step_mean
 
 
 class PolicyLossOutput(NamedTuple):

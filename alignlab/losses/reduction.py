@@ -1,4 +1,8 @@
-"""One reduction for every loss term: a micro-batch's sum over the optimizer step's count.
+"""One masked reduction for every token loss and statistic, and the step's share of it.
+
+`masked_mean` is the mean of the items a mask keeps (answer tokens, response tokens): every loss
+and token statistic (clip fractions, KL, entropy) reduces through it. `step_mean` is the same
+reduction seen from one micro-batch: its sum over the optimizer step's count.
 
 An optimizer step may be cut into micro-batches (gradient accumulation, PPO/GRPO micro-batches) and
 processes (data parallel). Its loss is a token mean over every answer token of the step (token-level
@@ -13,6 +17,15 @@ gradients are exactly the step's.
 from __future__ import annotations
 
 import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1: over all elements (a scalar), or along `dim` ([N] for [N, R] and
+    dim=1). An empty mask gives 0, not 0/0. x and mask have the same shape."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def step_mean(
@@ -34,7 +47,7 @@ def step_mean(
             DDP); 1 when the caller adds the micro-batches' gradients itself on one process.
     Returns:
         a scalar in values' dtype. Divided by `scale` and summed over the step's micro-batches and
-        processes, it is the step's mean.
+        processes, it is the step's mean. With neither a step count nor a scale it is masked_mean.
     """
     if mask is not None:
         mask = mask.to(values.dtype)
