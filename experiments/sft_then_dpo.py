@@ -1,7 +1,7 @@
 """Study: SFT, then DPO from the SFT model, on the bundled arithmetic task with the tiny model.
 
 Writes `results.md` and `results.json` (held-out metrics before and after each stage, wall time)
-to its output folder. The README's "Measured results" table comes from this study.
+to its output folder. The "Measured results" table in docs/results.md comes from this study.
 
     python experiments/sft_then_dpo.py [--out experiments/out/sft_then_dpo] [--seed 0]
 """

@@ -1,6 +1,6 @@
 """End to end: GRPO from the SFT model. A reward it can reach quickly (answer length) shows the whole
 loop (grouped sampling, rewards, group advantages, clipped update) moving the policy; the `accuracy`
-reward raises held-out exact match (see the README's measured results)."""
+reward raises held-out exact match (see docs/results.md, Measured results)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_grpo_with_the_accuracy_reward_raises_held_out_exact_match(sft_run, tmp_
     """The issue's criterion: SFT, then GRPO with the `accuracy` reward, raises held-out exact match.
 
     64 prompts × 8 completions per step at lr 3e-4: smaller batches' noisy updates first knock the
-    SFT model's borderline answers over (see the README), larger ones climb from the start."""
+    SFT model's borderline answers over (see docs/results.md), larger ones climb from the start."""
     overrides = from_sft(
         sft_run,
         "algorithm=grpo",

@@ -48,8 +48,9 @@ def test_reward_model_ranks_right_answers_above_wrong_ones_on_unseen_prompts(rm_
         assert sum(right[i] > w for i, w in zip(rows, slipped)) / len(rows) > 0.85, slip
 
 
-# The tiny-model recipe from the README: 512 prompts per rollout in 2 mini-batches, one pass, lr 1e-4
-# (large rollouts keep the update's noise from knocking borderline greedy answers over).
+# The tiny-model recipe from docs/usage.md (RLHF in three commands): 512 prompts per rollout in 2
+# mini-batches, one pass, lr 1e-4 (large rollouts keep the update's noise from knocking borderline
+# greedy answers over).
 PPO = [
     "algorithm=ppo",
     "batch_size=512",

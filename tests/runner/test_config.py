@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from alignlab.errors import ConfigError
 from alignlab.runner.config import check_config, save_resolved_config
 from alignlab.runner.redact import redact
-from tests.conftest import CONF, ROOT, compose, run_cli
+from tests.conftest import CONF, compose, run_cli
 
 GROUPS = ["algorithm", "model", "data", "hardware", "logger", "trainer", "callbacks", "paths"]
 HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
@@ -247,11 +247,3 @@ def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):
         "max_new_tokens": 8,
         "b": [{"password": "<redacted>"}],
     }
-
-
-def test_readme_names_every_algorithm_hyper_parameter():
-    readme = (ROOT / "README.md").read_text()
-    for path in sorted((CONF / "algorithm").glob("*.yaml")):
-        for key in OmegaConf.load(path):
-            if key not in ("defaults", "_target_", "name", "data_kinds", "requires_chat_template"):
-                assert f"`{key}`" in readme, f"README does not document {path.stem}'s `{key}`"

@@ -134,7 +134,7 @@ def test_fsdp_profile_shards_per_transformer_block(tiny):
     assert wrapped == [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
 
 
-def test_profiles_set_what_the_readme_says():
+def test_profiles_set_what_the_scaling_docs_say():
     ddp = compose(["hardware=ddp"]).trainer
     assert (ddp.accelerator, ddp.devices, ddp.precision) == ("gpu", -1, "bf16-mixed")
     assert ddp.strategy._target_.endswith("DDPStrategy")
