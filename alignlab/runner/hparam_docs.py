@@ -20,7 +20,6 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
@@ -38,17 +37,18 @@ class HyperParameter:
     meaning: str  # the trailing comment, continuation lines joined
 
 
-def read_algorithm(path: Path) -> tuple[str, list[HyperParameter]]:
+def read_algorithm(name: str) -> tuple[str, list[HyperParameter]]:
     """(description, hyper-parameters in file order) of conf/algorithm/<name>.yaml.
 
     Raises ValueError when a hyper-parameter has no comment, or is not a key of the file's top level."""
+    path = CONFIG_DIR / "algorithm" / f"{name}.yaml"
     lines = path.read_text().splitlines()
     header = []
     for line in lines:
         if not line.startswith("#"):
             break
         header.append(line.lstrip("#").strip())
-    keys, comments, defaults, current = set(algorithm_hparams(path.stem)), {}, {}, None
+    keys, comments, defaults, current = set(algorithm_hparams(name)), {}, {}, None
     for line in lines[len(header) :]:
         if (match := KEY_LINE.match(line)) is not None:
             value, _, comment = match.group(2).partition(" #")
@@ -60,7 +60,7 @@ def read_algorithm(path: Path) -> tuple[str, list[HyperParameter]]:
         else:
             current = None
     params = []
-    for key in algorithm_hparams(path.stem):
+    for key in algorithm_hparams(name):
         if key not in defaults:
             raise ValueError(f"{path}: `{key}` is not written as `{key}: value  # meaning` at the top level")
         meaning = " ".join(c for c in comments[key] if c)
@@ -84,8 +84,7 @@ def cell(text: str) -> str:
 
 def render(name: str, part: str) -> str:
     """The generated text of one block: the algorithm's description, or its table."""
-    path = CONFIG_DIR / "algorithm" / f"{name}.yaml"
-    description, params = read_algorithm(path)
+    description, params = read_algorithm(name)
     if part == "description":
         return f"`algorithm={name}` ([conf/algorithm/{name}.yaml](../conf/algorithm/{name}.yaml)): {description}\n"
     if not params:
