@@ -2,7 +2,8 @@
 
 One place turns a batch of left-padded prompts into sampled answers laid out as right-padded
 prompt + answer rows (the layout `answer_logprobs` and the reward model read), plus response-aligned
-masks, so every online algorithm shares it.
+masks, and reads the answers' per-token log-probs under the policy or the reference
+(`token_logprobs`), so every online algorithm shares it.
 """
 
 from __future__ import annotations
