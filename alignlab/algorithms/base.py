@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignlab.errors import NonFiniteLossError
 from alignlab.models.export import save_model, submodule_state
@@ -29,9 +29,21 @@ from alignlab.runner.resume import rng_state, set_rng_state
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-# Greedy answers' length when a module is built without an `evaluation` config (as tests build them):
-# the config's own default, read from conf/train.yaml so that it is written in one place.
-MAX_NEW_TOKENS: int = OmegaConf.load(preflight.CONFIG_DIR / "train.yaml").evaluation.max_new_tokens
+
+
+def config_default(key: str) -> Any:
+    """The value conf/train.yaml gives a dotted `key`: the one place a default is written, read also by
+    modules built without that part of the config (as tests build them). Raises KeyError if it has none."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(OmegaConf.load(preflight.CONFIG_DIR / "train.yaml"), key)
+    if value is None:
+        raise KeyError(f"conf/train.yaml sets no {key}")
+    return value
+
+
+# Greedy answers' length for a module built without an `evaluation` config.
+MAX_NEW_TOKENS: int = config_default("evaluation.max_new_tokens")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
