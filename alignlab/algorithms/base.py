@@ -21,13 +21,29 @@ from alignlab.errors import NonFiniteLossError
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
 from alignlab.models.reference import ReferenceModel
-from alignlab.online.generation import completions_until_eos, exact_match, generate, stop_token_ids
+from alignlab.online.generation import answer_texts, cut_at_stop, exact_match, generate, stop_token_ids
+from alignlab.runner import preflight
 from alignlab.runner.checks import Checks
 from alignlab.runner.resume import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def config_default(key: str) -> Any:
+    """The value conf/train.yaml gives a dotted `key`: the one place a default is written, read also by
+    modules built without that part of the config (as tests build them). Raises KeyError if it has none."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(OmegaConf.load(preflight.CONFIG_DIR / "train.yaml"), key)
+    if value is None:
+        raise KeyError(f"conf/train.yaml sets no {key}")
+    return value
+
+
+# Greedy answers' length for a module built without an `evaluation` config.
+MAX_NEW_TOKENS: int = config_default("evaluation.max_new_tokens")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -49,6 +65,8 @@ class AlignmentModule(L.LightningModule):
     precompute_ref_log_probs: bool = False
     # The answer-only log-prob path has been compared with the model's own forward (see check_logprobs).
     logprobs_checked: bool = False
+    # A folder holding the reference model (PPO's ref_model); None: the starting policy (see ReferenceModel.of).
+    reference_folder: str | None = None
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
@@ -66,7 +84,7 @@ class AlignmentModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.optim = dict(optim)
         self.evaluation = dict(evaluation or {})
-        self.reference = ReferenceModel(model) if self.uses_reference else None
+        self.reference = ReferenceModel.of(model, self.reference_folder) if self.uses_reference else None
         # Models outside the module tree that must follow it to the device (reference, reward model).
         self.frozen: list = [self.reference] if self.reference is not None else []
         self._step_sums: dict = {}  # train metrics over the step's micro-batches so far (see _over_step)
@@ -252,7 +270,7 @@ class AlignmentModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute(batch)
-        if self.generates and self.evaluation.get("exact_match") and "solution" in batch:
+        if self.measures_exact_match(batch):
             metrics["exact_match"] = self.exact_match(batch).mean()
         self._log("eval", {"loss": loss, **metrics}, self.rows_in(batch), on_step=False)
 
@@ -291,23 +309,30 @@ class AlignmentModule(L.LightningModule):
         return combined, int(total.item())
 
     def greedy_answers(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
-        """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens], texts before the
-        first stop token: the template's end of turn or any eos id, see stop_token_ids)."""
+        """Greedy completions of the batch's prompts: (tokens [B, ≤max_new_tokens] as generated, texts
+        before the first stop token: the template's end of turn or any eos id, see stop_token_ids).
+        max_new_tokens: evaluation.max_new_tokens (MAX_NEW_TOKENS without an evaluation config)."""
         stops = stop_token_ids(self.model, self.tokenizer)
         tokens = generate(
             self.model,
             self.tokenizer,
             batch["prompt_input_ids"],
             batch["prompt_attention_mask"],
-            max_new_tokens=self.evaluation.get("max_new_tokens", 16),
+            max_new_tokens=self.evaluation.get("max_new_tokens", MAX_NEW_TOKENS),
             stop_ids=stops,
         )
-        texts = self.tokenizer.batch_decode(completions_until_eos(tokens, stops), skip_special_tokens=True)
-        return tokens, texts
+        return tokens, answer_texts(self.tokenizer, *cut_at_stop(tokens, stops))
 
-    def exact_match(self, batch: dict) -> torch.Tensor:
-        """Greedy answers to the batch's prompts compared with their `solution` column."""
-        return exact_match(self.greedy_answers(batch)[1], batch["solution"]).to(self.device)
+    def measures_exact_match(self, batch: dict) -> bool:
+        """Whether held-out exact match is measured on this batch: a generating policy, evaluation.exact_match
+        on, and a `solution` column in the data."""
+        return self.generates and bool(self.evaluation.get("exact_match")) and "solution" in batch
+
+    def exact_match(self, batch: dict, texts: list[str] | None = None) -> torch.Tensor:
+        """[B] 1.0 where the answer to a prompt matches its `solution` column (alignlab.online.generation.
+        matches_solution): `texts`, or else the greedy answers to the batch's prompts."""
+        texts = self.greedy_answers(batch)[1] if texts is None else texts
+        return exact_match(texts, batch["solution"]).to(self.device)
 
     # -- optimisation ---------------------------------------------------------------------------
     max_grad_norm: float | None = None  # manual optimisation clips itself (set from trainer.gradient_clip_val)

@@ -2,7 +2,8 @@
 a clipped token loss and an optional KL to a frozen reference. No value model.
 
 One training step = one generation batch: `batch_size` prompts × `num_generations` completions,
-sampled in one batched, KV-cached generate; then `num_iterations` optimizer steps on it.
+sampled in one batched, KV-cached generate; then `num_iterations` optimizer steps on it. Sampling,
+evaluation and sample tables: alignlab.algorithms.online.
 """
 
 from __future__ import annotations
@@ -10,21 +11,18 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab.algorithms.base import AlignmentModule
+from alignlab.algorithms.online import OnlineModule
 from alignlab.errors import ConfigError
 from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
-from alignlab.models.logprobs import answer_logprobs
-from alignlab.models.reference import ReferenceModel
-from alignlab.online.backends import build_backend, check_backend_spec
-from alignlab.online.generation import exact_match
+from alignlab.online.backends import check_backend_spec
+from alignlab.online.generation import answer_texts
 from alignlab.online.rewards import build_reward_function, call_reward_function
-from alignlab.online.rollout import prompt_ids, response_positions, sample
-from alignlab.online.samples import log_samples, with_columns
+from alignlab.online.rollout import token_logprobs
 from alignlab.runner.checks import Checks
 
 
-class GRPO(AlignmentModule):
-    disables_dropout = True
+class GRPO(OnlineModule):
+    rollout_counter = "generation_batches"
     counters = ("generation_batches",)
     hparam_names = (
         "num_generations",
@@ -63,14 +61,17 @@ class GRPO(AlignmentModule):
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
-        self.automatic_optimization = False  # num_iterations optimizer steps per generation batch
         self.rewards = [build_reward_function(spec) for spec in self.reward_funcs]
         self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
-        if self.beta != 0.0:  # with beta 0 no reference model is loaded
-            self.reference = ReferenceModel(model)
-            self.frozen = [self.reference]
         self.generation_batches = 0
-        self.backend = build_backend(self.generation_backend)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.beta != 0.0  # with beta 0 no reference model is loaded
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.num_iterations
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
@@ -107,9 +108,10 @@ class GRPO(AlignmentModule):
             )
 
     # -- generation and rewards -----------------------------------------------------------------
-    def rewards_of(self, batch: dict, texts: list[str]) -> tuple[torch.Tensor, dict]:
-        """Weighted sum of every reward function: [N], plus per-function values for metrics."""
-        g = self.num_generations
+    def rewards_of(self, batch: dict, texts: list[str], g: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Weighted sum of every reward function: [N], plus per-function values for metrics. `texts`:
+        `g` answers to each of the batch's prompts in consecutive rows (default num_generations)."""
+        g = self.num_generations if g is None else g
         prompts = [p for p in batch["prompt_messages"] for _ in range(g)]  # message lists, as the data gave them
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
         per_fn, total = {}, torch.zeros(len(texts), device=self.device)
@@ -122,22 +124,8 @@ class GRPO(AlignmentModule):
     @torch.no_grad()
     def generate_batch(self, batch: dict) -> dict:
         g = self.num_generations
-        self.backend.sync(self.model)
-        samples = sample(
-            self.model,
-            self.tokenizer,
-            batch,
-            self.max_completion_length,
-            self.temperature,
-            self.generation_chunk_size,
-            num_per_prompt=g,
-            step=self.generation_batches,
-            backend=self.backend,
-        )
-        texts = self.tokenizer.batch_decode(
-            [r[:-1] if ended else r for r, ended in zip(samples.responses, samples.has_eos.tolist())],
-            skip_special_tokens=True,
-        )
+        samples = self.sample_answers(batch, self.max_completion_length, self.generation_chunk_size, g)
+        texts = answer_texts(self.tokenizer, samples.responses, samples.has_eos)
         rewards, per_fn = self.rewards_of(batch, texts)
         advantages = group_advantages(rewards, g, self.scale_rewards, batch_rewards=self.gather_across_devices(rewards))
         mask = samples.mask
@@ -146,13 +134,9 @@ class GRPO(AlignmentModule):
         length = mask.shape[1]
         old = ref = None
         if self.num_iterations > 1:  # later iterations need the log-probs at generation time
-            old = response_positions(
-                answer_logprobs(self.model, samples.seqs, self.temperature).token_logps, samples.starts, length
-            )
+            old = token_logprobs(self.model, samples.seqs, samples.starts, length, self.temperature)
         if self.reference is not None:
-            ref = response_positions(
-                self.reference.answer_logprobs(samples.seqs, self.temperature).token_logps, samples.starts, length
-            )
+            ref = token_logprobs(self.reference, samples.seqs, samples.starts, length, self.temperature)
         grouped_std = rewards.view(-1, g).std(1)
         stats = {
             "reward": rewards.mean(),
@@ -193,9 +177,7 @@ class GRPO(AlignmentModule):
             for start in range(0, n, micro):
                 idx = slice(start, start + micro)
                 sub = {k: gen[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}
-                logprobs = response_positions(
-                    answer_logprobs(self.model, sub, self.temperature).token_logps, gen["starts"][idx], length
-                )
+                logprobs = token_logprobs(self.model, sub, gen["starts"][idx], length, self.temperature)
                 old = logprobs.detach() if gen["old_logprobs"] is None else gen["old_logprobs"][idx]
                 ref = None if gen["ref_logprobs"] is None else gen["ref_logprobs"][idx]
                 out = grpo_loss(
@@ -229,47 +211,14 @@ class GRPO(AlignmentModule):
         out["loss"] = self.mean_across_devices(applied) / self.num_iterations  # the steps' losses, averaged
         return out
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict, int]:
         gen = self.generate_batch(batch)
-        scheduler = self.lr_schedulers()
-        stats = self.grpo_update(gen, self.optimizers(), scheduler)
-        self._log("train", {**gen["stats"], **stats}, gen["input_ids"].shape[0], on_step=True)
-        self.generation_batches += 1
-        every = self.sample_every
-        if every and self.generation_batches % every == 0:
-            self.log_sample_table()
+        stats = self.grpo_update(gen, optimizer, scheduler)
+        return {**gen["stats"], **stats}, gen["input_ids"].shape[0]
 
-    @property
-    def sample_every(self) -> int:
-        if not self.num_sample_generations or self._trainer is None or self.trainer.max_steps <= 0:
-            return 0
-        batches = -(-self.trainer.max_steps // self.num_iterations)
-        return max(1, batches // self.num_sample_generations)
+    # -- evaluation: the reward functions on one greedy answer per held-out prompt ------------------
+    eval_metric = sample_column = "reward"
 
-    # -- evaluation -----------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, texts = self.greedy_answers(batch)
-        g, self.num_generations = self.num_generations, 1  # one greedy answer per held-out prompt
-        try:
-            reward, _ = self.rewards_of(batch, texts)
-        finally:
-            self.num_generations = g
-        metrics = {"reward": reward.mean()}
-        if self.evaluation.get("exact_match") and "solution" in batch:
-            metrics["exact_match"] = exact_match(texts, batch["solution"]).mean()
-        self._log("eval", metrics, len(texts), on_step=False)
-
-    def log_sample_table(self, n: int = 16) -> None:
-        batch = next(iter(self.trainer.datamodule.val_dataloader()))
-        batch = {k: (v[:n].to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        batch["columns"] = {k: v[:n] for k, v in batch.get("columns", {}).items()}
-        batch["prompt_messages"] = batch["prompt_messages"][:n]
-        _, texts = self.greedy_answers(batch)
-        g, self.num_generations = self.num_generations, 1
-        try:
-            rewards, _ = self.rewards_of(batch, texts)
-        finally:
-            self.num_generations = g
-        prompts = self.tokenizer.batch_decode(prompt_ids(batch))
-        rows = [{"prompt": p, "answer": a, "reward": r} for p, a, r in zip(prompts, texts, rewards.tolist())]
-        log_samples(self.trainer, with_columns(rows, batch["columns"]))
+    def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """[B] the weighted reward of each greedy answer."""
+        return self.rewards_of(batch, texts, g=1)[0]

@@ -3,35 +3,34 @@ value model (initialised from the reward model, trained).
 
 One training step = one rollout: sample answers to a batch of prompts, score them, turn scores and
 per-token KL penalties into GAE advantages, then run `num_ppo_epochs` passes over
-`num_mini_batches` mini-batches, one optimizer step each (Lightning manual optimisation).
+`num_mini_batches` mini-batches, one optimizer step each (Lightning manual optimisation). Sampling,
+evaluation and sample tables: alignlab.algorithms.online.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from omegaconf import DictConfig
 
-from alignlab.algorithms.base import AlignmentModule, disable_dropout
+from alignlab.algorithms.base import disable_dropout
+from alignlab.algorithms.online import OnlineModule
 from alignlab.errors import ConfigError
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
-from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten, truncate_after_eos
-from alignlab.models.logprobs import answer_logprobs
-from alignlab.models.reference import Frozen, ReferenceModel
+from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten
+from alignlab.models.reference import Frozen
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
-from alignlab.online.backends import build_backend, check_backend_spec
-from alignlab.online.generation import exact_match, stop_token_ids
-from alignlab.online.rollout import pack, prompt_ids, response_positions, sample
-from alignlab.online.samples import log_samples, with_columns
+from alignlab.online.backends import check_backend_spec
+from alignlab.online.generation import cut_at_stop, stop_token_ids
+from alignlab.online.rollout import pack, prompt_ids, response_positions, token_logprobs
 from alignlab.runner.checks import Checks
 
 log = logging.getLogger(__name__)
 
 
-class PPO(AlignmentModule):
-    disables_dropout = True
+class PPO(OnlineModule):
+    uses_reference = True
     counters = ("episodes", "rollouts")
     hparam_names = (
         "reward_model",
@@ -76,16 +75,21 @@ class PPO(AlignmentModule):
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
-        self.automatic_optimization = False  # several optimizer steps per rollout
         dtype = next(model.parameters()).dtype
         self.value = RewardModel.from_pretrained(self.value_model or self.reward_model, dtype=dtype)
         disable_dropout(self.value)
         self.scorer = Frozen(RewardModel.from_pretrained(self.reward_model, dtype=dtype))
-        self.reference = ReferenceModel.from_folder(model, self.ref_model) if self.ref_model else ReferenceModel(model)
-        self.frozen = [self.reference, self.scorer]
+        self.frozen.append(self.scorer)
         self.episodes = 0  # prompts rolled out so far
         self.rollouts = 0
-        self.backend = build_backend(self.generation_backend)
+
+    @property
+    def reference_folder(self) -> str | None:
+        return self.ref_model  # null: the starting policy (or its disabled LoRA adapter)
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.num_ppo_epochs * self.num_mini_batches
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
@@ -129,29 +133,19 @@ class PPO(AlignmentModule):
     def rollout(self, batch: dict) -> dict:
         """Sample, score and compute advantages for a batch of left-padded prompts."""
         chunk = self.local_rollout_forward_batch_size
-        self.backend.sync(self.model)
-        samples = sample(
-            self.model,
-            self.tokenizer,
-            batch,
-            self.response_length,
-            self.temperature,
-            chunk,
-            step=self.rollouts,
-            backend=self.backend,
-        )
+        samples = self.sample_answers(batch, self.response_length, chunk)
         seqs, starts, mask, has_eos = samples.seqs, samples.starts, samples.mask, samples.has_eos
         length, n = mask.shape[1], mask.shape[0]
         logprobs, ref_logprobs, values, scores = [], [], [], []
         for i in range(0, n, chunk):
-            sub = {k: v[i : i + chunk] for k, v in seqs.items()}
-            logprobs.append(answer_logprobs(self.model, sub, self.temperature).token_logps)
-            ref_logprobs.append(self.reference.answer_logprobs(sub, self.temperature).token_logps)
-            values.append(self.value.values(sub["input_ids"], sub["attention_mask"]))
+            sub, at = {k: v[i : i + chunk] for k, v in seqs.items()}, starts[i : i + chunk]
+            logprobs.append(token_logprobs(self.model, sub, at, length, self.temperature))
+            ref_logprobs.append(token_logprobs(self.reference, sub, at, length, self.temperature))
+            values.append(response_positions(self.value.values(sub["input_ids"], sub["attention_mask"]), at, length))
             scores.append(self.scorer(sub["input_ids"], sub["attention_mask"], sub["loss_mask"]))
-        logprobs = response_positions(torch.cat(logprobs), starts, length) * mask
-        ref_logprobs = response_positions(torch.cat(ref_logprobs), starts, length) * mask
-        values = response_positions(torch.cat(values), starts, length).float() * mask
+        logprobs = torch.cat(logprobs) * mask
+        ref_logprobs = torch.cat(ref_logprobs) * mask
+        values = torch.cat(values).float() * mask
         scores = torch.cat(scores).float()
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~has_eos).float()
@@ -204,9 +198,11 @@ class PPO(AlignmentModule):
                 for m in range(0, len(rows), micro):
                     idx = rows[m : m + micro]
                     sub = {k: rollout[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}
-                    out = answer_logprobs(self.model, sub, self.temperature, entropy=True)
                     mask, starts = rollout["mask"][idx], rollout["starts"][idx]
-                    new_logprobs = response_positions(out.token_logps, starts, length) * mask
+                    new_logprobs, entropy = token_logprobs(
+                        self.model, sub, starts, length, self.temperature, entropy=True
+                    )
+                    new_logprobs = new_logprobs * mask
                     vpred = response_positions(
                         self.value.values(sub["input_ids"], sub["attention_mask"]), starts, length
                     ).float()
@@ -230,7 +226,7 @@ class PPO(AlignmentModule):
                     )
                     loss = policy.loss + self.vf_coef * vf_loss
                     self.backpropagate(loss)
-                    entropy = masked_mean(response_positions(out.token_entropy, starts, length), mask)
+                    entropy = masked_mean(entropy, mask)
                     for key, value in zip(
                         stats,
                         (
@@ -256,57 +252,24 @@ class PPO(AlignmentModule):
             "val/ratio": mean["ratio"],
         }
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict, int]:
         rollout = self.rollout(batch)
         self.episodes += rollout["input_ids"].shape[0]
-        scheduler = self.lr_schedulers()
-        stats = self.ppo_update(rollout, self.optimizers(), scheduler)
+        stats = self.ppo_update(rollout, optimizer, scheduler)
         metrics = {
             **rollout["stats"],
             **stats,
             "lr": torch.tensor(scheduler.get_last_lr()[0]),
             "episodes": torch.tensor(float(self.episodes)),
         }
-        self._log("train", metrics, rollout["input_ids"].shape[0], on_step=True)
-        self.rollouts += 1  # batch_idx restarts every pass over the prompts; this does not
-        if self.sample_every and self.rollouts % self.sample_every == 0:
-            self.log_sample_table()
+        return metrics, rollout["input_ids"].shape[0]
 
-    @property
-    def sample_every(self) -> int:
-        """Rollouts between sample tables, so that num_sample_generations tables span the run."""
-        if not self.num_sample_generations or self._trainer is None:
-            return 0
-        steps_per_rollout = self.num_ppo_epochs * self.num_mini_batches
-        rollouts = math.ceil(self.trainer.max_steps / steps_per_rollout) if self.trainer.max_steps > 0 else 0
-        return max(1, rollouts // self.num_sample_generations) if rollouts else 0
+    # -- evaluation: the reward model's score of greedy answers -------------------------------------
+    eval_metric, sample_column = "objective/scores", "score"
 
-    # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def score_answers(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
-        """Reward-model scores of generated answers to the batch's prompts."""
-        stops = stop_token_ids(self.model, self.tokenizer)
-        cut, mask, ended = truncate_after_eos(tokens, stops, self.tokenizer.pad_token_id)
-        answers = [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
+    def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """[B] reward-model scores of generated answers to the batch's prompts."""
+        answers, ended = cut_at_stop(tokens, stop_token_ids(self.model, self.tokenizer))
         seqs = pack(prompt_ids(batch), answers, ended, self.tokenizer.pad_token_id, self.device).seqs
         return self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        tokens, texts = self.greedy_answers(batch)
-        metrics = {"objective/scores": self.score_answers(batch, tokens).mean()}
-        if self.evaluation.get("exact_match") and "solution" in batch:
-            metrics["exact_match"] = exact_match(texts, batch["solution"]).mean()
-        self._log("eval", metrics, len(texts), on_step=False)
-
-    def log_sample_table(self, n: int = 16) -> None:
-        """Greedy answers to the first held-out prompts, with their scores."""
-        batch = next(iter(self.trainer.datamodule.val_dataloader()))
-        columns = {k: v[:n] for k, v in batch.get("columns", {}).items()}
-        batch = {
-            k: (v[:n].to(self.device) if torch.is_tensor(v) else v[:n]) for k, v in batch.items() if k != "columns"
-        }
-        tokens, texts = self.greedy_answers(batch)
-        scores = self.score_answers(batch, tokens).tolist()
-        prompts = self.tokenizer.batch_decode(prompt_ids(batch))
-        rows = [{"prompt": p, "answer": a, "score": s} for p, a, s in zip(prompts, texts, scores)]
-        log_samples(self.trainer, with_columns(rows, columns))

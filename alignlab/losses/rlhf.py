@@ -6,7 +6,7 @@ including the first stop token: eos or end of turn) and 0 after.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -40,23 +40,6 @@ def masked_whiten(
     var = total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
-
-
-def truncate_after_eos(
-    responses: torch.Tensor, stop_ids: Sequence[int], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each sampled response after its first stop token: any id in `stop_ids` (the end of turn
-    and every eos id, see alignlab.online.generation.stop_token_ids).
-
-    Returns (responses with every token after the first stop token set to pad, mask [N, R] of real
-    tokens including the stop token, has_eos [N]: the response has one). A response without a stop
-    token keeps all R tokens.
-    """
-    is_eos = torch.isin(responses, torch.tensor(list(stop_ids), dtype=responses.dtype, device=responses.device))
-    has_eos = is_eos.any(-1)
-    # Number of stop tokens strictly before each position: > 0 means "after the first one".
-    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return responses.masked_fill(after, pad_id), (~after).long(), has_eos
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,12 @@ class ReferenceModel:
             self.copy = None if is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
 
     @classmethod
-    def from_folder(cls, policy: torch.nn.Module, folder: str) -> ReferenceModel:
+    def of(cls, policy: torch.nn.Module, folder: str | None = None) -> ReferenceModel:
+        """The one factory every algorithm builds its reference with: the causal LM in `folder` (in the
+        policy's dtype), or the starting policy when `folder` is None (or empty). Raises OSError when
+        `folder` holds no model."""
+        if not folder:
+            return cls(policy)
         from transformers import AutoModelForCausalLM
 
         dtype = next(policy.parameters()).dtype

@@ -155,14 +155,26 @@ def sample_shared_prefix(
     return torch.stack(tokens, 1)
 
 
-def completions_until_eos(sequences: torch.Tensor, stop_ids: Sequence[int]) -> list[list[int]]:
-    """Token lists cut just before the first token in `stop_ids` (see stop_token_ids); the stop token
-    itself is not part of the text."""
-    stops, out = set(stop_ids), []
-    for row in sequences.tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        out.append(row[:end])
-    return out
+def cut_at_stop(tokens: torch.Tensor, stop_ids: Sequence[int]) -> tuple[list[list[int]], torch.Tensor]:
+    """The one end-of-answer cutter: each row of generated `tokens` [N, R] up to and including its
+    first token in `stop_ids` (the end of turn and every eos id, see stop_token_ids); a row without
+    one keeps all R tokens. Whatever follows the first stop token (padding, or tokens sampled past
+    it) is dropped.
+
+    Returns (answers: N token lists, through the stop token; has_eos [N] bool: the answer has one,
+    i.e. it was not cut at the length limit)."""
+    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), dtype=tokens.dtype, device=tokens.device))
+    has_eos = is_stop.any(-1)
+    ends = torch.where(has_eos, is_stop.long().argmax(-1) + 1, tokens.shape[-1])  # argmax: the first stop
+    return [row[:end] for row, end in zip(tokens.tolist(), ends.tolist())], has_eos
+
+
+def answer_texts(tokenizer, answers: list[list[int]], has_eos: torch.Tensor) -> list[str]:
+    """The text of answers cut by cut_at_stop: the stop token itself is not part of the text."""
+    return tokenizer.batch_decode(
+        [answer[:-1] if ended else answer for answer, ended in zip(answers, has_eos.tolist())],
+        skip_special_tokens=True,
+    )
 
 
 @torch.no_grad()

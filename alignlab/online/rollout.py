@@ -2,7 +2,8 @@
 
 One place turns a batch of left-padded prompts into sampled answers laid out as right-padded
 prompt + answer rows (the layout `answer_logprobs` and the reward model read), plus response-aligned
-masks, so every online algorithm shares it.
+masks, and reads the answers' per-token log-probs under the policy or the reference
+(`token_logprobs`), so every online algorithm shares it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.data.collate import collate_answers
-from alignlab.losses.rlhf import truncate_after_eos
+from alignlab.models.logprobs import answer_logprobs
+from alignlab.models.reference import ReferenceModel
 from alignlab.online.backends import GenerationBackend, TransformersBackend
-from alignlab.online.generation import generate, sample_keys, stop_token_ids
+from alignlab.online.generation import cut_at_stop, generate, sample_keys, stop_token_ids
 
 
 @dataclass
@@ -37,6 +39,29 @@ def response_positions(per_position: torch.Tensor, starts: torch.Tensor, length:
     starts at `starts`, position starts−1+j is where answer token j is predicted."""
     index = (starts.unsqueeze(1) - 1 + torch.arange(length, device=starts.device)).clamp(max=per_position.shape[1] - 1)
     return per_position.gather(1, index)
+
+
+def token_logprobs(
+    scorer: torch.nn.Module | ReferenceModel,
+    seqs: dict,
+    starts: torch.Tensor,
+    length: int,
+    temperature: float = 1.0,
+    entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log π(answer token j | prompt, answer tokens < j) at `temperature`, aligned with the answers:
+    [N, length], from answer_logprobs on right-padded prompt + answer rows `seqs` whose answers start
+    at `starts` [N] (response_positions). `scorer`: the policy (gradients flow), or a ReferenceModel
+    (without gradients). With `entropy` (the policy only): (log-probs, each position's entropy [N,
+    length], detached). Values past an answer's end are not zeroed: multiply by its mask."""
+    if isinstance(scorer, ReferenceModel):
+        if entropy:
+            raise ValueError("token_logprobs: entropy is computed for the policy only, not a ReferenceModel")
+        out = scorer.answer_logprobs(seqs, temperature)
+    else:
+        out = answer_logprobs(scorer, seqs, temperature, entropy=entropy)
+    logps = response_positions(out.token_logps, starts, length)
+    return (logps, response_positions(out.token_entropy, starts, length)) if entropy else logps
 
 
 def pack(
@@ -107,8 +132,8 @@ def sample(
             for i in range(0, ids.shape[0], chunk)
         ]
     for tokens in pieces:
-        cut, mask, ended = truncate_after_eos(tokens, stops, pad)
-        responses += [row[: int(n)] for row, n in zip(cut.tolist(), mask.sum(-1))]
+        answers, ended = cut_at_stop(tokens, stops)
+        responses += answers
         has_eos.append(ended)
     prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]
     return pack(prompts, responses, torch.cat(has_eos), pad, batch["prompt_input_ids"].device)

@@ -78,15 +78,13 @@ def held_out_accuracy(model_dir: Path, n: int = 32) -> float:
     from alignlab.data.arith import ArithTask
     from alignlab.data.collate import collate_prompts
     from alignlab.data.tokenize import encode_prompts
-    from alignlab.online.generation import completions_until_eos, exact_match, generate, stop_token_ids
+    from alignlab.online.generation import answer_texts, cut_at_stop, exact_match, generate, stop_token_ids
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     rows = ArithTask().load("prompt")["eval"][:n]
     batch = collate_prompts(encode_prompts(tokenizer, [r["prompt"] for r in rows]), tokenizer.pad_token_id)
     tokens = generate(model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"], max_new_tokens=8)
-    texts = tokenizer.batch_decode(
-        completions_until_eos(tokens, stop_token_ids(model, tokenizer)), skip_special_tokens=True
-    )
+    texts = answer_texts(tokenizer, *cut_at_stop(tokens, stop_token_ids(model, tokenizer)))
     return exact_match(texts, [r["solution"] for r in rows]).mean().item()
 
 

@@ -1,4 +1,4 @@
-"""RLHF math (masked statistics, truncation, KL-penalised rewards, GAE, PPO losses) against float64
+"""RLHF math (masked statistics, KL-penalised rewards, GAE, PPO losses) against float64
 references written as plain loops from the papers' formulas."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
-from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_var, masked_whiten, truncate_after_eos
+from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_var, masked_whiten
 
 
 def t(rows):
@@ -66,24 +66,6 @@ def test_whitening_split_over_processes_equals_whitening_the_whole_batch():
     whole = masked_whiten(x, mask)
     assert torch.allclose(torch.cat(halves) * mask, whole * mask, atol=1e-12)
     assert not torch.allclose(masked_whiten(x[:3], mask[:3]) * mask[:3], whole[:3] * mask[:3])
-
-
-def test_truncate_after_eos():
-    eos, pad = 9, 0
-    responses = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 5, 5, 5]])
-    cut, mask, has_eos = truncate_after_eos(responses, [eos], pad)
-    assert cut.tolist() == [[5, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert has_eos.tolist() == [True, False, True]
-
-
-def test_truncate_after_the_first_of_any_stop_token():
-    """End of turn (9) and two eos ids (4, 8): each response ends at whichever comes first."""
-    responses = torch.tensor([[5, 8, 9, 7], [5, 6, 4, 9], [9, 8, 4, 5], [5, 6, 7, 3]])
-    cut, mask, has_eos = truncate_after_eos(responses, [9, 4, 8], pad_id=0)
-    assert cut.tolist() == [[5, 8, 0, 0], [5, 6, 4, 0], [9, 0, 0, 0], [5, 6, 7, 3]]
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
-    assert has_eos.tolist() == [True, True, True, False]
 
 
 def test_kl_penalty_on_every_token_and_score_at_the_last_one():

@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 
-from alignlab.online.generation import completions_until_eos, exact_match, generate, sample_keys, stop_token_ids
+from alignlab.online.generation import answer_texts, cut_at_stop, exact_match, generate, sample_keys, stop_token_ids
 from tests.families import FAMILIES
 
 # The tokens that end an answer, per family: end of turn, generation_config's eos list, tokenizer eos.
@@ -116,7 +116,9 @@ def test_every_generation_path_stops_at_each_end_token(family_dir, name, stop):
     with Forced(model, answer, stop_id):
         tokens = generate(model, tokenizer, ids, attention, max_new_tokens=8)
         assert tokens.tolist() == [expected, expected]  # stopped: not 8 tokens
-        assert completions_until_eos(tokens, stops) == [answer, answer]
+        answers, ended = cut_at_stop(tokens, stops)
+        assert answers == [expected, expected] and ended.tolist() == [True, True]
+        assert answer_texts(tokenizer, answers, ended) == [ANSWER, ANSWER]  # the stop token is not text
 
         keys = sample_keys(seed=0, step=0, rows=batch["index"], num_per_prompt=2)
         sampled = generate(
@@ -177,3 +179,19 @@ def test_grpo_treats_the_end_of_turn_as_the_answers_end(family_dir, name, stop):
     assert [gen["input_ids"][i, starts[i] + len(answer)].item() for i in range(4)] == [stop_id] * 4
     assert gen["stats"]["completions/clipped_ratio"].item() == 0.0
     assert gen["stats"]["reward"].item() == 0.5  # "42" against solutions "43" and "42"
+
+
+def test_cut_at_stop():
+    eos = 9
+    tokens = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 5, 5, 5]])
+    answers, has_eos = cut_at_stop(tokens, [eos])
+    assert answers == [[5, 9], [5, 6, 7, 8], [9]]  # through the first eos; all 4 tokens without one
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_cut_at_the_first_of_any_stop_token():
+    """End of turn (9) and two eos ids (4, 8): each answer ends at whichever comes first."""
+    tokens = torch.tensor([[5, 8, 9, 7], [5, 6, 4, 9], [9, 8, 4, 5], [5, 6, 7, 3]])
+    answers, has_eos = cut_at_stop(tokens, [9, 4, 8])
+    assert answers == [[5, 8], [5, 6, 4], [9], [5, 6, 7, 3]]
+    assert has_eos.tolist() == [True, True, True, False]

@@ -1,0 +1,126 @@
+"""What every online algorithm (PPO, GRPO; next RLOO, GKD, tool-calling rollouts) shares: it samples its
+own answers, then takes several optimizer steps on them.
+
+`OnlineModule` owns, once: the generation backend (synced to the policy before every rollout), keyed
+sampling, manual optimisation, no dropout, the held-out evaluation by greedy answers, and the sample
+tables. A subclass writes the algorithm as its paper does, in `train_on(batch, optimizer, scheduler)`:
+rollout (`sample_answers`, log-probs by alignlab.online.rollout.token_logprobs) → rewards → advantages
+→ clipped update; and says how it scores a greedy answer (`eval_scores`) and how many optimizer steps
+a rollout takes (`steps_per_rollout`). Its config gives `generation_backend`, `temperature` and
+`num_sample_generations`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignlab.algorithms.base import AlignmentModule
+from alignlab.online.backends import build_backend
+from alignlab.online.rollout import Samples, prompt_ids, sample
+from alignlab.online.samples import log_samples, with_columns
+
+
+class OnlineModule(AlignmentModule):
+    # Log-probs of the same answers are compared at rollout and update time: no dropout.
+    disables_dropout = True
+    # The attribute counting rollouts so far (one of `counters`, so a resumed run continues it): it keys
+    # sampling and spaces the sample tables.
+    rollout_counter: str = "rollouts"
+    eval_metric: str  # eval/<eval_metric> is the mean of eval_scores over the held-out prompts
+    sample_column: str  # the eval_scores column of the sample tables
+
+    def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
+        super().__init__(model, tokenizer, optim, evaluation, **hparams)
+        self.automatic_optimization = False  # several optimizer steps per rollout
+        self.backend = build_backend(self.generation_backend)
+
+    # -- the algorithm --------------------------------------------------------------------------
+    def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], int]:
+        """One rollout of the batch's prompts and its optimizer steps: (train metrics, the rows they
+        average over)."""
+        raise NotImplementedError
+
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps taken on each rollout (trainer.max_steps counts optimizer steps)."""
+        raise NotImplementedError
+
+    def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """[B] the algorithm's score of greedy answers to the batch's prompts: `tokens` [B, ≤
+        max_new_tokens] as generated, `texts` cut at the first stop token."""
+        raise NotImplementedError
+
+    # -- one rollout ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_answers(self, batch: dict, max_new_tokens: int, chunk: int, num_per_prompt: int = 1) -> Samples:
+        """`num_per_prompt` answers to each of the batch's prompts at `temperature`, at most `chunk` at a
+        time, by the generation backend (given the policy's current weights first). Sampling is keyed on
+        (seed, rollouts so far, the batch's data rows): the same answers whatever the process count, and
+        on resuming (alignlab.online.rollout.sample)."""
+        self.backend.sync(self.model)
+        return sample(
+            self.model,
+            self.tokenizer,
+            batch,
+            max_new_tokens,
+            self.temperature,
+            chunk,
+            num_per_prompt=num_per_prompt,
+            step=getattr(self, self.rollout_counter),
+            backend=self.backend,
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        metrics, rows = self.train_on(batch, self.optimizers(), self.lr_schedulers())
+        self._log("train", metrics, rows, on_step=True)
+        # batch_idx restarts every pass over the prompts; this count does not
+        rollouts = getattr(self, self.rollout_counter) + 1
+        setattr(self, self.rollout_counter, rollouts)
+        if self.sample_every and rollouts % self.sample_every == 0:
+            self.log_sample_table()
+
+    @property
+    def sample_every(self) -> int:
+        """Rollouts between sample tables, so that num_sample_generations tables span the run (0: none)."""
+        if not self.num_sample_generations or self._trainer is None or self.trainer.max_steps <= 0:
+            return 0
+        rollouts = -(-self.trainer.max_steps // self.steps_per_rollout)
+        return max(1, rollouts // self.num_sample_generations)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Greedy answers to held-out prompts: eval/<eval_metric> and, where measured, exact_match."""
+        tokens, texts = self.greedy_answers(batch)
+        metrics = {self.eval_metric: self.eval_scores(batch, tokens, texts).mean()}
+        if self.measures_exact_match(batch):
+            metrics["exact_match"] = self.exact_match(batch, texts).mean()
+        self._log("eval", metrics, len(texts), on_step=False)
+
+    def log_sample_table(self, n: int = 16) -> None:
+        """Greedy answers to the first `n` held-out prompts with their eval_scores and the data's extra
+        columns, appended to <run>/samples.jsonl (and a W&B table; alignlab.online.samples)."""
+        batch = self.held_out_prompts(n)
+        tokens, texts = self.greedy_answers(batch)
+        scores = self.eval_scores(batch, tokens, texts).tolist()
+        prompts = self.tokenizer.batch_decode(prompt_ids(batch))
+        rows = [{"prompt": p, "answer": a, self.sample_column: s} for p, a, s in zip(prompts, texts, scores)]
+        log_samples(self.trainer, with_columns(rows, batch.get("columns", {})))
+
+    def held_out_prompts(self, n: int) -> dict:
+        """The first `n` rows of the first held-out batch, tensors on this device, from the trainer's
+        validation loader. Raises RuntimeError when the trainer has none (a run without held-out rows
+        logs no sample tables: alignlab.train sets num_sample_generations to 0)."""
+        loader = self.trainer.val_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if loader is None:
+            raise RuntimeError("sample tables answer held-out prompts, and the trainer has no validation loader")
+        batch = next(iter(loader))
+        return {
+            k: v[:n].to(self.device)
+            if torch.is_tensor(v)
+            else {c: x[:n] for c, x in v.items()}
+            if isinstance(v, dict)
+            else v[:n]
+            for k, v in batch.items()
+        }
