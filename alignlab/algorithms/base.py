@@ -1,9 +1,11 @@
 """What every alignment LightningModule shares: hyper-parameters, the frozen reference, optimisation,
 logging, held-out exact match and export.
 
-A subclass names its hyper-parameters (`hparam_names`; their defaults live in conf/algorithm/, once),
-says whether it needs a reference model, and implements `compute(batch) -> (loss, metrics)`;
-metrics use the field's names and are logged as `train/<name>` and `eval/<name>`.
+A subclass's hyper-parameters are the keys of the conf/algorithm/ file whose `_target_` names it (or
+names its nearest base class), with their defaults and comments: written there once, they become
+attributes of the module. A subclass says whether it needs a reference model, and implements
+`compute(batch) -> (loss, metrics)`; metrics use the field's names and are logged as `train/<name>`
+and `eval/<name>`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from alignlab.models.reference import ReferenceModel
 from alignlab.online.generation import answer_texts, cut_at_stop, exact_match, generate, stop_token_ids
 from alignlab.runner import preflight
 from alignlab.runner.checks import Checks
+from alignlab.runner.preflight import algorithm_hparams, algorithm_targets
 from alignlab.runner.resume import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 class AlignmentModule(L.LightningModule):
-    hparam_names: tuple[str, ...] = ()  # the algorithm's keys in conf/algorithm/<name>.yaml
     uses_reference: bool = False  # hold a frozen copy of the starting policy (or its disabled adapter)
     generates: bool = True  # a policy that answers prompts (so held-out exact match applies)
     # Online algorithms compare log-probs of the same answers at rollout and update time: no dropout.
@@ -70,10 +72,11 @@ class AlignmentModule(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: dict, evaluation: dict | None = None, **hparams):
         super().__init__()
-        missing, unknown = set(self.hparam_names) - hparams.keys(), hparams.keys() - set(self.hparam_names)
+        names = self.hparam_names()
+        missing, unknown = set(names) - hparams.keys(), hparams.keys() - set(names)
         if missing or unknown:
             raise TypeError(
-                f"{type(self).__name__} takes hyper-parameters {self.hparam_names}; "
+                f"{type(self).__name__} takes hyper-parameters {names}; "
                 f"missing {sorted(missing)}, unknown {sorted(unknown)}"
             )
         for name, value in hparams.items():
@@ -89,6 +92,18 @@ class AlignmentModule(L.LightningModule):
         self.frozen: list = [self.reference] if self.reference is not None else []
         self._step_sums: dict = {}  # train metrics over the step's micro-batches so far (see _over_step)
         self.save_hyperparameters(ignore=["model", "tokenizer"])
+
+    @classmethod
+    def hparam_names(cls) -> tuple[str, ...]:
+        """The keys of conf/algorithm/<name>.yaml whose `_target_` is this class, or else its nearest
+        base class's (a subclass given as `algorithm._target_` takes its parent's); () for a class no
+        file builds. The constructor takes exactly these, and alignlab.runner.config refuses others."""
+        targets = algorithm_targets()
+        for klass in cls.__mro__:
+            name = targets.get(f"{klass.__module__}.{klass.__qualname__}")
+            if name is not None:
+                return algorithm_hparams(name)
+        return ()
 
     # -- config checks, run before any model loads -----------------------------------------
     @classmethod

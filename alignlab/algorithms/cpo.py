@@ -13,10 +13,6 @@ from alignlab.runner.checks import Checks
 class CPO(PairwiseModule):
     """loss = mean(−log σ(β·(log π(y_w) − log π(y_l)))) + cpo_alpha · NLL(y_w). No reference model."""
 
-    hparam_names = ("beta", "cpo_alpha")
-    beta: float
-    cpo_alpha: float
-
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         Checks(algorithm, "algorithm").positive("beta").non_negative("cpo_alpha")

@@ -14,13 +14,7 @@ class DPO(PairwiseModule):
     """loss = mean(dpo_loss) + rpo_alpha · NLL(y_w), against the frozen starting policy: the mean over the
     optimizer step's pairs, the NLL over its chosen tokens."""
 
-    hparam_names = ("beta", "rpo_alpha", "loss_type", "label_smoothing", "precompute_ref_log_probs")
     uses_reference = True
-    beta: float
-    rpo_alpha: float
-    loss_type: str
-    label_smoothing: float
-    precompute_ref_log_probs: bool
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:

@@ -24,40 +24,6 @@ from alignlab.runner.checks import Checks
 class GRPO(OnlineModule):
     rollout_counter = "generation_batches"
     counters = ("generation_batches",)
-    hparam_names = (
-        "num_generations",
-        "scale_rewards",
-        "epsilon",
-        "epsilon_high",
-        "beta",
-        "num_iterations",
-        "loss_type",
-        "mask_truncated_completions",
-        "temperature",
-        "max_completion_length",
-        "reward_funcs",
-        "reward_weights",
-        "micro_batch_size",
-        "generation_chunk_size",
-        "generation_backend",
-        "num_sample_generations",
-    )
-    num_generations: int
-    scale_rewards: str
-    epsilon: float
-    epsilon_high: float | None
-    beta: float
-    num_iterations: int
-    loss_type: str
-    mask_truncated_completions: bool
-    temperature: float
-    max_completion_length: int
-    reward_funcs: list
-    reward_weights: list | None
-    micro_batch_size: int | None
-    generation_chunk_size: int
-    generation_backend: dict | None
-    num_sample_generations: int
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)

@@ -20,12 +20,7 @@ class KTO(AlignmentModule):
     """Batches hold B matched (prompt, answer) rows, then B mismatched ones (prompt i with another
     row's answer) whose policy/reference log-ratio estimates the reference point z₀."""
 
-    hparam_names = ("beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs")
     uses_reference = True
-    beta: float
-    desirable_weight: float
-    undesirable_weight: float
-    precompute_ref_log_probs: bool
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:

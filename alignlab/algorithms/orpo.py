@@ -16,9 +16,6 @@ class ORPO(PairwiseModule):
     λ is the config's `beta` (the name TRL uses).
     """
 
-    hparam_names = ("beta",)
-    beta: float
-
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         Checks(algorithm, "algorithm").positive("beta")

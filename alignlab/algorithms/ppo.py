@@ -32,46 +32,6 @@ log = logging.getLogger(__name__)
 class PPO(OnlineModule):
     uses_reference = True
     counters = ("episodes", "rollouts")
-    hparam_names = (
-        "reward_model",
-        "value_model",
-        "ref_model",
-        "num_ppo_epochs",
-        "num_mini_batches",
-        "micro_batch_size",
-        "local_rollout_forward_batch_size",
-        "generation_backend",
-        "response_length",
-        "temperature",
-        "missing_eos_penalty",
-        "kl_coef",
-        "whiten_rewards",
-        "cliprange",
-        "vf_coef",
-        "cliprange_value",
-        "gamma",
-        "lam",
-        "num_sample_generations",
-    )
-    reward_model: str
-    value_model: str | None
-    ref_model: str | None
-    num_ppo_epochs: int
-    num_mini_batches: int
-    micro_batch_size: int | None
-    local_rollout_forward_batch_size: int
-    generation_backend: dict | None
-    response_length: int
-    temperature: float
-    missing_eos_penalty: float | None
-    kl_coef: float
-    whiten_rewards: bool
-    cliprange: float
-    vf_coef: float
-    cliprange_value: float
-    gamma: float
-    lam: float
-    num_sample_generations: int
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)

@@ -20,9 +20,7 @@ class RM(AlignmentModule):
     The optional per-row margin m comes from the data's `margin` column.
     """
 
-    hparam_names = ("center_rewards_coefficient",)
     generates = False
-    center_rewards_coefficient: float
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(RewardModel(model), tokenizer, optim, evaluation, **hparams)

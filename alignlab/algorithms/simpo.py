@@ -16,11 +16,6 @@ class SimPO(PairwiseModule):
     cpo_alpha = 0 is the original SimPO; > 0 adds CPO's NLL term (CPO-SimPO). No reference model.
     """
 
-    hparam_names = ("beta", "simpo_gamma", "cpo_alpha")
-    beta: float
-    simpo_gamma: float
-    cpo_alpha: float
-
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         Checks(algorithm, "algorithm").positive("beta").non_negative("simpo_gamma", "cpo_alpha")

@@ -58,9 +58,10 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
 def check_algorithm_keys(algorithm: DictConfig, algorithm_class: type, choice: str) -> None:
     """A key the algorithm does not take (e.g. `+algorithm.betta=0.2`) is refused with the closest
     valid name, here rather than by the module's constructor once the model has loaded."""
+    hparams = algorithm_class.hparam_names()  # conf/algorithm/'s keys for that class
     for key in algorithm:
-        if key not in ("_target_", *algorithm_class.hparam_names, *ALGORITHM_META_KEYS):
-            raise unknown_key_error("algorithm", choice, key, algorithm_class.hparam_names)
+        if key not in ("_target_", *hparams, *ALGORITHM_META_KEYS):
+            raise unknown_key_error("algorithm", choice, key, hparams)
 
 
 def task_overrides() -> list[str]:

@@ -10,6 +10,7 @@ this runs before Lightning is imported, so a mistyped override is reported at on
 from __future__ import annotations
 
 import difflib
+import functools
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,10 +43,26 @@ def unknown_key_error(group: str, choice: str, key: str, settings: Sequence[str]
     )
 
 
-def algorithm_hparams(name: str) -> list[str]:
-    """The hyper-parameter keys of conf/algorithm/<name>.yaml."""
+@functools.cache
+def algorithm_hparams(name: str) -> tuple[str, ...]:
+    """The hyper-parameter keys of conf/algorithm/<name>.yaml: the one place an algorithm's
+    hyper-parameters are named (with their defaults and comments). The module class takes exactly these
+    (AlignmentModule.hparam_names), and config checks refuse any other key."""
     cfg = OmegaConf.load(CONFIG_DIR / "algorithm" / f"{name}.yaml")
-    return [k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS)]
+    return tuple(k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS))
+
+
+@functools.cache
+def algorithm_targets() -> dict[str, str]:
+    """{class path in `_target_`: algorithm name} over conf/algorithm/*.yaml, which lets a module class
+    find its own config file. Raises ConfigError when two files name the same class."""
+    found: dict[str, str] = {}
+    for path in sorted((CONFIG_DIR / "algorithm").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if target in found:
+            raise ConfigError(f"conf/algorithm/{found[target]}.yaml and {path.name} both build {target}")
+        found[target] = path.stem
+    return found
 
 
 def _values(override) -> list:

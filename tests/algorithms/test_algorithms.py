@@ -186,3 +186,32 @@ def test_a_module_refuses_missing_or_unknown_hyper_parameters(tiny):
         TypeError, match=r"missing \['label_smoothing', 'precompute_ref_log_probs'\], unknown \['gamma'\]"
     ):
         DPO(model, tokenizer, OPTIM, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", gamma=1.0)
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "cpo", "orpo", "simpo", "rm", "ppo", "grpo"])
+def test_a_module_takes_exactly_the_keys_of_its_config_file(name):
+    """conf/algorithm/<name>.yaml is the one place a hyper-parameter is written: the class it builds
+    reads its names from there, and declares none of its own."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from alignlab.runner.preflight import ALGORITHM_META_KEYS
+    from tests.conftest import CONF
+
+    cfg = OmegaConf.load(CONF / "algorithm" / f"{name}.yaml")
+    keys = [k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS)]
+    cls = get_class(cfg._target_)
+    assert cls.hparam_names() == tuple(keys)
+    assert "hparam_names" not in vars(cls) and not set(keys) & set(vars(cls).get("__annotations__", {}))
+
+    class Custom(cls):  # a subclass given as algorithm._target_ takes its parent's hyper-parameters
+        pass
+
+    assert Custom.hparam_names() == tuple(keys)
+
+
+def test_a_class_no_config_file_builds_takes_no_hyper_parameters():
+    from alignlab.algorithms.base import AlignmentModule
+    from alignlab.algorithms.pairwise import PairwiseModule
+
+    assert AlignmentModule.hparam_names() == PairwiseModule.hparam_names() == ()
