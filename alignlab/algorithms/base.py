@@ -10,15 +10,14 @@ and `eval/<name>`.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from alignlab.algorithms.reference_scoring import ReferenceScoring
 from alignlab.errors import NonFiniteLossError
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
@@ -28,8 +27,6 @@ from alignlab.runner import preflight
 from alignlab.runner.checks import Checks
 from alignlab.runner.preflight import algorithm_hparams, algorithm_targets
 from alignlab.runner.resume import rng_state, set_rng_state
-
-log = logging.getLogger(__name__)
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -63,7 +60,7 @@ class AlignmentModule(L.LightningModule):
     disables_dropout: bool = False
     # Plain attributes a resumed run must continue from (e.g. PPO's episode count), saved in checkpoints.
     counters: tuple[str, ...] = ()
-    # Offline algorithms with a reference make this a hyper-parameter: score every row once (see below).
+    # Offline algorithms with a reference make this a hyper-parameter: score every row once (configure_callbacks).
     precompute_ref_log_probs: bool = False
     # The answer-only log-prob path has been compared with the model's own forward (see check_logprobs).
     logprobs_checked: bool = False
@@ -129,46 +126,23 @@ class AlignmentModule(L.LightningModule):
         for model in self.frozen:
             model.to(self.device)
 
-    # -- reference log-probs computed once -------------------------------------------------------
-    def on_train_start(self) -> None:
-        if self.precompute_ref_log_probs:
-            # Training's micro-batch size: known to fit in memory, and long rows in large batches would
-            # make attention (quadratic in length) slow.
-            self.cache_reference(self.score_reference, batch_size=self.trainer.datamodule.batch_size)
+    # -- reference log-probs computed once (alignlab.algorithms.reference_scoring) --------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """ReferenceScoring with precompute_ref_log_probs, so that every trainer fitting this module
+        scores the rows once before the first step, without a callback in its config."""
+        return [ReferenceScoring()] if self.precompute_ref_log_probs else []
 
     def score_reference(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The reference's per-row values for a batch, by the names batches carry once cached."""
+        """The reference's per-row values for a batch ({name: [rows] tensor}), by the names batches
+        carry once the DataModule holds them."""
         raise NotImplementedError(f"{type(self).__name__} has no reference values to cache")
 
-    @torch.no_grad()
-    def cache_reference(self, score, batch_size: int = 64) -> None:
-        """Score every row of both splits with the frozen reference once and keep the values in the
-        rows (batches then carry them as `ref_*` entries), then let a reference copy go: it is not
-        needed again. `score(batch) -> {name: [rows] tensor}`. Rows are scored in order of length,
-        so the batches pad little. Every process scores every row (the reference is fixed).
-
-        A SIGTERM or SIGINT (alignlab.runner.resume.CheckpointOnSignal) stops it after the current batch,
-        as it stops training: raises SIGTERMException, and the run ends with a checkpoint."""
-        datamodule = self.trainer.datamodule
-        total, scored = sum(len(rows) for rows in datamodule.splits.values()), 0
-        log.info("scoring %d rows with the reference model once (precompute_ref_log_probs)", total)
-        for rows in datamodule.splits.values():
-            order = sorted(range(len(rows)), key=lambda i: datamodule.length(rows[i]))
-            for start in range(0, len(order), batch_size):
-                if self.trainer.received_sigterm:
-                    log.warning("stopped scoring with the reference after %d of %d rows", scored, total)
-                    raise SIGTERMException
-                chunk = [rows[i] for i in order[start : start + batch_size]]
-                scored += len(chunk)
-                batch = datamodule.collate(chunk, with_prompts=False)
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                self.check_logprobs(batch)  # before the first scores, not at the first training batch
-                for name, values in score(batch).items():
-                    for row, value in zip(chunk, values.tolist()):
-                        row[name] = value
+    def release_reference(self) -> None:
+        """Let a reference copy go once batches carry its values: it is not needed again (a disabled
+        adapter costs no memory, so it stays)."""
         if self.reference is not None and self.reference.copy is not None:
             self.frozen = [m for m in self.frozen if m is not self.reference]
-            self.reference = None  # the copy's memory goes back; batches carry its values from now on
+            self.reference = None
 
     # -- log-probs: the answer-only path checked against the model's own forward, once per run ----
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -16,6 +17,17 @@ from alignlab.runner.checks import Checks
 log = logging.getLogger(__name__)
 
 
+class WeightAdvice(L.Callback):
+    """At fit start, a warning when λ_D·n_D / (λ_U·n_U) over the training rows is outside the paper's
+    [1, 4/3] (alignlab.losses.kto_weight_advice), with the weights that bring it back."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: KTO) -> None:
+        desirable, undesirable = trainer.datamodule.label_counts("train")
+        advice = kto_weight_advice(desirable, undesirable, pl_module.desirable_weight, pl_module.undesirable_weight)
+        if advice and trainer.is_global_zero:
+            log.warning(advice)
+
+
 class KTO(AlignmentModule):
     """Batches hold B matched (prompt, answer) rows, then B mismatched ones (prompt i with another
     row's answer) whose policy/reference log-ratio estimates the reference point z₀."""
@@ -26,14 +38,8 @@ class KTO(AlignmentModule):
     def check_config(cls, algorithm: DictConfig) -> None:
         Checks(algorithm, "algorithm").positive("beta").non_negative("desirable_weight", "undesirable_weight")
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        labels = [ex["label"] for ex in self.trainer.datamodule.splits["train"]]
-        advice = kto_weight_advice(
-            sum(labels), len(labels) - sum(labels), self.desirable_weight, self.undesirable_weight
-        )
-        if advice and self.trainer.is_global_zero:
-            log.warning(advice)
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [*super().configure_callbacks(), WeightAdvice()]
 
     def score_reference(self, batch: dict) -> dict[str, torch.Tensor]:
         n, ref = self.rows_in(batch), self.reference.answer_logprobs(batch)

@@ -3,8 +3,8 @@
 Layout of an answer batch (the shape the log-prob code and later speed work rely on):
 - input_ids, attention_mask: [N, T] right-padded per batch to the longest row
 - loss_mask: [N, T], 1 on answer tokens (the positions whose log-prob counts), 0 on prompt and pad
-- index: [rows] position of each row in its split, the key for cached per-row values
-  (e.g. reference log-probs); `ref_*` values and numeric columns such as `margin` are stacked alongside.
+- index: [rows] position of each row in its split; numeric columns such as `margin` and values computed
+  once per row (AlignmentDataModule.add_row_values, e.g. reference log-probs) are stacked alongside.
 Pairwise batches put the B chosen sequences first and the B rejected ones after, so one forward
 pass serves both halves.
 """

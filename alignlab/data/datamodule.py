@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -38,8 +39,8 @@ class AlignmentDataModule(L.LightningDataModule):
     kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)
     # Text columns that travel with eval batches (for exact-match and reward functions).
     passthrough: tuple[str, ...] = ("solution",)
-    # Per-row numbers that travel with every batch as float tensors (e.g. a reward-model margin);
-    # a row without one counts as 0.
+    # Per-row numbers of the data that travel with every batch as float tensors (e.g. a reward-model
+    # margin); a row without one counts as 0. Values computed later join them (add_row_values).
     numeric_columns: tuple[str, ...] = ()
     # Online algorithms split each batch into mini-batches, so a short last batch is dropped.
     drop_last_train: bool = False
@@ -77,6 +78,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows
         self._rows: dict[str, list[dict]] | None = None
         self._derived: dict[int, dict] = {}  # id(row made from another row, e.g. unpaired) → that row
+        self.row_values: dict[str, None] = {}  # names given by add_row_values, in order: numbers batches carry
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
 
     # -- subclasses ----------------------------------------------------------------------------
@@ -247,9 +249,44 @@ class AlignmentDataModule(L.LightningDataModule):
             self.order.step()  # the batch is about to be trained on: a checkpoint from now on counts it
         return batch
 
+    # -- values computed from the rows once, carried by every batch afterwards ------------------
+    def scoring_batches(self) -> list[tuple[str, list[int]]]:
+        """Every row of every split once, as (split, positions in that split) batches of `batch_size`
+        rows (training's micro-batch: known to fit in memory), each split's rows in order of length so
+        that batches pad little and long rows do not meet in large batches (attention is quadratic).
+        Collate one with `collate_rows`; give values back with `add_row_values`."""
+        batches = []
+        for split, rows in self.splits.items():
+            order = sorted(range(len(rows)), key=lambda i: self.length(rows[i]))
+            batches += [
+                (split, order[start : start + self.batch_size]) for start in range(0, len(order), self.batch_size)
+            ]
+        return batches
+
+    def collate_rows(self, split: str, positions: list[int]) -> dict:
+        """The answer batch (no prompts) of some rows of a split, by their positions in it."""
+        rows = self.splits[split]
+        return self.collate([rows[i] for i in positions], with_prompts=False)
+
+    def add_row_values(
+        self, split: str, positions: list[int], values: dict[str, Sequence[float] | torch.Tensor]
+    ) -> None:
+        """Keep per-row numbers computed outside the data (e.g. a frozen reference's log-probs, see
+        alignlab.algorithms.reference_scoring): `values[name][j]` belongs to the row at `positions[j]`
+        of `split`. From then on every batch carries each name as a float32 [rows] tensor (a row not
+        given one counts as 0), as it does the data's numeric columns."""
+        rows = self.splits[split]
+        for name, column in values.items():
+            column = column.tolist() if torch.is_tensor(column) else list(column)
+            if len(column) != len(positions):
+                raise ValueError(f"{name}: {len(column)} values for {len(positions)} rows")
+            for i, value in zip(positions, column):
+                rows[i][name] = value
+            self.row_values[name] = None
+
     def _extras(self, examples: list[dict], with_prompts: bool) -> dict:
         keys = dict.fromkeys(k for e in examples for k in e)  # a column only some rows give is the batch's
-        numeric = [k for k in keys if k.startswith("ref_") or k in self.numeric_columns]
+        numeric = [k for k in keys if k in self.numeric_columns or k in self.row_values]
         text = [k for k in self.passthrough if k in keys] if with_prompts else []
         out = collate_prompts([e["prompt_ids"] for e in examples], self.pad_id) if with_prompts else {}
         return {**out, **collate_extras(examples, numeric, text)}
@@ -336,6 +373,11 @@ class LabelledDataModule(AlignmentDataModule):
                     self._derived[id(row)] = pair  # a template error names the pair's file row
                     out[split].append(row)
         return out
+
+    def label_counts(self, split: str) -> tuple[int, int]:
+        """(desirable, undesirable) rows of a split, after setup."""
+        desirable = sum(ex["label"] for ex in self.splits[split])
+        return desirable, len(self.splits[split]) - desirable
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         encoded = self.encode_rows(rows, ("completion",))

@@ -665,3 +665,43 @@ def test_no_pair_left_after_truncation_is_an_error_naming_max_length(tiny):
         "the same tokens once cut to max_length=40 (they differ only after it); raise max_length, or shorten what "
         "the two answers share"
     )
+
+
+def test_values_added_to_rows_travel_with_every_batch_and_the_data_knows_no_prefix(tiny):
+    """add_row_values is how numbers computed from the rows (e.g. reference log-probs) come back: any
+    name, in scoring batches' order, carried as float32 [rows] tensors; a key only written into a row
+    is not. The data layer names no algorithm's values."""
+    import re
+
+    import torch
+
+    import alignlab.data
+
+    _, tokenizer = tiny
+    rows = [
+        to_canonical({"prompt": p, "chosen": c * (i + 1), "rejected": r, "solution": c}, "pairwise", "mem", i)
+        for i, (p, c, r) in enumerate(PAIRS)
+    ]
+    dm = PairwiseDataModule(ListSource(rows), batch_size=3, eval_batch_size=4, max_length=64, shuffle=False)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    batches = dm.scoring_batches()
+    for split in ("train", "eval"):  # every row once, shortest first, batch_size rows at a time
+        positions = [i for s, chunk in batches if s == split for i in chunk]
+        assert sorted(positions) == list(range(4))
+        assert [dm.length(dm.splits[split][i]) for i in positions] == sorted(dm.length(ex) for ex in dm.splits[split])
+    assert [len(chunk) for _, chunk in batches] == [3, 1, 3, 1]
+    for split, chunk in batches:
+        batch = dm.collate_rows(split, chunk)
+        assert batch["index"].tolist() == chunk and "prompt_input_ids" not in batch
+        dm.add_row_values(split, chunk, {"score": batch["index"].double() / 3, "other": [1.5] * len(chunk)})
+    dm.splits["train"][0]["ref_unlisted"] = 7.0  # written into a row, not given: not the batch's
+    train = next(iter(dm.train_dataloader()))
+    assert train["score"].dtype == torch.float32 and "ref_unlisted" not in train
+    assert torch.equal(train["score"], (train["index"].double() / 3).float())
+    assert train["other"].tolist() == [1.5, 1.5, 1.5]
+    assert next(iter(dm.val_dataloader()))["score"].tolist() == torch.tensor([0, 1 / 3, 2 / 3, 1]).tolist()
+    with pytest.raises(ValueError, match="score: 1 values for 2 rows"):
+        dm.add_row_values("train", [0, 1], {"score": [0.0]})
+    data = Path(alignlab.data.__file__).parent
+    assert not [p.name for p in data.glob("*.py") if re.search(r"\bref_", p.read_text())]

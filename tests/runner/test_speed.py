@@ -62,23 +62,27 @@ REFERENCE_METRICS = {
 
 @pytest.mark.parametrize("algorithm", ["dpo", "kto"])
 def test_precomputed_reference_log_probs_change_nothing_and_free_the_reference(tmp_path, monkeypatch, algorithm):
-    from alignlab.algorithms.base import AlignmentModule
+    from alignlab.algorithms.reference_scoring import ReferenceScoring
 
     name = f"algorithm={algorithm}"
     live = run(tmp_path, "live", name, "algorithm.precompute_ref_log_probs=false")
     calls = {"scored": 0, "in_training": 0}
-    cache = AlignmentModule.cache_reference
+    prescore = ReferenceScoring.on_train_start
 
-    def counted(self, score, **kwargs):
+    def counted(self, trainer, module):
+        score = module.score_reference
+
         def counted_score(batch):
             calls["scored"] += 1
-            calls["in_training"] += self.trainer.global_step > 0
+            calls["in_training"] += trainer.global_step > 0
             return score(batch)
 
-        cache(self, counted_score, **kwargs)
-        assert self.reference is None  # the copy is freed once every row carries its values
+        module.score_reference = counted_score
+        prescore(self, trainer, module)
+        del module.score_reference
+        assert module.reference is None  # the copy is freed once every row carries its values
 
-    monkeypatch.setattr(AlignmentModule, "cache_reference", counted)
+    monkeypatch.setattr(ReferenceScoring, "on_train_start", counted)
     cached = run(tmp_path, "cached", name, "algorithm.precompute_ref_log_probs=true")
     assert calls["scored"] > 0 and calls["in_training"] == 0  # scored once, before the first step
     assert_same(live, cached, REFERENCE_METRICS[algorithm])
