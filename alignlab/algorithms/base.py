@@ -99,7 +99,7 @@ class AlignmentModule(L.LightningModule):
         for klass in cls.__mro__:
             name = targets.get(f"{klass.__module__}.{klass.__qualname__}")
             if name is not None:
-                return algorithm_hparams(name)
+                return tuple(algorithm_hparams(name))
         return ()
 
     # -- config checks, run before any model loads -----------------------------------------

@@ -43,13 +43,12 @@ def unknown_key_error(group: str, choice: str, key: str, settings: Sequence[str]
     )
 
 
-@functools.cache
-def algorithm_hparams(name: str) -> tuple[str, ...]:
+def algorithm_hparams(name: str) -> list[str]:
     """The hyper-parameter keys of conf/algorithm/<name>.yaml: the one place an algorithm's
     hyper-parameters are named (with their defaults and comments). The module class takes exactly these
     (AlignmentModule.hparam_names), and config checks refuse any other key."""
     cfg = OmegaConf.load(CONFIG_DIR / "algorithm" / f"{name}.yaml")
-    return tuple(k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS))
+    return [k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS)]
 
 
 @functools.cache
