@@ -25,7 +25,6 @@ from alignlab.models.reference import ReferenceModel
 from alignlab.online.generation import answer_texts, cut_at_stop, exact_match, generate, stop_token_ids
 from alignlab.runner import preflight
 from alignlab.runner.checks import Checks
-from alignlab.runner.preflight import algorithm_hparams, algorithm_targets
 from alignlab.runner.resume import rng_state, set_rng_state
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -95,11 +94,11 @@ class AlignmentModule(L.LightningModule):
         """The keys of conf/algorithm/<name>.yaml whose `_target_` is this class, or else its nearest
         base class's (a subclass given as `algorithm._target_` takes its parent's); () for a class no
         file builds. The constructor takes exactly these, and alignlab.runner.config refuses others."""
-        targets = algorithm_targets()
+        targets = preflight.algorithm_targets()
         for klass in cls.__mro__:
             name = targets.get(f"{klass.__module__}.{klass.__qualname__}")
             if name is not None:
-                return tuple(algorithm_hparams(name))
+                return tuple(preflight.algorithm_hparams(name))
         return ()
 
     # -- config checks, run before any model loads -----------------------------------------

@@ -96,12 +96,10 @@ def test_only_precomputing_modules_bring_the_callback(tiny):
 
 
 def test_modules_never_reach_into_the_trainers_datamodule():
-    """Data flows one way: callbacks hand rows and values between module and DataModule. PPO's and
-    GRPO's sample tables are being moved off it separately (issue 17, item 2)."""
-    pending = {"ppo.py", "grpo.py"}
+    """Data flows one way: callbacks hand rows and values between a module and the DataModule."""
     found = [
         p.name
         for p in (ROOT / "alignlab" / "algorithms").glob("*.py")
-        if p.name not in pending and re.search(r"self\.(_)?trainer\.datamodule", p.read_text())
+        if re.search(r"self\.(_)?trainer\.datamodule", p.read_text())
     ]
     assert found == []
