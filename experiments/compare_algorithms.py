@@ -19,8 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from alignlab.models.logprobs import answer_logprobs
-from alignlab.online.rollout import response_positions, sample
+from alignlab.online.rollout import sample, token_logprobs
 from alignlab.results import load_sweep
 from alignlab.runner.config import compose
 from alignlab.train import train
@@ -59,8 +58,8 @@ def kl_to_reference(policy_dir: str, reference_dir: str, samples_per_prompt: int
     for batch in data.val_dataloader():
         drawn = sample(policy, tokenizer, batch, 8, 1.0, 1024, num_per_prompt=samples_per_prompt)
         length = drawn.mask.shape[1]
-        logp = response_positions(answer_logprobs(policy, drawn.seqs).token_logps, drawn.starts, length)
-        ref = response_positions(answer_logprobs(reference, drawn.seqs).token_logps, drawn.starts, length)
+        logp = token_logprobs(policy, drawn.seqs, drawn.starts, length)
+        ref = token_logprobs(reference, drawn.seqs, drawn.starts, length)
         total += float(((logp - ref) * drawn.mask).sum())
         count += drawn.mask.shape[0]
     return total / count

@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab.algorithms.online import OnlineModule
 from alignlab.errors import ConfigError
 from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
-from alignlab.online.backends import check_backend_spec
 from alignlab.online.generation import answer_texts
 from alignlab.online.rewards import build_reward_function, call_reward_function
 from alignlab.online.rollout import token_logprobs
@@ -42,15 +41,12 @@ class GRPO(OnlineModule):
     # -- config ---------------------------------------------------------------------------------
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
-        checks = Checks(algorithm, "algorithm").at_least(2, "num_generations").positive("epsilon", "temperature")
+        super().check_config(algorithm)
+        checks = Checks(algorithm, "algorithm").at_least(2, "num_generations").positive("epsilon")
         checks.non_negative("beta").at_least(1, "num_iterations", "max_completion_length", "generation_chunk_size")
         checks.one_of("loss_type", GRPO_LOSS_TYPES).one_of("scale_rewards", SCALE_REWARDS)
-        checks.at_least(0, "num_sample_generations")
-        check_backend_spec(algorithm.generation_backend)
         if algorithm.epsilon_high is not None:
             checks.positive("epsilon_high")
-        if algorithm.micro_batch_size is not None:
-            checks.at_least(1, "micro_batch_size")
         funcs = OmegaConf.to_container(algorithm.reward_funcs)
         if not funcs:
             raise ConfigError("algorithm.reward_funcs must name at least one reward function")

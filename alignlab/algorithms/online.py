@@ -13,11 +13,13 @@ a rollout takes (`steps_per_rollout`). Its config gives `generation_backend`, `t
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
-from alignlab.online.backends import build_backend
+from alignlab.online.backends import build_backend, check_backend_spec
 from alignlab.online.rollout import Samples, prompt_ids, sample
 from alignlab.online.samples import log_samples, with_columns
+from alignlab.runner.checks import Checks
 
 
 class OnlineModule(AlignmentModule):
@@ -33,6 +35,17 @@ class OnlineModule(AlignmentModule):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
         self.automatic_optimization = False  # several optimizer steps per rollout
         self.backend = build_backend(self.generation_backend)
+
+    # -- config ---------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, algorithm: DictConfig) -> None:
+        """The keys every online algorithm has: `temperature` > 0, `num_sample_generations` >= 0, a
+        `generation_backend` that imports, a `micro_batch_size` of null or >= 1. A subclass checks its
+        own keys after calling this. Raises ConfigError naming the key."""
+        checks = Checks(algorithm, "algorithm").positive("temperature").at_least(0, "num_sample_generations")
+        check_backend_spec(algorithm.generation_backend)
+        if algorithm.micro_batch_size is not None:
+            checks.at_least(1, "micro_batch_size")
 
     # -- the algorithm --------------------------------------------------------------------------
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], int]:

@@ -21,7 +21,6 @@ from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten
 from alignlab.models.reference import Frozen
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
-from alignlab.online.backends import check_backend_spec
 from alignlab.online.generation import cut_at_stop, stop_token_ids
 from alignlab.online.rollout import pack, prompt_ids, response_positions, token_logprobs
 from alignlab.runner.checks import Checks
@@ -54,14 +53,11 @@ class PPO(OnlineModule):
     # -- config ---------------------------------------------------------------------------------
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
+        super().check_config(algorithm)
         checks = Checks(algorithm, "algorithm")
-        checks.non_negative("kl_coef", "vf_coef").positive("cliprange", "cliprange_value", "temperature")
+        checks.non_negative("kl_coef", "vf_coef").positive("cliprange", "cliprange_value")
         checks.within("gamma", 0, 1).within("lam", 0, 1)
         checks.at_least(1, "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size", "response_length")
-        checks.at_least(0, "num_sample_generations")
-        check_backend_spec(algorithm.generation_backend)
-        if algorithm.micro_batch_size is not None:
-            checks.at_least(1, "micro_batch_size")
         if algorithm.missing_eos_penalty is not None:
             checks.non_negative("missing_eos_penalty")
         for key in ("reward_model", "value_model"):
