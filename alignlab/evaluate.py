@@ -1,0 +1,213 @@
+"""Measure a trained model on a data set's held-out split and write a small JSON report.
+
+    python -m alignlab.evaluate --model outputs/dpo/<run>/model data=arith_pairs
+    python -m alignlab.evaluate --model <run>/model --ref-model <sft run>/model data=custom_pairs \
+        data.source.path=pairs.jsonl
+    python -m alignlab.evaluate --model <run>/model --reward-model <rm run>/model data=arith_sft --output report.json
+
+The words after the options are Hydra overrides, composed as `python -m alignlab` composes them
+(alignlab.runner.config.compose): `data=` picks the data set, `eval_batch_size`, `max_length`,
+`evaluation.max_new_tokens`, `model.dtype` and the data's own keys apply. The held-out split is the
+one training validates on, so give the data overrides the training run had. What is measured
+depends on what the data and the options give:
+
+- `exact_match`: the share of greedy answers equal to the row's `solution` (any data kind with that
+  column, e.g. the bundled arithmetic task), as training's eval/exact_match counts it.
+- pairwise data, `preference_accuracy`: the share of pairs with log π(chosen) > log π(rejected) (sums
+  over answer tokens: the model's own preference, its implicit reward without a reference).
+- with `--ref-model`, `implicit_reward_accuracy`: the share with (log π − log π_ref)(chosen) >
+  (log π − log π_ref)(rejected), DPO's implicit reward (training's rewards/accuracies), and
+  `chosen_logratio`: the mean of log π(chosen) − log π_ref(chosen) over pairs, a sample estimate of
+  the sequence-level KL(π_ref ‖ π) direction on the data's answers (nats; per answer token:
+  `chosen_logratio_per_token`).
+- with `--reward-model`, `win_rate`: the share of prompts whose greedy answer the reward model scores
+  above the baseline answer (a tie counts one half): the data's `chosen` (pairwise) or `completion`
+  (SFT) answer, or `--baseline-model`'s greedy answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from alignlab.generate import answer_batch, complete, load_policy
+
+__all__ = ["evaluate", "main"]
+
+# The data's own answer a model's answer is compared with under a reward model, by data kind.
+BASELINE_COLUMN = {"pairwise": "chosen", "sft": "completion"}
+
+
+def _share(hits: list[float]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+@torch.no_grad()
+def evaluate(
+    model_folder: str,
+    overrides: Sequence[str] = (),
+    ref_model: str | None = None,
+    reward_model: str | None = None,
+    baseline_model: str | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The report (see the module docstring) for the model in `model_folder` on the held-out split of
+    the data `overrides` compose to.
+
+    Raises:
+        ConfigError: overrides that do not compose, a required data key not set, a win rate without a
+            baseline. DataError: bad data, or no held-out rows. ModelLoadError: a folder without a model.
+    """
+    from hydra.errors import HydraException
+    from hydra.utils import instantiate
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from omegaconf import OmegaConf
+
+    from alignlab.errors import ConfigError, DataError
+    from alignlab.models.logprobs import answer_logprobs
+    from alignlab.models.reference import ReferenceModel
+    from alignlab.models.reward import RewardScorer
+    from alignlab.online.generation import exact_match
+    from alignlab.runner.config import compose
+
+    try:
+        cfg = compose(list(overrides))
+    except HydraException as e:
+        raise ConfigError(f"the overrides {list(overrides)} do not compose: {e}") from None
+    missing = [f"data.{k}" for k in OmegaConf.missing_keys(cfg.data)]
+    if missing:
+        raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
+    datamodule = instantiate(cfg.data)
+    kind = datamodule.kind
+    if reward_model and not baseline_model and kind not in BASELINE_COLUMN:
+        raise ConfigError(
+            f"a win rate compares the model's answers with other answers, and {kind} data has none: give "
+            "--baseline-model <folder>, or pairwise (chosen) or SFT (completion) data"
+        )
+    # Batches carry each row's prompt messages and answers as text: a reward model reads text, in its
+    # own tokenizer, and a baseline model encodes prompts with its own.
+    datamodule.passthrough = (*datamodule.passthrough, "prompt", *BASELINE_COLUMN.values())
+    describe = getattr(datamodule.source, "describe", lambda: type(datamodule.source).__name__)()
+    if not datamodule.read().get("eval"):
+        raise DataError(
+            describe,
+            "has no held-out rows to evaluate on; give data.source.eval_path, or hold rows out with "
+            "data.source.eval_fraction > 0",
+        )
+
+    model, tokenizer = load_policy(model_folder, device, cfg.model)
+    datamodule.set_tokenizer(tokenizer)
+    datamodule.setup()
+    reference = None
+    if ref_model:
+        reference = ReferenceModel.of(model, ref_model).to(torch.device(device))
+        if reference.copy.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ConfigError(
+                f"--ref-model {ref_model} has a smaller vocabulary than {model_folder}'s tokenizer; the "
+                "reference must share the policy's tokenizer (e.g. the model the run started from)"
+            )
+    scorer = RewardScorer(reward_model, device, cfg.eval_batch_size) if reward_model else None
+    baseline = load_policy(baseline_model, device, cfg.model) if baseline_model else None
+    max_new_tokens = cfg.evaluation.max_new_tokens
+
+    matched, preferred, implicit, logratios, wins = [], [], [], [], []
+    ratio_tokens = 0.0
+    for batch in datamodule.val_dataloader():
+        batch = move_data_to_device(batch, torch.device(device))
+        solutions = batch.get("solution")
+        answers = None
+        if scorer is not None or (solutions and any(s is not None for s in solutions)):
+            answers = answer_batch(
+                model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"], max_new_tokens
+            )
+        if answers is not None and solutions:
+            given = [i for i, s in enumerate(solutions) if s is not None]  # a row without one is not counted
+            matched += exact_match([answers[i] for i in given], [solutions[i] for i in given]).tolist()
+        if kind == "pairwise":
+            logps = answer_logprobs(model, batch)
+            rows = len(logps.logps) // 2  # B chosen sequences, then B rejected
+            chosen, rejected = logps.logps[:rows], logps.logps[rows:]
+            preferred += (chosen > rejected).float().tolist()
+            if reference is not None:
+                ref = reference.answer_logprobs(batch).logps
+                ratio_chosen, ratio_rejected = chosen - ref[:rows], rejected - ref[rows:]
+                implicit += (ratio_chosen > ratio_rejected).float().tolist()
+                logratios += ratio_chosen.tolist()
+                ratio_tokens += logps.num_tokens[:rows].sum().item()
+        if scorer is not None:
+            prompts = batch["prompt"]
+            if baseline is not None:
+                others = complete(
+                    *baseline, prompts, max_new_tokens, len(prompts), system_prompt=datamodule.system_prompt
+                )
+            else:
+                others = batch[BASELINE_COLUMN[kind]]
+            ours, theirs = scorer.score(prompts, answers), scorer.score(prompts, others)
+            wins += [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)]
+
+    metrics, counts = {}, {}
+    if matched:
+        metrics["exact_match"], counts["exact_match"] = _share(matched), len(matched)
+    if preferred:
+        metrics["preference_accuracy"], counts["pairs"] = _share(preferred), len(preferred)
+    if implicit:
+        metrics["implicit_reward_accuracy"] = _share(implicit)
+        metrics["chosen_logratio"] = _share(logratios)
+        metrics["chosen_logratio_per_token"] = sum(logratios) / max(ratio_tokens, 1.0)
+    if wins:
+        metrics["win_rate"] = _share(wins)
+        counts.update(wins=wins.count(1.0), ties=wins.count(0.5), losses=wins.count(0.0))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {
+        "model": str(model_folder),
+        "ref_model": ref_model,
+        "reward_model": reward_model,
+        "baseline": (baseline_model or BASELINE_COLUMN[kind]) if reward_model else None,
+        "data": {"overrides": list(overrides), "kind": kind, "module": data["_target_"], "source": data["source"]},
+        "split": "eval",
+        "rows": len(datamodule.splits["eval"]),
+        "dropped_rows": datamodule.dropped.get("eval", 0),
+        "max_new_tokens": max_new_tokens,
+        "metrics": metrics,
+        "counts": counts,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from alignlab.errors import AlignlabError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m alignlab.evaluate",
+        description="Measure a trained model on a data set's held-out split; the report is JSON.",
+    )
+    parser.add_argument("--model", required=True, help="the model folder (<run>/model, <run>/adapter) or a Hub id")
+    parser.add_argument("--ref-model", help="a reference model folder: DPO implicit reward accuracy and log-ratio")
+    parser.add_argument("--reward-model", help="a reward-model folder: win rate of the model's greedy answers")
+    parser.add_argument("--baseline-model", help="with --reward-model: compare with this model's greedy answers")
+    parser.add_argument("--output", help="also write the report to this JSON file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=arith_pairs eval_batch_size=32")
+    args = parser.parse_args(argv)
+    if args.baseline_model and not args.reward_model:
+        parser.error("--baseline-model needs --reward-model (the win rate compares the two models' answers)")
+    try:
+        report = evaluate(
+            args.model, args.overrides, args.ref_model, args.reward_model, args.baseline_model, args.device
+        )
+    except (AlignlabError, OSError) as e:
+        print(f"alignlab.evaluate: error: {e}", file=sys.stderr)
+        return 1
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
