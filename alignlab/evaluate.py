@@ -37,7 +37,7 @@ import torch
 
 from alignlab.generate import answer_batch, complete, load_policy
 
-__all__ = ["evaluate", "main"]
+__all__ = ["build_parser", "evaluate", "main"]
 
 # The data's own answer a model's answer is compared with under a reward model, by data kind.
 BASELINE_COLUMN = {"pairwise": "chosen", "sft": "completion"}
@@ -178,9 +178,8 @@ def evaluate(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from alignlab.errors import AlignlabError
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m alignlab.evaluate`."""
     parser = argparse.ArgumentParser(
         prog="python -m alignlab.evaluate",
         description="Measure a trained model on a data set's held-out split; the report is JSON.",
@@ -192,7 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", help="also write the report to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=arith_pairs eval_batch_size=32")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from alignlab.errors import AlignlabError
+
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)  # overrides may come before, between or after the options
     if args.baseline_model and not args.reward_model:
         parser.error("--baseline-model needs --reward-model (the win rate compares the two models' answers)")
     try:

@@ -22,7 +22,7 @@ import torch
 
 from alignlab.algorithms.base import MAX_NEW_TOKENS
 
-__all__ = ["answer_batch", "complete", "load_policy", "main", "write_jsonl"]
+__all__ = ["answer_batch", "build_parser", "complete", "load_policy", "main", "write_jsonl"]
 
 
 def load_policy(folder: str | os.PathLike, device: str | torch.device = "cpu", model_cfg=None):
@@ -131,12 +131,8 @@ def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     os.replace(tmp, out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from alignlab.data.files import read_rows
-    from alignlab.data.rows import to_canonical
-    from alignlab.data.tokenize import TemplateRefusal
-    from alignlab.errors import AlignlabError, DataError
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m alignlab.generate`."""
     parser = argparse.ArgumentParser(
         prog="python -m alignlab.generate", description="Answer prompts with a trained model."
     )
@@ -155,6 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--system-prompt", choices=("keep", "merge"), default="keep", help="as data.system_prompt")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="as model.dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from alignlab.data.files import read_rows
+    from alignlab.data.rows import to_canonical
+    from alignlab.data.tokenize import TemplateRefusal
+    from alignlab.errors import AlignlabError, DataError
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         parser.error("--batch-size and --max-new-tokens must be >= 1 and --temperature >= 0")
