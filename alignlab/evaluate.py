@@ -1,8 +1,7 @@
 """Measure a trained model on a data set's held-out split and write a small JSON report.
 
     python -m alignlab.evaluate --model outputs/dpo/<run>/model data=arith_pairs
-    python -m alignlab.evaluate --model <run>/model --ref-model <sft run>/model data=custom_pairs \
-        data.source.path=pairs.jsonl
+    python -m alignlab.evaluate --model <run>/model --ref-model <sft>/model data=custom_pairs data.source.path=p.jsonl
     python -m alignlab.evaluate --model <run>/model --reward-model <rm run>/model data=arith_sft --output report.json
 
 The words after the options are Hydra overrides, composed as `python -m alignlab` composes them
@@ -17,9 +16,9 @@ depends on what the data and the options give:
   over answer tokens: the model's own preference, its implicit reward without a reference).
 - with `--ref-model`, `implicit_reward_accuracy`: the share with (log π − log π_ref)(chosen) >
   (log π − log π_ref)(rejected), DPO's implicit reward (training's rewards/accuracies), and
-  `chosen_logratio`: the mean of log π(chosen) − log π_ref(chosen) over pairs, a sample estimate of
-  the sequence-level KL(π_ref ‖ π) direction on the data's answers (nats; per answer token:
-  `chosen_logratio_per_token`).
+  `chosen_logratio`: the mean of log π(chosen) − log π_ref(chosen) over pairs (nats; per answer
+  token: `chosen_logratio_per_token`), how far the model has moved from the reference on the data's
+  chosen answers. KL-style, not a KL: the answers are the data's, not samples of either model.
 - with `--reward-model`, `win_rate`: the share of prompts whose greedy answer the reward model scores
   above the baseline answer (a tie counts one half): the data's `chosen` (pairwise) or `completion`
   (SFT) answer, or `--baseline-model`'s greedy answer.
@@ -79,7 +78,7 @@ def evaluate(
         cfg = compose(list(overrides))
     except HydraException as e:
         raise ConfigError(f"the overrides {list(overrides)} do not compose: {e}") from None
-    missing = [f"data.{k}" for k in OmegaConf.missing_keys(cfg.data)]
+    missing = OmegaConf.missing_keys(cfg.data)  # full keys: data.source.path
     if missing:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
     datamodule = instantiate(cfg.data)
