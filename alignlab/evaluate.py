@@ -31,12 +31,18 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from alignlab.generate import answer_batch, complete, load_policy
 
-__all__ = ["build_parser", "evaluate", "main"]
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from alignlab.data.datamodule import AlignmentDataModule
+
+__all__ = ["build_parser", "evaluate", "held_out_data", "main"]
 
 # The data's own answer a model's answer is compared with under a reward model, by data kind.
 BASELINE_COLUMN = {"pairwise": "chosen", "sft": "completion"}
@@ -44,6 +50,42 @@ BASELINE_COLUMN = {"pairwise": "chosen", "sft": "completion"}
 
 def _share(hits: list[float]) -> float | None:
     return sum(hits) / len(hits) if hits else None
+
+
+def held_out_data(overrides: Sequence[str]) -> tuple[DictConfig, AlignmentDataModule]:
+    """(config, DataModule) for `overrides`: the DataModule built as training builds it, its rows read
+    and checked (no tokenizer yet), its eval batches set to carry each row's prompt messages and
+    answers as text (a reward model reads text in its own tokenizer; a baseline model encodes the
+    prompts with its own).
+
+    Raises:
+        ConfigError: the overrides do not compose, or leave a data key unset. DataError: bad data, or
+            no held-out rows.
+    """
+    from hydra.errors import HydraException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from alignlab.errors import ConfigError, DataError
+    from alignlab.runner.config import compose
+
+    try:
+        cfg = compose(list(overrides))
+    except HydraException as e:
+        raise ConfigError(f"the overrides {list(overrides)} do not compose: {e}") from None
+    missing = OmegaConf.missing_keys(cfg.data)  # full keys: data.source.path
+    if missing:
+        raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
+    datamodule = instantiate(cfg.data)
+    datamodule.passthrough = (*datamodule.passthrough, "prompt", *BASELINE_COLUMN.values())
+    if not datamodule.read().get("eval"):
+        describe = getattr(datamodule.source, "describe", lambda: type(datamodule.source).__name__)()
+        raise DataError(
+            describe,
+            "has no held-out rows to evaluate on; give data.source.eval_path, or hold rows out with "
+            "data.source.eval_fraction > 0",
+        )
+    return cfg, datamodule
 
 
 @torch.no_grad()
@@ -62,41 +104,21 @@ def evaluate(
         ConfigError: overrides that do not compose, a required data key not set, a win rate without a
             baseline. DataError: bad data, or no held-out rows. ModelLoadError: a folder without a model.
     """
-    from hydra.errors import HydraException
-    from hydra.utils import instantiate
     from lightning.fabric.utilities.apply_func import move_data_to_device
     from omegaconf import OmegaConf
 
-    from alignlab.errors import ConfigError, DataError
+    from alignlab.errors import ConfigError
     from alignlab.models.logprobs import answer_logprobs
     from alignlab.models.reference import ReferenceModel
     from alignlab.models.reward import RewardScorer
     from alignlab.online.generation import exact_match
-    from alignlab.runner.config import compose
 
-    try:
-        cfg = compose(list(overrides))
-    except HydraException as e:
-        raise ConfigError(f"the overrides {list(overrides)} do not compose: {e}") from None
-    missing = OmegaConf.missing_keys(cfg.data)  # full keys: data.source.path
-    if missing:
-        raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
-    datamodule = instantiate(cfg.data)
+    cfg, datamodule = held_out_data(overrides)
     kind = datamodule.kind
     if reward_model and not baseline_model and kind not in BASELINE_COLUMN:
         raise ConfigError(
             f"a win rate compares the model's answers with other answers, and {kind} data has none: give "
             "--baseline-model <folder>, or pairwise (chosen) or SFT (completion) data"
-        )
-    # Batches carry each row's prompt messages and answers as text: a reward model reads text, in its
-    # own tokenizer, and a baseline model encodes prompts with its own.
-    datamodule.passthrough = (*datamodule.passthrough, "prompt", *BASELINE_COLUMN.values())
-    describe = getattr(datamodule.source, "describe", lambda: type(datamodule.source).__name__)()
-    if not datamodule.read().get("eval"):
-        raise DataError(
-            describe,
-            "has no held-out rows to evaluate on; give data.source.eval_path, or hold rows out with "
-            "data.source.eval_fraction > 0",
         )
 
     model, tokenizer = load_policy(model_folder, device, cfg.model)
@@ -169,6 +191,7 @@ def evaluate(
         "baseline": (baseline_model or BASELINE_COLUMN[kind]) if reward_model else None,
         "data": {"overrides": list(overrides), "kind": kind, "module": data["_target_"], "source": data["source"]},
         "split": "eval",
+        "max_length": datamodule.max_length,
         "rows": len(datamodule.splits["eval"]),
         "dropped_rows": datamodule.dropped.get("eval", 0),
         "max_new_tokens": max_new_tokens,
