@@ -223,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before, between or after the options
     if args.baseline_model and not args.reward_model:
         parser.error("--baseline-model needs --reward-model (the win rate compares the two models' answers)")
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # found out now, not after the work
+        parser.error(f"--output {args.output}: no such folder to write it in")
     try:
         report = evaluate(
             args.model, args.overrides, args.ref_model, args.reward_model, args.baseline_model, args.device

@@ -164,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         parser.error("--batch-size and --max-new-tokens must be >= 1 and --temperature >= 0")
+    if not Path(args.output).resolve().parent.is_dir():  # found out now, not after the work
+        parser.error(f"--output {args.output}: no such folder to write it in")
     try:
         raw = read_rows(args.input)
         if not raw:

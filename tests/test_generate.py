@@ -72,7 +72,7 @@ def test_writes_each_input_row_with_its_completion(policy, tmp_path):
     assert (
         main(["--model", str(folder), "--input", str(tmp_path / "in.csv"), "--output", str(tmp_path / "c.jsonl")]) == 0
     )
-    assert [r["completion"] for r in read_jsonl(tmp_path / "c.jl")] == [out[0]["completion"], out[2]["completion"]]
+    assert [r["completion"] for r in read_jsonl(tmp_path / "c.jsonl")] == [out[0]["completion"], out[2]["completion"]]
 
 
 def test_prompts_go_through_the_chat_template_as_in_training(policy, monkeypatch):
@@ -164,3 +164,6 @@ def test_errors_name_the_file_row_and_field(policy, tmp_path, capsys):
     )
     assert "no_model: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jl").exists()
+    with pytest.raises(SystemExit):  # a folder that is not there is said before any model loads
+        main(["--model", folder, "--input", str(good), "--output", str(tmp_path / "no_dir" / "o.jsonl")])
+    assert f"--output {tmp_path / 'no_dir' / 'o.jsonl'}: no such folder to write it in" in capsys.readouterr().err
