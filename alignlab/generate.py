@@ -17,15 +17,19 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from alignlab.algorithms.base import MAX_NEW_TOKENS
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 __all__ = ["answer_batch", "build_parser", "complete", "load_policy", "main", "write_jsonl"]
 
 
-def load_policy(folder: str | os.PathLike, device: str | torch.device = "cpu", model_cfg=None):
+def load_policy(folder: str | os.PathLike, device: str | torch.device = "cpu", model_cfg: DictConfig | None = None):
     """(model, tokenizer) of a trained policy, in eval mode on `device`, prepared as a training run
     prepares them (alignlab.models.loading.load_model): the chat template it was trained with (ChatML
     for a model without one, as SFT installs it), pad falling back to eos, generation stopping at the
