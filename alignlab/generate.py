@@ -12,7 +12,6 @@ any eos id of the model's generation config stands (alignlab.online.generation.s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from alignlab.algorithms.base import MAX_NEW_TOKENS
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-__all__ = ["answer_batch", "build_parser", "complete", "load_policy", "main", "write_jsonl"]
+__all__ = ["answer_batch", "build_parser", "complete", "load_policy", "main"]
 
 
 def load_policy(folder: str | os.PathLike, device: str | torch.device = "cpu", model_cfg: DictConfig | None = None):
@@ -125,16 +124,6 @@ def complete(
     return texts
 
 
-def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Write `rows` as JSON Lines: whole, then renamed into place, so never half a file."""
-    out = Path(path)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m alignlab.generate`."""
     parser = argparse.ArgumentParser(
@@ -159,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from alignlab.data.files import read_rows
+    from alignlab.data.files import read_rows, write_jsonl
     from alignlab.data.rows import to_canonical
     from alignlab.data.tokenize import TemplateRefusal
     from alignlab.errors import AlignlabError, DataError

@@ -9,11 +9,8 @@ JSON, CSV or Parquet); each output row is its input row plus `"score"`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -23,7 +20,7 @@ __all__ = ["RewardScorer", "main"]  # RewardScorer lives with the reward model; 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from alignlab.data.files import read_rows
+    from alignlab.data.files import read_rows, write_jsonl
     from alignlab.data.rows import to_canonical
     from alignlab.errors import AlignlabError
 
@@ -42,14 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"alignlab.score: error: {e}", file=sys.stderr)
         return 1
     scores = scorer.score([r["prompt"] for r in rows], [r["completion"] for r in rows])
-    out = Path(args.output)
-    tmp = out.with_name(out.name + ".partial")  # written whole, then renamed: never half a file
-    with open(tmp, "w") as f:
-        for row, score in zip(raw, scores):
-            kept = {k: v for k, v in row.items() if v is not None}  # the reader fills absent columns with null
-            f.write(json.dumps({**kept, "score": score}) + "\n")
-    os.replace(tmp, out)
-    print(f"alignlab.score: wrote {len(scores)} scores to {out}")
+    # the reader fills absent columns with null: leave them out
+    kept = [{k: v for k, v in row.items() if v is not None} for row in raw]
+    write_jsonl(args.output, [{**row, "score": score} for row, score in zip(kept, scores)])
+    print(f"alignlab.score: wrote {len(scores)} scores to {args.output}")
     return 0
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from alignlab.data.rows import to_canonical
@@ -203,3 +204,13 @@ def _prompt_field(raw: dict) -> str:
     """The field a row's prompt messages come from (what an error about the conversation names)."""
     fields = ("messages", "prompt", "chosen", "completion")
     return next((f for f in fields if raw.get(f) is not None), "prompt")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Write `rows` as JSON Lines: whole, then renamed into place, so never half a file."""
+    out = Path(path)
+    tmp = out.with_name(out.name + ".partial")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
