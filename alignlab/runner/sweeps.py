@@ -1,7 +1,8 @@
 """What a run is called. A single run: `<algorithm>-<starting model>` plus the overrides that differ
 from the defaults (`dpo-tiny-beta=0.5`), which also names its folder (the `alignlab.run_name`
 resolver in conf/hydra/default.yaml). A job of a Hydra multirun: the values it was given for the swept
-keys, grouped on W&B under the sweep's name."""
+keys, grouped on W&B under the sweep's name. And how a run folder says its training stopped early
+(STOPPED_FILES)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ def current_job() -> SweepJob | None:
     return SweepJob(group=f"{sweep}-{sweep_dir.name}", name=name, num=hc.job.num, given=given)
 
 
+# Files that mark a run folder whose training stopped early, by status: FAILED (an error, its message
+# inside) or INTERRUPTED (a signal; resumable with resume=auto). A finished run has summary.json instead.
+STOPPED_FILES = {"failed": "FAILED", "interrupted": "INTERRUPTED"}
+
 # Folders a run writes its exported model into (alignlab.models.export.save_model).
 EXPORT_FOLDERS = ("model", "adapter")
 
@@ -96,13 +101,15 @@ def model_label(model_cfg: DictConfig) -> str:
 # Overrides a run name leaves out: what the name already says (algorithm and starting model) and the
 # name itself ...
 NAMED_ELSEWHERE = ("algorithm", "model", "model.path", "model.tiny", "model.name", "run_name")
-# ... and keys (with everything under them) that decide where a run writes and how it reports, not
+# ... and keys (with everything under them) that decide where a run writes, how it reports and what it
+# measures, not
 # what it trains.
 NOT_TRAINING = (
     "hydra",
     "paths",
     "logger",
     "callbacks",
+    "evaluation",
     "sweep",
     "resume",
     "save_model",

@@ -319,3 +319,58 @@ def test_a_run_started_from_an_export_is_named_after_the_run_that_wrote_it(tmp_p
     cfg = OmegaConf.create({"run_name": None, "algorithm": {"name": "kto"}, "model": {"path": str(run / "model")}})
     name_run(cfg, None)
     assert cfg.run_name == "kto-sft-lr3"
+
+
+def test_a_run_name_carries_the_overrides_that_differ_from_the_defaults(monkeypatch):
+    from alignlab.runner.config import compose
+    from alignlab.runner.sweeps import MAX_NAME
+
+    assert compose(["algorithm.beta=0.5"]).run_name == "dpo-tiny-beta=0.5"
+    assert compose(["algorithm.beta=0.1", "seed=0", "data=arith_pairs"]).run_name == "dpo-tiny"  # all defaults
+    name = compose(["algorithm=cpo", "algorithm.beta=0.5", "optim.lr=2e-4", "model.lora.r=16"]).run_name
+    assert name == "cpo-tiny-beta=0.5,lr=2e-4,lora.r=16"  # each key without its group
+    plumbing = [
+        *QUIET,
+        "hydra.run.dir=/tmp/x",
+        "save_model=false",
+        "resume=auto",
+        "callbacks.checkpoint.every_n_train_steps=5",
+    ]
+    assert compose(["trainer.max_steps=3", *plumbing]).run_name == "dpo-tiny-max_steps=3"
+    assert compose(["algorithm=kto", "data.unpair=true"]).run_name == "kto-tiny-unpair=true"
+    # Made safe for a file name; a secret (by key, or a secret environment variable's value) never appears.
+    grpo = compose(["algorithm=grpo", "algorithm.reward_funcs=[accuracy,format]"]).run_name
+    assert grpo == "grpo-tiny-reward_funcs=_accuracy,format_"
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh12345")
+    secret = ["+logger.wandb.api_key=s3cr3t-key", "+data.hf_token=abc", "+data.note=hf_abcdefgh12345", "seed=1"]
+    assert compose(secret).run_name == "dpo-tiny-seed=1"
+    long = compose([f"algorithm.beta=0.{'1' * 150}"]).run_name
+    assert (
+        len(long) == MAX_NAME
+        and long.startswith("dpo-tiny-beta=0.111")
+        and long != compose(["algorithm.beta=0.2"]).run_name
+    )
+
+
+def test_the_run_folder_is_named_after_the_run(tmp_path):
+    """`outputs/<algorithm>/<date_time>_<run name>`; `run_name=` names the folder too, made safe for
+    a file name; `hydra.run.dir=` still chooses the folder outright."""
+    import re
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from alignlab.runner.sweeps import register_resolvers
+
+    args = ["algorithm.beta=0.5", "trainer.max_steps=1", "evaluation.at_start=false", "save_model=false", *QUIET]
+    result = run_cli([*args, f"paths.root_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs" / "dpo").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_dpo-tiny-beta=0\.5,max_steps=1", folder.name)
+    assert json.loads((folder / "summary.json").read_text())["run_name"] == "dpo-tiny-beta=0.5,max_steps=1"
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        mine = hydra_compose("train", ["run_name=my/run"], return_hydra_config=True)
+        chosen = hydra_compose("train", ["algorithm.beta=0.5", "hydra.run.dir=/tmp/here"], return_hydra_config=True)
+    assert re.search(r"/outputs/dpo/[\d_-]+_my_run$", mine.hydra.run.dir) and chosen.hydra.run.dir == "/tmp/here"
