@@ -102,8 +102,7 @@ def model_label(model_cfg: DictConfig) -> str:
 # name itself ...
 NAMED_ELSEWHERE = ("algorithm", "model", "model.path", "model.tiny", "model.name", "run_name")
 # ... and keys (with everything under them) that decide where a run writes, how it reports and what it
-# measures, not
-# what it trains.
+# measures, not what it trains.
 NOT_TRAINING = (
     "hydra",
     "paths",
