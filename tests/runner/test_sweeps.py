@@ -374,3 +374,44 @@ def test_the_run_folder_is_named_after_the_run(tmp_path):
         mine = hydra_compose("train", ["run_name=my/run"], return_hydra_config=True)
         chosen = hydra_compose("train", ["algorithm.beta=0.5", "hydra.run.dir=/tmp/here"], return_hydra_config=True)
     assert re.search(r"/outputs/dpo/[\d_-]+_my_run$", mine.hydra.run.dir) and chosen.hydra.run.dir == "/tmp/here"
+
+
+def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
+    """experiments/compare_algorithms.py's plot on the study's numbers (docs/results.md): every β label
+    drawn, none overlapping another or a marker, the crowd near the SFT model in a zoomed panel."""
+    import importlib.util
+
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "compare_algorithms.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = [("dpo", 0.05, 0.859, 0.082), ("dpo", 0.1, 0.859, 0.107), ("dpo", 0.5, 0.820, 0.159)]
+    rows += [("cpo", 0.05, 0.859, 0.086), ("cpo", 0.1, 0.859, 0.091), ("cpo", 0.5, 0.828, 0.094)]
+    rows += [("orpo", 0.05, 0.852, 0.077), ("orpo", 0.1, 0.844, 0.074), ("orpo", 0.5, 0.836, 0.070)]
+    rows += [("simpo", 1.0, 0.820, 0.100), ("simpo", 2.0, 0.836, 0.080), ("simpo", 2.5, 0.836, 0.090)]
+    rows += [("kto", 0.05, 0.508, 3.24), ("kto", 0.1, 0.539, 3.16), ("kto", 0.5, 0.672, 1.21)]
+    table = pd.DataFrame(rows, columns=["algorithm", "algorithm.beta", "eval/exact_match", "kl_to_sft"])
+    figures = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", savefig)
+        study.plot(table, 0.781, tmp_path / "plot.png")
+    (fig,) = figures
+    renderer = fig.canvas.get_renderer()
+    labels = [t for ax in fig.axes for t in ax.texts if t.get_text().startswith("β=")]
+    assert len(labels) == len(table)  # the 3 far KTO runs in the first panel, the 12 near ones zoomed
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+    for ax in fig.axes:
+        markers = [
+            ax.transData.transform(p) for line in ax.lines for p in line.get_xydata() if line.get_marker() == "o"
+        ]
+        mine = [Text.get_window_extent(t, renderer) for t in ax.texts]
+        assert not [(b, m) for b in mine for m in markers if b.contains(*m)]
