@@ -415,3 +415,28 @@ def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
         ]
         mine = [Text.get_window_extent(t, renderer) for t in ax.texts]
         assert not [(b, m) for b in mine for m in markers if b.contains(*m)]
+
+
+def test_the_documented_notebook_command_keeps_the_executed_copy(sweep_dir, tmp_path):
+    """docs/results.md's `jupyter execute` line, run as written on a copy of the notebook: the executed
+    notebook (with its plots) is saved beside it, and the stored notebook stays without outputs."""
+    import os
+    import subprocess
+    import sys
+
+    import nbformat
+
+    (line,) = [ln for ln in (ROOT / "docs" / "results.md").read_text().splitlines() if ln.startswith("jupyter ")]
+    command = line.split("#", 1)[0].split()
+    assert command[:3] == ["jupyter", "execute", "notebooks/sweep_analysis.ipynb"] and command[3].startswith(
+        "--output="
+    )
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(NOTEBOOK, tmp_path / "notebooks")
+    jupyter = [sys.executable, "-m", "jupyter"]
+    env = {**os.environ, "ALIGNLAB_SWEEP": str(sweep_dir), "PYTHONPATH": str(ROOT)}
+    subprocess.run([*jupyter, *command[1:]], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    saved = tmp_path / "notebooks" / (command[3].split("=", 1)[1] + ".ipynb")
+    outputs = [o for c in nbformat.read(saved, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert (tmp_path / "notebooks" / NOTEBOOK.name).read_bytes() == NOTEBOOK.read_bytes()
