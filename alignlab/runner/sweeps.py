@@ -1,8 +1,8 @@
 """What a run is called. A single run: `<algorithm>-<starting model>` plus the overrides that differ
-from the defaults (`dpo-tiny-beta=0.5`), which also names its folder (the `alignlab.run_name`
-resolver in conf/hydra/default.yaml). A job of a Hydra multirun: the values it was given for the swept
-keys, grouped on W&B under the sweep's name. And how a run folder says its training stopped early
-(STOPPED_FILES)."""
+from the defaults (`dpo-tiny-beta=0.5`), which also names its folder (`…_dpo-tiny-beta-0.5`, by the
+`alignlab.run_name` resolver in conf/hydra/default.yaml). A job of a Hydra multirun: the values it
+was given for the swept keys, grouped on W&B under the sweep's name. And how a run folder says its
+training stopped early (STOPPED_FILES)."""
 
 from __future__ import annotations
 
@@ -119,6 +119,7 @@ NOT_TRAINING = (
 )
 MAX_NAME = 100  # characters of a run name made from overrides; longer ones end in a hash of the rest
 _UNSAFE = re.compile(r"[^\w.=,+-]")  # anything else (/, spaces, brackets, quotes) becomes _ in a name
+_FOLDER_CHARS = str.maketrans("=,", "-+")
 
 
 def _default_option(group: str, choices: dict) -> str | None:
@@ -176,11 +177,19 @@ def changed_overrides(lines: Sequence[str], choices: dict) -> list[str]:
 
 def safe_name(text: str) -> str:
     """`text` as one file name: characters other than letters, digits and `._=,+-` become `_`; past
-    MAX_NAME characters it is cut and ends in 8 hex digits of the whole text's hash, so names stay apart."""
+    MAX_NAME characters it is cut and ends in `_` and 8 hex digits of the whole text's hash, so names
+    stay apart."""
     clean = _UNSAFE.sub("_", text)
     if len(clean) <= MAX_NAME:
         return clean
-    return f"{clean[: MAX_NAME - 9]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return f"{clean[: MAX_NAME - 9]}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def folder_name(name: str) -> str:
+    """A run name as the last part of its folder: `safe_name` with `=` written `-` and `,` written `+`
+    (`dpo-tiny-beta-0.5+seed-1`), since a folder is given back on the command line
+    (`hydra.run.dir=…`, `model.path=…/model`), where Hydra reads `=` and `,` as syntax."""
+    return safe_name(name).translate(_FOLDER_CHARS)
 
 
 def default_name(cfg: DictConfig, overrides: Sequence[str], choices: dict) -> str:
@@ -201,11 +210,11 @@ def hydra_overrides() -> tuple[list[str], dict]:
 
 def run_folder_name(*, _root_: DictConfig) -> str:
     """The `alignlab.run_name` resolver (conf/hydra/default.yaml's run folder): `run_name` when set,
-    else `default_name` from the Hydra config composed with it, made safe for a file name."""
+    else `default_name` from the Hydra config composed with it, as a folder name (`folder_name`)."""
     if _root_.get("run_name") is not None:
-        return safe_name(str(_root_.run_name))
+        return folder_name(str(_root_.run_name))
     hydra = _root_.hydra
-    return default_name(_root_, list(hydra.overrides.task), dict(hydra.runtime.choices))
+    return folder_name(default_name(_root_, list(hydra.overrides.task), dict(hydra.runtime.choices)))
 
 
 def register_resolvers() -> None:

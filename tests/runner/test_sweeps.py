@@ -353,27 +353,33 @@ def test_a_run_name_carries_the_overrides_that_differ_from_the_defaults(monkeypa
 
 
 def test_the_run_folder_is_named_after_the_run(tmp_path):
-    """`outputs/<algorithm>/<date_time>_<run name>`; `run_name=` names the folder too, made safe for
-    a file name; `hydra.run.dir=` still chooses the folder outright."""
+    """`outputs/<algorithm>/<date_time>_<run name>`, the name's `=` and `,` written `-` and `+` so that
+    the folder can be given back to Hydra (`model.path=<run>/model`); `run_name=` names the folder too;
+    `hydra.run.dir=` still chooses it outright."""
     import re
 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from alignlab.runner.sweeps import register_resolvers
 
-    args = ["algorithm.beta=0.5", "trainer.max_steps=1", "evaluation.at_start=false", "save_model=false", *QUIET]
+    args = ["algorithm.beta=0.5", "trainer.max_steps=1", "evaluation.at_start=false", *QUIET]
     result = run_cli([*args, f"paths.root_dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = (tmp_path / "outputs" / "dpo").iterdir()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_dpo-tiny-beta=0\.5,max_steps=1", folder.name)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_dpo-tiny-beta-0\.5\+max_steps-1", folder.name)
     assert json.loads((folder / "summary.json").read_text())["run_name"] == "dpo-tiny-beta=0.5,max_steps=1"
+    given_back = OverridesParser.create().parse_override(f"model.path={folder / 'model'}")
+    assert given_back.value() == str(folder / "model") and (folder / "model" / "config.json").is_file()
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        mine = hydra_compose("train", ["run_name=my/run"], return_hydra_config=True)
+        mine = hydra_compose("train", ["run_name='my/run,2'"], return_hydra_config=True)
         chosen = hydra_compose("train", ["algorithm.beta=0.5", "hydra.run.dir=/tmp/here"], return_hydra_config=True)
-    assert re.search(r"/outputs/dpo/[\d_-]+_my_run$", mine.hydra.run.dir) and chosen.hydra.run.dir == "/tmp/here"
+        long = hydra_compose("train", [f"algorithm.beta=0.{'1' * 150}"], return_hydra_config=True)
+    assert re.search(r"/outputs/dpo/[\d_-]+_my_run\+2$", mine.hydra.run.dir) and chosen.hydra.run.dir == "/tmp/here"
+    OverridesParser.create().parse_override(f"hydra.run.dir={long.hydra.run.dir}")  # the hashed tail parses too
 
 
 def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
