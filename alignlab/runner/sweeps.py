@@ -214,7 +214,10 @@ def run_folder_name(*, _root_: DictConfig) -> str:
     if _root_.get("run_name") is not None:
         return folder_name(str(_root_.run_name))
     hydra = _root_.hydra
-    return folder_name(default_name(_root_, list(hydra.overrides.task), dict(hydra.runtime.choices)))
+    try:
+        return folder_name(default_name(_root_, list(hydra.overrides.task), dict(hydra.runtime.choices)))
+    except Exception:  # e.g. model.path=???: alignlab's config checks say what is wrong, once the job starts
+        return "run"
 
 
 def register_resolvers() -> None:

@@ -378,8 +378,10 @@ def test_the_run_folder_is_named_after_the_run(tmp_path):
         mine = hydra_compose("train", ["run_name='my/run,2'"], return_hydra_config=True)
         chosen = hydra_compose("train", ["algorithm.beta=0.5", "hydra.run.dir=/tmp/here"], return_hydra_config=True)
         long = hydra_compose("train", [f"algorithm.beta=0.{'1' * 150}"], return_hydra_config=True)
+        unnamed = hydra_compose("train", ["model.tiny=null", "model.path=???"], return_hydra_config=True)
     assert re.search(r"/outputs/dpo/[\d_-]+_my_run\+2$", mine.hydra.run.dir) and chosen.hydra.run.dir == "/tmp/here"
     OverridesParser.create().parse_override(f"hydra.run.dir={long.hydra.run.dir}")  # the hashed tail parses too
+    assert unnamed.hydra.run.dir.endswith("_run")  # a config too broken to name: the config checks report it
 
 
 def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
