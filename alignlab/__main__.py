@@ -12,6 +12,9 @@ from alignlab.errors import AlignlabError
 # Only light modules here (not alignlab.runner.config: it pulls in Lightning, seconds), so a mistyped
 # override is reported at once.
 from alignlab.runner.preflight import CONFIG_DIR, preflight
+from alignlab.runner.sweeps import register_resolvers
+
+register_resolvers()  # conf/hydra/default.yaml names the run folder with ${alignlab.run_name:}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

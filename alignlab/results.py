@@ -6,7 +6,7 @@ in long form. Both read a local multirun folder (or one run folder) or a W&B gro
     curves = load_history("multirun/demo-2026-11-25_10-00-00")
 
 A run row holds: `run` (its folder, relative to the sweep), the overridden hyper-parameters (one
-column per key, typed), `algorithm` and `seed`, `finished`, the final metrics under their logged names
+column per key, typed), `algorithm` and `seed`, `status` and `finished`, the final metrics under their logged names
 (`eval/exact_match`, `train/loss`, …), the best value each eval metric reached during the run under
 `best/<name>` (the lowest for losses and KL, the highest otherwise), `steps`, `seconds`, `run_dir`
 and the W&B `wandb_id` and `wandb_group`.
@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from alignlab.errors import AlignlabError
-from alignlab.runner.sweeps import split_override
+from alignlab.runner.sweeps import STOPPED_FILES, split_override
 
 # Folders inside a run that hold config.yaml files of their own.
 _NOT_RUNS = {"wandb", ".hydra", "model", "checkpoints", "adapter"}
@@ -89,6 +89,7 @@ def _read_run(folder: Path, root: Path) -> dict:
         "algorithm": (config.get("algorithm") or {}).get("name"),
         "seed": config.get("seed"),
         "finished": summary is not None,
+        "status": _local_status(folder, summary is not None),
         "metrics": (summary or {}).get("metrics", {}),
         "steps": (summary or {}).get("steps"),
         "seconds": (summary or {}).get("seconds"),
@@ -97,6 +98,14 @@ def _read_run(folder: Path, root: Path) -> dict:
         "wandb_group": wandb.get("group"),
         "history": _read_metrics_csv(folder / "metrics.csv"),
     }
+
+
+def _local_status(folder: Path, finished: bool) -> str:
+    """finished (summary.json), failed or interrupted (the file train() leaves, see STOPPED_FILES), or
+    incomplete: still running, or killed without a trace."""
+    if finished:
+        return "finished"
+    return next((s for s, name in STOPPED_FILES.items() if (folder / name).is_file()), "incomplete")
 
 
 def _read_metrics_csv(path: Path) -> pd.DataFrame:
@@ -146,6 +155,7 @@ def _wandb_runs(path: str, api=None) -> list[dict]:
                 "algorithm": (config.get("algorithm") or {}).get("name"),
                 "seed": config.get("seed"),
                 "finished": run.state == "finished",
+                "status": run.state,
                 "metrics": {k: v for k, v in summary.items() if isinstance(v, int | float) and "/" in k},
                 "steps": summary.get("trainer/global_step"),
                 "seconds": summary.get("_runtime"),
@@ -166,7 +176,7 @@ def _runs(source: str | Path, allow_unfinished: bool, api=None) -> list[dict]:
         runs = _wandb_runs(source, api)
     else:
         raise SweepError(f"{source} is neither a folder nor a W&B path (entity/project/group)")
-    unfinished = [r["run"] for r in runs if not r["finished"]]
+    unfinished = [f"{r['run']} ({r['status']})" for r in runs if not r["finished"]]
     if unfinished and not allow_unfinished:
         raise SweepError(
             f"{len(unfinished)} of {len(runs)} runs in {source} have not finished: {', '.join(unfinished)}. "
@@ -178,7 +188,7 @@ def _runs(source: str | Path, allow_unfinished: bool, api=None) -> list[dict]:
 def _base_row(run: dict, keys: list[str]) -> dict:
     row = {"run": run["run"]}
     row.update({k: run["overrides"].get(k) for k in keys})
-    for key in ("algorithm", "seed"):
+    for key in ("algorithm", "seed", "status"):
         row.setdefault(key, run[key])
     return row
 
@@ -210,7 +220,7 @@ def load_sweep(source: str | Path, allow_unfinished: bool = False, api=None) -> 
 
 def load_history(source: str | Path, allow_unfinished: bool = False, api=None) -> pd.DataFrame:
     """Every logged value of every run in long form: run, the overridden hyper-parameters, algorithm,
-    seed, step, metric, value. Unfinished runs are handled as in `load_sweep`."""
+    seed, status, step, metric, value. Unfinished runs are handled as in `load_sweep`."""
     runs = _runs(source, allow_unfinished, api)
     keys = _override_keys(runs)
     frames = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +31,7 @@ from alignlab.runner.config import (
 )
 from alignlab.runner.loggers import finish_loggers, wandb_identity
 from alignlab.runner.resume import LAST, CheckpointOnSignal, RunInterrupted, resume_checkpoint
-from alignlab.runner.sweeps import current_job, name_run
+from alignlab.runner.sweeps import STOPPED_FILES, current_job, name_run
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +93,15 @@ def train(cfg: DictConfig) -> dict:
 
     if validate and cfg.evaluation.at_start and not ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # CheckpointOnSignal has written last.ckpt
-        finish_loggers(loggers)
-        raise RunInterrupted(
-            f"stopped on a signal at step {trainer.global_step}; checkpoint {run_dir / LAST}. Continue with the "
-            f"same command plus resume=auto hydra.run.dir={run_dir} (or resume={run_dir / LAST})"
-        ) from None
+    with marked_if_stopped(run_dir, trainer):
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # CheckpointOnSignal has written last.ckpt
+            finish_loggers(loggers)
+            raise RunInterrupted(
+                f"stopped on a signal at step {trainer.global_step}; checkpoint {run_dir / LAST}. Continue with the "
+                f"same command plus resume=auto hydra.run.dir={run_dir} (or resume={run_dir / LAST})"
+            ) from None
     save_last_checkpoint(trainer)
     if validate and getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -133,6 +136,25 @@ def train(cfg: DictConfig) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
         print_summary(result)
     return result
+
+
+@contextmanager
+def marked_if_stopped(run_dir: Path, trainer) -> Iterator[None]:
+    """Training inside marks the run folder when it stops early (alignlab.runner.sweeps.STOPPED_FILES):
+    `INTERRUPTED` for a signal or Ctrl-C (resumable), `FAILED` with the error for anything else; the
+    error is re-raised. The folder keeps its checkpoints. A resumed run first clears an old mark."""
+    if rank_zero_only.rank == 0:
+        for name in STOPPED_FILES.values():
+            (run_dir / name).unlink(missing_ok=True)
+    try:
+        yield
+    except BaseException as e:
+        if rank_zero_only.rank == 0:
+            stopped = isinstance(e, RunInterrupted | KeyboardInterrupt | SystemExit)
+            status = "interrupted" if stopped else "failed"
+            message = f"{status} at step {trainer.global_step}: {type(e).__name__}: {e}\n"
+            (run_dir / STOPPED_FILES[status]).write_text(message)
+        raise
 
 
 def no_validation_message(cfg: DictConfig, train_rows: int) -> str:

@@ -4,6 +4,7 @@ SFT model (the reference), and writes `results.csv`, `results.md` and `plot.png`
 KL, one point per algorithm and β) to its output folder.
 
     python experiments/compare_algorithms.py [--out experiments/out/compare_algorithms] [--steps 200]
+    python experiments/compare_algorithms.py --replot   # plot.png again from the results.csv there
 
 Each algorithm's β grid runs as one Hydra multirun (`python -m alignlab -m algorithm=<name>
 algorithm.beta=…`) into `<out>/runs`, and is read back with `alignlab.results.load_sweep`.
@@ -84,34 +85,104 @@ def run_grid(algorithm: str, betas: list[float], sft_model: str, runs: Path, ste
     subprocess.run([sys.executable, "-m", "alignlab", *args], check=True)
 
 
+NEAR_KL = 0.5  # nats: runs this close to the SFT model get a zoomed panel of their own, where they crowd
+
+
 def plot(table: pd.DataFrame, sft_accuracy: float, path: Path) -> None:
+    """Held-out exact match against KL to the SFT model, one line per algorithm, each point labelled
+    with its β. When some runs sit within NEAR_KL of the SFT model and others far away, a second panel
+    zooms onto the near ones (the first marks that region), so their labels have room."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for algorithm, group in table.groupby("algorithm"):
-        group = group.sort_values("kl_to_sft")
-        (line,) = ax.plot(group["kl_to_sft"], group["eval/exact_match"], marker="o", label=algorithm)
-        for _, row in group.iterrows():
-            ax.annotate(
-                f"β={row['algorithm.beta']:g}",
-                (row["kl_to_sft"], row["eval/exact_match"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-                color=line.get_color(),
-            )
-    ax.axhline(sft_accuracy, color="grey", linestyle="--", linewidth=1, label="SFT start")
+    near = table["kl_to_sft"] < NEAR_KL
+    zoom = 1 < near.sum() < len(table)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11, 4.4) if zoom else (6.4, 4.4), squeeze=False)
+    colours = {a: f"C{i}" for i, a in enumerate(sorted(table["algorithm"].unique()))}  # the same in both panels
+    labels = {ax: [] for ax in axes[0]}
+    for i, ax in enumerate(axes[0]):
+        for algorithm, group in table[near if i else slice(None)].groupby("algorithm"):
+            group, colour = group.sort_values("kl_to_sft"), colours[algorithm]
+            ax.plot(group["kl_to_sft"], group["eval/exact_match"], marker="o", color=colour, label=algorithm)
+            for _, row in group.iterrows():
+                if i or not zoom or not near[row.name]:  # the zoomed panel labels the near runs
+                    point = (row["kl_to_sft"], row["eval/exact_match"])
+                    labels[ax].append((point, f"β={row['algorithm.beta']:g}", colour))
+        if not i:  # the zoomed panel leaves it out, to give its crowd the height
+            ax.axhline(sft_accuracy, color="grey", linestyle="--", linewidth=1, label="SFT start")
+        ax.set_ylabel("held-out exact match")
+        ax.set_xlabel("KL(π ‖ π_SFT) per held-out answer (nats)")
+    first = axes[0][0]
     if (table["kl_to_sft"] > 0).all():  # KL spans decades across algorithms
-        ax.set_xscale("log")
-    ax.set_xlabel("KL(π ‖ π_SFT) per held-out answer (nats)")
-    ax.set_ylabel("held-out exact match")
-    ax.set_title("Offline preference algorithms from one SFT start, same budget")
-    ax.legend(fontsize=8)
+        first.set_xscale("log")
+    first.legend(fontsize=8)
+    if zoom:
+        box = table[near]
+        (x0, x1), (y0, y1) = box["kl_to_sft"].agg(["min", "max"]), box["eval/exact_match"].agg(["min", "max"])
+        first.add_patch(plt.Rectangle((x0 * 0.9, y0 - 0.01), x1 * 1.1 - x0 * 0.9, y1 - y0 + 0.02, fill=False, ls=":"))
+        axes[0][1].set_title(f"zoom: the runs within {NEAR_KL:g} nats of the SFT model", fontsize=9)
+        axes[0][1].margins(0.15)
+    fig.suptitle("Offline preference algorithms from one SFT start, same budget")
     fig.tight_layout()
+    for ax, points in labels.items():
+        label_points(ax, points)
     fig.savefig(path, dpi=120)
+
+
+def label_points(ax, points: list[tuple[tuple[float, float], str, str]]) -> None:
+    """Write each (point, text, colour) beside its point, at the first offset (8 directions, growing
+    distance; a thin leader line beyond the nearest ring) where the label overlaps no marker, no label
+    already placed and stays inside the axes. Call after the figure's layout is final."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    taken = []
+    for (x, y), _, _ in points:  # every marker, as a small box in display coordinates
+        px, py = ax.transData.transform((x, y))
+        taken.append(matplotlib_bbox(px - 4, py - 4, px + 4, py + 4))
+    frame = ax.get_window_extent(renderer)
+    directions = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    for point, text, colour in points:
+        for distance in (4, 10, 18, 28, 40):
+            for dx, dy in directions:
+                label = ax.annotate(
+                    text,
+                    point,
+                    xytext=(dx * distance, dy * distance),
+                    textcoords="offset points",
+                    ha={1: "left", -1: "right", 0: "center"}[dx],
+                    va={1: "bottom", -1: "top", 0: "center"}[dy],
+                    fontsize=7,
+                    color=colour,
+                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5} if distance > 4 else None,
+                )
+                label.update_positions(renderer)
+                box = Text.get_window_extent(label, renderer).padded(2)  # the text alone, not its leader line
+                if frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1):
+                    if not any(box.overlaps(other) for other in taken):
+                        taken.append(box)
+                        break
+                label.remove()
+            else:
+                continue
+            break
+
+
+def matplotlib_bbox(x0: float, y0: float, x1: float, y1: float):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def replot(out: Path) -> None:
+    """plot.png again from a finished study's results.csv and the SFT accuracy in its results.md."""
+    import re
+
+    sft_accuracy = float(re.search(r"held-out exact match ([\d.]+)", (out / "results.md").read_text()).group(1))
+    plot(pd.read_csv(out / "results.csv"), sft_accuracy, out / "plot.png")
+    print(f"wrote {out / 'plot.png'}")
 
 
 def main() -> None:
@@ -121,8 +192,11 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=800)
     parser.add_argument("--algorithms", nargs="+", default=list(GRID), choices=list(GRID))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true", help="only redraw plot.png from <out>/results.csv")
     args = parser.parse_args()
     out = args.out.resolve()
+    if args.replot:
+        return replot(out)
 
     sft_overrides = [*SFT, f"trainer.max_steps={args.sft_steps}", f"seed={args.seed}", *QUIET]
     sft = train(compose(sft_overrides, out / "sft"))

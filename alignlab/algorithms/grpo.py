@@ -179,7 +179,7 @@ class GRPO(OnlineModule):
         return {**gen["stats"], **stats}, gen["input_ids"].shape[0]
 
     # -- evaluation: the reward functions on one greedy answer per held-out prompt ------------------
-    eval_metric = sample_column = "reward"
+    eval_metric = "reward"
 
     def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """[B] the weighted reward of each greedy answer."""

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.online.backends import build_backend, check_backend_spec
-from alignlab.online.rollout import Samples, prompt_ids, sample
-from alignlab.online.samples import log_samples, with_columns
+from alignlab.online.rollout import Samples, sample
+from alignlab.online.samples import log_samples, sample_row, with_columns
 from alignlab.runner.checks import Checks
 
 
@@ -29,7 +29,6 @@ class OnlineModule(AlignmentModule):
     # sampling and spaces the sample tables.
     rollout_counter: str = "rollouts"
     eval_metric: str  # eval/<eval_metric> is the mean of eval_scores over the held-out prompts
-    sample_column: str  # the eval_scores column of the sample tables
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
@@ -110,13 +109,13 @@ class OnlineModule(AlignmentModule):
         self._log("eval", metrics, len(texts), on_step=False)
 
     def log_sample_table(self, n: int = 16) -> None:
-        """Greedy answers to the first `n` held-out prompts with their eval_scores and the data's extra
-        columns, appended to <run>/samples.jsonl (and a W&B table; alignlab.online.samples)."""
+        """The first `n` held-out prompts (message lists, as the data gave them), their greedy answers,
+        each answer's eval_scores value as `score`, and the data's extra columns, appended to
+        <run>/samples.jsonl (and a W&B table; alignlab.online.samples)."""
         batch = self.held_out_prompts(n)
         tokens, texts = self.greedy_answers(batch)
         scores = self.eval_scores(batch, tokens, texts).tolist()
-        prompts = self.tokenizer.batch_decode(prompt_ids(batch))
-        rows = [{"prompt": p, "answer": a, self.sample_column: s} for p, a, s in zip(prompts, texts, scores)]
+        rows = [sample_row(p, a, s) for p, a, s in zip(batch["prompt_messages"], texts, scores)]
         log_samples(self.trainer, with_columns(rows, batch.get("columns", {})))
 
     def held_out_prompts(self, n: int) -> dict:

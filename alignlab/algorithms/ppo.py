@@ -221,7 +221,7 @@ class PPO(OnlineModule):
         return metrics, rollout["input_ids"].shape[0]
 
     # -- evaluation: the reward model's score of greedy answers -------------------------------------
-    eval_metric, sample_column = "objective/scores", "score"
+    eval_metric = "objective/scores"
 
     @torch.no_grad()
     def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:

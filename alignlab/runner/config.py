@@ -91,8 +91,9 @@ def compose(overrides: list[str] | None = None, output_dir: str | Path = "output
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=list(overrides or []), return_hydra_config=True)
+    overrides, choices = list(cfg.hydra.overrides.task), dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         del cfg.hydra
-    name_run(cfg, None)
+    name_run(cfg, None, overrides, choices)
     return cfg

@@ -1,13 +1,22 @@
-"""What a job knows about the Hydra multirun it belongs to: the sweep's name (the W&B group every job
-shares) and the job's own name, made of the values it was given for the swept keys."""
+"""What a run is called. A single run: `<algorithm>-<starting model>` plus the overrides that differ
+from the defaults (`dpo-tiny-beta=0.5`), which also names its folder (`…_dpo-tiny-beta-0.5`, by the
+`alignlab.run_name` resolver in conf/hydra/default.yaml). A job of a Hydra multirun: the values it
+was given for the swept keys, grouped on W&B under the sweep's name. And how a run folder says its
+training stopped early (STOPPED_FILES)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from alignlab.runner.preflight import CONFIG_DIR
+from alignlab.runner.redact import SECRET_KEY, redact_text
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,10 @@ def current_job() -> SweepJob | None:
     return SweepJob(group=f"{sweep}-{sweep_dir.name}", name=name, num=hc.job.num, given=given)
 
 
+# Files that mark a run folder whose training stopped early, by status: FAILED (an error, its message
+# inside) or INTERRUPTED (a signal; resumable with resume=auto). A finished run has summary.json instead.
+STOPPED_FILES = {"failed": "FAILED", "interrupted": "INTERRUPTED"}
+
 # Folders a run writes its exported model into (alignlab.models.export.save_model).
 EXPORT_FOLDERS = ("model", "adapter")
 
@@ -85,13 +98,147 @@ def model_label(model_cfg: DictConfig) -> str:
     return run_dir.name
 
 
-def name_run(cfg: DictConfig, job: SweepJob | None) -> None:
+# Overrides a run name leaves out: what the name already says (algorithm and starting model) and the
+# name itself ...
+NAMED_ELSEWHERE = ("algorithm", "model", "model.path", "model.tiny", "model.name", "run_name")
+# ... and keys (with everything under them) that decide where a run writes, how it reports and what it
+# measures, not what it trains.
+NOT_TRAINING = (
+    "hydra",
+    "paths",
+    "logger",
+    "callbacks",
+    "evaluation",
+    "sweep",
+    "resume",
+    "save_model",
+    "objective",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
+MAX_NAME = 100  # characters of a run name made from overrides; longer ones end in a hash of the rest
+_UNSAFE = re.compile(r"[^\w.=,+-]")  # anything else (/, spaces, brackets, quotes) becomes _ in a name
+_FOLDER_CHARS = str.maketrans("=,", "-+")
+
+
+def _default_option(group: str, choices: dict) -> str | None:
+    """The option a group takes without an override: the chosen algorithm's `override /group`, else
+    conf/train.yaml's defaults list."""
+    files = [CONFIG_DIR / "algorithm" / f"{choices.get('algorithm')}.yaml", CONFIG_DIR / "train.yaml"]
+    for path in files:
+        for entry in OmegaConf.load(path).get("defaults") or [] if path.is_file() else []:
+            for name, option in entry.items() if OmegaConf.is_dict(entry) else []:
+                if name.split("/")[-1].split("@")[0] == group:
+                    return option
+    return None
+
+
+def file_default(key: str, choices: dict):
+    """The value the config files give `key` before overrides: `group.rest` from
+    conf/<group>/<choice>.yaml, a top-level key from conf/train.yaml, a group's option from the defaults
+    lists. Raises KeyError when no file says (overlays such as `hardware=gpu`, `@package _global_`, are
+    not consulted)."""
+    group, _, rest = key.partition(".")
+    if (CONFIG_DIR / group).is_dir() and not rest:
+        return _default_option(group, choices)
+    path = CONFIG_DIR / group / f"{choices.get(group)}.yaml"
+    node = OmegaConf.to_container(OmegaConf.load(path if rest and path.is_file() else CONFIG_DIR / "train.yaml"))
+    for part in (rest if rest and path.is_file() else key).split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def changed_overrides(lines: Sequence[str], choices: dict) -> list[str]:
+    """`key=value` of the overrides that change what a run trains, in command-line order. Left out:
+    keys named elsewhere or not about training (NAMED_ELSEWHERE, NOT_TRAINING), secret-looking
+    keys or values, and values equal to the config files' default (see `file_default`). Each key goes
+    without its group where that is unambiguous (`algorithm.beta` → `beta`, `model.lora.r` → `lora.r`)."""
+    kept = []
+    for line in lines:
+        key, value = split_override(line)
+        if "=" not in line or line.startswith("~") or key in NAMED_ELSEWHERE:
+            continue
+        if any(key == k or key.startswith(k + ".") for k in NOT_TRAINING):
+            continue
+        if SECRET_KEY.search(key.rsplit(".", 1)[-1]) or redact_text(line) != line:
+            continue  # a secret never reaches a folder or W&B name
+        try:
+            if yaml.safe_load(value) == file_default(key, choices):
+                continue
+        except (KeyError, yaml.YAMLError):
+            pass
+        kept.append((key, value))
+    short = [k.split(".", 1)[-1] for k, _ in kept]
+    return [f"{s if short.count(s) == 1 else k}={v}" for (k, v), s in zip(kept, short)]
+
+
+def safe_name(text: str) -> str:
+    """`text` as one file name: characters other than letters, digits and `._=,+-` become `_`; past
+    MAX_NAME characters it is cut and ends in `_` and 8 hex digits of the whole text's hash, so names
+    stay apart."""
+    clean = _UNSAFE.sub("_", text)
+    if len(clean) <= MAX_NAME:
+        return clean
+    return f"{clean[: MAX_NAME - 9]}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def folder_name(name: str) -> str:
+    """A run name as the last part of its folder: `safe_name` with `=` written `-` and `,` written `+`
+    (`dpo-tiny-beta-0.5+seed-1`), since a folder is given back on the command line
+    (`hydra.run.dir=…`, `model.path=…/model`), where Hydra reads `=` and `,` as syntax."""
+    return safe_name(name).translate(_FOLDER_CHARS)
+
+
+def default_name(cfg: DictConfig, overrides: Sequence[str], choices: dict) -> str:
+    """`<algorithm>-<starting model>[-<changed overrides>]`, e.g. `dpo-tiny`, `dpo-tiny-beta=0.5,seed=1`."""
+    changed = ",".join(changed_overrides(overrides, choices))
+    return safe_name("-".join(p for p in (str(cfg.algorithm.name), model_label(cfg.model), changed) if p))
+
+
+def hydra_overrides() -> tuple[list[str], dict]:
+    """This job's overrides and group choices; nothing outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return [], {}
+    hc = HydraConfig.get()
+    return list(hc.overrides.task), dict(hc.runtime.choices)
+
+
+def run_folder_name(*, _root_: DictConfig) -> str:
+    """The `alignlab.run_name` resolver (conf/hydra/default.yaml's run folder): `run_name` when set,
+    else `default_name` from the Hydra config composed with it, as a folder name (`folder_name`)."""
+    if _root_.get("run_name") is not None:
+        return folder_name(str(_root_.run_name))
+    hydra = _root_.hydra
+    try:
+        return folder_name(default_name(_root_, list(hydra.overrides.task), dict(hydra.runtime.choices)))
+    except Exception:  # e.g. model.path=???: alignlab's config checks say what is wrong, once the job starts
+        return "run"
+
+
+def register_resolvers() -> None:
+    """Make `${alignlab.run_name:}` known to OmegaConf; Hydra resolves it as it creates a run folder."""
+    if not OmegaConf.has_resolver("alignlab.run_name"):
+        OmegaConf.register_new_resolver("alignlab.run_name", run_folder_name)
+
+
+def name_run(
+    cfg: DictConfig, job: SweepJob | None, overrides: Sequence[str] | None = None, choices: dict | None = None
+) -> None:
     """Fill `run_name` unless the command line set it: in a sweep, the job's overrides; otherwise
-    `<algorithm>-<starting model>` (see `model_label`). In a sweep W&B also groups the run under the
-    sweep, unless `logger.wandb.group` is set."""
+    `default_name` over `overrides` and group `choices` (this Hydra job's when None). In a sweep W&B
+    also groups the run under the sweep, unless `logger.wandb.group` is set."""
     with open_dict(cfg):
         if cfg.get("run_name") is None:
-            cfg.run_name = job.name if job is not None else f"{cfg.algorithm.name}-{model_label(cfg.model)}"
+            if job is not None:
+                cfg.run_name = job.name
+            else:
+                found = hydra_overrides() if overrides is None else (list(overrides), dict(choices or {}))
+                cfg.run_name = default_name(cfg, *found)
         if job is None:
             return
         wandb = (cfg.get("logger") or {}).get("wandb")

@@ -188,14 +188,16 @@ def test_grpo_reward_functions_receive_each_solution_as_written(tmp_path, monkey
 
 
 def test_grpo_sample_tables_carry_each_solution_as_written(tmp_path):
-    """samples.jsonl holds each held-out row's extra columns beside its prompt, answer and reward,
+    """samples.jsonl holds each held-out row's extra columns beside its prompt, answer and score,
     with the file's own values: the integer solutions stay integers beside the one 0.5."""
     path = CASES / "grpo_solution_float" / "prompts.jsonl"
     overrides = one_grpo_step(path, "batch_size=4", "algorithm.num_sample_generations=1")
     train(compose(overrides, tmp_path / "run"))
     samples = lines(tmp_path / "run" / "samples.jsonl")
     written = [r["solution"] for r in lines(path)][: len(samples)]
-    assert len(samples) == 16 and set(samples[0]) == {"step", "prompt", "answer", "reward", "solution"}
+    assert len(samples) == 16 and set(samples[0]) == {"step", "prompt", "answer", "score", "solution"}
+    # The prompt as the data's messages (the file's text prompt is one user turn), not the template's text.
+    assert [s["prompt"] for s in samples] == [[{"role": "user", "content": r["prompt"]}] for r in lines(path)][:16]
     assert [(s["solution"], type(s["solution"])) for s in samples] == [(w, type(w)) for w in written]
     assert all(type(s["solution"]) is int for s in samples)  # not 5.0: the file's 0.5 is in row 17
 

@@ -48,7 +48,8 @@ def test_grpo_raises_a_reachable_reward_and_logs_its_metrics(sft_run, tmp_path):
     ):
         assert rows[-1].get(f"train/{name}"), name
     samples = [json.loads(line) for line in (Path(tmp_path) / "samples.jsonl").read_text().splitlines()]
-    assert set(samples[0]) == {"step", "prompt", "answer", "reward", "solution"}
+    assert set(samples[0]) == {"step", "prompt", "answer", "score", "solution"}
+    assert all(m.keys() == {"role", "content"} for s in samples for m in s["prompt"])  # the data's messages
 
 
 def test_grpo_with_the_accuracy_reward_raises_held_out_exact_match(sft_run, tmp_path):

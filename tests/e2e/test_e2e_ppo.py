@@ -119,4 +119,5 @@ def test_metrics_and_sample_tables(ppo_run):
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len({s["step"] for s in samples}) == 10  # num_sample_generations
     assert set(samples[0]) == {"step", "prompt", "answer", "score", "solution"}
+    assert all(m.keys() == {"role", "content"} for s in samples for m in s["prompt"])  # the data's messages
     assert train_curve(run_dir, "train/episodes")[-1] == 100 * 512

@@ -319,3 +319,132 @@ def test_a_run_started_from_an_export_is_named_after_the_run_that_wrote_it(tmp_p
     cfg = OmegaConf.create({"run_name": None, "algorithm": {"name": "kto"}, "model": {"path": str(run / "model")}})
     name_run(cfg, None)
     assert cfg.run_name == "kto-sft-lr3"
+
+
+def test_a_run_name_carries_the_overrides_that_differ_from_the_defaults(monkeypatch):
+    from alignlab.runner.config import compose
+    from alignlab.runner.sweeps import MAX_NAME
+
+    assert compose(["algorithm.beta=0.5"]).run_name == "dpo-tiny-beta=0.5"
+    assert compose(["algorithm.beta=0.1", "seed=0", "data=arith_pairs"]).run_name == "dpo-tiny"  # all defaults
+    name = compose(["algorithm=cpo", "algorithm.beta=0.5", "optim.lr=2e-4", "model.lora.r=16"]).run_name
+    assert name == "cpo-tiny-beta=0.5,lr=2e-4,lora.r=16"  # each key without its group
+    plumbing = [
+        *QUIET,
+        "hydra.run.dir=/tmp/x",
+        "save_model=false",
+        "resume=auto",
+        "callbacks.checkpoint.every_n_train_steps=5",
+    ]
+    assert compose(["trainer.max_steps=3", *plumbing]).run_name == "dpo-tiny-max_steps=3"
+    assert compose(["algorithm=kto", "data.unpair=true"]).run_name == "kto-tiny-unpair=true"
+    # Made safe for a file name; a secret (by key, or a secret environment variable's value) never appears.
+    grpo = compose(["algorithm=grpo", "algorithm.reward_funcs=[accuracy,format]"]).run_name
+    assert grpo == "grpo-tiny-reward_funcs=_accuracy,format_"
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh12345")
+    secret = ["+logger.wandb.api_key=s3cr3t-key", "+data.hf_token=abc", "+data.note=hf_abcdefgh12345", "seed=1"]
+    assert compose(secret).run_name == "dpo-tiny-seed=1"
+    long = compose([f"algorithm.beta=0.{'1' * 150}"]).run_name
+    assert (
+        len(long) == MAX_NAME
+        and long.startswith("dpo-tiny-beta=0.111")
+        and long != compose(["algorithm.beta=0.2"]).run_name
+    )
+
+
+def test_the_run_folder_is_named_after_the_run(tmp_path):
+    """`outputs/<algorithm>/<date_time>_<run name>`, the name's `=` and `,` written `-` and `+` so that
+    the folder can be given back to Hydra (`model.path=<run>/model`); `run_name=` names the folder too;
+    `hydra.run.dir=` still chooses it outright."""
+    import re
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from alignlab.runner.sweeps import register_resolvers
+
+    args = ["algorithm.beta=0.5", "trainer.max_steps=1", "evaluation.at_start=false", *QUIET]
+    result = run_cli([*args, f"paths.root_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs" / "dpo").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_dpo-tiny-beta-0\.5\+max_steps-1", folder.name)
+    assert json.loads((folder / "summary.json").read_text())["run_name"] == "dpo-tiny-beta=0.5,max_steps=1"
+    given_back = OverridesParser.create().parse_override(f"model.path={folder / 'model'}")
+    assert given_back.value() == str(folder / "model") and (folder / "model" / "config.json").is_file()
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        mine = hydra_compose("train", ["run_name='my/run,2'"], return_hydra_config=True)
+        chosen = hydra_compose("train", ["algorithm.beta=0.5", "hydra.run.dir=/tmp/here"], return_hydra_config=True)
+        long = hydra_compose("train", [f"algorithm.beta=0.{'1' * 150}"], return_hydra_config=True)
+        unnamed = hydra_compose("train", ["model.tiny=null", "model.path=???"], return_hydra_config=True)
+    assert re.search(r"/outputs/dpo/[\d_-]+_my_run\+2$", mine.hydra.run.dir) and chosen.hydra.run.dir == "/tmp/here"
+    OverridesParser.create().parse_override(f"hydra.run.dir={long.hydra.run.dir}")  # the hashed tail parses too
+    assert unnamed.hydra.run.dir.endswith("_run")  # a config too broken to name: the config checks report it
+
+
+def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
+    """experiments/compare_algorithms.py's plot on the study's numbers (docs/results.md): every β label
+    drawn, none overlapping another or a marker, the crowd near the SFT model in a zoomed panel."""
+    import importlib.util
+
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "compare_algorithms.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = [("dpo", 0.05, 0.859, 0.082), ("dpo", 0.1, 0.859, 0.107), ("dpo", 0.5, 0.820, 0.159)]
+    rows += [("cpo", 0.05, 0.859, 0.086), ("cpo", 0.1, 0.859, 0.091), ("cpo", 0.5, 0.828, 0.094)]
+    rows += [("orpo", 0.05, 0.852, 0.077), ("orpo", 0.1, 0.844, 0.074), ("orpo", 0.5, 0.836, 0.070)]
+    rows += [("simpo", 1.0, 0.820, 0.100), ("simpo", 2.0, 0.836, 0.080), ("simpo", 2.5, 0.836, 0.090)]
+    rows += [("kto", 0.05, 0.508, 3.24), ("kto", 0.1, 0.539, 3.16), ("kto", 0.5, 0.672, 1.21)]
+    table = pd.DataFrame(rows, columns=["algorithm", "algorithm.beta", "eval/exact_match", "kl_to_sft"])
+    figures = []
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", savefig)
+        study.plot(table, 0.781, tmp_path / "plot.png")
+    (fig,) = figures
+    renderer = fig.canvas.get_renderer()
+    labels = [t for ax in fig.axes for t in ax.texts if t.get_text().startswith("β=")]
+    assert len(labels) == len(table)  # the 3 far KTO runs in the first panel, the 12 near ones zoomed
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+    for ax in fig.axes:
+        markers = [
+            ax.transData.transform(p) for line in ax.lines for p in line.get_xydata() if line.get_marker() == "o"
+        ]
+        mine = [Text.get_window_extent(t, renderer) for t in ax.texts]
+        assert not [(b, m) for b in mine for m in markers if b.contains(*m)]
+
+
+def test_the_documented_notebook_command_keeps_the_executed_copy(sweep_dir, tmp_path):
+    """docs/results.md's `jupyter execute` line, run as written on a copy of the notebook: the executed
+    notebook (with its plots) is saved beside it, and the stored notebook stays without outputs."""
+    import os
+    import subprocess
+    import sys
+
+    import nbformat
+
+    (line,) = [ln for ln in (ROOT / "docs" / "results.md").read_text().splitlines() if ln.startswith("jupyter ")]
+    command = line.split("#", 1)[0].split()
+    assert command[:3] == ["jupyter", "execute", "notebooks/sweep_analysis.ipynb"] and command[3].startswith(
+        "--output="
+    )
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(NOTEBOOK, tmp_path / "notebooks")
+    jupyter = [sys.executable, "-m", "jupyter"]
+    env = {**os.environ, "ALIGNLAB_SWEEP": str(sweep_dir), "PYTHONPATH": str(ROOT)}
+    subprocess.run([*jupyter, *command[1:]], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    saved = tmp_path / "notebooks" / (command[3].split("=", 1)[1] + ".ipynb")
+    outputs = [o for c in nbformat.read(saved, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert (tmp_path / "notebooks" / NOTEBOOK.name).read_bytes() == NOTEBOOK.read_bytes()
