@@ -66,17 +66,28 @@ class StepBar(TQDMProgressBar):
             bar_format=self.BAR_FORMAT,
         )
 
+    def on_train_start(self, *_) -> None:
+        self._train_progress_bar = None  # made at the first batch, so its pace leaves out reference scoring
+
     def on_train_epoch_start(self, *_) -> None:
         pass  # one bar for the whole run (Lightning's resets it each epoch, to the epoch's batches)
+
+    def on_train_batch_start(self, *_) -> None:
+        if self._train_progress_bar is None:
+            self.train_progress_bar = self.init_train_tqdm()
 
     def on_train_batch_end(self, trainer, pl_module, *_) -> None:
         bar, step = self.train_progress_bar, trainer.global_step
         if step != bar.n and self._should_update(step, bar.total):
-            _update_n(bar, step)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            _update_n(bar, step)  # one redraw, with the step's metrics
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass  # the bar runs on over epochs: nothing to close or refresh here
+
+    def on_train_end(self, *_) -> None:
+        if self._train_progress_bar is not None:  # None: a resumed run that had no step left
+            self.train_progress_bar.close()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
@@ -97,7 +108,9 @@ class ProgressLines(ProgressBar):
         super().__init__()
         self._enabled = True
         self._printed = -1  # the step of the last line: accumulation's micro-batches share a step
-        self._start = (0.0, 0)  # (time, step) when this fit began: a resumed run's pace counts its own steps
+        # (time, step) at this fit's first batch: the pace leaves out one-time work before it (reference
+        # scoring), and a resumed run's counts its own steps
+        self._start: tuple[float, int] | None = None
 
     @property
     def is_enabled(self) -> bool:
@@ -110,8 +123,11 @@ class ProgressLines(ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._start = (time.perf_counter(), trainer.global_step)
-        self._printed = trainer.global_step
+        self._start, self._printed = None, trainer.global_step
+
+    def on_train_batch_start(self, trainer, *_) -> None:
+        if self._start is None:
+            self._start = (time.perf_counter(), trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, *_) -> None:
         step, every = trainer.global_step, max(trainer.log_every_n_steps, 1)
@@ -128,8 +144,9 @@ class ProgressLines(ProgressBar):
             self.print(eval_line(trainer), flush=True)
 
     def pace(self, step: int, max_steps: int) -> str:
-        """Elapsed seconds, steps per second and the time left at that pace (validations included)."""
-        began, first = self._start
+        """Seconds since the first batch, steps per second and the time left at that pace (validations
+        included)."""
+        began, first = self._start or (time.perf_counter(), step)
         elapsed = time.perf_counter() - began
         rate = (step - first) / elapsed if elapsed > 0 else 0.0
         text = f"{elapsed:.1f} s, {rate:.3g} step/s"

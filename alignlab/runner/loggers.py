@@ -46,7 +46,7 @@ def wandb_logger(
         import wandb
 
         extra["settings"] = wandb.Settings(x_disable_meta=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         name=name,
         save_dir=save_dir,
@@ -56,6 +56,9 @@ def wandb_logger(
         offline=offline,
         **extra,
     )
+    # Lightning always passes wandb.init(anonymous=None), which wandb warns about as deprecated (and ignores).
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def finish_loggers(loggers: list) -> None:
