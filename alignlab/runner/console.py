@@ -30,16 +30,20 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
     return "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
+def headline(trainer, split: str) -> dict[str, float]:
+    """The module's progress-bar metrics of `split` (`train`, `eval`), loss first, without the prefix."""
+    metrics = split_metrics(trainer.progress_bar_metrics, split)
+    return dict(sorted(metrics.items(), key=lambda item: item[0] != "loss"))
+
+
 def eval_line(trainer) -> str:
     """The line a validation prints: the step it validated at and its headline eval/ metrics."""
-    return f"eval  step {trainer.global_step}/{trainer.max_steps}  " + format_metrics(
-        split_metrics(trainer.progress_bar_metrics, "eval")
-    )
+    return f"eval  step {trainer.global_step}/{trainer.max_steps}  {format_metrics(headline(trainer, 'eval'))}"
 
 
 class StepBar(TQDMProgressBar):
-    """Terminal: one bar over the run's optimizer steps, `train  37/1000 [00:12<05:10, 3.08step/s,
-    loss=3.87, rewards/accuracies=0.375]`, and a line per validation above it.
+    """Terminal: one bar over the run's optimizer steps, `train:   4%|▍   | 37/1000 [00:12<05:10,
+    3.08step/s, loss=3.87, rewards/accuracies=0.375]`, and a line per validation above it.
 
     Lightning's own bar restarts every epoch, counts micro-batches (not optimizer steps, with
     accumulation or PPO's several updates per rollout), and shows `Epoch 0/-2` (max_epochs=-1) and the
@@ -96,7 +100,7 @@ class StepBar(TQDMProgressBar):
 
     def get_metrics(self, trainer, pl_module) -> dict[str, float]:
         """The live train/ metrics, without the prefix (no `v_num`; eval/ values have their own line)."""
-        return split_metrics(trainer.progress_bar_metrics, "train")
+        return headline(trainer, "train")
 
 
 class ProgressLines(ProgressBar):
@@ -136,7 +140,7 @@ class ProgressLines(ProgressBar):
         if not self._enabled or step == self._printed or not (crossed or step == trainer.max_steps):
             return
         self._printed = step
-        metrics = format_metrics(split_metrics(trainer.progress_bar_metrics, "train"))
+        metrics = format_metrics(headline(trainer, "train"))
         self.print(f"step {step}/{trainer.max_steps}  {metrics}  ({self.pace(step, trainer.max_steps)})", flush=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
