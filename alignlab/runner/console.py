@@ -218,7 +218,8 @@ def quiet_console(gradient_checkpointing: bool = False) -> None:
     # outside the LightningModule and do not. Eval mode turns dropout off (the tiny model and Qwen2 or
     # Llama configs have none; online algorithms set it to 0 anyway). It also leaves transformers'
     # gradient checkpointing idle (it recomputes only in training mode): a run that asks for it keeps the warning.
+    eval_mode = r"Found \d+ module\(s\) in eval mode at the start"
     if not gradient_checkpointing:
-        warnings.filterwarnings(
-            "ignore", r"Found \d+ module\(s\) in eval mode at the start", module=r"lightning\.pytorch\.loops\.fit_loop"
-        )
+        warnings.filterwarnings("ignore", eval_mode, module=r"lightning\.pytorch\.loops\.fit_loop")
+    else:  # a sweep's earlier job may have added the filter
+        warnings.filters[:] = [f for f in warnings.filters if f[1] is None or f[1].pattern != eval_mode]
