@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +29,7 @@ from alignlab.runner.config import (
     save_resolved_config,
     task_overrides,
 )
+from alignlab.runner.console import format_metrics, quiet_console, split_metrics
 from alignlab.runner.loggers import finish_loggers, wandb_identity
 from alignlab.runner.resume import LAST, CheckpointOnSignal, RunInterrupted, resume_checkpoint
 from alignlab.runner.sweeps import STOPPED_FILES, current_job, name_run
@@ -54,6 +55,7 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     check_config(cfg, choices)  # before anything slow: a wrong config fails in a second
+    quiet_console(bool(cfg.model.get("gradient_checkpointing")))
     name_run(cfg, current_job())  # a sweep's jobs: named after their overrides, grouped by sweep
 
     run_dir = Path(cfg.paths.output_dir)
@@ -76,6 +78,8 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not loggers:  # logger=none: nothing to monitor the learning rate into (Lightning refuses to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.enable_progress_bar:  # silences callbacks.progress too (Lightning refuses both)
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(CheckpointOnSignal(run_dir / LAST.parent))
     manual = {}
     if not module.automatic_optimization:
@@ -103,8 +107,7 @@ def train(cfg: DictConfig) -> dict:
                 f"same command plus resume=auto hydra.run.dir={run_dir} (or resume={run_dir / LAST})"
             ) from None
     save_last_checkpoint(trainer)
-    if validate and getattr(module, "validated_at", None) != trainer.global_step:  # the summary reports the final model
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = final_metrics(trainer, module, datamodule, validate)
     wandb_run = wandb_identity(loggers)
     finish_loggers(loggers)
 
@@ -130,7 +133,7 @@ def train(cfg: DictConfig) -> dict:
         "dropped_rows": dict(datamodule.dropped),
         "dropped_rows_by_reason": dict(datamodule.dropped_by_reason),
         "skipped_bad_rows": datamodule.skipped,
-        "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
+        "metrics": metrics,
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
@@ -155,6 +158,20 @@ def marked_if_stopped(run_dir: Path, trainer) -> Iterator[None]:
             message = f"{status} at step {trainer.global_step}: {type(e).__name__}: {e}\n"
             (run_dir / STOPPED_FILES[status]).write_text(message)
         raise
+
+
+def final_metrics(trainer, module, datamodule, validate: bool) -> dict[str, float]:
+    """The summary's metrics: the last train/ values and the final model's eval/ ones, by name.
+
+    Validates the final model when the last in-training validation was not at the last step. Lightning
+    empties `trainer.callback_metrics` at the start of every `validate` call, so the values fit left there
+    (train/, and eval/ of an earlier step) are read first and the closing validation's eval/ replace them.
+    """
+    metrics = dict(trainer.callback_metrics)
+    if validate and getattr(module, "validated_at", None) != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update(trainer.callback_metrics)
+    return {k: float(v) for k, v in sorted(metrics.items())}
 
 
 def no_validation_message(cfg: DictConfig, train_rows: int) -> str:
@@ -189,7 +206,7 @@ def save_last_checkpoint(trainer) -> None:
 
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
-            trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
+            trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"), weights_only=False)  # resumable
             return
 
 
@@ -201,7 +218,6 @@ def print_summary(result: dict) -> None:
     if result["model_dir"]:
         lines.append(f"  final model: {result['model_dir']}")
     for split in ("train", "eval"):
-        shown = {k.split("/", 1)[1]: v for k, v in result["metrics"].items() if k.startswith(split + "/")}
-        if shown:
-            lines.append(f"  {split + ':':<6} " + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        if shown := split_metrics(result["metrics"], split):
+            lines.append(f"  {split + ':':<6} " + format_metrics(shown))
     print("\n".join(lines), flush=True)

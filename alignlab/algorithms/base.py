@@ -44,6 +44,19 @@ def config_default(key: str) -> Any:
 # Greedy answers' length for a module built without an `evaluation` config.
 MAX_NEW_TOKENS: int = config_default("evaluation.max_new_tokens")
 
+# The headline metrics the console's progress shows (prog_bar=True; alignlab.runner.console): the loss and
+# each family's own (preference pairs, KTO, RM, SFT, GRPO, PPO; exact_match at validation).
+PROGRESS_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "accuracy",
+    "mean_token_accuracy",
+    "reward",
+    "objective/scores",
+    "exact_match",
+)
+
 
 def disable_dropout(model: torch.nn.Module) -> None:
     """Set every dropout probability in `model` to 0 (LoRA dropout included)."""
@@ -283,7 +296,7 @@ class AlignmentModule(L.LightningModule):
                 batch_size=weight,
                 reduce_fx=name.rsplit("/", 1)[-1] if name.endswith(("/min", "/max")) else "mean",
                 sync_dist=sync,
-                prog_bar=name in ("loss", "rewards/accuracies", "exact_match", "accuracy"),
+                prog_bar=name in PROGRESS_METRICS,
             )
 
     def _subset_mean_across_devices(self, mean: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:

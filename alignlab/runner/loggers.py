@@ -46,7 +46,7 @@ def wandb_logger(
         import wandb
 
         extra["settings"] = wandb.Settings(x_disable_meta=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         name=name,
         save_dir=save_dir,
@@ -56,6 +56,9 @@ def wandb_logger(
         offline=offline,
         **extra,
     )
+    # Lightning always passes wandb.init(anonymous=None), which wandb warns about as deprecated (and ignores).
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def finish_loggers(loggers: list) -> None:
@@ -78,9 +81,11 @@ def wandb_identity(loggers: list) -> dict | None:
     return None
 
 
-def csv_logger(save_dir: str):
+def csv_logger(save_dir: str, flush_logs_every_n_steps: int):
     """<run>/metrics.csv, appended to when a run resumes in its folder (Lightning's own writer deletes
-    an existing file on start; the rows an interrupted run wrote are part of its history)."""
+    an existing file on start; the rows an interrupted run wrote are part of its history). Written to
+    disk every `flush_logs_every_n_steps` steps (conf: trainer.log_every_n_steps, the cadence of the
+    console's progress lines) and at the end."""
     import csv
 
     from lightning.pytorch.loggers import CSVLogger
@@ -100,4 +105,4 @@ def csv_logger(save_dir: str):
                 self._experiment = KeepingWriter(log_dir=self.log_dir)
             return self._experiment
 
-    return KeepingCSVLogger(save_dir=save_dir, name="", version="")
+    return KeepingCSVLogger(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
