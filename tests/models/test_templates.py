@@ -125,7 +125,8 @@ def test_sft_export_reloads_with_the_template_ids_and_end_of_turn_training_used(
     overrides += ["model.lora.enabled=true", "model.lora.r=4"] if lora else []
     result = train(compose(overrides, tmp_path))
     export = result["model_dir"]
-    assert result["run_name"] == f"sft-{folder.name}"  # named after the folder it started from
+    # named after the folder it started from, then the overrides that differ from the defaults
+    assert result["run_name"].startswith(f"sft-{folder.name}-max_steps=3,batch_size=4,")
 
     reloaded, tokenizer, _ = load_model(model_cfg(export), require_chat_template=True)  # as the next stage loads it
     assert tokenizer.chat_template == trained_tokenizer.chat_template
