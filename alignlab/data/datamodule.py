@@ -57,6 +57,7 @@ class AlignmentDataModule(L.LightningDataModule):
         shuffle: bool = True,
         group_by_length: bool = False,
         system_prompt: str = "keep",
+        max_tokens_per_micro_batch: int | None = None,
     ):
         super().__init__()
         if system_prompt not in SYSTEM_PROMPT:
@@ -70,6 +71,9 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ConfigError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
         if max_length < 2:
             raise ConfigError(f"max_length must be >= 2 (a prompt token and an answer token), got {max_length}")
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+            raise ConfigError(f"data.max_tokens_per_micro_batch must be >= 1 or null, got {max_tokens_per_micro_batch}")
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.max_length, self.seed, self.num_workers = max_length, seed, num_workers
         self.tokenizer = None
