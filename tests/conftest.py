@@ -101,13 +101,16 @@ OPTIM = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "scheduler": "c
 
 
 def build_module(name: str, model, tokenizer, **overrides):
-    """The LightningModule of conf/algorithm/<name>.yaml with its configured defaults, some overridden."""
+    """The LightningModule of conf/algorithm/<name>.yaml with its configured defaults (a root key it
+    interpolates, e.g. ${max_tokens_per_micro_batch}, as conf/train.yaml sets it), some overridden."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
     from alignlab.runner.config import ALGORITHM_META_KEYS
 
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "algorithm" / f"{name}.yaml"))
+    root = OmegaConf.load(CONF / "train.yaml")
+    root.algorithm = OmegaConf.load(CONF / "algorithm" / f"{name}.yaml")
+    cfg = OmegaConf.to_container(root.algorithm, resolve=True)
     hparams = {k: v for k, v in cfg.items() if k not in (*ALGORITHM_META_KEYS, "defaults", "_target_")}
     return get_class(cfg["_target_"])(model, tokenizer, OPTIM, **{**hparams, **overrides})
 

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.algorithms.online import OnlineModule
+from alignlab.data.collate import select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
 from alignlab.online.generation import answer_texts
@@ -123,11 +124,11 @@ class GRPO(OnlineModule):
 
     # -- update ---------------------------------------------------------------------------------
     def grpo_update(self, gen: dict, optimizer, scheduler=None) -> dict:
-        """num_iterations optimizer steps on one generation batch, each accumulated over micro-batches.
+        """num_iterations optimizer steps on one generation batch, each accumulated over micro-batches
+        (the completions cut by tokens, `micro_batches`; each forward cut to its own longest row).
         Every loss_type divides by the step's totals over every device (completion tokens, or
         completions), so each step equals one pass over the whole generation batch on one process."""
         n, length = gen["input_ids"].shape[0], gen["mask"].shape[1]
-        micro = self.micro_batch_size or n
         tokens = self.sum_across_devices(gen["mask"].sum())
         completions = self.sum_across_devices(torch.tensor(float(n), device=gen["mask"].device))
         scale = self.loss_scale()  # DDP averages the devices' gradients
@@ -135,18 +136,23 @@ class GRPO(OnlineModule):
         # (over all devices' tokens, so the logged value is the whole batch's).
         sums = {"clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "kl": 0.0}
         counted, applied = 0.0, 0.0  # applied: the loss whose gradient each optimizer step took, summed
+        micro_batches = self.micro_batches(gen["attention_mask"])
         for _ in range(self.num_iterations):
-            for start in range(0, n, micro):
-                idx = slice(start, start + micro)
-                sub = {k: gen[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}
-                logprobs = token_logprobs(self.model, sub, gen["starts"][idx], length, self.temperature)
-                old = logprobs.detach() if gen["old_logprobs"] is None else gen["old_logprobs"][idx]
-                ref = None if gen["ref_logprobs"] is None else gen["ref_logprobs"][idx]
+            for idx in micro_batches:
+                mask = gen["mask"][idx]
+                # Past a completion's end, a row cut shorter than the batch reads other positions than at
+                # generation time: zero every log-prob there, so the ratio and the KL are exactly 1 and 0.
+                logprobs = token_logprobs(
+                    self.model, select_rows(gen, idx), gen["starts"][idx], length, self.temperature
+                )
+                logprobs = logprobs * mask
+                old = logprobs.detach() if gen["old_logprobs"] is None else gen["old_logprobs"][idx] * mask
+                ref = None if gen["ref_logprobs"] is None else gen["ref_logprobs"][idx] * mask
                 out = grpo_loss(
                     logprobs,
                     old,
                     gen["advantages"][idx],
-                    gen["mask"][idx],
+                    mask,
                     self.epsilon,
                     self.epsilon_high,
                     self.beta,
@@ -160,7 +166,7 @@ class GRPO(OnlineModule):
                 loss = out.loss
                 self.backpropagate(loss)
                 applied = applied + loss.detach()
-                n_tokens = gen["mask"][idx].sum()
+                n_tokens = mask.sum()
                 counted = counted + n_tokens
                 sums["clip_ratio/low_mean"] = sums["clip_ratio/low_mean"] + out.clip_low * n_tokens
                 sums["clip_ratio/high_mean"] = sums["clip_ratio/high_mean"] + out.clip_high * n_tokens

@@ -6,8 +6,10 @@ sampling, manual optimisation, no dropout, the held-out evaluation by greedy ans
 tables. A subclass writes the algorithm as its paper does, in `train_on(batch, optimizer, scheduler)`:
 rollout (`sample_answers`, log-probs by alignlab.online.rollout.token_logprobs) → rewards → advantages
 → clipped update; and says how it scores a greedy answer (`eval_scores`) and how many optimizer steps
-a rollout takes (`steps_per_rollout`). Its config gives `generation_backend`, `temperature` and
-`num_sample_generations`.
+a rollout takes (`steps_per_rollout`). Its update cuts each optimizer step's rows by tokens
+(`micro_batches`) and forwards each micro-batch cut to its own longest row
+(alignlab.data.collate.select_rows). Its config gives `generation_backend`, `temperature`,
+`num_sample_generations`, `micro_batch_size` and `max_tokens_per_micro_batch`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.online.backends import build_backend, check_backend_spec
+from alignlab.online.micro_batches import token_budget_micro_batches
 from alignlab.online.rollout import Samples, sample
 from alignlab.online.samples import log_samples, sample_row, with_columns
 from alignlab.runner.checks import Checks
@@ -39,12 +42,13 @@ class OnlineModule(AlignmentModule):
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         """The keys every online algorithm has: `temperature` > 0, `num_sample_generations` >= 0, a
-        `generation_backend` that imports, a `micro_batch_size` of null or >= 1. A subclass checks its
-        own keys after calling this. Raises ConfigError naming the key."""
+        `generation_backend` that imports, `micro_batch_size` and `max_tokens_per_micro_batch` null or
+        >= 1. A subclass checks its own keys after calling this. Raises ConfigError naming the key."""
         checks = Checks(algorithm, "algorithm").positive("temperature").at_least(0, "num_sample_generations")
         check_backend_spec(algorithm.generation_backend)
-        if algorithm.micro_batch_size is not None:
-            checks.at_least(1, "micro_batch_size")
+        for key in ("micro_batch_size", "max_tokens_per_micro_batch"):
+            if algorithm[key] is not None:
+                checks.at_least(1, key)
 
     # -- the algorithm --------------------------------------------------------------------------
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], int]:
@@ -98,6 +102,17 @@ class OnlineModule(AlignmentModule):
             return 0
         rollouts = -(-self.trainer.max_steps // self.steps_per_rollout)
         return max(1, rollouts // self.num_sample_generations)
+
+    # -- the update's micro-batches ----------------------------------------------------------------
+    def micro_batches(self, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """One optimizer step's rows, given by their attention masks [N, T] (right-padded prompt +
+        answer), cut into micro-batches of at most `max_tokens_per_micro_batch` padded tokens and
+        `micro_batch_size` rows (alignlab.online.micro_batches.token_budget_micro_batches): a list of
+        row positions [n_i] on the mask's device, every row once. The losses divide by the step's
+        totals, so the step's gradient is the same however the rows are cut."""
+        lengths = attention_mask.sum(1).tolist()
+        cut = token_budget_micro_batches(lengths, self.max_tokens_per_micro_batch, self.micro_batch_size)
+        return [torch.tensor(rows, device=attention_mask.device) for rows in cut]
 
     # -- evaluation -----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import disable_dropout
 from alignlab.algorithms.online import OnlineModule
+from alignlab.data.collate import select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten
@@ -135,11 +136,12 @@ class PPO(OnlineModule):
     # -- update ---------------------------------------------------------------------------------
     def ppo_update(self, rollout: dict, optimizer, scheduler=None, generator: torch.Generator | None = None) -> dict:
         """num_ppo_epochs × num_mini_batches optimizer steps; each mini-batch's gradient is accumulated
-        over micro-batches whose losses are normalised by the mini-batch's token count, so it equals
-        the gradient of the whole mini-batch at once."""
+        over micro-batches (its rows cut by tokens, `micro_batches`; each forward cut to its own longest
+        row) whose losses are normalised by the mini-batch's token count, so it equals the gradient of
+        the whole mini-batch at once. Logged: each mini-batch's loss and token means, averaged over the
+        mini-batches (the same however they are cut)."""
         n = rollout["input_ids"].shape[0]
         mini = n // self.num_mini_batches
-        micro = self.micro_batch_size or mini
         length = rollout["mask"].shape[1]
         stats: dict[str, list] = {
             k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
@@ -151,9 +153,11 @@ class PPO(OnlineModule):
                 # Losses are normalised by the mini-batch's tokens on every device, so the gradients
                 # DDP averages add up to the whole mini-batch's token mean.
                 tokens = self.sum_across_devices(rollout["mask"][rows].sum())
-                for m in range(0, len(rows), micro):
-                    idx = rows[m : m + micro]
-                    sub = {k: rollout[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")}
+                local_tokens = rollout["mask"][rows].sum().clamp(min=1)
+                sums = dict.fromkeys(stats, 0.0)  # the mini-batch's losses and token means, summed over micro-batches
+                for positions in self.micro_batches(rollout["attention_mask"][rows]):
+                    idx = rows[positions]
+                    sub = select_rows(rollout, idx)
                     mask, starts = rollout["mask"][idx], rollout["starts"][idx]
                     new_logprobs, entropy = token_logprobs(
                         self.model, sub, starts, length, self.temperature, entropy=True
@@ -182,20 +186,19 @@ class PPO(OnlineModule):
                     )
                     loss = policy.loss + self.vf_coef * vf_loss
                     self.backpropagate(loss)
-                    entropy = masked_mean(entropy, mask)
-                    for key, value in zip(
-                        stats,
-                        (
-                            policy.approxkl,
-                            policy.clipfrac,
-                            policy.loss * len(rows) / len(idx),
-                            vf_loss * len(rows) / len(idx),
-                            vf_clipfrac,
-                            entropy,
-                            policy.ratio,
-                        ),
+                    share = mask.sum() / local_tokens  # this micro-batch's share of the mini-batch's tokens
+                    for key, value in (
+                        ("approxkl", policy.approxkl * share),
+                        ("clipfrac", policy.clipfrac * share),
+                        ("pg_loss", policy.loss),  # already a share of the mini-batch's loss
+                        ("vf_loss", vf_loss),
+                        ("vf_clipfrac", vf_clipfrac * share),
+                        ("entropy", masked_mean(entropy, mask) * share),
+                        ("ratio", policy.ratio * share),
                     ):
-                        stats[key].append(value.detach())
+                        sums[key] = sums[key] + value.detach()
+                for key, value in sums.items():
+                    stats[key].append(value)
                 self.optimizer_step_manually(optimizer, scheduler)
         mean = {k: torch.stack(v).mean() for k, v in stats.items()}
         return {

@@ -189,6 +189,10 @@ def test_a_reward_that_is_not_a_finite_number_names_the_function_and_the_row(bad
             ["batch_size=5", "algorithm.num_generations=3", "algorithm.micro_batch_size=4"],
             "batch_size × algorithm.num_generations = 5 × 3 = 15 completions, which algorithm.micro_batch_size (4)",
         ),
+        (
+            ["algorithm.max_tokens_per_micro_batch=0"],
+            "algorithm.max_tokens_per_micro_batch must be a whole number >= 1",
+        ),
         (["algorithm.generation_backend=vllm"], "algorithm.generation_backend must be null or {_target_:"),
         (
             ["algorithm.generation_backend={_target_:no.such.Engine}"],
@@ -250,10 +254,9 @@ def test_reward_functions_receive_the_prompt_messages_and_columns(tiny):
     assert seen["solution"] == [batch["columns"]["solution"][0]] * 2 + [batch["columns"]["solution"][1]] * 2
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
-def test_micro_batches_take_the_step_one_big_batch_takes(tiny, loss_type):
-    """algorithm.micro_batch_size: gradients accumulated over micro-batches give the weights and the
-    logged loss of the whole generation batch at once (bnpo too: it divides by the step's tokens)."""
+def length_rewarded_generation(tiny, dtype: torch.dtype = torch.float32, **overrides):
+    """(a GRPO module on a copy of the tiny model in `dtype`, one generation batch of it): 4 completions
+    to each of 3 arithmetic prompts, at most 6 tokens, rewarded for length so that groups differ."""
     import copy
 
     from alignlab.data import PromptDataModule
@@ -266,32 +269,70 @@ def test_micro_batches_take_the_step_one_big_batch_takes(tiny, loss_type):
     dm.set_tokenizer(tokenizer)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    whole = build_module(
-        "grpo",
-        copy.deepcopy(model),
-        tokenizer,
-        num_generations=4,
-        beta=0.04,
-        loss_type=loss_type,
-        max_completion_length=6,
-    )
-    whole.rewards, whole.weights = [("length", lambda p, c, **kw: length_reward(p, c, target=3))], [1.0]
+    settings = {"num_generations": 4, "beta": 0.04, "max_completion_length": 6, **overrides}
+    module = build_module("grpo", copy.deepcopy(model).to(dtype), tokenizer, **settings)
+    module.rewards, module.weights = [("length", lambda p, c, **kw: length_reward(p, c, target=3))], [1.0]
     torch.manual_seed(0)
-    gen = whole.generate_batch(batch)
+    gen = module.generate_batch(batch)
     assert gen["advantages"].abs().sum() > 0  # the rewards differ within groups: there is a gradient
-    split = copy.deepcopy(whole)
-    split.micro_batch_size = 4
+    return module, gen
+
+
+def updated(modules, gen: dict) -> list[dict]:
+    """Each module's logged metrics after grpo_update on `gen` with SGD (lr 0.5)."""
     logged = []
-    for module in (whole, split):
+    for module in modules:
         optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
         logged.append(module.grpo_update(gen, optimizer))
+    return logged
+
+
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+def test_micro_batches_take_the_step_one_big_batch_takes(tiny, loss_type):
+    """algorithm.micro_batch_size: gradients accumulated over micro-batches give the weights and the
+    logged loss of the whole generation batch at once (bnpo too: it divides by the step's tokens)."""
+    import copy
+
+    whole, gen = length_rewarded_generation(tiny, loss_type=loss_type, max_tokens_per_micro_batch=None)
+    split = copy.deepcopy(whole)
+    split.micro_batch_size = 4
+    logged = updated((whole, split), gen)
     assert logged[1]["loss"].item() == pytest.approx(logged[0]["loss"].item(), rel=1e-5, abs=1e-7)
     assert logged[1]["kl"].item() == pytest.approx(logged[0]["kl"].item(), rel=1e-5, abs=1e-7)
-    start = dict(model.named_parameters())
+    start = dict(tiny[0].named_parameters())
     moved = max((p - start[n]).abs().max().item() for n, p in whole.model.named_parameters())
     assert moved > 1e-4
     for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+def test_a_token_budget_takes_the_steps_one_big_batch_takes(tiny, loss_type):
+    """algorithm.max_tokens_per_micro_batch: completions sorted by length and cut by padded tokens,
+    each forward cut to its own longest row, give the weights (two optimizer steps, num_iterations=2:
+    log-probs at generation time differ from the current ones) and every logged value of the whole
+    generation batch at once, in float64 to 1e-10."""
+    import copy
+
+    whole, gen = length_rewarded_generation(
+        tiny, torch.float64, loss_type=loss_type, num_iterations=2, max_tokens_per_micro_batch=None
+    )
+    lengths, width = gen["attention_mask"].sum(1), gen["attention_mask"].shape[1]
+    split = copy.deepcopy(whole)
+    budget = split.max_tokens_per_micro_batch = 3 * int(lengths.max())
+    cut = split.micro_batches(gen["attention_mask"])
+    assert len(cut) >= 4 and all(len(rows) * int(lengths[rows].max()) <= budget for rows in cut)
+    widths = []  # what each forward of the update runs over
+    split.model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    logged = updated((whole, split), gen)
+    assert widths == [int(lengths[rows].max()) for rows in cut] * 2 and min(widths) < width
+    for key, value in logged[0].items():
+        assert logged[1][key].item() == pytest.approx(value.item(), rel=1e-10, abs=1e-12), key
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10, msg=name)
+    assert not torch.equal(whole.model.lm_head.weight, tiny[0].lm_head.weight.double())  # the steps moved it
 
 
 class FixedAnswers:

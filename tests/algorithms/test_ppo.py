@@ -40,6 +40,10 @@ def prompt_batch(tokenizer, n=6):
         (["algorithm.num_ppo_epochs=0"], "algorithm.num_ppo_epochs must be a whole number >= 1"),
         (["batch_size=10", "algorithm.num_mini_batches=3"], "batch_size (10 prompts per rollout) must be divisible"),
         (["batch_size=8", "algorithm.micro_batch_size=3"], "must be divisible by algorithm.micro_batch_size (3)"),
+        (
+            ["algorithm.max_tokens_per_micro_batch=-1"],
+            "algorithm.max_tokens_per_micro_batch must be a whole number >= 1",
+        ),
     ],
 )
 def test_ppo_config_errors_name_the_key(reward_folder, overrides, message, tmp_path):
@@ -50,11 +54,11 @@ def test_ppo_config_errors_name_the_key(reward_folder, overrides, message, tmp_p
     assert message in str(err.value)
 
 
-def ppo_module(tiny, reward_folder, **overrides):
+def ppo_module(tiny, reward_folder, dtype: torch.dtype = torch.float32, **overrides):
     model, tokenizer = tiny
     return build_module(
         "ppo",
-        copy.deepcopy(model),
+        copy.deepcopy(model).to(dtype),
         tokenizer,
         reward_model=str(reward_folder),
         response_length=6,
@@ -108,6 +112,39 @@ def test_gradient_accumulation_over_micro_batches_equals_one_big_batch(tiny, rew
         for a, b in zip(whole.model.parameters(), ppo_module(tiny, reward_folder).model.parameters())
     ]
     assert any(moved)  # the update did change the policy
+
+
+def test_a_token_budget_takes_the_steps_one_big_batch_takes(tiny, reward_folder):
+    """algorithm.max_tokens_per_micro_batch: each mini-batch's rows sorted by length and cut by padded
+    tokens, each forward cut to its own longest row, give the weights of the whole mini-batch at once
+    (2 epochs × 2 mini-batches, in float64: the policy to 1e-10, the value model, whose loss is taken
+    in float32, to 1e-6), and the same logged losses and token means."""
+    _, tokenizer = tiny
+    settings = {"num_ppo_epochs": 2, "num_mini_batches": 2, "max_tokens_per_micro_batch": None}
+    whole = ppo_module(tiny, reward_folder, torch.float64, **settings)
+    torch.manual_seed(1)
+    rollout = whole.rollout(prompt_batch(tokenizer, n=8))
+    lengths, width = rollout["attention_mask"].sum(1), rollout["attention_mask"].shape[1]
+    split = copy.deepcopy(whole)
+    split.max_tokens_per_micro_batch = 2 * int(lengths.max())
+    widths = []  # what each policy forward of the update runs over
+    split.model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    logged = []
+    for module in (whole, split):
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+        logged.append(module.ppo_update(rollout, optimizer, generator=torch.Generator().manual_seed(0)))
+    assert len(widths) >= 2 * 2 * 2 and min(widths) < width  # several micro-batches, some cut shorter
+    # the value loss is taken in float32 (its predictions are cast to it), the rest in float64
+    for key, value in logged[0].items():
+        rel = 1e-6 if key in ("loss/value_avg", "val/clipfrac_avg") else 1e-10
+        assert logged[1][key].item() == pytest.approx(value.item(), rel=rel, abs=1e-12), key
+    for (name, a), b in zip(whole.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10, msg=name)
+    for (name, a), b in zip(whole.value.named_parameters(), split.value.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-6, msg=name)
+    assert not torch.equal(whole.model.lm_head.weight, tiny[0].lm_head.weight.double())  # the steps moved it
 
 
 def test_ppo_holds_four_models_with_lora_reference_as_disabled_adapter(tiny, reward_folder):
