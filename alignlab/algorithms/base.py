@@ -234,6 +234,9 @@ class AlignmentModule(L.LightningModule):
 
     # Metrics that are shares of the step's mean: summed over a step's micro-batches, not averaged.
     step_sums: tuple[str, ...] = ("loss", "nll_loss")
+    # Subset metrics that are the difference of two others' means (name -> (first, second)): over a
+    # step, the difference of the step's means (a micro-batch's difference weighs its subsets unevenly).
+    step_differences: dict[str, tuple[str, str]] = {}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute(batch)
@@ -264,6 +267,9 @@ class AlignmentModule(L.LightningModule):
                     self._step_sums[name] = seen = (total + value * weight, count + weight)
                 mean = (value, 0) if seen is None else (seen[0] / seen[1], seen[1])
                 out[name] = mean if isinstance(metric, tuple) else mean[0]
+        for name, (first, second) in self.step_differences.items():  # of the step's means, not a mean of them
+            if isinstance(out.get(name), tuple) and out[first][1] and out[second][1]:
+                out[name] = (out[first][0] - out[second][0], min(out[first][1], out[second][1]))
         return out
 
     def on_before_optimizer_step(self, optimizer) -> None:
