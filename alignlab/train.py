@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     check_config(cfg, choices)  # before anything slow: a wrong config fails in a second
-    quiet_console(bool(cfg.model.get("gradient_checkpointing")))
+    quiet_console()
     name_run(cfg, current_job())  # a sweep's jobs: named after their overrides, grouped by sweep
 
     run_dir = Path(cfg.paths.output_dir)

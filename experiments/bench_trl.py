@@ -1,20 +1,27 @@
 """Benchmark: alignlab against TRL, the field's reference trainer, on the same model, data and settings.
 
-For each algorithm (DPO, KTO, GRPO) and each configuration, one worker subprocess trains a fixed number of
-steps and reports step times, real (non-padding) tokens, peak memory and its first losses; the parent
-measures the machine's matmul rate in the same command and writes a markdown table and a JSON file.
+For each algorithm (DPO, KTO, GRPO, SFT) and each configuration, one worker subprocess trains a fixed number
+of steps and reports step times, real (non-padding) tokens, peak memory and its first losses; the parent
+measures the machine's matmul rate in the same command and writes a markdown table and a JSON file, and
+with --write-docs the tables of docs/speed.md and README.md (between their bench_trl marker comments).
 
     pip install -e ".[bench]"
-    python experiments/bench_trl.py                       # DPO, KTO and GRPO, CPU, the 30M-parameter model
-    python experiments/bench_trl.py --algorithms dpo --steps 30 --out experiments/out/bench_trl
+    python experiments/bench_trl.py --write-docs          # all four, each trainer at its defaults, CPU, 30M model
+    python experiments/bench_trl.py --algorithms sft --steps 4 --extra --out experiments/out/bench_sft
+
+Configurations: each trainer at its defaults, only the shared settings below set; --extra adds
+alignlab with hand-set length-grouped micro-batches (DPO, KTO, SFT; GRPO: micro-batches of 8
+completions) and TRL's fastest switch (DPO, KTO: precompute_ref_log_probs; SFT: no gradient
+checkpointing, which SFTConfig turns on by default).
 
 Model: a Qwen2 of about 30M parameters (hidden 512 × 8 layers, alignlab's byte-level ChatML tokenizer),
 written once and loaded by both trainers from the same folder; with a GPU also a larger one (hidden
 1024 × 16 layers). Data: synthetic text with a realistic spread of lengths (log-normal prompts and
 answers, a few hundred tokens per pair). Both trainers see the same rows in the same order (no
-shuffling), the same batch size, learning rate, schedule (linear, no warm-up), AdamW and clipping.
+shuffling), the same batch size per optimizer step, learning rate, schedule (linear, no warm-up),
+AdamW and clipping, in float32 on CPU and bf16 on GPU (SFTConfig's bf16 default is overridden on CPU).
 
-Throughput counts real tokens (prompt + answer, chosen and rejected) per second of training, from
+Throughput counts real tokens (prompt + answer; chosen and rejected) per second of training, from
 the start of training to the last step, so work done before the first step (reference log-probs
 computed ahead) is included. "Matmul share" is the model FLOPs of those tokens (6 × parameters per
 trained token, 2 × parameters per reference-scored token) per second over the rate of a large float32
@@ -24,11 +31,14 @@ trained token, 2 × parameters per reference-scored token) per second over the r
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import platform
 import random
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,7 +67,12 @@ MODELS = {
         "init_seed": 0,
     },
 }
-DATA_CONFIGS = {"dpo": "custom_pairs", "kto": "custom_kto", "grpo": "custom_prompts"}  # alignlab's data group
+ALGORITHMS = ("dpo", "kto", "grpo", "sft")
+DATA_CONFIGS = {"dpo": "custom_pairs", "kto": "custom_kto", "grpo": "custom_prompts", "sft": "custom_sft"}  # alignlab's
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = (ROOT / "docs" / "speed.md", ROOT / "README.md")  # the pages whose bench_trl blocks --write-docs rewrites
+BEGIN, END = "<!-- bench_trl:begin -->", "<!-- bench_trl:end -->"
+TRL_DEFAULTS, ALIGNLAB_DEFAULTS = "TRL defaults", "alignlab defaults"  # the rows the ratios compare
 WORDS = "the a of to and in is it that for on with as was at by an be this are from or have one had not but".split()
 
 
@@ -79,25 +94,21 @@ def text(rng: random.Random, median: int, low: int, high: int) -> str:
 
 def write_data(out: Path, rows: int, seed: int = 0) -> dict[str, Path]:
     """pairs.jsonl (prompt, chosen, rejected), labelled.jsonl (prompt, completion, label: desirable
-    and undesirable in turn) and prompts.jsonl (prompt), in alignlab's flat form."""
+    and undesirable in turn), prompts.jsonl (prompt) and sft.jsonl (prompt, completion), in alignlab's
+    flat form; returns the file of each algorithm."""
     rng = random.Random(seed)
-    pairs, labelled, prompts = out / "pairs.jsonl", out / "labelled.jsonl", out / "prompts.jsonl"
-    with open(pairs, "w") as f:
-        for _ in range(rows):
-            row = {
-                "prompt": text(rng, 120, 16, 400),
-                "chosen": text(rng, 80, 4, 300),
-                "rejected": text(rng, 80, 4, 300),
-            }
-            f.write(json.dumps(row) + "\n")
-    with open(labelled, "w") as f:
-        for i in range(rows):
-            row = {"prompt": text(rng, 120, 16, 400), "completion": text(rng, 80, 4, 300), "label": i % 2 == 0}
-            f.write(json.dumps(row) + "\n")
-    with open(prompts, "w") as f:
-        for _ in range(rows):
-            f.write(json.dumps({"prompt": text(rng, 120, 16, 400)}) + "\n")
-    return {"dpo": pairs, "kto": labelled, "grpo": prompts}
+    files = {a: out / f for a, f in zip(ALGORITHMS, ("pairs.jsonl", "labelled.jsonl", "prompts.jsonl", "sft.jsonl"))}
+    make = {
+        "dpo": lambda i: {"chosen": text(rng, 80, 4, 300), "rejected": text(rng, 80, 4, 300)},
+        "kto": lambda i: {"completion": text(rng, 80, 4, 300), "label": i % 2 == 0},
+        "grpo": lambda i: {},
+        "sft": lambda i: {"completion": text(rng, 80, 4, 300)},
+    }
+    for algorithm, path in files.items():
+        with open(path, "w") as f:
+            for i in range(rows):
+                f.write(json.dumps({"prompt": text(rng, 120, 16, 400), **make[algorithm](i)}) + "\n")
+    return files
 
 
 def held_out(path: str, rows: int = 8) -> Path:
@@ -212,7 +223,8 @@ def run_alignlab(cfg: dict) -> dict:
 
 def trl_rows(path: str, tokenizer, algorithm: str) -> list[dict]:
     """The same rows for TRL: prompts rendered with the chat template as alignlab renders them;
-    TRL appends eos to answers given as text, as alignlab does."""
+    TRL appends eos (`<|im_end|>`, the template's end of turn) to answers given as text, as alignlab
+    ends them."""
     rows = [json.loads(line) for line in open(path)]
     for row in rows:
         messages = [{"role": "user", "content": row["prompt"]}]
@@ -226,6 +238,10 @@ def run_trl(cfg: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if CLOCK.start is None:
+                CLOCK.begin()
+
         def on_step_end(self, args, state, control, **kwargs):
             CLOCK.tick()
 
@@ -243,7 +259,8 @@ def run_trl(cfg: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
     rows = trl_rows(cfg["data"], tokenizer, cfg["algorithm"])
-    CLOCK.begin()  # before the trainer is built: TRL computes reference log-probs ahead in its constructor
+    if cfg["trl"].get("precompute_ref_log_probs"):
+        CLOCK.begin()  # before the trainer is built: TRL computes reference log-probs ahead in its constructor
     common = {
         "output_dir": str(Path(cfg["work"]) / "trl"),
         "per_device_train_batch_size": cfg["batch_size"],
@@ -259,12 +276,13 @@ def run_trl(cfg: dict) -> dict:
         "seed": 0,
         "disable_tqdm": True,
     }
-    if cfg["algorithm"] in ("dpo", "kto"):  # offline: the same settings for both
+    if cfg["algorithm"] != "grpo":  # offline: the same settings for all three; otherwise each config's defaults
         import trl
 
         name = cfg["algorithm"].upper()
         config, trainer_class = getattr(trl, f"{name}Config"), getattr(trl, f"{name}Trainer")
-        args = config(**common, max_length=cfg["max_length"], beta=0.1, **cfg["trl"])
+        beta = {} if name == "SFT" else {"beta": 0.1}
+        args = config(**common, max_length=cfg["max_length"], **beta, **cfg["trl"])
         trainer = in_order(trainer_class)(
             model=model,
             args=args,
@@ -330,6 +348,8 @@ def real_tokens(cfg: dict) -> list[int]:
 
             partner = mismatch_partners(len(rows), seed=0)
         per_row = [2 * len(p) + answers[i] + answers[partner[i]] for i, p in enumerate(prompts)]
+    elif cfg["algorithm"] == "sft":
+        per_row = [len(p) + len(a) for p, a in zip(prompts, encode_answers(tokenizer, [r["completion"] for r in rows]))]
     else:  # every completion runs to the length limit (the untrained model rarely emits eos)
         per_row = [cfg["num_generations"] * (len(p) + cfg["completion_length"]) for p in prompts]
     b = cfg["batch_size"]
@@ -341,13 +361,14 @@ def summarise(cfg: dict, result: dict, params: int, peak_flops: float, warmup: i
     steps = result["steps"]
     times = [b - a for a, b in zip([result["start"], *steps[:-1]], steps)]
     total = steps[-1] - result["start"]
-    steady = sorted(times[warmup:])[len(times[warmup:]) // 2]
+    kept = sorted(times[min(warmup, len(times) - 1) :])  # a run shorter than the warm-up keeps its last step
+    steady = kept[len(kept) // 2]
     # Model FLOPs: 6N per trained token (forward and backward) and 2N per reference-scored token (DPO).
     # KTO trains and scores its matched half (8N per token) but only runs the policy and the reference
-    # forward on its mismatched half (4N): 6N per token on average.
-    per_token = {"dpo": 8 * params, "kto": 6 * params}.get(cfg["algorithm"], 6 * params)
-    if cfg["algorithm"] == "grpo":
-        per_token = 6 * params  # generation is not counted; the update forward and backward are
+    # forward on its mismatched half (4N): 6N per token on average. SFT trains every token of the
+    # sequence (prompt tokens too run forward and backward; only the loss skips them). GRPO: generation
+    # is not counted; the update's forward and backward are.
+    per_token = 8 * params if cfg["algorithm"] == "dpo" else 6 * params
     out = {
         "trainer": cfg["trainer"],
         "setting": cfg["label"],
@@ -363,36 +384,40 @@ def summarise(cfg: dict, result: dict, params: int, peak_flops: float, warmup: i
     return out
 
 
-def offline_runs(common: dict, args) -> list[dict]:
-    """DPO or KTO: TRL at its defaults and with precomputed reference log-probs; alignlab at its defaults
-    and with length-grouped micro-batches making up the same batch."""
-    common = {**common, "batch_size": args.batch_size, "kto_pairing": args.kto_pairing}
-    same_loss = ["algorithm.rpo_alpha=0.0"] if common["algorithm"] == "dpo" else []  # TRL's DPO has no NLL term
-    micro = [
+def hand_set_micro_batches(args) -> list[str]:
+    """--extra: the same rows per step as `micro_batches` length-grouped micro-batches of rows (no token budget)."""
+    return [
         f"batch_size={args.batch_size // args.micro_batches}",
         f"trainer.accumulate_grad_batches={args.micro_batches}",
         "data.group_by_length=true",
+        "max_tokens_per_micro_batch=null",
     ]
+
+
+def offline_runs(common: dict, args) -> list[dict]:
+    """DPO, KTO or SFT: each trainer at its defaults; with --extra also TRL's fastest switch (precomputed
+    reference log-probs; SFT: no gradient checkpointing) and alignlab with hand-set micro-batches."""
+    algorithm = common["algorithm"]
+    common = {**common, "batch_size": args.batch_size, "kto_pairing": args.kto_pairing}
+    same_loss = ["algorithm.rpo_alpha=0.0"] if algorithm == "dpo" else []  # TRL's DPO has no NLL term
     trl, alignlab = {**common, "trainer": "trl", "alignlab": []}, {**common, "trainer": "alignlab", "trl": {}}
-    return [
-        {**trl, "label": "TRL defaults", "trl": {}},
-        {**trl, "label": "TRL precompute_ref_log_probs", "trl": {"precompute_ref_log_probs": True}},
-        {**alignlab, "label": "alignlab defaults", "alignlab": same_loss},
-        {
-            **alignlab,
-            "label": f"alignlab, {args.micro_batches} length-grouped micro-batches",
-            "alignlab": same_loss + micro,
-        },
-    ]
+    runs = [{**trl, "label": TRL_DEFAULTS, "trl": {}}, {**alignlab, "label": ALIGNLAB_DEFAULTS, "alignlab": same_loss}]
+    if args.extra:
+        switch = {"gradient_checkpointing": False} if algorithm == "sft" else {"precompute_ref_log_probs": True}
+        (key, value), micro = next(iter(switch.items())), hand_set_micro_batches(args)
+        runs.insert(1, {**trl, "label": f"TRL `{key}={value}`", "trl": switch})
+        label = f"alignlab, {args.micro_batches} length-grouped micro-batches"
+        runs.append({**alignlab, "label": label, "alignlab": same_loss + micro})
+    return runs
 
 
 def configurations(args, model: Path, data: dict[str, Path], device: str) -> list[dict]:
     base = {"model": str(model), "device": device, "steps": args.steps, "lr": 1e-5, "max_length": 1024}
     runs = []
-    for algorithm in ("dpo", "kto"):
-        if algorithm in args.algorithms:
+    for algorithm in args.algorithms:
+        if algorithm != "grpo":
             runs += offline_runs({**base, "algorithm": algorithm, "data": str(data[algorithm])}, args)
-    if "grpo" in args.algorithms:
+            continue
         grpo = {
             **base,
             "algorithm": "grpo",
@@ -401,7 +426,6 @@ def configurations(args, model: Path, data: dict[str, Path], device: str) -> lis
             "num_generations": 8,
             "completion_length": 64,
             "target_length": 32,
-            "lr": 1e-5,
         }
         same = [
             "algorithm.num_generations=8",
@@ -409,42 +433,130 @@ def configurations(args, model: Path, data: dict[str, Path], device: str) -> lis
             "algorithm.reward_funcs=[{_target_:alignlab.online.rewards.length_reward,target:32}]",
         ]
         runs += [
-            {**grpo, "trainer": "trl", "label": "TRL defaults", "trl": {}, "alignlab": []},
-            {**grpo, "trainer": "alignlab", "label": "alignlab defaults", "trl": {}, "alignlab": same},
-            {
-                **grpo,
-                "trainer": "alignlab",
-                "label": "alignlab, micro-batches of 8 completions",
-                "trl": {},
-                "alignlab": [*same, "algorithm.micro_batch_size=8"],
-            },
+            {**grpo, "trainer": "trl", "label": TRL_DEFAULTS, "trl": {}, "alignlab": []},
+            {**grpo, "trainer": "alignlab", "label": ALIGNLAB_DEFAULTS, "trl": {}, "alignlab": same},
         ]
+        if args.extra:
+            micro = [*same, "algorithm.micro_batch_size=8"]
+            label = "alignlab, micro-batches of 8 completions"
+            runs.append({**grpo, "trainer": "alignlab", "label": label, "trl": {}, "alignlab": micro})
     return runs
 
 
+# -- the tables: pure functions of a results.json report ----------------------------------------------
+def algorithm_cell(r: dict, models: set[str]) -> str:
+    """DPO, or DPO (300M) when the report holds more than one model."""
+    return r["algorithm"].upper() + (f" ({r['model']})" if len(models) > 1 else "")
+
+
 def table(results: list[dict]) -> str:
+    """Every run: one markdown row each."""
+    models = {r["model"] for r in results}
     lines = [
         "| algorithm | trainer, settings | tokens/s | completions/s | s/step | peak memory (MB) | matmul share "
         "| first losses |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        completions = f"{r['completions_per_s']:.1f}" if "completions_per_s" in r else ""
+        completions = f"{r['completions_per_s']:.2f}" if "completions_per_s" in r else ""
         lines.append(
-            f"| {r['algorithm']} | {r['setting']} | {r['tokens_per_s']:.0f} | {completions} | "
-            f"{r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['matmul_share']:.0%} | "
+            f"| {algorithm_cell(r, models)} | {r['setting']} | {r['tokens_per_s']:.0f} | {completions} | "
+            f"{r['seconds_per_step']:.2f} | {r['peak_memory_mb']:.0f} | {r['matmul_share']:.0%} | "
             f"{', '.join('—' if v is None else f'{v:.4f}' for v in r['first_losses'])} |"
         )
     return "\n".join(lines)
 
 
+def ratios(results: list[dict]) -> list[dict]:
+    """alignlab's defaults over TRL's defaults, per model and algorithm that has both rows: throughput
+    (completions/s for GRPO, tokens/s otherwise) and peak memory."""
+    rows = {(r["model"], r["algorithm"], r["setting"]): r for r in results}
+    out = []
+    for model, algorithm, setting in rows:
+        if setting != ALIGNLAB_DEFAULTS or (model, algorithm, TRL_DEFAULTS) not in rows:
+            continue
+        ours, theirs = rows[model, algorithm, ALIGNLAB_DEFAULTS], rows[model, algorithm, TRL_DEFAULTS]
+        unit = "completions_per_s" if algorithm == "grpo" else "tokens_per_s"
+        out.append(
+            {
+                "model": model,
+                "algorithm": algorithm,
+                "unit": unit.replace("_per_s", "/s"),
+                "speed": ours[unit] / theirs[unit],
+                "memory": ours["peak_memory_mb"] / theirs["peak_memory_mb"],
+            }
+        )
+    return out
+
+
+def ratio_table(results: list[dict]) -> str:
+    models = {r["model"] for r in results}
+    lines = ["| algorithm | alignlab ÷ TRL, throughput | alignlab ÷ TRL, peak memory |", "|---|---|---|"]
+    for r in ratios(results):
+        lines.append(f"| {algorithm_cell(r, models)} | {r['speed']:.2f}× ({r['unit']}) | {r['memory']:.2f}× |")
+    return "\n".join(lines)
+
+
+def measured_line(report: dict) -> str:
+    """Where the numbers come from: the command, the date, the machine and the TRL version."""
+    precision = "bf16" if report["device"] == "cuda" else "float32"
+    return (
+        f"Measured by `{report['command']}` on {report['date']}: {report['machine']}, {precision} matmul "
+        f"{report['matmul_flops'] / 1e9:.0f} GFLOP/s, TRL {report['trl_version']}, {report['steps']} steps per run."
+    )
+
+
+def docs_blocks(report: dict) -> dict[str, str]:
+    """The text between the markers of each page --write-docs rewrites: docs/speed.md gets the ratios
+    and every run; README.md the ratios."""
+    line, ratio = measured_line(report), ratio_table(report["results"])
+    return {
+        "speed.md": f"{line}\n\nEach trainer at its defaults:\n\n{ratio}\n\n{table(report['results'])}",
+        "README.md": f"{ratio}\n\n{line} Method and every run: [Speed](docs/speed.md#against-trl).",
+    }
+
+
+def rewrite(text: str, block: str, page: str = "page") -> str:
+    """`text` with what lies between its BEGIN and END markers replaced by `block`.
+
+    Raises:
+        ValueError: `text` lacks the markers, or has them out of order or more than once.
+    """
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{page}: needs one {BEGIN} line and one {END} line after it")
+    head, rest = text.split(BEGIN)
+    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}"
+
+
+def write_docs(report: dict, pages: tuple[Path, ...] = DOCS) -> None:
+    blocks = docs_blocks(report)
+    for page in pages:
+        page.write_text(rewrite(page.read_text(), blocks[page.name], str(page)))
+        print(f"[bench] rewrote the table in {page}", flush=True)
+
+
+def machine(device: str) -> str:
+    """The GPU's name, or the CPU's model and the cores this process may use."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:  # Linux: the model name
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_trl"))
-    parser.add_argument("--algorithms", nargs="+", default=["dpo", "kto", "grpo"], choices=["dpo", "kto", "grpo"])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8, help="DPO pairs (KTO rows) per step")
-    parser.add_argument("--micro-batches", type=int, default=4, help="alignlab's length-grouped micro-batches per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="DPO pairs (KTO, SFT rows) per optimizer step")
+    parser.add_argument(
+        "--extra",
+        action="store_true",
+        help="also TRL's fastest switch and alignlab's hand-set micro-batches, beside each trainer's defaults",
+    )
+    parser.add_argument("--micro-batches", type=int, default=4, help="--extra: alignlab's length-grouped micro-batches")
     parser.add_argument(
         "--kto-pairing",
         choices=["alignlab", "trl"],
@@ -454,10 +566,18 @@ def main() -> None:
     parser.add_argument("--grpo-prompts", type=int, default=4, help="GRPO prompts per step (× 8 completions)")
     parser.add_argument("--trainers", nargs="+", default=["trl", "alignlab"], choices=["trl", "alignlab"])
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state step time")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the tables in docs/speed.md and README.md")
+    parser.add_argument(
+        "--docs-from", type=Path, help="rewrite the docs' tables from this results.json, without running anything"
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker.read_text()))
+    if args.docs_from:
+        return write_docs(json.loads(args.docs_from.read_text()))
+
+    import trl
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -487,11 +607,22 @@ def main() -> None:
             result = json.loads(Path(cfg["result"]).read_text())
             summary = summarise(cfg, result, params, peak, args.warmup)
             results.append({"model": size, "parameters": params, "algorithm": cfg["algorithm"], **summary})
-    report = {"device": device, "matmul_flops": peak, "steps": args.steps, "results": results}
+    report = {
+        "command": shlex.join(["python", "experiments/bench_trl.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": machine(device),
+        "device": device,
+        "matmul_flops": peak,
+        "trl_version": trl.__version__,
+        "steps": args.steps,
+        "results": results,
+    }
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
-    text_out = f"{device}, matmul {peak / 1e9:.0f} GFLOP/s, {args.steps} steps\n\n{table(results)}\n"
+    text_out = f"{measured_line(report)}\n\n{ratio_table(results)}\n\n{table(results)}\n"
     (args.out / "results.md").write_text(text_out)
     print(text_out)
+    if args.write_docs:
+        write_docs(report)
 
 
 if __name__ == "__main__":

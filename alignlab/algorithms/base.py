@@ -21,6 +21,7 @@ from alignlab.algorithms.reference_scoring import ReferenceScoring
 from alignlab.errors import NonFiniteLossError
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
+from alignlab.models.modes import disable_dropout
 from alignlab.models.reference import ReferenceModel
 from alignlab.online.generation import answer_texts, cut_at_stop, exact_match, generate, stop_token_ids
 from alignlab.runner import preflight
@@ -58,18 +59,11 @@ PROGRESS_METRICS = (
 )
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability in `model` to 0 (LoRA dropout included)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 class AlignmentModule(L.LightningModule):
     uses_reference: bool = False  # hold a frozen copy of the starting policy (or its disabled adapter)
     generates: bool = True  # a policy that answers prompts (so held-out exact match applies)
-    # Online algorithms compare log-probs of the same answers at rollout and update time: no dropout.
-    disables_dropout: bool = False
+    # Every conf/algorithm file sets it (TRL's name and defaults): the policy's dropout probabilities set to 0.
+    disable_dropout: bool = False
     # Plain attributes a resumed run must continue from (e.g. PPO's episode count), saved in checkpoints.
     counters: tuple[str, ...] = ()
     # Offline algorithms with a reference make this a hyper-parameter: score every row once (configure_callbacks).
@@ -90,7 +84,7 @@ class AlignmentModule(L.LightningModule):
             )
         for name, value in hparams.items():
             setattr(self, name, value)
-        if self.disables_dropout:
+        if self.disable_dropout:
             disable_dropout(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -129,10 +123,22 @@ class AlignmentModule(L.LightningModule):
             "scheduler", SCHEDULERS
         )
 
-    # -- the reference model lives outside the module tree, so Lightning does not move it ------
+    # -- modes: the policy trains in training mode; frozen models stay in eval mode --------------
     def on_fit_start(self) -> None:
+        """Training mode for everything in the module tree (the policy, PPO's value model), as TRL's
+        trainers run: `from_pretrained` returns a model in eval mode, and Lightning keeps each submodule's
+        mode, so without this dropout never applies and transformers' gradient checkpointing (applied
+        only in training mode) saves nothing. Validation runs in eval mode and returns to this (Lightning's
+        evaluation loop). The reference and reward models live outside the tree, in eval mode, and
+        Lightning does not move them: this moves them to the module's device."""
+        self.train()
         for model in self.frozen:
             model.to(self.device)
+
+    def on_fit_end(self) -> None:
+        """Eval mode again, as `from_pretrained` gives a model: what runs on the trained policy after
+        fitting (exact match, exports, a later validate) sees no dropout."""
+        self.eval()
 
     def on_validation_start(self) -> None:
         for model in self.frozen:
@@ -234,6 +240,9 @@ class AlignmentModule(L.LightningModule):
 
     # Metrics that are shares of the step's mean: summed over a step's micro-batches, not averaged.
     step_sums: tuple[str, ...] = ("loss", "nll_loss")
+    # Subset metrics that are the difference of two others' means (name -> (first, second)): over a
+    # step, the difference of the step's means (a micro-batch's difference weighs its subsets unevenly).
+    step_differences: dict[str, tuple[str, str]] = {}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compute(batch)
@@ -264,6 +273,9 @@ class AlignmentModule(L.LightningModule):
                     self._step_sums[name] = seen = (total + value * weight, count + weight)
                 mean = (value, 0) if seen is None else (seen[0] / seen[1], seen[1])
                 out[name] = mean if isinstance(metric, tuple) else mean[0]
+        for name, (first, second) in self.step_differences.items():  # of the step's means, not a mean of them
+            if isinstance(out.get(name), tuple) and out[first][1] and out[second][1]:
+                out[name] = (out[first][0] - out[second][0], min(out[first][1], out[second][1]))
         return out
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -33,6 +33,8 @@ class KTO(AlignmentModule):
     row's answer) whose policy/reference log-ratio estimates the reference point z₀."""
 
     uses_reference = True
+    step_differences = {"rewards/margins": ("rewards/chosen", "rewards/rejected")}
+    _step_reference_point: torch.Tensor | None = None  # z₀ of the optimizer step being trained
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
@@ -45,20 +47,47 @@ class KTO(AlignmentModule):
         n, ref = self.rows_in(batch), self.reference.answer_logprobs(batch)
         return {"ref_logps": ref.logps[:n], "ref_kl_logps": ref.logps[n:]}
 
-    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached per-row values (matched, mismatched) when the batch carries them, else a reference forward."""
-        if "ref_logps" not in batch:
-            batch = {**batch, **self.score_reference(batch)}
-        return batch["ref_logps"], batch["ref_kl_logps"]
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """The reference's summed log-probs [B] of the matched answers: cached per row when the batch
+        carries them, else a reference forward over the matched half."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        return self.reference.answer_logprobs(select_rows(batch, slice(0, self.rows_in(batch)))).logps
+
+    @torch.no_grad()  # z₀ is detached, so the mismatched answers need no backward pass
+    def reference_point(self, batch: dict) -> torch.Tensor:
+        """z₀ (before kto_loss clamps it at 0), a scalar. In training, over the optimizer step's
+        mismatched pairs: the step's first micro-batch carries all of them (`step_batches`, see
+        LabelledDataModule.add_step_batches), scored one micro-batch at a time, and the value is kept
+        for the step's other micro-batches (the policy does not change within a step); so the step is
+        the same however it is cut. Else (validation, a direct call) over this batch's. Every device's
+        pairs count (summed over devices)."""
+        if "step_batches" in batch:
+            total, count = 0.0, 0
+            for part in batch["step_batches"]:
+                policy, ref = self._mismatched_logps(part)
+                total, count = total + (policy - ref).sum(), count + self.rows_in(part)
+            count = self.sum_across_devices(torch.tensor(count, device=self.device))
+            self._step_reference_point = self.sum_across_devices(total) / count
+        if "step_totals" in batch and self._step_reference_point is not None:
+            return self._step_reference_point
+        return self.mean_across_devices(kto_kl_estimate(*self._mismatched_logps(batch)))
+
+    def _mismatched_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy, reference) summed log-probs [B] of a batch's mismatched half; the reference's cached
+        when the batch carries them."""
+        n = self.rows_in(batch)
+        mismatched = select_rows(batch, slice(n, 2 * n))
+        policy = answer_logprobs(self.model, mismatched).logps
+        if "ref_kl_logps" in batch:
+            return policy, batch["ref_kl_logps"]
+        return policy, self.reference.answer_logprobs(mismatched).logps
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
         n = self.rows_in(batch)
+        kl = self.reference_point(batch)  # first: its forwards then run while no activations are kept
         matched = answer_logprobs(self.model, select_rows(batch, slice(0, n)))
-        with torch.no_grad():  # z₀ is detached, so the mismatched half needs no backward pass
-            mismatched = answer_logprobs(self.model, select_rows(batch, slice(n, 2 * n)))
-        ref, ref_kl = self.reference_logps(batch)
-        # z₀ is averaged over every device's batch before kto_loss clamps it at 0.
-        kl = self.mean_across_devices(kto_kl_estimate(mismatched.logps, ref_kl))
+        ref = self.reference_logps(batch)
         desirable = batch["label"]
         out = kto_loss(
             matched.logps,

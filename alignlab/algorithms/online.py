@@ -2,7 +2,7 @@
 own answers, then takes several optimizer steps on them.
 
 `OnlineModule` owns, once: the generation backend (synced to the policy before every rollout), keyed
-sampling, manual optimisation, no dropout, the held-out evaluation by greedy answers, and the sample
+sampling, manual optimisation, the held-out evaluation by greedy answers, and the sample
 tables. A subclass writes the algorithm as its paper does, in `train_on(batch, optimizer, scheduler)`:
 rollout (`sample_answers`, log-probs by alignlab.online.rollout.token_logprobs) → rewards → advantages
 → clipped update; and says how it scores a greedy answer (`eval_scores`) and how many optimizer steps
@@ -26,8 +26,6 @@ from alignlab.runner.checks import Checks
 
 
 class OnlineModule(AlignmentModule):
-    # Log-probs of the same answers are compared at rollout and update time: no dropout.
-    disables_dropout = True
     # The attribute counting rollouts so far (one of `counters`, so a resumed run continues it): it keys
     # sampling and spaces the sample tables.
     rollout_counter: str = "rollouts"

@@ -14,12 +14,12 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from alignlab.algorithms.base import disable_dropout
 from alignlab.algorithms.online import OnlineModule
 from alignlab.data.collate import select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten
+from alignlab.models.modes import disable_dropout
 from alignlab.models.reference import Frozen
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
 from alignlab.online.generation import cut_at_stop, stop_token_ids
@@ -37,7 +37,8 @@ class PPO(OnlineModule):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
         dtype = next(model.parameters()).dtype
         self.value = RewardModel.from_pretrained(self.value_model or self.reward_model, dtype=dtype)
-        disable_dropout(self.value)
+        if self.disable_dropout:  # the value model trains beside the policy: the same setting
+            disable_dropout(self.value)
         self.scorer = Frozen(RewardModel.from_pretrained(self.reward_model, dtype=dtype))
         self.frozen.append(self.scorer)
         self.episodes = 0  # prompts rolled out so far

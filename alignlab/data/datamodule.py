@@ -20,12 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts, scored_tokens
-from alignlab.data.order import GlobalBatchSampler, ResumableLoader
+from alignlab.data.order import GlobalBatchSampler, ResumableLoader, process_group
 from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+PLAN_EPOCHS = 32  # epochs whose steps set the micro-batch count under a token budget (later ones reuse it)
 
 # Why setup leaves a row out (the keys of `dropped_by_reason`), as the log and errors say it.
 DROP_REASONS = {
@@ -84,6 +86,8 @@ class AlignmentDataModule(L.LightningDataModule):
         self._derived: dict[int, dict] = {}  # id(row made from another row, e.g. unpaired) → that row
         self.row_values: dict[str, None] = {}  # names given by add_row_values, in order: numbers batches carry
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
+        self._accumulate: int | None = None  # trainer.accumulate_grad_batches as configured
+        self._val_check_interval: int | float | None = None  # trainer.val_check_interval as configured
 
     # -- subclasses ----------------------------------------------------------------------------
     def encode(self, rows: list[dict]) -> list[dict | None]:
@@ -139,6 +143,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
 
     answer_keys: tuple[str, ...] = ()  # the encoded answers of a row, e.g. ("chosen_ids", "rejected_ids")
+    sequences_per_row: int = 1  # sequences a row puts through the trained forward (a pair: chosen and rejected)
 
     def length(self, ex: dict) -> int:
         """Tokens an encoded row takes in a batch (its longest sequence): for grouping by length."""
@@ -214,18 +219,47 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rows = self.splits["train"]
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        trainer = self.trainer
+        if self._accumulate is None:  # the configured value: under a token budget the trainer's is replaced
+            self._accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        budget = self.max_tokens_per_micro_batch
+        grouped = self.group_by_length or budget is not None
         self.order = GlobalBatchSampler(
             len(rows),
             self.batch_size,
             self.seed,
             drop_last=self.drop_last_train,
             shuffle=self.shuffle,
-            lengths=[self.length(ex) for ex in rows] if self.group_by_length else None,
-            accumulate=accumulate,
+            lengths=[self.length(ex) * self.sequences_per_row for ex in rows] if grouped else None,
+            accumulate=self._accumulate,
             counts=self._step_counts(rows),
+            token_budget=budget,
         )
+        if budget is not None and trainer is not None:
+            self._fit_micro_batches(trainer, len(rows))
         return ResumableLoader(rows, self.order, **self._loader_args(with_prompts=False))
+
+    def _fit_micro_batches(self, trainer, n_rows: int) -> None:
+        """Under a token budget: plan the micro-batches per step over the epochs the run will train (up to
+        PLAN_EPOCHS), and make Lightning accumulate that many (as its GradientAccumulationScheduler sets
+        `accumulate_grad_batches`). val_check_interval counts micro-batches of `batch_size` rows, so
+        it is rescaled to validate at the same optimizer steps."""
+        _, world = process_group()
+        rows_per_step = self.batch_size * self._accumulate * world
+        steps_per_epoch = max(1, -(-n_rows // rows_per_step))
+        epochs = -(-trainer.max_steps // steps_per_epoch) if trainer.max_steps > 0 else (trainer.max_epochs or 1)
+        micro = self.order.plan_micro_batches(world, min(max(epochs, 1), PLAN_EPOCHS))
+        if self._val_check_interval is None:
+            self._val_check_interval = trainer.val_check_interval
+        if isinstance(self._val_check_interval, int):
+            trainer.val_check_interval = max(1, round(self._val_check_interval * micro / self._accumulate))
+        trainer.accumulate_grad_batches = micro
+        log.info(
+            "micro-batches by tokens (data.max_tokens_per_micro_batch=%d): %d per optimizer step of %d rows",
+            self.max_tokens_per_micro_batch,
+            micro,
+            rows_per_step,
+        )
 
     def _step_counts(self, rows: list[dict]) -> dict[str, list[int]]:
         per_row = [self.step_counts(ex) for ex in rows]
@@ -250,8 +284,13 @@ class AlignmentDataModule(L.LightningDataModule):
             # the losses divide by (alignlab.losses.reduction), so accumulation, length grouping and the
             # process count leave the step unchanged.
             batch["step_totals"] = self.order.step_totals(self.order.consumed, batch["index"].tolist())
+            self.add_step_batches(batch, self.order.step_rows(self.order.consumed))
             self.order.step()  # the batch is about to be trained on: a checkpoint from now on counts it
         return batch
+
+    def add_step_batches(self, batch: dict, step_rows: list[list[int]]) -> None:
+        """Hook for a loss that needs every row of its optimizer step in the step's first micro-batch
+        (KTO's z₀); `step_rows`: this process's rows in each micro-batch of the step. Nothing here."""
 
     # -- values computed from the rows once, carried by every batch afterwards ------------------
     def scoring_batches(self) -> list[tuple[str, list[int]]]:
@@ -324,6 +363,7 @@ class PairwiseDataModule(AlignmentDataModule):
 
     kind = "pairwise"
     answer_keys = ("chosen_ids", "rejected_ids")
+    sequences_per_row = 2
     numeric_columns = NUMERIC_COLUMNS
 
     def step_counts(self, ex: dict) -> dict[str, int]:
@@ -365,6 +405,7 @@ class LabelledDataModule(AlignmentDataModule):
     def __init__(self, source, unpair: bool = False, **kwargs):
         super().__init__(source, **kwargs)
         self.unpair = unpair
+        self._step_with_batches: tuple | None = None  # the last step whose first micro-batch got step_batches
 
     def rows(self) -> dict[str, list[dict]]:
         if not self.unpair:
@@ -377,6 +418,15 @@ class LabelledDataModule(AlignmentDataModule):
                     self._derived[id(row)] = pair  # a template error names the pair's file row
                     out[split].append(row)
         return out
+
+    def add_step_batches(self, batch: dict, step_rows: list[list[int]]) -> None:
+        """The first micro-batch of each optimizer step this process trains (the first after a restart
+        too) carries `step_batches`: the step's micro-batches of this process, collated (same sizes), so
+        KTO estimates z₀ over the whole step, whatever its cut."""
+        key = (self.order.epoch, tuple(map(tuple, step_rows)))
+        if key != self._step_with_batches:
+            self._step_with_batches = key
+            batch["step_batches"] = [self.collate_rows("train", rows) for rows in step_rows]
 
     def label_counts(self, split: str) -> tuple[int, int]:
         """(desirable, undesirable) rows of a split, after setup."""

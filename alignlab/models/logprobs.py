@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from alignlab.models.modes import evaluating
+
 
 @dataclass
 class AnswerLogps:
@@ -248,13 +250,9 @@ def check_answer_logprobs(model, batch: dict) -> tuple[float, float]:
     forward applies a transform LOGIT_TRANSFORMS does not know shows here, before any step trains on
     wrong numbers. Cheap: one extra forward of a few rows without gradients.
     """
-    was_training = model.training
-    model.eval()  # dropout would make the two passes differ
-    try:
+    with evaluating(model):  # dropout would make the two passes differ
         fast = answer_logprobs(model, batch, by_forward=False)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    finally:
-        model.train(was_training)
     reference = selective_log_softmax(logits[:, :-1], batch["input_ids"][:, 1:])
     gap = torch.where(fast.mask.bool(), fast.token_logps - reference, 0.0).abs()
     difference = gap.max().item() if gap.numel() else 0.0

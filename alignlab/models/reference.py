@@ -8,6 +8,7 @@ import torch
 
 from alignlab.models.loading import is_peft
 from alignlab.models.logprobs import AnswerLogps, answer_logprobs
+from alignlab.models.modes import evaluating
 
 
 class ReferenceModel:
@@ -46,7 +47,8 @@ class ReferenceModel:
     def answer_logprobs(self, batch: dict, temperature: float = 1.0) -> AnswerLogps:
         if self.copy is not None:
             return answer_logprobs(self.copy, batch, temperature)
-        with self.policy.disable_adapter():
+        # The policy trains in training mode: its starting self is read without dropout, like a copy.
+        with self.policy.disable_adapter(), evaluating(self.policy):
             return answer_logprobs(self.policy, batch, temperature)
 
 

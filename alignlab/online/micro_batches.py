@@ -2,16 +2,18 @@
 
 A forward/backward over right-padded rows costs about rows × the longest row's tokens. Sorting the
 step's rows by length and cutting the sorted list into consecutive pieces whose padded size stays
-within a budget puts short rows with short rows, so they do not pay for long ones, and sizes each
-forward by what it holds rather than by a row count: the field's "dynamic batch size" (verl's
-`use_dynamic_bsz` with `ppo_max_token_len_per_gpu`, NeMo RL's dynamic batching with `train_mb_tokens`).
-The step's gradient does not depend on the cut, because every loss divides by the step's totals
-(alignlab.losses.reduction.step_mean).
+within a budget (as the offline data cuts its steps, alignlab.data.order) puts short rows with short
+rows, so they do not pay for long ones, and sizes each forward by what it holds rather than by a row
+count: the field's "dynamic batch size" (verl's `use_dynamic_bsz` with `ppo_max_token_len_per_gpu`,
+NeMo RL's dynamic batching with `train_mb_tokens`). The step's gradient does not depend on the cut,
+because every loss divides by the step's totals (alignlab.losses.reduction.step_mean).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from alignlab.data.order import balanced_cut, cut_count
 
 
 def token_budget_micro_batches(
@@ -22,10 +24,12 @@ def token_budget_micro_batches(
     Args:
         lengths: [N] tokens each row actually uses (prompt + answer, without padding).
         max_tokens: the most padded tokens per micro-batch, rows × the longest of them. The rows are
-            sorted longest first (ties in their given order) and cut greedily into consecutive
-            pieces; a row longer than the budget on its own is a micro-batch by itself. None: no
-            budget, the rows stay in their given order.
-        max_rows: the most rows per micro-batch (None: no row cap).
+            sorted longest first (ties in their given order) and cut into consecutive pieces: the
+            fewest that keep each within the budget, of about equal padded tokens (the offline data's
+            cut, alignlab.data.order.cut_count and balanced_cut); a row longer than the budget on its
+            own is a micro-batch by itself. None: no budget, the rows stay in their given order.
+        max_rows: the most rows per micro-batch (None: no row cap); a piece with more rows is cut
+            into consecutive pieces of at most that many.
     Returns:
         micro-batches longest first, each a list of positions into `lengths`; together they hold every
         position once. Within a micro-batch the positions are ascending (the rows' given order), so a
@@ -36,16 +40,17 @@ def token_budget_micro_batches(
     for name, value in (("max_tokens", max_tokens), ("max_rows", max_rows)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 or None, got {value}")
-    n = len(lengths)
-    cap = max_rows or max(n, 1)
+    if not lengths:
+        return []
     if max_tokens is None:
-        return [list(range(start, min(start + cap, n))) for start in range(0, n, cap)]
-    order = sorted(range(n), key=lambda i: -lengths[i])  # stable: ties keep their given order
-    pieces: list[list[int]] = []
-    for i in order:
-        # longest first: the piece's first row is its longest, so its padded size is rows × that length
-        if pieces and len(pieces[-1]) < cap and (len(pieces[-1]) + 1) * lengths[pieces[-1][0]] <= max_tokens:
-            pieces[-1].append(i)
-        else:
-            pieces.append([i])
-    return [sorted(piece) for piece in pieces]
+        order, sizes = list(range(len(lengths))), [len(lengths)]
+    else:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their given order
+        longest_first = [lengths[i] for i in order]
+        sizes = balanced_cut(longest_first, cut_count(longest_first, max_tokens))
+    cap = max_rows or len(lengths)
+    pieces, start = [], 0
+    for size in sizes:
+        pieces += [sorted(order[at : min(at + cap, start + size)]) for at in range(start, start + size, cap)]
+        start += size
+    return pieces

@@ -177,10 +177,9 @@ class _DropMessages(logging.Filter):
         return not any(part in message for part in self.parts)
 
 
-def quiet_console(gradient_checkpointing: bool = False) -> None:
+def quiet_console() -> None:
     """Each log line once, and none of the warnings a plain run cannot act on. Idempotent (a sweep's
-    jobs share a process); every filter matches one message from one module, so real warnings pass.
-    `gradient_checkpointing`: the run asked for it, and Lightning's eval-mode warning then stays (below)."""
+    jobs share a process); every filter matches one message from one module, so real warnings pass."""
     root, lightning = logging.getLogger(), logging.getLogger("lightning")
     if root.handlers:
         # `import lightning` gives its logger a console handler (`INFO: ...`) and lets records propagate
@@ -213,13 +212,3 @@ def quiet_console(gradient_checkpointing: bool = False) -> None:
         FutureWarning,
         r"lightning\.pytorch\.utilities\._pytree",
     )
-    # The policy arrives from `from_pretrained` in eval mode and trains as it came: Lightning no longer
-    # calls .train(), so every module of it counts. alignlab's frozen models (reference, reward) are kept
-    # outside the LightningModule and do not. Eval mode turns dropout off (the tiny model and Qwen2 or
-    # Llama configs have none; online algorithms set it to 0 anyway). It also leaves transformers'
-    # gradient checkpointing idle (it recomputes only in training mode): a run that asks for it keeps the warning.
-    eval_mode = r"Found \d+ module\(s\) in eval mode at the start"
-    if not gradient_checkpointing:
-        warnings.filterwarnings("ignore", eval_mode, module=r"lightning\.pytorch\.loops\.fit_loop")
-    else:  # a sweep's earlier job may have added the filter
-        warnings.filters[:] = [f for f in warnings.filters if f[1] is None or f[1].pattern != eval_mode]

@@ -8,8 +8,8 @@ of 2 processes, to 1e-6 relative. With the datamodule's own micro-batches, Light
 emulated as they act on gradients (each micro-batch loss ÷ accumulate_grad_batches, the processes'
 gradients averaged), then checked with 2 real gloo processes (slow); the case `ga_sft_scaling/` (SFT),
 DPO, KTO and RM also run through `train()`; PPO and GRPO (every loss_type) through their update loops.
-KTO's z₀ is estimated per micro-batch, so its objective depends on the cut; at the first step, where
-policy = reference, z₀ = 0 in every micro-batch and the rest of the step is tested.
+Token-budget micro-batches (data.max_tokens_per_micro_batch) are one more cut. KTO's z₀ is estimated
+over the whole step (its first micro-batch scores every mismatched pair of the step), tested with z₀ ≠ 0.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from alignlab.data import LabelledDataModule, PairwiseDataModule, SFTDataModule
-from alignlab.losses import nll_loss, step_mean
+from alignlab.losses import kto_kl_estimate, nll_loss, step_mean
 from alignlab.losses.grpo import GRPO_LOSS_TYPES, grpo_loss
 from alignlab.losses.reward import bradley_terry_loss
 from tests.conftest import QUIET, ListSource, build_module, compose
@@ -143,30 +143,54 @@ KIND = {"sft": "sft", "kto": "labelled", **{n: "pairwise" for n in ("dpo", "cpo"
 HPARAMS = {"rm": {"center_rewards_coefficient": 0.1}, "simpo": {"cpo_alpha": 0.5}}
 
 
-def step_gradient(module, tokenizer, kind, batch_size, accumulate=1, world=1, group=False, n=8, monkeypatch=None):
+def step_gradient(
+    module,
+    tokenizer,
+    kind,
+    batch_size,
+    accumulate=1,
+    world=1,
+    group=False,
+    n=8,
+    budget=None,
+    ref=None,
+    monkeypatch=None,
+):
     """The gradient of the first optimizer step, as Lightning (÷ accumulate_grad_batches per micro-batch)
-    and DDP (mean over processes) compute it, with the datamodule's own micro-batches and step totals."""
+    and DDP (mean over processes) compute it, with the datamodule's own micro-batches and step totals.
+    `budget`: data.max_tokens_per_micro_batch (then the datamodule sets the micro-batch count);
+    `ref`: per-row values given to the datamodule (precomputed reference log-probs)."""
     module.zero_grad()
-    module.loss_scale = lambda: float(accumulate * world)
     for rank in range(world):
         monkeypatch.setattr("alignlab.data.order.process_group", lambda rank=rank: (rank, world))
+        monkeypatch.setattr("alignlab.data.datamodule.process_group", lambda rank=rank: (rank, world))
         dm = DATA[kind](
-            ListSource({kind: rows_of(kind, n)}), batch_size=batch_size, shuffle=False, group_by_length=group
+            ListSource({kind: rows_of(kind, n)}),
+            batch_size=batch_size,
+            shuffle=False,
+            group_by_length=group,
+            max_tokens_per_micro_batch=budget,
         )
         dm.set_tokenizer(tokenizer)
         dm.setup()
-        dm.trainer = SimpleNamespace(accumulate_grad_batches=accumulate, training=True)
-        for _, batch in zip(range(accumulate), dm.train_dataloader()):
+        if ref is not None:
+            dm.add_row_values("train", list(range(n)), ref)
+        dm.trainer = SimpleNamespace(
+            accumulate_grad_batches=accumulate, training=True, max_steps=1, max_epochs=-1, val_check_interval=250
+        )
+        loader = dm.train_dataloader()
+        micro = dm.trainer.accumulate_grad_batches  # the budget's count, under a budget
+        module.loss_scale = lambda micro=micro: float(micro * world)
+        for _, batch in zip(range(micro), loader):
             loss, _ = module.compute(dm.on_before_batch_transfer(batch, 0))
-            (loss / accumulate).backward()
+            (loss / micro).backward()
     return torch.cat([p.grad.flatten() / world for p in module.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("name", ["sft", "dpo", "cpo", "orpo", "simpo", "kto", "rm"])
 def test_every_cut_of_a_step_gives_the_whole_batch_gradient(tiny, monkeypatch, name):
-    """KTO: its reference point z₀ is estimated per micro-batch (over every process's share of it), so
-    its objective does depend on the micro-batching; at the first step policy = reference, so z₀ = 0 in
-    every micro-batch and what is tested is the rest: the rows' mean over the whole step."""
+    """Row-count micro-batches, length-grouped ones, token-budget ones (data.max_tokens_per_micro_batch)
+    and processes. KTO: at the first step policy = reference, so z₀ = 0; see the next test for z₀ ≠ 0."""
     model, tokenizer = tiny
     module = build_module(name, copy.deepcopy(model).double(), tokenizer, **HPARAMS.get(name, {})).double()
     kind = KIND[name]
@@ -179,6 +203,9 @@ def test_every_cut_of_a_step_gives_the_whole_batch_gradient(tiny, monkeypatch, n
         "4 grouped by length": dict(batch_size=2, accumulate=4, group=True),
         "2 processes": dict(batch_size=4, world=2),
         "2 processes × 2 grouped": dict(batch_size=2, accumulate=2, world=2, group=True),
+        "by tokens, 150 a micro-batch": dict(batch_size=8, budget=150),
+        "by tokens, 1 a micro-batch (a row each)": dict(batch_size=8, budget=1),
+        "by tokens, 2 processes": dict(batch_size=2, accumulate=2, world=2, budget=150),
     }
     for cut, kwargs in cuts.items():
         assert relative(step_gradient(module, tokenizer, kind, monkeypatch=monkeypatch, **kwargs), whole) < 1e-6, cut
@@ -186,6 +213,68 @@ def test_every_cut_of_a_step_gives_the_whole_batch_gradient(tiny, monkeypatch, n
     whole = step_gradient(module, tokenizer, kind, 6, n=6, monkeypatch=monkeypatch)
     short = step_gradient(module, tokenizer, kind, 4, accumulate=2, n=6, monkeypatch=monkeypatch)
     assert relative(short, whole) < 1e-6
+
+
+def test_kto_reference_point_is_the_whole_steps_whatever_the_cut(tiny, monkeypatch):
+    """KTO's z₀ away from 0 (precomputed reference log-probs below the policy's, so z₀ ≈ 1 nat): the
+    step's first micro-batch scores every mismatched pair of the step, so micro-batches of rows and of
+    tokens take the whole batch's step. With z₀ per micro-batch (the estimate
+    TRL makes) the cuts' gradients differ from it by more than 1e-3, so the test can tell."""
+    from alignlab.data.collate import select_rows
+    from alignlab.models.logprobs import answer_logprobs
+
+    model, tokenizer = tiny
+    module = build_module("kto", copy.deepcopy(model).double(), tokenizer).double()
+    dm = LabelledDataModule(ListSource({"labelled": rows_of("labelled")}), batch_size=8, shuffle=False)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    batch = dm.collate_rows("train", list(range(8)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        matched = answer_logprobs(module.model, select_rows(batch, slice(0, 8))).logps
+        mismatched = answer_logprobs(module.model, select_rows(batch, slice(8, 16))).logps
+    ref = {
+        "ref_logps": matched - 0.5 * torch.randn(8, generator=g, dtype=torch.float64),
+        "ref_kl_logps": mismatched - 1.0 - torch.rand(8, generator=g, dtype=torch.float64),
+    }
+    whole = step_gradient(module, tokenizer, "labelled", 8, ref=ref, monkeypatch=monkeypatch)
+    cuts = {
+        "4 micro-batches": dict(batch_size=2, accumulate=4),
+        "by tokens": dict(batch_size=8, budget=150),
+    }  # processes: z₀ sums over them with an all-gather, which the sequential emulation here cannot do
+    for cut, kwargs in cuts.items():
+        got = step_gradient(module, tokenizer, "labelled", ref=ref, monkeypatch=monkeypatch, **kwargs)
+        assert relative(got, whole) < 1e-6, cut
+    module.reference_point = lambda b: kto_kl_estimate(*module._mismatched_logps(b))  # per micro-batch
+    per_micro_batch = step_gradient(module, tokenizer, "labelled", 2, accumulate=4, ref=ref, monkeypatch=monkeypatch)
+    assert relative(per_micro_batch, whole) > 1e-3
+
+
+def test_a_token_budget_cuts_each_step_into_equal_micro_batches_of_the_same_rows(tiny):
+    """8 pairs (answers of 1 and ~60 tokens), budget 150 padded tokens (a pair counts twice): every
+    step's micro-batches hold the step's rows once, each within the budget unless it is one row
+    longer than it, and the trainer accumulates their count; val_check_interval follows."""
+    _, tokenizer = tiny
+    dm = PairwiseDataModule(
+        ListSource({"pairwise": rows_of("pairwise", 16)}), batch_size=4, max_tokens_per_micro_batch=150
+    )
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    dm.trainer = SimpleNamespace(
+        accumulate_grad_batches=2, training=True, max_steps=6, max_epochs=-1, val_check_interval=10
+    )
+    loader = dm.train_dataloader()
+    micro = dm.trainer.accumulate_grad_batches
+    assert micro > 2 and dm.trainer.val_check_interval == round(10 * micro / 2)
+    batches = list(dm.order)  # the row indices of each micro-batch
+    assert len(batches) == len(loader) == 2 * micro  # 16 rows: 2 steps of 8
+    cost = {ex["index"]: 2 * dm.length(ex) for ex in dm.splits["train"]}
+    for position, b in enumerate(batches):
+        step = batches[position // micro * micro : position // micro * micro + micro]
+        assert sorted(i for piece in step for i in piece) == sorted(sum(dm.order.step_rows(position), []))
+        assert dm.order.step_totals(position, b)["rows"] == 8
+        assert len(b) * max(cost[i] for i in b) <= 150 or len(b) == 1
+    assert sorted(i for b in batches for i in b) == list(range(16))
 
 
 def _offline_on_two_processes(rank: int, folder: str, model_dir: str, names: list[str]):
@@ -243,6 +332,7 @@ class SaveGradients(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 1 and not Path(f"{self.path}.json").exists():
             logged = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            logged["micro_batches"] = trainer.accumulate_grad_batches
             Path(f"{self.path}.json").write_text(json.dumps(logged))
 
 
@@ -264,8 +354,21 @@ def trained_step(tmp_path: Path, name: str, *overrides: str) -> tuple[torch.Tens
     return torch.load(path), json.loads(Path(f"{path}.json").read_text())
 
 
-@pytest.mark.parametrize("group", ["false", "true"])
-def test_case_ga_sft_scaling_accumulation_takes_the_whole_batch_step(tmp_path, group):
+@pytest.mark.parametrize(
+    "cut",
+    [
+        ["batch_size=4", "trainer.accumulate_grad_batches=2", "max_tokens_per_micro_batch=null"],
+        [
+            "batch_size=4",
+            "trainer.accumulate_grad_batches=2",
+            "max_tokens_per_micro_batch=null",
+            "data.group_by_length=true",
+        ],
+        ["batch_size=8", "max_tokens_per_micro_batch=160"],
+    ],
+    ids=["rows", "grouped", "tokens"],
+)
+def test_case_ga_sft_scaling_accumulation_takes_the_whole_batch_step(tmp_path, cut):
     """shared/cases/ga_sft_scaling: 8 SFT rows, 4 with 1-token and 4 with ~60-token answers. One batch of
     8 and 2 accumulated micro-batches of 4 (length-grouped or not) take the same step (the equal-weight
     mean of micro-batch token means was 99% off), and log the same step metrics (loss: the step's
@@ -273,9 +376,9 @@ def test_case_ga_sft_scaling_accumulation_takes_the_whole_batch_step(tmp_path, g
     case = tmp_path / "sft.jsonl"
     case.write_text("".join(json.dumps(row) + "\n" for row in CASE_ROWS))
     data = ["algorithm=sft", "data=custom_sft", f"data.source.path={case}", f"data.source.eval_path={case}"]
-    whole, whole_logged = trained_step(tmp_path, "whole", *data, "batch_size=8")
-    cut = ["batch_size=4", "trainer.accumulate_grad_batches=2", f"data.group_by_length={group}"]
+    whole, whole_logged = trained_step(tmp_path, "whole", *data, "batch_size=8", "max_tokens_per_micro_batch=null")
     split, split_logged = trained_step(tmp_path, "split", *data, *cut)
+    assert whole_logged.pop("micro_batches") == 1 and split_logged.pop("micro_batches") >= 2
     assert relative(split, whole) <= 1e-6
     assert split_logged.keys() == whole_logged.keys() >= {"train/loss", "train/mean_token_accuracy", "train/num_tokens"}
     assert split_logged == pytest.approx(whole_logged, rel=1e-9)
@@ -290,13 +393,21 @@ def test_case_ga_sft_scaling_accumulation_takes_the_whole_batch_step(tmp_path, g
     ],
     ids=["dpo", "kto", "rm"],
 )
-def test_trainer_accumulation_takes_the_whole_batch_step_and_logs_its_metrics(tmp_path, algorithm, logged):
+@pytest.mark.parametrize(
+    "cut",
+    [
+        ["batch_size=2", "trainer.accumulate_grad_batches=4", "max_tokens_per_micro_batch=null"],
+        ["batch_size=8", "max_tokens_per_micro_batch=60"],
+    ],
+    ids=["rows", "tokens"],
+)
+def test_trainer_accumulation_takes_the_whole_batch_step_and_logs_its_metrics(tmp_path, algorithm, logged, cut):
     """Through train(): DPO at its default rpo_alpha=1 (pair mean + chosen-token NLL), KTO (at the first
     step z₀ = 0 in every micro-batch), RM: the same gradient, and every logged train metric is the
     step's (loss and nll_loss its sums, min and max over it, the others means over its rows)."""
-    whole, whole_logged = trained_step(tmp_path, "whole", *algorithm, "batch_size=8")
-    cut = ["batch_size=2", "trainer.accumulate_grad_batches=4"]
+    whole, whole_logged = trained_step(tmp_path, "whole", *algorithm, "batch_size=8", "max_tokens_per_micro_batch=null")
     split, split_logged = trained_step(tmp_path, "split", *algorithm, *cut)
+    assert whole_logged.pop("micro_batches") == 1 and split_logged.pop("micro_batches") >= 2
     assert relative(split, whole) <= 1e-6
     assert split_logged.keys() == whole_logged.keys() >= logged
     # KTO's z₀ is 0 only up to the float32 reference (scored once, outside the float64 module): the

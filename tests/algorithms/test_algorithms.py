@@ -185,7 +185,7 @@ def test_a_module_refuses_missing_or_unknown_hyper_parameters(tiny):
     with pytest.raises(
         TypeError, match=r"missing \['label_smoothing', 'precompute_ref_log_probs'\], unknown \['gamma'\]"
     ):
-        DPO(model, tokenizer, OPTIM, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", gamma=1.0)
+        DPO(model, tokenizer, OPTIM, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", disable_dropout=True, gamma=1.0)
 
 
 @pytest.mark.parametrize("name", ["sft", "dpo", "kto", "cpo", "orpo", "simpo", "rm", "ppo", "grpo"])

@@ -164,7 +164,7 @@ def test_ppo_holds_four_models_with_lora_reference_as_disabled_adapter(tiny, rew
     assert not any(p.requires_grad for p in module.scorer.module.parameters())
 
 
-def test_online_algorithms_turn_dropout_off(tiny, reward_folder):
+def test_ppo_turns_dropout_off_in_the_policy_and_value_model_by_default(tiny, reward_folder):
     from omegaconf import OmegaConf
 
     from alignlab.models.loading import apply_lora

@@ -129,7 +129,7 @@ PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
         (
             ["+algorithm.betta=0.2"],
             "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its settings are beta, "
-            "label_smoothing, loss_type, precompute_ref_log_probs, rpo_alpha",
+            "disable_dropout, label_smoothing, loss_type, precompute_ref_log_probs, rpo_alpha",
         ),
         (["algorithm=kto", "+algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
         (["algorithm=grpo", "+algorithm.num_generation=4"], "(did you mean num_generations?)"),

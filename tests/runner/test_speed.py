@@ -89,16 +89,21 @@ def test_precomputed_reference_log_probs_change_nothing_and_free_the_reference(t
 
 
 def test_grouping_by_length_within_a_step_changes_nothing_but_padding(tmp_path):
-    """Four micro-batches of 4 pairs per step, with and without sorting the step's 16 pairs by length:
-    the same weights and losses as one batch of 16, with a third less padding."""
+    """Four micro-batches of 4 pairs per step, with and without sorting the step's 16 pairs by length,
+    and the step cut by tokens (max_tokens_per_micro_batch=400: 4 or more micro-batches): the same
+    weights and losses as one batch of 16, grouped with a third less padding than plain."""
     dpo = []  # rpo_alpha's NLL included: it divides by the step's chosen tokens
-    whole = run(tmp_path, "whole", *dpo, "batch_size=16")
-    micro = ["batch_size=4", "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=16"]  # in micro-batches
+    rows = ["max_tokens_per_micro_batch=null"]
+    whole = run(tmp_path, "whole", *dpo, *rows, "batch_size=16")
+    micro = [*rows, "batch_size=4", "trainer.accumulate_grad_batches=4", "trainer.val_check_interval=16"]
     plain = run(tmp_path, "plain", *dpo, *micro)
     grouped = run(tmp_path, "grouped", *dpo, *micro, "data.group_by_length=true")
+    tokens = run(tmp_path, "tokens", *dpo, "batch_size=16", "max_tokens_per_micro_batch=400")
     metrics = ["eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"]
     assert_same(whole, grouped, metrics)
     assert_same(plain, grouped, metrics)
-    assert PADDING["plain"][0] == PADDING["grouped"][0] == PADDING["whole"][0]  # the same real tokens
+    assert_same(whole, tokens, metrics)
+    assert PADDING["plain"][0] == PADDING["grouped"][0] == PADDING["whole"][0] == PADDING["tokens"][0]
     pad = {name: padded - real for name, (real, padded) in PADDING.items()}
     assert pad["grouped"] < 0.67 * pad["plain"], pad
+    assert pad["tokens"] < 0.67 * pad["plain"], pad
