@@ -107,9 +107,14 @@ class OnlineModule(AlignmentModule):
         answer), cut into micro-batches of at most `max_tokens_per_micro_batch` padded tokens and
         `micro_batch_size` rows (alignlab.online.micro_batches.token_budget_micro_batches): a list of
         row positions [n_i] on the mask's device, every row once. The losses divide by the step's
-        totals, so the step's gradient is the same however the rows are cut."""
+        totals, so the step's gradient is the same however the rows are cut. Every process cuts its rows
+        into as many micro-batches as the one that needs the most: DDP synchronises each backward."""
         lengths = attention_mask.sum(1).tolist()
-        cut = token_budget_micro_batches(lengths, self.max_tokens_per_micro_batch, self.micro_batch_size)
+        budget, cap = self.max_tokens_per_micro_batch, self.micro_batch_size
+        cut = token_budget_micro_batches(lengths, budget, cap)
+        most = int(self.gather_across_devices(torch.tensor([len(cut)], device=attention_mask.device)).max())
+        if most > len(cut):
+            cut = token_budget_micro_batches(lengths, budget, cap, count=most)
         return [torch.tensor(rows, device=attention_mask.device) for rows in cut]
 
     # -- evaluation -----------------------------------------------------------------------------

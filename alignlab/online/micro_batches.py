@@ -17,7 +17,7 @@ from alignlab.data.order import balanced_cut, cut_count
 
 
 def token_budget_micro_batches(
-    lengths: Sequence[int], max_tokens: int | None, max_rows: int | None = None
+    lengths: Sequence[int], max_tokens: int | None, max_rows: int | None = None, count: int | None = None
 ) -> list[list[int]]:
     """Positions of the rows of one optimizer step, cut into micro-batches.
 
@@ -30,16 +30,21 @@ def token_budget_micro_batches(
             own is a micro-batch by itself. None: no budget, the rows stay in their given order.
         max_rows: the most rows per micro-batch (None: no row cap); a piece with more rows is cut
             into consecutive pieces of at most that many.
+        count: at least this many micro-batches (at most N): the piece padded to the most tokens is
+            halved until there are (so that every process takes as many backward passes; DDP
+            synchronises each). None: as many as the budget and the cap need.
     Returns:
         micro-batches longest first, each a list of positions into `lengths`; together they hold every
         position once. Within a micro-batch the positions are ascending (the rows' given order), so a
         step that fits one micro-batch is the rows exactly as given.
     Raises:
-        ValueError: when `max_tokens` or `max_rows` is below 1.
+        ValueError: when `max_tokens` or `max_rows` is below 1, or `count` above N.
     """
     for name, value in (("max_tokens", max_tokens), ("max_rows", max_rows)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 or None, got {value}")
+    if count is not None and count > len(lengths):
+        raise ValueError(f"cannot cut {len(lengths)} rows into {count} micro-batches")
     if not lengths:
         return []
     if max_tokens is None:
@@ -49,8 +54,15 @@ def token_budget_micro_batches(
         longest_first = [lengths[i] for i in order]
         sizes = balanced_cut(longest_first, cut_count(longest_first, max_tokens))
     cap = max_rows or len(lengths)
-    pieces, start = [], 0
-    for size in sizes:
-        pieces += [sorted(order[at : min(at + cap, start + size)]) for at in range(start, start + size, cap)]
-        start += size
-    return pieces
+    sizes = [min(cap, size - at) for size in sizes for at in range(0, size, cap)]
+    pieces = [order[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+    while count is not None and len(pieces) < count:
+        i = max((j for j, rows in enumerate(pieces) if len(rows) > 1), key=lambda j: padded(pieces[j], lengths))
+        half = len(pieces[i]) // 2
+        pieces[i : i + 1] = [pieces[i][:half], pieces[i][half:]]
+    return [sorted(rows) for rows in pieces]
+
+
+def padded(rows: list[int], lengths: Sequence[int]) -> int:
+    """Padded tokens of a micro-batch: its rows × the longest of them."""
+    return len(rows) * max(lengths[i] for i in rows)

@@ -41,12 +41,22 @@ def test_the_row_cap_applies_with_the_budget_and_without_it():
     assert token_budget_micro_batches([], None) == token_budget_micro_batches([], 8) == []
 
 
+def test_more_micro_batches_halve_the_one_padded_most():
+    # [9, 9] (18), [7, 5] (14), [4, 3] (8) → halve 18 → 9, 9, 14, 8 → halve 14
+    assert token_budget_micro_batches(LENGTHS, 20, count=5) == [[1], [3], [5], [0], [2, 4]]
+    assert token_budget_micro_batches(LENGTHS, 20, count=2) == token_budget_micro_batches(LENGTHS, 20)
+    with pytest.raises(ValueError, match="cannot cut 6 rows into 7"):
+        token_budget_micro_batches(LENGTHS, 20, count=7)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_every_row_once_and_each_micro_batch_within_budget_and_cap(seed):
     rng = random.Random(seed)
     lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 60))]
     budget, cap = rng.randint(1, 200), rng.choice([None, 3, 7])
-    cut = token_budget_micro_batches(lengths, budget, cap)
+    count = rng.choice([None, rng.randint(1, len(lengths))])
+    cut = token_budget_micro_batches(lengths, budget, cap, count)
+    assert count is None or len(cut) >= count
     assert sorted(i for rows in cut for i in rows) == list(range(len(lengths)))
     longest = [max(lengths[i] for i in rows) for rows in cut]
     assert longest == sorted(longest, reverse=True)  # longest first
