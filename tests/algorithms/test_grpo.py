@@ -335,6 +335,21 @@ def test_a_token_budget_takes_the_steps_one_big_batch_takes(tiny, loss_type):
     assert not torch.equal(whole.model.lm_head.weight, tiny[0].lm_head.weight.double())  # the steps moved it
 
 
+def test_every_process_cuts_as_many_micro_batches_as_the_one_that_needs_the_most(tiny, monkeypatch):
+    """DDP synchronises each backward pass, so the processes must take as many: one whose rows need
+    fewer micro-batches halves its most padded ones (alignlab.online.micro_batches)."""
+    import copy
+
+    from tests.conftest import build_module
+
+    module = build_module("grpo", copy.deepcopy(tiny[0]), tiny[1], max_tokens_per_micro_batch=20)
+    mask = (torch.arange(9) < torch.tensor([5, 9, 3, 9, 4, 7]).unsqueeze(1)).long()  # rows of 5, 9, 3, ... tokens
+    assert [rows.tolist() for rows in module.micro_batches(mask)] == [[1, 3], [0, 5], [2, 4]]
+    another_needs_5 = lambda counts: torch.cat([counts, torch.tensor([5])])  # noqa: E731
+    monkeypatch.setattr(module, "gather_across_devices", another_needs_5)
+    assert [rows.tolist() for rows in module.micro_batches(mask)] == [[1], [3], [5], [0], [2, 4]]
+
+
 class FixedAnswers:
     """A generation backend that answers every prompt with the same tokens and records its syncs."""
 
