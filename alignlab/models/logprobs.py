@@ -249,10 +249,10 @@ def answer_logprobs(
     check_answer_logprobs decided for the architecture) takes the logits from the model's full forward.
 
     `padding_free` (default: the model's `padding_free` attribute, see enable_padding_free) runs the
-    decoder on one row of the batch's real tokens, sequence after sequence, with position_ids restarting
-    at 0 and no attention mask, so no padding is computed (TRL's padding_free; the rows must be right-padded,
-    as collate_answers makes them); the numbers equal the padded forward's to rounding. Raises ValueError
-    when asked for on a model padding_free_refusal refuses.
+    decoder on the batch's real tokens only, sequence after sequence in rows no longer than its longest
+    sequence (_packed), with position_ids restarting at 0 and no attention mask (TRL's padding_free; the
+    rows must be right-padded, as collate_answers makes them); the numbers equal the padded forward's to
+    rounding. Raises ValueError when asked for on a model padding_free_refusal refuses.
     """
     if by_forward is None:
         by_forward = scores_by_forward(model)
