@@ -14,6 +14,7 @@ from tokenizers import AddedToken
 
 from alignlab.data import files
 from alignlab.errors import ConfigError, ModelLoadError
+from alignlab.models.logprobs import enable_padding_free
 from alignlab.models.tiny import CHATML_TEMPLATE, ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def quantization_config(model_cfg: DictConfig):
 
 def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
     """(model, tokenizer, path) for `model_cfg`; LoRA-wrapped when model.lora.enabled, on 4-bit base
-    weights with model.quantization=4bit; gradient checkpointing with model.gradient_checkpointing."""
+    weights with model.quantization=4bit; gradient checkpointing with model.gradient_checkpointing; packed
+    answer log-probs with model.padding_free (where the architecture allows, else one warning)."""
     from transformers import AutoModelForCausalLM
 
     check_model_config(model_cfg)  # a missing folder, or a Hub id offline: said before anything loads
@@ -303,6 +305,8 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_cfg.lora.enabled:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need a grad path
+    if model_cfg.get("padding_free"):
+        enable_padding_free(model)  # set on the base model: PEFT's wrapper and a deep copy read it through
     if model_cfg.lora.enabled:
         model = apply_lora(model, model_cfg.lora, added)
     return model, tokenizer, path

@@ -166,6 +166,69 @@ def _score_chunk(
     return logps, mean_logit, ent
 
 
+# Architectures (config.model_type) whose decoder, given attention_mask=None and position_ids that restart
+# at 0 for each sequence of a packed row, attends block-diagonally: transformers' create_causal_mask finds
+# the restarts (masking_utils.find_packed_sequence_indices) and masks attention across them, and rotary
+# embeddings read position_ids. Each is tested against the padded batch (tests/models/test_padding_free.py).
+PADDING_FREE_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite"})
+# Attention implementations whose masks honour the restarts in 5.24 and were tested on CPU. flash_attention_2
+# turns them into varlen calls too, but is untested here (no CUDA flash-attn build in the test environment).
+PADDING_FREE_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+def padding_free_refusal(model) -> str | None:
+    """Why `model` cannot score a packed row (None: it can): an architecture or attention implementation
+    outside PADDING_FREE_ARCHITECTURES / PADDING_FREE_ATTENTION, or sliding-window layers."""
+    config = model.config
+    if config.model_type not in PADDING_FREE_ARCHITECTURES:
+        return f"model_type {config.model_type!r} is not one tested packed ({sorted(PADDING_FREE_ARCHITECTURES)})"
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in PADDING_FREE_ATTENTION:
+        return f"attention implementation {attention!r} is not one tested packed ({sorted(PADDING_FREE_ATTENTION)})"
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) is not None or any(t != "full_attention" for t in layer_types):
+        return "it has sliding-window attention layers (untested packed)"
+    return None
+
+
+def enable_padding_free(model) -> bool:
+    """Let answer_logprobs score `model`'s batches as one packed row from now on (model.padding_free):
+    True when done; when `model` cannot (padding_free_refusal), warns once and returns False."""
+    reason = padding_free_refusal(model)
+    if reason is not None:
+        warnings.warn(f"model.padding_free=true is ignored: {reason}; batches stay padded.", stacklevel=2)
+        return False
+    model.padding_free = True  # an attribute of the model object: a deep copy (the reference) keeps it
+    return True
+
+
+# Tokens per packed row; 0: the batch's longest sequence. Rows are filled first-fit with the sequences,
+# longest first, so a packed batch never has more rows, row length or attention pairs than the padded one.
+PACKED_ROW_TOKENS = 0
+
+
+def _packed(ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [R, W], position_ids [R, W], where [N, T]): the real tokens of a right-padded batch
+    [N, T] laid out sequence after sequence in R ≤ N rows of W tokens, each sequence's positions counting
+    from 0 (as in the padded forward); where[r, c] is token (r, c)'s index in the flattened rows. A row's
+    unused tail holds pad tokens at position 0: each its own one-token sequence, attended by nothing else."""
+    lengths = attention.sum(-1).tolist()
+    capacity = max(PACKED_ROW_TOKENS, max(lengths, default=0))
+    fill, row_of, offset = [], [0] * len(lengths), [0] * len(lengths)  # tokens used in each packed row
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        row_of[i], offset[i], fill[row] = row, fill[row], fill[row] + lengths[i]
+    width = max(max(fill), 1)
+    start = [r * width + o for r, o in zip(row_of, offset)]
+    keep = attention.bool()
+    where = torch.tensor(start, device=ids.device)[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    packed_ids = ids.new_zeros(len(fill) * width).index_put_((where[keep],), ids[keep])
+    positions = ids.new_zeros(len(fill) * width).index_put_((where[keep],), (attention.cumsum(-1) - 1)[keep])
+    return packed_ids.view(len(fill), width), positions.view(len(fill), width), where
+
+
 def answer_logprobs(
     model,
     batch: dict,
@@ -173,6 +236,7 @@ def answer_logprobs(
     entropy: bool = False,
     chunk_size: int = CHUNK_SIZE,
     by_forward: bool | None = None,
+    padding_free: bool | None = None,
 ) -> AnswerLogps:
     """Forward `batch` (input_ids, attention_mask, loss_mask) and score its answer tokens.
 
@@ -183,19 +247,35 @@ def answer_logprobs(
     the log-probs are log_softmax(model(...).logits) at the answer tokens. Online algorithms score
     sampled answers under the sampling distribution: logits / temperature. `by_forward` (default: as
     check_answer_logprobs decided for the architecture) takes the logits from the model's full forward.
+
+    `padding_free` (default: the model's `padding_free` attribute, see enable_padding_free) runs the
+    decoder on the batch's real tokens only, sequence after sequence in rows no longer than its longest
+    sequence (_packed), with position_ids restarting at 0 and no attention mask (TRL's padding_free; the
+    rows must be right-padded, as collate_answers makes them); the numbers equal the padded forward's to
+    rounding. Raises ValueError when asked for on a model padding_free_refusal refuses.
     """
     if by_forward is None:
         by_forward = scores_by_forward(model)
+    if padding_free is None:
+        padding_free = bool(getattr(model, "padding_free", False))
+    if padding_free and (reason := padding_free_refusal(model)) is not None:
+        raise ValueError(f"padding_free: {reason}")
     ids, attention = batch["input_ids"], batch["attention_mask"]
+    if padding_free:
+        packed_ids, positions, where = _packed(ids, attention)
+        inputs = {"input_ids": packed_ids, "position_ids": positions, "attention_mask": None}
+    else:
+        inputs = {"input_ids": ids, "attention_mask": attention}
     if by_forward:  # full logits, then the same gathering; the "head" is the identity
-        hidden = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        hidden = model(**inputs, use_cache=False).logits
         head, transform = torch.nn.Identity(), LogitTransform()
     else:
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-        hidden, head, transform = hidden[:, :-1], model.get_output_embeddings(), logit_transform(model)
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        head, transform = model.get_output_embeddings(), logit_transform(model)
     mask = batch["loss_mask"][:, 1:]
     rows, cols = mask.nonzero(as_tuple=True)  # answer positions, row by row
-    states, targets = hidden[rows, cols], ids[:, 1:][rows, cols]
+    states = hidden.flatten(0, 1)[where[rows, cols]] if padding_free else hidden[rows, cols]
+    targets = ids[:, 1:][rows, cols]
     step = chunk_size if chunk_size > 0 else max(len(targets), 1)
     pieces = []
     for start in range(0, len(targets), step):
@@ -251,7 +331,7 @@ def check_answer_logprobs(model, batch: dict) -> tuple[float, float]:
     wrong numbers. Cheap: one extra forward of a few rows without gradients.
     """
     with evaluating(model):  # dropout would make the two passes differ
-        fast = answer_logprobs(model, batch, by_forward=False)
+        fast = answer_logprobs(model, batch, by_forward=False, padding_free=False)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     reference = selective_log_softmax(logits[:, :-1], batch["input_ids"][:, 1:])
     gap = torch.where(fast.mask.bool(), fast.token_logps - reference, 0.0).abs()

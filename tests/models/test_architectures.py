@@ -73,16 +73,16 @@ ARCHITECTURES = {
 FORWARD_IN_FLOAT32 = {"beam"}
 
 
-def tiny_model(model_type: str, dtype=torch.float64, scale: float = 30.0):
-    """A random tiny causal LM of `model_type` whose output weights are scaled by `scale`, so that its
-    raw logits reach tens (past the soft caps above)."""
+def tiny_model(model_type: str, dtype=torch.float64, scale: float = 30.0, **settings):
+    """A random tiny causal LM of `model_type` (config: TINY, its ARCHITECTURES entry, then `settings`)
+    whose output weights are scaled by `scale`, so that its raw logits reach tens (past the soft caps above)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:  # an older transformers than the one LOGIT_TRANSFORMS was read from
         pytest.skip(f"this transformers has no {model_type}")
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**TINY, **ARCHITECTURES[model_type]})
+    config = AutoConfig.for_model(model_type, **{**TINY, **ARCHITECTURES[model_type], **settings})
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(scale)
