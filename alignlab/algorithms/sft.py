@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from alignlab.algorithms.base import AlignmentModule
@@ -21,7 +19,7 @@ class SFT(AlignmentModule):
         count = self.step_count(batch, "completion_tokens")
         loss = nll_loss(out.token_logps, out.mask, *count)
         with torch.no_grad():
-            # A token is "right" when the model gives it probability > 0.5 (so it is the argmax).
-            right = step_mean((out.token_logps > math.log(0.5)).to(out.mask.dtype), out.mask, *count)
+            # A token is right when it is the argmax of the logits, as TRL's mean_token_accuracy counts it.
+            right = step_mean(out.token_argmax, out.mask, *count)
             tokens = out.num_tokens.sum() if count[0] is None else out.mask.new_tensor(float(count[0]))
         return loss, {"mean_token_accuracy": right, "num_tokens": tokens}

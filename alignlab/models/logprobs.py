@@ -21,6 +21,7 @@ class AnswerLogps:
     mask: torch.Tensor  # [N, T-1] 1 where the predicted token is an answer token
     mean_logits: torch.Tensor  # [N] mean logit over answer positions and vocabulary (detached)
     token_entropy: torch.Tensor | None = None  # [N, T-1] entropy of each answer position (detached), on request
+    token_argmax: torch.Tensor | None = None  # [N, T-1] 1 where the answer token is the argmax logit (detached)
 
     @property
     def avg_logps(self) -> torch.Tensor:
@@ -29,8 +30,9 @@ class AnswerLogps:
 
     def rows(self, sl: slice) -> AnswerLogps:
         """The statistics of a slice of the sequences (e.g. the chosen half of a pairwise batch)."""
+        optional = [None if t is None else t[sl] for t in (self.token_entropy, self.token_argmax)]
         return AnswerLogps(
-            self.logps[sl], self.num_tokens[sl], self.token_logps[sl], self.mask[sl], self.mean_logits[sl]
+            self.logps[sl], self.num_tokens[sl], self.token_logps[sl], self.mask[sl], self.mean_logits[sl], *optional
         )
 
     def split_pairs(self, n_pairs: int) -> tuple[AnswerLogps, AnswerLogps]:
@@ -150,7 +152,8 @@ def _score_chunk(
     temperature: float,
     entropy: bool,
 ):
-    """(log-prob of each target, mean logit, entropy or None) for hidden states [K, H]."""
+    """(log-prob of each target, mean logit, entropy or None, whether the target is the argmax) for
+    hidden states [K, H]."""
     logits = transform(head(hidden))  # in the model's dtype, as its forward does, so the numbers are its own
     if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
         logits = logits.float()
@@ -159,11 +162,12 @@ def _score_chunk(
     logps = selective_log_softmax(logits, targets)
     with torch.no_grad():
         mean_logit = logits.mean(-1)
+        argmax = logits.argmax(-1) == targets  # TRL's mean_token_accuracy counts these
         ent = None
         if entropy:
             logp = torch.log_softmax(logits, -1)
             ent = -(logp.exp() * logp).sum(-1)
-    return logps, mean_logit, ent
+    return logps, mean_logit, ent, argmax
 
 
 # Architectures (config.model_type) whose decoder, given attention_mask=None and position_ids that restart
@@ -296,7 +300,9 @@ def answer_logprobs(
         if entropy:
             values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
             token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
-    return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy)
+        argmax = torch.cat([p[3] for p in pieces]).to(logps.dtype) if pieces else logps.detach()
+        token_argmax = torch.zeros_like(token_logps).index_put((rows, cols), argmax)
+    return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy, token_argmax)
 
 
 # Largest |difference| in a token's log-prob (nats) that check_answer_logprobs puts down to rounding,
