@@ -408,6 +408,8 @@ def offline_runs(common: dict, args) -> list[dict]:
         runs.insert(1, {**trl, "label": f"TRL `{key}={value}`", "trl": switch})
         label = f"alignlab, {args.micro_batches} length-grouped micro-batches"
         runs.append({**alignlab, "label": label, "alignlab": same_loss + micro})
+    for variant in args.alignlab_variant:  # e.g. "max_tokens_per_micro_batch=4096": a row of its own
+        runs.append({**alignlab, "label": f"alignlab `{variant}`", "alignlab": same_loss + variant.split()})
     return runs
 
 
@@ -564,6 +566,12 @@ def main() -> None:
         help="alignlab's KTO runs pair rows for z0 as alignlab does, or as TRL does (for comparing losses)",
     )
     parser.add_argument("--grpo-prompts", type=int, default=4, help="GRPO prompts per step (× 8 completions)")
+    parser.add_argument(
+        "--alignlab-variant",
+        action="append",
+        default=[],
+        help="DPO/KTO/SFT: one more alignlab row with these space-separated overrides (repeatable)",
+    )
     parser.add_argument("--trainers", nargs="+", default=["trl", "alignlab"], choices=["trl", "alignlab"])
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the steady-state step time")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the tables in docs/speed.md and README.md")
