@@ -98,4 +98,5 @@ def test_rewrite_refuses_a_page_without_one_pair_of_markers(text):
 
 def test_the_docs_have_the_markers():
     for page in bench.DOCS:
-        bench.rewrite(page.read_text(), "table", page.name)
+        out = bench.rewrite(page.read_text(), "NEW TABLE", page.name)  # raises without one pair of markers
+        assert out.count(bench.BEGIN) == out.count(bench.END) == 1 and "NEW TABLE" in out, page
