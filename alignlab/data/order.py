@@ -46,7 +46,7 @@ def cut_count(lengths: list[int], budget: int, world: int = 1) -> int:
     count, start = 0, 0
     while start < len(lengths):
         end = min(start + world, len(lengths))
-        while end < len(lengths) and padded_tokens(lengths[start : end + 1], world) <= budget:
+        while end < len(lengths) and -(-(end + 1 - start) // world) * lengths[start] <= budget:  # padded_tokens
             end += 1
         count, start = count + 1, end
     return count
@@ -69,7 +69,7 @@ def balanced_cut(lengths: list[int], pieces: int, world: int = 1) -> list[int]:
     sizes, start = [], 0
     while start < len(lengths):
         end = min(start + world, len(lengths))
-        while end < len(lengths) and padded_tokens(lengths[start : end + 1], world) <= low:
+        while end < len(lengths) and -(-(end + 1 - start) // world) * lengths[start] <= low:
             end += 1
         sizes.append(end - start)
         start = end
@@ -115,6 +115,7 @@ class GlobalBatchSampler:
         self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
         self.drop_last, self.shuffle = drop_last, shuffle
         self.lengths, self.accumulate = lengths, accumulate
+        self._lengths = None if lengths is None else torch.tensor(lengths)  # for sorting, made once
         self.token_budget, self.micro_batches = token_budget, 1
         self.counts = {name: torch.tensor(values, dtype=torch.long) for name, values in (counts or {}).items()}
         self.epoch, self.consumed = 0, 0  # batches of `epoch` already trained on
@@ -143,7 +144,7 @@ class GlobalBatchSampler:
         return pieces
 
     def _longest_first(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows[torch.sort(torch.tensor(self.lengths)[rows], descending=True, stable=True).indices]
+        return rows[torch.sort(self._lengths[rows], descending=True, stable=True).indices]
 
     def _grouped(self, step: list[torch.Tensor], world: int) -> list[torch.Tensor]:
         """A step's global batches re-cut from its rows sorted by length (longest first), sizes kept."""
