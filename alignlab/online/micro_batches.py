@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from alignlab.data.order import balanced_cut, cut_count
+from alignlab.data.order import balanced_cut, cut_count, padded_tokens
 
 
 def token_budget_micro_batches(
@@ -57,12 +57,8 @@ def token_budget_micro_batches(
     sizes = [min(cap, size - at) for size in sizes for at in range(0, size, cap)]
     pieces = [order[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
     while count is not None and len(pieces) < count:
-        i = max((j for j, rows in enumerate(pieces) if len(rows) > 1), key=lambda j: padded(pieces[j], lengths))
+        cost = [padded_tokens(sorted((lengths[r] for r in rows), reverse=True)) for rows in pieces]
+        i = max((j for j, rows in enumerate(pieces) if len(rows) > 1), key=cost.__getitem__)
         half = len(pieces[i]) // 2
         pieces[i : i + 1] = [pieces[i][:half], pieces[i][half:]]
     return [sorted(rows) for rows in pieces]
-
-
-def padded(rows: list[int], lengths: Sequence[int]) -> int:
-    """Padded tokens of a micro-batch: its rows × the longest of them."""
-    return len(rows) * max(lengths[i] for i in rows)
