@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab.errors import ConfigError
 from alignlab.models.loading import load_model
+from alignlab.models.vision import load_image_encoder
 from alignlab.runner.config import (
     ALGORITHM_META_KEYS,
     check_config,
@@ -66,6 +67,7 @@ def train(cfg: DictConfig) -> dict:
 
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
     datamodule.set_tokenizer(tokenizer)
+    datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_path))
     datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
     if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
         save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.reference_scoring import ReferenceScoring
+from alignlab.data.vision import select_vision
 from alignlab.errors import NonFiniteLossError
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
@@ -333,6 +334,7 @@ class AlignmentModule(L.LightningModule):
             batch["prompt_attention_mask"],
             max_new_tokens=self.evaluation.get("max_new_tokens", MAX_NEW_TOKENS),
             stop_ids=stops,
+            images=select_vision(batch, slice(0, len(batch["prompt_input_ids"]))),  # the prompts' (the first rows')
         )
         return tokens, answer_texts(self.tokenizer, *cut_at_stop(tokens, stops))
 

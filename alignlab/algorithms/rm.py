@@ -31,7 +31,7 @@ class RM(AlignmentModule):
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = self.rows_in(batch)
-        rewards = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        rewards = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch)
         chosen, rejected = rewards[:n], rewards[n:]
         loss = bradley_terry_loss(
             chosen, rejected, batch.get("margin"), self.center_rewards_coefficient, *self.step_count(batch, "rows")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from alignlab.data.vision import select_vision
+
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest sequence; returns (ids, attention_mask)."""
@@ -47,9 +49,11 @@ def scored_tokens(prompt_length: int, answer_length: int) -> int:
 
 
 def select_rows(batch: dict, rows: slice) -> dict:
-    """Some sequences of an answer batch, cut to the longest of them (the padding is on the right)."""
+    """Some sequences of an answer batch, cut to the longest of them (the padding is on the right), with
+    their images (alignlab.data.vision) when they have any."""
     width = int(batch["attention_mask"][rows].sum(-1).max())
-    return {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
+    picked = {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "loss_mask")}
+    return {**picked, **select_vision(batch, rows)}
 
 
 def collate_prompts(prompts: Sequence[list[int]], pad_id: int) -> dict:

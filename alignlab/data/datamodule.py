@@ -23,6 +23,7 @@ from alignlab.data.collate import collate_answers, collate_extras, collate_promp
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader, process_group
 from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
+from alignlab.data.vision import ImageEncoder, collate_vision
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class AlignmentDataModule(L.LightningDataModule):
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         self.max_length, self.seed, self.num_workers = max_length, seed, num_workers
         self.tokenizer = None
+        self.images: ImageEncoder | None = None  # a vision-language model's image processor (set_image_encoder)
+        self._vision: dict[int, tuple[dict, list[str]] | None] = {}  # id(row) → its images' inputs and markup
         self.splits: dict[str, list[dict]] = {}
         self.dropped: dict[str, int] = {}  # split → rows left out by setup, all reasons together
         self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows
@@ -113,8 +116,9 @@ class AlignmentDataModule(L.LightningDataModule):
         """
         prompts = [r["prompt"] for r in rows]
         answers = [[r[k] for k in answer_keys] for r in rows] if answer_keys else None
+        markups = [(self._vision.get(id(r)) or (None, None))[1] for r in rows]
         try:
-            return encode_conversations(self.tokenizer, prompts, answers, self.system_prompt)
+            return encode_conversations(self.tokenizer, prompts, answers, self.system_prompt, markups)
         except TemplateRefusal as e:
             raise self._refused(rows[e.index], e.reason) from None
 
@@ -141,6 +145,42 @@ class AlignmentDataModule(L.LightningDataModule):
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer needs both a pad token and an eos token")
         self.tokenizer = tokenizer
+
+    def set_image_encoder(self, images: ImageEncoder | None) -> None:
+        """The vision-language model's image processor (None: a text model, whose data must have no images)."""
+        self.images = images
+
+    def _encode_images(self, split: str, rows: list[dict]) -> None:
+        """Process each row's images once (model inputs and the markup its `<image>` placeholders become).
+
+        Raises:
+            ConfigError: rows have images but the model is a text model.
+            DataError: a pair's `rejected_images` take other token counts than its `images`.
+        """
+        for row in rows:
+            images = row.get("images")
+            if not images:
+                continue
+            if self.images is None:
+                describe = getattr(self.source, "describe", lambda: "data")()
+                raise ConfigError(
+                    f"{describe}: the {split} rows have images, but the model has no image processor (a text "
+                    "model). Use a vision-language model (e.g. model=tiny_vl, or a Qwen2-VL folder)."
+                )
+            self._vision[id(row)] = self.images.encode(images)
+            if row.get("rejected_images"):
+                rejected = self.images.encode(row["rejected_images"])
+                if rejected[1] != self._vision[id(row)][1]:
+                    origin = getattr(self.source, "origin", lambda _: None)(row)
+                    source, index, _ = origin or (getattr(self.source, "describe", lambda: "data")(), None, None)
+                    raise DataError(
+                        source,
+                        "the rejected answer's images take other numbers of tokens than `images` (other sizes), "
+                        "so the two answers would follow different prompts; give images of the same sizes",
+                        row=index,
+                        field="rejected_images",
+                    )
+                self._vision[id(row), "rejected"] = rejected
 
     answer_keys: tuple[str, ...] = ()  # the encoded answers of a row, e.g. ("chosen_ids", "rejected_ids")
     sequences_per_row: int = 1  # sequences a row puts through the trained forward (a pair: chosen and rejected)
@@ -184,12 +224,18 @@ class AlignmentDataModule(L.LightningDataModule):
             if not rows:  # no held-out rows: the run trains without validation (alignlab.train)
                 self.splits[split], self.dropped[split], self.dropped_by_reason[split] = [], 0, {}
                 continue
+            self._encode_images(split, rows)
             encoded = self.encode(rows)
             reasons = self.drop_reasons(encoded)
             kept = []
             for row, ex, why in zip(rows, encoded, reasons):
+                vision, rejected = self._vision.pop(id(row), None), self._vision.pop((id(row), "rejected"), None)
                 if why is not None:
                     continue
+                if vision is not None:
+                    ex["vision"] = vision[0]
+                if rejected is not None:
+                    ex["rejected_vision"] = rejected[0]
                 ex["index"] = len(kept)  # its position among the kept rows, which the loaders' order indexes
                 ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
                 kept.append(ex)
@@ -355,6 +401,7 @@ class SFTDataModule(AlignmentDataModule):
         batch = collate_answers(
             [e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], self.pad_id
         )
+        batch.update(collate_vision([e.get("vision") for e in examples]))
         return {**batch, **self._extras(examples, with_prompts)}
 
 
@@ -386,6 +433,8 @@ class PairwiseDataModule(AlignmentDataModule):
         prompts = [e["prompt_ids"] for e in examples]
         answers = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         batch = collate_answers(prompts + prompts, answers, self.pad_id)
+        visions = [e.get("vision") for e in examples]
+        batch.update(collate_vision(visions + [e.get("rejected_vision", e.get("vision")) for e in examples]))
         return {**batch, **self._extras(examples, with_prompts)}
 
 
@@ -462,6 +511,7 @@ class LabelledDataModule(AlignmentDataModule):
         prompts = [e["prompt_ids"] for e in examples]
         answers = [e["completion_ids"] for e in examples] + [e["kl_completion_ids"] for e in examples]
         batch = collate_answers(prompts + prompts, answers, self.pad_id)
+        batch.update(collate_vision([e.get("vision") for e in examples] * 2))  # both halves follow the row's prompt
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
         return {**batch, **self._extras(examples, with_prompts)}
 
@@ -483,6 +533,7 @@ class PromptDataModule(AlignmentDataModule):
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         batch = self._extras(examples, with_prompts=True)
+        batch.update(collate_vision([e.get("vision") for e in examples]))  # the prompts' images
         keys = dict.fromkeys(k for e in examples for k in e["columns"])  # a row without a column gets None
         batch["columns"] = {k: [e["columns"].get(k) for e in examples] for k in keys}
         batch["prompt_messages"] = [e["prompt"] for e in examples]  # what reward functions receive

@@ -35,6 +35,8 @@ import secrets
 import weakref
 from collections.abc import Sequence
 
+from alignlab.data.vision import IMAGE_PLACEHOLDER
+
 SYSTEM_PROMPT = ("keep", "merge")  # data.system_prompt: pass system messages to the template, or fold them in
 
 # Placeholders and stand-ins carry a random mark, so no text a user writes can be mistaken for them.
@@ -213,12 +215,35 @@ def _lay_out(tokenizer, messages: list[dict], index: int) -> tuple[list[str], li
     return [layout[a:b] for a, b in zip(starts, ends)], order
 
 
+def _place_images(contents: list[str], markups: list[str], codec: _Codec, index: int) -> list[str]:
+    """Prompt contents with each `<image>` replaced, in order, by its image's markup as special tokens."""
+    queue, out = iter(markups), []
+    for content in contents:
+        pieces = content.split(IMAGE_PLACEHOLDER)
+        text = pieces[0]
+        for piece in pieces[1:]:
+            markup = next(queue, None)
+            if markup is None:
+                raise TemplateRefusal(index, f"more {IMAGE_PLACEHOLDER} in the prompt than its {len(markups)} images")
+            text += codec.protect(markup) + piece
+        out.append(text)
+    if next(queue, None) is not None:
+        raise TemplateRefusal(index, f"fewer {IMAGE_PLACEHOLDER} in the prompt than its {len(markups)} images")
+    return out
+
+
 def encode_conversations(
-    tokenizer, prompts: Sequence[list[dict]], answers: Sequence[Sequence[str]] | None = None, system_prompt="keep"
+    tokenizer,
+    prompts: Sequence[list[dict]],
+    answers: Sequence[Sequence[str]] | None = None,
+    system_prompt="keep",
+    images: Sequence[list[str] | None] | None = None,
 ) -> list[tuple[list[int], list[list[int]]]]:
     """Per row, (prompt ids, [ids of each answer]) as the chat template lays the conversation out (see the
     module docstring). `answers[i]` are row i's alternative answers to the same prompt (SFT: one;
-    pairwise: chosen and rejected); None: prompts only (the ids PPO/GRPO sample after).
+    pairwise: chosen and rejected); None: prompts only (the ids PPO/GRPO sample after). `images[i]`: the
+    markup of each of row i's images (alignlab.data.vision.ImageEncoder), which replaces the `<image>`
+    placeholders of its prompt in order, its special tokens as those tokens; None: a text row.
 
     Raises:
         TemplateRefusal: the template raised on row `index` (e.g. a system role it does not support).
@@ -242,7 +267,10 @@ def encode_conversations(
                 real = _render(tokenizer, [*messages, {"role": "assistant", "content": final}], index)
                 shown = _as_written(pieces, shown, real) or shown
             if k == 0:
-                prompt = "".join(codec.protect(p) + c for p, c in zip(pieces[:-2], shown[:-1]))
+                contents = shown[:-1]
+                if images is not None and images[index]:
+                    contents = _place_images(contents, images[index], codec, index)
+                prompt = "".join(codec.protect(p) + c for p, c in zip(pieces[:-2], contents))
                 prompt_texts.append(prompt + codec.protect(pieces[-2]))
             if answer is not None:
                 answer_texts.append(shown[-1] + _end_of_turn(codec, pieces[-1], eos))
@@ -253,9 +281,14 @@ def encode_conversations(
     return [(p, [next(answer_ids) for _ in range(k)]) for p, k in zip(prompt_ids, shape)]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[list[dict]], system_prompt: str = "keep") -> list[list[int]]:
+def encode_prompts(
+    tokenizer,
+    prompts: Sequence[list[dict]],
+    system_prompt: str = "keep",
+    images: Sequence[list[str] | None] | None = None,
+) -> list[list[int]]:
     """Prompt ids, ending where the assistant's answer begins (see `encode_conversations`)."""
-    return [p for p, _ in encode_conversations(tokenizer, prompts, None, system_prompt)]
+    return [p for p, _ in encode_conversations(tokenizer, prompts, None, system_prompt, images)]
 
 
 def encode_answers(tokenizer, answers: Sequence[str]) -> list[list[int]]:

@@ -16,6 +16,7 @@ from alignlab.data import files
 from alignlab.errors import ConfigError, ModelLoadError
 from alignlab.models.logprobs import enable_padding_free
 from alignlab.models.tiny import CHATML_TEMPLATE, ensure_tiny_model
+from alignlab.models.vision import freeze_vision, is_multimodal, vision_modules
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,18 @@ def stop_at_end_of_turn(model, tokenizer) -> None:
 QUANTIZATIONS = (None, "4bit")
 
 
+def auto_model_class(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The Auto class a folder or Hub id loads with: AutoModelForImageTextToText for a vision-language
+    model (its config has a `vision_config`), else AutoModelForCausalLM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return AutoModelForCausalLM  # from_pretrained then says what is wrong with the folder
+    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+
+
 def is_hub_id(path: str) -> bool:
     """Whether `path` has the shape of a Hub model id ('name' or 'org/name'), rather than only a folder's."""
     from huggingface_hub.errors import HFValidationError
@@ -255,9 +268,9 @@ def quantization_config(model_cfg: DictConfig):
 def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
     """(model, tokenizer, path) for `model_cfg`; LoRA-wrapped when model.lora.enabled, on 4-bit base
     weights with model.quantization=4bit; gradient checkpointing with model.gradient_checkpointing; packed
-    answer log-probs with model.padding_free (where the architecture allows, else one warning)."""
-    from transformers import AutoModelForCausalLM
-
+    answer log-probs with model.padding_free (where the architecture allows, else one warning). A
+    vision-language model's vision tower is frozen unless model.freeze_vision=false, and LoRA adapts only
+    its language model then."""
     check_model_config(model_cfg)  # a missing folder, or a Hub id offline: said before anything loads
     path = resolve_model_path(model_cfg)
     tokenizer, added = prepare_tokenizer(path, model_cfg, require_chat_template)
@@ -273,7 +286,7 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
     if quantization is not None and torch.cuda.is_available():  # quantize straight onto this process's GPU
         placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_class(path, model_cfg.trust_remote_code).from_pretrained(
             path,
             dtype=_DTYPES[model_cfg.dtype],
             trust_remote_code=model_cfg.trust_remote_code,
@@ -307,15 +320,19 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
             model.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need a grad path
     if model_cfg.get("padding_free"):
         enable_padding_free(model)  # set on the base model: PEFT's wrapper and a deep copy read it through
+    frozen_vision = is_multimodal(model) and model_cfg.get("freeze_vision", True)
+    if frozen_vision:
+        log.info("vision tower frozen (model.freeze_vision=true): %d parameters", freeze_vision(model))
     if model_cfg.lora.enabled:
-        model = apply_lora(model, model_cfg.lora, added)
+        model = apply_lora(model, model_cfg.lora, added, exclude=list(vision_modules(model)) if frozen_vision else ())
     return model, tokenizer, path
 
 
-def apply_lora(model, lora_cfg: DictConfig, new_token_ids: Sequence[int] = ()):
+def apply_lora(model, lora_cfg: DictConfig, new_token_ids: Sequence[int] = (), exclude: Sequence[str] = ()):
     """The model wrapped in LoRA adapters. Rows of tokens just added to the tokenizer train too (PEFT's
     `trainable_token_indices`, in the input and, when untied, the output embeddings), since their
-    mean-initialised rows carry no meaning yet; merging writes them into the exported embeddings."""
+    mean-initialised rows carry no meaning yet; merging writes them into the exported embeddings.
+    `exclude`: qualified names of modules (e.g. a frozen vision tower) whose layers get no adapter."""
     from peft import LoraConfig, get_peft_model
 
     target = lora_cfg.target_modules
@@ -332,6 +349,7 @@ def apply_lora(model, lora_cfg: DictConfig, new_token_ids: Sequence[int] = ()):
         task_type="CAUSAL_LM",
         target_modules=target if isinstance(target, str) else list(target),
         trainable_token_indices=tokens,
+        exclude_modules=rf"({'|'.join(map(re.escape, exclude))})(\..*)?" if exclude else None,
     )
     return get_peft_model(model, config)
 

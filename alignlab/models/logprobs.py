@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from alignlab.data.vision import select_vision
 from alignlab.models.modes import evaluating
+from alignlab.models.vision import forward_inputs, trunk
 
 
 @dataclass
@@ -270,11 +272,12 @@ def answer_logprobs(
         inputs = {"input_ids": packed_ids, "position_ids": positions, "attention_mask": None}
     else:
         inputs = {"input_ids": ids, "attention_mask": attention}
+    inputs.update(forward_inputs(model, ids, batch))  # a vision-language batch's images (none for text)
     if by_forward:  # full logits, then the same gathering; the "head" is the identity
         hidden = model(**inputs, use_cache=False).logits
         head, transform = torch.nn.Identity(), LogitTransform()
     else:
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        hidden = trunk(model)(**inputs, use_cache=False).last_hidden_state
         head, transform = model.get_output_embeddings(), logit_transform(model)
     mask = batch["loss_mask"][:, 1:]
     rows, cols = mask.nonzero(as_tuple=True)  # answer positions, row by row
@@ -315,7 +318,8 @@ def scoring_rows(batch: dict, rows: int = 2) -> dict:
     """A batch for check_answer_logprobs from the first `rows` rows of any batch alignlab trains on:
     prompt + answer rows (input_ids, attention_mask), or prompts alone (prompt_input_ids,
     prompt_attention_mask; PPO, GRPO), right-padded (left padding leaves some attention
-    implementations rows with nothing to attend to). Every token after the first is scored."""
+    implementations rows with nothing to attend to). Every token after the first is scored. The rows'
+    images come along (alignlab.data.vision)."""
     if "input_ids" in batch:
         ids, attention = batch["input_ids"][:rows], batch["attention_mask"][:rows]
     else:
@@ -324,7 +328,8 @@ def scoring_rows(batch: dict, rows: int = 2) -> dict:
     ids, attention = ids.gather(1, order), attention.gather(1, order)
     loss_mask = attention.clone()
     loss_mask[:, 0] = 0
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+    images = select_vision(batch, slice(0, rows))
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, **images}
 
 
 @torch.no_grad()
@@ -338,7 +343,10 @@ def check_answer_logprobs(model, batch: dict) -> tuple[float, float]:
     """
     with evaluating(model):  # dropout would make the two passes differ
         fast = answer_logprobs(model, batch, by_forward=False, padding_free=False)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        images = forward_inputs(model, batch["input_ids"], batch)
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **images
+        ).logits
     reference = selective_log_softmax(logits[:, :-1], batch["input_ids"][:, 1:])
     gap = torch.where(fast.mask.bool(), fast.token_logps - reference, 0.0).abs()
     difference = gap.max().item() if gap.numel() else 0.0

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from alignlab.data.collate import collate_answers
 from alignlab.data.tokenize import encode_conversations, fit_answer
+from alignlab.models.vision import forward_inputs, trunk
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # what older tools (TRL's AutoModelForCausalLMWithValueHead) write
@@ -46,19 +47,20 @@ class RewardModel(torch.nn.Module):
     def config(self):
         return self.backbone.config
 
-    def _decoder(self) -> torch.nn.Module:
-        """The transformer without its LM head (LoRA layers, when present, sit inside it)."""
-        base = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-        return base.get_decoder()
-
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, T] the value head at every position (PPO's value model reads these)."""
-        hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict | None = None) -> torch.Tensor:
+        """[N, T] the value head at every position (PPO's value model reads these). `images`: a batch's
+        vision inputs for a vision-language backbone (alignlab.data.vision; None: a text batch)."""
+        extra = forward_inputs(self.backbone, input_ids, images or {})
+        hidden = trunk(self.backbone)(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+        ).last_hidden_state  # the transformer without its LM head (LoRA layers, when present, sit inside it)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, images: dict | None = None
+    ) -> torch.Tensor:
         """[N] scalar rewards, read at each sequence's last answer token (never at padding)."""
-        values = self.values(input_ids, attention_mask)
+        values = self.values(input_ids, attention_mask, images)
         last = last_token_index(loss_mask, attention_mask)
         return values[torch.arange(values.shape[0], device=values.device), last]
 
@@ -87,9 +89,9 @@ class RewardModel(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
         """Backbone (full model, or a LoRA adapter over its base) and value head from a reward-model folder."""
-        from transformers import AutoModelForCausalLM
+        from alignlab.models.loading import auto_model_class
 
-        backbone = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        backbone = auto_model_class(folder).from_pretrained(folder, dtype=dtype, use_safetensors=True)
         return cls(backbone, cls.load_value_head(folder).to(dtype))
 
 

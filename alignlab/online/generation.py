@@ -16,6 +16,7 @@ from decimal import Decimal, InvalidOperation
 import torch
 
 from alignlab.data.tokenize import end_of_turn_ids
+from alignlab.models.vision import forward_inputs
 
 _MASK32 = 0xFFFFFFFF
 
@@ -188,11 +189,14 @@ def generate(
     temperature: float = 1.0,
     keys: torch.Tensor | None = None,
     stop_ids: Sequence[int] | None = None,
+    images: dict | None = None,
 ) -> torch.Tensor:
     """[B, max_new_tokens or fewer] completion tokens (prompt removed), each row padded after its
     first stop token: any of `stop_ids` (default stop_token_ids(model, tokenizer)).
 
     With do_sample and `keys` ([B] ints, see sample_keys), each row's sample depends on its key alone.
+    `images`: the prompts' vision inputs for a vision-language model (alignlab.data.vision; a batch
+    holding them will do), which transformers' generate takes with the prompts.
     """
     from transformers import LogitsProcessorList
 
@@ -217,6 +221,7 @@ def generate(
             # Every end token, not the tokenizer's eos alone (which would override the model's list).
             eos_token_id=list(stop_ids) if stop_ids is not None else stop_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
+            **forward_inputs(model, prompt_input_ids, images or {}),
         )
     finally:
         model.train(was_training)

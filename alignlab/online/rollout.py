@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.data.collate import collate_answers
+from alignlab.data.vision import repeat_vision, select_vision
 from alignlab.models.logprobs import answer_logprobs
 from alignlab.models.reference import ReferenceModel
 from alignlab.online.backends import GenerationBackend, TransformersBackend
@@ -65,9 +66,15 @@ def token_logprobs(
 
 
 def pack(
-    prompts: list[list[int]], responses: list[list[int]], has_eos: torch.Tensor, pad_id: int, device: torch.device
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    has_eos: torch.Tensor,
+    pad_id: int,
+    device: torch.device,
+    images: dict | None = None,
 ) -> Samples:
-    seqs = {k: v.to(device) for k, v in collate_answers(prompts, responses, pad_id).items()}
+    """Samples of prompt + answer rows; `images`: each row's prompt's vision inputs (alignlab.data.vision)."""
+    seqs = {k: v.to(device) for k, v in {**collate_answers(prompts, responses, pad_id), **(images or {})}.items()}
     lengths = torch.tensor([len(r) for r in responses], device=device)
     mask = (torch.arange(int(lengths.max()), device=device) < lengths.unsqueeze(1)).float()
     starts = torch.tensor([len(p) for p in prompts], device=device)
@@ -96,9 +103,10 @@ def sample(
     stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
     ids, attn = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     responses, has_eos = [], []
-    if step is not None:  # keyed: each prompt's KV cache is computed once and shared by its completions
+    keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt) if step is not None else None
+    images = repeat_vision(batch, num_per_prompt)  # each answer's prompt's images (none for text prompts)
+    if step is not None and not images:  # keyed: each prompt's KV cache is computed once and shared by its completions
         backend = backend or TransformersBackend()
-        keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
         per_chunk = max(1, chunk // num_per_prompt)
         pieces = []
         for i in range(0, ids.shape[0], per_chunk):
@@ -116,7 +124,7 @@ def sample(
                     pad,
                 )
             )
-    else:
+    else:  # plain, or keyed through transformers' generate for prompts with images (multimodal positions)
         ids, attn = ids.repeat_interleave(num_per_prompt, 0), attn.repeat_interleave(num_per_prompt, 0)
         pieces = [
             generate(
@@ -127,7 +135,9 @@ def sample(
                 max_new_tokens,
                 do_sample,
                 temperature,
+                keys=keys[i : i + chunk] if keys is not None else None,
                 stop_ids=stops,
+                images=select_vision(images, slice(i, i + chunk)),
             )
             for i in range(0, ids.shape[0], chunk)
         ]
@@ -136,4 +146,4 @@ def sample(
         responses += answers
         has_eos.append(ended)
     prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]
-    return pack(prompts, responses, torch.cat(has_eos), pad, batch["prompt_input_ids"].device)
+    return pack(prompts, responses, torch.cat(has_eos), pad, batch["prompt_input_ids"].device, images)
