@@ -107,10 +107,12 @@ def evaluate(
     from lightning.fabric.utilities.apply_func import move_data_to_device
     from omegaconf import OmegaConf
 
+    from alignlab.data.vision import select_vision
     from alignlab.errors import ConfigError
     from alignlab.models.logprobs import answer_logprobs
     from alignlab.models.reference import ReferenceModel
     from alignlab.models.reward import RewardScorer
+    from alignlab.models.vision import load_image_encoder
     from alignlab.online.generation import exact_match
 
     cfg, datamodule = held_out_data(overrides)
@@ -123,6 +125,7 @@ def evaluate(
 
     model, tokenizer = load_policy(model_folder, device, cfg.model)
     datamodule.set_tokenizer(tokenizer)
+    datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_folder))
     datamodule.setup()
     reference = None
     if ref_model:
@@ -143,8 +146,14 @@ def evaluate(
         solutions = batch.get("solution")
         answers = None
         if scorer is not None or (solutions and any(s is not None for s in solutions)):
+            prompts = slice(0, len(batch["prompt_input_ids"]))  # the first sequences' images are the prompts'
             answers = answer_batch(
-                model, tokenizer, batch["prompt_input_ids"], batch["prompt_attention_mask"], max_new_tokens
+                model,
+                tokenizer,
+                batch["prompt_input_ids"],
+                batch["prompt_attention_mask"],
+                max_new_tokens,
+                images=select_vision(batch, prompts),
             )
         if answers is not None and solutions:
             given = [i for i, s in enumerate(solutions) if s is not None]  # a row without one is not counted

@@ -63,11 +63,13 @@ def answer_batch(
     max_new_tokens: int = MAX_NEW_TOKENS,
     temperature: float = 0.0,
     keys: torch.Tensor | None = None,
+    images: dict | None = None,
 ) -> list[str]:
     """The answers to a batch of left-padded prompts ([B, T] ids and mask, on the model's device):
     greedy at temperature 0, else sampled from softmax(logits / temperature) over the whole vocabulary
     (each row by its key, see alignlab.online.generation.sample_keys). Each answer is its text before
-    the first stop token (stop_token_ids), at most `max_new_tokens` tokens."""
+    the first stop token (stop_token_ids), at most `max_new_tokens` tokens. `images`: the prompts'
+    vision inputs for a vision-language model (alignlab.data.vision)."""
     from alignlab.online.generation import answer_texts, cut_at_stop, generate, stop_token_ids
 
     stops = stop_token_ids(model, tokenizer)
@@ -82,6 +84,7 @@ def answer_batch(
         temperature=temperature if sampled else 1.0,
         keys=keys if sampled else None,
         stop_ids=stops,
+        images=images,
     )
     return answer_texts(tokenizer, *cut_at_stop(tokens, stops))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -69,6 +69,11 @@ def train(cfg: DictConfig) -> dict:
     datamodule.set_tokenizer(tokenizer)
     datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_path))
     datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
+    if datamodule.has_images and not get_class(cfg.algorithm._target_).trains_on_images:
+        raise ConfigError(
+            f"algorithm={cfg.algorithm.name} does not train on rows with images yet; vision-language models train "
+            "with sft, dpo, kto, rm, cpo, orpo, simpo and grpo"
+        )
     if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
         save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     module = build_algorithm(cfg, model, tokenizer)

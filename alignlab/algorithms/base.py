@@ -63,6 +63,7 @@ PROGRESS_METRICS = (
 class AlignmentModule(L.LightningModule):
     uses_reference: bool = False  # hold a frozen copy of the starting policy (or its disabled adapter)
     generates: bool = True  # a policy that answers prompts (so held-out exact match applies)
+    trains_on_images: bool = True  # vision-language rows are handled (PPO's value model: not yet)
     # Every conf/algorithm file sets it (TRL's name and defaults): the policy's dropout probabilities set to 0.
     disable_dropout: bool = False
     # Plain attributes a resumed run must continue from (e.g. PPO's episode count), saved in checkpoints.

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class PPO(OnlineModule):
+    trains_on_images = False  # its value model does not read images yet: refused before training (alignlab.train)
+
     uses_reference = True
     counters = ("episodes", "rollouts")
 

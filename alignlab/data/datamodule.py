@@ -259,6 +259,11 @@ class AlignmentDataModule(L.LightningDataModule):
             raise DataError(describe, "the train split is empty")
 
     @property
+    def has_images(self) -> bool:
+        """Whether any row kept by setup has images."""
+        return any("vision" in ex for rows in self.splits.values() for ex in rows)
+
+    @property
     def has_eval_rows(self) -> bool:
         """Whether any row is held out for validation (eval_fraction=0 or a one-row file hold none)."""
         return bool(self.read().get("eval"))
