@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
+from alignlab.data.vision import VISION_KEYS, select_vision
 from alignlab.online.backends import build_backend, check_backend_spec
 from alignlab.online.micro_batches import token_budget_micro_batches
 from alignlab.online.rollout import Samples, sample
@@ -146,6 +147,7 @@ class OnlineModule(AlignmentModule):
         if loader is None:
             raise RuntimeError("sample tables answer held-out prompts, and the trainer has no validation loader")
         batch = next(iter(loader))
+        images = {k: v.to(self.device) for k, v in select_vision(batch, slice(0, n)).items()}  # the rows' own
         return {
             k: v[:n].to(self.device)
             if torch.is_tensor(v)
@@ -153,4 +155,5 @@ class OnlineModule(AlignmentModule):
             if isinstance(v, dict)
             else v[:n]
             for k, v in batch.items()
-        }
+            if k not in VISION_KEYS
+        } | images

@@ -23,7 +23,7 @@ from alignlab.data.collate import collate_answers, collate_extras, collate_promp
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader, process_group
 from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
-from alignlab.data.vision import ImageEncoder, collate_vision
+from alignlab.data.vision import IMAGE_COLUMNS, ImageEncoder, collate_vision
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -532,7 +532,7 @@ class PromptDataModule(AlignmentDataModule):
         out = []
         for row, (p, _) in zip(rows, self.encode_rows(rows, ())):
             fits = len(p) < self.max_length  # room for at least one generated token
-            columns = {k: v for k, v in row.items() if k != "prompt"}
+            columns = {k: v for k, v in row.items() if k not in ("prompt", *IMAGE_COLUMNS)}  # images travel as pixels
             out.append({"prompt_ids": p, "prompt": row["prompt"], "columns": columns} if fits else None)
         return out
 

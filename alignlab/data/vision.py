@@ -25,6 +25,7 @@ import torch
 from alignlab.errors import ConfigError
 
 IMAGE_PLACEHOLDER = "<image>"
+IMAGE_COLUMNS = ("images", "rejected_images")
 PIXEL_KEYS = ("pixel_values",)  # first dimension: pixel rows of all images
 IMAGE_KEYS = ("image_grid_thw",)  # first dimension: images
 VISION_KEYS = (*PIXEL_KEYS, *IMAGE_KEYS, "images_per_row", "image_pixel_rows")

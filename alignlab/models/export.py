@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 from alignlab.models.loading import is_peft
+from alignlab.models.vision import is_multimodal
 
 
 def submodule_state(state_dict: dict | None, prefix: str) -> dict | None:
@@ -18,7 +19,8 @@ def submodule_state(state_dict: dict | None, prefix: str) -> dict | None:
 def save_model(model, tokenizer, run_dir: Path, merge_lora: bool = True, state_dict: dict | None = None) -> Path:
     """Save to <run_dir>/model (and <run_dir>/adapter with LoRA); return the loadable folder.
 
-    Without LoRA, <run>/model holds config.json, *.safetensors and the tokenizer. With LoRA the
+    Without LoRA, <run>/model holds config.json, *.safetensors and the tokenizer (and a vision-language
+    model's image processor). With LoRA the
     adapter always goes to <run>/adapter; <run>/model then holds the merged weights when
     merge_lora, else the adapter too (transformers loads it on top of its base model via PEFT).
     `state_dict`: the model's whole weights when the live model holds only a shard of them (FSDP,
@@ -41,7 +43,20 @@ def save_model(model, tokenizer, run_dir: Path, merge_lora: bool = True, state_d
     else:
         model.save_pretrained(model_dir, safe_serialization=True, **weights)
     tokenizer.save_pretrained(model_dir)
+    for folder in {model_dir, run_dir / "adapter"} if is_peft(model) else {model_dir}:
+        save_image_processor(model, folder)
     return model_dir
+
+
+def save_image_processor(model, folder: Path) -> None:
+    """Beside a vision-language model's weights, the image processor of the folder it was loaded from
+    (`config._name_or_path`), so that the saved folder loads and processes images as the run did."""
+    if not is_multimodal(model):
+        return
+    from transformers import AutoImageProcessor
+
+    source = (model.get_base_model() if is_peft(model) else model).config._name_or_path
+    AutoImageProcessor.from_pretrained(source).save_pretrained(folder)
 
 
 def is_quantized(model) -> bool:

@@ -36,7 +36,8 @@ class RewardModel(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module, value_head: torch.nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
-        hidden = backbone.config.hidden_size
+        config = backbone.config
+        hidden = getattr(config, "text_config", config).hidden_size  # a vision-language model's language model's
         if value_head is None:
             value_head = torch.nn.Linear(hidden, 1)
             torch.nn.init.normal_(value_head.weight, std=1 / (hidden + 1) ** 0.5)

@@ -62,6 +62,25 @@ def freeze_vision(model) -> int:
     return frozen
 
 
+# Config attributes naming the tokens that stand for images and videos in a vision-language model's input.
+VISION_TOKEN_KEYS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "image_token_index",
+)
+
+
+def vision_token_ids(model) -> list[int]:
+    """The ids of `model`'s image and video placeholder tokens ([] for a text model). Generation never
+    samples them: an answer holding an image token would ask the forward for an image it does not have."""
+    if not is_multimodal(model):
+        return []
+    config = _base(model).config
+    return sorted({int(i) for k in VISION_TOKEN_KEYS if isinstance(i := getattr(config, k, None), int)})
+
+
 def forward_inputs(model, input_ids: torch.Tensor, batch: dict) -> dict:
     """The image inputs `model`'s forward takes for `input_ids` [N, T] and the batch's images: pixel_values
     and image_grid_thw (alignlab.data.vision), and the per-token modality `mm_token_type_ids` [N, T]

@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 import torch
 
 from alignlab.data.tokenize import end_of_turn_ids
-from alignlab.models.vision import forward_inputs
+from alignlab.models.vision import forward_inputs, vision_token_ids
 
 _MASK32 = 0xFFFFFFFF
 
@@ -221,6 +221,7 @@ def generate(
             # Every end token, not the tokenizer's eos alone (which would override the model's list).
             eos_token_id=list(stop_ids) if stop_ids is not None else stop_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=vision_token_ids(model) or None,  # answers are text: no image placeholders
             **forward_inputs(model, prompt_input_ids, images or {}),
         )
     finally:
