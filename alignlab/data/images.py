@@ -73,7 +73,7 @@ def _from_data_uri(uri: str) -> Image.Image:
     if match is None:
         raise ImageError(f"{describe(uri)} is not a data:image/<type>;base64, URI")
     try:
-        data = base64.b64decode(uri[match.end() :], validate=True)
+        data = base64.b64decode("".join(uri[match.end() :].split()), validate=True)  # line breaks are allowed
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"the data URI's base64 text cannot be decoded ({e})") from None
     return _rgb(io.BytesIO(data))
