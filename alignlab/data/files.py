@@ -160,9 +160,11 @@ class FileSource:
         if not rows:
             raise DataError(path, "has no rows")
         out, bad = [], []
+        local = Path(path).expanduser()
+        folder = local.parent if local.exists() else None  # relative image paths are tried here first
         for i, raw in enumerate(rows):
             try:
-                out.append(to_canonical(raw, kind, path, i + 1))
+                out.append(to_canonical(raw, kind, path, i + 1, base_dir=folder))
                 self._origin[id(out[-1])] = (path, i + 1, _prompt_field(raw))
             except DataError as e:
                 if on_bad_row != "skip":

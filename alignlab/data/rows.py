@@ -8,22 +8,35 @@ Canonical form (what every DataModule reads), prompts are always message lists:
 Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation; the
 optional numeric columns (`NUMERIC_COLUMNS`, e.g. `margin`) of a pairwise row become floats, and a
 row without one (missing, null or an empty CSV cell) simply lacks the key (it then counts as 0).
+
+Multimodal rows: every image is the placeholder `<image>` (`IMAGE_PLACEHOLDER`) at its place in a
+prompt message's text, and the row has `images`, one fully loaded PIL RGB image per placeholder in
+order (`alignlab.data.images.load_image`); a pairwise row may have `rejected_images` (as many), the
+images its rejected answer is about. A row without images has neither key. Files give images as
+ms-swift does (`<image>` in the message text plus an `images` column) or as TRL does (content parts
+`{"type": "image"}` / `{"type": "text", "text": …}`, the image inline in the part or taken in order
+from `images`); parts are joined into one text, so both forms give the same row.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import torch
 
+from alignlab.data.images import ImageError, describe, load_image
 from alignlab.errors import DataError
 
 KINDS = ("prompt", "sft", "pairwise", "labelled")
 ROLES = ("system", "user", "assistant", "tool")
 ON_BAD_ROW = ("error", "skip")  # data.on_bad_row: stop at a bad row, or leave it out and count it
 NUMERIC_COLUMNS = ("margin",)  # optional per-row numbers of pairwise rows (a reward-model margin)
+IMAGE_PLACEHOLDER = "<image>"  # where an image sits in a canonical message's text
+IMAGE_COLUMNS = ("images", "rejected_images")
+_FROM_COLUMN = object()  # an image slot filled from the `images` column (not inline in its content part)
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -44,8 +57,9 @@ def _difference(turns: list[dict], expected: list[dict], name: str) -> str:
 class _Row:
     """One raw row plus where it came from, so every complaint names file, row and field."""
 
-    def __init__(self, raw: dict, source: str, index: int):
-        self.raw, self.source, self.index = raw, source, index
+    def __init__(self, raw: dict, source: str, index: int, base_dir: str | os.PathLike | None = None):
+        self.raw, self.source, self.index, self.base_dir = raw, source, index, base_dir
+        self.image_parts = False  # whether any message gave a {"type": "image"} content part
 
     def fail(self, field: str, problem: str) -> DataError:
         return DataError(self.source, problem, row=self.index, field=field)
@@ -68,12 +82,42 @@ class _Row:
                 raise self.fail(field, f"message {i} must be an object with 'role' and 'content'")
             if m["role"] not in ROLES:
                 raise self.fail(field, f"message {i} has role {m['role']!r}; expected one of {ROLES}")
-            if not isinstance(m["content"], str):
-                raise self.fail(field, f"message {i} content must be text, got {type(m['content']).__name__}")
-            if not m["content"].strip() and m["role"] != "system":  # an empty system prompt is a choice
+            content = m["content"]
+            if isinstance(content, list):
+                content = "".join(self.parts(field, i, m["role"], content))
+            elif not isinstance(content, str):
+                raise self.fail(
+                    field, f"message {i} content must be text or a list of content parts, got {type(content).__name__}"
+                )
+            if not content.strip() and m["role"] != "system":  # an empty system prompt is a choice
                 raise self.fail(field, f"message {i} ({m['role']}) is empty; only a system message may be empty")
-            out.append({"role": m["role"], "content": m["content"]})
+            out.append({"role": m["role"], "content": content})
         return out
+
+    def parts(self, field: str, i: int, role: str, parts: list) -> list[str]:
+        """The texts of message i's content parts (TRL's form), each image part as `<image>`.
+
+        An image part in an assistant message is refused: answers are text; images belong in the prompt.
+        """
+        texts = []
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image":
+                if role == "assistant":
+                    raise self.fail(
+                        field, f"message {i} (assistant) has an image part; images belong in prompt messages"
+                    )
+                self.image_parts = True
+                texts.append(IMAGE_PLACEHOLDER)
+            else:
+                raise self.fail(
+                    field,
+                    f"message {i} part {j} must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}, "
+                    f"got {describe(part)}",
+                )
+        return texts
 
     def prompt(self, field: str = "prompt") -> list[dict]:
         value = self.raw.get(field)
@@ -196,12 +240,112 @@ class _Row:
         return {k: self.number(k) for k in given}
 
     def extra(self, used: set[str]) -> dict:
-        return {k: v for k, v in self.raw.items() if k not in used}
+        return {k: v for k, v in self.raw.items() if k not in used and k not in IMAGE_COLUMNS}
+
+    def image_values(self, field: str) -> list:
+        """The values an image column gives: a list, or one value meaning one image; null, an empty
+        list or a blank cell give none; a CSV cell may hold a JSON list."""
+        value = self.raw.get(field)
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            if value.lstrip().startswith("["):
+                try:  # CSV cells carry lists as JSON text
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise self.fail(field, f"text that starts like a list but is not JSON ({e})") from None
+        if value is None:
+            return []
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def image(self, field: str, value: Any, what: str) -> Any:
+        try:
+            return load_image(value, self.base_dir)
+        except ImageError as e:
+            raise self.fail(field, f"{what}: {e}") from None
+
+    def slots(self, source: str, prompt: list[dict]) -> list[tuple[Any, int]]:
+        """Each `<image>` of the prompt messages, in order, as (the image its content part holds
+        inline, or `_FROM_COLUMN`; the message's index). The prompt's messages are the first messages
+        of `source`, whose raw content parts say which images are inline."""
+        raw = self.raw.get(source)
+        if isinstance(raw, str) and source == "messages":
+            raw = json.loads(raw)  # valid: `messages` already read it
+        raw = raw if isinstance(raw, list) else []  # a text prompt has no parts
+        out = []
+        for i, message in enumerate(prompt):
+            content = raw[i]["content"] if i < len(raw) else message["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                if part["type"] == "text":
+                    out += [(_FROM_COLUMN, i)] * part["text"].count(IMAGE_PLACEHOLDER)
+                else:  # inline as `image` (datasets, TRL), `path` or `url` (transformers' chat format)
+                    inline = next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), _FROM_COLUMN)
+                    out.append((inline, i))
+        return out
+
+    def images(self, source: str, prompt: list[dict], answers: dict[str, str], pairwise: bool = False) -> dict:
+        """`images` (and for a pair `rejected_images`) of the canonical row, loaded; {} for a text row.
+
+        A row is a text row (its `<image>` text stays text) without image columns or image parts, or
+        when its columns give no image and its prompt holds no placeholder.
+        """
+        if not (self.image_parts or any(k in self.raw for k in IMAGE_COLUMNS)):
+            return {}
+        slots = self.slots(source, prompt)
+        count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in prompt)
+        column = self.image_values("images")
+        inline = sum(value is not _FROM_COLUMN for value, _ in slots)
+        if column or inline:
+            for field, text in answers.items():
+                if IMAGE_PLACEHOLDER in text:
+                    raise self.fail(field, f"the answer holds {IMAGE_PLACEHOLDER}; images belong in prompt messages")
+        if len(slots) != count or len(column) != len(slots) - inline:
+            given = f"{inline + len(column)} images" + (f" ({inline} inline in content parts)" if inline else "")
+            given += "" if "images" in self.raw else " (it has no `images` column)"
+            raise self.fail(
+                "images" if "images" in self.raw else source,
+                f"the prompt messages hold {count} {IMAGE_PLACEHOLDER} placeholders but the row gives {given}; "
+                f"put one {IMAGE_PLACEHOLDER} (or image part) where each image goes",
+            )
+        rejected = self.image_values("rejected_images") if pairwise else []
+        if len(rejected) not in (0, count):
+            raise self.fail(
+                "rejected_images",
+                f"gives {len(rejected)} images where the prompt holds {count} {IMAGE_PLACEHOLDER} placeholders; "
+                "the rejected answer must be about as many images as the chosen one",
+            )
+        if not count:
+            return {}
+        column_images = iter(enumerate(column))
+        images = []
+        for value, i in slots:
+            if value is _FROM_COLUMN:
+                k, value = next(column_images)
+                images.append(self.image("images", value, f"image {k}"))
+            else:
+                images.append(self.image(source, value, f"the image in message {i}"))
+        out = {"images": images}
+        if rejected:
+            out["rejected_images"] = [self.image("rejected_images", v, f"image {k}") for k, v in enumerate(rejected)]
+        return out
 
 
-def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
-    """Convert one file row to the canonical row of `kind`, or raise DataError naming the field."""
-    row = _Row(raw, source, index)
+def to_canonical(raw: dict, kind: str, source: str, index: int, base_dir: str | os.PathLike | None = None) -> dict:
+    """Convert one file row to the canonical row of `kind` (see the module docstring), images loaded.
+
+    Args:
+        raw: the row as its file gives it.
+        kind: one of `KINDS`.
+        source, index: the file and 1-based row number that errors name.
+        base_dir: the data file's folder, where relative image paths are tried first (then the
+            current directory); None: the current directory only.
+
+    Raises:
+        DataError: naming file, row and field, for a row that cannot be used (images included: a
+            missing or unreadable image, a URL, placeholders that do not match the images).
+    """
+    row = _Row(raw, source, index, base_dir)
     if not isinstance(raw, dict):
         raise DataError(source, f"expected an object per row, got {type(raw).__name__}", row=index)
     conversational = row.has("messages")
@@ -217,20 +361,27 @@ def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
             prompt = row.prompt()
         else:
             raise row.fail("messages", "missing (give `messages` or `prompt`)")
-        return {"prompt": prompt, **row.extra({"messages", "prompt"})}
+        images = row.images("messages" if conversational else "prompt", prompt, {})
+        return {"prompt": prompt, **row.extra({"messages", "prompt"}), **images}
     if kind == "sft":
         if conversational:
+            field = "messages"
             prompt, completion = row.conversation()
         else:
             field = "completion" if row.has("completion") or not row.has("chosen") else "chosen"
             prompt, completion = row.prompt_and_answer(field)
+        images = row.images(_prompt_source(row, field), prompt, {field: completion})
         used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response"}
-        return {"prompt": prompt, "completion": completion, **row.extra(used)}
+        return {"prompt": prompt, "completion": completion, **row.extra(used), **images}
     if kind == "pairwise":
+        field = "messages" if conversational else "chosen"
         prompt, chosen = row.conversation() if conversational else row.prompt_and_answer("chosen")
         rejected = row.rejected(prompt)
         if chosen == rejected:
             raise row.fail("rejected", "identical to the chosen answer, so the pair carries no preference")
+        rejected_field = "rejected_response" if conversational else "rejected"
+        answers = {field: chosen, rejected_field: rejected}
+        images = row.images(_prompt_source(row, field), prompt, answers, pairwise=True)
         used = {"messages", "prompt", "chosen", "rejected", "rejected_response", *NUMERIC_COLUMNS}
         return {
             "prompt": prompt,
@@ -238,16 +389,24 @@ def to_canonical(raw: dict, kind: str, source: str, index: int) -> dict:
             "rejected": rejected,
             **row.extra(used),
             **row.numbers(NUMERIC_COLUMNS),
+            **images,
         }
     if kind == "labelled":
         label = row.label()  # first: a preference pair fails here, with the hint to unpair it
-        if conversational:
-            prompt, completion = row.conversation()
-        else:
-            prompt, completion = row.prompt_and_answer("completion")
+        field = "messages" if conversational else "completion"
+        prompt, completion = row.conversation() if conversational else row.prompt_and_answer("completion")
+        images = row.images(_prompt_source(row, field), prompt, {field: completion})
         used = {"messages", "prompt", "completion", "label"}
-        return {"prompt": prompt, "completion": completion, "label": label, **row.extra(used)}
+        return {"prompt": prompt, "completion": completion, "label": label, **row.extra(used), **images}
     raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+
+
+def _prompt_source(row: _Row, answer_field: str) -> str:
+    """The field the prompt messages come from: `messages`, `prompt`, or the answer field that holds
+    the whole conversation (TRL's implicit prompt)."""
+    if answer_field == "messages" or not row.has("prompt"):
+        return answer_field
+    return "prompt"
 
 
 def mismatch_partners(n: int, seed: int) -> list[int]:
@@ -262,9 +421,12 @@ def mismatch_partners(n: int, seed: int) -> list[int]:
 
 
 def unpair(row: dict) -> list[dict]:
-    """A canonical pairwise row as two labelled rows: chosen desirable, rejected undesirable."""
-    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    """A canonical pairwise row as two labelled rows: chosen desirable, rejected undesirable. Both
+    carry the pair's `images`; the rejected row its `rejected_images` instead when the pair has them."""
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", *IMAGE_COLUMNS)}
+    images = {"images": row["images"]} if "images" in row else {}
+    rejected_images = {"images": row["rejected_images"]} if "rejected_images" in row else images
     return [
-        {"prompt": row["prompt"], "completion": row["chosen"], "label": True, **extra},
-        {"prompt": row["prompt"], "completion": row["rejected"], "label": False, **extra},
+        {"prompt": row["prompt"], "completion": row["chosen"], "label": True, **extra, **images},
+        {"prompt": row["prompt"], "completion": row["rejected"], "label": False, **extra, **rejected_images},
     ]
