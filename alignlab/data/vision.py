@@ -22,10 +22,10 @@ from collections.abc import Sequence
 
 import torch
 
+from alignlab.data.rows import IMAGE_COLUMNS, IMAGE_PLACEHOLDER
 from alignlab.errors import ConfigError
 
-IMAGE_PLACEHOLDER = "<image>"
-IMAGE_COLUMNS = ("images", "rejected_images")
+__all__ = ["IMAGE_COLUMNS", "IMAGE_PLACEHOLDER", "ImageEncoder", "collate_vision", "select_vision", "vision_inputs"]
 PIXEL_KEYS = ("pixel_values",)  # first dimension: pixel rows of all images
 IMAGE_KEYS = ("image_grid_thw",)  # first dimension: images
 VISION_KEYS = (*PIXEL_KEYS, *IMAGE_KEYS, "images_per_row", "image_pixel_rows")
