@@ -84,12 +84,19 @@ def vision_token_ids(model) -> list[int]:
 def forward_inputs(model, input_ids: torch.Tensor, batch: dict) -> dict:
     """The image inputs `model`'s forward takes for `input_ids` [N, T] and the batch's images: pixel_values
     and image_grid_thw (alignlab.data.vision), and the per-token modality `mm_token_type_ids` [N, T]
-    (1 at image tokens) where the forward asks for it (Qwen2-VL's multimodal RoPE); {} without images."""
+    (1 at image tokens) where the forward asks for it (Qwen2-VL's multimodal RoPE); {} without images.
+
+    Raises:
+        ValueError: `input_ids` hold image tokens but the batch has no images (the model would read the
+            placeholders' own embeddings as if they were the image: a batch that lost its pixels).
+    """
     inputs = vision_inputs(batch)
-    if not inputs:
-        return {}
     base = _base(model)
-    image_token = getattr(base.config, "image_token_id", None)
+    image_token = getattr(base.config, "image_token_id", None) if is_multimodal(base) else None
+    if not inputs:
+        if image_token is not None and bool((input_ids == image_token).any()):
+            raise ValueError("image tokens in the batch but no images (pixel_values): images were lost on the way")
+        return {}
     forward = trunk(base).forward
     if image_token is not None and "mm_token_type_ids" in inspect.signature(forward).parameters:
         inputs["mm_token_type_ids"] = (input_ids == image_token).int()
