@@ -9,10 +9,11 @@ token per 28×28 cell, so a tiny vision-language model sees each cell as one tok
 - `colour`: "What colour is the circle?" (only asked when the image holds exactly one circle) → a colour word;
 - `colour_count`: "How many red shapes are there?" (only asked when at least one is there) → a digit 1-4.
 
-Every answer is drawn uniformly from its type's answers, then a scene is built to fit it. Scenes are
-generated deterministically from a seed; the held-out scenes are distinct from each other and never
-appear in training (two scenes are the same when every cell holds the same shape and colour, whatever
-the sizes), so held-out exact match measures images the model has not seen. Rows are alignlab's
+Each type's answers are equally common: an answer is dealt from a shuffled deck of them, then a random
+scene that has it is drawn. Everything, pixels included, follows from a seed; the held-out scenes are
+distinct from each other and never appear in training (two scenes are the same when every cell holds
+the same shape and colour, whatever the sizes), so held-out exact match measures images the model has
+not seen. Rows are alignlab's
 canonical multimodal rows: the user message is `<image>` followed by the question, `images` holds the
 one PIL image, and `solution` the right answer in every data kind.
 """
@@ -117,8 +118,8 @@ class ShapesTask:
         desirable_fraction: share of desirable labelled rows (as ArithTask).
 
     Raises:
-        ValueError: on a setting outside those ranges, or when n_eval (or n_train) asks for more
-            distinct scenes than the question types allow.
+        ValueError: on a setting outside those ranges, or when n_eval is so large that the distinct
+            held-out scenes use up every scene for some answer (e.g. the 48 with a single shape).
     """
 
     name = "shapes"
