@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from alignlab.data.rows import IMAGE_PLACEHOLDER
 from alignlab.data.shapes import ShapesTask
+from alignlab.data.vision import IMAGE_PLACEHOLDER
 
 SCALE = 3  # nearest-neighbour enlargement, so the pixels stay as the model sees them
 CAPTION = 36  # pixels under each image for its question and answer

@@ -24,7 +24,6 @@ KINDS = ("prompt", "sft", "pairwise", "labelled")
 ROLES = ("system", "user", "assistant", "tool")
 ON_BAD_ROW = ("error", "skip")  # data.on_bad_row: stop at a bad row, or leave it out and count it
 NUMERIC_COLUMNS = ("margin",)  # optional per-row numbers of pairwise rows (a reward-model margin)
-IMAGE_PLACEHOLDER = "<image>"  # where an image sits in a message's text; the row's `images` hold one per placeholder
 
 
 def _short(text: str, limit: int = 40) -> str:

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignlab.data.rows import IMAGE_PLACEHOLDER, KINDS
+from alignlab.data.rows import KINDS
 from alignlab.data.shapes import ANSWERS, BACKGROUND, COLOURS, QUESTIONS, Shape, ShapesTask, draw
+from alignlab.data.vision import IMAGE_PLACEHOLDER
 
 SMALL = {"seed": 3, "n_train": 120, "n_eval": 30}
 KEYS = {
