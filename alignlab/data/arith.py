@@ -13,6 +13,21 @@ from collections.abc import Sequence
 from alignlab.data.rows import KINDS
 
 
+def task_row(kind: str, prompt: list[dict], right: str, wrong: str, index: int, desirable_fraction: float) -> dict:
+    """The canonical row of `kind` for a generated question with a known answer (`solution` = `right`):
+    pairwise rows prefer `right` to `wrong`; labelled row `index` of a split answers `right` (desirable)
+    or `wrong` so that any prefix of the split holds (almost exactly) `desirable_fraction` desirable rows."""
+    if kind == "prompt":
+        return {"prompt": prompt, "solution": right}
+    if kind == "sft":
+        return {"prompt": prompt, "completion": right, "solution": right}
+    if kind == "pairwise":
+        return {"prompt": prompt, "chosen": right, "rejected": wrong, "solution": right}
+    # labelled: row i is desirable when the running share of desirable rows is below the target
+    desirable = int((index + 1) * desirable_fraction) > int(index * desirable_fraction)
+    return {"prompt": prompt, "completion": right if desirable else wrong, "label": desirable, "solution": right}
+
+
 class ArithTask:
     """`a+b=` → `a+b` for 0 ≤ a, b ≤ max_operand; rejected/undesirable answers are wrong sums."""
 
@@ -55,19 +70,8 @@ class ArithTask:
         return right + offset
 
     def _row(self, a: int, b: int, kind: str, rng: random.Random, index: int) -> dict:
-        right = str(a + b)
         prompt = [{"role": "user", "content": f"{a}+{b}="}]
-        wrong = str(self._wrong(rng, a + b))
-        if kind == "prompt":
-            return {"prompt": prompt, "solution": right}
-        if kind == "sft":
-            return {"prompt": prompt, "completion": right, "solution": right}
-        if kind == "pairwise":
-            return {"prompt": prompt, "chosen": right, "rejected": wrong, "solution": right}
-        # labelled: row i is desirable when the running share of desirable rows is below the target,
-        # so any prefix of the split holds (almost exactly) desirable_fraction desirable rows.
-        desirable = int((index + 1) * self.desirable_fraction) > int(index * self.desirable_fraction)
-        return {"prompt": prompt, "completion": right if desirable else wrong, "label": desirable, "solution": right}
+        return task_row(kind, prompt, str(a + b), str(self._wrong(rng, a + b)), index, self.desirable_fraction)
 
     def load(self, kind: str, on_bad_row: str = "error") -> dict[str, list[dict]]:
         """Rows of `kind` for the `train` and `eval` splits, in alignlab's canonical form (generated
