@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from alignlab.data.arith import task_row
-from alignlab.data.rows import KINDS
-from alignlab.data.vision import IMAGE_PLACEHOLDER
+from alignlab.data.rows import IMAGE_PLACEHOLDER, KINDS
 
 SHAPES = ("square", "circle", "triangle")
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
