@@ -7,6 +7,9 @@ left out) in JSONL, JSON, CSV or Parquet; each output row is its input row plus 
 go through the model's chat template exactly as in training (alignlab.data.tokenize), answers are
 greedy (the default) or sampled at `--temperature`, and each ends where the template's end of turn or
 any eos id of the model's generation config stands (alignlab.online.generation.stop_token_ids).
+Rows with images (an `images` column and `<image>` placeholders, or image content parts, as in training
+data: docs/data.md) are answered by a vision-language model with its image processor; relative image
+paths start from the input file's folder.
 """
 
 from __future__ import annotations
@@ -99,21 +102,33 @@ def complete(
     temperature: float = 0.0,
     seed: int = 0,
     system_prompt: str = "keep",
+    images: Sequence[list | None] | None = None,
+    image_encoder=None,
 ) -> list[str]:
     """One answer per prompt (a list of messages), in order (see `answer_batch`).
 
     Prompts are encoded as training encodes them (alignlab.data.tokenize.encode_prompts) and answered
     `batch_size` at a time, shortest first so that batches pad little. A sampled answer depends on the
-    seed and the prompt's position in `prompts` alone, not on the batch it lands in.
+    seed and the prompt's position in `prompts` alone, not on the batch it lands in. `images[i]`: the
+    PIL images of prompt i's `<image>` placeholders (None: a text prompt), processed by `image_encoder`
+    (alignlab.data.vision.ImageEncoder, the vision-language model's; alignlab.models.vision.load_image_encoder).
 
     Raises:
         TemplateRefusal: the chat template refuses prompt `index` (e.g. a system role it lacks).
+        ConfigError: prompts with images for a model without an image processor (a text model).
     """
     from alignlab.data.collate import collate_prompts
     from alignlab.data.tokenize import encode_prompts
+    from alignlab.data.vision import collate_vision
+    from alignlab.errors import ConfigError
     from alignlab.online.generation import sample_keys
 
-    encoded = encode_prompts(tokenizer, prompts, system_prompt)
+    vision = [None] * len(prompts)
+    if images is not None and any(images):
+        if image_encoder is None:
+            raise ConfigError("the prompts have images, but the model has no image processor (a text model)")
+        vision = [image_encoder.encode(i) if i else None for i in images]
+    encoded = encode_prompts(tokenizer, prompts, system_prompt, [v[1] if v else None for v in vision])
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(encoded)
@@ -122,7 +137,11 @@ def complete(
         batch = collate_prompts([encoded[i] for i in rows], tokenizer.pad_token_id)
         keys = sample_keys(seed, 0, torch.tensor(rows)) if temperature > 0 else None
         ids, mask = batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device)
-        for i, text in zip(rows, answer_batch(model, tokenizer, ids, mask, max_new_tokens, temperature, keys)):
+        pixels = {
+            k: v.to(device) for k, v in collate_vision([vision[i][0] if vision[i] else None for i in rows]).items()
+        }
+        answers = answer_batch(model, tokenizer, ids, mask, max_new_tokens, temperature, keys, pixels)
+        for i, text in zip(rows, answers):
             texts[i] = text
     return texts
 
@@ -166,13 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw = read_rows(args.input)
         if not raw:
             raise DataError(args.input, "has no rows")
-        prompts = [to_canonical(r, "prompt", args.input, i + 1)["prompt"] for i, r in enumerate(raw)]
+        folder = Path(args.input).parent  # relative image paths start there
+        canonical = [to_canonical(r, "prompt", args.input, i + 1, base_dir=folder) for i, r in enumerate(raw)]
+        prompts = [row["prompt"] for row in canonical]
         model_cfg = None
         if args.dtype:
             from alignlab.runner.config import compose
 
             model_cfg = compose([f"model.dtype={args.dtype}"]).model
         model, tokenizer = load_policy(args.model, args.device, model_cfg)
+        from alignlab.models.vision import load_image_encoder
+
         try:
             texts = complete(
                 model,
@@ -183,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.temperature,
                 args.seed,
                 args.system_prompt,
+                images=[row.get("images") for row in canonical],
+                image_encoder=load_image_encoder(model, tokenizer, args.model),
             )
         except TemplateRefusal as e:
             field = "messages" if raw[e.index].get("messages") is not None else "prompt"

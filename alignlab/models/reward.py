@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from alignlab.data.collate import collate_answers
 from alignlab.data.tokenize import encode_conversations, fit_answer
-from alignlab.models.vision import forward_inputs, trunk
+from alignlab.models.vision import forward_inputs, is_multimodal, trunk
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # what older tools (TRL's AutoModelForCausalLMWithValueHead) write
@@ -116,6 +116,11 @@ class RewardScorer:
         self.device, self.batch_size, self.max_length = torch.device(device), batch_size, max_length
         self.tokenizer = tokenizer_from_pretrained(folder)
         self.model = RewardModel.from_pretrained(folder, dtype=dtype).to(self.device).eval()
+        if is_multimodal(self.model.backbone):  # its prompts are text: it would score without the images
+            raise ValueError(
+                f"{folder} is a vision-language reward model; scoring answers with it (win rates, a reward model "
+                "as a GRPO reward) does not pass images yet"
+            )
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str | list[dict]], answers: Sequence[str]) -> list[float]:

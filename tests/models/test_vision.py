@@ -262,3 +262,28 @@ def test_vision_tower_frozen_and_lora_on_the_language_model_only():
     assert any(".language_model." in n for n in adapted)
     trained = loaded("model.freeze_vision=false")
     assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_generate_cli_answers_prompts_with_images(vl, tmp_path, tiny_model_dir):
+    """`python -m alignlab.generate` reads image rows (paths relative to the input file) and answers them
+    as `complete` does with the images themselves; a text model refuses them naming the cause."""
+    import json
+
+    from alignlab.generate import complete, main
+
+    model, tokenizer, images, path = vl
+    pictures = [picture(i) for i in range(3)]
+    for i, image in enumerate(pictures):
+        image.save(tmp_path / f"p{i}.png")
+    question = "<image>What colour is the square?"
+    lines = [{"messages": [{"role": "user", "content": question}], "images": [f"p{i}.png"]} for i in range(3)]
+    lines.append({"prompt": "no picture"})
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["--model", str(path), "--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 0
+    written = [json.loads(line)["completion"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    prompts = [[{"role": "user", "content": question}]] * 3 + [[{"role": "user", "content": "no picture"}]]
+    direct = complete(model.eval(), tokenizer, prompts, images=[[p] for p in pictures] + [None], image_encoder=images)
+    assert written == direct and len(written) == 4
+    code = main(["--model", str(tiny_model_dir), "--input", str(source), "--output", str(tmp_path / "text.jsonl")])
+    assert code == 1 and not (tmp_path / "text.jsonl").exists()
