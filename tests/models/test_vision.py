@@ -287,3 +287,18 @@ def test_generate_cli_answers_prompts_with_images(vl, tmp_path, tiny_model_dir):
     assert written == direct and len(written) == 4
     code = main(["--model", str(tiny_model_dir), "--input", str(source), "--output", str(tmp_path / "text.jsonl")])
     assert code == 1 and not (tmp_path / "text.jsonl").exists()
+
+
+def test_reward_scorer_refuses_a_vision_language_reward_model(vl, tmp_path):
+    """RewardScorer scores text prompts: with a vision-language reward model it would leave the images
+    out, so it says so instead of scoring."""
+    from alignlab.models.reward import RewardScorer
+
+    model, tokenizer, _, _ = vl
+    reward = RewardModel(copy.deepcopy(model))
+    reward.backbone.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reward.save_value_head(tmp_path)
+    assert is_multimodal(RewardModel.from_pretrained(tmp_path).backbone)  # the folder loads as saved
+    with pytest.raises(ValueError, match="vision-language reward model"):
+        RewardScorer(tmp_path)
