@@ -302,3 +302,19 @@ def test_reward_scorer_refuses_a_vision_language_reward_model(vl, tmp_path):
     assert is_multimodal(RewardModel.from_pretrained(tmp_path).backbone)  # the folder loads as saved
     with pytest.raises(ValueError, match="vision-language reward model"):
         RewardScorer(tmp_path)
+
+
+def test_ppo_refuses_rows_with_images_before_writing(vl, tmp_path):
+    from alignlab.train import train
+
+    model, tokenizer, _, _ = vl
+    reward = RewardModel(copy.deepcopy(model))
+    reward.backbone.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    reward.save_value_head(tmp_path / "rm")
+    run = tmp_path / "run"
+    overrides = ["model=tiny_vl", "algorithm=ppo", f"algorithm.reward_model={tmp_path / 'rm'}", "data=shapes_prompts"]
+    small = ["data.source.n_train=8", "data.source.n_eval=4", "logger=none"]
+    with pytest.raises(ConfigError, match="algorithm=ppo does not train on rows with images"):
+        train(compose([*overrides, *small], run))
+    assert not (run / "config.yaml").exists()
