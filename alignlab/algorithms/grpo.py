@@ -8,32 +8,48 @@ evaluation and sample tables: alignlab.algorithms.online.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.algorithms.online import OnlineModule
 from alignlab.data.collate import select_rows
+from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
-from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
+from alignlab.losses.grpo import (
+    ADVANTAGE_ESTIMATORS,
+    GRPO_LOSS_TYPES,
+    SCALE_REWARDS,
+    estimate_advantages,
+    grpo_loss,
+    kl_reward_penalty,
+)
 from alignlab.online.generation import answer_texts
 from alignlab.online.rewards import build_reward_function, call_reward_function
-from alignlab.online.rollout import token_logprobs
+from alignlab.online.rollout import pack, token_logprobs
 from alignlab.runner.checks import Checks
 
 
 class GRPO(OnlineModule):
     rollout_counter = "generation_batches"
-    counters = ("generation_batches",)
+    counters = ("generation_batches", "optimizer_steps")
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
-        self.rewards = [build_reward_function(spec) for spec in self.reward_funcs]
+        self.rewards = [self.bind_soft_overlong(build_reward_function(spec)) for spec in self.reward_funcs]
         self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
         self.generation_batches = 0
+        self.optimizer_steps = 0  # counts steps for sync_ref_model
 
     @property
     def uses_reference(self) -> bool:
         return self.beta != 0.0  # with beta 0 no reference model is loaded
+
+    @property
+    def loss_beta(self) -> float:
+        """β of the KL term in the loss: 0 when the KL is a reward penalty instead (kl_in_reward)."""
+        return 0.0 if self.kl_in_reward else self.beta
 
     @property
     def steps_per_rollout(self) -> int:
@@ -45,7 +61,7 @@ class GRPO(OnlineModule):
         super().check_config(algorithm)
         checks = Checks(algorithm, "algorithm").at_least(2, "num_generations").positive("epsilon")
         checks.non_negative("beta").at_least(1, "num_iterations", "max_completion_length", "generation_chunk_size")
-        checks.one_of("loss_type", GRPO_LOSS_TYPES).one_of("scale_rewards", SCALE_REWARDS)
+        checks.one_of("loss_type", GRPO_LOSS_TYPES)
         if algorithm.epsilon_high is not None:
             checks.positive("epsilon_high")
         funcs = OmegaConf.to_container(algorithm.reward_funcs)
@@ -58,6 +74,28 @@ class GRPO(OnlineModule):
             )
         for spec in funcs:  # unknown names and unimportable targets fail here, before any model loads
             build_reward_function(spec)
+        cls.check_issue20_keys(algorithm, checks, funcs)
+
+    @staticmethod
+    def check_issue20_keys(algorithm: DictConfig, checks: Checks, funcs: list) -> None:
+        """Advantage estimators, KL in the reward, dynamic sampling, soft overlong and reference syncs."""
+        if algorithm.scale_rewards is not None:
+            checks.one_of("scale_rewards", SCALE_REWARDS)
+        checks.one_of("advantage_estimator", ADVANTAGE_ESTIMATORS).at_least(0, "max_resample_times")
+        checks.at_least(1, "ref_model_sync_steps").within("ref_model_mixup_alpha", 0.0, 1.0)
+        for key in ("kl_in_reward", "sync_ref_model"):
+            if algorithm[key] and algorithm.beta == 0:
+                raise ConfigError(
+                    f"algorithm.{key}=true needs a reference model, and algorithm.beta=0 loads none: "
+                    f"set algorithm.beta > 0 or algorithm.{key}=false"
+                )
+        if "soft_overlong" in funcs:
+            if algorithm.soft_cache_length is None:
+                raise ConfigError("the soft_overlong reward needs algorithm.soft_cache_length (and soft_max_length)")
+            if algorithm.soft_max_length is not None:
+                checks.at_least(1, "soft_max_length")
+            longest = algorithm.soft_max_length or algorithm.max_completion_length
+            checks.within("soft_cache_length", 1, longest)
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
@@ -69,14 +107,25 @@ class GRPO(OnlineModule):
                 f"{cfg.algorithm.num_generations} = {completions} completions, which algorithm.micro_batch_size "
                 f"({micro}) must divide"
             )
+        lora = OmegaConf.select(cfg, "model.lora.enabled", default=False)
+        if cfg.algorithm.sync_ref_model and lora:
+            raise ConfigError(
+                "algorithm.sync_ref_model=true with model.lora.enabled=true: with LoRA the reference is the policy "
+                "with its adapter disabled, whose base weights never move, so it cannot follow the policy; "
+                "train without LoRA or set algorithm.sync_ref_model=false"
+            )
 
     # -- generation and rewards -----------------------------------------------------------------
-    def rewards_of(self, batch: dict, texts: list[str], g: int | None = None) -> tuple[torch.Tensor, dict]:
+    def rewards_of(
+        self, batch: dict, texts: list[str], g: int | None = None, completion_ids: list | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Weighted sum of every reward function: [N], plus per-function values for metrics. `texts`:
-        `g` answers to each of the batch's prompts in consecutive rows (default num_generations)."""
+        `g` answers to each of the batch's prompts in consecutive rows (default num_generations);
+        `completion_ids`: their token ids, passed on as TRL does (e.g. for soft_overlong)."""
         g = self.num_generations if g is None else g
         prompts = [p for p in batch["prompt_messages"] for _ in range(g)]  # message lists, as the data gave them
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
+        columns |= {} if completion_ids is None else {"completion_ids": completion_ids}
         per_fn, total = {}, torch.zeros(len(texts), device=self.device)
         for (name, fn), weight in zip(self.rewards, self.weights):
             values = torch.tensor(call_reward_function(name, fn, prompts, texts, columns), device=self.device)
@@ -87,24 +136,35 @@ class GRPO(OnlineModule):
     @torch.no_grad()
     def generate_batch(self, batch: dict) -> dict:
         g = self.num_generations
-        samples = self.sample_answers(batch, self.max_completion_length, self.generation_chunk_size, g)
-        texts = answer_texts(self.tokenizer, samples.responses, samples.has_eos)
-        rewards, per_fn = self.rewards_of(batch, texts)
-        advantages = group_advantages(rewards, g, self.scale_rewards, batch_rewards=self.gather_across_devices(rewards))
+        samples, texts, rewards, per_fn = self.sample_and_score(batch)
+        first_zero_std = (rewards.view(-1, g).std(1) < 1e-6).float().mean()  # of the first sample, as DAPO reports it
+        extra = {}
+        if self.dynamic_sample:
+            samples, texts, rewards, per_fn, resamples = self.dynamic_sampling(batch, samples, texts, rewards, per_fn)
+            extra["num_resamples"] = torch.tensor(float(resamples), device=self.device)
         mask = samples.mask
         if self.mask_truncated_completions:  # answers cut at the length limit teach nothing
             mask = mask * samples.has_eos.unsqueeze(1).float()
         length = mask.shape[1]
         old = ref = None
-        if self.num_iterations > 1:  # later iterations need the log-probs at generation time
+        if self.num_iterations > 1 or self.kl_in_reward:  # later iterations (and k1) need the generation's log-probs
             old = token_logprobs(self.model, samples.seqs, samples.starts, length, self.temperature)
         if self.reference is not None:
             ref = token_logprobs(self.reference, samples.seqs, samples.starts, length, self.temperature)
+        returns = rewards
+        if self.kl_in_reward:  # each token's reward −β·k1, summed into the completion's return
+            penalty, extra["kl"] = kl_reward_penalty(old * mask, ref * mask, mask, self.beta)
+            returns = rewards - penalty
+            old = old if self.num_iterations > 1 else None  # one iteration: the update's ratio is exactly 1
+        advantages = estimate_advantages(
+            returns, g, self.advantage_estimator, self.scale_rewards, batch_rewards=self.gather_across_devices(returns)
+        )
         grouped_std = rewards.view(-1, g).std(1)
         stats = {
             "reward": rewards.mean(),
             "reward_std": grouped_std.mean(),
-            "frac_reward_zero_std": (grouped_std < 1e-6).float().mean(),
+            "frac_reward_zero_std": first_zero_std,
+            **extra,
             "completions/mean_length": samples.mask.sum(1).mean(),
             "completions/clipped_ratio": 1 - samples.has_eos.float().mean(),
         }
@@ -121,6 +181,107 @@ class GRPO(OnlineModule):
             "stats": stats,
             "texts": texts,
         }
+
+    def sample_and_score(self, batch: dict) -> tuple:
+        """num_generations answers to each of the batch's prompts and their rewards: (Samples, texts,
+        weighted rewards [N], per-function rewards {name: [N]})."""
+        g = self.num_generations
+        samples = self.sample_answers(batch, self.max_completion_length, self.generation_chunk_size, g)
+        texts = answer_texts(self.tokenizer, samples.responses, samples.has_eos)
+        rewards, per_fn = self.rewards_of(batch, texts, completion_ids=samples.responses)
+        return samples, texts, rewards, per_fn
+
+    # -- DAPO dynamic sampling ------------------------------------------------------------------
+    def dynamic_sampling(self, batch: dict, samples, texts: list[str], rewards: torch.Tensor, per_fn: dict) -> tuple:
+        """DAPO's dynamic sampling (Yu et al., 2025, §3.2), with ms-swift's `dynamic_sample` and
+        `max_resample_times`: a group whose G rewards are all equal (std < 1e-6) gives no gradient under a
+        group baseline, so up to max_resample_times more rounds of batch_size freshly drawn training prompts
+        (`draw_prompts`) are sampled and scored while groups with signal are short; the batch is then the
+        first batch_size groups with signal, in the order found, and, if still short after the last round,
+        the first sample's zero-variance groups fill it, so it always keeps batch_size groups. ms-swift
+        instead falls back to the whole first sample when short; this keeps what the rounds found. Under
+        DDP every process runs as many rounds (while any is short) and fills its own share.
+
+        Returns (Samples, texts, rewards [N], per-function rewards, rounds run); the inputs unchanged when
+        every group of the first sample has signal. Raises ValueError for prompts with images."""
+        g, size = self.num_generations, len(batch["index"])
+        if any(k in batch for k in VISION_KEYS):
+            raise ValueError("dynamic_sample does not yet handle prompts with images")
+        pieces = [(samples, texts, rewards, per_fn)]
+        exclude = set(self.gather_across_devices(batch["index"].to(self.device)).tolist())
+        rounds = 0
+        while True:
+            kept = sum(int((piece[2].view(-1, g).std(1) >= 1e-6).sum()) for piece in pieces)
+            short = self.gather_across_devices(torch.tensor([size - kept], device=self.device)).max().item()
+            if short <= 0 or rounds >= self.max_resample_times:
+                break
+            more = self.draw_prompts(size, rounds, exclude)
+            if more is None:  # the training rows ran out
+                break
+            exclude |= set(self.gather_across_devices(more["index"].to(self.device)).tolist())
+            pieces.append(self.sample_and_score(more))
+            rounds += 1
+        if len(pieces) == 1 and kept == size:
+            return samples, texts, rewards, per_fn, rounds
+        signal = [piece[2].view(-1, g).std(1) >= 1e-6 for piece in pieces]
+        chosen = [(p, i) for p, has in enumerate(signal) for i in range(size) if has[i]][:size]
+        flat = [(0, i) for i in range(size) if (0, i) not in chosen]
+        chosen += flat[: size - len(chosen)]  # the first sample's zero-variance groups, when nothing better was found
+        rows = [(p, i * g + j) for p, i in chosen for j in range(g)]
+        pick = lambda k: [getattr(pieces[p][0], k)[r] for p, r in rows]  # noqa: E731
+        packed = pack(
+            pick("prompts"), pick("responses"), torch.stack(pick("has_eos")), self.tokenizer.pad_token_id, self.device
+        )
+        texts = [pieces[p][1][r] for p, r in rows]
+        rewards = torch.stack([pieces[p][2][r] for p, r in rows])
+        per_fn = {name: torch.stack([pieces[p][3][name][r] for p, r in rows]) for name in per_fn}
+        return packed, texts, rewards, per_fn, rounds
+
+    def draw_prompts(self, count: int, round_: int, exclude: set[int]) -> dict | None:
+        """`count` more training prompts for this process, as a training batch on this device: a seeded draw
+        keyed on (seed, rollouts so far, `round_`) of rows not in `exclude` (the step's rows so far, so no
+        prompt's sampling keys repeat within a step), the same on every process, which takes its own slice
+        of count × world rows. None when fewer rows are left."""
+        datamodule = self.trainer.datamodule
+        rows = datamodule.splits["train"]
+        world, rank = self.trainer.world_size, self.global_rank
+        seed = hash((torch.initial_seed(), getattr(self, self.rollout_counter), round_)) & (2**63 - 1)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        free = [i for i in order if rows[i]["index"] not in exclude][: count * world]
+        if len(free) < count * world:
+            return None
+        drawn = datamodule.collate([rows[i] for i in free[rank * count : (rank + 1) * count]], with_prompts=True)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in drawn.items()}
+
+    # -- reward functions with options from this config ----------------------------------------
+    def bind_soft_overlong(self, named: tuple) -> tuple:
+        """The registry's `soft_overlong` with algorithm.soft_max_length (null: max_completion_length) and
+        algorithm.soft_cache_length bound, as ms-swift configures it; any other function unchanged."""
+        name, fn = named
+        if name != "soft_overlong":
+            return named
+        longest = self.max_completion_length if self.soft_max_length is None else self.soft_max_length
+        return name, functools.partial(fn, soft_max_length=longest, soft_cache_length=self.soft_cache_length)
+
+    # -- the reference follows the policy (sync_ref_model) ------------------------------------------
+    def optimizer_step_manually(self, optimizer, scheduler=None) -> None:
+        """One optimizer step, then, every ref_model_sync_steps steps with sync_ref_model, the reference
+        becomes α·policy + (1 − α)·reference (TR-DPO, Gorbatovski et al., 2024; TRL's SyncRefModelCallback)."""
+        super().optimizer_step_manually(optimizer, scheduler)
+        self.optimizer_steps += 1
+        if self.sync_ref_model and self.optimizer_steps % self.ref_model_sync_steps == 0:
+            self.reference.mix_in(self.model, self.ref_model_mixup_alpha)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.sync_ref_model:  # the reference has moved: a resumed run must continue from it
+            checkpoint["alignlab"]["reference"] = self.reference.copy.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("alignlab", {}).get("reference")
+        if state is not None and self.reference is not None and self.reference.copy is not None:
+            self.reference.copy.load_state_dict(state)
 
     # -- update ---------------------------------------------------------------------------------
     def grpo_update(self, gen: dict, optimizer, scheduler=None) -> dict:
@@ -155,7 +316,7 @@ class GRPO(OnlineModule):
                     mask,
                     self.epsilon,
                     self.epsilon_high,
-                    self.beta,
+                    self.loss_beta,
                     ref,
                     self.loss_type,
                     self.max_completion_length,
@@ -174,7 +335,7 @@ class GRPO(OnlineModule):
                     sums["kl"] = sums["kl"] + out.kl.detach() * n_tokens
             self.optimizer_step_manually(optimizer, scheduler)
         total = self.mean_across_devices(counted).clamp(min=1)  # means of both sides: their ratio is the sums'
-        out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.beta != 0.0}
+        out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.loss_beta != 0.0}
         out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
         out["loss"] = self.mean_across_devices(applied) / self.num_iterations  # the steps' losses, averaged
         return out

@@ -44,12 +44,39 @@ class ReferenceModel:
         return self
 
     @torch.no_grad()
+    def mix_in(self, policy: torch.nn.Module, alpha: float) -> None:
+        """TR-DPO's soft update (Gorbatovski et al., 2024; TRL's `sync_ref_model`): every reference weight
+        becomes α·θ_policy + (1 − α)·θ_ref, in place (`mixup`), matched by name.
+
+        Raises:
+            ValueError: the reference is the policy with its LoRA adapter disabled (no weights of its own to
+                move), or the two models' weights do not match by name and shape.
+        """
+        if self.copy is None:
+            raise ValueError(
+                "sync_ref_model needs a reference copy: with LoRA the reference is the policy with its adapter "
+                "disabled, whose base weights never move"
+            )
+        ref, new = dict(self.copy.named_parameters()), dict(policy.named_parameters())
+        if ref.keys() != new.keys() or any(ref[k].shape != new[k].shape for k in ref):
+            raise ValueError("sync_ref_model: the reference's weights do not match the policy's by name and shape")
+        for name, weight in ref.items():
+            mixup(weight, new[name], alpha)
+
+    @torch.no_grad()
     def answer_logprobs(self, batch: dict, temperature: float = 1.0) -> AnswerLogps:
         if self.copy is not None:
             return answer_logprobs(self.copy, batch, temperature)
         # The policy trains in training mode: its starting self is read without dropout, like a copy.
         with self.policy.disable_adapter(), evaluating(self.policy):
             return answer_logprobs(self.policy, batch, temperature)
+
+
+@torch.no_grad()
+def mixup(reference: torch.Tensor, policy: torch.Tensor, alpha: float) -> torch.Tensor:
+    """reference ← α·policy + (1 − α)·reference, in place (TR-DPO, Gorbatovski et al., 2024, eq. 5; TRL's
+    `SyncRefModelCallback._sync_target_model`); returns `reference`. `policy` is cast to its dtype/device."""
+    return reference.mul_(1.0 - alpha).add_(policy.to(reference), alpha=alpha)
 
 
 class Frozen:

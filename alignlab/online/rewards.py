@@ -3,19 +3,24 @@ given by dotted path.
 
 A reward function is called as `fn(prompts, completions, **columns)`: prompts are message lists,
 completions are the decoded answers, and every extra column of the data rows (e.g. `solution`)
-arrives as a keyword argument holding one value per completion. It returns one float per completion.
+arrives as a keyword argument holding one value per completion; so do `completion_ids`, each completion's
+token ids (as TRL passes them), to a function that takes that keyword or **kwargs. It returns one float
+per completion.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 
 from alignlab.errors import AlignlabError, ConfigError
+from alignlab.losses.grpo import soft_overlong_penalty
 from alignlab.online.generation import matches_solution
 
 
@@ -42,7 +47,42 @@ def length_reward(prompts: Sequence, completions: Sequence[str], target: int = 2
     return [max(0.0, 1 - abs(len(c) - target) / target) for c in completions]
 
 
-REGISTRY: dict[str, Callable] = {"accuracy": accuracy, "format": format_reward, "length": length_reward}
+def soft_overlong(
+    prompts: Sequence,
+    completions: Sequence[str],
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    soft_max_length: int | None = None,
+    soft_cache_length: int | None = None,
+    **columns,
+) -> list[float]:
+    """DAPO's overlong reward shaping (Yu et al., 2025; ms-swift's `soft_overlong`): 0 up to
+    soft_max_length − soft_cache_length completion tokens, then linearly down to −1 at soft_max_length,
+    −1 beyond (alignlab.losses.grpo.soft_overlong_penalty). Lengths are counted in `completion_ids`, the
+    completions' token ids as TRL passes them (through the stop token); GRPO binds the two lengths from
+    `algorithm.soft_max_length` and `algorithm.soft_cache_length`."""
+    if completion_ids is None:
+        raise ValueError("soft_overlong needs `completion_ids`, the completions' token ids")
+    if soft_max_length is None or soft_cache_length is None:
+        raise ValueError("soft_overlong needs soft_max_length and soft_cache_length")
+    lengths = torch.tensor([len(ids) for ids in completion_ids], dtype=torch.float64)
+    return soft_overlong_penalty(lengths, soft_max_length, soft_cache_length).tolist()
+
+
+REGISTRY: dict[str, Callable] = {
+    "accuracy": accuracy,
+    "format": format_reward,
+    "length": length_reward,
+    "soft_overlong": soft_overlong,
+}
+
+
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes a keyword argument `name` (named, or through **kwargs)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass it, as TRL does
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def build_reward_function(spec: Any) -> tuple[str, Callable]:
@@ -86,6 +126,8 @@ def call_reward_function(name: str, fn: Callable, prompts: list, completions: li
     Raises:
         RewardFunctionError: before any value reaches an advantage or a loss.
     """
+    if "completion_ids" in columns and not accepts_keyword(fn, "completion_ids"):  # functions written before it
+        columns = {k: v for k, v in columns.items() if k != "completion_ids"}
     try:
         values = fn(prompts, completions, **columns)
     except Exception as e:
