@@ -25,7 +25,7 @@ from alignlab.losses.grpo import (
     grpo_loss,
     kl_reward_penalty,
 )
-from alignlab.online.generation import answer_texts
+from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
 from alignlab.online.rewards import build_reward_function, call_reward_function
 from alignlab.online.rollout import pack, token_logprobs
 from alignlab.runner.checks import Checks
@@ -224,7 +224,7 @@ class GRPO(OnlineModule):
         if len(pieces) == 1 and kept == size:
             return samples, texts, rewards, per_fn, rounds
         signal = [piece[2].view(-1, g).std(1) >= 1e-6 for piece in pieces]
-        chosen = [(p, i) for p, has in enumerate(signal) for i in range(size) if has[i]][:size]
+        chosen = [(p, i) for p, has in enumerate(signal) for i in range(len(has)) if has[i]][:size]
         flat = [(0, i) for i in range(size) if (0, i) not in chosen]
         chosen += flat[: size - len(chosen)]  # the first sample's zero-variance groups, when nothing better was found
         rows = [(p, i * g + j) for p, i in chosen for j in range(g)]
@@ -349,5 +349,6 @@ class GRPO(OnlineModule):
     eval_metric = "reward"
 
     def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """[B] the weighted reward of each greedy answer."""
-        return self.rewards_of(batch, texts, g=1)[0]
+        """[B] the weighted reward of each greedy answer (its token ids, cut at the first stop token, passed on)."""
+        answers, _ = cut_at_stop(tokens, stop_token_ids(self.model, self.tokenizer))
+        return self.rewards_of(batch, texts, g=1, completion_ids=answers)[0]
