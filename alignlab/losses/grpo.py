@@ -60,17 +60,10 @@ def rloo_advantages(
     when `rewards` is one process's share). TRL's RLOOTrainer has `normalize_advantages` instead, which
     whitens the advantages over the batch. Stds are unbiased. Raises ValueError for another scale_rewards.
     """
-    g = num_generations
-    grouped = rewards.view(-1, g)
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (g - 1)  # the other G−1 rewards' mean
-    loo = (grouped - baseline).view(-1)
-    if scale_rewards == "none":
-        return loo
-    if scale_rewards == "group":
-        return loo / (grouped.std(1).repeat_interleave(g) + eps)
-    if scale_rewards == "batch":
-        return loo / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
-    raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    grouped = rewards.view(-1, num_generations)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (num_generations - 1)  # the other G−1 rewards' mean
+    everyone = rewards if batch_rewards is None else batch_rewards
+    return _scaled((grouped - baseline).view(-1), grouped, scale_rewards, eps, lambda: everyone.std())
 
 
 def reinforce_plus_plus_advantages(
@@ -92,17 +85,21 @@ def reinforce_plus_plus_advantages(
     this estimator), `group` (÷ the group's std: GRPO's advantages), `none` (c itself). Stds are unbiased.
     Raises ValueError for another scale_rewards.
     """
-    g = num_generations
-    grouped = rewards.view(-1, g)
-    centred = (grouped - grouped.mean(1, keepdim=True)).view(-1)
+    grouped = rewards.view(-1, num_generations)
+    everyone = (rewards if batch_rewards is None else batch_rewards).view(-1, num_generations)
+    batch_std = lambda: (everyone - everyone.mean(1, keepdim=True)).std()  # noqa: E731  (of c over the global batch)
+    return _scaled((grouped - grouped.mean(1, keepdim=True)).view(-1), grouped, scale_rewards, eps, batch_std)
+
+
+def _scaled(advantages: torch.Tensor, grouped: torch.Tensor, scale_rewards: str, eps: float, batch_std) -> torch.Tensor:
+    """`advantages` [B·G] ÷ (the group's reward std + eps) for `group`, ÷ (batch_std() + eps) for `batch`,
+    as they are for `none`. Raises ValueError for another scale_rewards."""
     if scale_rewards == "none":
-        return centred
+        return advantages
     if scale_rewards == "group":
-        return centred / (grouped.std(1).repeat_interleave(g) + eps)
+        return advantages / (grouped.std(1).repeat_interleave(grouped.shape[1]) + eps)
     if scale_rewards == "batch":
-        everyone = rewards if batch_rewards is None else batch_rewards
-        grouped_all = everyone.view(-1, g)
-        return centred / ((grouped_all - grouped_all.mean(1, keepdim=True)).std() + eps)
+        return advantages / (batch_std() + eps)
     raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
 
 
