@@ -16,7 +16,7 @@ from alignlab.data.collate import select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.grpo import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
 from alignlab.online.generation import answer_texts
-from alignlab.online.rewards import build_reward_function, call_reward_function
+from alignlab.online.rewards import build_reward_function, score_completions
 from alignlab.online.rollout import token_logprobs
 from alignlab.runner.checks import Checks
 
@@ -78,10 +78,17 @@ class GRPO(OnlineModule):
         prompts = [p for p in batch["prompt_messages"] for _ in range(g)]  # message lists, as the data gave them
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
         per_fn, total = {}, torch.zeros(len(texts), device=self.device)
-        for (name, fn), weight in zip(self.rewards, self.weights):
-            values = torch.tensor(call_reward_function(name, fn, prompts, texts, columns), device=self.device)
+        scored, seconds = score_completions(self.rewards, prompts, texts, columns)  # async functions concurrently
+        for (name, _), weight in zip(self.rewards, self.weights):
+            values = torch.tensor(scored[name], device=self.device)
             per_fn[name] = values
             total += weight * values
+        if self._trainer is not None and self.trainer.training:  # timing/reward/<name>: seconds in this step
+            step, spent = getattr(self, "_reward_seconds", (None, {}))
+            spent = {k: (spent.get(k, 0.0) if step == self.global_step else 0.0) + v for k, v in seconds.items()}
+            self._reward_seconds = (self.global_step, spent)  # summed over the step's calls (resampling)
+            timings = {f"timing/reward/{k}": torch.tensor(v, device=self.device) for k, v in spent.items()}
+            self._log("train", timings, len(texts), on_step=True)
         return total, per_fn
 
     @torch.no_grad()
