@@ -59,35 +59,60 @@ def _normalised(text: str) -> str:
     return " ".join(str(text).split()).lower().removesuffix(".").strip()
 
 
+# An answer a completion marks as its final one: \boxed{...}, $...$, \(...\), \[...\], GSM8K's `#### 42`, or
+# the whole completion a LaTeX expression (`\frac{3}{2}`).
+MARKED_ANSWER = re.compile(r"\\boxed\{.*\}|\$[^$]+\$|\\\(.+\\\)|\\\[.+\\\]|####\s*\S|\A\s*\\[a-zA-Z]+\{", re.DOTALL)
+# A bare arithmetic expression: numbers joined by + − × ÷ (`24/2`, `10+2`).
+EXPRESSION = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s*[-+*/]\s*[-+]?\d+(?:\.\d+)?)*")
+
+
+def _final(text: str) -> str:
+    """The text after GSM8K's last `####` marker, or the whole text."""
+    return text.rsplit("####", 1)[1].strip() if "####" in text else text
+
+
 def is_correct(answer: str, solution: Any) -> bool:
-    """Whether `answer` gives `solution`: the same text or the same plain number (`matches_solution`);
-    otherwise, unless both are plain numbers, the same mathematical object as math-verify parses and
-    verifies them (LaTeX, `\\boxed{}`, fractions, `#### 42`, an answer inside a sentence); for a
-    solution math-verify cannot parse (plain words), the same text once lower-cased, white space
-    collapsed and a final full stop dropped. A missing solution (None) is never matched."""
+    """Whether `answer` gives `solution`.
+
+    1. The same text or the same plain number (`matches_solution`, the exact comparison): right.
+    2. A solution that is a plain number: a completion that marks its answer (`MARKED_ANSWER`: `\\boxed{}`,
+       `$…$`, `#### 42`, a LaTeX expression) is read by math-verify; others are wrong (as the exact comparison said).
+       So the exact comparison wins for plain numbers: math-verify would read `40x7` as 40, `12 12` as 12
+       and round 12345678901234567890 to ...891, and the bundled arithmetic task's rewards (GRPO's
+       numbers on it) are what they were before math-verify.
+    3. A solution math-verify parses (LaTeX such as `\\boxed{12}` or `\\frac{3}{2}`, `#### 42`): a plain
+       number, a bare expression (`24/2`) or a marked answer is right when math-verify verifies it
+       equal; free text without a marked answer is wrong (as TRL's `accuracy_reward`, which reads only
+       LaTeX answers).
+    4. Otherwise (words, names, labels): the same text once lower-cased, white space collapsed and a
+       final full stop dropped.
+    A missing solution (None) is never matched.
+    """
     if solution is None:
         return False
     if matches_solution(answer, solution):
         return True
-    expected = str(solution).strip()
-    if _number(answer.strip()) is not None and _number(expected) is not None:
-        # Two plain numbers: the exact decimal comparison decides (math-verify rounds to 15 digits and
-        # would call 12345678901234567890 and ...891 equal), so integer answers score as they always have.
-        return False
+    text, expected = answer.strip(), _final(str(solution).strip())
+    plain_answer, marked = _number(text) is not None, MARKED_ANSWER.search(text) is not None
+    if _number(expected) is not None and not marked:
+        return plain_answer and _number(text) == _number(expected)  # exact, as matches_solution reads `#### 42`
     parse, verify = _math_verify()
     gold = parse(expected)
-    if not gold:  # not mathematics: words, names, labels
+    if not gold:  # not mathematics
         return _normalised(answer) == _normalised(expected)
-    return bool(verify(gold, parse(answer)))
+    if not (plain_answer or marked or EXPRESSION.fullmatch(text)):
+        return False
+    return bool(verify(gold, parse(_final(text))))
 
 
 def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns) -> list[float]:
     """1.0 where the completion gives the row's `solution` (`is_correct`: math-verify's equivalence for
-    mathematics, normalised text otherwise), else 0.0.
+    LaTeX, `\\boxed{}`, fractions and `#### 42`; normalised text for words), else 0.0.
 
-    Where the completion and the solution are both plain numbers the exact comparison
-    (`exact_match`, `alignlab.online.generation.matches_solution`) decides, never math-verify: the
-    bundled arithmetic task's scores, and so its GRPO runs, are what they were before math-verify.
+    For a solution that is a plain number, the exact comparison (`exact_match`,
+    `alignlab.online.generation.matches_solution`) wins wherever math-verify would disagree with it: only a
+    completion that marks its answer (`\\boxed{}`, `$…$`, `#### 42`) is read by math-verify. The bundled
+    arithmetic task's scores, and so its GRPO runs, are what they were before math-verify.
 
     Raises:
         ValueError: the data has no `solution` column.
