@@ -303,3 +303,37 @@ def test_async_reward_functions_run_inside_a_running_event_loop():
 def test_a_partial_of_an_async_function_is_awaited():
     name, fn = build_reward_function({"_target_": "tests.online.test_rewards.async_length"})
     assert call_reward_function(name, fn, [user("q")], ["ab"], {}) == [2.0]
+
+
+# -- wired into GRPO ---------------------------------------------------------------------------------------
+async def async_half(prompts, completions, **columns):
+    return [0.5] * len(completions)
+
+
+def test_grpo_logs_each_reward_functions_time_and_takes_async_ones(tmp_path):
+    """Two steps on the LaTeX arithmetic prompts with `accuracy`, `cosine`, `think_format` and an async
+    function: every function's `timing/reward/<name>` is logged, in seconds."""
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    overrides = [
+        "algorithm=grpo",
+        "data=arith_prompts_latex",
+        "data.source.n_train=8",
+        "data.source.n_eval=4",
+        "algorithm.reward_funcs=[accuracy,cosine,think_format,{_target_:tests.online.test_rewards.async_half}]",
+        "algorithm.max_completion_length=4",
+        "algorithm.num_generations=2",
+        "batch_size=4",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "evaluation.at_start=false",
+        *QUIET,
+    ]
+    result = train(compose(overrides, tmp_path))
+    assert result["steps"] == 2
+    for name in ("accuracy", "cosine", "think_format", "async_half"):
+        seconds = result["metrics"][f"train/timing/reward/{name}"]
+        assert 0 <= seconds < 60, (name, seconds)
+    assert result["metrics"]["train/rewards/async_half/mean"] == 0.5
+    assert not [k for k in result["metrics"] if k.startswith("eval/timing")]  # timed in training only
