@@ -26,7 +26,7 @@ from alignlab.losses.grpo import (
     kl_reward_penalty,
 )
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
-from alignlab.online.rewards import build_reward_function, call_reward_function
+from alignlab.online.rewards import build_reward_function, score_completions
 from alignlab.online.rollout import pack, token_logprobs
 from alignlab.runner.checks import Checks
 
@@ -127,10 +127,17 @@ class GRPO(OnlineModule):
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
         columns |= {} if completion_ids is None else {"completion_ids": completion_ids}
         per_fn, total = {}, torch.zeros(len(texts), device=self.device)
-        for (name, fn), weight in zip(self.rewards, self.weights):
-            values = torch.tensor(call_reward_function(name, fn, prompts, texts, columns), device=self.device)
+        scored, seconds = score_completions(self.rewards, prompts, texts, columns)  # async functions concurrently
+        for (name, _), weight in zip(self.rewards, self.weights):
+            values = torch.tensor(scored[name], device=self.device)
             per_fn[name] = values
             total += weight * values
+        if self._trainer is not None and self.trainer.training:  # timing/reward/<name>: seconds in this step
+            step, spent = getattr(self, "_reward_seconds", (None, {}))
+            spent = {k: (spent.get(k, 0.0) if step == self.global_step else 0.0) + v for k, v in seconds.items()}
+            self._reward_seconds = (self.global_step, spent)  # summed over the step's calls (resampling)
+            for k, v in spent.items():  # this process's seconds: no collective, however often a process scores
+                self.log(f"train/timing/reward/{k}", v, on_step=True, on_epoch=False, batch_size=len(texts))
         return total, per_fn
 
     @torch.no_grad()

@@ -70,8 +70,8 @@ class PPO(OnlineModule):
                 continue
             if not is_reward_model_folder(folder):
                 raise ConfigError(
-                    f"algorithm.{key}={folder} is not a reward-model folder (no {VALUE_HEAD_FILE}); "
-                    "train one with algorithm=rm and give its <run>/model folder"
+                    f"algorithm.{key}={folder} is not a reward-model folder (no {VALUE_HEAD_FILE}, nor a one-label "
+                    "AutoModelForSequenceClassification); train one with algorithm=rm and give its <run>/model folder"
                 )
 
     @classmethod

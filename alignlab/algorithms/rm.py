@@ -8,10 +8,14 @@ import torch
 from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
+from alignlab.errors import ConfigError
 from alignlab.losses.reward import bradley_terry_loss
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.reward import RewardModel
+from alignlab.models.vision import is_multimodal
 from alignlab.runner.checks import Checks
+
+EXPORT_FORMATS = ("value_head", "seq_cls")
 
 
 class RM(AlignmentModule):
@@ -23,11 +27,20 @@ class RM(AlignmentModule):
     generates = False
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
-        super().__init__(RewardModel(model), tokenizer, optim, evaluation, **hparams)
+        seq_cls = hparams.get("export_format") == "seq_cls"
+        if seq_cls and is_multimodal(model):
+            raise ConfigError(
+                "algorithm.export_format=seq_cls: a vision-language reward model has no "
+                "AutoModelForSequenceClassification to export to; use value_head"
+            )
+        # seq_cls: a value head without a bias, as transformers' `score` layer, so the export scores exactly the same
+        super().__init__(RewardModel(model, bias=not seq_cls), tokenizer, optim, evaluation, **hparams)
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
-        Checks(algorithm, "algorithm").non_negative("center_rewards_coefficient")
+        Checks(algorithm, "algorithm").non_negative("center_rewards_coefficient").one_of(
+            "export_format", EXPORT_FORMATS
+        )
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = self.rows_in(batch)
@@ -48,10 +61,18 @@ class RM(AlignmentModule):
         }
 
     def save_final(self, run_dir: Path, merge_lora: bool = True, state_dict: dict | None = None) -> Path:
-        """The backbone as a Hugging Face model (or adapter), with value_head.safetensors beside it."""
+        """`export_format: value_head`: the backbone as a Hugging Face model (or adapter), with
+        value_head.safetensors beside it. `seq_cls`: <run>/model a one-label
+        AutoModelForSequenceClassification (LoRA merged in, whatever model.lora.merge says), while
+        <run>/adapter, with LoRA, keeps the adapter and value_head.safetensors."""
         backbone = submodule_state(state_dict, "model.backbone.")
-        folder = save_model(self.model.backbone, self.tokenizer, run_dir, merge_lora, backbone)
+        head = submodule_state(state_dict, "model.value_head.")
+        seq_cls = self.export_format == "seq_cls"
+        folder = save_model(self.model.backbone, self.tokenizer, run_dir, merge_lora or seq_cls, backbone)
         for place in {folder, Path(run_dir) / "adapter"}:
             if place.exists():
-                self.model.save_value_head(place, submodule_state(state_dict, "model.value_head."))
+                self.model.save_value_head(place, head)
+        if seq_cls:
+            (folder / "value_head.safetensors").unlink()
+            self.model.save_seq_cls(folder, self.tokenizer, head)
         return folder

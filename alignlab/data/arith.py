@@ -28,8 +28,16 @@ def task_row(kind: str, prompt: list[dict], right: str, wrong: str, index: int, 
     return {"prompt": prompt, "completion": right if desirable else wrong, "label": desirable, "solution": right}
 
 
+SOLUTION_FORMATS = ("plain", "latex")
+
+
 class ArithTask:
-    """`a+b=` → `a+b` for 0 ≤ a, b ≤ max_operand; rejected/undesirable answers are wrong sums."""
+    """`a+b=` → `a+b` for 0 ≤ a, b ≤ max_operand; rejected/undesirable answers are wrong sums.
+
+    `solution_format`: `plain` writes answers as integers (`12`); `latex` as LaTeX, `\\boxed{12}` (the
+    same problems and wrong answers), for rewards that read mathematics (`accuracy` counts `12`,
+    `12.0` and `24/2` right against it).
+    """
 
     name = "arith"
 
@@ -41,6 +49,7 @@ class ArithTask:
         max_operand: int = 49,
         desirable_fraction: float = 0.5,
         wrong_offsets: Sequence[int] | None = None,
+        solution_format: str = "plain",
     ):
         n_problems = (max_operand + 1) ** 2
         if n_eval >= n_problems:
@@ -55,6 +64,9 @@ class ArithTask:
         if not offsets or 0 in offsets:
             raise ValueError(f"wrong_offsets must be a non-empty list of non-zero integers, got {wrong_offsets}")
         self.desirable_fraction, self.wrong_offsets = desirable_fraction, offsets
+        if solution_format not in SOLUTION_FORMATS:
+            raise ValueError(f"solution_format must be one of {SOLUTION_FORMATS}, got {solution_format!r}")
+        self.solution_format = solution_format
 
     def _problems(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         rng = random.Random(self.seed)
@@ -71,7 +83,11 @@ class ArithTask:
 
     def _row(self, a: int, b: int, kind: str, rng: random.Random, index: int) -> dict:
         prompt = [{"role": "user", "content": f"{a}+{b}="}]
-        return task_row(kind, prompt, str(a + b), str(self._wrong(rng, a + b)), index, self.desirable_fraction)
+        right, wrong = self._written(a + b), self._written(self._wrong(rng, a + b))
+        return task_row(kind, prompt, right, wrong, index, self.desirable_fraction)
+
+    def _written(self, answer: int) -> str:
+        return f"\\boxed{{{answer}}}" if self.solution_format == "latex" else str(answer)
 
     def load(self, kind: str, on_bad_row: str = "error") -> dict[str, list[dict]]:
         """Rows of `kind` for the `train` and `eval` splits, in alignlab's canonical form (generated
@@ -86,4 +102,5 @@ class ArithTask:
         }
 
     def describe(self) -> str:
-        return f"bundled arithmetic (seed {self.seed}, operands 0..{self.max_operand})"
+        latex = ", LaTeX answers" if self.solution_format == "latex" else ""
+        return f"bundled arithmetic (seed {self.seed}, operands 0..{self.max_operand}{latex})"

@@ -1,11 +1,14 @@
 """A reward model: a causal LM backbone plus a scalar value head read at the last answer token.
 
 Saved as the backbone in Hugging Face format (or its LoRA adapter) with `value_head.safetensors`
-beside it; `RewardModel.from_pretrained` restores both.
+beside it; `RewardModel.from_pretrained` restores both. It also reads (and `save_seq_cls` writes) the
+format TRL, ms-swift, OpenRLHF and the Hub ship reward models in: an `AutoModelForSequenceClassification`
+folder with one label, whose score is the classifier's logit at the last non-pad token.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +24,35 @@ LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # what older tools (TRL's AutoModelFo
 
 
 def is_reward_model_folder(folder: str | Path) -> bool:
-    """Whether `folder` holds a saved reward model: a value head beside the backbone."""
-    return any((Path(folder) / name).exists() for name in (VALUE_HEAD_FILE, LEGACY_VALUE_HEAD_FILE))
+    """Whether `folder` holds a saved reward model: a value head beside the backbone, or a one-label
+    sequence classifier (`is_seq_cls_folder`)."""
+    has_head = any((Path(folder) / name).exists() for name in (VALUE_HEAD_FILE, LEGACY_VALUE_HEAD_FILE))
+    return has_head or is_seq_cls_folder(folder)
+
+
+def is_seq_cls_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds a model saved as `*ForSequenceClassification` with exactly one label (a
+    reward model as TRL, ms-swift, OpenRLHF and the Hub save them); its config.json says so."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return False
+    labels = (
+        len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+    )  # transformers' default: 2
+    return labels == 1
+
+
+def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N] the rightmost position whose token is not `pad_token_id`: where transformers'
+    *ForSequenceClassification reads its logits. Without a pad token (which transformers refuses for
+    batches of more than one row), each row's last attended position."""
+    if pad_token_id is None:
+        return last_token_index(torch.zeros_like(attention_mask), attention_mask)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
 
 
 def last_token_index(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -33,16 +63,30 @@ def last_token_index(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 
 class RewardModel(torch.nn.Module):
-    def __init__(self, backbone: torch.nn.Module, value_head: torch.nn.Linear | None = None):
+    """`backbone`: a causal LM (or its transformer alone, as a sequence classifier's base model);
+    `value_head`: Linear(hidden, 1), a new one when None (`bias=False`: without a bias, as
+    transformers' classifiers have none, so that `save_seq_cls` writes exactly this model).
+    `pad_token_id`: None reads the reward at the last answer token; an id (a sequence classifier's)
+    reads it where transformers does, at the last token that is not that id (`last_non_pad_index`)."""
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        value_head: torch.nn.Linear | None = None,
+        bias: bool = True,
+        pad_token_id: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         config = backbone.config
         hidden = getattr(config, "text_config", config).hidden_size  # a vision-language model's language model's
         if value_head is None:
-            value_head = torch.nn.Linear(hidden, 1)
+            value_head = torch.nn.Linear(hidden, 1, bias=bias)
             torch.nn.init.normal_(value_head.weight, std=1 / (hidden + 1) ** 0.5)
-            torch.nn.init.zeros_(value_head.bias)
+            if bias:
+                torch.nn.init.zeros_(value_head.bias)
         self.value_head = value_head
+        self.pad_token_id = pad_token_id
 
     @property
     def config(self):
@@ -62,7 +106,10 @@ class RewardModel(torch.nn.Module):
     ) -> torch.Tensor:
         """[N] scalar rewards, read at each sequence's last answer token (never at padding)."""
         values = self.values(input_ids, attention_mask, images)
-        last = last_token_index(loss_mask, attention_mask)
+        if self.pad_token_id is None:
+            last = last_token_index(loss_mask, attention_mask)
+        else:  # a sequence classifier: read where transformers reads it
+            last = last_non_pad_index(input_ids, self.pad_token_id, attention_mask)
         return values[torch.arange(values.shape[0], device=values.device), last]
 
     def save_value_head(self, folder: str | Path, state_dict: dict | None = None) -> None:
@@ -83,17 +130,67 @@ class RewardModel(torch.nn.Module):
         # Other tools prefix the head's keys (e.g. v_head.summary.weight); keep the last part.
         state = {k.rsplit(".", 1)[-1]: v for k, v in state.items()}
         weight = state["weight"].reshape(1, -1)
-        head = torch.nn.Linear(weight.shape[1], 1, dtype=weight.dtype)
-        head.load_state_dict({"weight": weight, "bias": state["bias"].reshape(1)})
+        head = torch.nn.Linear(weight.shape[1], 1, bias="bias" in state, dtype=weight.dtype)
+        head.load_state_dict({"weight": weight, **({"bias": state["bias"].reshape(1)} if "bias" in state else {})})
         return head
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
-        """Backbone (full model, or a LoRA adapter over its base) and value head from a reward-model folder."""
+        """Backbone (full model, or a LoRA adapter over its base) and value head from a reward-model
+        folder; from a one-label sequence classifier, its base model and its `score` layer (read at
+        the last non-pad token, as transformers reads it)."""
         from alignlab.models.loading import auto_model_class
 
+        if is_seq_cls_folder(folder) and not (Path(folder) / VALUE_HEAD_FILE).exists():
+            from transformers import AutoModelForSequenceClassification
+
+            classifier = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+            base = getattr(classifier, classifier.base_model_prefix)
+            pad = classifier.config.get_text_config().pad_token_id
+            return cls(base, classifier.score, pad_token_id=pad)
         backbone = auto_model_class(folder).from_pretrained(folder, dtype=dtype, use_safetensors=True)
         return cls(backbone, cls.load_value_head(folder).to(dtype))
+
+    def save_seq_cls(self, folder: str | Path, tokenizer, state_dict: dict | None = None) -> None:
+        """Write this reward model as a one-label `AutoModelForSequenceClassification` into `folder`,
+        which must hold its backbone saved as a (merged, full) causal LM: its weights are replaced by the
+        classifier's (the backbone's transformer, `score` = the value head) and config.json says so,
+        with the tokenizer's pad token, where transformers reads the score.
+
+        The classifier reads at the last non-pad token and alignlab at the last answer token: the same
+        token when the pad token is not the answer's last (eos) token.
+
+        Raises:
+            ValueError: the value head has a non-zero bias (transformers' `score` has none: train with
+                algorithm.export_format=seq_cls, which leaves it out), or the tokenizer's pad token is
+                its eos token (the classifier would read before the answer's end).
+        """
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        head = {k: v.detach().cpu() for k, v in (state_dict or self.value_head.state_dict()).items()}
+        if "bias" in head and head["bias"].abs().max() > 0:
+            raise ValueError(
+                "this reward model's value head has a bias, which a sequence classifier's `score` layer cannot hold; "
+                "train it with algorithm.export_format=seq_cls"
+            )
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError(
+                "a sequence classifier reads the last token that is not padding: the tokenizer needs a pad token "
+                "other than its eos token"
+            )
+        folder = Path(folder)
+        causal = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+        config = causal.config
+        config.architectures, config.num_labels = None, 1
+        config.pad_token_id = tokenizer.pad_token_id
+        classifier = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+        prefix = classifier.base_model_prefix + "."
+        weights = {k: v for k, v in causal.state_dict().items() if k.startswith(prefix)}
+        weights["score.weight"] = head["weight"].reshape(1, -1).to(causal.dtype)
+        classifier.load_state_dict(weights, strict=True)
+        for old in [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")]:
+            old.unlink()  # the causal LM's shards
+        classifier.save_pretrained(folder, safe_serialization=True)
 
 
 class RewardScorer:

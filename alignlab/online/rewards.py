@@ -5,14 +5,19 @@ A reward function is called as `fn(prompts, completions, **columns)`: prompts ar
 completions are the decoded answers, and every extra column of the data rows (e.g. `solution`)
 arrives as a keyword argument holding one value per completion; so do `completion_ids`, each completion's
 token ids (as TRL passes them), to a function that takes that keyword or **kwargs. It returns one float
-per completion.
+per completion, or (an `async def` function) a coroutine of them: those run concurrently
+(`score_completions`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 import math
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,25 +26,160 @@ from hydra.utils import instantiate
 
 from alignlab.errors import AlignlabError, ConfigError
 from alignlab.losses.grpo import soft_overlong_penalty
-from alignlab.online.generation import matches_solution
+from alignlab.online.generation import _number, matches_solution
 
 
 class RewardFunctionError(AlignlabError):
     """A reward function raised, returned the wrong number of values, or a value that is not a finite number."""
 
 
-def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns) -> list[float]:
+# -- correctness --------------------------------------------------------------------------------------
+def exact_match(
+    prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns
+) -> list[float]:
     """1.0 where the completion matches the row's `solution` (the same text, surrounding white space
-    ignored, or the same number: see `alignlab.online.generation.matches_solution`), else 0.0."""
+    ignored, or the same finite decimal: see `alignlab.online.generation.matches_solution`), else 0.0.
+    What `accuracy` was before math-verify, and what held-out `exact_match` measures."""
     if solution is None:
         raise ValueError("the data has no `solution` column")
     return [float(matches_solution(c, s)) for c, s in zip(completions, solution)]
 
 
+def _math_verify():
+    """math-verify's parse and verify, imported on first use (it imports sympy, a second or more)."""
+    from math_verify import parse, verify
+
+    if threading.current_thread() is not threading.main_thread():
+        # its timeouts use signal.alarm, which only the main thread may set: run without them there (as TRL does)
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        return (lambda text: parse(text, parsing_timeout=None)), (
+            lambda gold, answer: verify(gold, answer, timeout_seconds=None)
+        )
+    return parse, verify
+
+
+def _normalised(text: str) -> str:
+    """Lower case, inner white space collapsed, surrounding white space and a final full stop dropped."""
+    return " ".join(str(text).split()).lower().removesuffix(".").strip()
+
+
+# An answer a completion marks as its final one: \boxed{...}, $...$, \(...\), \[...\], GSM8K's `#### 42`, or
+# the whole completion a LaTeX expression (`\frac{3}{2}`).
+MARKED_ANSWER = re.compile(r"\\boxed\{.*\}|\$[^$]+\$|\\\(.+\\\)|\\\[.+\\\]|####\s*\S|\A\s*\\[a-zA-Z]+\{", re.DOTALL)
+# A bare arithmetic expression: numbers joined by + − × ÷ (`24/2`, `10+2`).
+EXPRESSION = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s*[-+*/]\s*[-+]?\d+(?:\.\d+)?)*")
+
+
+def _final(text: str) -> str:
+    """The text after GSM8K's last `####` marker, or the whole text."""
+    return text.rsplit("####", 1)[1].strip() if "####" in text else text
+
+
+def is_correct(answer: str, solution: Any) -> bool:
+    """Whether `answer` gives `solution`.
+
+    1. The same text or the same plain number (`matches_solution`, the exact comparison): right.
+    2. A solution that is a plain number: a completion that marks its answer (`MARKED_ANSWER`: `\\boxed{}`,
+       `$…$`, `#### 42`, a LaTeX expression) is read by math-verify; others are wrong (as the exact comparison said).
+       So the exact comparison wins for plain numbers: math-verify would read `40x7` as 40, `12 12` as 12
+       and round 12345678901234567890 to ...891, and the bundled arithmetic task's rewards (GRPO's
+       numbers on it) are what they were before math-verify.
+    3. A solution math-verify parses (LaTeX such as `\\boxed{12}` or `\\frac{3}{2}`, `#### 42`): a plain
+       number, a bare expression (`24/2`) or a marked answer is right when math-verify verifies it
+       equal; free text without a marked answer is wrong (as TRL's `accuracy_reward`, which reads only
+       LaTeX answers).
+    4. Otherwise (words, names, labels): the same text once lower-cased, white space collapsed and a
+       final full stop dropped.
+    A missing solution (None) is never matched.
+    """
+    if solution is None:
+        return False
+    if matches_solution(answer, solution):
+        return True
+    text, expected = answer.strip(), _final(str(solution).strip())
+    plain_answer, marked = _number(text) is not None, MARKED_ANSWER.search(text) is not None
+    if _number(expected) is not None and not marked:
+        return plain_answer and _number(text) == _number(expected)  # exact, as matches_solution reads `#### 42`
+    parse, verify = _math_verify()
+    gold = parse(expected)
+    if not gold:  # not mathematics
+        return _normalised(answer) == _normalised(expected)
+    if not (plain_answer or marked or EXPRESSION.fullmatch(text)):
+        return False
+    return bool(verify(gold, parse(_final(text))))
+
+
+def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns) -> list[float]:
+    """1.0 where the completion gives the row's `solution` (`is_correct`: math-verify's equivalence for
+    LaTeX, `\\boxed{}`, fractions and `#### 42`; normalised text for words), else 0.0.
+
+    For a solution that is a plain number, the exact comparison (`exact_match`,
+    `alignlab.online.generation.matches_solution`) wins wherever math-verify would disagree with it: only a
+    completion that marks its answer (`\\boxed{}`, `$…$`, `#### 42`) is read by math-verify. The bundled
+    arithmetic task's scores, and so its GRPO runs, are what they were before math-verify.
+
+    Raises:
+        ValueError: the data has no `solution` column.
+    """
+    if solution is None:
+        raise ValueError("the data has no `solution` column")
+    return [float(is_correct(c, s)) for c, s in zip(completions, solution)]
+
+
+# -- format ---------------------------------------------------------------------------------------------
+class RegexFormat:
+    """1.0 where the completion matches `pattern` (a Python regular expression, `.` matching new
+    lines too), else 0.0. `mode`: `fullmatch` (the whole stripped completion), `match` (from its start)
+    or `search` (anywhere).
+
+    `{_target_: alignlab.online.rewards.regex_format, pattern: '<answer>.*</answer>'}` in `reward_funcs`.
+
+    Raises:
+        ConfigError: `pattern` is not a regular expression or `mode` is unknown (when the config is checked).
+    """
+
+    modes = ("fullmatch", "match", "search")
+
+    def __init__(self, pattern: str, mode: str = "fullmatch"):
+        if mode not in self.modes:
+            raise ConfigError(f"regex_format mode must be one of {self.modes}, got {mode!r}")
+        try:
+            self.compiled = re.compile(pattern, re.DOTALL)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"regex_format pattern {pattern!r} is not a regular expression: {e}") from None
+        self.pattern, self.mode = pattern, mode
+        self.__name__ = "regex_format"
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float]:
+        find = getattr(self.compiled, self.mode)
+        return [float(find(c.strip() if self.mode == "fullmatch" else c) is not None) for c in completions]
+
+
+regex_format = RegexFormat  # the name a config gives as `_target_`
+
+
 def format_reward(prompts: Sequence, completions: Sequence[str], pattern: str = r"-?\d+", **columns) -> list[float]:
     """1.0 where the whole completion matches `pattern` (default: an integer), else 0.0."""
-    compiled = re.compile(pattern, re.DOTALL)
-    return [float(compiled.fullmatch(c.strip()) is not None) for c in completions]
+    return RegexFormat(pattern)(prompts, completions)
+
+
+# `<think>reasoning</think>` at the start (after white space), then the answer
+THINK_FORMAT = re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL)
+
+
+def think_format(prompts: Sequence, completions: Sequence[str], **columns) -> list[float]:
+    """1.0 where the completion is `<think>reasoning</think>` followed by a non-empty answer (reasoning
+    models' format, e.g. DeepSeek-R1's; TRL's `think_format_reward` also accepts an empty answer), with
+    no other think tag, else 0.0. Leading white space is allowed."""
+    return [float(_think_then_answer(c)) for c in completions]
+
+
+def _think_then_answer(text: str) -> bool:
+    found = THINK_FORMAT.fullmatch(text)
+    if found is None:
+        return False
+    reasoning, answer = found.groups()
+    return "<think>" not in reasoning and "<think>" not in answer and "</think>" not in answer and bool(answer.strip())
 
 
 def length_reward(prompts: Sequence, completions: Sequence[str], target: int = 2, **columns) -> list[float]:
@@ -68,10 +208,102 @@ def soft_overlong(
     return soft_overlong_penalty(lengths, soft_max_length, soft_cache_length).tolist()
 
 
+# -- length-scaled correctness and repetition -----------------------------------------------------------
+def cosine_scaled(
+    length: float,
+    correct: bool,
+    max_len: float,
+    min_value_wrong: float,
+    max_value_wrong: float,
+    min_value_correct: float,
+    max_value_correct: float,
+) -> float:
+    """The cosine length schedule of Yeo et al. (2025), "Demystifying Long Chain-of-Thought Reasoning in
+    LLMs", eq. 1 / appendix C.1: v_min + ½(v_max − v_min)(1 + cos(π·min(length/max_len, 1))).
+
+    A correct answer goes from `max_value_correct` (length 0) down to `min_value_correct` (max_len); a
+    wrong one from `min_value_wrong` (length 0) up to `max_value_wrong` (max_len): short right answers
+    earn most, short wrong ones lose most. Lengths past max_len keep max_len's value (cos is periodic)."""
+    progress = min(length / max_len, 1.0)
+    low, high = (min_value_correct, max_value_correct) if correct else (max_value_wrong, min_value_wrong)
+    return low + 0.5 * (high - low) * (1.0 + math.cos(progress * math.pi))
+
+
+class CosineReward:
+    """Length-scaled correctness (Yeo et al. 2025): `cosine_scaled` of each completion's length in
+    characters and its correctness (`accuracy`: math-verify, exact for plain numbers).
+
+    Parameters and defaults are TRL's `get_cosine_scaled_reward` (open-r1's `cosine_*`; the paper's
+    r_0^c, r_L^c, r_0^w, r_L^w): `max_len` 1000, `min_value_wrong` −1.0, `max_value_wrong` −0.5,
+    `min_value_correct` 0.5, `max_value_correct` 1.0. TRL counts tokens; alignlab's reward functions see
+    text, so lengths are characters (set `max_len` in characters).
+
+    Raises:
+        ConfigError: max_len is not positive (when the config is checked).
+    """
+
+    def __init__(
+        self,
+        max_len: int = 1000,
+        min_value_wrong: float = -1.0,
+        max_value_wrong: float = -0.5,
+        min_value_correct: float = 0.5,
+        max_value_correct: float = 1.0,
+    ):
+        if not max_len > 0:
+            raise ConfigError(f"cosine reward: max_len must be > 0, got {max_len}")
+        self.max_len = max_len
+        self.values = (min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
+        self.__name__ = "cosine"
+
+    def __call__(
+        self, prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns
+    ) -> list[float]:
+        right = accuracy(prompts, completions, solution)
+        return [cosine_scaled(len(c), r == 1.0, self.max_len, *self.values) for c, r in zip(completions, right)]
+
+
+def repetition_penalty(words: Sequence[str], ngram_size: int, max_penalty: float) -> float:
+    """(1 − unique n-grams / n-grams) · max_penalty over a completion's words (Yeo et al. 2025,
+    appendix C.2; open-r1's and ms-swift's n-grams of lower-cased white-space-separated words); 0.0 for
+    fewer than `ngram_size` words."""
+    if len(words) < ngram_size:
+        return 0.0
+    ngrams = list(zip(*[words[i:] for i in range(ngram_size)]))
+    repeated = 1 - len(set(ngrams)) / len(ngrams)
+    return repeated * max_penalty if repeated else 0.0  # never −0.0
+
+
+class RepetitionPenalty:
+    """An n-gram repetition penalty in [max_penalty, 0] (`repetition_penalty`). Parameters and defaults
+    are TRL's `get_repetition_penalty_reward` (ms-swift's and open-r1's `repetition_n_grams`,
+    `repetition_max_penalty`): `ngram_size` 3, `max_penalty` −1.0. TRL counts token n-grams; here the
+    n-grams are of words, as in open-r1 and ms-swift.
+
+    Raises:
+        ConfigError: ngram_size < 1 or max_penalty > 0 (when the config is checked).
+    """
+
+    def __init__(self, ngram_size: int = 3, max_penalty: float = -1.0):
+        if ngram_size < 1:
+            raise ConfigError(f"repetition reward: ngram_size must be >= 1, got {ngram_size}")
+        if max_penalty > 0:
+            raise ConfigError(f"repetition reward: max_penalty must be <= 0 (a penalty), got {max_penalty}")
+        self.ngram_size, self.max_penalty = ngram_size, max_penalty
+        self.__name__ = "repetition"
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], **columns) -> list[float]:
+        return [repetition_penalty(c.lower().split(), self.ngram_size, self.max_penalty) for c in completions]
+
+
 REGISTRY: dict[str, Callable] = {
     "accuracy": accuracy,
+    "exact_match": exact_match,
     "format": format_reward,
+    "think_format": think_format,
     "length": length_reward,
+    "cosine": CosineReward(),
+    "repetition": RepetitionPenalty(),
     "soft_overlong": soft_overlong,
 }
 
@@ -115,23 +347,123 @@ def build_reward_function(spec: Any) -> tuple[str, Callable]:
         obj = get_object(target)
     except Exception as e:
         raise ConfigError(f"reward function {target!r} could not be imported: {e}") from None
-    built = instantiate({**spec, "_partial_": True}) if not isinstance(obj, type) else instantiate(spec)
-    return name or target.rsplit(".", 1)[-1], built
+    if isinstance(obj, type):  # a class (RegexFormat, CosineReward, ...): built, so it checks its arguments now
+        try:
+            built = instantiate(spec)
+        except ConfigError:
+            raise
+        except Exception as e:
+            cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+            if cause is not None:  # hydra wraps what the constructor raised
+                raise cause from None
+            raise ConfigError(f"reward function {target!r} could not be built from {spec}: {e}") from None
+        return name or getattr(built, "__name__", None) or target.rsplit(".", 1)[-1], built
+    return name or target.rsplit(".", 1)[-1], instantiate({**spec, "_partial_": True})
+
+
+def is_async(fn: Callable) -> bool:
+    """Whether calling `fn` gives a coroutine: an `async def` function, a partial of one, or an object
+    whose `__call__` is one."""
+    while hasattr(fn, "func"):  # functools.partial (a `_target_` function with bound keywords)
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or (callable(fn) and inspect.iscoroutinefunction(fn.__call__))
 
 
 def call_reward_function(name: str, fn: Callable, prompts: list, completions: list[str], columns: dict) -> list[float]:
-    """Call one reward function, failing with its name if it raises or miscounts, and with its name and
-    the completion's prompt if a value is None, not a number, NaN or infinite.
+    """Call one reward function (awaited to its end if it is `async`), failing with its name if it
+    raises or miscounts, and with its name and the completion's prompt if a value is None, not a number,
+    NaN or infinite.
 
     Raises:
         RewardFunctionError: before any value reaches an advantage or a loss.
     """
-    if "completion_ids" in columns and not accepts_keyword(fn, "completion_ids"):  # functions written before it
-        columns = {k: v for k, v in columns.items() if k != "completion_ids"}
+    values, _ = score_completions([(name, fn)], prompts, completions, columns)
+    return values[name]
+
+
+def score_completions(
+    functions: Sequence[tuple[str, Callable]], prompts: list, completions: list[str], columns: dict
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Every reward function's values, and the seconds each took: ({name: [N] floats}, {name: s}).
+
+    Batched (plain) functions run one after another; `async` ones run concurrently on an event loop
+    (TRL's `asyncio.gather`), each timed from the loop's start to its own end. Every value is checked
+    as `call_reward_function` says.
+
+    Raises:
+        RewardFunctionError: a function raised, miscounted or gave a value that is not a finite number.
+    """
+    values: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    pending = []
+    functions = [(name, _taking_ids(fn, columns)) for name, fn in functions]
+    for name, fn in functions:
+        if is_async(fn):
+            pending.append((name, fn))
+            continue
+        start = time.perf_counter()
+        try:
+            out = fn(prompts, completions, **columns)
+        except Exception as e:
+            raise RewardFunctionError(f"reward function '{name}' raised {type(e).__name__}: {e}") from e
+        seconds[name] = time.perf_counter() - start
+        values[name] = _checked(name, out, prompts, completions)
+    if pending:
+        for name, (out, took) in zip(
+            [n for n, _ in pending], _run_concurrently(pending, prompts, completions, columns)
+        ):
+            if isinstance(out, BaseException):
+                raise RewardFunctionError(f"reward function '{name}' raised {type(out).__name__}: {out}") from out
+            seconds[name] = took
+            values[name] = _checked(name, out, prompts, completions)
+    return {name: values[name] for name, _ in functions}, {name: seconds[name] for name, _ in functions}
+
+
+def _taking_ids(fn: Callable, columns: dict) -> Callable:
+    """`fn`, or, when the columns carry `completion_ids` and `fn` does not take them (a function written
+    before they were passed), `fn` called without them."""
+    if "completion_ids" not in columns or accepts_keyword(fn, "completion_ids"):
+        return fn
+    if is_async(fn):
+
+        async def without_ids(prompts, completions, completion_ids=None, **rest):
+            return await fn(prompts, completions, **rest)
+
+    else:
+
+        def without_ids(prompts, completions, completion_ids=None, **rest):
+            return fn(prompts, completions, **rest)
+
+    return without_ids
+
+
+def _run_concurrently(functions: list, prompts: list, completions: list[str], columns: dict) -> list:
+    """[(values or the exception raised, seconds)] of `async` reward functions run together."""
+
+    async def timed(fn, start):
+        try:
+            out = await fn(prompts, completions, **columns)
+        except Exception as e:
+            out = e
+        return out, time.perf_counter() - start
+
+    async def together():
+        start = time.perf_counter()
+        return await asyncio.gather(*(timed(fn, start) for _, fn in functions))
+
     try:
-        values = fn(prompts, completions, **columns)
-    except Exception as e:
-        raise RewardFunctionError(f"reward function '{name}' raised {type(e).__name__}: {e}") from e
+        asyncio.get_running_loop()
+    except RuntimeError:  # the usual case: no loop in this thread
+        return asyncio.run(together())
+    # called from inside a running loop (a notebook): run on a loop of its own in another thread
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, together()).result()
+
+
+def _checked(name: str, values: Any, prompts: list, completions: list[str]) -> list[float]:
+    """`values` as floats, or RewardFunctionError naming the function (and the row of a bad value)."""
     values = list(values) if values is not None else []
     if len(values) != len(completions):
         raise RewardFunctionError(

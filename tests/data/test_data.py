@@ -568,10 +568,11 @@ def test_csv_cells_and_parquet_columns_arrive_as_written(tmp_path):
 )
 def test_answers_match_the_solution_as_text_or_as_the_same_number(answer, solution, matches):
     from alignlab.online.generation import exact_match, matches_solution
-    from alignlab.online.rewards import accuracy
+    from alignlab.online.rewards import exact_match as exact_match_reward
 
     assert matches_solution(answer, solution) is matches
-    assert accuracy([[user("q")]], [answer], solution=[solution]) == [float(matches)]
+    # the `exact_match` reward is this comparison (`accuracy` reads mathematics: tests/online/test_rewards.py)
+    assert exact_match_reward([[user("q")]], [answer], solution=[solution]) == [float(matches)]
     assert exact_match([answer], [solution]).tolist() == [float(matches)]
 
 
