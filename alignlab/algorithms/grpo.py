@@ -175,7 +175,7 @@ class GRPO(OnlineModule):
         bonus = self.entropy_coef != 0.0  # the entropy enters the loss: it carries gradients
         micro_batches = self.micro_batches(gen["attention_mask"])
         for _ in range(self.num_iterations):
-            keep = None  # the policy changes every step: so does its entropy
+            keep = None  # found again each step: the policy, and so its entropy, has changed
             if self.top_entropy_quantile < 1.0:
                 keep = self.high_entropy_tokens(gen, micro_batches)
             for idx in micro_batches:
