@@ -19,10 +19,14 @@ from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
 from alignlab.losses.grpo import (
     ADVANTAGE_ESTIMATORS,
+    CLIP_LOSS_TYPES,
     GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
     SCALE_REWARDS,
+    entropy_threshold,
     estimate_advantages,
     grpo_loss,
+    high_entropy_mask,
     kl_reward_penalty,
 )
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
@@ -64,6 +68,27 @@ class GRPO(OnlineModule):
         checks.one_of("loss_type", GRPO_LOSS_TYPES)
         if algorithm.epsilon_high is not None:
             checks.positive("epsilon_high")
+        checks.one_of("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        checks.positive("sapo_temperature_pos", "sapo_temperature_neg").non_negative("entropy_coef")
+        checks.within("top_entropy_quantile", 0.0, 1.0)
+        if algorithm.loss_type == "cispo" and algorithm.epsilon_high is None:
+            raise ConfigError(
+                "algorithm.loss_type=cispo caps the importance weight at algorithm.epsilon_high itself (as TRL and "
+                "ms-swift read it; ScaleRL uses 5.0): set it, null would cap at epsilon"
+            )
+        if algorithm.delta is not None:
+            if algorithm.loss_type not in CLIP_LOSS_TYPES:
+                raise ConfigError(
+                    f"algorithm.delta (two-sided clipping) applies to the clipped loss types {CLIP_LOSS_TYPES}, "
+                    f"not loss_type={algorithm.loss_type}: set it to null"
+                )
+            high = algorithm.epsilon if algorithm.epsilon_high is None else algorithm.epsilon_high
+            checks.positive("delta")
+            if not algorithm.delta > 1 + high:
+                raise ConfigError(
+                    f"algorithm.delta must be > 1 + epsilon_high = {1 + high} (so it caps only the ratios of "
+                    f"negative-advantage tokens), got {algorithm.delta!r}"
+                )
         funcs = OmegaConf.to_container(algorithm.reward_funcs)
         if not funcs:
             raise ConfigError("algorithm.reward_funcs must name at least one reward function")
@@ -295,25 +320,41 @@ class GRPO(OnlineModule):
         """num_iterations optimizer steps on one generation batch, each accumulated over micro-batches
         (the completions cut by tokens, `micro_batches`; each forward cut to its own longest row).
         Every loss_type divides by the step's totals over every device (completion tokens, or
-        completions), so each step equals one pass over the whole generation batch on one process."""
+        completions), so each step equals one pass over the whole generation batch on one process.
+        With top_entropy_quantile < 1 each step first finds its high-entropy tokens among all its
+        completion tokens (`high_entropy_tokens`, one more forward pass without gradients)."""
         n, length = gen["input_ids"].shape[0], gen["mask"].shape[1]
         tokens = self.sum_across_devices(gen["mask"].sum())
         completions = self.sum_across_devices(torch.tensor(float(n), device=gen["mask"].device))
         scale = self.loss_scale()  # DDP averages the devices' gradients
         # Token-weighted sums over every micro-batch and iteration, turned into token means at the end
-        # (over all devices' tokens, so the logged value is the whole batch's).
-        sums = {"clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0, "kl": 0.0}
-        counted, applied = 0.0, 0.0  # applied: the loss whose gradient each optimizer step took, summed
+        # (over all devices' tokens, so the logged value is the whole batch's). Clip shares are weighted
+        # by what they count: tokens, or completions with sequence-level ratios.
+        clip_keys = {"clip_ratio/low_mean": "clip_low", "clip_ratio/high_mean": "clip_high"}  # as TRL logs them
+        if self.loss_type not in CLIP_LOSS_TYPES:  # cispo's own share; sapo has no clip
+            clip_keys = {"cispo_clip_ratio": "cispo_clip"} if self.loss_type == "cispo" else {}
+        sums, clip_sums = {"kl": 0.0, "entropy": 0.0}, dict.fromkeys(clip_keys, 0.0)
+        counted, units, applied = 0.0, 0.0, 0.0  # applied: the loss whose gradient each optimizer step took, summed
+        bonus = self.entropy_coef != 0.0  # the entropy enters the loss: it carries gradients
         micro_batches = self.micro_batches(gen["attention_mask"])
         for _ in range(self.num_iterations):
+            keep = None  # found again each step: the policy, and so its entropy, has changed
+            if self.top_entropy_quantile < 1.0:
+                keep = self.high_entropy_tokens(gen, micro_batches)
             for idx in micro_batches:
                 mask = gen["mask"][idx]
                 # Past a completion's end, a row cut shorter than the batch reads other positions than at
                 # generation time: zero every log-prob there, so the ratio and the KL are exactly 1 and 0.
-                logprobs = token_logprobs(
-                    self.model, select_rows(gen, idx), gen["starts"][idx], length, self.temperature
+                logprobs, entropy = token_logprobs(
+                    self.model,
+                    select_rows(gen, idx),
+                    gen["starts"][idx],
+                    length,
+                    self.temperature,
+                    entropy=True,
+                    entropy_grad=bonus,
                 )
-                logprobs = logprobs * mask
+                logprobs, entropy = logprobs * mask, entropy * mask
                 old = logprobs.detach() if gen["old_logprobs"] is None else gen["old_logprobs"][idx] * mask
                 ref = None if gen["ref_logprobs"] is None else gen["ref_logprobs"][idx] * mask
                 out = grpo_loss(
@@ -330,22 +371,53 @@ class GRPO(OnlineModule):
                     num_items_in_batch=tokens,
                     num_completions=completions,
                     scale=scale,
+                    importance_sampling_level=self.importance_sampling_level,
+                    delta=self.delta,
+                    sapo_temperature_pos=self.sapo_temperature_pos,
+                    sapo_temperature_neg=self.sapo_temperature_neg,
+                    entropy=entropy,
+                    entropy_coef=self.entropy_coef,
+                    entropy_mask=None if keep is None else keep[idx],
                 )
                 loss = out.loss
                 self.backpropagate(loss)
                 applied = applied + loss.detach()
                 n_tokens = mask.sum()
-                counted = counted + n_tokens
-                sums["clip_ratio/low_mean"] = sums["clip_ratio/low_mean"] + out.clip_low * n_tokens
-                sums["clip_ratio/high_mean"] = sums["clip_ratio/high_mean"] + out.clip_high * n_tokens
+                counted, units = counted + n_tokens, units + out.clip_units
+                for key in clip_sums:
+                    clip_sums[key] = clip_sums[key] + getattr(out, clip_keys[key]) * out.clip_units
+                sums["entropy"] = sums["entropy"] + out.entropy * n_tokens
                 if out.kl is not None:
                     sums["kl"] = sums["kl"] + out.kl.detach() * n_tokens
             self.optimizer_step_manually(optimizer, scheduler)
         total = self.mean_across_devices(counted).clamp(min=1)  # means of both sides: their ratio is the sums'
         out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.loss_beta != 0.0}
-        out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
+        total_units = self.mean_across_devices(units).clamp(min=1)
+        out.update({k: self.mean_across_devices(v) / total_units for k, v in clip_sums.items()})
+        if self.loss_type in CLIP_LOSS_TYPES:
+            out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
         out["loss"] = self.mean_across_devices(applied) / self.num_iterations  # the steps' losses, averaged
         return out
+
+    @torch.no_grad()
+    def high_entropy_tokens(self, gen: dict, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """[N, R] 1 on the completion tokens whose entropy under the policy is among the
+        top_entropy_quantile share of this optimizer step's tokens, over every micro-batch and device
+        (alignlab.losses.grpo.entropy_threshold): the same tokens whatever the micro-batching. TRL takes
+        the quantile over each micro-batch's tokens on every process; the same when a step is one
+        micro-batch."""
+        mask, length = gen["mask"], gen["mask"].shape[1]
+        # [N, max_completion_length] so that every device's rows have one width; −1 (an entropy is
+        # >= 0) where there is no token
+        entropy = torch.full((mask.shape[0], self.max_completion_length), -1.0, device=mask.device)
+        for idx in micro_batches:
+            _, values = token_logprobs(
+                self.model, select_rows(gen, idx), gen["starts"][idx], length, self.temperature, entropy=True
+            )
+            entropy[idx, :length] = torch.where(mask[idx] > 0, values.float(), -1.0)
+        everyone = self.gather_across_devices(entropy)
+        threshold = entropy_threshold(everyone, everyone >= 0, self.top_entropy_quantile)
+        return high_entropy_mask(entropy[:, :length], mask, threshold)
 
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict, int]:
         gen = self.generate_batch(batch)

@@ -22,7 +22,8 @@ class AnswerLogps:
     token_logps: torch.Tensor  # [N, T-1] per-token log-probs, 0 outside the answer
     mask: torch.Tensor  # [N, T-1] 1 where the predicted token is an answer token
     mean_logits: torch.Tensor  # [N] mean logit over answer positions and vocabulary (detached)
-    token_entropy: torch.Tensor | None = None  # [N, T-1] entropy of each answer position (detached), on request
+    # [N, T-1] each answer position's entropy, on request (detached unless asked with entropy_grad)
+    token_entropy: torch.Tensor | None = None
     token_argmax: torch.Tensor | None = None  # [N, T-1] 1 where the answer token is the argmax logit (detached)
 
     @property
@@ -153,22 +154,24 @@ def _score_chunk(
     transform: LogitTransform,
     temperature: float,
     entropy: bool,
+    entropy_grad: bool = False,
 ):
     """(log-prob of each target, mean logit, entropy or None, whether the target is the argmax) for
-    hidden states [K, H]."""
+    hidden states [K, H]. The entropy carries gradients with `entropy_grad` (an entropy bonus)."""
     logits = transform(head(hidden))  # in the model's dtype, as its forward does, so the numbers are its own
     if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
         logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logps = selective_log_softmax(logits, targets)
+    ent = None
+    if entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            logp = torch.log_softmax(logits, -1)
+            ent = -(logp.exp() * logp).sum(-1)
     with torch.no_grad():
         mean_logit = logits.mean(-1)
         argmax = logits.argmax(-1) == targets  # TRL's mean_token_accuracy counts these
-        ent = None
-        if entropy:
-            logp = torch.log_softmax(logits, -1)
-            ent = -(logp.exp() * logp).sum(-1)
     return logps, mean_logit, ent, argmax
 
 
@@ -243,6 +246,7 @@ def answer_logprobs(
     chunk_size: int = CHUNK_SIZE,
     by_forward: bool | None = None,
     padding_free: bool | None = None,
+    entropy_grad: bool = False,
 ) -> AnswerLogps:
     """Forward `batch` (input_ids, attention_mask, loss_mask) and score its answer tokens.
 
@@ -259,6 +263,9 @@ def answer_logprobs(
     sequence (_packed), with position_ids restarting at 0 and no attention mask (TRL's padding_free; the
     rows must be right-padded, as collate_answers makes them); the numbers equal the padded forward's to
     rounding. Raises ValueError when asked for on a model padding_free_refusal refuses.
+
+    `entropy` adds each answer position's entropy (token_entropy), detached unless `entropy_grad`
+    (for an entropy bonus in the loss).
     """
     if by_forward is None:
         by_forward = scores_by_forward(model)
@@ -287,6 +294,7 @@ def answer_logprobs(
     pieces = []
     for start in range(0, len(targets), step):
         args = (states[start : start + step], targets[start : start + step], head, transform, temperature, entropy)
+        args += (entropy_grad,)
         if torch.is_grad_enabled() and states.requires_grad:
             pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
         else:
@@ -296,13 +304,14 @@ def answer_logprobs(
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)
     mask = mask.to(logps.dtype)
     num_tokens = mask.sum(-1)
+    token_entropy = None
+    if entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
+            token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
     with torch.no_grad():
         mean_logit = torch.cat([p[1] for p in pieces]) if pieces else logps.detach()
         mean_logits = torch.zeros_like(num_tokens).index_add(0, rows, mean_logit) / num_tokens.clamp(min=1)
-        token_entropy = None
-        if entropy:
-            values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
-            token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
         argmax = torch.cat([p[3] for p in pieces]).to(logps.dtype) if pieces else logps.detach()
         token_argmax = torch.zeros_like(token_logps).index_put((rows, cols), argmax)
     return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy, token_argmax)

@@ -49,18 +49,20 @@ def token_logprobs(
     length: int,
     temperature: float = 1.0,
     entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log π(answer token j | prompt, answer tokens < j) at `temperature`, aligned with the answers:
     [N, length], from answer_logprobs on right-padded prompt + answer rows `seqs` whose answers start
     at `starts` [N] (response_positions). `scorer`: the policy (gradients flow), or a ReferenceModel
     (without gradients). With `entropy` (the policy only): (log-probs, each position's entropy [N,
-    length], detached). Values past an answer's end are not zeroed: multiply by its mask."""
+    length], detached unless `entropy_grad`, for an entropy bonus). Values past an answer's end are not
+    zeroed: multiply by its mask."""
     if isinstance(scorer, ReferenceModel):
         if entropy:
             raise ValueError("token_logprobs: entropy is computed for the policy only, not a ReferenceModel")
         out = scorer.answer_logprobs(seqs, temperature)
     else:
-        out = answer_logprobs(scorer, seqs, temperature, entropy=entropy)
+        out = answer_logprobs(scorer, seqs, temperature, entropy=entropy, entropy_grad=entropy_grad)
     logps = response_positions(out.token_logps, starts, length)
     return (logps, response_positions(out.token_entropy, starts, length)) if entropy else logps
 

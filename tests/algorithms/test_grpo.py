@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignlab.errors import ConfigError
-from alignlab.losses.grpo import GRPO_LOSS_TYPES, group_advantages, grpo_loss, k3_kl
+from alignlab.losses.grpo import CLIP_LOSS_TYPES, GRPO_LOSS_TYPES, group_advantages, grpo_loss, k3_kl
 from alignlab.online.rewards import RewardFunctionError, build_reward_function, call_reward_function
 from alignlab.runner.config import check_config
 from tests.conftest import compose
@@ -61,10 +61,10 @@ def reference_per_token(logp, old, adv, eps_low, eps_high, beta, ref):
     return value
 
 
-@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", CLIP_LOSS_TYPES)  # cispo and sapo: tests/losses/test_grpo_variants.py
 @pytest.mark.parametrize(("eps_high", "beta"), [(None, 0.0), (0.28, 0.0), (None, 0.04)])
 def test_grpo_loss_aggregations_match_reference(loss_type, eps_high, beta):
-    g = torch.Generator().manual_seed(GRPO_LOSS_TYPES.index(loss_type))
+    g = torch.Generator().manual_seed(CLIP_LOSS_TYPES.index(loss_type))
     n, r = 6, 5
     logp = -torch.rand(n, r, generator=g, dtype=torch.float64) * 3
     old = logp + torch.randn(n, r, generator=g, dtype=torch.float64) * 0.3

@@ -149,3 +149,24 @@ def test_chunked_answer_logprobs_equal_full_logits_in_value_and_gradient(tiny, c
     assert torch.equal(out.num_tokens, batch["loss_mask"][:, 1:].sum(-1).double())
     for p, g in zip(params, grads):
         assert torch.allclose(p.grad, g, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 0])
+def test_entropy_with_gradients_on_request_equals_full_logits(tiny, chunk_size):
+    """entropy_grad (GRPO's entropy bonus): the chunked entropy carries the full-logits entropy's
+    gradient, in float64; without it the entropy is detached."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).double()
+    batch = pair_batch(tokenizer)
+    params = list(model.parameters())
+    assert not answer_logprobs(model, batch, entropy=True, chunk_size=chunk_size).token_entropy.requires_grad
+    out = answer_logprobs(model, batch, temperature=0.7, entropy=True, chunk_size=chunk_size, entropy_grad=True)
+    weights = torch.linspace(-1.0, 2.0, out.token_entropy.numel(), dtype=torch.float64).view_as(out.token_entropy)
+    (out.token_entropy * weights).sum().backward()
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    _, entropy, _ = full_logits_reference(model, batch, temperature=0.7)
+    (entropy * weights).sum().backward()
+    assert torch.allclose(out.token_entropy, entropy, atol=1e-12)
+    for p, g in zip(params, grads):
+        assert torch.allclose(p.grad, g, atol=1e-10)
