@@ -162,7 +162,8 @@ class GRPO(OnlineModule):
             spent = {k: (spent.get(k, 0.0) if step == self.global_step else 0.0) + v for k, v in seconds.items()}
             self._reward_seconds = (self.global_step, spent)  # summed over the step's calls (resampling)
             for k, v in spent.items():  # this process's seconds: no collective, however often a process scores
-                self.log(f"train/timing/reward/{k}", v, on_step=True, on_epoch=False, batch_size=len(texts))
+                name = f"timing/reward/{k}"
+                self.log(f"train/{name}", v, on_step=True, on_epoch=False, batch_size=len(texts))
         return total, per_fn
 
     @torch.no_grad()
