@@ -22,7 +22,7 @@ class AnswerLogps:
     token_logps: torch.Tensor  # [N, T-1] per-token log-probs, 0 outside the answer
     mask: torch.Tensor  # [N, T-1] 1 where the predicted token is an answer token
     mean_logits: torch.Tensor  # [N] mean logit over answer positions and vocabulary (detached)
-    token_entropy: torch.Tensor | None = None  # [N, T-1] entropy of each answer position (detached), on request
+    token_entropy: torch.Tensor | None = None  # [N, T-1] each answer position's entropy (with gradient), on request
     token_argmax: torch.Tensor | None = None  # [N, T-1] 1 where the answer token is the argmax logit (detached)
 
     @property
@@ -155,20 +155,20 @@ def _score_chunk(
     entropy: bool,
 ):
     """(log-prob of each target, mean logit, entropy or None, whether the target is the argmax) for
-    hidden states [K, H]."""
+    hidden states [K, H]. The entropy carries a gradient (an entropy bonus takes it)."""
     logits = transform(head(hidden))  # in the model's dtype, as its forward does, so the numbers are its own
     if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
         logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logps = selective_log_softmax(logits, targets)
+    ent = None
+    if entropy:
+        logp = torch.log_softmax(logits, -1)
+        ent = -(logp.exp() * logp).sum(-1)
     with torch.no_grad():
         mean_logit = logits.mean(-1)
         argmax = logits.argmax(-1) == targets  # TRL's mean_token_accuracy counts these
-        ent = None
-        if entropy:
-            logp = torch.log_softmax(logits, -1)
-            ent = -(logp.exp() * logp).sum(-1)
     return logps, mean_logit, ent, argmax
 
 
@@ -296,13 +296,13 @@ def answer_logprobs(
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)
     mask = mask.to(logps.dtype)
     num_tokens = mask.sum(-1)
+    token_entropy = None
+    if entropy:  # with its gradient, where the scores have one (PPO's entropy bonus)
+        values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
+        token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
     with torch.no_grad():
         mean_logit = torch.cat([p[1] for p in pieces]) if pieces else logps.detach()
         mean_logits = torch.zeros_like(num_tokens).index_add(0, rows, mean_logit) / num_tokens.clamp(min=1)
-        token_entropy = None
-        if entropy:
-            values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
-            token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
         argmax = torch.cat([p[3] for p in pieces]).to(logps.dtype) if pieces else logps.detach()
         token_argmax = torch.zeros_like(token_logps).index_put((rows, cols), argmax)
     return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy, token_argmax)

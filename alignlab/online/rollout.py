@@ -54,7 +54,8 @@ def token_logprobs(
     [N, length], from answer_logprobs on right-padded prompt + answer rows `seqs` whose answers start
     at `starts` [N] (response_positions). `scorer`: the policy (gradients flow), or a ReferenceModel
     (without gradients). With `entropy` (the policy only): (log-probs, each position's entropy [N,
-    length], detached). Values past an answer's end are not zeroed: multiply by its mask."""
+    length], with its gradient: PPO's entropy bonus). Values past an answer's end are not zeroed:
+    multiply by its mask."""
     if isinstance(scorer, ReferenceModel):
         if entropy:
             raise ValueError("token_logprobs: entropy is computed for the policy only, not a ReferenceModel")
