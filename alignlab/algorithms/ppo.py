@@ -251,6 +251,7 @@ class PPO(OnlineModule):
             "values": values,
             "advantages": advantages,
             "returns": returns,
+            "scores": scores,  # [N] what entered the reward: penalised, clipped
             "stats": stats,
         }
         if self.use_kl_loss:
