@@ -377,3 +377,21 @@ def test_ppo_with_a_rule_reward_and_no_reward_model_trains_through_train(tmp_pat
         assert f"train/{key}" in logged, key
     assert "eval/objective/scores" in logged
     assert result["metrics"]
+
+
+def test_with_a_lora_policy_and_no_reward_model_the_value_model_trains_its_own_adapter_copy(tiny):
+    from omegaconf import OmegaConf
+
+    from alignlab.models.loading import apply_lora
+
+    model, tokenizer = tiny
+    lora = apply_lora(
+        copy.deepcopy(model), OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"})
+    )
+    module = build_module("ppo", lora, tokenizer, reward_funcs=["accuracy"])
+    trained = {name for name, p in module.value.named_parameters() if p.requires_grad}
+    assert {"value_head.weight", "value_head.bias"} <= trained
+    assert all("lora_" in name for name in trained - {"value_head.weight", "value_head.bias"}) and len(trained) > 2
+    policy = {id(p) for p in module.model.parameters()}
+    assert not any(id(p) in policy for p in module.value.parameters())  # a copy: the two adapters train apart
+    assert all(m.p == 0 for m in module.value.modules() if isinstance(m, torch.nn.Dropout))
