@@ -1,5 +1,6 @@
-"""PPO for RLHF with four models: policy (trained), reference (frozen), reward model (frozen) and
-value model (initialised from the reward model, trained).
+"""PPO for RLHF with four models: policy (trained), reference (frozen), reward model (frozen; or rule
+rewards, `reward_funcs`, instead or besides) and value model (initialised from the reward model, or
+from the policy when there is none; trained).
 
 One training step = one rollout: sample answers to a batch of prompts, score them, turn scores and
 per-token KL penalties into GAE advantages, then run `num_ppo_epochs` passes over
@@ -9,42 +10,95 @@ evaluation and sample tables: alignlab.algorithms.online.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alignlab.algorithms.online import OnlineModule
 from alignlab.data.collate import select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
-from alignlab.losses.rlhf import gae, kl_penalty_rewards, masked_mean, masked_whiten
+from alignlab.losses.rlhf import (
+    KL_ESTIMATORS,
+    adaptive_kl_coef,
+    clip_scores,
+    gae,
+    kl_estimate,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+)
 from alignlab.models.modes import disable_dropout
 from alignlab.models.reference import Frozen
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
-from alignlab.online.generation import cut_at_stop, stop_token_ids
+from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
+from alignlab.online.rewards import build_reward_function, call_reward_function
 from alignlab.online.rollout import pack, prompt_ids, response_positions, token_logprobs
 from alignlab.runner.checks import Checks
 
 log = logging.getLogger(__name__)
 
 
+def load_reward_and_value_models(
+    policy: torch.nn.Module, reward_model: str | None, value_model: str | None, dtype: torch.dtype
+) -> tuple[RewardModel | None, RewardModel]:
+    """(the reward model to score with, or None; the value model to train), all the folder reading PPO
+    does. The value model: `value_model`'s folder, else `reward_model`'s, else, with rule rewards only,
+    a copy of the starting policy (its LoRA adapter, if any, included) under a freshly initialised
+    value head (OpenRLHF's critic defaults to the policy when there is no reward model to start from)."""
+    if value_model or reward_model:
+        value = RewardModel.from_pretrained(value_model or reward_model, dtype=dtype)
+    else:
+        value = RewardModel(copy.deepcopy(policy))
+        value.value_head.to(dtype)
+    scorer = RewardModel.from_pretrained(reward_model, dtype=dtype) if reward_model else None
+    return scorer, value
+
+
+def check_reward_model_folders(algorithm: DictConfig) -> None:
+    """`reward_model` and `value_model`, where set, are reward-model folders; raises ConfigError naming the key."""
+    for key in ("reward_model", "value_model"):
+        folder = algorithm[key]
+        if folder is not None and not is_reward_model_folder(folder):
+            raise ConfigError(
+                f"algorithm.{key}={folder} is not a reward-model folder (no {VALUE_HEAD_FILE}, nor a one-label "
+                "AutoModelForSequenceClassification); train one with algorithm=rm and give its <run>/model folder"
+            )
+
+
+def score_clip_bounds(clip_range: float | list | None) -> tuple[float, float] | None:
+    """`reward_clip_range` as (low, high): r gives (−r, r), [low, high] is OpenRLHF's form; None: no clipping."""
+    if clip_range is None:
+        return None
+    if isinstance(clip_range, (int, float)):
+        return -float(clip_range), float(clip_range)
+    low, high = clip_range
+    return float(low), float(high)
+
+
 class PPO(OnlineModule):
     trains_on_images = False  # its value model does not read images yet: refused before training (alignlab.train)
 
     uses_reference = True
-    counters = ("episodes", "rollouts")
+    # current_kl_coef: β of the next rollout, which the adaptive controller (kl_target) moves
+    counters = ("episodes", "rollouts", "current_kl_coef")
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
         dtype = next(model.parameters()).dtype
-        self.value = RewardModel.from_pretrained(self.value_model or self.reward_model, dtype=dtype)
+        scorer, self.value = load_reward_and_value_models(model, self.reward_model, self.value_model, dtype)
         if self.disable_dropout:  # the value model trains beside the policy: the same setting
             disable_dropout(self.value)
-        self.scorer = Frozen(RewardModel.from_pretrained(self.reward_model, dtype=dtype))
-        self.frozen.append(self.scorer)
+        self.scorer = Frozen(scorer) if scorer is not None else None
+        if self.scorer is not None:
+            self.frozen.append(self.scorer)
+        self.rewards = [build_reward_function(spec) for spec in self.reward_funcs or []]
+        self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
         self.episodes = 0  # prompts rolled out so far
         self.rollouts = 0
+        self.current_kl_coef = self.kl_coef
 
     @property
     def reference_folder(self) -> str | None:
@@ -59,20 +113,55 @@ class PPO(OnlineModule):
     def check_config(cls, algorithm: DictConfig) -> None:
         super().check_config(algorithm)
         checks = Checks(algorithm, "algorithm")
-        checks.non_negative("kl_coef", "vf_coef").positive("cliprange", "cliprange_value")
+        checks.non_negative("kl_coef", "vf_coef", "entropy_coef").positive("cliprange", "cliprange_value")
         checks.within("gamma", 0, 1).within("lam", 0, 1)
         checks.at_least(1, "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size", "response_length")
+        checks.one_of("kl_estimator", KL_ESTIMATORS).positive("kl_horizon")
         if algorithm.missing_eos_penalty is not None:
             checks.non_negative("missing_eos_penalty")
-        for key in ("reward_model", "value_model"):
-            folder = algorithm[key]
-            if folder is None and key == "value_model":
-                continue
-            if not is_reward_model_folder(folder):
-                raise ConfigError(
-                    f"algorithm.{key}={folder} is not a reward-model folder (no {VALUE_HEAD_FILE}, nor a one-label "
-                    "AutoModelForSequenceClassification); train one with algorithm=rm and give its <run>/model folder"
-                )
+        if algorithm.kl_target is not None:
+            checks.positive("kl_target")
+        c = algorithm.dual_clip
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1):
+            raise ConfigError(f"algorithm.dual_clip must be null or a number > 1 (Ye et al. use 3), got {c!r}")
+        cls.check_reward_clip_range(algorithm.reward_clip_range)
+        if algorithm.use_kl_loss and algorithm.kl_estimator == "k1":
+            log.warning(  # OpenRLHF warns the same: k1's gradient as a loss is zero in expectation
+                "algorithm.use_kl_loss=true with kl_estimator=k1: as a loss term k1 has no gradient in expectation; "
+                "k2 or k3 is the usual choice"
+            )
+        funcs = OmegaConf.to_container(algorithm.reward_funcs) if algorithm.reward_funcs is not None else []
+        if algorithm.reward_model is None and not funcs:
+            raise ConfigError(
+                "algorithm=ppo needs a reward: set algorithm.reward_model (a reward-model folder, <rm run>/model) "
+                "or algorithm.reward_funcs (rule rewards, e.g. [accuracy]), or both"
+            )
+        if algorithm.reward_weights is not None and len(algorithm.reward_weights) != len(funcs):
+            raise ConfigError(
+                f"algorithm.reward_weights has {len(algorithm.reward_weights)} weights for "
+                f"{len(funcs)} reward functions (algorithm.reward_funcs)"
+            )
+        for spec in funcs:  # unknown names and unimportable targets fail here, before any model loads
+            build_reward_function(spec)
+        check_reward_model_folders(algorithm)
+
+    @staticmethod
+    def check_reward_clip_range(clip_range) -> None:
+        """null, a number r > 0, or [low, high] with low < high; raises ConfigError naming the key."""
+        if clip_range is None:
+            return
+        if OmegaConf.is_config(clip_range):
+            clip_range = OmegaConf.to_container(clip_range)
+        numbers = clip_range if isinstance(clip_range, list) else [clip_range]
+        valid = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers) and (
+            (len(numbers) == 1 and not isinstance(clip_range, list) and clip_range > 0)
+            or (isinstance(clip_range, list) and len(numbers) == 2 and numbers[0] < numbers[1])
+        )
+        if not valid:
+            raise ConfigError(
+                "algorithm.reward_clip_range must be null, a number r > 0 (scores clipped to [-r, r]) or "
+                f"[low, high] with low < high, got {clip_range!r}"
+            )
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
@@ -89,6 +178,16 @@ class PPO(OnlineModule):
             )
 
     # -- rollout --------------------------------------------------------------------------------
+    def rule_rewards(self, batch: dict, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """[N] the weighted sum of the reward functions on one answer per prompt (`texts`), and each
+        function's values; called as GRPO calls them, with the prompts' messages and the data's columns."""
+        prompts, columns = list(batch["prompt_messages"]), batch.get("columns", {})
+        per_fn, total = {}, torch.zeros(len(texts), device=self.device)
+        for (name, fn), weight in zip(self.rewards, self.weights):
+            per_fn[name] = torch.tensor(call_reward_function(name, fn, prompts, texts, columns), device=self.device)
+            total = total + weight * per_fn[name]
+        return total, per_fn
+
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
         """Sample, score and compute advantages for a batch of left-padded prompts."""
@@ -102,21 +201,37 @@ class PPO(OnlineModule):
             logprobs.append(token_logprobs(self.model, sub, at, length, self.temperature))
             ref_logprobs.append(token_logprobs(self.reference, sub, at, length, self.temperature))
             values.append(response_positions(self.value.values(sub["input_ids"], sub["attention_mask"]), at, length))
-            scores.append(self.scorer(sub["input_ids"], sub["attention_mask"], sub["loss_mask"]))
+            if self.scorer is not None:
+                scores.append(self.scorer(sub["input_ids"], sub["attention_mask"], sub["loss_mask"]))
         logprobs = torch.cat(logprobs) * mask
         ref_logprobs = torch.cat(ref_logprobs) * mask
         values = torch.cat(values).float() * mask
-        scores = torch.cat(scores).float()
+        reward_stats = {}
+        # The score: the reward model's (weight 1) plus the weighted rule rewards.
+        scores = torch.cat(scores).float() if self.scorer is not None else torch.zeros(n, device=self.device)
+        if self.rewards:
+            rule, per_fn = self.rule_rewards(batch, answer_texts(self.tokenizer, samples.responses, has_eos))
+            scores = scores + rule if self.scorer is not None else rule
+            for name, fn_values in per_fn.items():  # TRL's names; the std of the whole batch, not a mean of stds
+                reward_stats[f"rewards/{name}/mean"] = fn_values.mean()
+                reward_stats[f"rewards/{name}/std"] = self.gather_across_devices(fn_values).std()
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~has_eos).float()
+        if self.reward_clip_range is not None:
+            scores = clip_scores(scores, *score_clip_bounds(self.reward_clip_range))
 
-        rewards, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, scores, mask, self.kl_coef)
+        # β·KL in the reward, or (use_kl_loss) as a loss term in the update instead
+        kl_coef = self.current_kl_coef
+        reward_kl_coef = 0.0 if self.use_kl_loss else kl_coef
+        rewards, non_score_reward = kl_penalty_rewards(
+            logprobs, ref_logprobs, scores, mask, reward_kl_coef, self.kl_estimator
+        )
         total = self.sum_across_devices  # whitening statistics are the whole rollout's, on every device
         if self.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, total=total) * mask
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         advantages = masked_whiten(advantages, mask, total=total) * mask
-        kl = ((logprobs - ref_logprobs) * mask).sum(1)
+        kl = (kl_estimate(logprobs, ref_logprobs, self.kl_estimator) * mask).sum(1)
         stats = {
             "objective/kl": kl.mean(),
             "objective/entropy": (-logprobs * mask).sum(1).mean(),
@@ -124,8 +239,11 @@ class PPO(OnlineModule):
             "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
             "objective/scores": scores.mean(),
             "val/num_eos_tokens": has_eos.float().sum(),
+            **reward_stats,
         }
-        return {
+        if self.kl_target is not None:
+            stats["objective/kl_coef"] = torch.tensor(kl_coef, device=self.device)
+        out = {
             **seqs,
             "starts": starts,
             "mask": mask,
@@ -133,8 +251,23 @@ class PPO(OnlineModule):
             "values": values,
             "advantages": advantages,
             "returns": returns,
+            "scores": scores,  # [N] what entered the reward: penalised, clipped
             "stats": stats,
         }
+        if self.use_kl_loss:
+            out["ref_logprobs"] = ref_logprobs
+        return out
+
+    def update_kl_coef(self, rollout: dict) -> None:
+        """With `kl_target`, the adaptive controller (Ziegler et al., 2019) sets β for the next rollout
+        from this one's KL per answer and size, both over every process (so every process keeps one β)."""
+        if self.kl_target is None:
+            return
+        kl = self.mean_across_devices(rollout["stats"]["objective/kl"])
+        answers = self.sum_across_devices(torch.tensor(float(rollout["mask"].shape[0]), device=self.device))
+        self.current_kl_coef = adaptive_kl_coef(
+            self.current_kl_coef, float(kl), self.kl_target, self.kl_horizon, float(answers)
+        )
 
     # -- update ---------------------------------------------------------------------------------
     def ppo_update(self, rollout: dict, optimizer, scheduler=None, generator: torch.Generator | None = None) -> dict:
@@ -146,9 +279,10 @@ class PPO(OnlineModule):
         n = rollout["input_ids"].shape[0]
         mini = n // self.num_mini_batches
         length = rollout["mask"].shape[1]
-        stats: dict[str, list] = {
-            k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
-        }
+        keys = ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio"]
+        keys += ["kl_loss"] if self.use_kl_loss else []
+        keys += ["dual_clipfrac"] if self.dual_clip is not None else []
+        stats: dict[str, list] = {k: [] for k in keys}
         for _ in range(self.num_ppo_epochs):
             order = torch.randperm(n, generator=generator).to(self.device)
             for start in range(0, n, mini):
@@ -162,13 +296,22 @@ class PPO(OnlineModule):
                     idx = rows[positions]
                     sub = select_rows(rollout, idx)
                     mask, starts = rollout["mask"][idx], rollout["starts"][idx]
-                    new_logprobs, entropy = token_logprobs(
-                        self.model, sub, starts, length, self.temperature, entropy=True
+                    new_logprobs, entropy = token_logprobs(  # the entropy's gradient only for a bonus
+                        self.model,
+                        sub,
+                        starts,
+                        length,
+                        self.temperature,
+                        entropy=True,
+                        entropy_grad=self.entropy_coef > 0,
                     )
                     new_logprobs = new_logprobs * mask
                     vpred = response_positions(
                         self.value.values(sub["input_ids"], sub["attention_mask"]), starts, length
                     ).float()
+                    kl = None
+                    if self.use_kl_loss:  # the KL to the reference as a loss term (verl), not in the reward
+                        kl = kl_estimate(new_logprobs, rollout["ref_logprobs"][idx] * mask, self.kl_estimator)
                     policy = ppo_policy_loss(
                         new_logprobs,
                         rollout["logprobs"][idx],
@@ -177,6 +320,11 @@ class PPO(OnlineModule):
                         self.cliprange,
                         num_items_in_batch=tokens,
                         scale=self.loss_scale(),
+                        dual_clip=self.dual_clip,
+                        entropy=entropy,
+                        entropy_coef=self.entropy_coef,
+                        kl=kl,
+                        kl_coef=self.current_kl_coef,
                     )
                     vf_loss, vf_clipfrac = ppo_value_loss(
                         vpred,
@@ -193,18 +341,21 @@ class PPO(OnlineModule):
                     for key, value in (
                         ("approxkl", policy.approxkl * share),
                         ("clipfrac", policy.clipfrac * share),
-                        ("pg_loss", policy.loss),  # already a share of the mini-batch's loss
+                        ("pg_loss", policy.pg_loss),  # already a share of the mini-batch's loss
                         ("vf_loss", vf_loss),
                         ("vf_clipfrac", vf_clipfrac * share),
-                        ("entropy", masked_mean(entropy, mask) * share),
+                        ("entropy", masked_mean(entropy.detach(), mask) * share),
                         ("ratio", policy.ratio * share),
+                        ("kl_loss", policy.kl),  # a share too
+                        ("dual_clipfrac", None if policy.dual_clipfrac is None else policy.dual_clipfrac * share),
                     ):
-                        sums[key] = sums[key] + value.detach()
+                        if key in sums:
+                            sums[key] = sums[key] + value.detach()
                 for key, value in sums.items():
                     stats[key].append(value)
                 self.optimizer_step_manually(optimizer, scheduler)
         mean = {k: torch.stack(v).mean() for k, v in stats.items()}
-        return {
+        out = {
             "policy/approxkl_avg": mean["approxkl"],
             "policy/clipfrac_avg": mean["clipfrac"],
             "loss/policy_avg": mean["pg_loss"],
@@ -213,11 +364,17 @@ class PPO(OnlineModule):
             "policy/entropy_avg": mean["entropy"],
             "val/ratio": mean["ratio"],
         }
+        if self.use_kl_loss:
+            out["loss/kl_avg"] = mean["kl_loss"]
+        if self.dual_clip is not None:
+            out["policy/dual_clipfrac_avg"] = mean["dual_clipfrac"]
+        return out
 
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict, int]:
         rollout = self.rollout(batch)
         self.episodes += rollout["input_ids"].shape[0]
         stats = self.ppo_update(rollout, optimizer, scheduler)
+        self.update_kl_coef(rollout)  # after the update, which used this rollout's β (the loss term's too)
         metrics = {
             **rollout["stats"],
             **stats,
@@ -226,12 +383,18 @@ class PPO(OnlineModule):
         }
         return metrics, rollout["input_ids"].shape[0]
 
-    # -- evaluation: the reward model's score of greedy answers -------------------------------------
+    # -- evaluation: the score of greedy answers -------------------------------------------------
     eval_metric = "objective/scores"
 
     @torch.no_grad()
     def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """[B] reward-model scores of generated answers to the batch's prompts."""
-        answers, ended = cut_at_stop(tokens, stop_token_ids(self.model, self.tokenizer))
-        seqs = pack(prompt_ids(batch), answers, ended, self.tokenizer.pad_token_id, self.device).seqs
-        return self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()
+        """[B] scores of generated answers to the batch's prompts: the reward model's plus the weighted
+        rule rewards (no missing-eos penalty, no clipping)."""
+        scores = torch.zeros(len(texts), device=self.device)
+        if self.scorer is not None:
+            answers, ended = cut_at_stop(tokens, stop_token_ids(self.model, self.tokenizer))
+            seqs = pack(prompt_ids(batch), answers, ended, self.tokenizer.pad_token_id, self.device).seqs
+            scores = self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()
+        if self.rewards:
+            scores = scores + self.rule_rewards(batch, texts)[0]
+        return scores

@@ -10,10 +10,13 @@ from alignlab.losses.reduction import masked_mean, step_mean
 
 
 class PolicyLossOutput(NamedTuple):
-    loss: torch.Tensor
+    loss: torch.Tensor  # what to backpropagate: pg_loss (+ kl_coef·KL term) (− entropy_coef·entropy term)
     clipfrac: torch.Tensor  # share of tokens where the clipped term was the larger loss
     approxkl: torch.Tensor  # ½·mean((log π − log π_old)²)
     ratio: torch.Tensor  # mean π / π_old
+    pg_loss: torch.Tensor | None = None  # the clipped surrogate alone (the micro-batch's share of the step's)
+    kl: torch.Tensor | None = None  # the KL term before kl_coef (its share of the step's), when `kl` is given
+    dual_clipfrac: torch.Tensor | None = None  # share of tokens (A < 0) bounded by −c·A, with dual_clip
 
 
 def ppo_policy_loss(
@@ -24,10 +27,27 @@ def ppo_policy_loss(
     cliprange: float = 0.2,
     num_items_in_batch: float | torch.Tensor | None = None,
     scale: float = 1.0,
+    dual_clip: float | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> PolicyLossOutput:
     """Clipped surrogate objective (Schulman et al., 2017), as a loss over response tokens [N, R]:
 
     ρ = exp(log π − log π_old);  loss_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε)).
+
+    Dual clip (Ye et al., 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
+    Learning", eq. 5; OpenRLHF's `dual_clip`, verl's `clip_ratio_c`): where A_t < 0 the loss is also
+    bounded by −c·A_t, loss_t = min(loss_t, −c·A_t) (c > 1), so a token whose ratio has grown far past
+    1 + ε under a negative advantage stops pushing with an unbounded weight ρ; A_t >= 0 is unchanged.
+
+    Added terms, each a token mean of the same reduction (verl's actor loss):
+        + kl_coef · mean_t KL_t         with `kl` [N, R] a per-token KL estimate to the reference
+                                         (alignlab.losses.rlhf.kl_estimate; verl's `use_kl_loss`);
+        − entropy_coef · mean_t H_t     with `entropy` [N, R] the policy's per-token entropy, carrying
+                                         its gradient (an entropy bonus; verl's `entropy_coeff`).
+
     The token mean runs over the optimizer step's (the mini-batch's) `num_items_in_batch` tokens on
     every micro-batch and process (None: these N rows' own); see alignlab.losses.reduction.step_mean.
     """
@@ -35,12 +55,28 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = step_mean(torch.max(unclipped, clipped), mask, num_items_in_batch, scale)
+    per_token = torch.max(unclipped, clipped)
+    dual_clipfrac = None
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        negative = advantages < 0
+        with torch.no_grad():
+            dual_clipfrac = masked_mean((negative & (per_token > bound)).to(per_token.dtype), mask)
+        per_token = torch.where(negative, torch.min(per_token, bound), per_token)
+    pg_loss = step_mean(per_token, mask, num_items_in_batch, scale)
+    loss, kl_term = pg_loss, None
+    if kl is not None:
+        kl_term = step_mean(kl, mask, num_items_in_batch, scale)
+        loss = loss + kl_coef * kl_term
+    if entropy is not None and entropy_coef != 0.0:
+        loss = loss - entropy_coef * step_mean(entropy, mask, num_items_in_batch, scale)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approxkl = 0.5 * masked_mean(log_ratio**2, mask)
         mean_ratio = masked_mean(ratio, mask)
-    return PolicyLossOutput(loss, clipfrac, approxkl, mean_ratio)
+    return PolicyLossOutput(
+        loss, clipfrac, approxkl, mean_ratio, pg_loss, None if kl_term is None else kl_term.detach(), dual_clipfrac
+    )
 
 
 def ppo_value_loss(

@@ -48,13 +48,51 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(-1)
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (Schulman, 2020, "Approximating
+    KL Divergence", http://joschu.net/blog/kl-approx.html; TRL's and OpenRLHF's `kl_estimator`).
+
+    With log r = log π_ref − log π at the sampled token:
+        k1 = −log r               unbiased, high variance, negative on some tokens;
+        k2 = ½·(log r)²            biased, low variance, >= 0;
+        k3 = (r − 1) − log r       unbiased, low variance, >= 0 (verl's `low_var_kl`, GRPO's KL).
+    All three are 0 where the two log-probs are equal (masked positions holding 0 and 0).
+
+    Args:
+        logprobs, ref_logprobs: log π and log π_ref of the sampled tokens, any shape (the same).
+        estimator: "k1", "k2" or "k3".
+    Returns:
+        a tensor of their shape.
+    Raises:
+        ValueError: an estimator not in KL_ESTIMATORS.
+    """
+    if estimator == "k1":
+        return logprobs - ref_logprobs  # the same operation as before the option existed: k1 stays bit-identical
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
 def kl_penalty_rewards(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_estimator: str = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: −kl_coef·(log π − log π_ref) on every response token, plus the score at
-    the last one (Ziegler et al., 2019; Ouyang et al., 2022). Returns (rewards, non_score_reward), [N, R]."""
+    """Per-token rewards: −kl_coef·KL_t on every response token (KL_t: `kl_estimate` of the sampled
+    token, k1 = log π − log π_ref by default), plus the score at the last one (Ziegler et al., 2019;
+    Ouyang et al., 2022). logprobs, ref_logprobs, mask [N, R]; scores [N]. Returns (rewards,
+    non_score_reward), [N, R]."""
     mask = mask.to(logprobs.dtype)
-    non_score_reward = -kl_coef * (logprobs - ref_logprobs) * mask
+    non_score_reward = -kl_coef * kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask
     rewards = non_score_reward.clone()
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_index(mask)] += scores
@@ -79,3 +117,26 @@ def gae(
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: float, n_steps: float) -> float:
+    """The adaptive KL controller of Ziegler et al. (2019, "Fine-Tuning Language Models from Human
+    Preferences", section 2.2): the next β from the current β and the KL its rollout measured,
+
+        e = clip(KL / target − 1, −0.2, 0.2),    β ← β · (1 + e · n_steps / horizon).
+
+    Args:
+        kl_coef: β used for the rollout.
+        kl: its measured KL(π ‖ π_ref) per answer (summed over tokens, averaged over answers; nats).
+        target: the KL to steer to (> 0; Ziegler et al. and TRL: 6).
+        horizon: how many answers it takes to correct the error (> 0; TRL, OpenRLHF: 10000).
+        n_steps: answers in the rollout (over every process). β stays positive while n_steps < 5·horizon.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def clip_scores(scores: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Scores [N] clamped to [low, high] (OpenRLHF's `reward_clip_range`): one outlying score of the
+    reward model cannot dominate an update; applied before the KL penalty is added."""
+    return scores.clamp(min=low, max=high)

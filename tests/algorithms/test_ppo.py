@@ -31,7 +31,7 @@ def prompt_batch(tokenizer, n=6):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([], "required config value(s) not set: algorithm.reward_model"),
+        ([], "set algorithm.reward_model (a reward-model folder, <rm run>/model) or algorithm.reward_funcs"),
         (["algorithm.reward_model=/no/such/folder"], "algorithm.reward_model=/no/such/folder is not a reward-model"),
         (["algorithm.cliprange=0"], "algorithm.cliprange must be > 0"),
         (["algorithm.lam=1.5"], "algorithm.lam must be in [0, 1], got 1.5"),
@@ -43,6 +43,24 @@ def prompt_batch(tokenizer, n=6):
         (
             ["algorithm.max_tokens_per_micro_batch=-1"],
             "algorithm.max_tokens_per_micro_batch must be a whole number >= 1",
+        ),
+        (["algorithm.kl_estimator=k4"], "algorithm.kl_estimator must be one of ('k1', 'k2', 'k3'), got 'k4'"),
+        (["algorithm.kl_target=0"], "algorithm.kl_target must be > 0, got 0"),
+        (["algorithm.kl_horizon=0"], "algorithm.kl_horizon must be > 0, got 0"),
+        (["algorithm.dual_clip=1"], "algorithm.dual_clip must be null or a number > 1 (Ye et al. use 3), got 1"),
+        (["algorithm.dual_clip=0.5"], "algorithm.dual_clip must be null or a number > 1"),
+        (["algorithm.entropy_coef=-0.01"], "algorithm.entropy_coef must be >= 0, got -0.01"),
+        (["algorithm.reward_clip_range=0"], "algorithm.reward_clip_range must be null, a number r > 0"),
+        (["algorithm.reward_clip_range=[1,-1]"], "[low, high] with low < high, got [1, -1]"),
+        (["algorithm.reward_clip_range=[1,2,3]"], "algorithm.reward_clip_range must be null"),
+        (["algorithm.reward_funcs=[nope]"], "unknown reward function 'nope'"),
+        (
+            ["algorithm.reward_funcs=[accuracy]", "algorithm.reward_weights=[1,2]"],
+            "algorithm.reward_weights has 2 weights for 1 reward functions (algorithm.reward_funcs)",
+        ),
+        (
+            ["algorithm.reward_model=null", "algorithm.reward_funcs=[]"],
+            "algorithm=ppo needs a reward: set algorithm.reward_model",
         ),
     ],
 )
@@ -177,3 +195,203 @@ def test_ppo_turns_dropout_off_in_the_policy_and_value_model_by_default(tiny, re
     module = build_module("ppo", lora, tokenizer, reward_model=str(reward_folder))
     for part in (module.model, module.value):
         assert all(m.p == 0 for m in part.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_the_new_options_pass_the_checks_at_sensible_values(reward_folder, tmp_path):
+    options = [
+        "algorithm.kl_estimator=k3",
+        "algorithm.use_kl_loss=true",
+        "algorithm.kl_target=6",
+        "algorithm.dual_clip=3",
+        "algorithm.entropy_coef=0.01",
+        "algorithm.reward_clip_range=[-2,5]",
+    ]
+    check_config(compose(["algorithm=ppo", f"algorithm.reward_model={reward_folder}", *options], tmp_path))
+    rule_only = ["algorithm=ppo", "algorithm.reward_funcs=[accuracy]", "algorithm.reward_clip_range=5"]
+    check_config(compose(rule_only, tmp_path))
+
+
+def arith_batch(tokenizer, n=4):
+    """A batch of the bundled arithmetic prompts as the datamodule gives it: ids, message lists and the
+    `solution` column the reward functions read."""
+    from alignlab.data import PromptDataModule
+    from alignlab.data.arith import ArithTask
+
+    dm = PromptDataModule(ArithTask(n_train=16, n_eval=4), batch_size=n)
+    dm.set_tokenizer(tokenizer)
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+def test_rule_rewards_only_a_value_model_from_the_policy_and_no_reward_model(tiny):
+    """reward_model=null with reward_funcs: no reward model; the value model is a copy of the starting
+    policy (same weights, its own tensors, trained) under a fresh value head; the score is the reward."""
+    from alignlab.models.reward import RewardModel
+
+    model, tokenizer = tiny
+    module = build_module("ppo", copy.deepcopy(model), tokenizer, reward_funcs=["accuracy"], response_length=6)
+    assert module.scorer is None and module.frozen == [module.reference]
+    assert isinstance(module.value, RewardModel)
+    policy = dict(module.model.named_parameters())
+    for name, param in module.value.backbone.named_parameters():
+        assert torch.equal(param, policy[name]) and param.data_ptr() != policy[name].data_ptr(), name
+    trained = {id(p) for p in module.parameters() if p.requires_grad}
+    assert all(id(p) in trained for p in module.value.parameters())
+    seen = {}
+
+    def spy(prompts, completions, solution, **columns):  # accuracy, recording what it was given
+        seen.update(completions=completions, solution=solution)
+        return [float(c.strip() == s) for c, s in zip(completions, solution)]
+
+    module.rewards = [("spy", spy)]
+    batch = arith_batch(tokenizer)
+    rollout = module.rollout(batch)
+    assert seen["solution"] == batch["columns"]["solution"] and len(seen["completions"]) == 4
+    expected = torch.tensor([float(c.strip() == s) for c, s in zip(seen["completions"], seen["solution"])])
+    assert torch.equal(rollout["scores"], expected)
+    assert {"rewards/spy/mean", "rewards/spy/std"} <= set(rollout["stats"])
+    assert module.eval_scores(batch, None, ["0", "1", "2", "3"]).shape == (4,)
+
+
+def test_a_reward_model_and_rule_rewards_add_up_with_the_model_at_weight_one(tiny, reward_folder):
+    """score = reward model + Σ w_i·f_i: the same answers (keyed sampling) scored by a reward model alone
+    and by the reward model plus a rule reward of weight 2."""
+    _, tokenizer = tiny
+    batch = arith_batch(tokenizer)
+    alone = ppo_module(tiny, reward_folder).rollout(batch)
+    both = ppo_module(tiny, reward_folder, reward_funcs=["length"], reward_weights=[2.0])
+    lengths = []
+
+    def length(prompts, completions, **columns):
+        lengths.extend(float(len(c)) for c in completions)
+        return [float(len(c)) for c in completions]
+
+    both.rewards = [("length", length)]
+    combined = both.rollout(batch)
+    assert torch.equal(combined["input_ids"], alone["input_ids"])
+    torch.testing.assert_close(combined["scores"], alone["scores"] + 2 * torch.tensor(lengths), rtol=0, atol=1e-6)
+
+
+def test_reward_clipping_bounds_the_score_before_the_kl_penalty(tiny):
+    _, tokenizer = tiny
+    module = build_module(
+        "ppo", copy.deepcopy(tiny[0]), tokenizer, reward_funcs=["length"], response_length=6, reward_clip_range=0.25
+    )
+    module.rewards = [("length", lambda p, c, **kw: [10.0 * (i - 1.5) for i in range(len(c))])]  # −15, −5, 5, 15
+    rollout = module.rollout(arith_batch(tokenizer))
+    assert rollout["scores"].tolist() == [-0.25, -0.25, 0.25, 0.25]
+    assert rollout["stats"]["objective/scores"].item() == 0.0
+
+
+def test_kl_options_reach_the_rollout_and_the_update(tiny, reward_folder):
+    """kl_estimator changes the logged KL to its estimate; use_kl_loss takes the KL out of the reward
+    (non-score reward 0) and puts it in the update (loss/kl_avg); kl_target logs β and moves it after a
+    rollout by Ziegler's rule; dual_clip logs its clip fraction."""
+    from alignlab.losses.rlhf import adaptive_kl_coef, kl_estimate
+
+    _, tokenizer = tiny
+    base = ppo_module(tiny, reward_folder, num_ppo_epochs=1)
+    torch.manual_seed(0)
+    base_rollout = base.rollout(prompt_batch(tokenizer))
+    optimizer = torch.optim.SGD([p for p in base.parameters() if p.requires_grad], lr=0.5)
+    base.ppo_update(base_rollout, optimizer, generator=torch.Generator().manual_seed(0))  # off the reference
+    options = {"kl_estimator": "k3", "use_kl_loss": True, "kl_target": 6.0, "kl_horizon": 10, "dual_clip": 3.0}
+    module = copy.deepcopy(base)
+    for key, value in options.items():
+        setattr(module, key, value)
+    rollout = module.rollout(prompt_batch(tokenizer))
+    stats = rollout["stats"]
+    k3 = kl_estimate(rollout["logprobs"], rollout["ref_logprobs"], "k3") * rollout["mask"]
+    assert stats["objective/kl"].item() == pytest.approx(k3.sum(1).mean().item(), rel=1e-6)
+    assert stats["objective/kl"].item() > 0  # the policy has moved
+    assert stats["objective/non_score_reward"].item() == 0.0  # the KL is in the loss, not the reward
+    assert stats["objective/kl_coef"].item() == pytest.approx(0.05)
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    logged = module.ppo_update(rollout, optimizer, generator=torch.Generator().manual_seed(0))
+    assert logged["loss/kl_avg"].item() > 0 and "policy/dual_clipfrac_avg" in logged
+    module.update_kl_coef(rollout)
+    expected = adaptive_kl_coef(0.05, stats["objective/kl"].item(), 6.0, 10, 6)
+    assert module.current_kl_coef == pytest.approx(expected, rel=1e-12) and module.current_kl_coef != 0.05
+    assert "current_kl_coef" in module.counters  # saved in checkpoints: a resumed run continues the same β
+
+
+def test_the_entropy_bonus_raises_the_policy_entropy(tiny, reward_folder):
+    """With the advantages zeroed, the update's only policy gradient is the entropy bonus's: one step
+    raises the policy's mean entropy on the rollout's tokens; without it the policy does not move."""
+    from alignlab.online.rollout import token_logprobs
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    module = ppo_module(tiny, reward_folder, torch.float64, num_ppo_epochs=1, entropy_coef=1.0, vf_coef=0.0)
+    rollout = module.rollout(prompt_batch(tokenizer))
+    rollout["advantages"] = torch.zeros_like(rollout["advantages"])
+
+    def entropy(m):
+        with torch.no_grad():
+            _, ent = token_logprobs(m.model, rollout, rollout["starts"], rollout["mask"].shape[1], 1.0, entropy=True)
+        return (ent * rollout["mask"]).sum() / rollout["mask"].sum()
+
+    before = entropy(module)
+    for coef, moves in ((0.0, False), (1.0, True)):
+        trained = copy.deepcopy(module)
+        trained.entropy_coef = coef
+        optimizer = torch.optim.SGD([p for p in trained.model.parameters() if p.requires_grad], lr=0.5)
+        trained.ppo_update(rollout, optimizer, generator=torch.Generator().manual_seed(0))
+        if moves:
+            assert entropy(trained) > before + 1e-6
+        else:
+            assert torch.equal(entropy(trained), before)
+
+
+def test_ppo_with_a_rule_reward_and_no_reward_model_trains_through_train(tmp_path):
+    """A smoke run (2 optimizer steps) of `algorithm=ppo algorithm.reward_funcs=[accuracy]` with every
+    new option on: it trains and logs the rule reward, the adaptive β, the KL loss and the dual clip."""
+    import csv
+
+    from alignlab.train import train
+    from tests.conftest import QUIET
+
+    overrides = [
+        "algorithm=ppo",
+        "algorithm.reward_funcs=[accuracy]",
+        "algorithm.kl_estimator=k3",
+        "algorithm.use_kl_loss=true",
+        "algorithm.kl_target=6",
+        "algorithm.dual_clip=3",
+        "algorithm.entropy_coef=0.01",
+        "algorithm.reward_clip_range=5",
+        "algorithm.response_length=4",
+        "algorithm.num_ppo_epochs=1",
+        "algorithm.num_sample_generations=0",
+        "batch_size=8",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=2",
+        *QUIET,
+    ]
+    result = train(compose(overrides, tmp_path))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for row in rows for k, v in row.items() if v}
+    for key in ("rewards/accuracy/mean", "objective/kl_coef", "loss/kl_avg", "policy/dual_clipfrac_avg"):
+        assert f"train/{key}" in logged, key
+    assert "eval/objective/scores" in logged
+    assert result["metrics"]
+
+
+def test_with_a_lora_policy_and_no_reward_model_the_value_model_trains_its_own_adapter_copy(tiny):
+    from omegaconf import OmegaConf
+
+    from alignlab.models.loading import apply_lora
+
+    model, tokenizer = tiny
+    lora = apply_lora(
+        copy.deepcopy(model), OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"})
+    )
+    module = build_module("ppo", lora, tokenizer, reward_funcs=["accuracy"])
+    trained = {name for name, p in module.value.named_parameters() if p.requires_grad}
+    assert {"value_head.weight", "value_head.bias"} <= trained
+    assert all("lora_" in name for name in trained - {"value_head.weight", "value_head.bias"}) and len(trained) > 2
+    policy = {id(p) for p in module.model.parameters()}
+    assert not any(id(p) in policy for p in module.value.parameters())  # a copy: the two adapters train apart
+    assert all(m.p == 0 for m in module.value.modules() if isinstance(m, torch.nn.Dropout))

@@ -28,12 +28,13 @@ def test_every_group_option_composes(group, option, tmp_path):
     if group == "algorithm":
         assert cfg.algorithm.name == option
         # an algorithm brings data of a kind it accepts, so its default run is valid once every
-        # required value is given (PPO needs a reward model folder)
-        missing = OmegaConf.missing_keys(cfg)
+        # required value is given (PPO needs a reward: a reward model folder or rule rewards)
+        assert not OmegaConf.missing_keys(cfg)
         if option == "ppo":
-            assert missing == {"algorithm.reward_model"}
+            with pytest.raises(ConfigError, match="algorithm=ppo needs a reward"):
+                check_config(cfg)
+            check_config(compose(["algorithm=ppo", "algorithm.reward_funcs=[accuracy]"], output_dir=tmp_path))
         else:
-            assert not missing
             check_config(cfg)
     if group == "data":
         if OmegaConf.missing_keys(cfg.data):
@@ -112,7 +113,7 @@ PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
         ([*PPO, "algorithm.vf_coef=-1"], "algorithm.vf_coef must be >= 0, got -1"),
         ([*PPO, "algorithm.kl_coef=-0.05"], "algorithm.kl_coef must be >= 0, got -0.05"),
         (PPO, "algorithm.reward_model=/nowhere/rm is not a reward-model folder"),
-        (["algorithm=ppo"], "required config value(s) not set: algorithm.reward_model"),
+        (["algorithm=ppo"], "algorithm=ppo needs a reward: set algorithm.reward_model"),
         (["algorithm=grpo", "algorithm.num_generations=1"], "algorithm.num_generations must be a whole number >= 2"),
         (["algorithm=grpo", "algorithm.beta=-0.1"], "algorithm.beta must be >= 0, got -0.1"),
         (["algorithm=grpo", "algorithm.epsilon=0"], "algorithm.epsilon must be > 0, got 0"),
