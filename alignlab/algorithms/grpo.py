@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,9 +31,17 @@ from alignlab.losses.grpo import (
     kl_reward_penalty,
 )
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
-from alignlab.online.rewards import build_reward_function, score_completions
+from alignlab.online.rewards import build_reward_function, check_reward_funcs, score_completions
 from alignlab.online.rollout import pack, token_logprobs
 from alignlab.runner.checks import Checks
+
+
+class PromptDraws(L.Callback):
+    """Hands GRPO the DataModule's prompt draw at fit start (dynamic sampling's replacement prompts), so
+    the module never reaches into the trainer's DataModule itself."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: GRPO) -> None:
+        pl_module.prompt_draws = trainer.datamodule.draw_prompts
 
 
 class GRPO(OnlineModule):
@@ -92,17 +101,11 @@ class GRPO(OnlineModule):
         funcs = OmegaConf.to_container(algorithm.reward_funcs)
         if not funcs:
             raise ConfigError("algorithm.reward_funcs must name at least one reward function")
-        if algorithm.reward_weights is not None and len(algorithm.reward_weights) != len(funcs):
-            raise ConfigError(
-                f"algorithm.reward_weights has {len(algorithm.reward_weights)} weights for "
-                f"{len(funcs)} reward functions"
-            )
-        for spec in funcs:  # unknown names and unimportable targets fail here, before any model loads
-            build_reward_function(spec)
-        cls.check_issue20_keys(algorithm, checks, funcs)
+        check_reward_funcs(funcs, algorithm.reward_weights)
+        cls.check_advantage_and_reference_keys(algorithm, checks, funcs)
 
     @staticmethod
-    def check_issue20_keys(algorithm: DictConfig, checks: Checks, funcs: list) -> None:
+    def check_advantage_and_reference_keys(algorithm: DictConfig, checks: Checks, funcs: list) -> None:
         """Advantage estimators, KL in the reward, dynamic sampling, soft overlong and reference syncs."""
         if algorithm.scale_rewards is not None:
             checks.one_of("scale_rewards", SCALE_REWARDS)
@@ -270,21 +273,23 @@ class GRPO(OnlineModule):
         per_fn = {name: torch.stack([pieces[p][3][name][r] for p, r in rows]) for name in per_fn}
         return packed, texts, rewards, per_fn, rounds
 
+    # Set at fit start by PromptDraws: the DataModule's `draw_prompts` (dynamic sampling's extra prompts).
+    prompt_draws = None
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [*super().configure_callbacks(), *([PromptDraws()] if self.dynamic_sample else [])]
+
     def draw_prompts(self, count: int, round_: int, exclude: set[int]) -> dict | None:
         """`count` more training prompts for this process, as a training batch on this device: a seeded draw
         keyed on (seed, rollouts so far, `round_`) of rows not in `exclude` (the step's rows so far, so no
         prompt's sampling keys repeat within a step), the same on every process, which takes its own slice
-        of count × world rows. None when fewer rows are left."""
-        datamodule = self.trainer.datamodule
-        rows = datamodule.splits["train"]
-        world, rank = self.trainer.world_size, self.global_rank
+        of count × world rows (alignlab.data.datamodule.PromptDataModule.draw_prompts). None when fewer
+        rows are left."""
+        if self.prompt_draws is None:
+            raise RuntimeError("dynamic sampling draws prompts from a PromptDataModule: fit with datamodule=...")
         seed = hash((torch.initial_seed(), getattr(self, self.rollout_counter), round_)) & (2**63 - 1)
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-        free = [i for i in order if rows[i]["index"] not in exclude][: count * world]
-        if len(free) < count * world:
-            return None
-        drawn = datamodule.collate([rows[i] for i in free[rank * count : (rank + 1) * count]], with_prompts=True)
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in drawn.items()}
+        drawn = self.prompt_draws(count, seed, exclude, self.trainer.world_size, self.global_rank)
+        return None if drawn is None else {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in drawn.items()}
 
     # -- reward functions with options from this config ----------------------------------------
     def bind_soft_overlong(self, named: tuple) -> tuple:

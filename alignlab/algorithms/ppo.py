@@ -34,7 +34,7 @@ from alignlab.models.modes import disable_dropout
 from alignlab.models.reference import Frozen
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
-from alignlab.online.rewards import build_reward_function, call_reward_function
+from alignlab.online.rewards import build_reward_function, call_reward_function, check_reward_funcs
 from alignlab.online.rollout import pack, prompt_ids, response_positions, token_logprobs
 from alignlab.runner.checks import Checks
 
@@ -136,13 +136,7 @@ class PPO(OnlineModule):
                 "algorithm=ppo needs a reward: set algorithm.reward_model (a reward-model folder, <rm run>/model) "
                 "or algorithm.reward_funcs (rule rewards, e.g. [accuracy]), or both"
             )
-        if algorithm.reward_weights is not None and len(algorithm.reward_weights) != len(funcs):
-            raise ConfigError(
-                f"algorithm.reward_weights has {len(algorithm.reward_weights)} weights for "
-                f"{len(funcs)} reward functions (algorithm.reward_funcs)"
-            )
-        for spec in funcs:  # unknown names and unimportable targets fail here, before any model loads
-            build_reward_function(spec)
+        check_reward_funcs(funcs, algorithm.reward_weights)
         check_reward_model_folders(algorithm)
 
     @staticmethod

@@ -536,6 +536,17 @@ class PromptDataModule(AlignmentDataModule):
             out.append({"prompt_ids": p, "prompt": row["prompt"], "columns": columns} if fits else None)
         return out
 
+    def draw_prompts(self, count: int, seed: int, exclude: set[int], world: int = 1, rank: int = 0) -> dict | None:
+        """`count` training prompts for process `rank` of `world`, collated as a training batch: a draw by
+        `seed` (the same on every process) of rows whose `index` is not in `exclude`, of which each process
+        takes its own slice of count × world. None when fewer rows are left (GRPO's dynamic sampling)."""
+        rows = self.splits["train"]
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        free = [i for i in order if rows[i]["index"] not in exclude][: count * world]
+        if len(free) < count * world:
+            return None
+        return self.collate([rows[i] for i in free[rank * count : (rank + 1) * count]], with_prompts=True)
+
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         batch = self._extras(examples, with_prompts=True)
         batch.update(collate_vision([e.get("vision") for e in examples]))  # the prompts' images

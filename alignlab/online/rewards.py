@@ -361,6 +361,22 @@ def build_reward_function(spec: Any) -> tuple[str, Callable]:
     return name or target.rsplit(".", 1)[-1], instantiate({**spec, "_partial_": True})
 
 
+def check_reward_funcs(funcs: Sequence, weights: Sequence[float] | None) -> None:
+    """`algorithm.reward_funcs` and `algorithm.reward_weights`, before any model loads: one weight per
+    function, and every function buildable (unknown names, unimportable targets, bad arguments).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    if weights is not None and len(weights) != len(funcs):
+        raise ConfigError(
+            f"algorithm.reward_weights has {len(weights)} weights for {len(funcs)} reward functions "
+            "(algorithm.reward_funcs)"
+        )
+    for spec in funcs:
+        build_reward_function(spec)
+
+
 def is_async(fn: Callable) -> bool:
     """Whether calling `fn` gives a coroutine: an `async def` function, a partial of one, or an object
     whose `__call__` is one."""

@@ -201,6 +201,10 @@ def test_dynamic_sampling_draws_fresh_training_rows_reproducibly(tiny):
     dm, batch = prompt_batch(tiny, batch_size=2, n_train=12)
     module = build_module("grpo", copy.deepcopy(tiny[0]), tiny[1], num_generations=2, dynamic_sample=True)
     module._trainer = SimpleNamespace(datamodule=dm, world_size=1, global_rank=0)
+    from alignlab.algorithms.grpo import PromptDraws
+
+    assert any(isinstance(c, PromptDraws) for c in module.configure_callbacks())
+    PromptDraws().on_fit_start(module._trainer, module)  # hands the module the DataModule's draw
     try:
         exclude = set(batch["index"].tolist())
         first = module.draw_prompts(2, 0, exclude)
