@@ -106,6 +106,8 @@ def test_interrupted_and_resumed_equals_straight(algorithm, signum, tmp_path, ti
     assert len(train_keys) >= steps  # every step's training metrics were logged
     assert resumed_history.keys() >= straight_history.keys()
     for key, value in straight_history.items():
+        if "/timing/" in key[0]:  # wall-clock seconds (e.g. train/timing/reward/<fn>), not a training number
+            continue
         assert resumed_history[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
