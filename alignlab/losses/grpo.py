@@ -42,7 +42,7 @@ def group_advantages(
     raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
 
 
-# -- advantage estimators (issue 20): all per completion, [N] in and out ---------------------------
+# -- advantage estimators: all per completion, [N] in and out ---------------------------
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
 # scale_rewards null takes the estimator's own, ms-swift's defaults (RLOO and REINFORCE++ as their papers have them).
 DEFAULT_SCALE_REWARDS = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}

@@ -1,5 +1,5 @@
 """GRPO's advantage estimators, KL in the reward, DAPO dynamic sampling, the soft overlong reward and
-reference syncs, wired into the module (issue 20)."""
+reference syncs, wired into the module."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from tests.conftest import QUIET, build_module, compose
         ),
     ],
 )
-def test_issue20_config_errors_name_the_key(overrides, message, tmp_path):
+def test_advantage_and_sampling_config_errors_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         check_config(compose(["algorithm=grpo", *overrides], tmp_path))
     assert message in str(err.value)
