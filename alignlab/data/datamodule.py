@@ -81,7 +81,8 @@ class AlignmentDataModule(L.LightningDataModule):
         self.max_length, self.seed, self.num_workers = max_length, seed, num_workers
         self.tokenizer = None
         self.images: ImageEncoder | None = None  # a vision-language model's image processor (set_image_encoder)
-        self._vision: dict[int, tuple[dict, list[str]] | None] = {}  # id(row) → its images' inputs and markup
+        # id(row), and (id(row), "rejected") for rejected_images → the images' inputs and markup, until setup
+        self._vision: dict[int | tuple[int, str], tuple[dict, list[str]]] = {}
         self.splits: dict[str, list[dict]] = {}
         self.dropped: dict[str, int] = {}  # split → rows left out by setup, all reasons together
         self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows

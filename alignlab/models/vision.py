@@ -9,6 +9,7 @@ as for text models (alignlab.models.logprobs).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -81,6 +82,12 @@ def vision_token_ids(model) -> list[int]:
     return sorted({int(i) for k in VISION_TOKEN_KEYS if isinstance(i := getattr(config, k, None), int)})
 
 
+@functools.cache
+def _takes_modality(trunk_class: type) -> bool:
+    """Whether a base model class's forward takes `mm_token_type_ids` (read once per class: every forward asks)."""
+    return "mm_token_type_ids" in inspect.signature(trunk_class.forward).parameters
+
+
 def forward_inputs(model, input_ids: torch.Tensor, batch: dict) -> dict:
     """The image inputs `model`'s forward takes for `input_ids` [N, T] and the batch's images: pixel_values
     and image_grid_thw (alignlab.data.vision), and the per-token modality `mm_token_type_ids` [N, T]
@@ -97,8 +104,7 @@ def forward_inputs(model, input_ids: torch.Tensor, batch: dict) -> dict:
         if image_token is not None and bool((input_ids == image_token).any()):
             raise ValueError("image tokens in the batch but no images (pixel_values): images were lost on the way")
         return {}
-    forward = trunk(base).forward
-    if image_token is not None and "mm_token_type_ids" in inspect.signature(forward).parameters:
+    if image_token is not None and _takes_modality(type(trunk(base))):
         inputs["mm_token_type_ids"] = (input_ids == image_token).int()
     return inputs
 
