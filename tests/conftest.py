@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -122,17 +123,32 @@ def eval_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="session")
-def sft_run(tmp_path_factory) -> dict:
-    """An SFT run on the bundled task: the warm start every preference stage's test begins from."""
+def sft_run(tmp_path_factory, worker_id) -> dict:
+    """An SFT run on the bundled task: the warm start every preference stage's test begins from.
+
+    Trained once per test session: under pytest-xdist the first worker to need it trains it in the
+    session's shared temporary folder while holding a lock, and the others read its result (a
+    second copy of this 800-step run would cost the suite about a minute of one core)."""
+    from filelock import FileLock
+
     from alignlab.train import train
 
-    run_dir = tmp_path_factory.mktemp("sft")
-    return train(
-        compose(
-            ["algorithm=sft", "trainer.max_steps=800", "batch_size=32", "trainer.val_check_interval=400", *QUIET],
-            run_dir,
+    def run(run_dir: Path) -> dict:
+        return train(
+            compose(
+                ["algorithm=sft", "trainer.max_steps=800", "batch_size=32", "trainer.val_check_interval=400", *QUIET],
+                run_dir,
+            )
         )
-    )
+
+    if worker_id == "master":  # not under xdist
+        return run(tmp_path_factory.mktemp("sft"))
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this session
+    done = shared / "sft_run.json"
+    with FileLock(str(shared / "sft_run.lock")):
+        if not done.exists():
+            done.write_text(json.dumps(run(shared / "sft")))
+        return json.loads(done.read_text())
 
 
 def from_sft(sft_run: dict, *overrides: str) -> list[str]:
