@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -196,6 +197,15 @@ def test_the_teacher_is_checked_before_any_model_loads(teacher_dir, tiny_model_d
         check_config(compose(["algorithm=gkd", f"algorithm.teacher_model_name_or_path={wider}"]))
 
 
+class BatchRows(L.Callback):
+    """Records the rows of every training batch."""
+
+    seen: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        BatchRows.seen.append(len(batch["index"]))
+
+
 def test_a_short_run_distils_through_train(teacher_dir, tmp_path):
     from alignlab.train import train
 
@@ -209,11 +219,14 @@ def test_a_short_run_distils_through_train(teacher_dir, tmp_path):
         "trainer.val_check_interval=2",
         "data.source.n_eval=32",
         "batch_size=8",
+        "max_tokens_per_micro_batch=100",  # the data's budget too: set aside, GKD cuts its steps itself
         "evaluation.at_start=false",
+        "+callbacks.batch_rows._target_=tests.algorithms.test_gkd.BatchRows",
         *QUIET,
     ]
+    BatchRows.seen.clear()
     result = train(compose(overrides, tmp_path))
-    assert result["steps"] == 2
+    assert result["steps"] == 2 and BatchRows.seen == [8, 8]  # each step's rows whole, not the data's micro-batches
     metrics = result["metrics"]
     assert 0 < metrics["train/loss"] < 1 and 0 < metrics["eval/loss"] < 1  # JSD(0.5) is at most ln 2
     assert {"train/num_tokens", "train/on_policy", "eval/exact_match"} <= metrics.keys()
