@@ -161,6 +161,13 @@ class GKD(OnlineModule):
             metrics["exact_match"] = self.exact_match(batch).mean()
         self._log("eval", metrics, len(batch["index"]), on_step=False)
 
+    def held_out_prompts(self, n: int) -> dict:
+        """The first `n` held-out rows, their `solution` (where the data has one) shown in the sample tables."""
+        batch = super().held_out_prompts(n)
+        if "solution" in batch:
+            batch["columns"] = {"solution": batch["solution"]}
+        return batch
+
     @torch.no_grad()
     def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """[B] the mean divergence per token between teacher and student on each greedy answer (the

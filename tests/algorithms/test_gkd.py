@@ -4,6 +4,7 @@ run through train()."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -230,5 +231,7 @@ def test_a_short_run_distils_through_train(teacher_dir, tmp_path):
     metrics = result["metrics"]
     assert 0 < metrics["train/loss"] < 1 and 0 < metrics["eval/loss"] < 1  # JSD(0.5) is at most ln 2
     assert {"train/num_tokens", "train/on_policy", "eval/exact_match"} <= metrics.keys()
-    assert (tmp_path / "samples.jsonl").read_text().count('"score"') == 2 * 16
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 16 and set(samples[0]) == {"step", "prompt", "answer", "score", "solution"}
+    assert samples[0]["prompt"][0]["role"] == "user"  # the data's messages
     assert (tmp_path / "model" / "config.json").exists()
