@@ -235,3 +235,21 @@ def test_a_short_run_distils_through_train(teacher_dir, tmp_path):
     assert len(samples) == 2 * 16 and set(samples[0]) == {"step", "prompt", "answer", "score", "solution"}
     assert samples[0]["prompt"][0]["role"] == "user"  # the data's messages
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_the_first_step_loss_is_trls_on_the_same_models_and_batch(tiny_model_dir, teacher_dir, monkeypatch):
+    """TRL's GKDTrainer.compute_loss on data answers: both models' full logits shifted by one, labels −100
+    outside the answers, generalized_jsd_loss at its default temperature 1."""
+    pytest.importorskip("trl")
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    module, tokenizer = student(tiny_model_dir, teacher_dir, lmbda=0.0, beta=0.7)
+    batch = sft_batch(tokenizer)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
+    with torch.no_grad():
+        student_logits, teacher_logits = module.model(**inputs).logits, module.teacher.module(**inputs).logits
+    trl = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], beta=0.7)
+    metrics, _ = module.train_on(batch, Capture(module), None)
+    assert metrics["loss"].item() == pytest.approx(trl.item(), rel=1e-10)
