@@ -171,16 +171,14 @@ class AlignmentModule(L.LightningModule):
     @torch.no_grad()
     def check_logprobs(self, batch: dict) -> None:
         """On the first batch seen: compare answer_logprobs' answer-only output layer with each causal
-        LM's own forward (the policy, and a reference of another architecture), on every device; where
+        LM's own forward (the policy, and each of scoring_models of another architecture), on every device; where
         they differ beyond rounding, that architecture is scored through its forward from now on, with
         one warning (alignlab.models.logprobs.score_by_forward). Later calls do nothing."""
         if self.logprobs_checked:
             return
         self.logprobs_checked = True
         models = [self.model]
-        if self.reference is not None and self.reference.copy is not None:
-            if architecture(self.reference.copy) is not architecture(self.model):
-                models.append(self.reference.copy)
+        models += [m for m in self.scoring_models() if architecture(m) is not architecture(self.model)]
         rows = scoring_rows(batch)
         for model in models:
             head = getattr(model, "get_output_embeddings", None)
@@ -193,6 +191,13 @@ class AlignmentModule(L.LightningModule):
                 score_by_forward(
                     model, f"by up to {difference:.3g} nats on the first batch; rounding allows {tolerance:g}"
                 )
+
+    def scoring_models(self) -> list[torch.nn.Module]:
+        """The frozen causal LMs scored through answer_logprobs besides the policy, which check_logprobs
+        also checks where their architecture differs from the policy's: the reference copy, if any."""
+        if self.reference is not None and self.reference.copy is not None:
+            return [self.reference.copy]
+        return []
 
     # -- the algorithm ------------------------------------------------------------------------
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -398,9 +398,9 @@ class SFTDataModule(AlignmentDataModule):
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         out = []
-        for p, (a,) in self.encode_rows(rows, ("completion",)):
+        for row, (p, (a,)) in zip(rows, self.encode_rows(rows, ("completion",))):
             a = fit_answer(len(p), a, self.max_length)
-            out.append(None if a is None else {"prompt_ids": p, "completion_ids": a})
+            out.append(None if a is None else {"prompt_ids": p, "completion_ids": a, "prompt": row["prompt"]})
         return out
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
@@ -408,6 +408,8 @@ class SFTDataModule(AlignmentDataModule):
             [e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], self.pad_id
         )
         batch.update(collate_vision([e.get("vision") for e in examples]))
+        if with_prompts:  # the prompts' messages, as the data gave them (GKD's sample tables)
+            batch["prompt_messages"] = [e["prompt"] for e in examples]
         return {**batch, **self._extras(examples, with_prompts)}
 
 

@@ -238,6 +238,54 @@ def _packed(ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, t
     return packed_ids.view(len(fill), width), positions.view(len(fill), width), where
 
 
+def _answer_states(model, batch: dict, by_forward: bool | None, padding_free: bool | None) -> tuple:
+    """The decoder's output at a batch's answer positions and what turns it into logits: (states [K, H],
+    the tokens they predict [K], their rows [K] and columns [K] in the shifted batch, the shifted
+    loss_mask [N, T-1], the output layer, the architecture's LogitTransform). K answer positions, row by
+    row. With `by_forward` the states are the full forward's logits and the head the identity. See
+    answer_logprobs for `by_forward` and `padding_free`."""
+    if by_forward is None:
+        by_forward = scores_by_forward(model)
+    if padding_free is None:
+        padding_free = bool(getattr(model, "padding_free", False))
+    if padding_free and (reason := padding_free_refusal(model)) is not None:
+        raise ValueError(f"padding_free: {reason}")
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    if padding_free:
+        packed_ids, positions, where = _packed(ids, attention)
+        inputs = {"input_ids": packed_ids, "position_ids": positions, "attention_mask": None}
+    else:
+        inputs = {"input_ids": ids, "attention_mask": attention}
+    inputs.update(forward_inputs(model, ids, batch))  # a vision-language batch's images (none for text)
+    if by_forward:  # full logits, then the same gathering; the "head" is the identity
+        hidden = model(**inputs, use_cache=False).logits
+        head, transform = torch.nn.Identity(), LogitTransform()
+    else:
+        hidden = trunk(model)(**inputs, use_cache=False).last_hidden_state
+        head, transform = model.get_output_embeddings(), logit_transform(model)
+    mask = batch["loss_mask"][:, 1:]
+    rows, cols = mask.nonzero(as_tuple=True)  # answer positions, row by row
+    states = hidden.flatten(0, 1)[where[rows, cols]] if padding_free else hidden[rows, cols]
+    targets = ids[:, 1:][rows, cols]
+    return states, targets, rows, cols, mask, head, transform
+
+
+def answer_logits(
+    model, batch: dict, temperature: float = 1.0, by_forward: bool | None = None, padding_free: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [K, V] at a batch's K answer positions, each position's row [K]), row by row in the order
+    answer_logprobs scores them: whole next-token distributions, for a loss between two models'
+    distributions (GKD). As answer_logprobs, the output layer runs at answer positions only, with the
+    architecture's logit transform, divided by `temperature`; float32 for half-precision models. Unlike
+    it, the K × V logits are kept (with their graph where gradients flow): memory grows with answer
+    tokens × vocabulary."""
+    states, _, rows, _, _, head, transform = _answer_states(model, batch, by_forward, padding_free)
+    logits = transform(head(states))
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return (logits / temperature if temperature != 1.0 else logits), rows
+
+
 def answer_logprobs(
     model,
     batch: dict,
@@ -267,29 +315,8 @@ def answer_logprobs(
     `entropy` adds each answer position's entropy (token_entropy), detached unless `entropy_grad`
     (for an entropy bonus in the loss).
     """
-    if by_forward is None:
-        by_forward = scores_by_forward(model)
-    if padding_free is None:
-        padding_free = bool(getattr(model, "padding_free", False))
-    if padding_free and (reason := padding_free_refusal(model)) is not None:
-        raise ValueError(f"padding_free: {reason}")
-    ids, attention = batch["input_ids"], batch["attention_mask"]
-    if padding_free:
-        packed_ids, positions, where = _packed(ids, attention)
-        inputs = {"input_ids": packed_ids, "position_ids": positions, "attention_mask": None}
-    else:
-        inputs = {"input_ids": ids, "attention_mask": attention}
-    inputs.update(forward_inputs(model, ids, batch))  # a vision-language batch's images (none for text)
-    if by_forward:  # full logits, then the same gathering; the "head" is the identity
-        hidden = model(**inputs, use_cache=False).logits
-        head, transform = torch.nn.Identity(), LogitTransform()
-    else:
-        hidden = trunk(model)(**inputs, use_cache=False).last_hidden_state
-        head, transform = model.get_output_embeddings(), logit_transform(model)
-    mask = batch["loss_mask"][:, 1:]
-    rows, cols = mask.nonzero(as_tuple=True)  # answer positions, row by row
-    states = hidden.flatten(0, 1)[where[rows, cols]] if padding_free else hidden[rows, cols]
-    targets = ids[:, 1:][rows, cols]
+    states, targets, rows, cols, mask, head, transform = _answer_states(model, batch, by_forward, padding_free)
+    hidden_dtype = states.dtype
     step = chunk_size if chunk_size > 0 else max(len(targets), 1)
     pieces = []
     for start in range(0, len(targets), step):
@@ -299,8 +326,8 @@ def answer_logprobs(
             pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
         else:
             pieces.append(_score_chunk(*args))
-    dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
-    logps = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=dtype)
+    dtype = torch.float32 if hidden_dtype in (torch.float16, torch.bfloat16) else hidden_dtype
+    logps = torch.cat([p[0] for p in pieces]) if pieces else states.new_zeros(0, dtype=dtype)
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)
     mask = mask.to(logps.dtype)
     num_tokens = mask.sum(-1)

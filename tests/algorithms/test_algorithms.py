@@ -188,7 +188,7 @@ def test_a_module_refuses_missing_or_unknown_hyper_parameters(tiny):
         DPO(model, tokenizer, OPTIM, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", disable_dropout=True, gamma=1.0)
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "cpo", "orpo", "simpo", "rm", "ppo", "grpo"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "cpo", "orpo", "simpo", "rm", "ppo", "grpo", "gkd"])
 def test_a_module_takes_exactly_the_keys_of_its_config_file(name):
     """conf/algorithm/<name>.yaml is the one place a hyper-parameter is written: the class it builds
     reads its names from there, and declares none of its own."""

@@ -39,6 +39,7 @@ ALGORITHMS = {
         "algorithm.reward_funcs=[{_target_:alignlab.online.rewards.length_reward,target:4}]",
     ],
     "ppo": ["algorithm.response_length=6", "algorithm.num_mini_batches=2"],  # reward_model: the rm run
+    "gkd": ["algorithm.max_new_tokens=4"],  # teacher: the sft run; steps 0 and 2 on-policy, 1 the data's answers
 }
 
 
@@ -72,6 +73,8 @@ def main(out: Path) -> None:
     for name, extra in ALGORITHMS.items():
         if name == "ppo":
             extra = [*extra, f"algorithm.reward_model={out / 'rm' / 'model'}"]
+        if name == "gkd":
+            extra = [*extra, f"algorithm.teacher_model_name_or_path={out / 'sft' / 'model'}"]
         callback = [
             f"+callbacks.fingerprint._target_={__name__}.Fingerprint",
             f"+callbacks.fingerprint.path={out / name}",

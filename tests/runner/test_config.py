@@ -28,12 +28,15 @@ def test_every_group_option_composes(group, option, tmp_path):
     if group == "algorithm":
         assert cfg.algorithm.name == option
         # an algorithm brings data of a kind it accepts, so its default run is valid once every
-        # required value is given (PPO needs a reward: a reward model folder or rule rewards)
+        # required value is given (PPO needs a reward: a reward model folder or rule rewards; GKD a teacher)
         assert not OmegaConf.missing_keys(cfg)
         if option == "ppo":
             with pytest.raises(ConfigError, match="algorithm=ppo needs a reward"):
                 check_config(cfg)
             check_config(compose(["algorithm=ppo", "algorithm.reward_funcs=[accuracy]"], output_dir=tmp_path))
+        elif option == "gkd":  # GKD needs a teacher (tests/algorithms/test_gkd.py checks one)
+            with pytest.raises(ConfigError, match="algorithm.teacher_model_name_or_path is not set"):
+                check_config(cfg)
         else:
             check_config(cfg)
     if group == "data":
