@@ -46,6 +46,8 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     data = Checks(cfg.data, "data").at_least(1, "batch_size", "eval_batch_size").at_least(2, "max_length")
     if "on_bad_row" in cfg.data:
         data.one_of("on_bad_row", ON_BAD_ROW)
+    if cfg.data.get("source") is not None and cfg.data.source.get("max_rows") is not None:
+        Checks(cfg.data.source, "data.source").at_least(1, "max_rows")
     check_model_config(cfg.model)
     check_hardware(cfg.trainer, choices.get("hardware"))
     algorithm_class = get_class(cfg.algorithm._target_)
