@@ -252,3 +252,15 @@ def test_a_hub_split_or_subset_that_does_not_exist_is_named_with_its_key(hub):
     ):
         FileSource("someone/ultrafeedback", subset="nope", split="train_prefs").load("pairwise")
     assert hub[-1]["name"] == "nope"
+
+
+def test_an_ultrafeedback_shaped_folder_trains_dpo_end_to_end(tmp_path):
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    folder = write_uf_folder(tmp_path / "ultrafeedback", n_train=16, n_test=4)
+    data = ["data=custom_pairs", f"data.source.path={folder}", "data.source.split=train_prefs"]
+    overrides = [*data, "data.source.eval_split=test_prefs", "trainer.max_steps=2", "batch_size=4", *QUIET]
+    result = train(compose(overrides, tmp_path / "run"))
+    assert result["steps"] == 2 and result["dropped_rows"] == {"train": 0, "eval": 0}
+    assert "eval/rewards/accuracies" in result["metrics"]  # the held-out split was validated on
