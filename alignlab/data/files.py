@@ -283,8 +283,12 @@ class FileSource:
         eval_split: str | None = None,
         max_rows: int | None = None,
         columns: dict[str, str] | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        *,
+        key: str = "data.source",
     ):
-        self.key = "data.source"  # the config key errors name (a mixture's part: data.sources[i])
+        self.key = key  # the config key errors name (a mixture's part: data.sources[i])
         self.eval_path, self.eval_fraction, self.split_seed = eval_path, eval_fraction, split_seed
         if subset is not None and name is not None and subset != name:
             raise ConfigError(f"{self.key}.subset={subset!r} and {self.key}.name={name!r} disagree; give one of them")
@@ -298,8 +302,30 @@ class FileSource:
         ):
             raise ConfigError(f"{self.key}.max_rows (or #N on the path) must be a whole number >= 1, got {max_rows!r}")
         self.columns = dict(columns or {})
+        self.settings = {  # as given, for `with_spec`
+            "path": path,
+            "eval_path": eval_path,
+            "eval_fraction": eval_fraction,
+            "split_seed": split_seed,
+            "subset": self.subset,
+            "split": split,
+            "eval_split": eval_split,
+            "max_rows": max_rows,
+            "columns": columns,
+            "streaming": streaming,
+            "shuffle_buffer": shuffle_buffer,
+        }
+        self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
         self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
         self._origin: dict[int, tuple[str, int, str]] = {}  # id(canonical row) → (file, row, prompt field)
+
+    def with_spec(self, spec: dict, key: str) -> FileSource:
+        """A source of this one's settings with `spec`'s keys in their place (a mixture's part, whose
+        errors name `key`, e.g. data.sources[1]). A spec's `name` stands for `subset`."""
+        settings = {**self.settings, **spec}
+        if "name" in spec:
+            settings["subset"] = settings.pop("name")
+        return FileSource(**settings, key=key)
 
     # -- reading -----------------------------------------------------------------------------------
     def _raw(
@@ -313,13 +339,8 @@ class FileSource:
         check_source_exists(location, key)
         local = Path(location).expanduser()
         if local.is_dir():
-            splits = folder_splits(local, self.subset, self.key)
-            if split not in splits:
-                raise DataError(
-                    str(local),
-                    f"has no split {split!r}; splits present: {sorted(splits)}; set {split_key} to one of them",
-                )
-            rows = [(str(f), i + 1, raw, f.parent) for f in splits[split] for i, raw in enumerate(read_rows(str(f)))]
+            files = self._split_files(local, split, split_key)
+            rows = [(str(f), i + 1, raw, f.parent) for f in files for i, raw in enumerate(read_rows(str(f)))]
         elif local.exists():
             rows = [(location, i + 1, raw, local.parent) for i, raw in enumerate(read_rows(location))]
         else:
@@ -339,6 +360,19 @@ class FileSource:
                 log.info("%s: %d rows drawn from %d (each row at least once)", location, sample, len(rows))
             rows = [rows[i] for i in draw_rows(len(rows), sample, rng)]
         return rows
+
+    def _split_files(self, folder: Path, split: str, split_key: str) -> list[Path]:
+        """The data files of `split` in a Hub-shaped folder (`folder_splits`).
+
+        Raises:
+            DataError: no such split, listing those present and naming `split_key`.
+        """
+        splits = folder_splits(folder, self.subset, self.key)
+        if split not in splits:
+            raise DataError(
+                str(folder), f"has no split {split!r}; splits present: {sorted(splits)}; set {split_key} to one of them"
+            )
+        return splits[split]
 
     def _renamed(self, rows: list[tuple[str, int, dict, Path | None]], location: str) -> list:
         """Rows with `columns` applied (user's name → alignlab's), after checking every name is a column.
@@ -394,11 +428,16 @@ class FileSource:
                 f"{self.key}.eval_split={self.eval_split!r} needs a folder or a Hub data set, but {self.key}.path is "
                 f"one file ({self.path}), which has no splits; give the held-out file as {self.key}.eval_path"
             )
-        train = self._canonical(self.path, self.split, f"{self.key}.split", kind, on_bad_row, "train")
+        if self.streaming:
+            train = self._stream(kind, on_bad_row)
+        else:
+            train = self._canonical(self.path, self.split, f"{self.key}.split", kind, on_bad_row, "train")
         if self.eval_path or self.eval_split:
             held, split = self.eval_path or self.path, self.eval_split or self.split
             split_key = f"{self.key}.eval_split" if self.eval_split else f"{self.key}.split"
             return {"train": train, "eval": self._canonical(held, split, split_key, kind, on_bad_row, "eval")}
+        if self.streaming:  # a stream's length is unknown until read: no fraction of it is held out
+            return {"train": train, "eval": []}
         order = list(range(len(train)))
         random.Random(self.split_seed).shuffle(order)
         n_eval = int(round(len(train) * self.eval_fraction))
@@ -409,6 +448,57 @@ class FileSource:
             "train": [r for i, r in enumerate(train) if i not in held],
             "eval": [r for i, r in enumerate(train) if i in held],
         }
+
+    def _stream(self, kind: str, on_bad_row: str):
+        """The train split as a RowStream (alignlab.data.streaming), its first rows read and checked now.
+
+        Raises:
+            DataError: as `load`, for the location and the first `PEEK_ROWS` rows.
+        """
+        from alignlab.data.streaming import PEEK_ROWS, RowStream, file_stream
+
+        check_source_exists(self.path, f"{self.key}.path")
+        local = Path(self.path).expanduser()
+        if local.is_dir():
+            dataset, where = file_stream(self._split_files(local, self.split, f"{self.key}.split")), None
+        elif local.exists():
+            if local.suffix.lower() not in _FORMATS:
+                raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
+            dataset, where = file_stream([local]), None
+        else:
+            dataset = read_hub(self.path, self.subset, self.split, self.key, streaming=True)
+            where = self.path + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
+        if self.max_rows is not None:
+            dataset = dataset.take(self.max_rows)  # a stream's first N rows: a sample would need all of them
+
+        def convert(record: dict, position: int) -> dict | None:
+            if where is None:  # a local file's record: its file and row
+                file, index, raw = record["file"], record["row"], record["raw"]
+            else:
+                file, index, raw = f"{where}, streamed row {position + 1}", None, record
+            if self.columns and isinstance(raw, dict):
+                raw = {self.columns.get(k, k): v for k, v in raw.items()}
+            try:
+                row = to_canonical(raw, kind, file, index, base_dir=Path(file).parent if where is None else None)
+            except DataError as e:
+                if on_bad_row != "skip":
+                    raise
+                self.skipped["train"] = self.skipped.get("train", 0) + 1
+                if self.skipped["train"] == 1:
+                    log.warning("%s: left out a bad row (data.on_bad_row=skip): %s", self.path, e)
+                return None
+            self._origin[id(row)] = (file, index, _prompt_field(raw))
+            return row
+
+        peeked = list(dataset.take(PEEK_ROWS))
+        if not peeked:
+            raise DataError(self.path, f"split {self.split!r} has no rows")
+        raws = [record["raw"] if where is None else record for record in peeked]
+        self._renamed([("", 0, raw, None) for raw in raws], self.path)  # a column map naming no column fails
+        for position, record in enumerate(peeked):
+            convert(record, position)
+        self.skipped.pop("train", None)  # counted again as training meets them
+        return RowStream(dataset, self.path, self.shuffle_buffer, convert)
 
     def describe(self) -> str:
         return self.path
