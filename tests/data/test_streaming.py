@@ -159,3 +159,57 @@ def test_what_streaming_cannot_do_is_refused_naming_the_key(data, algorithm, kin
     with pytest.raises(ConfigError, match=message):
         check_streaming(cfg, OmegaConf.create(algorithm), kind)
     check_streaming(data_config(streaming=False), OmegaConf.create(algorithm), kind)  # off: nothing to refuse
+
+
+def test_a_streamed_dpo_run_resumed_after_a_signal_equals_the_straight_run(tmp_path, tiny_model_dir):
+    """Through train(): 4 DPO steps straight, and 2 steps, SIGTERM, 2 resumed steps, on a streamed
+    Hub-shaped folder (accumulating 2 micro-batches a step): the same weights."""
+    from safetensors.torch import load_file
+
+    from alignlab.runner.resume import RunInterrupted
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+    from tests.runner.test_resume import interrupter, weights
+
+    folder = write_uf_folder(tmp_path / "uf", n_train=12, n_test=4)
+    overrides = [
+        "data=custom_pairs",
+        f"data.source.path={folder}",
+        "data.source.split=train_prefs",
+        "data.source.streaming=true",
+        "data.source.shuffle_buffer=8",
+        "algorithm.precompute_ref_log_probs=false",
+        "batch_size=2",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=4",  # 3 steps an epoch: the run crosses into a second, reshuffled epoch
+        "save_model=false",
+        *QUIET,
+    ]
+    straight = train(compose(overrides, tmp_path / "straight"))
+    assert straight["steps"] == 4
+    run = tmp_path / "interrupted"
+    with pytest.raises(RunInterrupted, match="stopped on a signal at step 2"):
+        train(compose([*overrides, *interrupter(2)], run))
+    assert train(compose([*overrides, "resume=auto"], run))["steps"] == 4
+    a, b = weights(tmp_path / "straight"), weights(run)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert max((a[f"model.{k}"] - v).abs().max().item() for k, v in start.items()) > 1e-4  # it trained
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_streamed_sft_and_grpo_train_through_train(tmp_path, sft_folder):
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    stream = [f"data.source.path={sft_folder}", "data.source.streaming=true", "trainer.max_steps=2", *QUIET]
+    assert train(compose(["algorithm=sft", "data=custom_sft", *stream], tmp_path / "sft"))["steps"] == 2
+    grpo = [
+        "algorithm=grpo",
+        "data=custom_prompts",
+        "algorithm.reward_funcs=[{_target_:alignlab.online.rewards.length_reward,target:4}]",
+        "algorithm.max_completion_length=4",
+        "algorithm.num_generations=2",
+        "batch_size=4",
+    ]
+    assert train(compose([*grpo, *stream], tmp_path / "grpo"))["steps"] == 2
