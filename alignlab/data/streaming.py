@@ -16,6 +16,7 @@ reading the skipped rows again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -184,23 +185,18 @@ class _StreamBatches(IterableDataset):
             pending.clear()
 
         rows = dm.stream.rows(epoch, dm.seed, dm.shuffle, start)
-        for position, row in rows:
-            pending.append((position, row))
-            last = position
-            if len(pending) < per_step:
-                continue
+        for item in itertools.chain(rows, [None]):  # None: the stream's end, where the rest is encoded
+            if item is not None:
+                pending.append(item)
+                last = item[0]
+                if len(pending) < per_step:
+                    continue
             encode()
             while len(kept) >= per_step:
                 step, kept[:] = kept[:per_step], kept[per_step:]
                 following = kept[0]["index"] if kept else last + 1
                 yield step_start, step, following
                 step_start = following
-        encode()
-        while len(kept) >= per_step:
-            step, kept[:] = kept[:per_step], kept[per_step:]
-            following = kept[0]["index"] if kept else last + 1
-            yield step_start, step, following
-            step_start = following
         if kept:  # the epoch's last, short step: global batches of `size` rows, as alignlab.data.order cuts them
             pieces = [kept[i : i + size] for i in range(0, len(kept), size)]
             if len(pieces[-1]) < size and (dm.drop_last_train or len(pieces[-1]) < world):
