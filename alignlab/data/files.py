@@ -302,6 +302,7 @@ class FileSource:
         ):
             raise ConfigError(f"{self.key}.max_rows (or #N on the path) must be a whole number >= 1, got {max_rows!r}")
         self.columns = dict(columns or {})
+        self._columns = self.columns  # in force while loading: data.columns under this spec's own map
         self.settings = {  # as given, for `with_spec`
             "path": path,
             "eval_path": eval_path,
@@ -380,15 +381,17 @@ class FileSource:
         Raises:
             DataError: a name in `columns` that no row has, listing the columns the rows have.
         """
-        if not self.columns:
+        if not self._columns:
             return rows
         seen = {k for _, _, raw, _ in rows if isinstance(raw, dict) for k in raw}
-        unknown = sorted(set(self.columns) - seen)
+        unknown = sorted(set(self._columns) - seen)
         if unknown:
             raise DataError(
-                location, f"{self.key}.columns names columns no row has: {unknown}; the rows have {sorted(seen)}"
+                location,
+                f"{self.key}.columns (or data.columns) names columns no row has: {unknown}; the rows have "
+                f"{sorted(seen)}",
             )
-        rename = self.columns.get
+        rename = self._columns.get
         return [
             (file, index, {rename(k, k): v for k, v in raw.items()} if isinstance(raw, dict) else raw, folder)
             for file, index, raw, folder in rows
@@ -415,14 +418,16 @@ class FileSource:
             raise DataError(location, f"every one of its {len(rows)} rows is bad; the first: {bad[0]}")
         return out
 
-    def load(self, kind: str, on_bad_row: str = "error") -> dict[str, list[dict]]:
-        """Canonical rows of `kind`: {"train": [...], "eval": [...]}.
+    def load(self, kind: str, on_bad_row: str = "error", columns: dict | None = None) -> dict[str, list[dict]]:
+        """Canonical rows of `kind`: {"train": [...], "eval": [...]}. `columns` (data.columns, for every
+        source) renames columns first; this spec's own `columns` take precedence over it.
 
         Raises:
             DataError: a missing file or folder, an unknown split or subset, a bad row (file, row, field).
         """
         if self.path is None:
             raise ConfigError(f"{self.key}.path is not set; give a file, a folder or a Hub data set id")
+        self._columns = {**(columns or {}), **self.columns}
         if self.eval_split and not self.eval_path and Path(self.path).expanduser().is_file():
             raise ConfigError(
                 f"{self.key}.eval_split={self.eval_split!r} needs a folder or a Hub data set, but {self.key}.path is "
@@ -476,8 +481,8 @@ class FileSource:
                 file, index, raw = record["file"], record["row"], record["raw"]
             else:
                 file, index, raw = f"{where}, streamed row {position + 1}", None, record
-            if self.columns and isinstance(raw, dict):
-                raw = {self.columns.get(k, k): v for k, v in raw.items()}
+            if self._columns and isinstance(raw, dict):
+                raw = {self._columns.get(k, k): v for k, v in raw.items()}
             try:
                 row = to_canonical(raw, kind, file, index, base_dir=Path(file).parent if where is None else None)
             except DataError as e:

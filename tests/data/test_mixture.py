@@ -176,3 +176,18 @@ def test_a_mixture_from_the_command_line_trains_and_bad_weights_stop_before_anyt
     assert not run.exists()
     result = train(compose(["data=custom_pairs", mixed, "trainer.max_steps=2", "batch_size=4", *QUIET], run))
     assert result["steps"] == 2
+
+
+def test_columns_for_every_source_apply_under_each_specs_own(two_files, tmp_path):
+    """`columns` given to load (data.columns) renames in every source; a spec's own map wins for its names."""
+    a, b = two_files
+    c = write_jsonl(
+        tmp_path / "c.jsonl", [{"q": f"c{i}", "good": "yes", "bad": "no", "chosen": "x"} for i in range(10)]
+    )
+    base = FileSource(None, eval_fraction=0)
+    specs = [{"path": str(b)}, {"path": str(c), "columns": {"chosen": "chosen", "good": "unused"}}]
+    rows = MixtureSource.from_specs(specs, base).load(
+        "pairwise", columns={"q": "prompt", "good": "chosen", "bad": "rejected"}
+    )
+    by_source = {p[0]: r["chosen"] for r, p in zip(rows["train"], prompts_of(rows["train"]))}
+    assert by_source == {"b": "yes", "c": "x"}

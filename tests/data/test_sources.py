@@ -205,7 +205,10 @@ def test_columns_rename_before_conversion_and_unknown_names_are_an_error(tmp_pat
     got = source.load("pairwise")["train"]
     assert prompts_of(got) == ["0+1=", "1+1=", "2+1=", "3+1="] and got[0]["chosen"] == "1"
     source = FileSource(str(path), eval_fraction=0, columns={"question": "prompt", "answer": "chosen"})
-    with pytest.raises(DataError, match=r"data\.source\.columns names columns no row has: \['answer'\]; the rows have"):
+    with pytest.raises(
+        DataError,
+        match=r"data\.source\.columns \(or data\.columns\) names columns no row has: \['answer'\]; the rows have",
+    ):
         source.load("pairwise")
 
 

@@ -131,7 +131,9 @@ def test_a_stream_checks_its_first_rows_before_anything_else(tmp_path):
     assert [p for _, p in rows.rows(0, 0, False)] and source.skipped == {"train": 1}
     with pytest.raises(DataError, match=r"has no split 'train'; splits present: \['test_prefs', 'train_prefs'\]"):
         FileSource(str(write_uf_folder(tmp_path / "uf")), streaming=True).load("pairwise")
-    with pytest.raises(DataError, match=r"data\.source\.columns names columns no row has: \['q'\]"):
+    with pytest.raises(
+        DataError, match=r"data\.source\.columns \(or data\.columns\) names columns no row has: \['q'\]"
+    ):
         FileSource(str(path), streaming=True, columns={"q": "prompt"}).load("pairwise")
 
 
