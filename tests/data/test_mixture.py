@@ -12,7 +12,7 @@ from alignlab.data import PairwiseDataModule
 from alignlab.data.files import FileSource, draw_rows
 from alignlab.data.mixture import MixtureSource, check_sources, mixture_counts
 from alignlab.errors import ConfigError, DataError
-from tests.data.test_sources import pairs, prompts_of, write_jsonl, write_uf_folder
+from tests.data.folders import pairs, prompts_of, write_jsonl, write_uf_folder
 
 
 def reference_counts(sizes, weights):

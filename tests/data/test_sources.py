@@ -3,65 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from alignlab.data.files import FileSource, draw_rows, file_split
 from alignlab.errors import ConfigError, DataError
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def uf_row(a: int, b: int) -> dict:
-    """A row shaped as HuggingFaceH4/ultrafeedback_binarized's: the prompt as text, both answers as
-    whole conversations, and score columns."""
-    prompt = f"{a}+{b}="
-    return {
-        "prompt": prompt,
-        "prompt_id": f"id-{a}-{b}",
-        "chosen": [user(prompt), assistant(str(a + b))],
-        "rejected": [user(prompt), assistant(str(a + b + 1))],
-        "score_chosen": 8.0,
-        "score_rejected": 3.5,
-    }
-
-
-def write_uf_folder(root: Path, n_train: int = 30, n_test: int = 6, shards: int = 2) -> Path:
-    """data/train_prefs-0000k-of-0000n.parquet (n shards) and data/test_prefs-00000-of-00001.parquet."""
-    (root / "data").mkdir(parents=True)
-    rows = [uf_row(i, i + 1) for i in range(n_train)]
-    per = -(-n_train // shards)
-    for k in range(shards):
-        part = pd.DataFrame(rows[k * per : (k + 1) * per])
-        part.to_parquet(root / "data" / f"train_prefs-{k:05d}-of-{shards:05d}.parquet")
-    test = pd.DataFrame([uf_row(100 + i, 1) for i in range(n_test)])
-    test.to_parquet(root / "data" / "test_prefs-00000-of-00001.parquet")
-    (root / "README.md").write_text("---\nconfigs: []\n---\n")  # a card beside the data is not data
-    return root
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def pairs(tag: str, n: int) -> list[dict]:
-    return [{"prompt": f"{tag}{i}", "chosen": "yes", "rejected": "no"} for i in range(n)]
-
-
-def prompts_of(rows: list[dict]) -> list[str]:
-    return [r["prompt"][0]["content"] for r in rows]
+from tests.data.folders import pairs, prompts_of, write_jsonl, write_uf_folder
 
 
 def test_file_split_reads_the_hub_file_names():
@@ -210,27 +159,6 @@ def test_columns_rename_before_conversion_and_unknown_names_are_an_error(tmp_pat
         match=r"data\.source\.columns \(or data\.columns\) names columns no row has: \['answer'\]; the rows have",
     ):
         source.load("pairwise")
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """`datasets.load_dataset` on a Hub id answered from a local Hub-shaped folder (the machine has
-    no network): records each call's arguments; the real library reads the folder."""
-    import datasets
-
-    import alignlab.data.files
-
-    folder = write_uf_folder(tmp_path / "hub_copy")
-    real, calls = datasets.load_dataset, []
-
-    def load_dataset(path, name=None, split=None, streaming=False, **kwargs):
-        calls.append({"path": path, "name": name, "split": split, "streaming": streaming})
-        assert path == "someone/ultrafeedback"
-        return real(str(folder), name=name, split=split, streaming=streaming, **kwargs)
-
-    monkeypatch.setattr(alignlab.data.files, "hub_reachable", lambda: True)
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    return calls
 
 
 def test_a_hub_id_goes_to_datasets_with_its_subset_and_split(hub):

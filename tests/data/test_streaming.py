@@ -12,7 +12,7 @@ from alignlab.data import PairwiseDataModule, PromptDataModule, SFTDataModule
 from alignlab.data.files import FileSource
 from alignlab.data.streaming import check_streaming
 from alignlab.errors import ConfigError, DataError
-from tests.data.test_sources import pairs, write_jsonl, write_uf_folder
+from tests.data.folders import pairs, write_jsonl, write_uf_folder
 
 
 def sft_rows(n: int, start: int = 0) -> list[dict]:
@@ -215,3 +215,16 @@ def test_streamed_sft_and_grpo_train_through_train(tmp_path, sft_folder):
         "batch_size=4",
     ]
     assert train(compose([*grpo, *stream], tmp_path / "grpo"))["steps"] == 2
+
+
+def test_a_hub_id_streams_through_datasets_and_its_bad_rows_are_named_by_stream_row(hub, tmp_path):
+    source = FileSource("someone/ultrafeedback", split="train_prefs", streaming=True, max_rows=7)
+    stream = source.load("pairwise")["train"]
+    assert hub[-1] == {"path": "someone/ultrafeedback", "name": None, "split": "train_prefs", "streaming": True}
+    rows = list(stream.rows(0, 0, shuffle=False))
+    assert [p for p, _ in rows] == list(range(7)) and rows[0][1]["score_chosen"] == 8.0
+    shuffled = [r["prompt"][0]["content"] for _, r in stream.rows(0, 5, shuffle=True)]
+    assert sorted(shuffled) == sorted(r["prompt"][0]["content"] for _, r in rows)  # the same 7 rows, shuffled
+    bad = FileSource("someone/ultrafeedback", split="train_prefs", streaming=True, columns={"chosen": "rejected"})
+    with pytest.raises(DataError, match=r"someone/ultrafeedback \[train_prefs\], streamed row 1, field 'chosen'"):
+        bad.load("pairwise")
