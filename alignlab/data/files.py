@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from alignlab.data.rows import to_canonical
+from alignlab.data.streaming import PEEK_ROWS, RowStream
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,43 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
     except Exception as e:  # arrow/json/csv parse errors: keep their text, name the file
         raise DataError(path, f"could not be read: {type(e).__name__}: {e}") from None
     return ds.to_list()
+
+
+def _file_records(files: list[str]) -> Iterator[dict]:
+    """{"file", "row" (1-based), "raw"} for every row of `files` in order, read lazily."""
+    for name in files:
+        path = Path(name)
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for row, raw in enumerate(_json_lines(path, f), 1):
+                    yield {"file": name, "row": row, "raw": raw}
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            row = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for raw in batch.to_pylist():
+                    row += 1
+                    yield {"file": name, "row": row, "raw": raw}
+        elif suffix == ".csv":
+            import pandas as pd
+
+            row = 0
+            for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024):
+                for raw in chunk.to_dict("records"):
+                    row += 1
+                    yield {"file": name, "row": row, "raw": raw}
+        else:  # a JSON document is one value: read whole
+            for row, raw in enumerate(read_rows(name), 1):
+                yield {"file": name, "row": row, "raw": raw}
+
+
+def file_stream(files: list[Path]):
+    """A `datasets.IterableDataset` of {"file", "row", "raw"} records over local files, one shard each."""
+    import datasets
+
+    return datasets.IterableDataset.from_generator(_file_records, gen_kwargs={"files": [str(f) for f in files]})
 
 
 def looks_like_file(path: str) -> bool:
@@ -460,8 +498,6 @@ class FileSource:
         Raises:
             DataError: as `load`, for the location and the first `PEEK_ROWS` rows.
         """
-        from alignlab.data.streaming import PEEK_ROWS, RowStream, file_stream
-
         check_source_exists(self.path, f"{self.key}.path")
         local = Path(self.path).expanduser()
         if local.is_dir():

@@ -17,10 +17,8 @@ reading the skipped rows again.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,50 +31,6 @@ log = logging.getLogger(__name__)
 
 STREAM_KINDS = ("sft", "pairwise", "prompt")  # KTO's partners are drawn over the whole set
 PEEK_ROWS = 64  # rows read and converted before anything is written (the rest are checked as they come)
-
-
-def _file_records(files: list[str]) -> Iterator[dict]:
-    """{"file", "row" (1-based), "raw"} for every row of `files` in order, read lazily."""
-    from alignlab.data.files import read_rows
-
-    for name in files:
-        path = Path(name)
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            raw = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(name, f"line {number} is not valid JSON ({e.msg})") from None
-                        yield {"file": name, "row": number, "raw": raw}
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            row = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                for raw in batch.to_pylist():
-                    row += 1
-                    yield {"file": name, "row": row, "raw": raw}
-        elif suffix == ".csv":
-            import pandas as pd
-
-            row = 0
-            for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024):
-                for raw in chunk.to_dict("records"):
-                    row += 1
-                    yield {"file": name, "row": row, "raw": raw}
-        else:  # a JSON document is one value: read whole
-            for row, raw in enumerate(read_rows(name), 1):
-                yield {"file": name, "row": row, "raw": raw}
-
-
-def file_stream(files: list[Path]):
-    """A `datasets.IterableDataset` of {"file", "row", "raw"} records over local files, one shard each."""
-    import datasets
-
-    return datasets.IterableDataset.from_generator(_file_records, gen_kwargs={"files": [str(f) for f in files]})
 
 
 class RowStream:
