@@ -228,3 +228,20 @@ def test_a_hub_id_streams_through_datasets_and_its_bad_rows_are_named_by_stream_
     bad = FileSource("someone/ultrafeedback", split="train_prefs", streaming=True, columns={"chosen": "rejected"})
     with pytest.raises(DataError, match=r"someone/ultrafeedback \[train_prefs\], streamed row 1, field 'chosen'"):
         bad.load("pairwise")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.source.max_rows=0"], r"^data\.source\.max_rows must be a whole number >= 1, got 0$"),
+        (["data.source.streaming=true"], r"^algorithm\.precompute_ref_log_probs=true scores every row .*=false$"),
+        (["data.source.streaming=true", "data.source.shuffle_buffer=-5"], r"data\.source\.shuffle_buffer must be"),
+    ],
+)
+def test_the_run_checks_refuse_bad_source_options_before_any_model_loads(overrides, message):
+    from alignlab.runner.config import check_config
+    from tests.conftest import compose
+
+    cfg = compose(["data=custom_pairs", "data.source.path=pairs.jsonl", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
