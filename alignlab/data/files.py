@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from alignlab.data.rows import to_canonical
-from alignlab.data.streaming import PEEK_ROWS, RowStream
+from alignlab.data.streaming import PEEK_ROWS, STREAM_KINDS, RowStream
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -335,9 +335,8 @@ class FileSource:
         if sample is not None and max_rows is not None and sample != max_rows:
             raise ConfigError(f"{self.key}.path ends in #{sample} but {self.key}.max_rows={max_rows}; give one of them")
         self.max_rows = sample if sample is not None else max_rows
-        if self.max_rows is not None and (
-            isinstance(self.max_rows, bool) or int(self.max_rows) != self.max_rows or self.max_rows < 1
-        ):
+        whole = isinstance(self.max_rows, (int, float)) and not isinstance(self.max_rows, bool)
+        if self.max_rows is not None and not (whole and float(self.max_rows).is_integer() and self.max_rows >= 1):
             raise ConfigError(f"{self.key}.max_rows (or #N on the path) must be a whole number >= 1, got {max_rows!r}")
         self.columns = dict(columns or {})
         self._columns = self.columns  # in force while loading: data.columns under this spec's own map
@@ -472,6 +471,11 @@ class FileSource:
                 f"one file ({self.path}), which has no splits; give the held-out file as {self.key}.eval_path"
             )
         if self.streaming:
+            if kind not in STREAM_KINDS:
+                raise ConfigError(
+                    f"{self.key}.streaming=true reads {', '.join(STREAM_KINDS)} data, not {kind} data (KTO pairs "
+                    f"every row with a partner drawn over the whole set); set {self.key}.streaming=false"
+                )
             train = self._stream(kind, on_bad_row)
         else:
             train = self._canonical(self.path, self.split, f"{self.key}.split", kind, on_bad_row, "train")

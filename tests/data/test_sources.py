@@ -135,6 +135,7 @@ def test_a_sample_larger_than_the_data_repeats_every_row(tmp_path):
         ("rows.jsonl", 0, r"data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1, got 0"),
         ("rows.jsonl#0", None, r"data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1"),
         ("rows.jsonl", 2.5, r"must be a whole number >= 1, got 2\.5"),
+        ("rows.jsonl", "many", r"must be a whole number >= 1, got 'many'"),
     ],
 )
 def test_bad_sample_sizes_name_the_key(path, max_rows, message):

@@ -135,6 +135,10 @@ def test_a_stream_checks_its_first_rows_before_anything_else(tmp_path):
         DataError, match=r"data\.source\.columns \(or data\.columns\) names columns no row has: \['q'\]"
     ):
         FileSource(str(path), streaming=True, columns={"q": "prompt"}).load("pairwise")
+    with pytest.raises(
+        ConfigError, match=r"data\.source\.streaming=true reads sft, pairwise, prompt data, not labelled"
+    ):
+        FileSource(str(path), streaming=True).load("labelled")
 
 
 def data_config(**source):
