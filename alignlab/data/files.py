@@ -268,19 +268,20 @@ def read_hub(path: str, subset: str | None, split: str, key: str = "data.source"
     when streaming).
 
     Raises:
-        DataError: an unknown split or subset, with the names `datasets` lists, and the key to change.
+        DataError: an unknown split or subset, with the names `datasets` lists, and the key to change;
+            anything else `datasets` raises (network, parse errors), with its text.
     """
     import datasets
 
     try:
         return datasets.load_dataset(path, name=subset, split=split, streaming=streaming)
-    except ValueError as e:
+    except Exception as e:
         text = str(e).strip().rstrip(".")
-        if "Unknown split" in text:
+        if isinstance(e, ValueError) and "Unknown split" in text:
             raise DataError(path, f"{text}; check {key}.split") from None
-        if "BuilderConfig" in text or "Config name is missing" in text:
+        if isinstance(e, ValueError) and ("BuilderConfig" in text or "Config name is missing" in text):
             raise DataError(path, f"{text}; check {key}.subset (datasets calls it the config name)") from None
-        raise
+        raise DataError(path, f"could not be read: {type(e).__name__}: {e}") from None
 
 
 def draw_rows(n_rows: int, count: int, rng: random.Random) -> list[int]:
@@ -383,12 +384,7 @@ class FileSource:
             rows = [(location, i + 1, raw, local.parent) for i, raw in enumerate(read_rows(location))]
         else:
             where = location + (f" ({self.subset})" if self.subset else "") + f" [{split}]"
-            try:
-                dataset = read_hub(location, self.subset, split, self.key)
-            except DataError:
-                raise
-            except Exception as e:  # network, parse errors: keep their text, name the data set
-                raise DataError(location, f"could not be read: {type(e).__name__}: {e}") from None
+            dataset = read_hub(location, self.subset, split, self.key)
             rows = [(where, i + 1, raw, None) for i, raw in enumerate(dataset.to_list())]
         if not rows:
             raise DataError(location, "has no rows" if not local.is_dir() else f"split {split!r} has no rows")
