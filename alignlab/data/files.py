@@ -536,10 +536,14 @@ class FileSource:
             raise DataError(self.path, f"split {self.split!r} has no rows")
         raws = [record["raw"] if where is None else record for record in peeked]
         self._renamed([("", 0, raw, None) for raw in raws], self.path)  # a column map naming no column fails
-        for position, record in enumerate(peeked):
-            convert(record, position)
+        checked = [convert(record, position) for position, record in enumerate(peeked)]
+        self._forget([row for row in checked if row is not None])
         self.skipped.pop("train", None)  # counted again as training meets them
-        return RowStream(dataset, self.path, self.shuffle_buffer, convert)
+        return RowStream(dataset, self.path, self.shuffle_buffer, convert, self._forget)
+
+    def _forget(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._origin.pop(id(row), None)
 
     def describe(self) -> str:
         return self.path

@@ -37,11 +37,21 @@ class RowStream:
     """A streamed train split: records of a `datasets.IterableDataset` turned into canonical rows.
 
     `convert(record, position)` gives the canonical row of a record, None for a bad row left out
-    (data.on_bad_row=skip), or raises DataError naming file, row and field.
+    (data.on_bad_row=skip), or raises DataError naming file, row and field; `forget(rows)` drops what
+    the source keeps about rows once they are encoded (their file and row, for errors), so that a long
+    stream does not fill memory.
     """
 
-    def __init__(self, dataset: Any, describe: str, shuffle_buffer: int, convert: Callable[[Any, int], dict | None]):
-        self.dataset, self.name, self.shuffle_buffer, self.convert = dataset, describe, shuffle_buffer, convert
+    def __init__(
+        self,
+        dataset: Any,
+        describe: str,
+        shuffle_buffer: int,
+        convert: Callable[[Any, int], dict | None],
+        forget: Callable[[list[dict]], None] = lambda rows: None,
+    ):
+        self.dataset, self.name, self.shuffle_buffer = dataset, describe, shuffle_buffer
+        self.convert, self.forget = convert, forget
 
     def rows(self, epoch: int, seed: int, shuffle: bool, start: int = 0) -> Iterator[tuple[int, dict]]:
         """(position in the epoch's stream, canonical row) from position `start` on: the stream shuffled
@@ -134,8 +144,9 @@ class _StreamBatches(IterableDataset):
         step_start, last = start, start - 1
 
         def encode() -> None:
-            positions = [p for p, _ in pending]
-            kept.extend(ex for _, ex in dm.encode_stream_rows([r for _, r in pending], positions, epoch == 0))
+            rows = [r for _, r in pending]
+            kept.extend(ex for _, ex in dm.encode_stream_rows(rows, [p for p, _ in pending], epoch == 0))
+            dm.stream.forget(rows)
             pending.clear()
 
         rows = dm.stream.rows(epoch, dm.seed, dm.shuffle, start)

@@ -57,6 +57,7 @@ def test_a_stream_keeps_each_rows_types_and_reads_every_row_once_an_epoch(tiny, 
     assert dm.splits["train"] == [] and dm.read()["eval"] == []  # nothing held in memory, nothing held out
     loader = dm.train_dataloader()
     first = epoch_batches(dm, loader)
+    assert dm.source._origin == {}  # where each encoded row came from is not kept
     assert numbers(first) == [list(range(i, min(i + 4, 27))) for i in range(0, 27, 4)]  # file order, last short
     assert dm.order.state_dict() == {"epoch": 1, "start": 0, "micro": 0}
     rows = [ex for ex in dm.stream.rows(0, 0, False)]
