@@ -63,9 +63,9 @@ def held_out_data(overrides: Sequence[str]) -> tuple[DictConfig, AlignmentDataMo
             no held-out rows.
     """
     from hydra.errors import HydraException
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from alignlab.data.mixture import build_datamodule
     from alignlab.errors import ConfigError, DataError
     from alignlab.runner.config import compose
 
@@ -74,9 +74,11 @@ def held_out_data(overrides: Sequence[str]) -> tuple[DictConfig, AlignmentDataMo
     except HydraException as e:
         raise ConfigError(f"the overrides {list(overrides)} do not compose: {e}") from None
     missing = OmegaConf.missing_keys(cfg.data)  # full keys: data.source.path
+    if cfg.data.get("sources"):  # a mixture's specs give the paths
+        missing.discard("data.source.path")
     if missing:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     datamodule.passthrough = (*datamodule.passthrough, "prompt", *BASELINE_COLUMN.values())
     if not datamodule.read().get("eval"):
         describe = getattr(datamodule.source, "describe", lambda: type(datamodule.source).__name__)()

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from alignlab.data.mixture import build_datamodule
 from alignlab.errors import ConfigError
 from alignlab.models.loading import load_model
 from alignlab.models.vision import load_image_encoder
@@ -61,7 +62,7 @@ def train(cfg: DictConfig) -> dict:
 
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     datamodule.read()  # bad data fails here, before anything is written to the run folder
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -99,7 +100,8 @@ def train(cfg: DictConfig) -> dict:
         if hasattr(module, "num_sample_generations"):
             module.num_sample_generations = 0  # PPO/GRPO sample tables answer held-out prompts
         if rank_zero_only.rank == 0:
-            log.warning("%s", no_validation_message(cfg, len(datamodule.read()["train"])))
+            train_rows = datamodule.read()["train"]
+            log.warning("%s", no_validation_message(cfg, len(train_rows) if isinstance(train_rows, list) else None))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual, **no_validation)
 
     if validate and cfg.evaluation.at_start and not ckpt_path:
@@ -181,10 +183,13 @@ def final_metrics(trainer, module, datamodule, validate: bool) -> dict[str, floa
     return {k: float(v) for k, v in sorted(metrics.items())}
 
 
-def no_validation_message(cfg: DictConfig, train_rows: int) -> str:
-    """What a run without held-out rows says, once: why, and how to get validation back."""
+def no_validation_message(cfg: DictConfig, train_rows: int | None) -> str:
+    """What a run without held-out rows says, once: why, and how to get validation back (`train_rows`:
+    None for a stream, whose length is unknown)."""
     fraction = cfg.data.source.get("eval_fraction")
     why = "the data has one row" if train_rows == 1 and fraction else f"data.source.eval_fraction={fraction}"
+    if train_rows is None:
+        why = "data.source.streaming=true holds no fraction of the stream out"
     return (
         f"no held-out rows ({why}), so this run trains without validation and reports no eval/ metrics; "
         "to validate, hold rows out with data.source.eval_fraction > 0 on a file of 2 or more rows, or give "

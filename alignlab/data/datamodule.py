@@ -20,8 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts, scored_tokens
+from alignlab.data.mixture import MixtureSource
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader, process_group
 from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
+from alignlab.data.streaming import RowStream, StreamLoader, StreamOrder
 from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
 from alignlab.data.vision import IMAGE_COLUMNS, ImageEncoder, collate_vision
 from alignlab.errors import ConfigError, DataError
@@ -61,8 +63,13 @@ class AlignmentDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         system_prompt: str = "keep",
         max_tokens_per_micro_batch: int | None = None,
+        sources: Sequence | None = None,
     ):
+        """`sources` (data.sources): data set specs to mix by weight in place of `source` alone, whose
+        settings are their defaults (alignlab.data.mixture)."""
         super().__init__()
+        if sources:
+            source = MixtureSource.from_specs(sources, base=source)
         if system_prompt not in SYSTEM_PROMPT:
             raise ConfigError(f"data.system_prompt must be one of {SYSTEM_PROMPT}, got {system_prompt!r}")
         self.system_prompt = system_prompt
@@ -87,6 +94,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.dropped: dict[str, int] = {}  # split → rows left out by setup, all reasons together
         self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows
         self._rows: dict[str, list[dict]] | None = None
+        self.stream: RowStream | None = None  # the train split when streamed (data.source.streaming=true)
         self._derived: dict[int, dict] = {}  # id(row made from another row, e.g. unpaired) → that row
         self.row_values: dict[str, None] = {}  # names given by add_row_values, in order: numbers batches carry
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
@@ -225,21 +233,12 @@ class AlignmentDataModule(L.LightningDataModule):
             if not rows:  # no held-out rows: the run trains without validation (alignlab.train)
                 self.splits[split], self.dropped[split], self.dropped_by_reason[split] = [], 0, {}
                 continue
-            self._encode_images(split, rows)
-            encoded = self.encode(rows)
-            reasons = self.drop_reasons(encoded)
-            kept = []
-            for row, ex, why in zip(rows, encoded, reasons):
-                vision, rejected = self._vision.pop(id(row), None), self._vision.pop((id(row), "rejected"), None)
-                if why is not None:
-                    continue
-                if vision is not None:
-                    ex["vision"] = vision[0]
-                if rejected is not None:
-                    ex["rejected_vision"] = rejected[0]
-                ex["index"] = len(kept)  # its position among the kept rows, which the loaders' order indexes
-                ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
-                kept.append(ex)
+            if isinstance(rows, RowStream):  # encoded as it is read (alignlab.data.streaming)
+                self.stream, self.splits[split], self.dropped[split], self.dropped_by_reason[split] = rows, [], 0, {}
+                continue
+            kept, reasons = self._encode_split(split, rows)
+            for i, ex in enumerate(kept):
+                ex["index"] = i  # its position among the kept rows, which the loaders' order indexes
             counts = Counter(why for why in reasons if why is not None)
             self.dropped[split], self.dropped_by_reason[split] = sum(counts.values()), dict(counts)
             said = [
@@ -256,8 +255,40 @@ class AlignmentDataModule(L.LightningDataModule):
                     describe, f"no {split} row is usable at max_length={self.max_length}: {'; '.join(said)}; {hint}"
                 )
             self.splits[split] = kept
-        if not self.splits.get("train"):
+        if not self.splits.get("train") and self.stream is None:
             raise DataError(describe, "the train split is empty")
+
+    def _encode_split(self, split: str, rows: list[dict], index: list[int] | None = None) -> tuple[list[dict], list]:
+        """The encoded rows `max_length` leaves usable, in order, and each row's drop reason (None: kept).
+        `index`: each row's `index` (set before its columns, as the batches list them); None: set later."""
+        self._encode_images(split, rows)
+        encoded = self.encode(rows)
+        reasons = self.drop_reasons(encoded)
+        kept = []
+        for i, (row, ex, why) in enumerate(zip(rows, encoded, reasons)):
+            vision, rejected = self._vision.pop(id(row), None), self._vision.pop((id(row), "rejected"), None)
+            if why is not None:
+                continue
+            if vision is not None:
+                ex["vision"] = vision[0]
+            if rejected is not None:
+                ex["rejected_vision"] = rejected[0]
+            ex["index"] = None if index is None else index[i]
+            ex.update({k: row[k] for k in (*self.passthrough, *self.numeric_columns) if k in row})
+            kept.append(ex)
+        return kept, reasons
+
+    def encode_stream_rows(self, rows: list[dict], positions: list[int], count: bool) -> list[tuple[int, dict]]:
+        """(position, encoded row) of the streamed rows `max_length` leaves usable, each row's `index` its
+        stream position; `count`: add the rows left out to `dropped` / `dropped_by_reason` (the first epoch)."""
+        kept, reasons = self._encode_split("train", rows, positions)
+        if count:
+            by_reason = self.dropped_by_reason.setdefault("train", {})
+            for why in reasons:
+                if why is not None:
+                    by_reason[why] = by_reason.get(why, 0) + 1
+            self.dropped["train"] = sum(by_reason.values())
+        return [(ex["index"], ex) for ex in kept]
 
     @property
     def has_images(self) -> bool:
@@ -274,6 +305,16 @@ class AlignmentDataModule(L.LightningDataModule):
         trainer = self.trainer
         if self._accumulate is None:  # the configured value: under a token budget the trainer's is replaced
             self._accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        if self.stream is not None:
+            if self.max_tokens_per_micro_batch is not None:
+                log.warning(
+                    "data.max_tokens_per_micro_batch=%d is not applied to a stream (it plans micro-batches from "
+                    "every row's length); micro-batches hold batch_size=%d rows",
+                    self.max_tokens_per_micro_batch,
+                    self.batch_size,
+                )
+            self.order = StreamOrder()
+            return StreamLoader(self, self.order, self._accumulate)
         budget = self.max_tokens_per_micro_batch
         grouped = self.group_by_length or budget is not None
         self.order = GlobalBatchSampler(
@@ -331,6 +372,9 @@ class AlignmentDataModule(L.LightningDataModule):
         }
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and isinstance(self.order, StreamOrder):
+            self.order.advance(batch.pop("stream_position"))  # step_totals came with the batch
+            return batch
         if self.trainer is not None and self.trainer.training and self.order is not None:
             # Its optimizer step's totals over every micro-batch and process ("num_items_in_batch"), which
             # the losses divide by (alignlab.losses.reduction), so accumulation, length grouping and the

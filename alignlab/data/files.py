@@ -1,10 +1,15 @@
-"""Rows from the user's files (JSONL/JSON/CSV/Parquet) or a Hugging Face `datasets` name.
+"""Rows from the user's files (JSONL/JSON/CSV/Parquet), folders of such files laid out as Hub data
+set repositories are, or a Hugging Face `datasets` name.
 
 Each row keeps the values its file gives it: JSON rows are read with the `json` module, so `5` stays
 the integer 5 even when another row holds `0.5` (an Arrow reader would widen the whole column to
 float and turn it into 5.0); CSV cells stay text; Parquet values come back as the Python values of
 their column's type (Parquet columns are typed by whoever wrote the file: a float column written
 as float reads as float). A key missing from a row stays missing (it is not filled with null).
+
+A data set spec (`FileSource`, the keys of `data.source`) names the rows: `path` is a file, a folder or
+a Hub id, optionally ending in `#N` (a sample of N rows, as ms-swift writes it); `subset` (alias `name`)
+and `split` pick within a folder or Hub data set; `max_rows` is the same sample size as `#N`.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import json
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from alignlab.data.rows import to_canonical
-from alignlab.errors import DataError
+from alignlab.data.streaming import PEEK_ROWS, STREAM_KINDS, RowStream
+from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,43 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
     return ds.to_list()
 
 
+def _file_records(files: list[str]) -> Iterator[dict]:
+    """{"file", "row" (1-based), "raw"} for every row of `files` in order, read lazily."""
+    for name in files:
+        path = Path(name)
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for row, raw in enumerate(_json_lines(path, f), 1):
+                    yield {"file": name, "row": row, "raw": raw}
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            row = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for raw in batch.to_pylist():
+                    row += 1
+                    yield {"file": name, "row": row, "raw": raw}
+        elif suffix == ".csv":
+            import pandas as pd
+
+            row = 0
+            for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024):
+                for raw in chunk.to_dict("records"):
+                    row += 1
+                    yield {"file": name, "row": row, "raw": raw}
+        else:  # a JSON document is one value: read whole
+            for row, raw in enumerate(read_rows(name), 1):
+                yield {"file": name, "row": row, "raw": raw}
+
+
+def file_stream(files: list[Path]):
+    """A `datasets.IterableDataset` of {"file", "row", "raw"} records over local files, one shard each."""
+    import datasets
+
+    return datasets.IterableDataset.from_generator(_file_records, gen_kwargs={"files": [str(f) for f in files]})
+
+
 def looks_like_file(path: str) -> bool:
     """A name that can only mean a local file, never a Hub data set id: it carries a data file
     extension or starts like a path (/, ./, ../, ~)."""
@@ -142,30 +186,258 @@ def check_source_exists(path: str, key: str | None = None) -> None:
         )
 
 
+# Files a Hub data set repository may hold beside its rows (`datasets` metadata), never read as rows.
+_METADATA_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
+_SAMPLE_SUFFIX = re.compile(r"^(?P<path>.+)#(?P<rows>\d+)$")
+
+
+def split_sample_suffix(path: str) -> tuple[str, int | None]:
+    """`"name#500"` → ("name", 500): a sample size written after the path (ms-swift's `dataset#N`).
+    A local path that itself ends in `#digits` is kept whole."""
+    match = _SAMPLE_SUFFIX.match(path)
+    if match is None or Path(path).expanduser().exists():
+        return path, None
+    return match["path"], int(match["rows"])
+
+
+def file_split(file: Path) -> str:
+    """The split a data file of a Hub-shaped folder belongs to: its name up to the first `-` or `.`
+    (`train_prefs-00000-of-00001.parquet` → train_prefs, `test.jsonl` → test). A name of digits only
+    (`0000.parquet`, the layout of the Hub's Parquet conversion) takes its folder's name instead
+    (`default/train/0000.parquet` → train)."""
+    stem = re.split(r"[-.]", file.name, maxsplit=1)[0]
+    return file.parent.name if stem.isdigit() else stem
+
+
+def data_files(folder: Path) -> list[Path]:
+    """Every data file under `folder` (any depth), sorted by path: the order shards are read in.
+    Hidden folders (.git, .cache) and `datasets`' metadata files are not data."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in _FORMATS
+        and p.name not in _METADATA_FILES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
+
+
+def folder_subsets(folder: Path) -> list[str]:
+    """Subfolders of a Hub-shaped folder that hold data files (its subsets, when it has several)."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and data_files(d))
+
+
+def folder_splits(folder: Path, subset: str | None, key: str = "data.source") -> dict[str, list[Path]]:
+    """Split name → its data files (sorted) in a folder laid out as a Hub data set repository:
+    `data/train_prefs-00000-of-00001.parquet`, `<subset>/train-*.jsonl`, `<subset>/<split>/0000.parquet`
+    or plain `train.jsonl` / `test.jsonl` (see `file_split`). With `subset`, only `<folder>/<subset>/`.
+
+    Raises:
+        DataError: no data files; no such subset (listing those present); the same split in several
+            subfolders while no subset is chosen (they are subsets: `key`.subset must pick one).
+    """
+    root = folder
+    if subset:
+        root = folder / subset
+        if not root.is_dir() or not data_files(root):
+            raise DataError(
+                str(folder),
+                f"has no subset {subset!r} (a subfolder with data files); subsets present: {folder_subsets(folder)}; "
+                f"check {key}.subset",
+            )
+    files = data_files(root)
+    if not files:
+        raise DataError(str(root), f"holds no data files ({', '.join(sorted(_FORMATS))}, at any depth)")
+    splits: dict[str, list[Path]] = {}
+    for file in files:
+        splits.setdefault(file_split(file), []).append(file)
+    if not subset:
+        for name, members in splits.items():
+            tops = sorted({f.relative_to(root).parts[0] for f in members if len(f.relative_to(root).parts) > 1})
+            if len(tops) > 1 and set(tops) != {"data"}:
+                raise DataError(
+                    str(folder),
+                    f"holds split {name!r} in several subfolders ({', '.join(tops)}): they are subsets of the data "
+                    f"set; choose one with {key}.subset",
+                )
+    return splits
+
+
+def read_hub(path: str, subset: str | None, split: str, key: str = "data.source", streaming: bool = False):
+    """A Hub data set's split through `datasets.load_dataset` (a `Dataset`, or an `IterableDataset`
+    when streaming).
+
+    Raises:
+        DataError: an unknown split or subset, with the names `datasets` lists, and the key to change;
+            anything else `datasets` raises (network, parse errors), with its text.
+    """
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name=subset, split=split, streaming=streaming)
+    except Exception as e:
+        text = str(e).strip().rstrip(".")
+        if isinstance(e, ValueError) and "Unknown split" in text:
+            raise DataError(path, f"{text}; check {key}.split") from None
+        if isinstance(e, ValueError) and ("BuilderConfig" in text or "Config name is missing" in text):
+            raise DataError(path, f"{text}; check {key}.subset (datasets calls it the config name)") from None
+        raise DataError(path, f"could not be read: {type(e).__name__}: {e}") from None
+
+
+def draw_rows(n_rows: int, count: int, rng: random.Random) -> list[int]:
+    """Positions of `count` rows drawn from `n_rows`: every row `count // n_rows` times (whole passes,
+    in order), then `count % n_rows` rows drawn without replacement by `rng`, kept in their order. So a
+    count up to the size is a sample without replacement, and a larger one repeats the rows evenly."""
+    passes, rest = divmod(count, n_rows)
+    return [i for _ in range(passes) for i in range(n_rows)] + sorted(rng.sample(range(n_rows), rest))
+
+
 class FileSource:
-    """A train file and either a held-out file or a seeded held-out fraction of the train file.
+    """A data set spec (the keys of `data.source`): train rows from `path` (a file, a Hub-shaped folder
+    or a Hub id, see the module docstring), and held-out rows from `eval_path` / `eval_split`, or else
+    a seeded `eval_fraction` of the train rows.
+
+    `#N` on a path, or `max_rows`, keeps a seeded sample of N of its rows (`draw_rows`: without
+    replacement, in file order; more than the rows repeats them), drawn by `split_seed` before the
+    held-out fraction is cut. `columns` renames the user's columns to alignlab's before conversion
+    (`{question: prompt}`).
 
     A row that cannot be used stops loading with an error naming file, row and field; with
     `on_bad_row="skip"` it is left out instead, and the count (with the first reason) is logged.
+
+    Raises:
+        ConfigError: (on construction) `subset` and `name` disagree; `#N` and `max_rows` disagree; a
+            sample size below 1; `eval_split` on a single file.
     """
 
-    def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05, split_seed: int = 0):
-        self.path, self.eval_path, self.eval_fraction, self.split_seed = path, eval_path, eval_fraction, split_seed
+    def __init__(
+        self,
+        path: str | None,
+        eval_path: str | None = None,
+        eval_fraction: float = 0.05,
+        split_seed: int = 0,
+        subset: str | None = None,
+        name: str | None = None,
+        split: str = "train",
+        eval_split: str | None = None,
+        max_rows: int | None = None,
+        columns: dict[str, str] | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 1000,
+        *,
+        key: str = "data.source",
+    ):
+        self.key = key  # the config key errors name (a mixture's part: data.sources[i])
+        self.eval_path, self.eval_fraction, self.split_seed = eval_path, eval_fraction, split_seed
+        if subset is not None and name is not None and subset != name:
+            raise ConfigError(f"{self.key}.subset={subset!r} and {self.key}.name={name!r} disagree; give one of them")
+        self.subset, self.split, self.eval_split = subset if subset is not None else name, split, eval_split
+        self.path, sample = split_sample_suffix(path) if path else (path, None)
+        if sample is not None and max_rows is not None and sample != max_rows:
+            raise ConfigError(f"{self.key}.path ends in #{sample} but {self.key}.max_rows={max_rows}; give one of them")
+        self.max_rows = sample if sample is not None else max_rows
+        whole = isinstance(self.max_rows, (int, float)) and not isinstance(self.max_rows, bool)
+        if self.max_rows is not None and not (whole and float(self.max_rows).is_integer() and self.max_rows >= 1):
+            raise ConfigError(f"{self.key}.max_rows (or #N on the path) must be a whole number >= 1, got {max_rows!r}")
+        self.columns = dict(columns or {})
+        self._columns = self.columns  # in force while loading: data.columns under this spec's own map
+        self.settings = {  # as given, for `with_spec`
+            "path": path,
+            "eval_path": eval_path,
+            "eval_fraction": eval_fraction,
+            "split_seed": split_seed,
+            "subset": self.subset,
+            "split": split,
+            "eval_split": eval_split,
+            "max_rows": max_rows,
+            "columns": columns,
+            "streaming": streaming,
+            "shuffle_buffer": shuffle_buffer,
+        }
+        self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
         self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
         self._origin: dict[int, tuple[str, int, str]] = {}  # id(canonical row) → (file, row, prompt field)
 
-    def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
-        check_source_exists(path, "data.source.eval_path" if split == "eval" and self.eval_path else "data.source.path")
-        rows = read_rows(path)
+    def with_spec(self, spec: dict, key: str) -> FileSource:
+        """A source of this one's settings with `spec`'s keys in their place (a mixture's part, whose
+        errors name `key`, e.g. data.sources[1]). A spec's `name` stands for `subset`."""
+        settings = {**self.settings, **spec}
+        if "name" in spec:
+            settings["subset"] = settings.pop("name")
+        return FileSource(**settings, key=key)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _raw(
+        self, location: str, split: str, key: str, split_key: str, sample: int | None
+    ) -> list[tuple[str, int, dict, Path | None]]:
+        """(file, 1-based row in it, raw row, folder for relative images) of every row `location`
+        gives for `split`, sampled to `sample` rows when given; `key` / `split_key`: the config keys
+        that gave the location and the split, for errors."""
+        location, suffix = split_sample_suffix(location)
+        sample = suffix if suffix is not None else sample
+        check_source_exists(location, key)
+        local = Path(location).expanduser()
+        if local.is_dir():
+            files = self._split_files(local, split, split_key)
+            rows = [(str(f), i + 1, raw, f.parent) for f in files for i, raw in enumerate(read_rows(str(f)))]
+        elif local.exists():
+            rows = [(location, i + 1, raw, local.parent) for i, raw in enumerate(read_rows(location))]
+        else:
+            where = location + (f" ({self.subset})" if self.subset else "") + f" [{split}]"
+            dataset = read_hub(location, self.subset, split, self.key)
+            rows = [(where, i + 1, raw, None) for i, raw in enumerate(dataset.to_list())]
         if not rows:
-            raise DataError(path, "has no rows")
+            raise DataError(location, "has no rows" if not local.is_dir() else f"split {split!r} has no rows")
+        if sample is not None:
+            rng = random.Random(f"{self.split_seed}:sample")  # a text seed hashes the same in every process
+            if sample > len(rows):
+                log.info("%s: %d rows drawn from %d (each row at least once)", location, sample, len(rows))
+            rows = [rows[i] for i in draw_rows(len(rows), sample, rng)]
+        return rows
+
+    def _split_files(self, folder: Path, split: str, split_key: str) -> list[Path]:
+        """The data files of `split` in a Hub-shaped folder (`folder_splits`).
+
+        Raises:
+            DataError: no such split, listing those present and naming `split_key`.
+        """
+        splits = folder_splits(folder, self.subset, self.key)
+        if split not in splits:
+            raise DataError(
+                str(folder), f"has no split {split!r}; splits present: {sorted(splits)}; set {split_key} to one of them"
+            )
+        return splits[split]
+
+    def _renamed(self, rows: list[tuple[str, int, dict, Path | None]], location: str) -> list:
+        """Rows with `columns` applied (user's name → alignlab's), after checking every name is a column.
+
+        Raises:
+            DataError: a name in `columns` that no row has, listing the columns the rows have.
+        """
+        if not self._columns:
+            return rows
+        seen = {k for _, _, raw, _ in rows if isinstance(raw, dict) for k in raw}
+        unknown = sorted(set(self._columns) - seen)
+        if unknown:
+            raise DataError(
+                location,
+                f"{self.key}.columns (or data.columns) names columns no row has: {unknown}; the rows have "
+                f"{sorted(seen)}",
+            )
+        rename = self._columns.get
+        return [
+            (file, index, {rename(k, k): v for k, v in raw.items()} if isinstance(raw, dict) else raw, folder)
+            for file, index, raw, folder in rows
+        ]
+
+    def _canonical(self, location: str, split_name: str, split_key: str, kind: str, on_bad_row: str, split: str):
+        key = f"{self.key}.eval_path" if split == "eval" and self.eval_path else f"{self.key}.path"
+        rows = self._raw(location, split_name, key, split_key, self.max_rows if split == "train" else None)
         out, bad = [], []
-        local = Path(path).expanduser()
-        folder = local.parent if local.exists() else None  # relative image paths are tried here first
-        for i, raw in enumerate(rows):
+        for file, index, raw, folder in self._renamed(rows, location):
             try:
-                out.append(to_canonical(raw, kind, path, i + 1, base_dir=folder))
-                self._origin[id(out[-1])] = (path, i + 1, _prompt_field(raw))
+                out.append(to_canonical(raw, kind, file, index, base_dir=folder))
+                self._origin[id(out[-1])] = (file, index, _prompt_field(raw))
             except DataError as e:
                 if on_bad_row != "skip":
                     raise
@@ -173,16 +445,42 @@ class FileSource:
         if bad:
             self.skipped[split] = len(bad)
             log.warning(
-                "%s: skipped %d of %d rows (data.on_bad_row=skip); first: %s", path, len(bad), len(rows), bad[0]
+                "%s: skipped %d of %d rows (data.on_bad_row=skip); first: %s", location, len(bad), len(rows), bad[0]
             )
         if not out:
-            raise DataError(path, f"every one of its {len(rows)} rows is bad; the first: {bad[0]}")
+            raise DataError(location, f"every one of its {len(rows)} rows is bad; the first: {bad[0]}")
         return out
 
-    def load(self, kind: str, on_bad_row: str = "error") -> dict[str, list[dict]]:
-        train = self._canonical(self.path, kind, on_bad_row, "train")
-        if self.eval_path:
-            return {"train": train, "eval": self._canonical(self.eval_path, kind, on_bad_row, "eval")}
+    def load(self, kind: str, on_bad_row: str = "error", columns: dict | None = None) -> dict[str, list[dict]]:
+        """Canonical rows of `kind`: {"train": [...], "eval": [...]}. `columns` (data.columns, for every
+        source) renames columns first; this spec's own `columns` take precedence over it.
+
+        Raises:
+            DataError: a missing file or folder, an unknown split or subset, a bad row (file, row, field).
+        """
+        if self.path is None:
+            raise ConfigError(f"{self.key}.path is not set; give a file, a folder or a Hub data set id")
+        self._columns = {**(columns or {}), **self.columns}
+        if self.eval_split and not self.eval_path and Path(self.path).expanduser().is_file():
+            raise ConfigError(
+                f"{self.key}.eval_split={self.eval_split!r} needs a folder or a Hub data set, but {self.key}.path is "
+                f"one file ({self.path}), which has no splits; give the held-out file as {self.key}.eval_path"
+            )
+        if self.streaming:
+            if kind not in STREAM_KINDS:
+                raise ConfigError(
+                    f"{self.key}.streaming=true reads {', '.join(STREAM_KINDS)} data, not {kind} data (KTO pairs "
+                    f"every row with a partner drawn over the whole set); set {self.key}.streaming=false"
+                )
+            train = self._stream(kind, on_bad_row)
+        else:
+            train = self._canonical(self.path, self.split, f"{self.key}.split", kind, on_bad_row, "train")
+        if self.eval_path or self.eval_split:
+            held, split = self.eval_path or self.path, self.eval_split or self.split
+            split_key = f"{self.key}.eval_split" if self.eval_split else f"{self.key}.split"
+            return {"train": train, "eval": self._canonical(held, split, split_key, kind, on_bad_row, "eval")}
+        if self.streaming:  # a stream's length is unknown until read: no fraction of it is held out
+            return {"train": train, "eval": []}
         order = list(range(len(train)))
         random.Random(self.split_seed).shuffle(order)
         n_eval = int(round(len(train) * self.eval_fraction))
@@ -193,6 +491,59 @@ class FileSource:
             "train": [r for i, r in enumerate(train) if i not in held],
             "eval": [r for i, r in enumerate(train) if i in held],
         }
+
+    def _stream(self, kind: str, on_bad_row: str):
+        """The train split as a RowStream (alignlab.data.streaming), its first rows read and checked now.
+
+        Raises:
+            DataError: as `load`, for the location and the first `PEEK_ROWS` rows.
+        """
+        check_source_exists(self.path, f"{self.key}.path")
+        local = Path(self.path).expanduser()
+        if local.is_dir():
+            dataset, where = file_stream(self._split_files(local, self.split, f"{self.key}.split")), None
+        elif local.exists():
+            if local.suffix.lower() not in _FORMATS:
+                raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
+            dataset, where = file_stream([local]), None
+        else:
+            dataset = read_hub(self.path, self.subset, self.split, self.key, streaming=True)
+            where = self.path + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
+        if self.max_rows is not None:
+            dataset = dataset.take(self.max_rows)  # a stream's first N rows: a sample would need all of them
+
+        def convert(record: dict, position: int) -> dict | None:
+            if where is None:  # a local file's record: its file and row
+                file, index, raw = record["file"], record["row"], record["raw"]
+            else:
+                file, index, raw = f"{where}, streamed row {position + 1}", None, record
+            if self._columns and isinstance(raw, dict):
+                raw = {self._columns.get(k, k): v for k, v in raw.items()}
+            try:
+                row = to_canonical(raw, kind, file, index, base_dir=Path(file).parent if where is None else None)
+            except DataError as e:
+                if on_bad_row != "skip":
+                    raise
+                self.skipped["train"] = self.skipped.get("train", 0) + 1
+                if self.skipped["train"] == 1:
+                    log.warning("%s: left out a bad row (data.on_bad_row=skip): %s", self.path, e)
+                return None
+            self._origin[id(row)] = (file, index, _prompt_field(raw))
+            return row
+
+        peeked = list(dataset.take(PEEK_ROWS))
+        if not peeked:
+            raise DataError(self.path, f"split {self.split!r} has no rows")
+        raws = [record["raw"] if where is None else record for record in peeked]
+        self._renamed([("", 0, raw, None) for raw in raws], self.path)  # a column map naming no column fails
+        checked = [convert(record, position) for position, record in enumerate(peeked)]
+        self._forget([row for row in checked if row is not None])
+        self.skipped.pop("train", None)  # counted again as training meets them
+        return RowStream(dataset, self.path, self.shuffle_buffer, convert, self._forget)
+
+    def _forget(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._origin.pop(id(row), None)
 
     def describe(self) -> str:
         return self.path

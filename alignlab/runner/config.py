@@ -7,7 +7,9 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from alignlab.data.mixture import check_sources
 from alignlab.data.rows import ON_BAD_ROW
+from alignlab.data.streaming import check_streaming
 from alignlab.errors import ConfigError
 from alignlab.models.loading import check_model_config
 from alignlab.runner.checks import Checks
@@ -41,11 +43,17 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
             f"data={choices.get('data', cfg.data._target_)} provides {kind} data; {hint}."
         )
     missing = OmegaConf.missing_keys(cfg)
+    if cfg.data.get("sources"):  # a mixture's specs give the paths
+        missing.discard("data.source.path")
+        check_sources(cfg.data.sources)
     if missing:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
     data = Checks(cfg.data, "data").at_least(1, "batch_size", "eval_batch_size").at_least(2, "max_length")
     if "on_bad_row" in cfg.data:
         data.one_of("on_bad_row", ON_BAD_ROW)
+    if cfg.data.get("source") is not None and cfg.data.source.get("max_rows") is not None:
+        Checks(cfg.data.source, "data.source").at_least(1, "max_rows")
+    check_streaming(cfg.data, cfg.algorithm, kind)
     check_model_config(cfg.model)
     check_hardware(cfg.trainer, choices.get("hardware"))
     algorithm_class = get_class(cfg.algorithm._target_)
