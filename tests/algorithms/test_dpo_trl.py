@@ -133,3 +133,44 @@ def test_cpo_loss_types_equal_trl(tiny, loss_type, alpha):
     )
     losses, _, _ = CPOTrainer.cpo_loss(stub, w, r)
     assert loss.item() == pytest.approx(losses.mean().item(), rel=1e-6)
+
+
+def test_kto_apo_zero_unpaired_equals_trl(tiny, tmp_path):
+    """KTO's loss_type=apo_zero_unpaired against TRL's KTOTrainer on the same model, reference and rows."""
+    from datasets import Dataset
+
+    from tests.algorithms.test_algorithms import kto_batch
+
+    model, tokenizer = tiny
+    policy, reference = perturbed(model, seed=5, scale=0.05), copy.deepcopy(model)
+    args = trl.KTOConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        loss_type="apo_zero_unpaired",
+        beta=0.3,
+        desirable_weight=1.5,
+        undesirable_weight=0.5,
+        disable_dropout=True,
+    )
+    rows = Dataset.from_list([{"prompt": "1+1=", "completion": "2", "label": True}])
+    trainer = trl.KTOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
+    _, batch = kto_batch(tokenizer)
+    module = build_module(
+        "kto", policy, tokenizer, loss_type="apo_zero_unpaired", beta=0.3, desirable_weight=1.5, undesirable_weight=0.5
+    )
+    module.reference = ReferenceModel(policy, reference)
+    n = module.rows_in(batch)
+    inputs = {k: batch[k][:n] for k in ("input_ids", "attention_mask")}
+    inputs |= {"completion_mask": batch["loss_mask"][:n], "label": batch["label"]}
+    with torch.no_grad():
+        loss, _ = module.compute(batch)
+        expected = trainer._compute_loss(trainer.model, inputs, False).item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
