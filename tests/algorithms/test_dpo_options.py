@@ -13,7 +13,7 @@ from alignlab.losses import dpo_loss, kto_loss
 from alignlab.models.logprobs import answer_logprobs
 from alignlab.models.reference import ReferenceModel
 from tests.algorithms.test_algorithms import kto_batch, perturbed
-from tests.conftest import QUIET, build_module, compose
+from tests.conftest import CONF, QUIET, build_module, compose
 from tests.models.test_model_math import pair_batch
 
 
@@ -201,3 +201,17 @@ def test_kto_apo_zero_unpaired_matches_the_pure_function_without_a_reference_poi
     assert loss.item() == pytest.approx(expected_apo.losses.mean().item(), rel=1e-5)
     assert loss.item() != pytest.approx(expected.losses.mean().item(), rel=1e-3)
     assert metrics["kl"].item() == 0.0
+
+
+def test_the_loss_type_sweep_runs_every_loss_type_but_exo_pair(tmp_path):
+    """sweep=dpo_loss_types: its grid is every DPO loss type that needs no other setting, each passing the
+    config checks."""
+    from omegaconf import OmegaConf
+
+    from alignlab.losses import DPO_LOSS_TYPES
+    from alignlab.runner.config import check_config
+
+    grid = OmegaConf.load(CONF / "sweep" / "dpo_loss_types.yaml").hydra.sweeper.params["algorithm.loss_type"]
+    assert sorted(grid.split(",")) == sorted(set(DPO_LOSS_TYPES) - {"exo_pair"})
+    for loss_type in grid.split(","):
+        check_config(compose([f"algorithm.loss_type={loss_type}"], tmp_path))
