@@ -177,8 +177,8 @@ class DPO(PairwiseModule):
             )
         loss, terms = None, {}
         for name, weight in zip(self.loss_types, self.loss_weights_used):
-            if name == "sft":  # the chosen answer's NLL over the step's chosen tokens (TRL's `sft`)
-                term = nll
+            if name == "sft":  # the chosen answer's NLL over the step's chosen tokens (TRL's `sft`); WPO weighs
+                term = nll  # pairs, not this token mean (TRL 1.16 fails on sft with use_weighting: no number to match)
             else:
                 losses = dpo_loss(
                     policy_chosen,
