@@ -91,7 +91,7 @@ def test_mpo_adds_the_weighted_terms_and_logs_each(tiny):
         "dpo", perturbed(model), tokenizer, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]
     )
     module.rpo_alpha = 0.5
-    module.reference = ReferenceModel(module.model, model)
+    module.reference = ReferenceModel(module.model, copy.deepcopy(model))  # not the shared model: it would be frozen
     with torch.no_grad():
         loss, metrics = module.compute(batch)
         pol, ref = answer_logprobs(module.model, batch), answer_logprobs(model, batch)
@@ -105,7 +105,9 @@ def test_mpo_adds_the_weighted_terms_and_logs_each(tiny):
     assert metrics["loss/sft"].item() == pytest.approx(nll.item(), rel=1e-5)
     assert {"loss/sigmoid", "loss/bco_pair", "loss/sft"} <= set(module.step_sums)  # summed over micro-batches
     single, _ = build_module("dpo", perturbed(model), tokenizer).compute(batch)
-    assert not any(k.startswith("loss/") for k in build_module("dpo", model, tokenizer).compute(batch)[1])
+    assert not any(
+        k.startswith("loss/") for k in build_module("dpo", copy.deepcopy(model), tokenizer).compute(batch)[1]
+    )
     assert torch.isfinite(single)
 
 
@@ -137,7 +139,7 @@ def test_ld_alpha_scores_the_reference_alike(tiny):
     model, tokenizer = tiny
     batch = pair_batch(tokenizer)  # pair 2: rejected "34 and more" is longer than chosen "35"
     module = build_module("dpo", perturbed(model), tokenizer, ld_alpha=0.0, rpo_alpha=0.0)
-    module.reference = ReferenceModel(module.model, model)
+    module.reference = ReferenceModel(module.model, copy.deepcopy(model))  # not the shared model: it would be frozen
     scored = module.score_reference(batch)
     ref = answer_logprobs(model, batch)
     chosen, rejected = ref.split_pairs(2)
@@ -189,7 +191,7 @@ def test_kto_apo_zero_unpaired_matches_the_pure_function_without_a_reference_poi
     model, tokenizer = tiny
     _, batch = kto_batch(tokenizer)
     module = build_module("kto", perturbed(model, scale=0.05), tokenizer, loss_type="apo_zero_unpaired")
-    module.reference = ReferenceModel(module.model, model)
+    module.reference = ReferenceModel(module.model, copy.deepcopy(model))  # not the shared model: it would be frozen
     module.reference_point = lambda b: pytest.fail("APO-zero has no reference point")
     with torch.no_grad():
         loss, metrics = module.compute(batch)
