@@ -15,11 +15,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alignlab.algorithms.reference_scoring import ReferenceScoring
 from alignlab.data.vision import select_vision
-from alignlab.errors import NonFiniteLossError
+from alignlab.errors import ConfigError, NonFiniteLossError
 from alignlab.models.export import save_model, submodule_state
 from alignlab.models.logprobs import architecture, check_answer_logprobs, score_by_forward, scoring_rows
 from alignlab.models.modes import disable_dropout
@@ -405,10 +405,37 @@ class AlignmentModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- TR-DPO: the reference follows the policy (sync_ref_model; algorithms whose YAML has it) ----
+    sync_ref_model: bool = False
+    optimizer_steps: int = 0  # optimizer steps taken, for sync_ref_model (a counter where it is used)
+
+    @staticmethod
+    def check_sync_ref_model(cfg: DictConfig) -> None:
+        """sync_ref_model's keys in range, and no LoRA (its reference, the policy with the adapter disabled,
+        has no weights of its own to move). Raises ConfigError naming the key."""
+        checks = Checks(cfg.algorithm, "algorithm").at_least(1, "ref_model_sync_steps")
+        checks.within("ref_model_mixup_alpha", 0.0, 1.0)
+        if cfg.algorithm.sync_ref_model and OmegaConf.select(cfg, "model.lora.enabled", default=False):
+            raise ConfigError(
+                "algorithm.sync_ref_model=true with model.lora.enabled=true: with LoRA the reference is the policy "
+                "with its adapter disabled, whose base weights never move, so it cannot follow the policy; "
+                "train without LoRA or set algorithm.sync_ref_model=false"
+            )
+
+    def sync_reference(self) -> None:
+        """Call after each optimizer step: counts it, and every ref_model_sync_steps steps with
+        sync_ref_model the reference becomes α·policy + (1 − α)·reference, α = ref_model_mixup_alpha
+        (TR-DPO, Gorbatovski et al., 2024, arXiv:2404.09656; TRL's SyncRefModelCallback)."""
+        self.optimizer_steps += 1
+        if self.sync_ref_model and self.optimizer_steps % self.ref_model_sync_steps == 0:
+            self.reference.mix_in(self.model, self.ref_model_mixup_alpha)
+
     # -- resume: what a checkpoint needs beyond Lightning's weights, optimizer and loop state ---
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         counters = {name: getattr(self, name) for name in self.counters}
         checkpoint["alignlab"] = {"rng": rng_state(), "counters": counters}
+        if self.sync_ref_model:  # the reference has moved: a resumed run must continue from it
+            checkpoint["alignlab"]["reference"] = self.reference.copy.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("alignlab")
@@ -417,6 +444,9 @@ class AlignmentModule(L.LightningModule):
         set_rng_state(state["rng"])
         for name, value in state["counters"].items():
             setattr(self, name, value)
+        reference = state.get("reference")
+        if reference is not None and self.reference is not None and self.reference.copy is not None:
+            self.reference.copy.load_state_dict(reference)
 
     # -- output ---------------------------------------------------------------------------------
     def save_final(self, run_dir: Path, merge_lora: bool = True, state_dict: dict | None = None) -> Path:

@@ -110,7 +110,6 @@ class GRPO(OnlineModule):
         if algorithm.scale_rewards is not None:
             checks.one_of("scale_rewards", SCALE_REWARDS)
         checks.one_of("advantage_estimator", ADVANTAGE_ESTIMATORS).at_least(0, "max_resample_times")
-        checks.at_least(1, "ref_model_sync_steps").within("ref_model_mixup_alpha", 0.0, 1.0)
         for key in ("kl_in_reward", "sync_ref_model"):
             if algorithm[key] and algorithm.beta == 0:
                 raise ConfigError(
@@ -135,13 +134,7 @@ class GRPO(OnlineModule):
                 f"{cfg.algorithm.num_generations} = {completions} completions, which algorithm.micro_batch_size "
                 f"({micro}) must divide"
             )
-        lora = OmegaConf.select(cfg, "model.lora.enabled", default=False)
-        if cfg.algorithm.sync_ref_model and lora:
-            raise ConfigError(
-                "algorithm.sync_ref_model=true with model.lora.enabled=true: with LoRA the reference is the policy "
-                "with its adapter disabled, whose base weights never move, so it cannot follow the policy; "
-                "train without LoRA or set algorithm.sync_ref_model=false"
-            )
+        cls.check_sync_ref_model(cfg)
 
     # -- generation and rewards -----------------------------------------------------------------
     def rewards_of(
@@ -306,20 +299,7 @@ class GRPO(OnlineModule):
         """One optimizer step, then, every ref_model_sync_steps steps with sync_ref_model, the reference
         becomes α·policy + (1 − α)·reference (TR-DPO, Gorbatovski et al., 2024; TRL's SyncRefModelCallback)."""
         super().optimizer_step_manually(optimizer, scheduler)
-        self.optimizer_steps += 1
-        if self.sync_ref_model and self.optimizer_steps % self.ref_model_sync_steps == 0:
-            self.reference.mix_in(self.model, self.ref_model_mixup_alpha)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.sync_ref_model:  # the reference has moved: a resumed run must continue from it
-            checkpoint["alignlab"]["reference"] = self.reference.copy.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("alignlab", {}).get("reference")
-        if state is not None and self.reference is not None and self.reference.copy is not None:
-            self.reference.copy.load_state_dict(state)
+        self.sync_reference()
 
     # -- update ---------------------------------------------------------------------------------
     def grpo_update(self, gen: dict, optimizer, scheduler=None) -> dict:

@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.data.collate import select_rows
-from alignlab.losses import kto_kl_estimate, kto_loss, kto_weight_advice, step_mean
+from alignlab.losses import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_weight_advice, step_mean
+from alignlab.models.loading import check_same_tokenizer
 from alignlab.models.logprobs import answer_logprobs
 from alignlab.runner.checks import Checks
 
@@ -36,9 +37,19 @@ class KTO(AlignmentModule):
     step_differences = {"rewards/margins": ("rewards/chosen", "rewards/rejected")}
     _step_reference_point: torch.Tensor | None = None  # z₀ of the optimizer step being trained
 
+    @property
+    def reference_folder(self) -> str | None:
+        return self.ref_model  # null: the starting policy (or its disabled LoRA adapter)
+
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
-        Checks(algorithm, "algorithm").positive("beta").non_negative("desirable_weight", "undesirable_weight")
+        checks = Checks(algorithm, "algorithm").positive("beta").non_negative("desirable_weight", "undesirable_weight")
+        checks.one_of("loss_type", KTO_LOSS_TYPES)
+
+    @classmethod
+    def check_run(cls, cfg: DictConfig) -> None:
+        if cfg.algorithm.ref_model is not None:
+            check_same_tokenizer(cfg.model, cfg.algorithm.ref_model, "algorithm.ref_model")
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [*super().configure_callbacks(), WeightAdvice()]
@@ -85,7 +96,10 @@ class KTO(AlignmentModule):
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
         n = self.rows_in(batch)
-        kl = self.reference_point(batch)  # first: its forwards then run while no activations are kept
+        if self.loss_type == "kto":
+            kl = self.reference_point(batch)  # first: its forwards then run while no activations are kept
+        else:  # APO-zero has no reference point: the mismatched rows are not scored (TRL logs kl 0)
+            kl = torch.zeros((), device=self.device)
         matched = answer_logprobs(self.model, select_rows(batch, slice(0, n)))
         ref = self.reference_logps(batch)
         desirable = batch["label"]
@@ -97,6 +111,7 @@ class KTO(AlignmentModule):
             beta=self.beta,
             desirable_weight=self.desirable_weight,
             undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
         )
         n_d, n_u = int(desirable.sum()), int((~desirable).sum())
         d_rewards, u_rewards = out.rewards[desirable], out.rewards[~desirable]

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
 
 class KTOLossOutput(NamedTuple):
     losses: torch.Tensor  # [B] per-row weighted loss
@@ -29,21 +31,27 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
 ) -> KTOLossOutput:
-    """Kahneman-Tversky Optimization (Ethayarajh et al., 2024, arXiv:2402.01306), eq. 8.
+    """Kahneman-Tversky Optimization (Ethayarajh et al., 2024, arXiv:2402.01306), eq. 8, and APO-zero's
+    unpaired form.
 
     r = log π(y|x) − log π_ref(y|x), z₀ = max(kl, 0) (detached):
-    desirable (label true):    λ_D·(1 − σ(β(r − z₀)))
-    undesirable (label false): λ_U·(1 − σ(β(z₀ − r)))
+    - kto: desirable (label true) λ_D·(1 − σ(β(r − z₀))), undesirable (label false) λ_U·(1 − σ(β(z₀ − r)))
+    - apo_zero_unpaired: desirable λ_D·(1 − σ(βr)), undesirable λ_U·σ(βr) (APO-zero, D'Oosterlinck et al.,
+      2024, arXiv:2408.06266, eq. 7, each answer on its own; no reference point, `kl` is not read)
     Inputs [B] (desirable a bool mask, kl a scalar); the batch loss is the mean of `losses`.
+    Raises ValueError for an unknown loss_type.
     """
-    z0 = kl.detach().clamp(min=0)
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
     r = policy_logps - ref_logps
-    losses = torch.where(
-        desirable,
-        desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
-        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
-    )
+    if loss_type == "kto":
+        z0 = kl.detach().clamp(min=0)
+        good, bad = 1 - torch.sigmoid(beta * (r - z0)), 1 - torch.sigmoid(beta * (z0 - r))
+    else:
+        good, bad = 1 - torch.sigmoid(beta * r), torch.sigmoid(beta * r)
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
     return KTOLossOutput(losses, beta * r.detach())
 
 

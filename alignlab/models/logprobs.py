@@ -25,6 +25,8 @@ class AnswerLogps:
     # [N, T-1] each answer position's entropy, on request (detached unless asked with entropy_grad)
     token_entropy: torch.Tensor | None = None
     token_argmax: torch.Tensor | None = None  # [N, T-1] 1 where the answer token is the argmax logit (detached)
+    # [N, T-1] log Σ_v π(v | x, y_<t)² at each answer position, on request (detached; WPO's weights)
+    token_log_sum_sq_probs: torch.Tensor | None = None
 
     @property
     def avg_logps(self) -> torch.Tensor:
@@ -33,7 +35,9 @@ class AnswerLogps:
 
     def rows(self, sl: slice) -> AnswerLogps:
         """The statistics of a slice of the sequences (e.g. the chosen half of a pairwise batch)."""
-        optional = [None if t is None else t[sl] for t in (self.token_entropy, self.token_argmax)]
+        optional = [
+            None if t is None else t[sl] for t in (self.token_entropy, self.token_argmax, self.token_log_sum_sq_probs)
+        ]
         return AnswerLogps(
             self.logps[sl], self.num_tokens[sl], self.token_logps[sl], self.mask[sl], self.mean_logits[sl], *optional
         )
@@ -155,9 +159,11 @@ def _score_chunk(
     temperature: float,
     entropy: bool,
     entropy_grad: bool = False,
+    sum_sq_probs: bool = False,
 ):
-    """(log-prob of each target, mean logit, entropy or None, whether the target is the argmax) for
-    hidden states [K, H]. The entropy carries gradients with `entropy_grad` (an entropy bonus)."""
+    """(log-prob of each target, mean logit, entropy or None, whether the target is the argmax,
+    log Σ_v p_v² or None) for hidden states [K, H]. The entropy carries gradients with `entropy_grad`
+    (an entropy bonus)."""
     logits = transform(head(hidden))  # in the model's dtype, as its forward does, so the numbers are its own
     if logits.dtype in (torch.float16, torch.bfloat16):  # log-probs in half precision lose the tails
         logits = logits.float()
@@ -172,7 +178,8 @@ def _score_chunk(
     with torch.no_grad():
         mean_logit = logits.mean(-1)
         argmax = logits.argmax(-1) == targets  # TRL's mean_token_accuracy counts these
-    return logps, mean_logit, ent, argmax
+        sum_sq = torch.logsumexp(2 * torch.log_softmax(logits, -1), -1) if sum_sq_probs else None
+    return logps, mean_logit, ent, argmax, sum_sq
 
 
 # Architectures (config.model_type) whose decoder, given attention_mask=None and position_ids that restart
@@ -295,6 +302,7 @@ def answer_logprobs(
     by_forward: bool | None = None,
     padding_free: bool | None = None,
     entropy_grad: bool = False,
+    sum_sq_probs: bool = False,
 ) -> AnswerLogps:
     """Forward `batch` (input_ids, attention_mask, loss_mask) and score its answer tokens.
 
@@ -313,7 +321,7 @@ def answer_logprobs(
     rounding. Raises ValueError when asked for on a model padding_free_refusal refuses.
 
     `entropy` adds each answer position's entropy (token_entropy), detached unless `entropy_grad`
-    (for an entropy bonus in the loss).
+    (for an entropy bonus in the loss); `sum_sq_probs` adds log Σ_v π(v)² (token_log_sum_sq_probs, detached).
     """
     states, targets, rows, cols, mask, head, transform = _answer_states(model, batch, by_forward, padding_free)
     hidden_dtype = states.dtype
@@ -321,7 +329,7 @@ def answer_logprobs(
     pieces = []
     for start in range(0, len(targets), step):
         args = (states[start : start + step], targets[start : start + step], head, transform, temperature, entropy)
-        args += (entropy_grad,)
+        args += (entropy_grad, sum_sq_probs)
         if torch.is_grad_enabled() and states.requires_grad:
             pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
         else:
@@ -341,7 +349,13 @@ def answer_logprobs(
         mean_logits = torch.zeros_like(num_tokens).index_add(0, rows, mean_logit) / num_tokens.clamp(min=1)
         argmax = torch.cat([p[3] for p in pieces]).to(logps.dtype) if pieces else logps.detach()
         token_argmax = torch.zeros_like(token_logps).index_put((rows, cols), argmax)
-    return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy, token_argmax)
+        sum_sq = None
+        if sum_sq_probs:
+            values = torch.cat([p[4] for p in pieces]) if pieces else logps.detach()
+            sum_sq = torch.zeros_like(token_logps).index_put((rows, cols), values.to(token_logps.dtype))
+    return AnswerLogps(
+        token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy, token_argmax, sum_sq
+    )
 
 
 # Largest |difference| in a token's log-prob (nats) that check_answer_logprobs puts down to rounding,

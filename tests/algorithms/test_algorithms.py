@@ -178,6 +178,24 @@ def test_kto_all_desirable_batch_logs_no_rejected_side(tiny):
     assert metrics["rewards/rejected"][1] == 0 and metrics["rewards/margins"][1] == 0
 
 
+# DPO's keys other than those the test below leaves out or names, at their defaults
+DPO_OTHER_KEYS = {
+    "disable_dropout": True,
+    "loss_weights": None,
+    "discopop_tau": 0.05,
+    "ipo_normalize_length": False,
+    "ld_alpha": None,
+    "reference_free": False,
+    "use_weighting": False,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 0.5,
+    "ref_model": None,
+    "sync_ref_model": False,
+    "ref_model_sync_steps": 512,
+    "ref_model_mixup_alpha": 0.6,
+}
+
+
 def test_a_module_refuses_missing_or_unknown_hyper_parameters(tiny):
     from alignlab.algorithms.dpo import DPO
 
@@ -185,7 +203,7 @@ def test_a_module_refuses_missing_or_unknown_hyper_parameters(tiny):
     with pytest.raises(
         TypeError, match=r"missing \['label_smoothing', 'precompute_ref_log_probs'\], unknown \['gamma'\]"
     ):
-        DPO(model, tokenizer, OPTIM, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", disable_dropout=True, gamma=1.0)
+        DPO(model, tokenizer, OPTIM, **DPO_OTHER_KEYS, beta=0.1, rpo_alpha=1.0, loss_type="sigmoid", gamma=1.0)
 
 
 @pytest.mark.parametrize("name", ["sft", "dpo", "kto", "cpo", "orpo", "simpo", "rm", "ppo", "grpo", "gkd"])

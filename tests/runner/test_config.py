@@ -133,7 +133,9 @@ PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
         (
             ["+algorithm.betta=0.2"],
             "algorithm.betta is not a setting of algorithm=dpo (did you mean beta?); its settings are beta, "
-            "disable_dropout, label_smoothing, loss_type, precompute_ref_log_probs, rpo_alpha",
+            "disable_dropout, discopop_tau, f_alpha_divergence_coef, f_divergence_type, ipo_normalize_length, "
+            "label_smoothing, ld_alpha, loss_type, loss_weights, precompute_ref_log_probs, ref_model, "
+            "ref_model_mixup_alpha, ref_model_sync_steps, reference_free, rpo_alpha, sync_ref_model, use_weighting",
         ),
         (["algorithm=kto", "+algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
         (["algorithm=grpo", "+algorithm.num_generation=4"], "(did you mean num_generations?)"),

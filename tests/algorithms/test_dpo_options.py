@@ -1,0 +1,219 @@
+"""DPO's loss-type mixes (MPO), reference options (ref_model, reference_free, TR-DPO) and KTO's and CPO's
+loss types: wired to their pure functions, and refused with the key's name before any model loads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alignlab.errors import ConfigError
+from alignlab.losses import dpo_loss, kto_loss
+from alignlab.models.logprobs import answer_logprobs
+from alignlab.models.reference import ReferenceModel
+from tests.algorithms.test_algorithms import kto_batch, perturbed
+from tests.conftest import CONF, QUIET, build_module, compose
+from tests.models.test_model_math import pair_batch
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tiny, tmp_path_factory):
+    """A folder whose tokenizer has one token more than the tiny model's."""
+    folder = tmp_path_factory.mktemp("other_tokenizer")
+    tokenizer = copy.deepcopy(tiny[1])
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+BAD = [
+    (["algorithm.loss_type=[sigmoid,nope]"], "algorithm.loss_type must be one of"),
+    (["algorithm.loss_type=[sigmoid,sigmoid]"], "algorithm.loss_type names a loss type twice"),
+    (["algorithm.loss_type=[sigmoid,bco_pair]", "algorithm.loss_weights=[1.0]"], "a list of 2 numbers, one per"),
+    (
+        ["algorithm.loss_type=[sigmoid,bco_pair]", "algorithm.loss_weights=[1.0,-1]"],
+        "loss_weights must be numbers >= 0",
+    ),
+    (["algorithm.loss_type=exo_pair"], "exo_pair needs algorithm.label_smoothing > 0"),
+    (["algorithm.discopop_tau=0"], "algorithm.discopop_tau must be > 0"),
+    (["algorithm.ld_alpha=1.5"], "algorithm.ld_alpha must be in [0.0, 1.0]"),
+    (["algorithm.f_divergence_type=kl"], "algorithm.f_divergence_type must be one of"),
+    (["algorithm.f_divergence_type=js_divergence", "algorithm.loss_type=bco_pair"], "not ['bco_pair']"),
+    (["algorithm.f_alpha_divergence_coef=0"], "algorithm.f_alpha_divergence_coef must be > 0"),
+    (["algorithm.use_weighting=true", "algorithm.loss_type=aot"], "algorithm.use_weighting=true (WPO)"),
+    (["algorithm.ipo_normalize_length=1"], "algorithm.ipo_normalize_length must be true or false"),
+    (["algorithm.reference_free=true", "algorithm.ref_model=/x"], "algorithm.reference_free=true uses no reference"),
+    (["algorithm.sync_ref_model=true"], "set algorithm.precompute_ref_log_probs=false"),
+    (["algorithm.ref_model_sync_steps=0"], "algorithm.ref_model_sync_steps must be a whole number >= 1"),
+    (["algorithm.ref_model_mixup_alpha=2"], "algorithm.ref_model_mixup_alpha must be in [0.0, 1.0]"),
+    (
+        ["algorithm.sync_ref_model=true", "algorithm.precompute_ref_log_probs=false", "model.lora.enabled=true"],
+        "algorithm.sync_ref_model=true with model.lora.enabled=true",
+    ),
+    (["algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model is not a folder"),
+    (
+        ["algorithm=kto", "algorithm.loss_type=apo_zero"],
+        "algorithm.loss_type must be one of ('kto', 'apo_zero_unpaired')",
+    ),
+    (["algorithm=kto", "algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model is not a folder"),
+    (["algorithm=cpo", "algorithm.loss_type=simpo"], "algorithm.loss_type must be one of"),
+    (["algorithm=cpo", "algorithm.loss_type=alphapo"], "set algorithm.cpo_alpha=0"),
+    (["algorithm=cpo", "algorithm.alpha=true"], "algorithm.alpha must be a number"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD)
+def test_bad_options_fail_before_any_model_loads(overrides, message, tmp_path, monkeypatch):
+    import alignlab.train
+
+    monkeypatch.setattr(alignlab.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError) as err:
+        alignlab.train.train(compose(overrides, tmp_path / "run"))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_a_reference_with_another_tokenizer_is_refused_before_loading(
+    algorithm, other_tokenizer, tmp_path, monkeypatch
+):
+    import alignlab.train
+
+    monkeypatch.setattr(alignlab.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match="has another tokenizer than the policy .* 1 .token, id. entries differ"):
+        alignlab.train.train(compose([f"algorithm={algorithm}", f"algorithm.ref_model={other_tokenizer}"], tmp_path))
+
+
+def test_mpo_adds_the_weighted_terms_and_logs_each(tiny):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    module = build_module(
+        "dpo", perturbed(model), tokenizer, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]
+    )
+    module.rpo_alpha = 0.5
+    module.reference = ReferenceModel(module.model, copy.deepcopy(model))  # not the shared model: it would be frozen
+    with torch.no_grad():
+        loss, metrics = module.compute(batch)
+        pol, ref = answer_logprobs(module.model, batch), answer_logprobs(model, batch)
+    args = (pol.logps[:2], pol.logps[2:], ref.logps[:2], ref.logps[2:])
+    sigmoid = dpo_loss(*args, beta=0.1).losses.mean()
+    bco = dpo_loss(*args, beta=0.1, loss_type="bco_pair").losses.mean()
+    nll = -pol.token_logps[:2].sum() / pol.mask[:2].sum()
+    assert loss.item() == pytest.approx((0.8 * sigmoid + 0.2 * bco + 1.0 * nll + 0.5 * nll).item(), rel=1e-5)
+    assert metrics["loss/sigmoid"].item() == pytest.approx(sigmoid.item(), rel=1e-5)
+    assert metrics["loss/bco_pair"].item() == pytest.approx(bco.item(), rel=1e-5)
+    assert metrics["loss/sft"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert {"loss/sigmoid", "loss/bco_pair", "loss/sft"} <= set(module.step_sums)  # summed over micro-batches
+    single, _ = build_module("dpo", perturbed(model), tokenizer).compute(batch)
+    assert not any(
+        k.startswith("loss/") for k in build_module("dpo", copy.deepcopy(model), tokenizer).compute(batch)[1]
+    )
+    assert torch.isfinite(single)
+
+
+def test_reference_free_loads_no_reference_and_compares_with_zero(tiny):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    module = build_module("dpo", perturbed(model), tokenizer, reference_free=True, rpo_alpha=0.0)
+    assert module.reference is None and module.configure_callbacks() == []
+    with torch.no_grad():
+        loss, metrics = module.compute(batch)
+        pol = answer_logprobs(module.model, batch)
+    zeros = torch.zeros(2)
+    expected = dpo_loss(pol.logps[:2], pol.logps[2:], zeros, zeros, beta=0.1).losses.mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.1 * pol.logps[:2].mean().item(), rel=1e-5)
+
+
+def test_ref_model_is_loaded_from_its_folder(tiny, tiny_model_dir):
+    model, tokenizer = tiny
+    moved = perturbed(model)
+    for name in ("dpo", "kto"):
+        module = build_module(name, copy.deepcopy(moved), tokenizer, ref_model=str(tiny_model_dir))
+        ref = module.reference.copy
+        assert ref is not None and ref is not module.model
+        assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), model.parameters()))  # the folder's weights
+
+
+def test_ld_alpha_scores_the_reference_alike(tiny):
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)  # pair 2: rejected "34 and more" is longer than chosen "35"
+    module = build_module("dpo", perturbed(model), tokenizer, ld_alpha=0.0, rpo_alpha=0.0)
+    module.reference = ReferenceModel(module.model, copy.deepcopy(model))  # not the shared model: it would be frozen
+    scored = module.score_reference(batch)
+    ref = answer_logprobs(model, batch)
+    chosen, rejected = ref.split_pairs(2)
+    assert torch.allclose(scored["ref_chosen_logps"], chosen.logps)  # the shorter answers count whole
+    assert scored["ref_rejected_logps"][1] > rejected.logps[1]  # the longer one's tail is left out (α = 0)
+
+
+def test_dpo_syncs_its_reference_after_optimizer_steps(tiny):
+    model, tokenizer = tiny
+    module = build_module(
+        "dpo", copy.deepcopy(model).double(), tokenizer, sync_ref_model=True, ref_model_sync_steps=1,
+        ref_model_mixup_alpha=0.5, precompute_ref_log_probs=False,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in module.reference.copy.named_parameters()}
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(1.0)
+    optimizer = torch.optim.SGD(module.model.parameters(), lr=0.0)
+    module.optimizer_step(0, 0, optimizer, lambda: None)  # Lightning's hook: the step, then the sync
+    policy = dict(module.model.named_parameters())
+    for name, p in module.reference.copy.named_parameters():
+        torch.testing.assert_close(p, 0.5 * policy[name] + 0.5 * before[name], rtol=0, atol=1e-12)
+    assert module.optimizer_steps == 1
+
+
+def test_mpo_and_tr_dpo_train_two_steps(tmp_path):
+    from alignlab.train import train
+
+    result = train(
+        compose(
+            [
+                "trainer.max_steps=2",
+                "algorithm.loss_type=[sigmoid,bco_pair,sft]",
+                "algorithm.loss_weights=[0.8,0.2,1.0]",
+                "algorithm.sync_ref_model=true",
+                "algorithm.ref_model_sync_steps=1",
+                "algorithm.precompute_ref_log_probs=false",
+                "evaluation.exact_match=false",
+                *QUIET,
+            ],
+            tmp_path / "run",
+        )
+    )
+    assert result["steps"] == 2
+    assert {"train/loss/sigmoid", "train/loss/bco_pair", "train/loss/sft"} <= set(result["metrics"])
+
+
+def test_kto_apo_zero_unpaired_matches_the_pure_function_without_a_reference_point(tiny):
+    model, tokenizer = tiny
+    _, batch = kto_batch(tokenizer)
+    module = build_module("kto", perturbed(model, scale=0.05), tokenizer, loss_type="apo_zero_unpaired")
+    module.reference = ReferenceModel(module.model, copy.deepcopy(model))  # not the shared model: it would be frozen
+    module.reference_point = lambda b: pytest.fail("APO-zero has no reference point")
+    with torch.no_grad():
+        loss, metrics = module.compute(batch)
+        pol, ref = answer_logprobs(module.model, batch), answer_logprobs(model, batch)
+    expected = kto_loss(pol.logps[:3], ref.logps[:3], batch["label"], torch.tensor(5.0), 0.1)  # KTO, z₀ = 5
+    expected_apo = kto_loss(
+        pol.logps[:3], ref.logps[:3], batch["label"], torch.tensor(0.0), 0.1, loss_type="apo_zero_unpaired"
+    )
+    assert loss.item() == pytest.approx(expected_apo.losses.mean().item(), rel=1e-5)
+    assert loss.item() != pytest.approx(expected.losses.mean().item(), rel=1e-3)
+    assert metrics["kl"].item() == 0.0
+
+
+def test_the_loss_type_sweep_runs_every_loss_type_but_exo_pair(tmp_path):
+    """sweep=dpo_loss_types: its grid is every DPO loss type that needs no other setting, each passing the
+    config checks."""
+    from omegaconf import OmegaConf
+
+    from alignlab.losses import DPO_LOSS_TYPES
+    from alignlab.runner.config import check_config
+
+    grid = OmegaConf.load(CONF / "sweep" / "dpo_loss_types.yaml").hydra.sweeper.params["algorithm.loss_type"]
+    assert sorted(grid.split(",")) == sorted(set(DPO_LOSS_TYPES) - {"exo_pair"})
+    for loss_type in grid.split(","):
+        check_config(compose([f"algorithm.loss_type={loss_type}"], tmp_path))
