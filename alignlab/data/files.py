@@ -16,6 +16,7 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from alignlab.data.formats import check_mapped_columns
 from alignlab.data.rows import to_canonical
 from alignlab.errors import DataError
 
@@ -154,17 +155,18 @@ class FileSource:
         self.skipped: dict[str, int] = {}  # split → rows left out under on_bad_row="skip"
         self._origin: dict[int, tuple[str, int, str]] = {}  # id(canonical row) → (file, row, prompt field)
 
-    def _canonical(self, path: str, kind: str, on_bad_row: str, split: str) -> list[dict]:
+    def _canonical(self, path: str, kind: str, on_bad_row: str, split: str, columns: dict | None = None) -> list[dict]:
         check_source_exists(path, "data.source.eval_path" if split == "eval" and self.eval_path else "data.source.path")
         rows = read_rows(path)
         if not rows:
             raise DataError(path, "has no rows")
+        check_mapped_columns(rows, columns, path)
         out, bad = [], []
         local = Path(path).expanduser()
         folder = local.parent if local.exists() else None  # relative image paths are tried here first
         for i, raw in enumerate(rows):
             try:
-                out.append(to_canonical(raw, kind, path, i + 1, base_dir=folder))
+                out.append(to_canonical(raw, kind, path, i + 1, base_dir=folder, columns=columns))
                 self._origin[id(out[-1])] = (path, i + 1, _prompt_field(raw))
             except DataError as e:
                 if on_bad_row != "skip":
@@ -179,10 +181,11 @@ class FileSource:
             raise DataError(path, f"every one of its {len(rows)} rows is bad; the first: {bad[0]}")
         return out
 
-    def load(self, kind: str, on_bad_row: str = "error") -> dict[str, list[dict]]:
-        train = self._canonical(self.path, kind, on_bad_row, "train")
+    def load(self, kind: str, on_bad_row: str = "error", columns: dict | None = None) -> dict[str, list[dict]]:
+        """Canonical rows of both splits; `columns` (data.columns) renames the files' columns first."""
+        train = self._canonical(self.path, kind, on_bad_row, "train", columns)
         if self.eval_path:
-            return {"train": train, "eval": self._canonical(self.eval_path, kind, on_bad_row, "eval")}
+            return {"train": train, "eval": self._canonical(self.eval_path, kind, on_bad_row, "eval", columns)}
         order = list(range(len(train)))
         random.Random(self.split_seed).shuffle(order)
         n_eval = int(round(len(train) * self.eval_fraction))
@@ -204,7 +207,7 @@ class FileSource:
 
 def _prompt_field(raw: dict) -> str:
     """The field a row's prompt messages come from (what an error about the conversation names)."""
-    fields = ("messages", "prompt", "chosen", "completion")
+    fields = ("messages", "prompt", "chosen", "completion", "conversations", "instruction")
     return next((f for f in fields if raw.get(f) is not None), "prompt")
 
 
