@@ -20,9 +20,10 @@ GRPO sample from):
    `<|im_end|>`, `</s>`, `<|end|>`). The newline many templates write after that token is not trained:
    generation stops at the end-of-turn token, so the model never writes it. A template that writes no
    special token there ends the answer with its text (right whitespace dropped) and eos.
-4. A content the template trims (Llama-3, Gemma) is encoded as the template writes it; any other rewrite
-   by the template (e.g. Qwen3 moving `<think>…</think>` out of an answer) is not followed: the content
-   is encoded as written.
+4. A content the template trims (Llama-3, Gemma) is encoded as the template writes it; so is an earlier
+   assistant turn the template rewrites (Qwen3 drops the think block of a turn before the last user
+   message). Any other rewrite by the template (e.g. Qwen3 moving `<think>…</think>` out of the answer
+   into its markup) is not followed: the content is encoded as written.
 The prompt and the answer are encoded as two texts, so the answer's ids are those the model generates
 after the prompt; they equal the ids of the whole rendered conversation unless the tokenizer would
 merge the prompt's last characters with the answer's first ones.
@@ -183,17 +184,23 @@ def _end_of_turn(codec: _Codec, tail: str, eos: str | None) -> str:
     return protected.rstrip() + (codec.protect(eos) if eos else "")
 
 
-def _as_written(pieces: list[str], contents: list[str], rendered: str) -> list[str] | None:
+def _as_written(
+    pieces: list[str], contents: list[str], rendered: str, free: frozenset[int] = frozenset()
+) -> list[str] | None:
     """The contents as the template wrote them in `rendered` (trimmed, if it trims), given the markup
     `pieces` around them (len(contents) + 1 pieces); None when `rendered` is not that markup with each
-    content, or a trimmed form of it, in its place."""
+    content, or a trimmed form of it, in its place. A content whose position is in `free` (an earlier
+    assistant turn) may be any text the template wrote between its markup (e.g. Qwen3 drops the think
+    block of an assistant turn before the last user message)."""
     out, pos = [], 0
-    for markup, content, after in zip(pieces, contents, pieces[1:]):
+    for j, (markup, content, after) in enumerate(zip(pieces, contents, pieces[1:])):
         if not rendered.startswith(markup, pos):
             return None
         pos += len(markup)
         forms = (content, content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"))
         form = next((f for f in forms if rendered.startswith(f + after, pos)), None)
+        if form is None and j in free and after and (end := rendered.find(after, pos)) > pos:
+            form = rendered[pos:end]
         if form is None:
             return None
         out.append(form)
@@ -325,13 +332,15 @@ def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bo
         n = len(messages)  # the answer's placeholder
         pieces, order = _lay_out(tokenizer, messages, index, row_tools)
         ragged = any(c != c.strip() for c in contents + row_answers)
+        # earlier assistant turns, which a template may rewrite (Qwen3 drops their think blocks)
+        free = frozenset(j for j, i in enumerate(order) if i < n and messages[i]["role"] == "assistant")
         written = [contents[i] if i < n else None for i in order]
         for k, answer in enumerate(row_answers or [None]):
             final = _placeholder(n) if answer is None else answer  # prompts only: the placeholder stays
             shown = [c if c is not None else final for c in written]
-            if ragged:  # the template may trim: read the forms from a real rendering
+            if ragged or free:  # the template may trim or rewrite: read the forms from a real rendering
                 real = _render(tokenizer, [*messages, {"role": "assistant", "content": final}], index, row_tools)
-                shown = _as_written(pieces, shown, real) or shown
+                shown = _as_written(pieces, shown, real, free) or shown
             if k == 0:
                 contents = shown[:-1]
                 if images is not None and images[index]:

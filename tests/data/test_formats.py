@@ -346,3 +346,93 @@ def test_tools_column_becomes_a_list_of_schemas():
     for empty in (None, [], "", "[]"):
         row = to_canonical({"prompt": "2+2=", "completion": "4", "tools": empty}, "sft", "t.jsonl", 1)
         assert "tools" not in row
+
+
+# -- files in the Hub's forms train through train() --------------------------------------------------
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _hh_rows(n):
+    out = []
+    for i in range(n):
+        a, b = i % 7, i % 5
+        prompt = f"\n\nHuman: hi\n\nAssistant: hello\n\nHuman: {a}+{b}="
+        out.append({"chosen": f"{prompt}\n\nAssistant: {a + b}", "rejected": f"{prompt}\n\nAssistant: {a + b + 1}"})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("form", "algorithm", "data", "rows"),
+    [
+        ("hh", "dpo", "custom_pairs", _hh_rows(16)),
+        (
+            "sharegpt",
+            "sft",
+            "custom_sft",
+            [
+                {
+                    "conversations": [
+                        {"from": "system", "value": "Add."},
+                        {"from": "human", "value": f"{i}+1="},
+                        {"from": "gpt", "value": str(i + 1)},
+                        {"from": "human", "value": f"{i}+2="},
+                        {"from": "gpt", "value": str(i + 2)},
+                    ]
+                }
+                for i in range(16)
+            ],
+        ),
+        (
+            "alpaca",
+            "sft",
+            "custom_sft",
+            [{"instruction": "Add.", "input": f"{i}+3", "output": str(i + 3)} for i in range(16)],
+        ),
+        (
+            "ultrafeedback",
+            "dpo",
+            "custom_pairs",
+            [
+                {
+                    "prompt": f"{i}+4=",
+                    "chosen": [user(f"{i}+4="), assistant(str(i + 4))],
+                    "rejected": [user(f"{i}+4="), assistant(str(i + 5))],
+                    "messages": [user(f"{i}+4="), assistant(str(i + 4))],
+                    "score_chosen": 8.0,
+                    "score_rejected": 3.0,
+                }
+                for i in range(16)
+            ],
+        ),
+    ],
+)
+def test_a_file_of_each_hub_form_trains(tmp_path, form, algorithm, data, rows):
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    path = _write(tmp_path / f"{form}.jsonl", rows)
+    run = tmp_path / "run"
+    overrides = [f"algorithm={algorithm}", f"data={data}", f"data.source.path={path}", "data.source.eval_fraction=0.25"]
+    cfg = compose([*overrides, "trainer.max_steps=2", "batch_size=4", "eval_batch_size=4", *QUIET], run)
+    result = train(cfg)
+    assert result["steps"] == 2 and (run / "summary.json").exists()
+
+
+def test_column_map_and_system_from_the_command_line_train(tmp_path):
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    path = _write(tmp_path / "qa.jsonl", [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(16)])
+    run = tmp_path / "run"
+    overrides = [
+        "algorithm=sft",
+        "data=custom_sft",
+        f"data.source.path={path}",
+        "data.columns={question:prompt,answer:completion}",
+        "data.system=Add.",
+        "data.truncation=keep_end",
+    ]
+    result = train(compose([*overrides, "trainer.max_steps=2", "batch_size=4", *QUIET], run))
+    assert result["steps"] == 2

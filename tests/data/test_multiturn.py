@@ -57,9 +57,12 @@ def test_every_earlier_assistant_turn_and_only_those_are_marked_in_each_family(f
     ((plain, (plain_answer,)),) = encode_conversations(tokenizer, [prompt], [["4"]])
     # the same ids as the prompt encoded whole: training every turn changes the mask, never the sequence
     assert ids == plain and answer == plain_answer and len(mask) == len(ids)
-    # each trained stretch is one assistant turn as written, then the template's end of turn
+    # each trained stretch is one assistant turn as the template writes it (Qwen3 drops the think block of a
+    # turn before the last user message), then the template's end of turn
     eot = END_OF_TURN[name]
     earlier = [m["content"] for m in prompt if m["role"] == "assistant"]
+    if name == "qwen3":
+        earlier = [c.split("</think>")[-1].lstrip("\n") for c in earlier]
     assert [tokenizer.decode(run) for run in stretches(ids, mask, True)] == [c + eot for c in earlier]
     # system and user text is never trained: it lies in the untrained stretches, whole
     untrained = "".join(tokenizer.decode(run) for run in stretches(ids, mask, False))
@@ -67,11 +70,7 @@ def test_every_earlier_assistant_turn_and_only_those_are_marked_in_each_family(f
         if m["role"] in ("user", "system"):
             assert m["content"] in untrained
     # the whole sequence is the template's own rendering of the conversation, up to the answer's end of turn
-    # (Qwen3 drops an earlier turn's think block; alignlab encodes contents as written, so it is removed here)
-    turns = [{**m, "content": m["content"].split("</think>\n\n")[-1]} if name == "qwen3" else m for m in prompt]
-    if name == "qwen3":
-        ids = encode_conversations(tokenizer, [turns], [["4"]])[0][0]
-    full = tokenizer.apply_chat_template([*turns, assistant("4")], tokenize=True, return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template([*prompt, assistant("4")], tokenize=True, return_dict=True)["input_ids"]
     assert full[: len(ids) + len(answer)] == ids + answer
 
 
@@ -160,7 +159,6 @@ def test_default_system_message_is_added_to_rows_without_one(tiny):
 
 def test_tools_reach_the_chat_template(tiny, tmp_path):
     _, tokenizer = tiny
-    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path) if False else tokenizer
     tool = {"type": "function", "function": {"name": "add_numbers", "parameters": {"type": "object"}}}
     template = (
         "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %}{{ t.function.name }}{% endfor %}<|im_end|>\n"
@@ -232,11 +230,8 @@ def test_truncation_keeps_the_end_or_the_start_or_drops_or_refuses(tiny, module)
     end = setup("keep_end")  # the history goes; a single long question cannot lose turns
     assert end.dropped["train"] == 1 and end.shortened["train"] == 1
     assert end.read()["train"][0]["prompt"] == [system("Be brief."), user("2+2=")]
-    assert (
-        end.splits["train"][0]["prompt_ids"]
-        == setup("drop_row").splits["train"][0]["prompt_ids"][:0]
-        + (encode_conversations(tokenizer, [[system("Be brief."), user("2+2=")]])[0][0])
-    )
+    short = encode_conversations(tokenizer, [[system("Be brief."), user("2+2=")]])[0][0]
+    assert end.splits["train"][0]["prompt_ids"] == short
     start = setup("keep_start")  # the long question is cut; the history is not the last user message
     assert start.dropped["train"] == 1 and start.shortened["train"] == 1
     question = start.read()["train"][1]["prompt"][0]["content"]
