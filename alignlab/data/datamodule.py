@@ -120,53 +120,55 @@ class AlignmentDataModule(L.LightningDataModule):
         return ["prompt_too_long" if ex is None else None for ex in encoded]
 
     # -- shared ---------------------------------------------------------------------------------
-    def encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...], turns: bool | None = None) -> list[tuple]:
+    def encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...]) -> list[tuple[list[int], list[list[int]]]]:
         """(prompt ids, [ids of each answer column]) per row, through the chat template (see
-        alignlab.data.tokenize); no answer columns: prompts only. `turns`: (prompt ids, mask of the
-        prompt's earlier assistant turns or None, [answer ids]) (alignlab.data.tokenize.encode_turns).
-        A prompt that leaves no room for an answer token is shortened, or refused, as data.truncation
-        says (alignlab.data.truncation); the row's `prompt` is then the shortened one.
+        alignlab.data.tokenize); no answer columns: prompts only. A prompt that leaves no room for an
+        answer token is shortened, or refused, as data.truncation says (alignlab.data.truncation); the
+        row's `prompt` is then the shortened one.
 
         Raises:
             DataError: the template refuses a row (e.g. a system role it does not support), naming the
                 file, row, field and the template's reason; or (data.truncation=error) a prompt does not fit.
         """
-        with_masks = turns is not None
-        encoded = self._encode_rows(rows, answer_keys, bool(turns), with_masks)
+        return [(p, a) for p, _, a in self.encode_turn_rows(rows, answer_keys, all_turns=False)]
+
+    def encode_turn_rows(self, rows: list[dict], answer_keys: tuple[str, ...], all_turns: bool) -> list[tuple]:
+        """As `encode_rows`, with the mask of each prompt's earlier assistant turns: (prompt ids, mask or
+        None, [answer ids]) (alignlab.data.tokenize.encode_turns); `all_turns=False`: every mask None."""
+        encoded = self._encode_rows(rows, answer_keys, all_turns)
         if self.truncation == "drop_row":
             return encoded
-        for i, (row, out) in enumerate(zip(rows, encoded)):
-            if len(out[0]) < self.max_length:
+        for i, (row, (prompt_ids, _, answers)) in enumerate(zip(rows, encoded)):
+            if len(prompt_ids) < self.max_length:
                 continue
             if self.truncation == "error":
-                raise self._too_long(row, len(out[0]))
+                raise self._too_long(row, len(prompt_ids))
             if row.get("images"):  # placeholders must keep matching the images: left out as with drop_row
                 continue
-            answer = max((len(a) for a in out[-1]), default=0)
             shorter = shorten_prompt(
                 row["prompt"],
                 self.truncation,
-                lambda m, row=row: len(self._encode_rows([{**row, "prompt": m}], (), False, False)[0][0]),
-                answer,
+                lambda m, row=row: len(self._encode_rows([{**row, "prompt": m}], (), False)[0][0]),
+                max((len(a) for a in answers), default=0),
                 self.max_length,
             )
             if shorter is not None:
                 row["prompt"] = shorter
-                encoded[i] = self._encode_rows([row], answer_keys, bool(turns), with_masks)[0]
+                encoded[i] = self._encode_rows([row], answer_keys, all_turns)[0]
                 self._shortened += 1
         return encoded
 
-    def _encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...], turns: bool, masks: bool) -> list[tuple]:
+    def _encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...], all_turns: bool) -> list[tuple]:
         prompts = [r["prompt"] for r in rows]
         answers = [[r[k] for k in answer_keys] for r in rows] if answer_keys else None
         markups = [(self._vision.get(id(r)) or (None, None))[1] for r in rows]
         tools = [r.get("tools") for r in rows]
         tools = tools if any(tools) else None
         try:
-            if turns:
+            if all_turns:
                 return encode_turns(self.tokenizer, prompts, answers, self.system_prompt, markups, tools)
             encoded = encode_conversations(self.tokenizer, prompts, answers, self.system_prompt, markups, tools)
-            return [(p, None, a) for p, a in encoded] if masks else encoded
+            return [(p, None, a) for p, a in encoded]
         except TemplateRefusal as e:
             raise self._refused(rows[e.index], e.reason) from None
 
@@ -494,7 +496,7 @@ class SFTDataModule(AlignmentDataModule):
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         out = []
-        for p, mask, (a,) in self.encode_rows(rows, ("completion",), turns=self.train_on == "all_assistant"):
+        for p, mask, (a,) in self.encode_turn_rows(rows, ("completion",), self.train_on == "all_assistant"):
             a = fit_answer(len(p), a, self.max_length)
             ex = None if a is None else {"prompt_ids": p, "completion_ids": a}
             if ex is not None and mask is not None and any(mask):

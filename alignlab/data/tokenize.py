@@ -382,9 +382,10 @@ def encode_prompts(
     prompts: Sequence[list[dict]],
     system_prompt: str = "keep",
     images: Sequence[list[str] | None] | None = None,
+    tools: Sequence[list[dict] | None] | None = None,
 ) -> list[list[int]]:
     """Prompt ids, ending where the assistant's answer begins (see `encode_conversations`)."""
-    return [p for p, _ in encode_conversations(tokenizer, prompts, None, system_prompt, images)]
+    return [p for p, _ in encode_conversations(tokenizer, prompts, None, system_prompt, images, tools)]
 
 
 def encode_answers(tokenizer, answers: Sequence[str]) -> list[list[int]]:

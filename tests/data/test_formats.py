@@ -10,19 +10,7 @@ import pytest
 from alignlab.data.formats import check_mapped_columns, common_prompt, hh_messages
 from alignlab.data.rows import to_canonical
 from alignlab.errors import DataError
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def system(text: str) -> dict:
-    return {"role": "system", "content": text}
-
+from tests.data.test_data import assistant, system, user
 
 HH_CHOSEN = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: It is 6."
 HH_REJECTED = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: It is 7."
@@ -435,4 +423,4 @@ def test_column_map_and_system_from_the_command_line_train(tmp_path):
         "data.truncation=keep_end",
     ]
     result = train(compose([*overrides, "trainer.max_steps=2", "batch_size=4", *QUIET], run))
-    assert result["steps"] == 2
+    assert result["steps"] == 2 and result["shortened_prompts"] == {"train": 0, "eval": 0}

@@ -15,19 +15,8 @@ from alignlab.data.truncation import shorten_prompt, turns_dropped
 from alignlab.errors import ConfigError, DataError
 from tests.conftest import ListSource
 from tests.data.test_chat_encoding import END_OF_TURN, load_tokenizer
+from tests.data.test_data import assistant, system, user
 from tests.families import CHAT_FAMILIES, SYSTEM_REFUSING
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 def conversation(name):
