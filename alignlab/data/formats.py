@@ -236,7 +236,7 @@ def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
             and isinstance(chosen, str)
             and isinstance(rejected, str)
             and chosen != rejected
-            and kind in ("pairwise", "labelled", "prompt")
+            and kind in ("pairwise", "labelled", "prompt", "sft")
         ):
             prompt, chosen, rejected = common_prompt(chosen, rejected)
             if prompt.strip():  # no shared beginning: `prompt` stays missing, and the row is refused for it

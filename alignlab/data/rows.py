@@ -62,6 +62,7 @@ class _Row:
     def __init__(self, raw: dict, source: str, index: int, base_dir: str | os.PathLike | None = None):
         self.raw, self.source, self.index, self.base_dir = raw, source, index, base_dir
         self.image_parts = False  # whether any message gave a {"type": "image"} content part
+        self.given = list(raw) if isinstance(raw, dict) else []  # the columns as the file names them
 
     def fail(self, field: str, problem: str) -> DataError:
         return DataError(self.source, problem, row=self.index, field=field)
@@ -72,7 +73,7 @@ class _Row:
     def missing(self, field: str, hint: str = "") -> DataError:
         """A required field the row lacks: the error names the columns it has and the forms accepted."""
         forms = "; ".join(ACCEPTED_FORMS)
-        return self.fail(field, f"missing{hint}; the row has columns {list(self.raw)}; accepted forms: {forms}")
+        return self.fail(field, f"missing{hint}; the row has columns {self.given}; accepted forms: {forms}")
 
     def messages(self, field: str, value: Any = None) -> list[dict]:
         value = self.raw.get(field) if value is None else value
@@ -365,8 +366,40 @@ def to_canonical(
     """
     if not isinstance(raw, dict):
         raise DataError(source, f"expected an object per row, got {type(raw).__name__}", row=index)
-    raw = normalise(rename_columns(raw, columns, source, index), kind, source, index)
+    renamed = rename_columns(raw, columns, source, index)
+    read = normalise(renamed, kind, source, index)
+    try:
+        return _to_canonical(read, kind, source, index, base_dir, list(raw))
+    except DataError as e:  # name the user's column, not the one it was read as
+        given = _given_name(e.field, raw, renamed, read, columns)
+        if given is None or e.row != index:
+            raise
+        problem = str(e).split(": ", 1)[1]
+        raise DataError(source, f"(read as `{e.field}`) {problem}", row=index, field=given) from None
+
+
+def _given_name(
+    field: str | None, raw: dict, renamed: dict, read: dict, columns: Mapping[str, str] | None
+) -> str | None:
+    """The file's name of the column an error names as `field`, when the file calls it otherwise: a
+    column `data.columns` renamed, or the column of a recognised form it was made from (ShareGPT's
+    `conversations`, Alpaca's `instruction`/`output`, an HH transcript in `chosen` stays `chosen`)."""
+    if field is None or field in raw:
+        return None
+    source = {"messages": "conversations", "prompt": "conversations" if "conversations" in renamed else "instruction"}
+    source["completion"] = "output"
+    name = field if field in renamed else source.get(field) if field in read else None
+    if name is None or name not in renamed:
+        return None
+    back = {new: old for old, new in (columns or {}).items() if old in raw}
+    return back.get(name, name)
+
+
+def _to_canonical(
+    raw: dict, kind: str, source: str, index: int, base_dir: str | os.PathLike | None, given: list[str]
+) -> dict:
     row = _Row(raw, source, index, base_dir)
+    row.given = given
     conversational = row.has("messages")
     if kind == "prompt":
         used = {"messages", "prompt"}

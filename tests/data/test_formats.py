@@ -304,6 +304,48 @@ def test_column_map_renames_before_conversion():
     }
 
 
+@pytest.mark.parametrize(
+    ("raw", "kind", "columns", "expected"),
+    [
+        (
+            {"question": " ", "answer": "4"},
+            "prompt",
+            {"question": "prompt"},
+            "field 'question': (read as `prompt`) prompt is empty",
+        ),
+        (
+            {"q": "2+2=", "good": "4", "bad": "4"},
+            "pairwise",
+            {"q": "prompt", "good": "chosen", "bad": "rejected"},
+            "field 'bad': (read as `rejected`) identical to the chosen answer",
+        ),
+        (
+            {"q": "2+2=", "good": "4"},
+            "pairwise",
+            {"q": "prompt", "good": "chosen"},
+            "field 'rejected': missing; the row has columns ['q', 'good']",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "hi"}]},
+            "sft",
+            None,
+            "field 'conversations': (read as `messages`) must end with an assistant answer",
+        ),
+        (
+            {"instruction": "q", "output": " "},
+            "sft",
+            None,
+            "field 'output': (read as `completion`) the answer is empty",
+        ),
+        ({"instruction": "", "output": "4"}, "sft", None, "field 'instruction': (read as `prompt`) prompt is empty"),
+    ],
+)
+def test_errors_name_the_column_as_the_file_names_it(raw, kind, columns, expected):
+    with pytest.raises(DataError) as err:
+        to_canonical(raw, kind, "f.jsonl", 3, columns=columns)
+    assert str(err.value).startswith(f"f.jsonl, row 3, {expected}"), str(err.value)
+
+
 def test_column_map_onto_a_column_the_row_has_is_refused():
     with pytest.raises(
         DataError, match=r"q\.jsonl, row 2, field 'question': data\.columns renames 'question' to 'prompt'"
