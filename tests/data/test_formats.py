@@ -110,6 +110,12 @@ FORMS = [
         {"prompt": [user("The sky is")], "chosen": " blue.", "rejected": " green."},
     ),
     (
+        "TRL standard, implicit prompt, SFT on the chosen text",
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        "sft",
+        {"prompt": [user("The sky is")], "completion": " blue."},
+    ),
+    (
         "TRL standard, explicit prompt",
         {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
         "pairwise",
