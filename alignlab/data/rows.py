@@ -371,28 +371,27 @@ def to_canonical(
     try:
         return _to_canonical(read, kind, source, index, base_dir, list(raw))
     except DataError as e:  # name the user's column, not the one it was read as
-        given = _given_name(e.field, raw, renamed, read, columns)
+        given = _given_name(e.field, raw, renamed, columns)
         if given is None or e.row != index:
             raise
         problem = str(e).split(": ", 1)[1]
         raise DataError(source, f"(read as `{e.field}`) {problem}", row=index, field=given) from None
 
 
-def _given_name(
-    field: str | None, raw: dict, renamed: dict, read: dict, columns: Mapping[str, str] | None
-) -> str | None:
+def _given_name(field: str | None, raw: dict, renamed: dict, columns: Mapping[str, str] | None) -> str | None:
     """The file's name of the column an error names as `field`, when the file calls it otherwise: a
     column `data.columns` renamed, or the column of a recognised form it was made from (ShareGPT's
-    `conversations`, Alpaca's `instruction`/`output`, an HH transcript in `chosen` stays `chosen`)."""
+    `conversations`, Alpaca's `instruction` and `output`); None when the file calls it `field`."""
     if field is None or field in raw:
         return None
-    source = {"messages": "conversations", "prompt": "conversations" if "conversations" in renamed else "instruction"}
-    source["completion"] = "output"
-    name = field if field in renamed else source.get(field) if field in read else None
-    if name is None or name not in renamed:
-        return None
+    if field not in renamed:  # made by a recognised form (alignlab.data.formats)
+        made_from = {"messages": "conversations", "completion": "output"}
+        made_from["prompt"] = "conversations" if "conversations" in renamed else "instruction"
+        field = made_from.get(field)
+        if field not in renamed:
+            return None
     back = {new: old for old, new in (columns or {}).items() if old in raw}
-    return back.get(name, name)
+    return back.get(field, field)
 
 
 def _to_canonical(
