@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 PLAN_EPOCHS = 32  # epochs whose steps set the micro-batch count under a token budget (later ones reuse it)
 
-# Why setup leaves a row out (the keys of `dropped_by_reason`), as the log and errors say it.
 TRAIN_ON = ("all_assistant", "last_assistant")  # data.train_on (SFT): which assistant turns the loss covers
 
+# Why setup leaves a row out (the keys of `dropped_by_reason`), as the log and errors say it.
 DROP_REASONS = {
     "prompt_too_long": "whose prompt alone does not fit max_length={max_length}",
     "identical_after_truncation": "whose chosen and rejected answers are the same tokens once cut to "
