@@ -456,19 +456,23 @@ def test_a_file_of_each_hub_form_trains(tmp_path, form, algorithm, data, rows):
     assert result["steps"] == 2 and (run / "summary.json").exists()
 
 
-def test_column_map_and_system_from_the_command_line_train(tmp_path):
+def test_column_map_system_and_truncation_from_the_command_line_train(tmp_path):
     from alignlab.train import train
     from tests.conftest import QUIET, compose
 
-    path = _write(tmp_path / "qa.jsonl", [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(16)])
+    rows = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(15)]
+    rows.append({"question": "long " * 60 + "1+1=", "answer": "2"})  # a prompt past max_length=128
+    path = _write(tmp_path / "qa.jsonl", rows)
     run = tmp_path / "run"
     overrides = [
         "algorithm=sft",
         "data=custom_sft",
         f"data.source.path={path}",
+        f"data.source.eval_path={path}",
         "data.columns={question:prompt,answer:completion}",
         "data.system=Add.",
-        "data.truncation=keep_end",
+        "data.truncation=keep_start",
     ]
     result = train(compose([*overrides, "trainer.max_steps=2", "batch_size=4", *QUIET], run))
-    assert result["steps"] == 2 and result["shortened_prompts"] == {"train": 0, "eval": 0}
+    assert result["steps"] == 2 and result["shortened_prompts"] == {"train": 1, "eval": 1}
+    assert result["dropped_rows"] == {"train": 0, "eval": 0}
