@@ -142,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
         "dropped_rows": dict(datamodule.dropped),
         "dropped_rows_by_reason": dict(datamodule.dropped_by_reason),
         "skipped_bad_rows": datamodule.skipped,
+        "shortened_prompts": dict(datamodule.shortened),  # per split, by data.truncation=keep_end/keep_start
         "metrics": metrics,
     }
     if trainer.is_global_zero:

@@ -32,12 +32,21 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple
     return ids, mask
 
 
-def collate_answers(prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int) -> dict:
-    """prompt + answer sequences with a loss mask over the answer tokens."""
+def collate_answers(
+    prompts: Sequence[list[int]],
+    answers: Sequence[list[int]],
+    pad_id: int,
+    prompt_masks: Sequence[list[int] | None] | None = None,
+) -> dict:
+    """prompt + answer sequences with a loss mask over the answer tokens, and over the prompt tokens a
+    row's `prompt_masks` entry marks (0/1 per prompt token: multi-turn SFT's earlier assistant turns;
+    None: none)."""
     input_ids, attention_mask = pad([p + a for p, a in zip(prompts, answers)], pad_id)
     loss_mask = torch.zeros_like(attention_mask)
     for i, (p, a) in enumerate(zip(prompts, answers)):
         loss_mask[i, len(p) : len(p) + len(a)] = 1
+        if prompt_masks is not None and prompt_masks[i] is not None:
+            loss_mask[i, : len(p)] = torch.as_tensor(prompt_masks[i], dtype=loss_mask.dtype)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 

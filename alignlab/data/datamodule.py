@@ -9,6 +9,7 @@ encoded and how examples are collated.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -24,13 +25,16 @@ from alignlab.data.mixture import MixtureSource
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader, process_group
 from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.streaming import RowStream, StreamLoader, StreamOrder
-from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, fit_answer
+from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, encode_turns, fit_answer
+from alignlab.data.truncation import TRUNCATION, shorten_prompt
 from alignlab.data.vision import IMAGE_COLUMNS, ImageEncoder, collate_vision
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 PLAN_EPOCHS = 32  # epochs whose steps set the micro-batch count under a token budget (later ones reuse it)
+
+TRAIN_ON = ("all_assistant", "last_assistant")  # data.train_on (SFT): which assistant turns the loss covers
 
 # Why setup leaves a row out (the keys of `dropped_by_reason`), as the log and errors say it.
 DROP_REASONS = {
@@ -64,6 +68,9 @@ class AlignmentDataModule(L.LightningDataModule):
         system_prompt: str = "keep",
         max_tokens_per_micro_batch: int | None = None,
         sources: Sequence | None = None,
+        columns: dict[str, str] | None = None,
+        system: str | None = None,
+        truncation: str = "drop_row",
     ):
         """`sources` (data.sources): data set specs to mix by weight in place of `source` alone, whose
         settings are their defaults (alignlab.data.mixture)."""
@@ -72,7 +79,13 @@ class AlignmentDataModule(L.LightningDataModule):
             source = MixtureSource.from_specs(sources, base=source)
         if system_prompt not in SYSTEM_PROMPT:
             raise ConfigError(f"data.system_prompt must be one of {SYSTEM_PROMPT}, got {system_prompt!r}")
-        self.system_prompt = system_prompt
+        if truncation not in TRUNCATION:
+            raise ConfigError(f"data.truncation must be one of {TRUNCATION}, got {truncation!r}")
+        self.system_prompt, self.truncation = system_prompt, truncation
+        self.columns = dict(columns) if columns else None  # data.columns: {the file's column name: alignlab's}
+        self.system = system  # data.system: the system message of rows that have none
+        self.shortened: dict[str, int] = {}  # split → rows whose prompt data.truncation shortened
+        self._shortened = 0
         self.shuffle, self.group_by_length = shuffle, group_by_length
         if on_bad_row not in ON_BAD_ROW:
             raise ConfigError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
@@ -117,19 +130,67 @@ class AlignmentDataModule(L.LightningDataModule):
     # -- shared ---------------------------------------------------------------------------------
     def encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...]) -> list[tuple[list[int], list[list[int]]]]:
         """(prompt ids, [ids of each answer column]) per row, through the chat template (see
-        alignlab.data.tokenize); no answer columns: prompts only.
+        alignlab.data.tokenize); no answer columns: prompts only. A prompt that leaves no room for an
+        answer token is shortened, or refused, as data.truncation says (alignlab.data.truncation); the
+        row's `prompt` is then the shortened one.
 
         Raises:
             DataError: the template refuses a row (e.g. a system role it does not support), naming the
-                file, row, field and the template's reason.
+                file, row, field and the template's reason; or (data.truncation=error) a prompt does not fit.
         """
+        return [(p, a) for p, _, a in self.encode_turn_rows(rows, answer_keys, all_turns=False)]
+
+    def encode_turn_rows(self, rows: list[dict], answer_keys: tuple[str, ...], all_turns: bool) -> list[tuple]:
+        """As `encode_rows`, with the mask of each prompt's earlier assistant turns: (prompt ids, mask or
+        None, [answer ids]) (alignlab.data.tokenize.encode_turns); `all_turns=False`: every mask None."""
+        encoded = self._encode_rows(rows, answer_keys, all_turns)
+        if self.truncation == "drop_row":
+            return encoded
+        for i, (row, (prompt_ids, _, answers)) in enumerate(zip(rows, encoded)):
+            if len(prompt_ids) < self.max_length:
+                continue
+            if self.truncation == "error":
+                raise self._too_long(row, len(prompt_ids))
+            if row.get("images"):  # placeholders must keep matching the images: left out as with drop_row
+                continue
+            shorter = shorten_prompt(
+                row["prompt"],
+                self.truncation,
+                lambda m, row=row: len(self._encode_rows([{**row, "prompt": m}], (), False)[0][0]),
+                max((len(a) for a in answers), default=0),
+                self.max_length,
+            )
+            if shorter is not None:
+                row["prompt"] = shorter
+                encoded[i] = self._encode_rows([row], answer_keys, all_turns)[0]
+                self._shortened += 1
+        return encoded
+
+    def _encode_rows(self, rows: list[dict], answer_keys: tuple[str, ...], all_turns: bool) -> list[tuple]:
         prompts = [r["prompt"] for r in rows]
         answers = [[r[k] for k in answer_keys] for r in rows] if answer_keys else None
         markups = [(self._vision.get(id(r)) or (None, None))[1] for r in rows]
+        tools = [r.get("tools") for r in rows]
+        tools = tools if any(tools) else None
         try:
-            return encode_conversations(self.tokenizer, prompts, answers, self.system_prompt, markups)
+            if all_turns:
+                return encode_turns(self.tokenizer, prompts, answers, self.system_prompt, markups, tools)
+            encoded = encode_conversations(self.tokenizer, prompts, answers, self.system_prompt, markups, tools)
+            return [(p, None, a) for p, a in encoded]
         except TemplateRefusal as e:
             raise self._refused(rows[e.index], e.reason) from None
+
+    def _too_long(self, row: dict, length: int) -> DataError:
+        origin = getattr(self.source, "origin", lambda _: None)(self._derived.get(id(row), row))
+        source, index, field = origin or (getattr(self.source, "describe", lambda: "data")(), None, "prompt")
+        return DataError(
+            source,
+            f"the prompt takes {length} tokens, which leaves no room for an answer at max_length={self.max_length} "
+            "(data.truncation=error); raise max_length, shorten the prompt, or set data.truncation to drop_row, "
+            "keep_end (drop the oldest turns) or keep_start (cut the last user message)",
+            row=index,
+            field=field,
+        )
 
     def _refused(self, row: dict, reason: str) -> DataError:
         origin = getattr(self.source, "origin", lambda _: None)(self._derived.get(id(row), row))
@@ -215,7 +276,23 @@ class AlignmentDataModule(L.LightningDataModule):
         return self._rows
 
     def load(self, kind: str) -> dict[str, list[dict]]:
-        return self.source.load(kind, on_bad_row=self.on_bad_row)
+        """Canonical rows of `kind` from the source, `data.columns` applied while reading, `data.system`
+        added to rows without a system message."""
+        if self.columns:
+            if "columns" not in inspect.signature(self.source.load).parameters:
+                raise ConfigError(
+                    f"data.columns renames the columns of data files, but {type(self.source).__name__} reads no "
+                    "files; remove data.columns"
+                )
+            splits = self.source.load(kind, on_bad_row=self.on_bad_row, columns=self.columns)
+        else:
+            splits = self.source.load(kind, on_bad_row=self.on_bad_row)
+        if self.system is not None:
+            for rows in splits.values():
+                for row in rows:  # the same dict (its origin is looked up by id), a new prompt list
+                    if not any(m["role"] == "system" for m in row["prompt"]):
+                        row["prompt"] = [{"role": "system", "content": self.system}, *row["prompt"]]
+        return splits
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -236,7 +313,18 @@ class AlignmentDataModule(L.LightningDataModule):
             if isinstance(rows, RowStream):  # encoded as it is read (alignlab.data.streaming)
                 self.stream, self.splits[split], self.dropped[split], self.dropped_by_reason[split] = rows, [], 0, {}
                 continue
+            self._shortened = 0
             kept, reasons = self._encode_split(split, rows)
+            self.shortened[split] = self._shortened
+            if self._shortened:
+                log.warning(
+                    "%s split: shortened the prompt of %d of %d rows to fit max_length=%d (data.truncation=%s)",
+                    split,
+                    self._shortened,
+                    len(rows),
+                    self.max_length,
+                    self.truncation,
+                )
             for i, ex in enumerate(kept):
                 ex["index"] = i  # its position among the kept rows, which the loaders' order indexes
             counts = Counter(why for why in reasons if why is not None)
@@ -432,24 +520,41 @@ class AlignmentDataModule(L.LightningDataModule):
 
 
 class SFTDataModule(AlignmentDataModule):
-    """(prompt, completion) rows; the loss covers the completion tokens."""
+    """(prompt, completion) rows; the loss covers the completion tokens and, with
+    `train_on="all_assistant"` (default), every earlier assistant turn of a multi-turn prompt (its
+    content and end of turn, as `alignlab.data.tokenize.encode_turns` finds them); `"last_assistant"`:
+    the completion only. System, user and tool tokens never count."""
 
     kind = "sft"
     answer_keys = ("completion_ids",)
 
+    def __init__(self, source, train_on: str = "all_assistant", **kwargs):
+        super().__init__(source, **kwargs)
+        if train_on not in TRAIN_ON:
+            raise ConfigError(f"data.train_on must be one of {TRAIN_ON}, got {train_on!r}")
+        self.train_on = train_on
+
     def step_counts(self, ex: dict) -> dict[str, int]:
-        return {"completion_tokens": scored_tokens(len(ex["prompt_ids"]), len(ex["completion_ids"]))}
+        earlier = sum(ex["prompt_mask"][1:]) if "prompt_mask" in ex else 0  # position 0 is predicted by nothing
+        return {"completion_tokens": scored_tokens(len(ex["prompt_ids"]), len(ex["completion_ids"])) + earlier}
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         out = []
-        for row, (p, (a,)) in zip(rows, self.encode_rows(rows, ("completion",))):
+        turns = self.encode_turn_rows(rows, ("completion",), self.train_on == "all_assistant")
+        for row, (p, mask, (a,)) in zip(rows, turns):
             a = fit_answer(len(p), a, self.max_length)
-            out.append(None if a is None else {"prompt_ids": p, "completion_ids": a, "prompt": row["prompt"]})
+            ex = None if a is None else {"prompt_ids": p, "completion_ids": a, "prompt": row["prompt"]}
+            if ex is not None and mask is not None and any(mask):
+                ex["prompt_mask"] = mask
+            out.append(ex)
         return out
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
         batch = collate_answers(
-            [e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], self.pad_id
+            [e["prompt_ids"] for e in examples],
+            [e["completion_ids"] for e in examples],
+            self.pad_id,
+            [e.get("prompt_mask") for e in examples],
         )
         batch.update(collate_vision([e.get("vision") for e in examples]))
         if with_prompts:  # the prompts' messages, as the data gave them (GKD's sample tables)

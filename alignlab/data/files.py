@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from alignlab.data.formats import check_mapped_columns
 from alignlab.data.rows import to_canonical
 from alignlab.data.streaming import PEEK_ROWS, STREAM_KINDS, RowStream
 from alignlab.errors import ConfigError, DataError
@@ -341,6 +342,7 @@ class FileSource:
             raise ConfigError(f"{self.key}.max_rows (or #N on the path) must be a whole number >= 1, got {max_rows!r}")
         self.columns = dict(columns or {})
         self._columns = self.columns  # in force while loading: data.columns under this spec's own map
+        self._columns_key = f"{self.key}.columns"  # the key errors about the map name
         self.settings = {  # as given, for `with_spec`
             "path": path,
             "eval_path": eval_path,
@@ -408,35 +410,14 @@ class FileSource:
             )
         return splits[split]
 
-    def _renamed(self, rows: list[tuple[str, int, dict, Path | None]], location: str) -> list:
-        """Rows with `columns` applied (user's name → alignlab's), after checking every name is a column.
-
-        Raises:
-            DataError: a name in `columns` that no row has, listing the columns the rows have.
-        """
-        if not self._columns:
-            return rows
-        seen = {k for _, _, raw, _ in rows if isinstance(raw, dict) for k in raw}
-        unknown = sorted(set(self._columns) - seen)
-        if unknown:
-            raise DataError(
-                location,
-                f"{self.key}.columns (or data.columns) names columns no row has: {unknown}; the rows have "
-                f"{sorted(seen)}",
-            )
-        rename = self._columns.get
-        return [
-            (file, index, {rename(k, k): v for k, v in raw.items()} if isinstance(raw, dict) else raw, folder)
-            for file, index, raw, folder in rows
-        ]
-
     def _canonical(self, location: str, split_name: str, split_key: str, kind: str, on_bad_row: str, split: str):
         key = f"{self.key}.eval_path" if split == "eval" and self.eval_path else f"{self.key}.path"
         rows = self._raw(location, split_name, key, split_key, self.max_rows if split == "train" else None)
+        check_mapped_columns((raw for _, _, raw, _ in rows), self._columns, location, self._columns_key)
         out, bad = [], []
-        for file, index, raw, folder in self._renamed(rows, location):
+        for file, index, raw, folder in rows:
             try:
-                out.append(to_canonical(raw, kind, file, index, base_dir=folder))
+                out.append(to_canonical(raw, kind, file, index, base_dir=folder, columns=self._columns))
                 self._origin[id(out[-1])] = (file, index, _prompt_field(raw))
             except DataError as e:
                 if on_bad_row != "skip":
@@ -461,6 +442,7 @@ class FileSource:
         if self.path is None:
             raise ConfigError(f"{self.key}.path is not set; give a file, a folder or a Hub data set id")
         self._columns = {**(columns or {}), **self.columns}
+        self._columns_key = f"{self.key}.columns" if self.columns else "data.columns"
         if self.eval_split and not self.eval_path and Path(self.path).expanduser().is_file():
             raise ConfigError(
                 f"{self.key}.eval_split={self.eval_split!r} needs a folder or a Hub data set, but {self.key}.path is "
@@ -517,10 +499,9 @@ class FileSource:
                 file, index, raw = record["file"], record["row"], record["raw"]
             else:
                 file, index, raw = f"{where}, streamed row {position + 1}", None, record
-            if self._columns and isinstance(raw, dict):
-                raw = {self._columns.get(k, k): v for k, v in raw.items()}
             try:
-                row = to_canonical(raw, kind, file, index, base_dir=Path(file).parent if where is None else None)
+                folder = Path(file).parent if where is None else None
+                row = to_canonical(raw, kind, file, index, base_dir=folder, columns=self._columns)
             except DataError as e:
                 if on_bad_row != "skip":
                     raise
@@ -535,7 +516,7 @@ class FileSource:
         if not peeked:
             raise DataError(self.path, f"split {self.split!r} has no rows")
         raws = [record["raw"] if where is None else record for record in peeked]
-        self._renamed([("", 0, raw, None) for raw in raws], self.path)  # a column map naming no column fails
+        check_mapped_columns(raws, self._columns, self.path, self._columns_key)  # a map naming no column fails
         checked = [convert(record, position) for position, record in enumerate(peeked)]
         self._forget([row for row in checked if row is not None])
         self.skipped.pop("train", None)  # counted again as training meets them
@@ -555,7 +536,7 @@ class FileSource:
 
 def _prompt_field(raw: dict) -> str:
     """The field a row's prompt messages come from (what an error about the conversation names)."""
-    fields = ("messages", "prompt", "chosen", "completion")
+    fields = ("messages", "prompt", "chosen", "completion", "conversations", "instruction")
     return next((f for f in fields if raw.get(f) is not None), "prompt")
 
 

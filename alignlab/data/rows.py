@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from alignlab.data.formats import ACCEPTED_FORMS, normalise, rename_columns
 from alignlab.data.images import ImageError, describe, load_image
 from alignlab.errors import DataError
 
@@ -60,12 +62,18 @@ class _Row:
     def __init__(self, raw: dict, source: str, index: int, base_dir: str | os.PathLike | None = None):
         self.raw, self.source, self.index, self.base_dir = raw, source, index, base_dir
         self.image_parts = False  # whether any message gave a {"type": "image"} content part
+        self.given = list(raw) if isinstance(raw, dict) else []  # the columns as the file names them
 
     def fail(self, field: str, problem: str) -> DataError:
         return DataError(self.source, problem, row=self.index, field=field)
 
     def has(self, field: str) -> bool:
         return self.raw.get(field) is not None
+
+    def missing(self, field: str, hint: str = "") -> DataError:
+        """A required field the row lacks: the error names the columns it has and the forms accepted."""
+        forms = "; ".join(ACCEPTED_FORMS)
+        return self.fail(field, f"missing{hint}; the row has columns {self.given}; accepted forms: {forms}")
 
     def messages(self, field: str, value: Any = None) -> list[dict]:
         value = self.raw.get(field) if value is None else value
@@ -140,7 +148,7 @@ class _Row:
         """
         value = self.raw.get(field)
         if value is None:
-            raise self.fail(field, "missing")
+            raise self.missing(field)
         if isinstance(value, str):
             prefix, text = [], value
         elif not isinstance(value, list):
@@ -212,13 +220,16 @@ class _Row:
             return self.follow(self.prompt(), prefix, answer_field, "`prompt`"), text
         if prefix:
             return prefix, text
-        raise self.fail("prompt", "missing (give `prompt`, or `messages` in the conversational form)")
+        raise self.missing("prompt", " (give `prompt`, or `messages` in the conversational form)")
 
-    def rejected(self, prompt: list[dict]) -> str:
+    def rejected(self, prompt: list[dict], conversational: bool) -> str:
         """The rejected answer of a pair whose chosen answer follows `prompt`; refused (naming the
-        rejected field) when it answers another conversation."""
-        if self.has("messages"):
-            field, name = "rejected_response", "`messages`"
+        rejected field) when it answers another conversation. `conversational`: the chosen answer ends
+        `messages`, and the rejected one is `rejected_response` or (ms-swift) the whole conversation
+        `rejected_messages`."""
+        if conversational:
+            field = "rejected_messages" if self.has("rejected_messages") else "rejected_response"
+            name = "`messages`"
             prefix, text = self.answer(field)
             own = self.follow(prompt, prefix, field, name)
         else:
@@ -331,25 +342,66 @@ class _Row:
         return out
 
 
-def to_canonical(raw: dict, kind: str, source: str, index: int, base_dir: str | os.PathLike | None = None) -> dict:
+def to_canonical(
+    raw: dict,
+    kind: str,
+    source: str,
+    index: int,
+    base_dir: str | os.PathLike | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> dict:
     """Convert one file row to the canonical row of `kind` (see the module docstring), images loaded.
 
     Args:
-        raw: the row as its file gives it.
+        raw: the row as its file gives it, in any form `alignlab.data.formats` recognises.
         kind: one of `KINDS`.
         source, index: the file and 1-based row number that errors name.
         base_dir: the data file's folder, where relative image paths are tried first (then the
             current directory); None: the current directory only.
+        columns: `data.columns`, {the file's column name: alignlab's}, applied first.
 
     Raises:
         DataError: naming file, row and field, for a row that cannot be used (images included: a
             missing or unreadable image, a URL, placeholders that do not match the images).
     """
-    row = _Row(raw, source, index, base_dir)
     if not isinstance(raw, dict):
         raise DataError(source, f"expected an object per row, got {type(raw).__name__}", row=index)
+    renamed = rename_columns(raw, columns, source, index)
+    read = normalise(renamed, kind, source, index)
+    try:
+        return _to_canonical(read, kind, source, index, base_dir, list(raw))
+    except DataError as e:  # name the user's column, not the one it was read as
+        given = _given_name(e.field, raw, renamed, columns)
+        if given is None or e.row != index:
+            raise
+        problem = str(e).split(": ", 1)[1]
+        raise DataError(source, f"(read as `{e.field}`) {problem}", row=index, field=given) from None
+
+
+def _given_name(field: str | None, raw: dict, renamed: dict, columns: Mapping[str, str] | None) -> str | None:
+    """The file's name of the column an error names as `field`, when the file calls it otherwise: a
+    column `data.columns` renamed, or the column of a recognised form it was made from (ShareGPT's
+    `conversations`, Alpaca's `instruction` and `output`); None when the file calls it `field`."""
+    if field is None or field in raw:
+        return None
+    if field not in renamed:  # made by a recognised form (alignlab.data.formats)
+        made_from = {"messages": "conversations", "completion": "output"}
+        made_from["prompt"] = "conversations" if "conversations" in renamed else "instruction"
+        field = made_from.get(field)
+        if field not in renamed:
+            return None
+    back = {new: old for old, new in (columns or {}).items() if old in raw}
+    return back.get(field, field)
+
+
+def _to_canonical(
+    raw: dict, kind: str, source: str, index: int, base_dir: str | os.PathLike | None, given: list[str]
+) -> dict:
+    row = _Row(raw, source, index, base_dir)
+    row.given = given
     conversational = row.has("messages")
     if kind == "prompt":
+        used = {"messages", "prompt"}
         if conversational:
             msgs = row.messages("messages")
             while msgs and msgs[-1]["role"] == "assistant":  # a reference answer is not part of the prompt
@@ -359,10 +411,14 @@ def to_canonical(raw: dict, kind: str, source: str, index: int, base_dir: str | 
             prompt = msgs
         elif row.has("prompt"):
             prompt = row.prompt()
+        elif isinstance(raw.get("chosen"), list):  # TRL's implicit prompt (or HH): the conversation before the answer
+            prompt = row.prompt_and_answer("chosen")[0]
+            used |= {"chosen", "rejected"}
         else:
-            raise row.fail("messages", "missing (give `messages` or `prompt`)")
-        images = row.images("messages" if conversational else "prompt", prompt, {})
-        return {"prompt": prompt, **row.extra({"messages", "prompt"}), **images}
+            raise row.missing("messages", " (give `messages` or `prompt`)")
+        source_field = "messages" if conversational else "prompt" if row.has("prompt") else "chosen"
+        images = row.images(source_field, prompt, {})
+        return {"prompt": prompt, **row.extra(used), **images}
     if kind == "sft":
         if conversational:
             field = "messages"
@@ -371,18 +427,22 @@ def to_canonical(raw: dict, kind: str, source: str, index: int, base_dir: str | 
             field = "completion" if row.has("completion") or not row.has("chosen") else "chosen"
             prompt, completion = row.prompt_and_answer(field)
         images = row.images(_prompt_source(row, field), prompt, {field: completion})
-        used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response"}
+        used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response", "rejected_messages"}
         return {"prompt": prompt, "completion": completion, **row.extra(used), **images}
     if kind == "pairwise":
+        # UltraFeedback's rows hold `messages` (the chosen conversation) beside `chosen`/`rejected`: a pair
+        # given as `chosen` and `rejected` is read from them.
+        conversational = conversational and not (row.has("chosen") and row.has("rejected"))
         field = "messages" if conversational else "chosen"
         prompt, chosen = row.conversation() if conversational else row.prompt_and_answer("chosen")
-        rejected = row.rejected(prompt)
+        rejected = row.rejected(prompt, conversational)
+        rejected_field = "rejected" if not conversational else "rejected_messages"
+        rejected_field = rejected_field if row.has(rejected_field) else "rejected_response"
         if chosen == rejected:
-            raise row.fail("rejected", "identical to the chosen answer, so the pair carries no preference")
-        rejected_field = "rejected_response" if conversational else "rejected"
+            raise row.fail(rejected_field, "identical to the chosen answer, so the pair carries no preference")
         answers = {field: chosen, rejected_field: rejected}
         images = row.images(_prompt_source(row, field), prompt, answers, pairwise=True)
-        used = {"messages", "prompt", "chosen", "rejected", "rejected_response", *NUMERIC_COLUMNS}
+        used = {"messages", "prompt", "chosen", "rejected", "rejected_response", "rejected_messages", *NUMERIC_COLUMNS}
         return {
             "prompt": prompt,
             "chosen": chosen,

@@ -20,9 +20,10 @@ GRPO sample from):
    `<|im_end|>`, `</s>`, `<|end|>`). The newline many templates write after that token is not trained:
    generation stops at the end-of-turn token, so the model never writes it. A template that writes no
    special token there ends the answer with its text (right whitespace dropped) and eos.
-4. A content the template trims (Llama-3, Gemma) is encoded as the template writes it; any other rewrite
-   by the template (e.g. Qwen3 moving `<think>…</think>` out of an answer) is not followed: the content
-   is encoded as written.
+4. A content the template trims (Llama-3, Gemma) is encoded as the template writes it; so is an earlier
+   assistant turn the template rewrites (Qwen3 drops the think block of a turn before the last user
+   message). Any other rewrite by the template (e.g. Qwen3 moving `<think>…</think>` out of the answer
+   into its markup) is not followed: the content is encoded as written.
 The prompt and the answer are encoded as two texts, so the answer's ids are those the model generates
 after the prompt; they equal the ids of the whole rendered conversation unless the tokenizer would
 merge the prompt's last characters with the answer's first ones.
@@ -158,11 +159,12 @@ def _codec(tokenizer) -> _Codec:
     return cached[1]
 
 
-def _render(tokenizer, messages: list[dict], index: int) -> str:
+def _render(tokenizer, messages: list[dict], index: int, tools: list[dict] | None = None) -> str:
     from jinja2.exceptions import TemplateError
 
+    extra = {"tools": tools} if tools else {}  # the row's tool schemas, for the template to write
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **extra)
     except TemplateError as e:  # raise_exception(...) in the template, an undefined variable, ...
         raise TemplateRefusal(index, str(e)) from None
     except (TypeError, ValueError, KeyError, IndexError) as e:
@@ -182,17 +184,23 @@ def _end_of_turn(codec: _Codec, tail: str, eos: str | None) -> str:
     return protected.rstrip() + (codec.protect(eos) if eos else "")
 
 
-def _as_written(pieces: list[str], contents: list[str], rendered: str) -> list[str] | None:
+def _as_written(
+    pieces: list[str], contents: list[str], rendered: str, free: frozenset[int] = frozenset()
+) -> list[str] | None:
     """The contents as the template wrote them in `rendered` (trimmed, if it trims), given the markup
     `pieces` around them (len(contents) + 1 pieces); None when `rendered` is not that markup with each
-    content, or a trimmed form of it, in its place."""
+    content, or a trimmed form of it, in its place. A content whose position is in `free` (an earlier
+    assistant turn) may be any text the template wrote between its markup (e.g. Qwen3 drops the think
+    block of an assistant turn before the last user message)."""
     out, pos = [], 0
-    for markup, content, after in zip(pieces, contents, pieces[1:]):
+    for j, (markup, content, after) in enumerate(zip(pieces, contents, pieces[1:])):
         if not rendered.startswith(markup, pos):
             return None
         pos += len(markup)
         forms = (content, content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"))
         form = next((f for f in forms if rendered.startswith(f + after, pos)), None)
+        if form is None and j in free and after and (end := rendered.find(after, pos)) > pos:
+            form = rendered[pos:end]
         if form is None:
             return None
         out.append(form)
@@ -200,13 +208,15 @@ def _as_written(pieces: list[str], contents: list[str], rendered: str) -> list[s
     return out if rendered[pos:] == pieces[-1] else None
 
 
-def _lay_out(tokenizer, messages: list[dict], index: int) -> tuple[list[str], list[int]]:
+def _lay_out(
+    tokenizer, messages: list[dict], index: int, tools: list[dict] | None = None
+) -> tuple[list[str], list[int]]:
     """The template's markup around the contents of `messages` + an assistant answer: (markup pieces,
     which message's content follows each piece but the last); the answer (index len(messages)) is the
     last content, written once. The template may leave a message out or write one twice."""
     n = len(messages)
     masked = [{**m, "content": _placeholder(i)} for i, m in enumerate(messages)]
-    layout = _render(tokenizer, [*masked, {"role": "assistant", "content": _placeholder(n)}], index)
+    layout = _render(tokenizer, [*masked, {"role": "assistant", "content": _placeholder(n)}], index, tools)
     found = list(_PLACEHOLDER.finditer(layout))
     order = [int(m.group(1)) for m in found]
     if not order or order[-1] != n or order.count(n) != 1:
@@ -238,47 +248,133 @@ def encode_conversations(
     answers: Sequence[Sequence[str]] | None = None,
     system_prompt="keep",
     images: Sequence[list[str] | None] | None = None,
+    tools: Sequence[list[dict] | None] | None = None,
 ) -> list[tuple[list[int], list[list[int]]]]:
     """Per row, (prompt ids, [ids of each answer]) as the chat template lays the conversation out (see the
     module docstring). `answers[i]` are row i's alternative answers to the same prompt (SFT: one;
     pairwise: chosen and rejected); None: prompts only (the ids PPO/GRPO sample after). `images[i]`: the
     markup of each of row i's images (alignlab.data.vision.ImageEncoder), which replaces the `<image>`
     placeholders of its prompt in order, its special tokens as those tokens; None: a text row.
+    `tools[i]`: row i's tool schemas, passed to the template's `tools` argument; None: none.
 
     Raises:
         TemplateRefusal: the template raised on row `index` (e.g. a system role it does not support).
     """
+    encoded = _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns=False)
+    return [(p, a) for p, _, a in encoded]
+
+
+def encode_turns(
+    tokenizer,
+    prompts: Sequence[list[dict]],
+    answers: Sequence[Sequence[str]],
+    system_prompt="keep",
+    images: Sequence[list[str] | None] | None = None,
+    tools: Sequence[list[dict] | None] | None = None,
+) -> list[tuple[list[int], list[int] | None, list[list[int]]]]:
+    """As `encode_conversations`, with per row the trained positions of its prompt: (prompt ids, a 0/1
+    mask as long as the prompt ids, 1 on the tokens of its earlier assistant turns, or None when it
+    has none, [ids of each answer]).
+
+    An earlier assistant turn's tokens are found from the template's own layout of the whole
+    conversation (the markup around each message is what it renders there, so a template that writes
+    earlier turns differently, e.g. Qwen3 without the think block it gives the last turn, is followed):
+    its content as the template wrote it, then the markup after it up to and including the first
+    special token there (its end of turn; none when the template writes no special token there). Each
+    trained stretch, and each stretch between them, is encoded as what follows the text before it (as
+    the answer is), so its ids are those the model writes after that prefix. A prompt without
+    assistant turns is encoded exactly as `encode_conversations` encodes it.
+    """
+    return _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns=True)
+
+
+def _turn_end(codec: _Codec, markup: str) -> str:
+    """The start of protected `markup` after an assistant message that ends its turn: up to and including
+    the first special token; "" when there is none."""
+    first = min((markup.find(s) for s in codec.special_id if s in markup), default=-1)
+    if first < 0:
+        return ""
+    return markup[: first + len(next(s for s in codec.special_id if markup.startswith(s, first)))]
+
+
+def _segments(codec: _Codec, pieces: list[str], contents: list[str], trained: set[int]) -> list[tuple[str, bool]]:
+    """The protected prompt text as (text, trained) stretches: `pieces` around `contents`, with the
+    contents at the positions in `trained` (earlier assistant turns) and their ends of turn trained."""
+    parts = []
+    for j, content in enumerate(contents):
+        parts += [[codec.protect(pieces[j]), False], [content, j in trained]]
+    parts.append([codec.protect(pieces[len(contents)]), False])
+    for k in range(len(parts) - 1):
+        if parts[k][1] and not parts[k + 1][1]:  # a trained content: its end of turn opens the markup after it
+            end = _turn_end(codec, parts[k + 1][0])
+            parts[k][0] += end
+            parts[k + 1][0] = parts[k + 1][0][len(end) :]
+    out: list[tuple[str, bool]] = []
+    for text, flag in parts:
+        if out and out[-1][1] == flag:
+            out[-1] = (out[-1][0] + text, flag)
+        elif text:
+            out.append((text, flag))
+    return out
+
+
+def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bool) -> list:
     codec = _codec(tokenizer)
     merge = system_prompt == "merge"
     eos = tokenizer.eos_token
     prompt_texts, answer_texts, answer_after, shape = [], [], [], []
+    segments: dict[int, list[tuple[str, bool]]] = {}  # row → its prompt's stretches, for rows with trained turns
     for index, messages in enumerate(prompts):
         messages = merge_system(messages) if merge else list(messages)
+        row_tools = tools[index] if tools is not None else None
         row_answers = list(answers[index]) if answers is not None else []
         contents = [m["content"] for m in messages]
         n = len(messages)  # the answer's placeholder
-        pieces, order = _lay_out(tokenizer, messages, index)
+        pieces, order = _lay_out(tokenizer, messages, index, row_tools)
         ragged = any(c != c.strip() for c in contents + row_answers)
+        # earlier assistant turns, which a template may rewrite (Qwen3 drops their think blocks)
+        free = frozenset(j for j, i in enumerate(order) if i < n and messages[i]["role"] == "assistant")
         written = [contents[i] if i < n else None for i in order]
         for k, answer in enumerate(row_answers or [None]):
             final = _placeholder(n) if answer is None else answer  # prompts only: the placeholder stays
             shown = [c if c is not None else final for c in written]
-            if ragged:  # the template may trim: read the forms from a real rendering
-                real = _render(tokenizer, [*messages, {"role": "assistant", "content": final}], index)
-                shown = _as_written(pieces, shown, real) or shown
+            if ragged or free:  # the template may trim or rewrite: read the forms from a real rendering
+                real = _render(tokenizer, [*messages, {"role": "assistant", "content": final}], index, row_tools)
+                shown = _as_written(pieces, shown, real, free) or shown
             if k == 0:
                 contents = shown[:-1]
                 if images is not None and images[index]:
                     contents = _place_images(contents, images[index], codec, index)
                 prompt = "".join(codec.protect(p) + c for p, c in zip(pieces[:-2], contents))
                 prompt_texts.append(prompt + codec.protect(pieces[-2]))
+                trained = {j for j, i in enumerate(order[:-1]) if turns and messages[i]["role"] == "assistant"}
+                if trained:
+                    segments[index] = _segments(codec, pieces, contents, trained)
             if answer is not None:
                 answer_texts.append(shown[-1] + _end_of_turn(codec, pieces[-1], eos))
                 answer_after.append(prompt_texts[-1])
         shape.append(len(row_answers))
-    prompt_ids = codec.encode(prompt_texts)
+    plain = [i for i in range(len(prompt_texts)) if i not in segments]
+    prompt_ids: list = [None] * len(prompt_texts)
+    for i, ids in zip(plain, codec.encode([prompt_texts[i] for i in plain])):
+        prompt_ids[i] = ids
+    masks: list = [None] * len(prompt_texts)
+    texts, after, owners = [], [], []
+    for i, stretches in segments.items():
+        before = None
+        for text, flag in stretches:
+            texts.append(text)
+            after.append(before)
+            owners.append((i, flag))
+            before = text if before is None else before + text
+    prompt_ids_parts: dict[int, tuple[list[int], list[int]]] = {i: ([], []) for i in segments}
+    for (i, flag), ids in zip(owners, codec.encode(texts, after=after) if texts else []):
+        prompt_ids_parts[i][0].extend(ids)
+        prompt_ids_parts[i][1].extend([int(flag)] * len(ids))
+    for i, (ids, mask) in prompt_ids_parts.items():
+        prompt_ids[i], masks[i] = ids, mask
     answer_ids = iter(codec.encode(answer_texts, after=answer_after))
-    return [(p, [next(answer_ids) for _ in range(k)]) for p, k in zip(prompt_ids, shape)]
+    return [(p, m, [next(answer_ids) for _ in range(k)]) for p, m, k in zip(prompt_ids, masks, shape)]
 
 
 def encode_prompts(
@@ -286,9 +382,10 @@ def encode_prompts(
     prompts: Sequence[list[dict]],
     system_prompt: str = "keep",
     images: Sequence[list[str] | None] | None = None,
+    tools: Sequence[list[dict] | None] | None = None,
 ) -> list[list[int]]:
     """Prompt ids, ending where the assistant's answer begins (see `encode_conversations`)."""
-    return [p for p, _ in encode_conversations(tokenizer, prompts, None, system_prompt, images)]
+    return [p for p, _ in encode_conversations(tokenizer, prompts, None, system_prompt, images, tools)]
 
 
 def encode_answers(tokenizer, answers: Sequence[str]) -> list[list[int]]:

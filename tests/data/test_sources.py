@@ -157,7 +157,7 @@ def test_columns_rename_before_conversion_and_unknown_names_are_an_error(tmp_pat
     source = FileSource(str(path), eval_fraction=0, columns={"question": "prompt", "answer": "chosen"})
     with pytest.raises(
         DataError,
-        match=r"data\.source\.columns \(or data\.columns\) names columns no row has: \['answer'\]; the rows have",
+        match=r"data\.source\.columns names \['answer'\] but no row of the file has such a column; its columns are",
     ):
         source.load("pairwise")
 

@@ -133,7 +133,7 @@ def test_a_stream_checks_its_first_rows_before_anything_else(tmp_path):
     with pytest.raises(DataError, match=r"has no split 'train'; splits present: \['test_prefs', 'train_prefs'\]"):
         FileSource(str(write_uf_folder(tmp_path / "uf")), streaming=True).load("pairwise")
     with pytest.raises(
-        DataError, match=r"data\.source\.columns \(or data\.columns\) names columns no row has: \['q'\]"
+        DataError, match=r"data\.source\.columns names \['q'\] but no row of the file has such a column"
     ):
         FileSource(str(path), streaming=True, columns={"q": "prompt"}).load("pairwise")
     with pytest.raises(

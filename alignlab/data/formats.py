@@ -1,0 +1,250 @@
+"""The row forms other trainers and the Hub use, recognised without any option and rewritten into the
+columns `alignlab.data.rows.to_canonical` reads (`messages`, `prompt`, `completion`, `chosen`,
+`rejected`, `rejected_response`, `label`).
+
+Recognised forms (one example row of each is in docs/data.md):
+- ShareGPT: `conversations`, a list of `{"from": ..., "value": ...}` turns with roles human/gpt/system
+  (also user/assistant, observation/tool and function_call); an optional `system` column; a pair's
+  `chosen`/`rejected` as one `{"from": "gpt", "value": ...}` turn each (LLaMA-Factory's preference form).
+- Alpaca: `instruction`, optional `input` (joined to the instruction with a newline, as ms-swift and
+  LLaMA-Factory join them), `output` (the answer); optional `system` and `history` ([[question, answer], ...]).
+- Anthropic HH: `chosen`/`rejected` as whole transcripts of `\\n\\nHuman:` / `\\n\\nAssistant:` turns;
+  the turns before the last assistant turn are the prompt, which both transcripts must share.
+- TRL's standard form with an implicit prompt: `chosen`/`rejected` as text with no `prompt`; their
+  longest common beginning is the prompt (as TRL's `extract_prompt` cuts it).
+Everything else (TRL's explicit and conversational forms, ms-swift's `messages` with `rejected_response`
+or `rejected_messages`, UltraFeedback's `prompt` with message-list `chosen`/`rejected`) is read by
+`to_canonical` directly.
+
+`data.columns` (a map from the file's column names to alignlab's) is applied before any of this.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+
+from alignlab.errors import DataError
+
+# How ShareGPT's `from` values map to chat roles.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",  # the assistant's tool call, written as text
+    "system": "system",
+    "observation": "tool",
+    "tool": "tool",
+}
+# The forms a row may take, as the error for a row matching none of them lists them.
+ACCEPTED_FORMS = (
+    "`messages` (+ `rejected_response` or `rejected_messages` for a pair, + `label` for KTO)",
+    "`prompt` + `completion` / `chosen` + `rejected` (text or message lists; + `label` for KTO)",
+    "`chosen` + `rejected` alone (TRL's implicit prompt, or Anthropic HH transcripts)",
+    "`conversations` of from/value turns (ShareGPT)",
+    "`instruction` + `input` + `output` (Alpaca)",
+)
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def rename_columns(raw: dict, columns: Mapping[str, str] | None, source: str, index: int) -> dict:
+    """The row with its columns renamed by `columns` ({file's name: alignlab's name}); a column the
+    map does not name keeps its name.
+
+    Raises:
+        DataError: a column would be renamed onto another column the row also has.
+    """
+    if not columns or not isinstance(raw, dict):
+        return raw
+    out = {k: v for k, v in raw.items() if k not in columns}
+    for old, new in columns.items():
+        if old not in raw:
+            continue
+        if new in out:
+            raise DataError(
+                source,
+                f"data.columns renames {old!r} to {new!r}, but the row also has a column {new!r}; map only one of them",
+                row=index,
+                field=old,
+            )
+        out[new] = raw[old]
+    return out
+
+
+def check_mapped_columns(
+    rows: Iterable[dict], columns: Mapping[str, str] | None, source: str, key: str = "data.columns"
+) -> None:
+    """Raise DataError naming the columns of the column map (config key `key`) that no row of the file has."""
+    if not columns:
+        return
+    seen: dict[str, None] = {}
+    for raw in rows:
+        if isinstance(raw, dict):
+            seen.update(dict.fromkeys(raw))
+    absent = [k for k in columns if k not in seen]
+    if absent:
+        raise DataError(
+            source,
+            f"{key} names {absent} but no row of the file has such a column; its columns are "
+            f"{list(seen)}. Fix the names in {key} (keys are the file's names, values alignlab's)",
+        )
+
+
+def hh_messages(text: str) -> list[dict] | None:
+    """An Anthropic HH transcript (`\\n\\nHuman: ...\\n\\nAssistant: ...`) as messages, each content
+    stripped; None for text that is not one (it must start with a Human turn and hold an Assistant turn)."""
+    if not isinstance(text, str):
+        return None
+    body = text.lstrip("\n")
+    if not body.startswith("Human:") or "\n\nAssistant:" not in body:
+        return None
+    marks = list(_HH_TURN.finditer(body))
+    ends = [m.start() for m in marks[1:]] + [len(body)]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[m.group(1)], "content": body[m.end() : end].strip()} for m, end in zip(marks, ends)]
+
+
+def common_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) of two texts whose shared beginning is the prompt, cut as
+    TRL's `extract_prompt` cuts it: at the first character that differs, a space just before it going
+    with the answers."""
+    end = 0
+    for end in range(min(len(chosen), len(rejected))):
+        if chosen[end] != rejected[end]:
+            if end and chosen[end - 1] == " ":
+                end -= 1
+            break
+    else:
+        end = min(len(chosen), len(rejected))
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _sharegpt(raw: dict, source: str, index: int) -> dict:
+    turns = raw["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(source, "expected a non-empty list of turns", row=index, field="conversations")
+    messages = [_sharegpt_turn(t, i, "conversations", source, index) for i, t in enumerate(turns)]
+    system = raw.get("system")
+    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    out = {k: v for k, v in raw.items() if k not in ("conversations", "system")}
+    if "chosen" in raw or "rejected" in raw:  # a preference pair: the conversation is the prompt
+        for field in ("chosen", "rejected"):
+            value = raw.get(field)
+            if isinstance(value, dict):
+                value = [value]
+            if isinstance(value, list):
+                out[field] = [_sharegpt_turn(t, i, field, source, index) for i, t in enumerate(value)]
+        out["prompt"] = messages
+    else:
+        out["messages"] = messages
+    if "label" not in out and isinstance(raw.get("kto_tag"), bool):  # LLaMA-Factory's KTO label
+        out["label"] = out.pop("kto_tag")
+    return out
+
+
+def _sharegpt_turn(turn, i: int, field: str, source: str, index: int) -> dict:
+    if isinstance(turn, dict) and "role" in turn and "content" in turn:
+        return turn  # already a message; to_canonical checks it
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise DataError(
+            source, f"turn {i} must be an object with 'from' and 'value' (ShareGPT)", row=index, field=field
+        )
+    role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+    if role is None:
+        raise DataError(
+            source,
+            f"turn {i} has from {turn['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}",
+            row=index,
+            field=field,
+        )
+    return {"role": role, "content": turn["value"]}
+
+
+def _alpaca(raw: dict, source: str, index: int) -> dict:
+    instruction, extra = raw["instruction"], raw.get("input")
+    if not isinstance(instruction, str):
+        raise DataError(source, f"expected text, got {type(instruction).__name__}", row=index, field="instruction")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(source, f"expected text, got {type(extra).__name__}", row=index, field="input")
+    question = instruction + ("\n" + extra if extra and extra.strip() else "")
+    messages = []
+    if isinstance(raw.get("system"), str) and raw["system"].strip():
+        messages.append({"role": "system", "content": raw["system"]})
+    history = raw.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in history):
+        raise DataError(source, "expected a list of [question, answer] pairs", row=index, field="history")
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    out = {k: v for k, v in raw.items() if k not in ("instruction", "input", "output", "system", "history")}
+    out["prompt"] = messages + [{"role": "user", "content": question}] if messages else question
+    if raw.get("output") is not None:
+        out["completion"] = raw["output"]
+    return out
+
+
+def _tools(raw: dict, source: str, index: int) -> dict:
+    """`tools` as a list of JSON-schema objects (a JSON string, as ms-swift and CSV store it, is parsed);
+    null or an empty list: no tools."""
+    value = raw["tools"]
+    if isinstance(value, str):
+        if not value.strip():
+            value = None
+        else:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise DataError(source, f"text that is not JSON ({e})", row=index, field="tools") from None
+    out = {k: v for k, v in raw.items() if k != "tools"}
+    if value is None or value == []:
+        return out
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise DataError(
+            source,
+            "expected a list of tool schemas (JSON objects), as chat templates take them",
+            row=index,
+            field="tools",
+        )
+    out["tools"] = value
+    return out
+
+
+def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
+    """The row rewritten into alignlab's columns when it is in one of the forms this module recognises
+    (see the module docstring); any other row unchanged.
+
+    Raises:
+        DataError: naming file, row and field, for a recognised form with a malformed value.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    if "tools" in raw:
+        raw = _tools(raw, source, index)
+    own = ("messages", "prompt")
+    if raw.get("conversations") is not None and not any(raw.get(k) is not None for k in own):
+        raw = _sharegpt(raw, source, index)
+    elif raw.get("instruction") is not None and not any(raw.get(k) is not None for k in own):
+        raw = _alpaca(raw, source, index)
+    chosen, rejected = raw.get("chosen"), raw.get("rejected")
+    if raw.get("messages") is None:
+        hh = [hh_messages(v) for v in (chosen, rejected)]
+        if hh[0] is not None and (hh[1] is not None or rejected is None):
+            raw = {**raw, "chosen": hh[0], **({"rejected": hh[1]} if hh[1] is not None else {})}
+        elif (
+            raw.get("prompt") is None
+            and isinstance(chosen, str)
+            and isinstance(rejected, str)
+            and chosen != rejected
+            and kind in ("pairwise", "labelled", "prompt", "sft")
+        ):
+            prompt, chosen, rejected = common_prompt(chosen, rejected)
+            if prompt.strip():  # no shared beginning: `prompt` stays missing, and the row is refused for it
+                raw = {**raw, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if isinstance(raw.get("prompt"), str) and (messages := hh_messages(raw["prompt"])):
+            if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+                messages = messages[:-1]  # HH prompts end with the assistant's empty turn
+            raw = {**raw, "prompt": messages}
+    return raw

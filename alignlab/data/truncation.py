@@ -1,0 +1,89 @@
+"""What happens to a row whose prompt does not fit `max_length` (`data.truncation`).
+
+A prompt does not fit when it alone leaves no room for one answer token (prompt-only rows: for one
+generated token). Rows whose prompt fits are never changed here; their answers are cut from the end as
+always (`alignlab.data.tokenize.fit_answer`).
+
+- `drop_row` (default): the row is left out and counted (`prompt_too_long`).
+- `error`: the run stops, naming the file, the row and `max_length`.
+- `keep_end`: the oldest turns of the conversation are dropped, one turn (a user message and the
+  replies after it) at a time, keeping the leading system messages and the last user turn, until the
+  prompt and its answer fit (TRL's `keep_end` keeps the end of a sequence; this keeps it turn by turn,
+  so the template still sees a well-formed conversation).
+- `keep_start`: the last user message's text is cut from its end (the start of a long document is
+  kept, as TRL's `keep_start` keeps the start of a sequence).
+Both shorten the prompt until prompt + answer fit, counting at most half of `max_length` for the
+answer (a longer answer is then cut from its end), and leave the row out (`prompt_too_long`) when even
+the shortest prompt they allow does not fit. Rows with images are not shortened (their `<image>`
+placeholders must match their images): they are left out as with `drop_row`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+TRUNCATION = ("drop_row", "keep_start", "keep_end", "error")
+
+
+def turns_dropped(messages: list[dict]) -> list[list[dict]]:
+    """The prompt with its 1, 2, … oldest turns dropped (keep_end), shortest last. The leading system
+    messages and the last user turn (the last user message and what follows it) are always kept; a turn
+    is a user message and the messages after it up to the next user message (messages before the first
+    user message that are not system messages count as a turn of their own)."""
+    head = 0
+    while head < len(messages) and messages[head]["role"] == "system":
+        head += 1
+    users = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
+    if not users:
+        return []
+    last = users[-1]
+    starts = sorted({head, *[i for i in users if i < last]} - {last})  # where each droppable turn begins
+    if not starts:
+        return []
+    return [messages[:head] + messages[start:] for start in starts[1:] + [last]]
+
+
+def shorten_prompt(
+    messages: list[dict], mode: str, length: Callable[[list[dict]], int], answer: int, max_length: int
+) -> list[dict] | None:
+    """A shorter prompt under `mode` (keep_end or keep_start, see the module docstring) whose token count,
+    by `length(messages)`, leaves room for `min(answer, max_length // 2)` answer tokens; when none does,
+    the shortest one allowed if it leaves room for one; else None (the row is left out).
+
+    Args:
+        messages: the prompt that does not fit.
+        length: the prompt's token count as the chat template lays it out.
+        answer: the longest answer's token count (0 for prompt-only rows).
+    """
+    room = max(min(answer, max_length // 2), 1)
+
+    def fits(m: list[dict]) -> bool:
+        return length(m) + room <= max_length
+
+    if mode == "keep_end":
+        options = turns_dropped(messages)
+        best = next((m for m in options if fits(m)), None)
+        if best is None and options and length(options[-1]) < max_length:
+            best = options[-1]
+        return best
+    if mode == "keep_start":
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last is None:
+            return None
+        text = messages[last]["content"]
+
+        def cut(n: int) -> list[dict]:
+            return [*messages[:last], {**messages[last], "content": text[:n]}, *messages[last + 1 :]]
+
+        for test in (fits, lambda m: length(m) < max_length):  # the longest cut that fits, one character at least
+            lo, hi, best = 1, len(text) - 1, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                if test(cut(mid)):
+                    best, lo = mid, mid + 1
+                else:
+                    hi = mid - 1
+            if best is not None:
+                return cut(best)
+        return None
+    raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {mode!r}")
