@@ -30,7 +30,7 @@ def tiny64(tiny):
 def two_turn_episodes(tokenizer, stops) -> list[Episode]:
     """Two episodes that call the calculator, read its result, and answer (scripted policy turns)."""
     episodes = []
-    for question, call in CALLS.items():
+    for question in CALLS:
         opening = [{"role": "user", "content": question}]
         env = ToolEnvironment([calculator], "hermes", timeout=5.0)
         episodes.append(Episode(render_prompt(tokenizer, opening, None), opening, env))
