@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
 from alignlab.online.generation import generate, sample_keys, stop_token_ids
 from alignlab.online.multiturn import (
@@ -93,6 +94,8 @@ class MultiTurnRollouts:
         """Episodes for the batch's prompts, sampled by the generation backend with keys on (seed, rollouts
         so far, data row, sample, turn), or greedily (held-out evaluation): (Samples, conversations, the
         message lists reward functions get). Sets `rollout_stats` (episode_metrics)."""
+        if any(k in batch for k in VISION_KEYS):
+            raise ValueError("multi-turn rollouts do not yet handle prompts with images")
         stops, pad = stop_token_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
         episodes = self.episodes_for(batch, num_per_prompt)
         if greedy:
@@ -142,7 +145,12 @@ class MultiTurnRollouts:
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The base class's evaluation, plus, multi-turn, the greedy episodes' metrics (eval/num_turns,
-        eval/tools/call_frequency, eval/tools/failure_frequency, eval/max_turns_ratio)."""
+        eval/tools/call_frequency, eval/tools/failure_frequency, eval/max_turns_ratio) and each reward
+        function's mean over them (eval/rewards/<fn>/mean; a weight of 0 makes a function a measurement)."""
         super().validation_step(batch, batch_idx)
         if self.multi_turn:
-            self._log("eval", dict(self.rollout_stats), len(self.greedy_episodes), on_step=False)
+            episodes = self.greedy_episodes
+            conversations, ids = [e.messages for e in episodes], [e.ids for e in episodes]
+            _, per_fn = self.rewards_of(batch, conversations, g=1, completion_ids=ids)
+            means = {f"rewards/{name}/mean": values.mean() for name, values in per_fn.items()}
+            self._log("eval", {**self.rollout_stats, **means}, len(episodes), on_step=False)

@@ -36,7 +36,7 @@ import torch
 
 from alignlab.data.collate import collate_answers, pad
 from alignlab.errors import ConfigError
-from alignlab.online.generation import cut_at_stop, hash32
+from alignlab.online.generation import cut_at_stop, hash32, matches_solution
 from alignlab.online.rewards import is_async
 from alignlab.online.rollout import Samples
 from alignlab.online.tools import ToolCall, parse_tool_calls, run_tool_call
@@ -359,3 +359,15 @@ def environment_reward(prompts, completions, environment_reward=None, **columns)
     if environment_reward is None:
         raise ValueError("environment_reward needs a multi-turn run (algorithm.tools or algorithm.environment)")
     return [0.0 if r is None else float(r) for r in environment_reward]
+
+
+def tool_result_matches(prompts, completions, solution=None, **columns) -> list[float]:
+    """1.0 where a tool's result in the conversation is the row's `solution` (the same text or number,
+    alignlab.online.generation.matches_solution), else 0.0: whether the policy called a tool with arguments that
+    give the right answer, whatever it made of the result. With a reward weight of 0 it only measures."""
+    if solution is None:
+        raise ValueError("tool_result_matches needs a `solution` column")
+    return [
+        float(any(m.get("role") == "tool" and matches_solution(str(m["content"]), s) for m in c))
+        for c, s in zip(completions, solution)
+    ]

@@ -88,6 +88,7 @@ def test_grpo_trains_on_multi_turn_episodes_and_logs_their_metrics(tmp_path):
     eval_rows = [r for r in rows if r.get("eval/exact_match")]
     for name in ("num_turns", "tools/call_frequency", "tools/failure_frequency", "max_turns_ratio"):
         assert train_rows[-1].get(f"train/{name}") and eval_rows[-1].get(f"eval/{name}"), name
+    assert eval_rows[-1].get("eval/rewards/environment_reward/mean")  # each function's mean over greedy episodes
     # the untrained model rarely ends a turn within the budget: one to three turns
     assert 1.0 <= float(train_rows[-1]["train/num_turns"]) <= 3.0
     assert float(train_rows[-1]["train/rewards/environment_reward/mean"]) in (0.0, 0.5, 1.0, 1.5, 2.0)

@@ -202,3 +202,13 @@ def test_text_rewards_read_a_conversations_final_answer():
     ]
     reward = on_final_answers(accuracy)
     assert reward([[]] * 2, [conversation, "777776"], solution=["777777", "777777"]) == [1.0, 0.0]
+
+
+def test_a_tool_result_that_is_the_solution_counts_as_a_correct_call():
+    from alignlab.online.multiturn import tool_result_matches
+
+    right = [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "777777"}]
+    wrong = [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "777776"}]
+    no_call = [{"role": "assistant", "content": "777777"}]
+    got = tool_result_matches([[]] * 3, [right, wrong, no_call], solution=["777777"] * 3)
+    assert got == [1.0, 0.0, 0.0]
