@@ -42,15 +42,20 @@ log = logging.getLogger(__name__)
 def build_algorithm(cfg: DictConfig, model, tokenizer) -> L.LightningModule:
     """The algorithm's LightningModule: its config minus metadata keys are constructor arguments."""
     hparams = {k: v for k, v in cfg.algorithm.items() if k not in ALGORITHM_META_KEYS}
-    return instantiate(
-        hparams,
-        model=model,
-        tokenizer=tokenizer,
-        optim=OmegaConf.to_container(cfg.optim),
-        evaluation=OmegaConf.to_container(cfg.evaluation),
-        _recursive_=False,
-        _convert_="all",
-    )  # plain containers, so checkpoints load with weights_only=True
+    try:
+        return instantiate(
+            hparams,
+            model=model,
+            tokenizer=tokenizer,
+            optim=OmegaConf.to_container(cfg.optim),
+            evaluation=OmegaConf.to_container(cfg.evaluation),
+            _recursive_=False,
+            _convert_="all",
+        )  # plain containers, so checkpoints load with weights_only=True
+    except Exception as e:  # what only the loaded tokenizer shows (e.g. a chat template's tool-call format)
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def train(cfg: DictConfig) -> dict:

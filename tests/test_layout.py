@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "alignlab"
 
 # Lowest first. A module may import its own layer and those before it.
-LAYERS = ("errors", "losses", "data", "models", "online", "runner", "algorithms", "entry")
+LAYERS = ("errors", "tools", "losses", "data", "models", "online", "runner", "algorithms", "entry")
 ENTRY_POINTS = {"__init__", "__main__", "train", "results", "score", "generate", "evaluate", "errors"}
 
 

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from alignlab.algorithms.multiturn import MultiTurnRollouts
 from alignlab.algorithms.online import OnlineModule
 from alignlab.data.collate import select_rows
 from alignlab.data.vision import VISION_KEYS
@@ -44,7 +45,7 @@ class PromptDraws(L.Callback):
         pl_module.prompt_draws = trainer.datamodule.draw_prompts
 
 
-class GRPO(OnlineModule):
+class GRPO(MultiTurnRollouts, OnlineModule):
     rollout_counter = "generation_batches"
     counters = ("generation_batches", "optimizer_steps")
 
@@ -52,6 +53,8 @@ class GRPO(OnlineModule):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
         self.rewards = [self.bind_soft_overlong(build_reward_function(spec)) for spec in self.reward_funcs]
         self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
+        if self.multi_turn:  # tools or an environment: episodes of several turns (alignlab.algorithms.multiturn)
+            self.setup_multi_turn()
         self.generation_batches = 0
         self.optimizer_steps = 0  # counts steps for sync_ref_model
 
@@ -102,6 +105,12 @@ class GRPO(OnlineModule):
         if not funcs:
             raise ConfigError("algorithm.reward_funcs must name at least one reward function")
         check_reward_funcs(funcs, algorithm.reward_weights)
+        cls.check_multi_turn_keys(algorithm)
+        if algorithm.dynamic_sample and (algorithm.tools or algorithm.environment is not None):
+            raise ConfigError(
+                "algorithm.dynamic_sample does not yet handle multi-turn rollouts (algorithm.tools or "
+                "algorithm.environment): set algorithm.dynamic_sample=false"
+            )
         cls.check_advantage_and_reference_keys(algorithm, checks, funcs)
 
     @staticmethod
@@ -147,6 +156,8 @@ class GRPO(OnlineModule):
         prompts = [p for p in batch["prompt_messages"] for _ in range(g)]  # message lists, as the data gave them
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
         columns |= {} if completion_ids is None else {"completion_ids": completion_ids}
+        if self.multi_turn:  # what each episode's environment gave at its end
+            columns["environment_reward"] = self.episode_rewards
         per_fn, total = {}, torch.zeros(len(texts), device=self.device)
         scored, seconds = score_completions(self.rewards, prompts, texts, columns)  # async functions concurrently
         for (name, _), weight in zip(self.rewards, self.weights):
@@ -196,6 +207,7 @@ class GRPO(OnlineModule):
             **extra,
             "completions/mean_length": samples.mask.sum(1).mean(),
             "completions/clipped_ratio": 1 - samples.has_eos.float().mean(),
+            **(self.rollout_stats if self.multi_turn else {}),
         }
         for name, values in per_fn.items():
             everyone = self.gather_across_devices(values)  # the std of the whole batch, not a mean of stds
@@ -215,6 +227,10 @@ class GRPO(OnlineModule):
         """num_generations answers to each of the batch's prompts and their rewards: (Samples, texts,
         weighted rewards [N], per-function rewards {name: [N]})."""
         g = self.num_generations
+        if self.multi_turn:  # completions are conversations: the turns after the prompt, as message lists
+            samples, texts = self.sample_episodes(batch, g)
+            rewards, per_fn = self.rewards_of(batch, texts, completion_ids=samples.responses)
+            return samples, texts, rewards, per_fn
         samples = self.sample_answers(batch, self.max_completion_length, self.generation_chunk_size, g)
         texts = answer_texts(self.tokenizer, samples.responses, samples.has_eos)
         rewards, per_fn = self.rewards_of(batch, texts, completion_ids=samples.responses)
@@ -415,5 +431,8 @@ class GRPO(OnlineModule):
 
     def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """[B] the weighted reward of each greedy answer (its token ids, cut at the first stop token, passed on)."""
+        if self.multi_turn:  # the greedy episodes' conversations (MultiTurnRollouts.greedy_answers)
+            conversations, ids = [e.messages for e in self.greedy_episodes], [e.ids for e in self.greedy_episodes]
+            return self.rewards_of(batch, conversations, g=1, completion_ids=ids)[0]
         answers, _ = cut_at_stop(tokens, stop_token_ids(self.model, self.tokenizer))
         return self.rewards_of(batch, texts, g=1, completion_ids=answers)[0]

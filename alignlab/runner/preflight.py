@@ -35,8 +35,18 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# The keys of multi-turn rollouts (alignlab.algorithms.multiturn): an algorithm without them refuses them by name.
+MULTI_TURN_KEYS = ("tools", "tool_call_format", "tool_timeout", "environment", "max_turns")
+
+
 def unknown_key_error(group: str, choice: str, key: str, settings: Sequence[str]) -> ConfigError:
     """The error for `group.key`, which `group=choice` does not have among its `settings`."""
+    if group == "algorithm" and key in MULTI_TURN_KEYS:
+        return ConfigError(
+            f"algorithm.{key}: multi-turn, tool-calling rollouts are GRPO's (algorithm=grpo; docs/tools.md); "
+            f"algorithm={choice} samples one answer per prompt"
+            + (" and refuses them: its value targets over tool tokens are not handled" if choice == "ppo" else "")
+        )
     return ConfigError(
         f"{group}.{key} is not a setting of {group}={choice}{did_you_mean(key, settings)}; "
         f"its settings are {', '.join(sorted(settings))}"

@@ -1,0 +1,156 @@
+"""Multi-turn, tool-calling rollouts for an online algorithm (GRPO): `MultiTurnRollouts`, a mixin over
+OnlineModule that samples whole episodes (alignlab.online.multiturn) where the algorithm would sample
+one answer, when its config lists `tools` or an `environment`.
+
+It owns: the tools (loaded once, their JSON schemas passed to the chat template), the call format
+(`tool_call_format`, or what the template writes), one environment per episode, the keyed sampling of
+every turn by the generation backend, the episodes' Samples (mask 1 on the policy's tokens only) and
+their metrics, and the greedy episodes of the held-out evaluation (exact match of the final answer).
+The algorithm's loss, KL and entropy then read the mask as they read a single answer's.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignlab.data.vision import VISION_KEYS
+from alignlab.errors import ConfigError
+from alignlab.online.generation import generate, sample_keys, stop_token_ids
+from alignlab.online.multiturn import (
+    Episode,
+    conversation,
+    environment_factory,
+    episode_metrics,
+    episode_samples,
+    on_final_answers,
+    render_prompt,
+    run_episodes,
+)
+from alignlab.online.rewards import REGISTRY
+from alignlab.online.rollout import Samples
+from alignlab.online.tools import TOOL_CALL_FORMATS, load_tools, resolve_tool_call_format, tool_schema
+from alignlab.runner.checks import Checks
+
+
+class MultiTurnRollouts:
+    """Mixin for an OnlineModule whose config has `tools`, `tool_call_format`, `tool_timeout`,
+    `environment` and `max_turns`. Multi-turn is on when `tools` or `environment` is set."""
+
+    @property
+    def multi_turn(self) -> bool:
+        return bool(self.tools) or self.environment is not None
+
+    @classmethod
+    def check_multi_turn_keys(cls, algorithm: DictConfig) -> None:
+        """`max_turns` >= 1, `tool_timeout` null or > 0, `tool_call_format` null or known, every tool
+        importable and describable, the environment importable with reset and step. Raises ConfigError
+        naming the key."""
+        checks = Checks(algorithm, "algorithm").at_least(1, "max_turns")
+        if algorithm.tool_timeout is not None:
+            checks.positive("tool_timeout")
+        if algorithm.tool_call_format is not None:
+            checks.one_of("tool_call_format", TOOL_CALL_FORMATS)
+        tools = OmegaConf.to_container(algorithm.tools) if algorithm.tools is not None else []
+        if not isinstance(tools, list):
+            raise ConfigError(f"algorithm.tools must be a list of dotted paths, got {tools!r}")
+        loaded = load_tools(tools)
+        if algorithm.environment is not None:
+            environment_factory(algorithm.environment, loaded, algorithm.tool_call_format, algorithm.tool_timeout)
+
+    def setup_multi_turn(self) -> None:
+        """Load the tools and resolve the call format (from the tokenizer's template when not configured);
+        registry reward functions then read a conversation's final answer."""
+        self.tool_functions = load_tools(self.tools)
+        self.tool_schemas = [tool_schema(t) for t in self.tool_functions]
+        call_format = None
+        if self.tool_functions:
+            call_format = resolve_tool_call_format(self.tool_call_format, self.tokenizer.chat_template)
+        self.new_environment = environment_factory(
+            self.environment, self.tool_functions, call_format or self.tool_call_format, self.tool_timeout
+        )
+        self.rewards = [(name, on_final_answers(fn) if name in REGISTRY else fn) for name, fn in self.rewards]
+        self.rollout_stats: dict[str, torch.Tensor] = {}
+        self.greedy_episodes: list[Episode] = []
+
+    # -- sampling ------------------------------------------------------------------------------
+    def episodes_for(self, batch: dict, num_per_prompt: int) -> list[Episode]:
+        """`num_per_prompt` fresh episodes per row of the batch (consecutive), each with its own environment;
+        a group's prompt is what its first environment's reset gives, rendered with the tools' schemas."""
+        columns = batch.get("columns", {})
+        episodes = []
+        for i, messages in enumerate(batch["prompt_messages"]):
+            row = {"prompt": messages, **{k: v[i] for k, v in columns.items()}}
+            environments = [self.new_environment() for _ in range(num_per_prompt)]
+            opening = environments[0].reset(row)
+            for other in environments[1:]:
+                other.reset(row)
+            ids = render_prompt(self.tokenizer, opening, self.tool_schemas)
+            episodes += [Episode(ids, list(opening), env) for env in environments]
+        return episodes
+
+    @torch.no_grad()
+    def sample_episodes(self, batch: dict, num_per_prompt: int, greedy: bool = False) -> tuple[Samples, list]:
+        """Episodes for the batch's prompts, sampled by the generation backend with keys on (seed, rollouts
+        so far, data row, sample, turn), or greedily (held-out evaluation): (Samples, conversations, the
+        message lists reward functions get). Sets `rollout_stats` (episode_metrics)."""
+        if any(k in batch for k in VISION_KEYS):
+            raise ValueError("multi-turn rollouts do not yet handle prompts with images")
+        stops, pad = stop_token_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
+        episodes = self.episodes_for(batch, num_per_prompt)
+        if greedy:
+            keys = None
+
+            def sampler(ids, attn, n, max_new, _keys):
+                return generate(self.model, self.tokenizer, ids, attn, max_new, stop_ids=stops)
+        else:
+            self.backend.sync(self.model)
+            step = getattr(self, self.rollout_counter)
+            keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
+
+            def sampler(ids, attn, n, max_new, turn_keys):
+                return self.backend.sample(self.model, ids, attn, n, max_new, self.temperature, turn_keys, stops, pad)
+
+        chunk = self.generation_chunk_size
+        run_episodes(
+            sampler,
+            self.tokenizer,
+            episodes,
+            1 if greedy else num_per_prompt,
+            self.max_turns,
+            self.max_completion_length,
+            stops,
+            chunk,
+            keys,
+            self.device,
+        )
+        metrics = episode_metrics(episodes, self.max_turns)
+        self.rollout_stats = {k: torch.tensor(v, device=self.device) for k, v in metrics.items()}
+        self.episode_rewards = [e.reward for e in episodes]
+        if greedy:
+            self.greedy_episodes = episodes
+        return episode_samples(episodes, pad, self.device), [conversation(e) for e in episodes]
+
+    def greedy_answers(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
+        """Single-turn: the base class's. Multi-turn: greedy episodes (kept in `greedy_episodes`): (every
+        episode's tokens after the prompt [B, ≤ max_completion_length], right-padded, their final answers)."""
+        if not self.multi_turn:
+            return super().greedy_answers(batch)
+        samples, _ = self.sample_episodes(batch, 1, greedy=True)
+        width = samples.mask.shape[1]
+        tokens = torch.full((len(samples.responses), width), self.tokenizer.pad_token_id, device=self.device)
+        for i, r in enumerate(samples.responses):
+            tokens[i, : len(r)] = torch.tensor(r, device=self.device)
+        return tokens, [e.final_answer for e in self.greedy_episodes]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """The base class's evaluation, plus, multi-turn, the greedy episodes' metrics (eval/num_turns,
+        eval/tools/call_frequency, eval/tools/failure_frequency, eval/max_turns_ratio) and each reward
+        function's mean over them (eval/rewards/<fn>/mean; a weight of 0 makes a function a measurement)."""
+        super().validation_step(batch, batch_idx)
+        if self.multi_turn:
+            episodes = self.greedy_episodes
+            conversations, ids = [e.messages for e in episodes], [e.ids for e in episodes]
+            _, per_fn = self.rewards_of(batch, conversations, g=1, completion_ids=ids)
+            means = {f"rewards/{name}/mean": values.mean() for name, values in per_fn.items()}
+            self._log("eval", {**self.rollout_stats, **means}, len(episodes), on_step=False)

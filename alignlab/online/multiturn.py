@@ -1,0 +1,373 @@
+"""Multi-turn rollouts: the policy answers, a tool or an environment replies, the policy answers again.
+
+An episode starts from a prompt (the data row's messages, or what an environment's `reset` gives) and
+runs turns: the policy samples an assistant turn; the environment's `step` reads the conversation and
+either ends the episode (with an optional reward) or replies with observation messages (tool results,
+a simulated user), which the chat template renders as context; then the policy continues, up to
+`max_turns` assistant turns and `max_completion_length` tokens after the prompt (as TRL counts them:
+the policy's tokens and the observations' together).
+
+The episode is one sequence, prompt + everything after it, scored in one forward pass; its mask is 1 on
+the tokens the policy sampled and 0 on observation tokens, which are context only: the loss, the KL
+and the entropy see the policy's tokens, and its log-probs are those of the whole sequence, exactly as
+the update will score it. The policy's own tokens are kept as sampled (never decoded and encoded
+again); an observation's tokens are what the template writes for it after an assistant turn (found
+as TRL does, from a minimal conversation, so no template needs to re-render earlier turns alike).
+
+Sampling stays keyed: turn 0 draws with the single-turn keys (seed, step, data row, sample), turn t
+with those keys mixed with t (`turn_keys`), so an episode samples the same whatever the batch split or
+process count.
+
+`ToolEnvironment` is the environment behind `algorithm.tools`: its step runs the tool calls in the last
+assistant turn (alignlab.online.tools) and ends the episode at a turn without one. Any class with
+`reset(row) -> messages` and `step(messages) -> StepResult` (or a tuple (messages, done, reward)) is an
+environment (`algorithm.environment`, by dotted path; one instance per episode).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from alignlab.data.collate import collate_answers, pad
+from alignlab.errors import ConfigError
+from alignlab.online.generation import cut_at_stop, hash32, matches_solution
+from alignlab.online.rewards import is_async
+from alignlab.online.rollout import Samples
+from alignlab.online.tools import ToolCall, parse_tool_calls, run_tool_call
+
+# -- environments -------------------------------------------------------------------------------
+
+
+class StepResult(NamedTuple):
+    """What an environment answers to the conversation so far.
+
+    observation: messages to append (e.g. `{"role": "tool", ...}` or `{"role": "user", ...}`); ignored when done.
+    done: the episode ends here.
+    reward: the episode's reward from the environment (None: none), read by the `environment_reward`
+        reward function; only the last step's counts.
+    tool_calls, tool_failures: calls made in this step and how many of them failed (for metrics).
+    """
+
+    observation: list[dict]
+    done: bool
+    reward: float | None = None
+    tool_calls: int = 0
+    tool_failures: int = 0
+
+
+class Environment(Protocol):
+    def reset(self, row: dict) -> list[dict]:
+        """The episode's opening messages for a data row ({"prompt": messages, **columns})."""
+
+    def step(self, messages: list[dict]) -> StepResult | tuple:
+        """The next observation for the conversation so far (opening messages + turns), or done."""
+
+
+class ToolEnvironment:
+    """The environment of `algorithm.tools`: each assistant turn's tool calls are run and their results
+    become `tool` messages; a turn without a call ends the episode. Malformed calls and failing tools
+    give error messages as results (alignlab.online.tools.run_tool_call), never an exception."""
+
+    def __init__(self, tools: Sequence[Callable], tool_call_format: str, timeout: float | None = None):
+        self.tools = {t.__name__: t for t in tools}
+        self.tool_call_format, self.timeout = tool_call_format, timeout
+
+    def reset(self, row: dict) -> list[dict]:
+        return list(row["prompt"])
+
+    def calls(self, text: str) -> list[ToolCall]:
+        return parse_tool_calls(text, self.tool_call_format)
+
+    def step(self, messages: list[dict]) -> StepResult:
+        calls = self.calls(messages[-1]["content"])
+        if not calls:
+            return StepResult([], True)
+        results = [run_tool_call(call, self.tools, self.timeout) for call in calls]
+        return StepResult([r.as_message() for r in results], False, None, len(results), sum(r.failed for r in results))
+
+
+def environment_factory(spec: str | None, tools: Sequence[Callable], tool_call_format: str | None, timeout):
+    """A function making one environment per episode: the class at dotted path `spec` (built with
+    `tools`, `tool_call_format` and `tool_timeout` where its constructor takes them), or, with spec None,
+    a ToolEnvironment of `tools`.
+
+    Raises:
+        ConfigError: naming algorithm.environment when it does not import or lacks reset/step.
+    """
+    if spec is None:
+        return lambda: ToolEnvironment(tools, tool_call_format, timeout)
+    from hydra.utils import get_object
+
+    try:
+        cls = get_object(spec)
+    except Exception as e:
+        raise ConfigError(f"algorithm.environment {spec!r} could not be imported: {e}") from None
+    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ConfigError(
+            f"algorithm.environment {spec!r} lacks {' and '.join(missing)} (see alignlab.online.multiturn.Environment)"
+        )
+    offered = {"tools": list(tools), "tool_call_format": tool_call_format, "tool_timeout": timeout}
+    try:
+        taken = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        taken = {}
+    return functools.partial(cls, **{k: v for k, v in offered.items() if k in taken})
+
+
+def as_step_result(out: Any, spec: str = "the environment") -> StepResult:
+    """An environment's answer as a StepResult (it may return a plain (messages, done, reward) tuple).
+
+    Raises:
+        TypeError: naming the environment when the answer is neither."""
+    if isinstance(out, StepResult):
+        return out
+    if isinstance(out, tuple) and len(out) in (2, 3):
+        return StepResult(list(out[0] or []), bool(out[1]), None if len(out) == 2 else out[2])
+    raise TypeError(f"{spec}.step must return a StepResult or (messages, done, reward), got {type(out).__name__}")
+
+
+# -- keys, rendering ------------------------------------------------------------------------------
+def turn_keys(keys: torch.Tensor, turn: int) -> torch.Tensor:
+    """The sampling keys of assistant turn `turn` (0: `keys` themselves, so a one-turn episode samples
+    what single-turn sampling does; later turns: the keys mixed with the turn number)."""
+    if turn == 0:
+        return keys
+    return hash32(keys ^ hash32(torch.tensor(turn * 0x27D4EB2F + 0x165667B1)))
+
+
+def render_prompt(tokenizer, messages: list[dict], schemas: list[dict] | None) -> list[int]:
+    """Token ids of `messages` plus the assistant generation prompt, the tools' `schemas` passed to the chat
+    template's `tools` argument (a template that does not read it, like the tiny model's, ignores them)."""
+    return list(
+        tokenizer.apply_chat_template(
+            messages, tools=schemas or None, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+
+
+def observation_ids(tokenizer, observation: list[dict], stops: Sequence[int]) -> list[int]:
+    """The ids the chat template writes for `observation` messages after an assistant turn that ended at
+    one of `stops`, up to the next assistant generation prompt: what follows the end of turn in
+    render([user, assistant, *observation], generation prompt) beyond render([user, assistant]). The
+    assistant's own tokens are never re-rendered (TRL's `_get_tool_suffix_ids` does the same).
+
+    Raises:
+        ValueError: when the template renders the shorter conversation other than as a prefix of the longer.
+    """
+    assistant: dict = {"role": "assistant", "content": "."}
+    if observation and observation[0].get("role") == "tool":  # templates that name the call the result answers
+        assistant["tool_calls"] = [
+            {"type": "function", "function": {"name": observation[0].get("name", "tool"), "arguments": {}}}
+        ]
+    opening = [{"role": "user", "content": "."}, assistant]
+    before = list(tokenizer.apply_chat_template(opening, tokenize=True, return_dict=False))
+    after = list(
+        tokenizer.apply_chat_template(
+            opening + list(observation), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+    ends = [i for i, t in enumerate(before) if t in set(stops)]
+    before = before[: ends[-1] + 1] if ends else before
+    if after[: len(before)] != before:
+        raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+    return after[len(before) :]
+
+
+# -- the rollout ---------------------------------------------------------------------------------
+@dataclass
+class Episode:
+    """One multi-turn episode: its prompt's ids and opening messages, and everything after the prompt."""
+
+    prompt_ids: list[int]
+    opening: list[dict]
+    environment: Any
+    ids: list[int] = field(default_factory=list)  # every token after the prompt
+    policy: list[int] = field(default_factory=list)  # 1 where the policy sampled the token, 0 for observations
+    messages: list[dict] = field(default_factory=list)  # the turns after the opening messages
+    turns: int = 0  # assistant turns
+    tool_calls: int = 0
+    tool_failures: int = 0
+    truncated: bool = False  # the last turn was cut at max_completion_length
+    hit_max_turns: bool = False  # the environment would have gone on after the last allowed turn
+    reward: float | None = None
+    done: bool = False
+
+    @property
+    def final_answer(self) -> str:
+        """The last assistant turn's text."""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+
+
+# sampler(context ids [B, L] left-padded, attention mask, num_per_prompt, max_new_tokens, keys or None)
+# -> [B·num_per_prompt, ≤ max_new_tokens] tokens (the backend's `sample` contract)
+Sampler = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Tensor | None"], torch.Tensor]
+
+
+def run_episodes(
+    sampler: Sampler,
+    tokenizer,
+    episodes: list[Episode],
+    num_per_prompt: int,
+    max_turns: int,
+    max_completion_length: int,
+    stops: Sequence[int],
+    chunk: int,
+    keys: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+) -> list[Episode]:
+    """Run `episodes` (consecutive groups of `num_per_prompt` sharing a prompt) to their ends.
+
+    Turn 0 samples each group's prompt once for its `num_per_prompt` episodes (the backend shares the
+    prompt's KV cache); later turns sample each live episode's whole context. Each turn gets at most
+    what is left of `max_completion_length`; an observation that would not leave room for one more token
+    ends the episode before it is appended (TRL drops such tool results too). `keys` ([len(episodes)],
+    or None for greedy samplers) are mixed with the turn (turn_keys). Returns the episodes, finished.
+    """
+    stop_set = set(stops)
+    for turn in range(max_turns):
+        live = [i for i, e in enumerate(episodes) if not e.done]
+        if not live:
+            break
+        keyed = None if keys is None else turn_keys(keys, turn)
+        tokens: dict[int, list[int]] = {}
+        group = num_per_prompt if turn == 0 else 1
+        per_call = max(1, chunk // group)
+        heads = live[::group]  # turn 0: every episode is live, groups are consecutive
+        for start in range(0, len(heads), per_call):
+            rows = heads[start : start + per_call]
+            contexts = [episodes[i].prompt_ids + episodes[i].ids for i in rows]
+            ids, attn = pad(contexts, tokenizer.pad_token_id, left=True)
+            budget = max(max_completion_length - len(episodes[i].ids) for i in rows)
+            members = [i + j for i in rows for j in range(group)]
+            out = sampler(
+                ids.to(device),
+                attn.to(device),
+                group,
+                budget,
+                None if keyed is None else keyed[members],
+            )
+            answers, _ = cut_at_stop(out, stops)
+            tokens.update(zip(members, answers))
+        for i in live:
+            step_turn(episodes[i], tokens[i], tokenizer, stop_set, stops, turn, max_turns, max_completion_length)
+    return episodes
+
+
+def step_turn(
+    episode: Episode,
+    sampled: list[int],
+    tokenizer,
+    stop_set: set[int],
+    stops: Sequence[int],
+    turn: int,
+    max_turns: int,
+    max_completion_length: int,
+) -> None:
+    """Append one sampled assistant turn to `episode` and, unless it ends there, the environment's reply."""
+    sampled = sampled[: max_completion_length - len(episode.ids)]
+    ended = bool(sampled) and sampled[-1] in stop_set
+    episode.ids += sampled
+    episode.policy += [1] * len(sampled)
+    episode.turns += 1
+    text = tokenizer.decode(sampled[:-1] if ended else sampled, skip_special_tokens=True)
+    episode.messages.append({"role": "assistant", "content": text})
+    if not ended:  # cut at the length limit: nothing to act on
+        episode.truncated = episode.done = True
+        return
+    result = as_step_result(episode.environment.step(episode.opening + episode.messages))
+    episode.tool_calls += result.tool_calls
+    episode.tool_failures += result.tool_failures
+    if result.done:
+        episode.reward, episode.done = result.reward, True
+        return
+    if turn == max_turns - 1:
+        episode.hit_max_turns = episode.done = True
+        return
+    context = observation_ids(tokenizer, result.observation, stops)
+    if len(episode.ids) + len(context) >= max_completion_length:
+        episode.done = True
+        return
+    episode.ids += context
+    episode.policy += [0] * len(context)
+    episode.messages += result.observation
+
+
+def episode_samples(episodes: list[Episode], pad_id: int, device: torch.device | str) -> Samples:
+    """The episodes as Samples: prompt + everything after it, right-padded, with `mask` 1 on the policy's
+    tokens only (observations are context) and `has_eos` where the last turn ended at a stop token."""
+    prompts, responses = [e.prompt_ids for e in episodes], [e.ids for e in episodes]
+    seqs = {k: v.to(device) for k, v in collate_answers(prompts, responses, pad_id).items()}
+    width = max(1, max(len(r) for r in responses))
+    mask = torch.zeros(len(episodes), width, device=device)
+    for i, e in enumerate(episodes):
+        mask[i, : len(e.policy)] = torch.tensor(e.policy, dtype=mask.dtype)
+    starts = torch.tensor([len(p) for p in prompts], device=device)
+    has_eos = torch.tensor([not e.truncated for e in episodes], device=device)
+    return Samples(seqs, starts, mask, has_eos, prompts, responses)
+
+
+def episode_metrics(episodes: list[Episode], max_turns: int) -> dict[str, float]:
+    """Means over the episodes: `num_turns` (assistant turns), `tools/call_frequency` (calls per episode,
+    TRL's name), `tools/failure_frequency` (the share of calls that failed, TRL's name; 0 without calls),
+    `max_turns_ratio` (the share of episodes that hit max_turns while the environment would have gone on)."""
+    n = max(1, len(episodes))
+    calls = sum(e.tool_calls for e in episodes)
+    return {
+        "num_turns": sum(e.turns for e in episodes) / n,
+        "tools/call_frequency": calls / n,
+        "tools/failure_frequency": sum(e.tool_failures for e in episodes) / calls if calls else 0.0,
+        "max_turns_ratio": sum(e.hit_max_turns for e in episodes) / n,
+    }
+
+
+def conversation(episode: Episode) -> list[dict]:
+    """What reward functions get as a multi-turn completion: the turns after the opening messages."""
+    return list(episode.messages)
+
+
+def on_final_answers(fn: Callable) -> Callable:
+    """A text reward function (the registry's: accuracy, format, ...) made to read a multi-turn
+    completion (a message list) as its last assistant turn's text; text completions pass unchanged."""
+
+    def final(c):
+        if isinstance(c, list):
+            return next((m["content"] for m in reversed(c) if m.get("role") == "assistant"), "")
+        return c
+
+    if is_async(fn):
+
+        async def reading_final_async(prompts, completions, **columns):
+            return await fn(prompts, [final(c) for c in completions], **columns)
+
+        return functools.update_wrapper(reading_final_async, fn, updated=())
+
+    def reading_final(prompts, completions, **columns):
+        return fn(prompts, [final(c) for c in completions], **columns)
+
+    return functools.update_wrapper(reading_final, fn, updated=()) if inspect.isfunction(fn) else reading_final
+
+
+def environment_reward(prompts, completions, environment_reward=None, **columns) -> list[float]:
+    """The reward each episode's environment gave at its end (StepResult.reward; 0.0 where it gave none)."""
+    if environment_reward is None:
+        raise ValueError("environment_reward needs a multi-turn run (algorithm.tools or algorithm.environment)")
+    return [0.0 if r is None else float(r) for r in environment_reward]
+
+
+def tool_result_matches(prompts, completions, solution=None, **columns) -> list[float]:
+    """1.0 where a tool's result in the conversation is the row's `solution` (the same text or number,
+    alignlab.online.generation.matches_solution), else 0.0: whether the policy called a tool with arguments that
+    give the right answer, whatever it made of the result. With a reward weight of 0 it only measures."""
+    if solution is None:
+        raise ValueError("tool_result_matches needs a `solution` column")
+    return [
+        float(any(m.get("role") == "tool" and matches_solution(str(m["content"]), s) for m in c))
+        for c, s in zip(completions, solution)
+    ]

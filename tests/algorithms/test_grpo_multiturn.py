@@ -1,0 +1,152 @@
+"""GRPO with tools: the multi-turn keys are checked before any model loads, PPO refuses them by name,
+and a short run samples episodes, trains on the policy's tokens and logs the episodes' metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignlab.data.arith_tools import tool_call_text
+from alignlab.errors import ConfigError
+from tests.conftest import QUIET, compose
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.max_turns=0"], "algorithm.max_turns must be a whole number >= 1, got 0"),
+        (["algorithm.tool_timeout=0"], "algorithm.tool_timeout must be > 0"),
+        (["algorithm.tool_call_format=xml"], "algorithm.tool_call_format must be one of"),
+        (["algorithm.tools=[alignlab.tools.nothing]"], "algorithm.tools[0]: 'alignlab.tools.nothing' could not be"),
+        (["algorithm.tools=[calculator]"], "algorithm.tools[0]: expected a dotted path"),
+        (["algorithm.environment=alignlab.tools.calculator"], "lacks reset and step"),
+        (["algorithm.environment=nowhere.Env"], "algorithm.environment 'nowhere.Env' could not be imported"),
+        (
+            ["algorithm.tools=[alignlab.tools.calculator]", "algorithm.dynamic_sample=true"],
+            "algorithm.dynamic_sample does not yet handle multi-turn rollouts",
+        ),
+        (
+            ["algorithm=ppo", "+algorithm.tools=[alignlab.tools.calculator]"],
+            "algorithm.tools: multi-turn, tool-calling rollouts are GRPO's (algorithm=grpo; docs/tools.md); "
+            "algorithm=ppo samples one answer per prompt and refuses them: its value targets over tool tokens",
+        ),
+    ],
+)
+def test_multi_turn_settings_are_checked_before_any_model_loads(overrides, message, tmp_path, monkeypatch):
+    import alignlab.train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(alignlab.train, "load_model", no_model)
+    algorithm = [] if overrides[0].startswith("algorithm=") else ["algorithm=grpo"]
+    with pytest.raises(ConfigError) as err:
+        alignlab.train.train(compose([*algorithm, *overrides], tmp_path / "run"))
+    assert message in str(err.value)
+
+
+def test_a_template_without_a_call_format_needs_it_configured(tmp_path):
+    from alignlab.train import train
+
+    overrides = ["algorithm=grpo", "algorithm.tools=[alignlab.tools.calculator]", "trainer.max_steps=1", *QUIET]
+    with pytest.raises(ConfigError, match="set algorithm.tool_call_format to one of"):
+        train(compose(overrides, tmp_path))
+
+
+def test_grpo_trains_on_multi_turn_episodes_and_logs_their_metrics(tmp_path):
+    """Two steps on the bundled tool task with an environment that always answers (a simulated user, three
+    assistant turns): sampling per turn, rewards on conversations (the environment's own among them), the
+    masked update and the greedy multi-turn evaluation, through train()."""
+    from alignlab.train import train
+
+    overrides = [
+        "algorithm=grpo",
+        "data=arith_tools_prompts",
+        "data.source.n_eval=4",
+        "eval_batch_size=4",
+        "batch_size=2",
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=48",
+        "algorithm.environment=tests.online.test_multiturn.CountingUser",
+        "algorithm.max_turns=3",
+        "algorithm.reward_funcs=[accuracy,{_target_: alignlab.online.multiturn.environment_reward}]",
+        "algorithm.num_sample_generations=1",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        *QUIET,
+    ]
+    train(compose(overrides, tmp_path))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_rows = [r for r in rows if r.get("train/loss")]
+    eval_rows = [r for r in rows if r.get("eval/exact_match")]
+    for name in ("num_turns", "tools/call_frequency", "tools/failure_frequency", "max_turns_ratio"):
+        assert train_rows[-1].get(f"train/{name}") and eval_rows[-1].get(f"eval/{name}"), name
+    assert eval_rows[-1].get("eval/rewards/environment_reward/mean")  # each function's mean over greedy episodes
+    # the untrained model rarely ends a turn within the budget: one to three turns
+    assert 1.0 <= float(train_rows[-1]["train/num_turns"]) <= 3.0
+    assert float(train_rows[-1]["train/rewards/environment_reward/mean"]) in (0.0, 0.5, 1.0, 1.5, 2.0)
+    samples = [json.loads(line) for line in (Path(tmp_path) / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(isinstance(s["answer"], str) for s in samples)  # the final answers
+
+
+class ScriptedBackend:
+    """A generation backend for the byte-level tiny tokenizer that plays a tool-using policy: it calls the
+    calculator on the question, then answers the tool's result (an even key) or one more (an odd key)."""
+
+    def sync(self, model):
+        pass
+
+    def sample(self, model, ids, attn, num_per_prompt, max_new_tokens, temperature, keys, stop_ids, pad_id):
+        rows = []
+        for i in range(ids.shape[0]):
+            text = bytes(t for t in ids[i][attn[i].bool()].tolist() if t < 256).decode()
+            a, b = re.search(r"(\d+)\+(\d+)=", text).groups()
+            for j in range(num_per_prompt):
+                result = re.search(r"tool\n(\d+)", text)
+                if result is None:
+                    turn = tool_call_text(int(a), int(b))
+                else:
+                    turn = str(int(result.group(1)) + int(keys[i * num_per_prompt + j]) % 2)
+                rows.append(list(turn.encode())[: max_new_tokens - 1] + [stop_ids[0]])
+        width = max(map(len, rows))
+        return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+
+
+def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(tmp_path):
+    """Two steps with the calculator and a backend that calls it: every episode is two turns with one tool
+    call, the final answers right about half the time; the update runs on the policy's tokens."""
+    from alignlab.train import train
+
+    overrides = [
+        "algorithm=grpo",
+        "data=arith_tools_prompts",
+        "data.source.n_eval=2",
+        "eval_batch_size=2",
+        "batch_size=4",
+        "algorithm.num_generations=4",
+        "algorithm.max_completion_length=160",
+        "algorithm.tools=[alignlab.tools.calculator]",
+        "algorithm.tool_call_format=hermes",
+        "algorithm.generation_backend={_target_: tests.algorithms.test_grpo_multiturn.ScriptedBackend}",
+        "algorithm.num_sample_generations=0",
+        "evaluation.at_start=false",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        *QUIET,
+    ]
+    train(compose(overrides, tmp_path))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    for row in rows:
+        assert float(row["train/num_turns"]) == 2.0 and float(row["train/tools/call_frequency"]) == 1.0
+        assert float(row["train/tools/failure_frequency"]) == 0.0 and float(row["train/max_turns_ratio"]) == 0.0
+        assert 0.0 < float(row["train/reward"]) < 1.0 and float(row["train/loss"]) != 0.0
+        assert float(row["train/completions/mean_length"]) < 100  # the policy's tokens: the tool's are not counted

@@ -1,0 +1,214 @@
+"""Multi-turn rollouts: turns, observations as context, the episode budget and turn limit, per-turn keyed
+sampling, the episodes' mask, and the metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignlab.online.backends import TransformersBackend
+from alignlab.online.generation import sample_keys, stop_token_ids
+from alignlab.online.multiturn import (
+    Episode,
+    StepResult,
+    ToolEnvironment,
+    as_step_result,
+    environment_factory,
+    episode_metrics,
+    episode_samples,
+    observation_ids,
+    on_final_answers,
+    render_prompt,
+    run_episodes,
+    turn_keys,
+)
+from alignlab.online.rewards import accuracy
+from alignlab.tools import calculator
+
+CALL = '<tool_call>{"name":"calculator","arguments":{"expression":"123456+654321"}}</tool_call>'
+
+
+def scripted(tokenizer, turns: list[str], stop: int):
+    """A sampler that answers every context's k-th turn with turns[k] and its end of turn (one row per
+    context and sample), padding shorter rows; it records each call's max_new_tokens."""
+    calls = []
+
+    def sampler(ids, attn, n, max_new, keys):
+        calls.append(max_new)
+        k = len(calls) - 1
+        rows = [tokenizer.encode(turns[min(k, len(turns) - 1)], add_special_tokens=False) + [stop]] * (ids.shape[0] * n)
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+
+    sampler.calls = calls
+    return sampler
+
+
+def episodes_of(tokenizer, environment, n=1):
+    opening = [{"role": "user", "content": "123456+654321="}]
+    ids = render_prompt(tokenizer, opening, None)
+    return [Episode(ids, opening, environment) for _ in range(n)]
+
+
+def test_the_tool_result_is_rendered_as_the_template_writes_it(tiny):
+    _, tokenizer = tiny
+    stops = stop_token_ids(tiny[0], tokenizer)
+    ids = observation_ids(tokenizer, [{"role": "tool", "name": "calculator", "content": "777777"}], stops)
+    assert tokenizer.decode(ids) == "\n<|im_start|>tool\n777777<|im_end|>\n<|im_start|>assistant\n"
+    # the same ids as rendering the whole conversation, after the assistant's end of turn
+    whole = tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y"},
+            {"role": "tool", "content": "777777"},
+        ],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    assert list(whole[-len(ids) :]) == ids
+
+
+def test_a_tool_call_episode_keeps_the_policy_tokens_and_masks_the_tool_result(tiny):
+    model, tokenizer = tiny
+    stops = stop_token_ids(model, tokenizer)
+    env = ToolEnvironment([calculator], "hermes", timeout=5.0)
+    sampler = scripted(tokenizer, [CALL, "777777"], stops[0])
+    (episode,) = run_episodes(sampler, tokenizer, episodes_of(tokenizer, env), 1, 4, 200, stops, 8, None)
+    assert [m["role"] for m in episode.messages] == ["assistant", "tool", "assistant"]
+    assert episode.messages[1]["content"] == "777777" and episode.final_answer == "777777"
+    assert (episode.turns, episode.tool_calls, episode.tool_failures) == (2, 1, 0)
+    assert not (episode.truncated or episode.hit_max_turns)
+    call = tokenizer.encode(CALL, add_special_tokens=False) + [stops[0]]
+    result = observation_ids(tokenizer, episode.messages[1:2], stops)
+    answer = tokenizer.encode("777777", add_special_tokens=False) + [stops[0]]
+    assert episode.ids == call + result + answer  # the sampled tokens, never re-encoded
+    assert episode.policy == [1] * len(call) + [0] * len(result) + [1] * len(answer)
+    assert sampler.calls == [200, 200 - len(call) - len(result)]  # each turn gets what is left of the budget
+
+    samples = episode_samples([episode, episode], tokenizer.pad_token_id, "cpu")
+    assert samples.mask[0].tolist() == [float(p) for p in episode.policy]
+    assert samples.starts.tolist() == [len(episode.prompt_ids)] * 2 and samples.has_eos.all()
+    row = samples.seqs["input_ids"][0, : len(episode.prompt_ids) + len(episode.ids)]
+    assert row.tolist() == episode.prompt_ids + episode.ids
+
+
+def test_a_malformed_call_is_an_error_the_model_reads_and_counts(tiny):
+    model, tokenizer = tiny
+    stops = stop_token_ids(model, tokenizer)
+    env = ToolEnvironment([calculator], "hermes", timeout=5.0)
+    broken = '<tool_call>{"name":"calculator","arguments":{"expression":"1+2"}'
+    sampler = scripted(tokenizer, [broken, "3"], stops[0])
+    (episode,) = run_episodes(sampler, tokenizer, episodes_of(tokenizer, env), 1, 4, 200, stops, 8, None)
+    assert (episode.tool_calls, episode.tool_failures, episode.turns) == (1, 1, 2)
+    assert episode.messages[1]["content"].startswith("Error: the tool call has no closing")
+    assert "Error: the tool call" in tokenizer.decode(episode.ids)  # the policy's next turn sees it
+    metrics = episode_metrics([episode, episodes_of(tokenizer, env)[0]], 4)
+    assert metrics["tools/failure_frequency"] == 1.0 and metrics["tools/call_frequency"] == 0.5
+
+
+def test_the_turn_limit_and_the_token_budget_end_episodes(tiny):
+    model, tokenizer = tiny
+    stops = stop_token_ids(model, tokenizer)
+    env = ToolEnvironment([calculator], "hermes", timeout=5.0)
+    (capped,) = run_episodes(
+        scripted(tokenizer, [CALL], stops[0]), tokenizer, episodes_of(tokenizer, env), 1, 2, 400, stops, 8, None
+    )
+    assert (capped.turns, capped.hit_max_turns, capped.tool_calls) == (2, True, 2)
+    assert capped.messages[-1]["role"] == "assistant"  # the last call's result is not appended
+    call = len(tokenizer.encode(CALL, add_special_tokens=False)) + 1
+    (full,) = run_episodes(  # the call fits, its result would not: the episode ends after the call
+        scripted(tokenizer, [CALL], stops[0]), tokenizer, episodes_of(tokenizer, env), 1, 4, call + 5, stops, 8, None
+    )
+    assert full.done and not full.truncated and full.turns == 1 and full.policy == [1] * call
+    (cut,) = run_episodes(  # the call itself is cut at the budget
+        scripted(tokenizer, [CALL], stops[0]), tokenizer, episodes_of(tokenizer, env), 1, 4, call - 3, stops, 8, None
+    )
+    assert cut.truncated and cut.turns == 1 and cut.tool_calls == 0 and cut.policy == [1] * (call - 3)
+    assert not episode_samples([cut], tokenizer.pad_token_id, "cpu").has_eos.any()
+    assert episode_metrics([capped, cut], 2) == {
+        "num_turns": 1.5,
+        "tools/call_frequency": 1.0,
+        "tools/failure_frequency": 0.0,
+        "max_turns_ratio": 0.5,
+    }
+
+
+class CountingUser:
+    """An environment beyond tools: a simulated user who says `again` twice, then ends with reward 2."""
+
+    def reset(self, row):
+        self.n = 0
+        return list(row["prompt"])
+
+    def step(self, messages):
+        self.n += 1
+        return ([{"role": "user", "content": "again"}], False, None) if self.n < 3 else ([], True, 2.0)
+
+
+def test_an_environment_runs_turns_and_gives_its_reward(tiny):
+    model, tokenizer = tiny
+    stops = stop_token_ids(model, tokenizer)
+    make = environment_factory("tests.online.test_multiturn.CountingUser", [], None, None)
+    env = make()
+    opening = env.reset({"prompt": [{"role": "user", "content": "hi"}]})
+    episode = Episode(render_prompt(tokenizer, opening, None), opening, env)
+    run_episodes(scripted(tokenizer, ["ok"], stops[0]), tokenizer, [episode], 1, 5, 200, stops, 8, None)
+    assert [m["role"] for m in episode.messages] == ["assistant", "user", "assistant", "user", "assistant"]
+    assert episode.reward == 2.0 and episode.turns == 3 and not episode.hit_max_turns
+    assert as_step_result(([], True)) == StepResult([], True, None)
+    with pytest.raises(TypeError, match="must return a StepResult"):
+        as_step_result("done")
+
+
+def test_each_turn_has_its_own_keys_and_the_first_is_single_turn_sampling():
+    keys = sample_keys(seed=0, step=3, rows=torch.tensor([4, 9]), num_per_prompt=2)
+    assert torch.equal(turn_keys(keys, 0), keys)
+    later = [turn_keys(keys, t) for t in (1, 2)]
+    assert len({int(k) for t in [keys, *later] for k in t}) == 12
+    assert torch.equal(turn_keys(keys[2:], 1), later[0][2:])  # a row's keys do not depend on its batch
+
+
+def test_sampled_episodes_do_not_depend_on_the_batch_split(tiny):
+    model, tokenizer = tiny
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
+    backend = TransformersBackend()
+
+    def sampler(ids, attn, n, max_new, keys):
+        return backend.sample(model, ids, attn, n, max_new, 1.0, keys, stops, pad)
+
+    def run(chunk):
+        episodes = []
+        for content in ("1+2=", "30+4="):
+            opening = [{"role": "user", "content": content}]
+            env = environment_factory("tests.online.test_multiturn.CountingUser", [], None, None)
+            envs = [env() for _ in range(2)]
+            for e in envs:
+                e.reset({"prompt": opening})
+            episodes += [Episode(render_prompt(tokenizer, opening, None), opening, e) for e in envs]
+        keys = sample_keys(seed=1, step=0, rows=torch.tensor([0, 1]), num_per_prompt=2)
+        return run_episodes(sampler, tokenizer, episodes, 2, 3, 12, stops, chunk, keys)
+
+    whole, split = run(8), run(2)
+    assert [e.ids for e in whole] == [e.ids for e in split]
+    assert [e.policy for e in whole] == [e.policy for e in split]
+
+
+def test_text_rewards_read_a_conversations_final_answer():
+    conversation = [
+        {"role": "assistant", "content": CALL},
+        {"role": "tool", "content": "777777"},
+        {"role": "assistant", "content": "777777"},
+    ]
+    reward = on_final_answers(accuracy)
+    assert reward([[]] * 2, [conversation, "777776"], solution=["777777", "777777"]) == [1.0, 0.0]
+
+
+def test_a_tool_result_that_is_the_solution_counts_as_a_correct_call():
+    from alignlab.online.multiturn import tool_result_matches
+
+    right = [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "777777"}]
+    wrong = [{"role": "assistant", "content": CALL}, {"role": "tool", "content": "777776"}]
+    no_call = [{"role": "assistant", "content": "777777"}]
+    got = tool_result_matches([[]] * 3, [right, wrong, no_call], solution=["777777"] * 3)
+    assert got == [1.0, 0.0, 0.0]
