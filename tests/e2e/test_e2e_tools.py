@@ -13,7 +13,7 @@ import pytest
 from alignlab.train import train
 from tests.conftest import QUIET, compose, eval_curve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes of CPU: outside the default suite
 
 TOOLS = ["algorithm.tools=[alignlab.tools.calculator]", "algorithm.tool_call_format=hermes"]
 
