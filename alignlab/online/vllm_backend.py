@@ -311,6 +311,8 @@ class VLLMBackend:
 
     def sync(self, model: torch.nn.Module) -> None:
         """Push the policy's weights when they changed since the last push, then check the probe."""
+        if hasattr(model, "peft_config"):  # the engine loads plain weights by name; merging adapters is not built
+            raise ConfigError("algorithm.use_vllm=true does not yet support LoRA (model.lora.enabled=true)")
         if self.engine is None:
             self.engine = self.start(model)
         if hasattr(self.engine, "wake_up"):
