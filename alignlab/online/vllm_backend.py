@@ -89,9 +89,9 @@ def trainer_probe_logprobs(model: torch.nn.Module, ids: Sequence[int]) -> torch.
 
 
 def named_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight by its Hugging Face name, each in its own memory on the CPU (tied ones included, so the
-    output layer is always written), as the engine loads them."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    """Every weight by its Hugging Face name, where it lives (tied ones included under each name, so the
+    output layer is always written), as the engine loads them: vLLM copies them into its own."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def weights_version(model: torch.nn.Module) -> tuple[int, int]:
@@ -243,7 +243,8 @@ class ServerEngine:
     def load_weights(self, weights):
         from safetensors.torch import save
 
-        self._post("/load_weights", save(weights), "application/octet-stream")
+        on_cpu = {k: v.to("cpu", copy=True).contiguous() for k, v in weights.items()}  # tied ones: own memory each
+        self._post("/load_weights", save(on_cpu), "application/octet-stream")
 
     def prompt_logprobs(self, ids):
         return self._post("/prompt_logprobs", json.dumps({"ids": list(ids)}).encode())["logprobs"]

@@ -287,3 +287,28 @@ def test_vllm_config_errors_name_the_key(overrides, message, tmp_path):
         with pytest.raises(ConfigError) as err:
             check_config(compose([*algorithm, *SERVER, *overrides], tmp_path))
         assert message in str(err.value)
+
+
+def test_a_training_run_with_use_vllm_logs_the_mismatch(tmp_path, monkeypatch):
+    """Through train(): the engine (a fake here, in place of the server) samples every rollout, and the
+    mismatch and the weights' range are logged under TRL's names."""
+    from alignlab.train import train
+    from tests.conftest import QUIET
+
+    engines = []
+    monkeypatch.setattr(VLLMBackend, "start", lambda self, model: engines.append(FakeEngine(model)) or engines[-1])
+    overrides = [
+        "algorithm=grpo",
+        *SERVER,
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=4",
+        "batch_size=4",
+        "trainer.max_steps=2",
+        "evaluation.at_start=false",
+        *QUIET,
+    ]
+    result = train(compose(overrides, tmp_path))
+    assert result["steps"] == 2 and len(engines) == 1 and len(engines[0].calls) == 2 and len(engines[0].loads) == 2
+    metrics = result["metrics"]
+    for name in ("sampling_logp_difference/mean", "sampling_logp_difference/max", "importance_sampling_ratio/mean"):
+        assert f"train/sampling/{name}" in metrics, name

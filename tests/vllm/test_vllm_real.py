@@ -32,12 +32,14 @@ from tests.conftest import build_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, LR = 20, 3e-3  # 8 prompts × 8 completions of at most 8 tokens per step; from 0.13 to 0.5+ in process
+# On CPU vLLM reads gpu_memory_utilization as its share of the machine's memory, checked free at start-up.
+CPU_MEMORY = 0.1
 LENGTH = {"_target_": "alignlab.online.rewards.length_reward", "target": 4, "name": "length"}
 
 
 @pytest.fixture(scope="module")
 def colocated(tiny_model_dir):
-    return ColocatedEngine(str(tiny_model_dir), "float32", enforce_eager=True)
+    return ColocatedEngine(str(tiny_model_dir), "float32", CPU_MEMORY, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def server_port(tiny_model_dir, tmp_path_factory):
     with open(log, "w") as out:
         command = [sys.executable, "-m", "alignlab.vllm_serve", "--host", "127.0.0.1", "--port", str(port)]
         process = subprocess.Popen(
-            [*command, "--enforce-eager"],
+            [*command, "--enforce-eager", "--gpu-memory-utilization", str(CPU_MEMORY)],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
