@@ -147,7 +147,9 @@ def test_a_stale_engine_stops_the_run(tiny):
 def test_grpo_takes_the_engines_samples_and_corrects_for_its_log_probs(tiny):
     model, tokenizer = tiny
     batch = prompt_batch(tokenizer)
-    options = {"num_generations": 2, "use_vllm": True, "reward_funcs": ["length"]}  # answers' lengths differ
+    torch.manual_seed(0)  # the sampling keys, and so the fake's answers, follow the seed
+    length = {"_target_": "alignlab.online.rewards.length_reward", "target": 16, "name": "length"}
+    options = {"num_generations": 2, "use_vllm": True, "reward_funcs": [length]}  # the answers' lengths differ
     module = build_module("grpo", copy.deepcopy(model), tokenizer, **options)
     module.backend.engine = FakeEngine(model)
     gen = module.generate_batch(batch)
@@ -283,10 +285,18 @@ SERVER = ["algorithm.use_vllm=true", "algorithm.vllm_mode=server"]
     ],
 )
 def test_vllm_config_errors_name_the_key(overrides, message, tmp_path):
-    for algorithm in (["algorithm=grpo"], ["algorithm=ppo", "algorithm.reward_funcs=[length]"]):
-        with pytest.raises(ConfigError) as err:
-            check_config(compose([*algorithm, *SERVER, *overrides], tmp_path))
-        assert message in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        check_config(compose(["algorithm=grpo", *SERVER, *overrides], tmp_path))
+    assert message in str(err.value)
+
+
+def test_ppo_checks_the_same_vllm_keys(tmp_path):
+    with pytest.raises(ConfigError, match="algorithm.vllm_server_port must be in"):
+        check_config(
+            compose(
+                ["algorithm=ppo", "algorithm.reward_funcs=[length]", *SERVER, "algorithm.vllm_server_port=0"], tmp_path
+            )
+        )
 
 
 def test_a_training_run_with_use_vllm_logs_the_mismatch(tmp_path, monkeypatch):
