@@ -9,7 +9,8 @@ and vLLM colocated (alignlab.online.vllm_backend, the policy's weights pushed fi
 Runs alternate, `--repeats` each, after one warm-up each; medians of completions/s and of generated tokens/s,
 and their ratio, measured in the same command. The engine's start-up is reported apart. The models are
 randomly initialised (alignlab's byte-level tokenizer), so answers rarely stop early: both run to
-`--max-tokens` alike. Needs vLLM (docs/vllm.md: the CPU virtualenv).
+`--max-tokens` alike. Needs vLLM (docs/vllm.md: the CPU virtualenv). On a CPU set OMP_NUM_THREADS, and on
+one shared with other jobs VLLM_CPU_OMP_THREADS_BIND=nobind (docs/vllm.md has both measurements).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import torch
 
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine (vLLM's CPU default takes ~7)
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # pinned threads lose on a CPU shared with other jobs
 
 from alignlab.data import PromptDataModule  # noqa: E402
 from alignlab.data.arith import ArithTask  # noqa: E402
