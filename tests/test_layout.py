@@ -12,7 +12,7 @@ PACKAGE = ROOT / "alignlab"
 
 # Lowest first. A module may import its own layer and those before it.
 LAYERS = ("errors", "tools", "losses", "data", "models", "online", "runner", "algorithms", "entry")
-ENTRY_POINTS = {"__init__", "__main__", "train", "results", "score", "generate", "evaluate", "errors"}
+ENTRY_POINTS = {"__init__", "__main__", "train", "results", "score", "generate", "evaluate", "errors", "vllm_serve"}
 
 
 def layer(module: str) -> str:

@@ -33,7 +33,7 @@ from alignlab.losses.grpo import (
 )
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
 from alignlab.online.rewards import build_reward_function, check_reward_funcs, score_completions
-from alignlab.online.rollout import pack, token_logprobs
+from alignlab.online.rollout import pack, row_sampling_logprobs, token_logprobs
 from alignlab.runner.checks import Checks
 
 
@@ -187,8 +187,13 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             mask = mask * samples.has_eos.unsqueeze(1).float()
         length = mask.shape[1]
         old = ref = None
-        if self.num_iterations > 1 or self.kl_in_reward:  # later iterations (and k1) need the generation's log-probs
+        engine = samples.sampling_logprobs is not None  # an engine sampled: compare its log-probs with the policy's
+        if self.num_iterations > 1 or self.kl_in_reward or engine:  # later iterations (and k1) need them too
             old = token_logprobs(self.model, samples.seqs, samples.starts, length, self.temperature)
+        rollout_weights, correction = self.rollout_correction(old, samples, mask) if engine else (None, {})
+        extra |= correction
+        if engine and not (self.num_iterations > 1 or self.kl_in_reward):
+            old = None  # one iteration: the update's ratio stays exactly 1, as without an engine
         if self.reference is not None:
             ref = token_logprobs(self.reference, samples.seqs, samples.starts, length, self.temperature)
         returns = rewards
@@ -219,6 +224,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             "advantages": advantages,
             "old_logprobs": old,
             "ref_logprobs": ref,
+            "rollout_weights": rollout_weights,
             "stats": stats,
             "texts": texts,
         }
@@ -274,8 +280,16 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         chosen += flat[: size - len(chosen)]  # the first sample's zero-variance groups, when nothing better was found
         rows = [(p, i * g + j) for p, i in chosen for j in range(g)]
         pick = lambda k: [getattr(pieces[p][0], k)[r] for p, r in rows]  # noqa: E731
+        engine_logps = None  # an engine's sampling log-probs travel with their rows
+        if samples.sampling_logprobs is not None:
+            engine_logps = [row_sampling_logprobs(pieces[p][0], r) for p, r in rows]
         packed = pack(
-            pick("prompts"), pick("responses"), torch.stack(pick("has_eos")), self.tokenizer.pad_token_id, self.device
+            pick("prompts"),
+            pick("responses"),
+            torch.stack(pick("has_eos")),
+            self.tokenizer.pad_token_id,
+            self.device,
+            sampling_logprobs=engine_logps,
         )
         texts = [pieces[p][1][r] for p, r in rows]
         rewards = torch.stack([pieces[p][2][r] for p, r in rows])
@@ -380,6 +394,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
                     entropy=entropy,
                     entropy_coef=self.entropy_coef,
                     entropy_mask=None if keep is None else keep[idx],
+                    rollout_weights=None if gen.get("rollout_weights") is None else gen["rollout_weights"][idx],
                 )
                 loss = out.loss
                 self.backpropagate(loss)

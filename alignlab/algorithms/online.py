@@ -19,10 +19,13 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.data.vision import VISION_KEYS, select_vision
+from alignlab.errors import ConfigError
+from alignlab.losses.rollout_correction import logprob_mismatch, truncated_importance_weights
 from alignlab.online.backends import build_backend, check_backend_spec
 from alignlab.online.micro_batches import token_budget_micro_batches
 from alignlab.online.rollout import Samples, sample
 from alignlab.online.samples import log_samples, sample_row, with_columns
+from alignlab.online.vllm_backend import VLLM_MODES, build_vllm_backend, require_vllm
 from alignlab.runner.checks import Checks
 
 
@@ -35,7 +38,8 @@ class OnlineModule(AlignmentModule):
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
         self.automatic_optimization = False  # several optimizer steps per rollout
-        self.backend = build_backend(self.generation_backend)
+        use_vllm = getattr(self, "use_vllm", False)  # vLLM as the engine: alignlab.online.vllm_backend
+        self.backend = build_vllm_backend(hparams) if use_vllm else build_backend(self.generation_backend)
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
@@ -48,6 +52,24 @@ class OnlineModule(AlignmentModule):
         for key in ("micro_batch_size", "max_tokens_per_micro_batch"):
             if algorithm[key] is not None:
                 checks.at_least(1, key)
+        if algorithm.get("use_vllm", False):
+            cls.check_vllm_keys(algorithm, checks)
+
+    @staticmethod
+    def check_vllm_keys(algorithm: DictConfig, checks: Checks) -> None:
+        """With use_vllm: the vllm_* keys in range, no other generation_backend, and vllm importable (else
+        ConfigError naming the `vllm` extra)."""
+        checks.one_of("vllm_mode", VLLM_MODES).positive("vllm_gpu_memory_utilization")
+        checks.within("vllm_gpu_memory_utilization", 0.0, 1.0)
+        checks.within("vllm_server_port", 1, 65535).positive("vllm_server_timeout", "vllm_importance_sampling_cap")
+        checks.non_negative("vllm_sync_tolerance")
+        if algorithm.generation_backend is not None:
+            raise ConfigError(
+                "algorithm.use_vllm=true samples with vLLM, and algorithm.generation_backend names another backend: "
+                "set one of them (generation_backend=null)"
+            )
+        if algorithm.vllm_mode == "colocate":  # a server brings its own vLLM; this process only talks HTTP
+            require_vllm()
 
     # -- the algorithm --------------------------------------------------------------------------
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], int]:
@@ -73,7 +95,7 @@ class OnlineModule(AlignmentModule):
         (seed, rollouts so far, the batch's data rows): the same answers whatever the process count, and
         on resuming (alignlab.online.rollout.sample)."""
         self.backend.sync(self.model)
-        return sample(
+        samples = sample(
             self.model,
             self.tokenizer,
             batch,
@@ -84,6 +106,32 @@ class OnlineModule(AlignmentModule):
             step=getattr(self, self.rollout_counter),
             backend=self.backend,
         )
+        if hasattr(self.backend, "sleep"):  # a colocated engine may free its memory for the update
+            self.backend.sleep()
+        return samples
+
+    def rollout_correction(
+        self, train_logprobs: torch.Tensor, samples: Samples, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """For answers an engine sampled (Samples.sampling_logprobs; else (None, {})): the truncated
+        importance weights [N, R] of the policy's log-probs at rollout time `train_logprobs` [N, R] against
+        the engine's (with vllm_importance_sampling_correction, capped at vllm_importance_sampling_cap;
+        else None), and the metrics: the mismatch |log π_train − log π_vllm| (mean, max over `mask`'s
+        tokens) and the weights' min, mean and max, under TRL's names."""
+        if samples.sampling_logprobs is None:
+            return None, {}
+        train, engine = train_logprobs.detach().float(), samples.sampling_logprobs
+        mean, most = logprob_mismatch(train, engine, mask)
+        stats = {"sampling/sampling_logp_difference/mean": mean, "sampling/sampling_logp_difference/max": most}
+        if not self.vllm_importance_sampling_correction:
+            return None, stats
+        weights = truncated_importance_weights(train, engine, mask, self.vllm_importance_sampling_cap)
+        on_tokens = weights[mask > 0]
+        if on_tokens.numel():
+            stats["sampling/importance_sampling_ratio/min"] = on_tokens.min()
+            stats["sampling/importance_sampling_ratio/mean"] = on_tokens.mean()
+            stats["sampling/importance_sampling_ratio/max"] = on_tokens.max()
+        return weights.to(train_logprobs.dtype), stats
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         metrics, rows = self.train_on(batch, self.optimizers(), self.lr_schedulers())

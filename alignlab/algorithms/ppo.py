@@ -198,6 +198,7 @@ class PPO(OnlineModule):
             if self.scorer is not None:
                 scores.append(self.scorer(sub["input_ids"], sub["attention_mask"], sub["loss_mask"]))
         logprobs = torch.cat(logprobs) * mask
+        rollout_weights, correction = self.rollout_correction(logprobs, samples, mask)  # an engine's samples only
         ref_logprobs = torch.cat(ref_logprobs) * mask
         values = torch.cat(values).float() * mask
         reward_stats = {}
@@ -234,6 +235,7 @@ class PPO(OnlineModule):
             "objective/scores": scores.mean(),
             "val/num_eos_tokens": has_eos.float().sum(),
             **reward_stats,
+            **correction,
         }
         if self.kl_target is not None:
             stats["objective/kl_coef"] = torch.tensor(kl_coef, device=self.device)
@@ -250,6 +252,8 @@ class PPO(OnlineModule):
         }
         if self.use_kl_loss:
             out["ref_logprobs"] = ref_logprobs
+        if rollout_weights is not None:
+            out["rollout_weights"] = rollout_weights
         return out
 
     def update_kl_coef(self, rollout: dict) -> None:
@@ -319,6 +323,7 @@ class PPO(OnlineModule):
                         entropy_coef=self.entropy_coef,
                         kl=kl,
                         kl_coef=self.current_kl_coef,
+                        rollout_weights=rollout["rollout_weights"][idx] if "rollout_weights" in rollout else None,
                     )
                     vf_loss, vf_clipfrac = ppo_value_loss(
                         vpred,

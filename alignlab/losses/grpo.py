@@ -289,8 +289,9 @@ def grpo_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     entropy_mask: torch.Tensor | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
-    """per_token = (objective − entropy_coef·H)·entropy_mask + β·k3(π, π_ref), aggregated by loss_type.
+    """per_token = (w·objective − entropy_coef·H)·entropy_mask + β·k3(π, π_ref), aggregated by loss_type.
 
     logprobs, old_logprobs, ref_logprobs, mask, entropy, entropy_mask [N, R]; advantages [N] (one
     per completion). The ratio ρ is importance_weights(…, `importance_sampling_level`): per token
@@ -301,6 +302,8 @@ def grpo_loss(
     top_entropy_quantile) keeps the policy term on some tokens only; `entropy_coef`·H (the policy's
     per-token entropy `entropy`, with its gradient) is subtracted from each token's loss, on the same
     tokens, so the bonus is averaged as the policy loss is. The KL term is on every token.
+    `rollout_weights` w [N, R] (no gradient; None: 1): the rollout engine's truncated importance weights
+    (alignlab.losses.rollout_correction.truncated_importance_weights), on the policy term only, as TRL.
     Aggregation (`loss_type`), over the optimizer step's `num_items_in_batch` completion tokens and
     `num_completions` completions (every micro-batch and process; None: these N rows' own):
     - grpo, sapo: mean over completions of each completion's token mean (DeepSeekMath); row-level
@@ -324,6 +327,8 @@ def grpo_loss(
         per_token = sapo_objective(ratio, a, sapo_temperature_pos, sapo_temperature_neg)
     else:
         raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights
     if entropy_coef != 0.0:
         if entropy is None:
             raise ValueError("grpo_loss: entropy_coef needs the policy's per-token entropy")

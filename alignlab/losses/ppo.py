@@ -32,6 +32,7 @@ def ppo_policy_loss(
     entropy_coef: float = 0.0,
     kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    rollout_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Clipped surrogate objective (Schulman et al., 2017), as a loss over response tokens [N, R]:
 
@@ -48,6 +49,9 @@ def ppo_policy_loss(
         − entropy_coef · mean_t H_t     with `entropy` [N, R] the policy's per-token entropy, carrying
                                          its gradient (an entropy bonus; verl's `entropy_coeff`).
 
+    `rollout_weights` w_t [N, R] (no gradient; None: 1) multiply each token's clipped term: the rollout
+    engine's truncated importance weights (alignlab.losses.rollout_correction, Yao et al., 2025).
+
     The token mean runs over the optimizer step's (the mini-batch's) `num_items_in_batch` tokens on
     every micro-batch and process (None: these N rows' own); see alignlab.losses.reduction.step_mean.
     """
@@ -63,6 +67,8 @@ def ppo_policy_loss(
         with torch.no_grad():
             dual_clipfrac = masked_mean((negative & (per_token > bound)).to(per_token.dtype), mask)
         per_token = torch.where(negative, torch.min(per_token, bound), per_token)
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights
     pg_loss = step_mean(per_token, mask, num_items_in_batch, scale)
     loss, kl_term = pg_loss, None
     if kl is not None:

@@ -4,20 +4,30 @@ A backend turns a chunk of left-padded prompts into sampled answer tokens. The d
 `TransformersBackend`, runs the policy itself in this process (each prompt encoded once, its KV
 cache shared by its completions, keyed sampling; see alignlab.online.generation). An inference engine in
 its own memory, such as vLLM on a GPU, plugs in through the same two methods: `sync` receives the
-policy before every rollout (the engine copies its weights), `sample` returns the answers. Name one
-with `algorithm.generation_backend={_target_: package.module.Class, ...}`; its other keys are passed
-to the class.
+policy before every rollout (the engine copies its weights), `sample` returns the answers, and, from an
+engine, the log-prob it sampled each token with (`Sampled`), which the trainer compares with its own
+(alignlab.losses.rollout_correction). Name one with `algorithm.generation_backend={_target_:
+package.module.Class, ...}`; its other keys are passed to the class. vLLM: `algorithm.use_vllm=true`
+(alignlab.online.vllm_backend).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from alignlab.errors import ConfigError
 from alignlab.online.generation import sample_shared_prefix
+
+
+class Sampled(NamedTuple):
+    """What an engine's `sample` may return instead of bare tokens."""
+
+    tokens: torch.Tensor  # [B·num_per_prompt, R] answer tokens, as GenerationBackend.sample describes them
+    logprobs: torch.Tensor  # [B·num_per_prompt, R] the engine's log-prob of each token at the sampling
+    # temperature (float32; any value after a row's stop token)
 
 
 class GenerationBackend(Protocol):
@@ -35,12 +45,14 @@ class GenerationBackend(Protocol):
         keys: torch.Tensor,
         stop_ids: Sequence[int],
         pad_id: int,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | Sampled:
         """[B·num_per_prompt, ≤ max_new_tokens] answer tokens (a prompt's answers in consecutive rows),
         each row padded with pad_id after its first token in `stop_ids` (every id that ends an answer:
         the chat template's end of turn and each eos id, alignlab.online.generation.stop_token_ids; an engine
         must stop at any of them, e.g. vLLM's `stop_token_ids`). `keys` ([B·num_per_prompt] ints) make
-        sampling reproducible where the backend can use them."""
+        sampling reproducible where the backend can use them. An engine returns Sampled(those tokens,
+        their sampling log-probs) instead; the in-process sampler returns the tokens alone (the trainer's
+        own log-probs are its sampling log-probs)."""
 
 
 class TransformersBackend:

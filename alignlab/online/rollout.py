@@ -16,7 +16,7 @@ from alignlab.data.collate import collate_answers
 from alignlab.data.vision import repeat_vision, select_vision
 from alignlab.models.logprobs import answer_logprobs
 from alignlab.models.reference import ReferenceModel
-from alignlab.online.backends import GenerationBackend, TransformersBackend
+from alignlab.online.backends import GenerationBackend, Sampled, TransformersBackend
 from alignlab.online.generation import cut_at_stop, generate, sample_keys, stop_token_ids
 
 
@@ -28,6 +28,9 @@ class Samples:
     has_eos: torch.Tensor  # [N] the answer ended with a stop token, eos or end of turn (not cut at the length limit)
     prompts: list[list[int]]  # [N] prompt token ids
     responses: list[list[int]]  # [N] answer token ids (through the stop token)
+    # [N, R] the engine's log-prob of each answer token at sampling time, 0 past its end; None when the
+    # policy sampled in this process (alignlab.online.backends.Sampled)
+    sampling_logprobs: torch.Tensor | None = None
 
 
 def prompt_ids(batch: dict) -> list[list[int]]:
@@ -74,13 +77,26 @@ def pack(
     pad_id: int,
     device: torch.device,
     images: dict | None = None,
+    sampling_logprobs: list[torch.Tensor] | None = None,
 ) -> Samples:
-    """Samples of prompt + answer rows; `images`: each row's prompt's vision inputs (alignlab.data.vision)."""
+    """Samples of prompt + answer rows; `images`: each row's prompt's vision inputs (alignlab.data.vision);
+    `sampling_logprobs`: each answer's engine log-probs ([len(answer)] per row), padded with 0 into
+    Samples.sampling_logprobs."""
     seqs = {k: v.to(device) for k, v in {**collate_answers(prompts, responses, pad_id), **(images or {})}.items()}
     lengths = torch.tensor([len(r) for r in responses], device=device)
     mask = (torch.arange(int(lengths.max()), device=device) < lengths.unsqueeze(1)).float()
     starts = torch.tensor([len(p) for p in prompts], device=device)
-    return Samples(seqs, starts, mask, has_eos.to(device), prompts, responses)
+    logps = None
+    if sampling_logprobs is not None:
+        logps = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+        for row, values in enumerate(sampling_logprobs):
+            logps[row, : len(values)] = values.to(device=device, dtype=torch.float32)
+    return Samples(seqs, starts, mask, has_eos.to(device), prompts, responses, logps)
+
+
+def row_sampling_logprobs(samples: Samples, row: int) -> torch.Tensor:
+    """[len(answer)] the engine's log-probs of one row's answer (Samples.sampling_logprobs without padding)."""
+    return samples.sampling_logprobs[row, : len(samples.responses[row])]
 
 
 @torch.no_grad()
@@ -143,9 +159,14 @@ def sample(
             )
             for i in range(0, ids.shape[0], chunk)
         ]
-    for tokens in pieces:
+    engine_logps = [] if any(isinstance(p, Sampled) for p in pieces) else None  # an engine's own log-probs
+    for piece in pieces:
+        tokens = piece.tokens if isinstance(piece, Sampled) else piece
         answers, ended = cut_at_stop(tokens, stops)
         responses += answers
         has_eos.append(ended)
+        if engine_logps is not None:
+            engine_logps += [logps[: len(a)] for logps, a in zip(piece.logprobs, answers)]
     prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]
-    return pack(prompts, responses, torch.cat(has_eos), pad, batch["prompt_input_ids"].device, images)
+    device = batch["prompt_input_ids"].device
+    return pack(prompts, responses, torch.cat(has_eos), pad, device, images, sampling_logprobs=engine_logps)
