@@ -5,9 +5,12 @@ KL, one point per algorithm and β) to its output folder.
 
     python experiments/compare_algorithms.py [--out experiments/out/compare_algorithms] [--steps 200]
     python experiments/compare_algorithms.py --replot   # plot.png again from the results.csv there
+    python experiments/compare_algorithms.py --dpo-loss-types [--out experiments/out/dpo_loss_types]
 
 Each algorithm's β grid runs as one Hydra multirun (`python -m alignlab -m algorithm=<name>
 algorithm.beta=…`) into `<out>/runs`, and is read back with `alignlab.results.load_sweep`.
+`--dpo-loss-types` runs the shipped sweep `sweep=dpo_loss_types` instead (every DPO loss type at DPO's
+default β, the same budget) as one multirun from the same SFT start: one point per loss type.
 """
 
 from __future__ import annotations
@@ -67,20 +70,25 @@ def kl_to_reference(policy_dir: str, reference_dir: str, samples_per_prompt: int
 
 
 def run_grid(algorithm: str, betas: list[float], sft_model: str, runs: Path, steps: int, seed: int) -> None:
+    grid = [f"algorithm={algorithm}", "algorithm.beta=" + ",".join(map(str, betas)), *EXTRA.get(algorithm, [])]
+    run_multirun(algorithm, grid, sft_model, runs, steps, seed)
+
+
+def run_multirun(name: str, grid: list[str], sft_model: str, runs: Path, steps: int, seed: int) -> None:
+    """`python -m alignlab -m <grid>` from the SFT model with the study's budget, each job in
+    `<runs>/<name>-<job number>`."""
     args = [
         "-m",
-        f"algorithm={algorithm}",
-        "algorithm.beta=" + ",".join(map(str, betas)),
+        *grid,
         f"model.path={sft_model}",
         "model.tiny=null",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
         "optim.lr=2e-4",
         f"seed={seed}",
-        *EXTRA.get(algorithm, []),
         *QUIET,
         f"hydra.sweep.dir={runs}",
-        f"hydra.sweep.subdir={algorithm}-" + "${hydra.job.num}",
+        f"hydra.sweep.subdir={name}-" + "${hydra.job.num}",
     ]
     subprocess.run([sys.executable, "-m", "alignlab", *args], check=True)
 
@@ -88,10 +96,19 @@ def run_grid(algorithm: str, betas: list[float], sft_model: str, runs: Path, ste
 NEAR_KL = 0.5  # nats: runs this close to the SFT model get a zoomed panel of their own, where they crowd
 
 
-def plot(table: pd.DataFrame, sft_accuracy: float, path: Path) -> None:
-    """Held-out exact match against KL to the SFT model, one line per algorithm, each point labelled
-    with its β. When some runs sit within NEAR_KL of the SFT model and others far away, a second panel
-    zooms onto the near ones (the first marks that region), so their labels have room."""
+def plot(
+    table: pd.DataFrame,
+    sft_accuracy: float,
+    path: Path,
+    series: str = "algorithm",
+    point_label=lambda row: f"β={row['algorithm.beta']:g}",
+    title: str = "Offline preference algorithms from one SFT start, same budget",
+) -> None:
+    """Held-out exact match against KL to the SFT model, one line per value of the `series` column
+    (the algorithm; left out of the legend when each has one point), each point labelled with
+    `point_label(row)` (its β). When some runs sit within
+    NEAR_KL of the SFT model and others far away, a second panel zooms onto the near ones (the first
+    marks that region), so their labels have room."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,16 +117,19 @@ def plot(table: pd.DataFrame, sft_accuracy: float, path: Path) -> None:
     near = table["kl_to_sft"] < NEAR_KL
     zoom = 1 < near.sum() < len(table)
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11, 4.4) if zoom else (6.4, 4.4), squeeze=False)
-    colours = {a: f"C{i}" for i, a in enumerate(sorted(table["algorithm"].unique()))}  # the same in both panels
+    colours = {a: f"C{i}" for i, a in enumerate(sorted(table[series].unique()))}  # the same in both panels
     labels = {ax: [] for ax in axes[0]}
+    named = table[series].duplicated().any()  # with one point each, the point labels name the series already
     for i, ax in enumerate(axes[0]):
-        for algorithm, group in table[near if i else slice(None)].groupby("algorithm"):
-            group, colour = group.sort_values("kl_to_sft"), colours[algorithm]
-            ax.plot(group["kl_to_sft"], group["eval/exact_match"], marker="o", color=colour, label=algorithm)
+        for name, group in table[near if i else slice(None)].groupby(series):
+            group, colour = group.sort_values("kl_to_sft"), colours[name]
+            ax.plot(
+                group["kl_to_sft"], group["eval/exact_match"], marker="o", color=colour, label=name if named else None
+            )
             for _, row in group.iterrows():
                 if i or not zoom or not near[row.name]:  # the zoomed panel labels the near runs
                     point = (row["kl_to_sft"], row["eval/exact_match"])
-                    labels[ax].append((point, f"β={row['algorithm.beta']:g}", colour))
+                    labels[ax].append((point, point_label(row), colour))
         if not i:  # the zoomed panel leaves it out, to give its crowd the height
             ax.axhline(sft_accuracy, color="grey", linestyle="--", linewidth=1, label="SFT start")
         ax.set_ylabel("held-out exact match")
@@ -124,7 +144,7 @@ def plot(table: pd.DataFrame, sft_accuracy: float, path: Path) -> None:
         first.add_patch(plt.Rectangle((x0 * 0.9, y0 - 0.01), x1 * 1.1 - x0 * 0.9, y1 - y0 + 0.02, fill=False, ls=":"))
         axes[0][1].set_title(f"zoom: the runs within {NEAR_KL:g} nats of the SFT model", fontsize=9)
         axes[0][1].margins(0.15)
-    fig.suptitle("Offline preference algorithms from one SFT start, same budget")
+    fig.suptitle(title)
     fig.tight_layout()
     for ax, points in labels.items():
         label_points(ax, points)
@@ -176,58 +196,92 @@ def matplotlib_bbox(x0: float, y0: float, x1: float, y1: float):
     return Bbox([[x0, y0], [x1, y1]])
 
 
-def replot(out: Path) -> None:
+def replot(out: Path, loss_types: bool = False) -> None:
     """plot.png again from a finished study's results.csv and the SFT accuracy in its results.md."""
     import re
 
     sft_accuracy = float(re.search(r"held-out exact match ([\d.]+)", (out / "results.md").read_text()).group(1))
-    plot(pd.read_csv(out / "results.csv"), sft_accuracy, out / "plot.png")
+    draw(pd.read_csv(out / "results.csv"), sft_accuracy, out / "plot.png", loss_types)
     print(f"wrote {out / 'plot.png'}")
+
+
+def measure(runs_dir: Path, sft_model: str, seed: int) -> pd.DataFrame:
+    """Every run of the sweep in `runs_dir` (`load_sweep`'s rows) with its `kl_to_sft` measured."""
+    runs = load_sweep(runs_dir)
+    runs["kl_to_sft"] = [kl_to_reference(str(Path(d) / "model"), sft_model, seed=seed) for d in runs["run_dir"]]
+    return runs
+
+
+def write_results(out: Path, table: pd.DataFrame, lines: list[str], row_cells) -> None:
+    """results.csv from `table`, results.md from the header `lines` and one Markdown row per run
+    (`row_cells(row)`: its leading cells) followed by held-out exact match, KL to SFT and margin."""
+    table.to_csv(out / "results.csv", index=False)
+    lines = list(lines)
+    for _, row in table.iterrows():
+        margin = row.get("eval/rewards/margins", float("nan"))
+        cells = [*row_cells(row), f"{row['eval/exact_match']:.3f}", f"{row['kl_to_sft']:.3f}", f"{margin:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("experiments/out/compare_algorithms"))
+    parser.add_argument("--out", type=Path, default=None, help="default: experiments/out/<study>")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per algorithm run")
     parser.add_argument("--sft-steps", type=int, default=800)
     parser.add_argument("--algorithms", nargs="+", default=list(GRID), choices=list(GRID))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", action="store_true", help="only redraw plot.png from <out>/results.csv")
+    parser.add_argument(
+        "--dpo-loss-types", action="store_true", help="run sweep=dpo_loss_types (one run per DPO loss type)"
+    )
     args = parser.parse_args()
-    out = args.out.resolve()
+    study = "dpo_loss_types" if args.dpo_loss_types else "compare_algorithms"
+    out = (args.out or Path("experiments/out") / study).resolve()
     if args.replot:
-        return replot(out)
+        return replot(out, args.dpo_loss_types)
 
     sft_overrides = [*SFT, f"trainer.max_steps={args.sft_steps}", f"seed={args.seed}", *QUIET]
     sft = train(compose(sft_overrides, out / "sft"))
-    for algorithm in args.algorithms:
-        run_grid(algorithm, GRID[algorithm], sft["model_dir"], out / "runs", args.steps, args.seed)
-
-    runs = load_sweep(out / "runs")
-    runs["kl_to_sft"] = [
-        kl_to_reference(str(Path(d) / "model"), sft["model_dir"], seed=args.seed) for d in runs["run_dir"]
-    ]
-    columns = ["algorithm", "algorithm.beta", "eval/exact_match", "kl_to_sft", "eval/rewards/margins", "seconds"]
-    table = runs[[c for c in columns if c in runs]].sort_values(["algorithm", "algorithm.beta"])
-    table.to_csv(out / "results.csv", index=False)
     sft_accuracy = sft["metrics"]["eval/exact_match"]
-    lines = [
+    header = (
         f"SFT start ({args.sft_steps} steps): held-out exact match {sft_accuracy:.3f}; each run {args.steps} "
-        "steps, lr 2e-4, batch 16 pairs.",
-        "",
-        "| algorithm | β | held-out exact match | KL to SFT (nats/answer) | held-out margin |",
-        "|---|---|---|---|---|",
-    ]
-    for _, row in table.iterrows():
-        margin = row.get("eval/rewards/margins", float("nan"))
-        lines.append(
-            f"| {row['algorithm']} | {row['algorithm.beta']:g} | {row['eval/exact_match']:.3f} | "
-            f"{row['kl_to_sft']:.3f} | {margin:.3g} |"
+        "steps, lr 2e-4, batch 16 pairs."
+    )
+    if args.dpo_loss_types:
+        run_multirun("dpo", ["sweep=dpo_loss_types"], sft["model_dir"], out / "runs", args.steps, args.seed)
+        runs = measure(out / "runs", sft["model_dir"], args.seed)
+        columns = ["algorithm.loss_type", "eval/exact_match", "kl_to_sft", "eval/rewards/margins", "seconds"]
+        table = runs[[c for c in columns if c in runs]]
+        head = ["| loss type | held-out exact match | KL to SFT (nats/answer) | held-out margin |", "|---|---|---|---|"]
+        write_results(
+            out,
+            table,
+            [header + " DPO's default β, one run each.", "", *head],
+            lambda row: [row["algorithm.loss_type"]],
         )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot(table, sft_accuracy, out / "plot.png")
-    print("\n".join(lines))
+    else:
+        for algorithm in args.algorithms:
+            run_grid(algorithm, GRID[algorithm], sft["model_dir"], out / "runs", args.steps, args.seed)
+        runs = measure(out / "runs", sft["model_dir"], args.seed)
+        columns = ["algorithm", "algorithm.beta", "eval/exact_match", "kl_to_sft", "eval/rewards/margins", "seconds"]
+        table = runs[[c for c in columns if c in runs]].sort_values(["algorithm", "algorithm.beta"])
+        head = [
+            "| algorithm | β | held-out exact match | KL to SFT (nats/answer) | held-out margin |",
+            "|---|---|---|---|---|",
+        ]
+        write_results(out, table, [header, "", *head], lambda row: [row["algorithm"], f"{row['algorithm.beta']:g}"])
+    draw(table, sft_accuracy, out / "plot.png", args.dpo_loss_types)
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'plot.png'}")
+
+
+def draw(table: pd.DataFrame, sft_accuracy: float, path: Path, loss_types: bool = False) -> None:
+    """The study's plot; with `loss_types`, one point per DPO loss type, labelled with its name."""
+    if not loss_types:
+        return plot(table, sft_accuracy, path)
+    title = "DPO loss types from one SFT start, default β, same budget"
+    plot(table, sft_accuracy, path, "algorithm.loss_type", lambda row: str(row["algorithm.loss_type"]), title)
 
 
 if __name__ == "__main__":

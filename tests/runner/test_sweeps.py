@@ -384,23 +384,21 @@ def test_the_run_folder_is_named_after_the_run(tmp_path):
     assert unnamed.hydra.run.dir.endswith("_run")  # a config too broken to name: the config checks report it
 
 
-def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
-    """experiments/compare_algorithms.py's plot on the study's numbers (docs/results.md): every β label
-    drawn, none overlapping another or a marker, the crowd near the SFT model in a zoomed panel."""
+def study_module():
     import importlib.util
-
-    import matplotlib.pyplot as plt
-    from matplotlib.text import Text
 
     spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "compare_algorithms.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    rows = [("dpo", 0.05, 0.859, 0.082), ("dpo", 0.1, 0.859, 0.107), ("dpo", 0.5, 0.820, 0.159)]
-    rows += [("cpo", 0.05, 0.859, 0.086), ("cpo", 0.1, 0.859, 0.091), ("cpo", 0.5, 0.828, 0.094)]
-    rows += [("orpo", 0.05, 0.852, 0.077), ("orpo", 0.1, 0.844, 0.074), ("orpo", 0.5, 0.836, 0.070)]
-    rows += [("simpo", 1.0, 0.820, 0.100), ("simpo", 2.0, 0.836, 0.080), ("simpo", 2.5, 0.836, 0.090)]
-    rows += [("kto", 0.05, 0.508, 3.24), ("kto", 0.1, 0.539, 3.16), ("kto", 0.5, 0.672, 1.21)]
-    table = pd.DataFrame(rows, columns=["algorithm", "algorithm.beta", "eval/exact_match", "kl_to_sft"])
+    return study
+
+
+def drawn_labels(draw) -> tuple:
+    """The figure `draw()` saves and its point labels' texts, after checking that no label overlaps
+    another label or a marker."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
     figures = []
     real_savefig = plt.Figure.savefig
 
@@ -410,11 +408,10 @@ def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(plt.Figure, "savefig", savefig)
-        study.plot(table, 0.781, tmp_path / "plot.png")
+        draw()
     (fig,) = figures
     renderer = fig.canvas.get_renderer()
-    labels = [t for ax in fig.axes for t in ax.texts if t.get_text().startswith("β=")]
-    assert len(labels) == len(table)  # the 3 far KTO runs in the first panel, the 12 near ones zoomed
+    labels = [t for ax in fig.axes for t in ax.texts]
     boxes = [Text.get_window_extent(t, renderer) for t in labels]
     assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
     for ax in fig.axes:
@@ -423,6 +420,38 @@ def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
         ]
         mine = [Text.get_window_extent(t, renderer) for t in ax.texts]
         assert not [(b, m) for b in mine for m in markers if b.contains(*m)]
+    return fig, [t.get_text() for t in labels]
+
+
+def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
+    """experiments/compare_algorithms.py's plot on the study's numbers (docs/results.md): every β label
+    drawn, none overlapping another or a marker, the crowd near the SFT model in a zoomed panel."""
+    study = study_module()
+    rows = [("dpo", 0.05, 0.859, 0.082), ("dpo", 0.1, 0.859, 0.107), ("dpo", 0.5, 0.820, 0.159)]
+    rows += [("cpo", 0.05, 0.859, 0.086), ("cpo", 0.1, 0.859, 0.091), ("cpo", 0.5, 0.828, 0.094)]
+    rows += [("orpo", 0.05, 0.852, 0.077), ("orpo", 0.1, 0.844, 0.074), ("orpo", 0.5, 0.836, 0.070)]
+    rows += [("simpo", 1.0, 0.820, 0.100), ("simpo", 2.0, 0.836, 0.080), ("simpo", 2.5, 0.836, 0.090)]
+    rows += [("kto", 0.05, 0.508, 3.24), ("kto", 0.1, 0.539, 3.16), ("kto", 0.5, 0.672, 1.21)]
+    table = pd.DataFrame(rows, columns=["algorithm", "algorithm.beta", "eval/exact_match", "kl_to_sft"])
+    _, texts = drawn_labels(lambda: study.plot(table, 0.781, tmp_path / "plot.png"))
+    labels = [t for t in texts if t.startswith("β=")]
+    assert len(labels) == len(table)  # the 3 far KTO runs in the first panel, the 12 near ones zoomed
+
+
+def test_the_loss_type_plot_labels_each_point_with_its_loss_type(tmp_path):
+    """The `--dpo-loss-types` plot on the measured numbers (docs/results.md): one point per loss type,
+    labelled with its name, none overlapping; the legend holds only the SFT start."""
+    study = study_module()
+    measured = {"sigmoid": (0.859, 0.095), "hinge": (0.852, 0.139), "ipo": (0.797, 1.333), "robust": (0.859, 0.095)}
+    measured |= {"nca_pair": (0.867, 0.081), "bco_pair": (0.859, 0.094), "sppo_hard": (0.828, 0.253)}
+    measured |= {"aot": (0.859, 0.095), "aot_unpaired": (0.859, 0.094), "apo_zero": (0.867, 0.083)}
+    measured |= {"apo_down": (0.867, 0.084), "discopop": (0.859, 0.072), "sft": (0.859, 0.076)}
+    measured |= {"sigmoid_norm": (0.875, 0.079)}
+    rows = [(name, accuracy, kl) for name, (accuracy, kl) in measured.items()]
+    table = pd.DataFrame(rows, columns=["algorithm.loss_type", "eval/exact_match", "kl_to_sft"])
+    fig, texts = drawn_labels(lambda: study.draw(table, 0.836, tmp_path / "plot.png", loss_types=True))
+    assert sorted(texts) == sorted(measured)  # ipo in the first panel, the 13 near ones zoomed
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["SFT start"]
 
 
 def test_the_documented_notebook_command_keeps_the_executed_copy(sweep_dir, tmp_path):
