@@ -15,6 +15,18 @@ from tests.conftest import compose, eval_curve, from_sft
 
 pytestmark = pytest.mark.slow
 
+# GRPO with the `accuracy` reward from the SFT start; tests/e2e/test_e2e_grpo_variants.py runs the
+# field's variants on the same recipe.
+ACCURACY_RECIPE = [
+    "algorithm=grpo",
+    "batch_size=64",
+    "optim.lr=3e-4",
+    "trainer.max_steps=160",
+    "trainer.val_check_interval=160",
+    "trainer.log_every_n_steps=10",
+    "algorithm.num_sample_generations=0",
+]
+
 
 def test_grpo_raises_a_reachable_reward_and_logs_its_metrics(sft_run, tmp_path):
     overrides = from_sft(
@@ -57,17 +69,7 @@ def test_grpo_with_the_accuracy_reward_raises_held_out_exact_match(sft_run, tmp_
 
     64 prompts × 8 completions per step at lr 3e-4: smaller batches' noisy updates first knock the
     SFT model's borderline answers over (see docs/results.md), larger ones climb from the start."""
-    overrides = from_sft(
-        sft_run,
-        "algorithm=grpo",
-        "batch_size=64",
-        "optim.lr=3e-4",
-        "trainer.max_steps=160",
-        "trainer.val_check_interval=160",
-        "trainer.log_every_n_steps=10",
-        "algorithm.num_sample_generations=0",
-    )
-    train(compose(overrides, tmp_path))
+    train(compose(from_sft(sft_run, *ACCURACY_RECIPE), tmp_path))
     start, end = (value for _, value in eval_curve(tmp_path, "eval/exact_match"))
     print(f"held-out exact match {start:.3f} -> {end:.3f}")
     assert end >= start + 0.04, (start, end)  # 5 or more of the 128 held-out problems newly right

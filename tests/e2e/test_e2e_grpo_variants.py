@@ -11,18 +11,11 @@ import pytest
 
 from alignlab.train import train
 from tests.conftest import compose, eval_curve, from_sft
+from tests.e2e.test_e2e_grpo import ACCURACY_RECIPE
 
 pytestmark = pytest.mark.slow
 
-RECIPE = [
-    "algorithm=grpo",
-    "batch_size=64",
-    "optim.lr=3e-4",
-    "trainer.max_steps=160",
-    "trainer.val_check_interval=160",
-    "trainer.log_every_n_steps=10",
-    "algorithm.num_sample_generations=0",
-]
+RECIPE = ACCURACY_RECIPE
 
 
 def held_out_gain(run_dir: Path) -> tuple[float, float]:
