@@ -13,7 +13,7 @@ from alignlab.train import train
 from tests.conftest import compose, eval_curve, from_sft
 from tests.e2e.test_e2e_grpo import ACCURACY_RECIPE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # 5 CPU minutes: outside the default suite (-m long)
 
 RECIPE = ACCURACY_RECIPE
 
