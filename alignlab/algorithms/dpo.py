@@ -20,7 +20,7 @@ from alignlab.losses import (
     step_mean,
     wpo_weights,
 )
-from alignlab.models.loading import check_same_tokenizer
+from alignlab.models.compatible import check_same_tokenizer
 from alignlab.models.logprobs import AnswerLogps, answer_logprobs
 from alignlab.runner.checks import Checks
 
@@ -122,7 +122,8 @@ class DPO(PairwiseModule):
                 "computed once before it: set algorithm.precompute_ref_log_probs=false"
             )
         if algorithm.ref_model is not None:
-            check_same_tokenizer(cfg.model, algorithm.ref_model, "algorithm.ref_model")
+            required = algorithm.requires_chat_template
+            check_same_tokenizer(cfg.model, algorithm.ref_model, "algorithm.ref_model", require_chat_template=required)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return super().configure_callbacks() if self.uses_reference else []  # reference-free: nothing to score

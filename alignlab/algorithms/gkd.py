@@ -20,8 +20,9 @@ from alignlab.algorithms.online import OnlineModule
 from alignlab.data.collate import collate_prompts, select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.gkd import generalized_jsd, gkd_loss
+from alignlab.models.compatible import check_same_tokenizer
 from alignlab.models.logprobs import answer_logits
-from alignlab.models.teacher import check_same_tokenizer, load_teacher
+from alignlab.models.teacher import load_teacher
 from alignlab.online.generation import cut_at_stop, keyed_uniform, sample_keys, stop_token_ids
 from alignlab.online.rollout import pack, prompt_ids, sample
 from alignlab.runner.checks import Checks
@@ -78,8 +79,10 @@ class GKD(OnlineModule):
         check_same_tokenizer(
             cfg.model,
             cfg.algorithm.teacher_model_name_or_path,
-            cfg.algorithm.requires_chat_template,
             "algorithm.teacher_model_name_or_path",
+            require_chat_template=cfg.algorithm.requires_chat_template,
+            names=("student", "teacher"),
+            same_logit_width=True,
         )
 
     # -- which answers a step trains on -----------------------------------------------------------

@@ -71,31 +71,6 @@ def tokenizer_from_pretrained(path: str | os.PathLike, trust_remote_code: bool =
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def check_same_tokenizer(model_cfg: DictConfig, folder: str, key: str) -> None:
-    """Before any model loads: the model in `folder` (a config value, named `key` in the error) reads the
-    same token ids as the policy (`model_cfg`), so their log-probs of one answer can be compared. The two
-    tokenizers, as their folders declare them, must have the same vocabulary (token → id).
-
-    Raises:
-        ConfigError: `folder` is not a local folder, holds no tokenizer, or its vocabulary differs.
-    """
-    if not Path(folder).expanduser().is_dir():
-        raise ConfigError(f"{key}={folder} is not a folder: give a model folder (e.g. <run>/model)")
-    path = resolve_model_path(model_cfg)
-    try:
-        theirs = tokenizer_from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code).get_vocab()
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}={folder} holds no tokenizer that loads ({e})") from None
-    ours = tokenizer_from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code).get_vocab()
-    if theirs != ours:
-        differ = len(set(theirs.items()) ^ set(ours.items()))
-        raise ConfigError(
-            f"{key}={folder} has another tokenizer than the policy ({path}): {len(theirs)} and {len(ours)} tokens, "
-            f"{differ} (token, id) entries differ. The two models must share a tokenizer: use a model trained from "
-            "the same start (e.g. the SFT run the policy starts from)"
-        )
-
-
 def load_tokenizer(path: str, model_cfg: DictConfig, require_chat_template: bool):
     """The tokenizer a run uses for the model at `path` (see `prepare_tokenizer`)."""
     return prepare_tokenizer(path, model_cfg, require_chat_template)[0]

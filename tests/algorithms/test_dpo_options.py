@@ -51,12 +51,12 @@ BAD = [
         ["algorithm.sync_ref_model=true", "algorithm.precompute_ref_log_probs=false", "model.lora.enabled=true"],
         "algorithm.sync_ref_model=true with model.lora.enabled=true",
     ),
-    (["algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model is not a folder"),
+    (["algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model: no such folder"),
     (
         ["algorithm=kto", "algorithm.loss_type=apo_zero"],
         "algorithm.loss_type must be one of ('kto', 'apo_zero_unpaired')",
     ),
-    (["algorithm=kto", "algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model is not a folder"),
+    (["algorithm=kto", "algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model: no such folder"),
     (["algorithm=cpo", "algorithm.loss_type=simpo"], "algorithm.loss_type must be one of"),
     (["algorithm=cpo", "algorithm.loss_type=alphapo"], "set algorithm.cpo_alpha=0"),
     (["algorithm=cpo", "algorithm.alpha=true"], "algorithm.alpha must be a number"),
@@ -73,15 +73,19 @@ def test_bad_options_fail_before_any_model_loads(overrides, message, tmp_path, m
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+@pytest.mark.parametrize("algorithm", ["dpo", "kto", "ppo"])
 def test_a_reference_with_another_tokenizer_is_refused_before_loading(
     algorithm, other_tokenizer, tmp_path, monkeypatch
 ):
     import alignlab.train
 
     monkeypatch.setattr(alignlab.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(ConfigError, match="has another tokenizer than the policy .* 1 .token, id. entries differ"):
-        alignlab.train.train(compose([f"algorithm={algorithm}", f"algorithm.ref_model={other_tokenizer}"], tmp_path))
+    differ = r"reference model's tokenizer differs from the policy's .*'<extra>': policy none, reference model \d+"
+    with pytest.raises(ConfigError, match=differ):
+        reward = ["algorithm.reward_funcs=[accuracy]"] if algorithm == "ppo" else []
+        alignlab.train.train(
+            compose([f"algorithm={algorithm}", f"algorithm.ref_model={other_tokenizer}", *reward], tmp_path)
+        )
 
 
 def test_mpo_adds_the_weighted_terms_and_logs_each(tiny):
@@ -217,3 +221,25 @@ def test_the_loss_type_sweep_runs_every_loss_type_but_exo_pair(tmp_path):
     assert sorted(grid.split(",")) == sorted(set(DPO_LOSS_TYPES) - {"exo_pair"})
     for loss_type in grid.split(","):
         check_config(compose([f"algorithm.loss_type={loss_type}"], tmp_path))
+
+
+def test_the_reference_is_compared_with_the_tokenizer_the_policy_runs_with(tiny_model_dir, tmp_path):
+    """An installed template's new markers are part of the policy's vocabulary: a reference saved with
+    them (as an SFT run from that policy saves it) passes, the raw folder without them is refused."""
+    from omegaconf import OmegaConf
+
+    from alignlab.errors import ModelLoadError
+    from alignlab.models.compatible import check_same_tokenizer
+    from alignlab.models.loading import prepare_tokenizer
+
+    template = "{% for m in messages %}<|turn|>{{ m['role'] }}\n{{ m['content'] }}<|end_turn|>{% endfor %}"
+    model_cfg = OmegaConf.create(
+        {"path": str(tiny_model_dir), "tiny": None, "trust_remote_code": False, "chat_template": template}
+    )
+    saved = tmp_path / "sft_model"
+    prepare_tokenizer(str(tiny_model_dir), model_cfg, True)[0].save_pretrained(saved)
+    check_same_tokenizer(model_cfg, str(saved), "algorithm.ref_model", require_chat_template=True)
+    with pytest.raises(ConfigError, match=r"'<\|turn\|>': policy 259, reference model none"):
+        check_same_tokenizer(model_cfg, str(tiny_model_dir), "algorithm.ref_model", require_chat_template=True)
+    with pytest.raises(ModelLoadError):  # a Hub id: the offline hint, not "no such folder"
+        check_same_tokenizer(model_cfg, "org/not-cached-here", "algorithm.ref_model", require_chat_template=True)
