@@ -106,11 +106,6 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             raise ConfigError("algorithm.reward_funcs must name at least one reward function")
         check_reward_funcs(funcs, algorithm.reward_weights)
         cls.check_multi_turn_keys(algorithm)
-        if algorithm.dynamic_sample and (algorithm.tools or algorithm.environment is not None):
-            raise ConfigError(
-                "algorithm.dynamic_sample does not yet handle multi-turn rollouts (algorithm.tools or "
-                "algorithm.environment): set algorithm.dynamic_sample=false"
-            )
         cls.check_advantage_and_reference_keys(algorithm, checks, funcs)
 
     @staticmethod
@@ -178,7 +173,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         g = self.num_generations
         samples, texts, rewards, per_fn = self.sample_and_score(batch)
         first_zero_std = (rewards.view(-1, g).std(1) < 1e-6).float().mean()  # of the first sample, as DAPO reports it
-        extra = {}
+        extra = dict(self.rollout_stats) if self.multi_turn else {}  # the first sample's episodes, as the line above
         if self.dynamic_sample:
             samples, texts, rewards, per_fn, resamples = self.dynamic_sampling(batch, samples, texts, rewards, per_fn)
             extra["num_resamples"] = torch.tensor(float(resamples), device=self.device)
@@ -212,7 +207,6 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             **extra,
             "completions/mean_length": samples.mask.sum(1).mean(),
             "completions/clipped_ratio": 1 - samples.has_eos.float().mean(),
-            **(self.rollout_stats if self.multi_turn else {}),
         }
         for name, values in per_fn.items():
             everyone = self.gather_across_devices(values)  # the std of the whole batch, not a mean of stds
@@ -280,6 +274,8 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         chosen += flat[: size - len(chosen)]  # the first sample's zero-variance groups, when nothing better was found
         rows = [(p, i * g + j) for p, i in chosen for j in range(g)]
         pick = lambda k: [getattr(pieces[p][0], k)[r] for p, r in rows]  # noqa: E731
+        # each row's trained tokens as sampled: a multi-turn episode's tool results stay out of the loss
+        masks = [pieces[p][0].mask[r, : len(pieces[p][0].responses[r])] for p, r in rows]
         engine_logps = None  # an engine's sampling log-probs travel with their rows
         if samples.sampling_logprobs is not None:
             engine_logps = [row_sampling_logprobs(pieces[p][0], r) for p, r in rows]
@@ -290,6 +286,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             self.tokenizer.pad_token_id,
             self.device,
             sampling_logprobs=engine_logps,
+            masks=masks,
         )
         texts = [pieces[p][1][r] for p, r in rows]
         rewards = torch.stack([pieces[p][2][r] for p, r in rows])

@@ -78,13 +78,18 @@ def pack(
     device: torch.device,
     images: dict | None = None,
     sampling_logprobs: list[torch.Tensor] | None = None,
+    masks: list[torch.Tensor] | None = None,
 ) -> Samples:
     """Samples of prompt + answer rows; `images`: each row's prompt's vision inputs (alignlab.data.vision);
     `sampling_logprobs`: each answer's engine log-probs ([len(answer)] per row), padded with 0 into
-    Samples.sampling_logprobs."""
+    Samples.sampling_logprobs; `masks`: each answer's trained tokens ([len(answer)] per row, e.g. a
+    multi-turn episode's policy tokens, 0 on tool results), else every answer token."""
     seqs = {k: v.to(device) for k, v in {**collate_answers(prompts, responses, pad_id), **(images or {})}.items()}
     lengths = torch.tensor([len(r) for r in responses], device=device)
     mask = (torch.arange(int(lengths.max()), device=device) < lengths.unsqueeze(1)).float()
+    if masks is not None:
+        for row, values in enumerate(masks):
+            mask[row, : len(values)] = values.to(device=device, dtype=mask.dtype)
     starts = torch.tensor([len(p) for p in prompts], device=device)
     logps = None
     if sampling_logprobs is not None:

@@ -27,10 +27,6 @@ from tests.conftest import QUIET, compose
         (["algorithm.environment=alignlab.tools.calculator"], "lacks reset and step"),
         (["algorithm.environment=nowhere.Env"], "algorithm.environment 'nowhere.Env' could not be imported"),
         (
-            ["algorithm.tools=[alignlab.tools.calculator]", "algorithm.dynamic_sample=true"],
-            "algorithm.dynamic_sample does not yet handle multi-turn rollouts",
-        ),
-        (
             ["algorithm=ppo", "+algorithm.tools=[alignlab.tools.calculator]"],
             "algorithm.tools: multi-turn, tool-calling rollouts are GRPO's (algorithm=grpo; docs/tools.md); "
             "algorithm=ppo samples one answer per prompt and refuses them: its value targets over tool tokens",
@@ -119,9 +115,11 @@ class ScriptedBackend:
         return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
 
 
-def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(dynamic, tmp_path):
     """Two steps with the calculator and a backend that calls it: every episode is two turns with one tool
-    call, the final answers right about half the time; the update runs on the policy's tokens."""
+    call, the final answers right about half the time; the update runs on the policy's tokens. With DAPO's
+    dynamic sampling too (zero-variance groups replaced by fresh prompts' episodes)."""
     from alignlab.train import train
 
     overrides = [
@@ -141,10 +139,12 @@ def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(tmp_path):
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
         *QUIET,
+        *(["algorithm.dynamic_sample=true", "algorithm.max_resample_times=2"] if dynamic else []),
     ]
     train(compose(overrides, tmp_path))
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 2 and all(bool(r.get("train/num_resamples")) == dynamic for r in rows)
     for row in rows:
         assert float(row["train/num_turns"]) == 2.0 and float(row["train/tools/call_frequency"]) == 1.0
         assert float(row["train/tools/failure_frequency"]) == 0.0 and float(row["train/max_turns_ratio"]) == 0.0

@@ -139,11 +139,17 @@ def test_kl_in_reward_moves_into_the_advantages_and_out_of_the_loss(tiny):
 
 
 # -- DAPO dynamic sampling -------------------------------------------------------------------------
-def fake_round(indices: list[int], rewards_by_row: dict, g: int = 2):
-    """What sample_and_score returns for prompts `indices`: answer j to row r is the tokens [r, j]."""
+def fake_round(indices: list[int], rewards_by_row: dict, g: int = 2, episodes: bool = False):
+    """What sample_and_score returns for prompts `indices`: answer j to row r is the tokens [r, j]; with
+    `episodes`, row r's answers are multi-turn, [r, j, tool result × r, 7], trained on r, j and 7 only."""
     prompts = [[1, 2] for _ in indices for _ in range(g)]
-    responses = [[10 + r, j] for r in indices for j in range(g)]
-    samples = pack(prompts, responses, torch.ones(len(responses), dtype=torch.bool), 0, torch.device("cpu"))
+    if not episodes:
+        responses = [[10 + r, j] for r in indices for j in range(g)]
+        samples = pack(prompts, responses, torch.ones(len(responses), dtype=torch.bool), 0, torch.device("cpu"))
+    else:
+        responses = [[10 + r, j, *[99] * r, 7] for r in indices for j in range(g)]
+        masks = [torch.tensor([1.0, 1.0, *[0.0] * r, 1.0]) for r in indices for _ in range(g)]
+        samples = pack(prompts, responses, torch.ones(len(responses), dtype=torch.bool), 0, "cpu", masks=masks)
     rewards = torch.tensor([rewards_by_row[r][j] for r in indices for j in range(g)], dtype=torch.float64)
     texts = [f"{r}/{j}" for r in indices for j in range(g)]
     return samples, texts, rewards, {"fn": rewards.clone()}
@@ -192,6 +198,24 @@ def test_dynamic_sampling_fills_with_zero_variance_groups_only_when_nothing_else
     first = fake_round([0, 1], {0: SIGNAL, 1: SIGNAL})
     out = module.dynamic_sampling({"index": torch.tensor([0, 1])}, *first)
     assert out[0] is first[0] and out[4] == 0
+
+
+def test_dynamic_sampling_keeps_each_episodes_trained_tokens(tiny):
+    """Multi-turn rows carry masks with tool results at 0: the selected rows keep them, not 1 on every token."""
+    rewards = {0: FLAT, 1: SIGNAL, 2: FLAT, 3: SIGNAL}
+    module = dynamic_module(tiny, rewards, [[3, 2]])
+    module.sample_and_score = lambda batch: fake_round(batch["index"].tolist(), rewards, episodes=True)
+    samples, texts, *_ = module.dynamic_sampling(
+        {"index": torch.tensor([0, 1])}, *fake_round([0, 1], rewards, episodes=True)
+    )
+    assert texts == ["1/0", "1/1", "3/0", "3/1"]
+    assert samples.responses[2] == [13, 0, 99, 99, 99, 7]
+    assert samples.mask.tolist() == [
+        [1.0, 1.0, 0.0, 1.0, 0.0, 0.0],
+        [1.0, 1.0, 0.0, 1.0, 0.0, 0.0],
+        [1.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        [1.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+    ]
 
 
 def test_dynamic_sampling_draws_fresh_training_rows_reproducibly(tiny):
