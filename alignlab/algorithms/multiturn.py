@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
-from alignlab.online.backends import Sampled
 from alignlab.online.generation import generate, sample_keys, stop_token_ids
 from alignlab.online.multiturn import (
     Episode,
@@ -110,10 +109,8 @@ class MultiTurnRollouts:
             keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt)
 
             def sampler(ids, attn, n, max_new, turn_keys):
-                out = self.backend.sample(self.model, ids, attn, n, max_new, self.temperature, turn_keys, stops, pad)
-                # An engine's own log-probs (vLLM) are not carried across turns yet: its tokens train as the
-                # in-process sampler's do, without the rollout importance-sampling correction.
-                return out.tokens if isinstance(out, Sampled) else out
+                # an engine's Sampled keeps its log-probs per turn: the rollout correction covers every turn
+                return self.backend.sample(self.model, ids, attn, n, max_new, self.temperature, turn_keys, stops, pad)
 
         chunk = self.generation_chunk_size
         run_episodes(

@@ -36,6 +36,7 @@ import torch
 
 from alignlab.data.collate import collate_answers, pad
 from alignlab.errors import ConfigError
+from alignlab.online.backends import Sampled
 from alignlab.online.generation import cut_at_stop, hash32, matches_solution
 from alignlab.online.rewards import is_async
 from alignlab.online.rollout import Samples
@@ -198,6 +199,9 @@ class Episode:
     hit_max_turns: bool = False  # the environment would have gone on after the last allowed turn
     reward: float | None = None
     done: bool = False
+    # An engine's (vLLM's) log-prob of each token after the prompt at sampling time, 0.0 on observations;
+    # None when the policy sampled in this process (alignlab.online.backends.Sampled)
+    sampling_logps: list[float] | None = None
 
     @property
     def final_answer(self) -> str:
@@ -206,8 +210,9 @@ class Episode:
 
 
 # sampler(context ids [B, L] left-padded, attention mask, num_per_prompt, max_new_tokens, keys or None)
-# -> [B·num_per_prompt, ≤ max_new_tokens] tokens (the backend's `sample` contract)
-Sampler = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Tensor | None"], torch.Tensor]
+# -> [B·num_per_prompt, ≤ max_new_tokens] tokens, or an engine's Sampled (tokens and their log-probs):
+# the backend's `sample` contract
+Sampler = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Tensor | None"], "torch.Tensor | Sampled"]
 
 
 def run_episodes(
@@ -228,7 +233,8 @@ def run_episodes(
     prompt's KV cache); later turns sample each live episode's whole context. Each turn gets at most
     what is left of `max_completion_length`; an observation that would not leave room for one more token
     ends the episode before it is appended (TRL drops such tool results too). `keys` ([len(episodes)],
-    or None for greedy samplers) are mixed with the turn (turn_keys). Returns the episodes, finished.
+    or None for greedy samplers) are mixed with the turn (turn_keys). A sampler that returns Sampled
+    (an engine) leaves each episode its log-probs (Episode.sampling_logps). Returns the episodes, finished.
     """
     stop_set = set(stops)
     for turn in range(max_turns):
@@ -237,6 +243,7 @@ def run_episodes(
             break
         keyed = None if keys is None else turn_keys(keys, turn)
         tokens: dict[int, list[int]] = {}
+        logps: dict[int, list[float] | None] = {}
         group = num_per_prompt if turn == 0 else 1
         per_call = max(1, chunk // group)
         heads = live[::group]  # turn 0: every episode is live, groups are consecutive
@@ -253,10 +260,15 @@ def run_episodes(
                 budget,
                 None if keyed is None else keyed[members],
             )
-            answers, _ = cut_at_stop(out, stops)
+            engine = out.logprobs if isinstance(out, Sampled) else None
+            answers, _ = cut_at_stop(out.tokens if engine is not None else out, stops)
             tokens.update(zip(members, answers))
+            for row, (i, answer) in enumerate(zip(members, answers)):
+                logps[i] = None if engine is None else engine[row, : len(answer)].tolist()
         for i in live:
-            step_turn(episodes[i], tokens[i], tokenizer, stop_set, stops, turn, max_turns, max_completion_length)
+            step_turn(
+                episodes[i], tokens[i], tokenizer, stop_set, stops, turn, max_turns, max_completion_length, logps[i]
+            )
     return episodes
 
 
@@ -269,10 +281,14 @@ def step_turn(
     turn: int,
     max_turns: int,
     max_completion_length: int,
+    logps: list[float] | None = None,
 ) -> None:
-    """Append one sampled assistant turn to `episode` and, unless it ends there, the environment's reply."""
+    """Append one sampled assistant turn to `episode` (with an engine's log-probs of its tokens, `logps`)
+    and, unless it ends there, the environment's reply."""
     sampled = sampled[: max_completion_length - len(episode.ids)]
     ended = bool(sampled) and sampled[-1] in stop_set
+    if logps is not None:
+        episode.sampling_logps = (episode.sampling_logps or []) + logps[: len(sampled)]
     episode.ids += sampled
     episode.policy += [1] * len(sampled)
     episode.turns += 1
@@ -296,12 +312,15 @@ def step_turn(
         return
     episode.ids += context
     episode.policy += [0] * len(context)
+    if episode.sampling_logps is not None:
+        episode.sampling_logps += [0.0] * len(context)  # context, masked: no engine log-prob
     episode.messages += result.observation
 
 
 def episode_samples(episodes: list[Episode], pad_id: int, device: torch.device | str) -> Samples:
     """The episodes as Samples: prompt + everything after it, right-padded, with `mask` 1 on the policy's
-    tokens only (observations are context) and `has_eos` where the last turn ended at a stop token."""
+    tokens only (observations are context), `has_eos` where the last turn ended at a stop token, and an
+    engine's log-probs (`sampling_logprobs`, 0 on observations and padding) when it sampled every turn."""
     prompts, responses = [e.prompt_ids for e in episodes], [e.ids for e in episodes]
     seqs = {k: v.to(device) for k, v in collate_answers(prompts, responses, pad_id).items()}
     width = max(1, max(len(r) for r in responses))
@@ -310,7 +329,12 @@ def episode_samples(episodes: list[Episode], pad_id: int, device: torch.device |
         mask[i, : len(e.policy)] = torch.tensor(e.policy, dtype=mask.dtype)
     starts = torch.tensor([len(p) for p in prompts], device=device)
     has_eos = torch.tensor([not e.truncated for e in episodes], device=device)
-    return Samples(seqs, starts, mask, has_eos, prompts, responses)
+    logps = None
+    if episodes and all(e.sampling_logps is not None for e in episodes):
+        logps = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+        for i, e in enumerate(episodes):
+            logps[i, : len(e.sampling_logps)] = torch.tensor(e.sampling_logps, dtype=torch.float32)
+    return Samples(seqs, starts, mask, has_eos, prompts, responses, logps)
 
 
 def episode_metrics(episodes: list[Episode], max_turns: int) -> dict[str, float]:

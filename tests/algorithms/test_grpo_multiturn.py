@@ -13,6 +13,7 @@ import torch
 
 from alignlab.data.arith_tools import tool_call_text
 from alignlab.errors import ConfigError
+from alignlab.online.backends import Sampled
 from tests.conftest import QUIET, compose
 
 
@@ -115,11 +116,22 @@ class ScriptedBackend:
         return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(dynamic, tmp_path):
+class ScriptedEngine(ScriptedBackend):
+    """ScriptedBackend as an engine (vLLM) answers: with a log-prob of -1 for every token it sampled."""
+
+    def sample(self, model, ids, attn, num_per_prompt, max_new_tokens, temperature, keys, stop_ids, pad_id):
+        tokens = super().sample(model, ids, attn, num_per_prompt, max_new_tokens, temperature, keys, stop_ids, pad_id)
+        return Sampled(tokens, torch.full(tokens.shape, -1.0))
+
+
+@pytest.mark.parametrize(
+    ("backend", "dynamic"), [("ScriptedBackend", False), ("ScriptedBackend", True), ("ScriptedEngine", False)]
+)
+def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(backend, dynamic, tmp_path):
     """Two steps with the calculator and a backend that calls it: every episode is two turns with one tool
     call, the final answers right about half the time; the update runs on the policy's tokens. With DAPO's
-    dynamic sampling too (zero-variance groups replaced by fresh prompts' episodes)."""
+    dynamic sampling too (zero-variance groups replaced by fresh prompts' episodes), and with an engine's
+    log-probs, corrected for over every turn's tokens (the sampling/* metrics)."""
     from alignlab.train import train
 
     overrides = [
@@ -132,7 +144,7 @@ def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(dynamic, tmp_p
         "algorithm.max_completion_length=160",
         "algorithm.tools=[alignlab.tools.calculator]",
         "algorithm.tool_call_format=hermes",
-        "algorithm.generation_backend={_target_: tests.algorithms.test_grpo_multiturn.ScriptedBackend}",
+        f"algorithm.generation_backend={{_target_: tests.algorithms.test_grpo_multiturn.{backend}}}",
         "algorithm.num_sample_generations=0",
         "evaluation.at_start=false",
         "trainer.max_steps=2",
@@ -145,6 +157,8 @@ def test_grpo_with_the_calculator_trains_on_tool_calling_episodes(dynamic, tmp_p
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 2 and all(bool(r.get("train/num_resamples")) == dynamic for r in rows)
+    engine = backend == "ScriptedEngine"  # the correction's weights over the policy's tokens of every turn
+    assert all(bool(r.get("train/sampling/importance_sampling_ratio/mean")) == engine for r in rows)
     for row in rows:
         assert float(row["train/num_turns"]) == 2.0 and float(row["train/tools/call_frequency"]) == 1.0
         assert float(row["train/tools/failure_frequency"]) == 0.0 and float(row["train/max_turns_ratio"]) == 0.0

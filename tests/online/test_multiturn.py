@@ -93,6 +93,32 @@ def test_a_tool_call_episode_keeps_the_policy_tokens_and_masks_the_tool_result(t
     assert row.tolist() == episode.prompt_ids + episode.ids
 
 
+def test_an_engines_log_probs_follow_the_policy_tokens_across_turns(tiny):
+    """A sampler returning Sampled (vLLM): each turn's log-probs land on its tokens, 0 on the tool result,
+    and reach Samples.sampling_logprobs, where the rollout correction reads them."""
+    from alignlab.online.backends import Sampled
+
+    model, tokenizer = tiny
+    stops = stop_token_ids(model, tokenizer)
+    env = ToolEnvironment([calculator], "hermes", timeout=5.0)
+    script = scripted(tokenizer, [CALL, "777777"], stops[0])
+
+    def engine(ids, attn, n, max_new, keys):
+        tokens = script(ids, attn, n, max_new, keys)
+        turn = len(script.calls)  # -0.25 on the first turn's tokens, -0.5 on the second's; padding -9
+        return Sampled(tokens, torch.where(tokens == tokenizer.pad_token_id, -9.0, -0.25 * turn))
+
+    (episode,) = run_episodes(engine, tokenizer, episodes_of(tokenizer, env), 1, 4, 200, stops, 8, None)
+    call = len(tokenizer.encode(CALL, add_special_tokens=False)) + 1
+    result = len(observation_ids(tokenizer, episode.messages[1:2], stops))
+    answer = len(tokenizer.encode("777777", add_special_tokens=False)) + 1
+    assert episode.sampling_logps == [-0.25] * call + [0.0] * result + [-0.5] * answer
+    samples = episode_samples([episode], tokenizer.pad_token_id, "cpu")
+    assert samples.sampling_logprobs[0].tolist() == episode.sampling_logps
+    plain = run_episodes(script, tokenizer, episodes_of(tokenizer, env), 1, 4, 200, stops, 8, None)
+    assert plain[0].sampling_logps is None and episode_samples(plain, 0, "cpu").sampling_logprobs is None
+
+
 def test_a_malformed_call_is_an_error_the_model_reads_and_counts(tiny):
     model, tokenizer = tiny
     stops = stop_token_ids(model, tokenizer)
