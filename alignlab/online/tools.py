@@ -18,6 +18,7 @@ as the tool's answer, and it is counted (`tools/failure_frequency`).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import inspect
 import json
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignlab.errors import ConfigError
+from alignlab.online.rewards import is_async
 
 TOOL_CALL_FORMATS = ("hermes", "llama3")
 
@@ -216,8 +218,9 @@ def run_tool_call(call: ToolCall, tools: dict[str, Callable], timeout: float | N
     """Run one parsed call against `tools` ({name: function}) for at most `timeout` seconds (None: no
     limit). Never raises for the policy's mistakes or the tool's failures: an unreadable call, an unknown
     tool, arguments the function does not take, an exception or a timeout give `failed` and an error
-    message as content. A tool past its time limit keeps running in its worker thread (Python cannot
-    stop a thread), its result ignored: a tool that may hang should limit itself too."""
+    message as content. An `async def` tool (as TRL runs them) is awaited in a worker thread's own event
+    loop and cancelled at the time limit. A synchronous tool past its limit keeps running in its worker
+    thread (Python cannot stop a thread), its result ignored: a tool that may hang should limit itself too."""
     name = call.name or "unknown"
     if call.error is not None:
         return ToolResult(name, f"Error: {call.error}", True)
@@ -228,10 +231,13 @@ def run_tool_call(call: ToolCall, tools: dict[str, Callable], timeout: float | N
         inspect.signature(fn).bind(**call.arguments)
     except TypeError as e:
         return ToolResult(name, f"Error: wrong arguments for {call.name}: {e}", True)
-    future = _pool().submit(fn, **call.arguments)
+    if is_async(fn):
+        future = _pool().submit(asyncio.run, asyncio.wait_for(fn(**call.arguments), timeout))
+    else:
+        future = _pool().submit(fn, **call.arguments)
     try:
         value = future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
+    except (concurrent.futures.TimeoutError, asyncio.TimeoutError):
         return ToolResult(name, f"Error: {call.name} took longer than {timeout} s", True)
     except Exception as e:
         return ToolResult(name, f"Error: {type(e).__name__}: {e}", True)

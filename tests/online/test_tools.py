@@ -3,9 +3,11 @@ running calls so that no mistake of the policy or the tool stops a run."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
+from transformers.utils import get_json_schema
 
 from alignlab.errors import ConfigError
 from alignlab.online.tools import (
@@ -30,6 +32,17 @@ def slow_tool(seconds: float) -> str:
     """
     time.sleep(seconds)
     return "done"
+
+
+async def async_lookup(key: str, seconds: float = 0.0) -> str:
+    """An async tool: wait, then answer.
+
+    Args:
+        key: what to look up.
+        seconds: how long to wait first.
+    """
+    await asyncio.sleep(seconds)
+    return f"value of {key}"
 
 
 def failing_tool(x: int) -> int:
@@ -145,3 +158,14 @@ def test_calls_run_and_every_failure_is_an_error_message_that_counts():
     for expected, call in failures.items():
         result = run_tool_call(call, tools, 0.05)
         assert result.failed and result.content.startswith("Error:") and expected in result.content, result
+
+
+def test_async_tools_are_awaited_and_cancelled_at_the_time_limit():
+    tools = {"async_lookup": async_lookup}
+    assert get_json_schema(async_lookup)["function"]["parameters"]["required"] == ["key"]
+    ok = run_tool_call(ToolCall("async_lookup", {"key": "x"}), tools, 5.0)
+    assert (ok.content, ok.failed) == ("value of x", False)
+    late = run_tool_call(ToolCall("async_lookup", {"key": "x", "seconds": 5.0}), tools, 0.05)
+    assert late.failed and "longer than 0.05 s" in late.content
+    wrong = run_tool_call(ToolCall("async_lookup", {"name": "x"}), tools, 5.0)
+    assert wrong.failed and "wrong arguments" in wrong.content
