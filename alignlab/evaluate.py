@@ -19,6 +19,12 @@ depends on what the data and the options give:
   `chosen_logratio`: the mean of log π(chosen) − log π_ref(chosen) over pairs (nats; per answer
   token: `chosen_logratio_per_token`), how far the model has moved from the reference on the data's
   chosen answers. KL-style, not a KL: the answers are the data's, not samples of either model.
+- with tools or an environment in the overrides (`algorithm=grpo 'algorithm.tools=[...]'`, as the run
+  had them; docs/tools.md), greedy multi-turn episodes instead of single answers, of up to
+  `algorithm.max_turns` turns and `algorithm.max_completion_length` tokens: `exact_match` of the final
+  answer, `num_turns`, `tools/call_frequency`, `tools/failure_frequency` and `max_turns_ratio` as GRPO's
+  evaluation logs them, `tool_result_matches` (the share of episodes with a tool result equal to the
+  row's `solution`) and, from an environment that gives one, the mean `environment_reward`.
 - with `--reward-model`, `win_rate`: the share of prompts whose greedy answer the reward model scores
   above the baseline answer (a tie counts one half): the data's `chosen` (pairwise) or `completion`
   (SFT) answer, or `--baseline-model`'s greedy answer.
@@ -107,7 +113,6 @@ def evaluate(
             baseline. DataError: bad data, or no held-out rows. ModelLoadError: a folder without a model.
     """
     from lightning.fabric.utilities.apply_func import move_data_to_device
-    from omegaconf import OmegaConf
 
     from alignlab.data.vision import select_vision
     from alignlab.errors import ConfigError
@@ -119,6 +124,16 @@ def evaluate(
 
     cfg, datamodule = held_out_data(overrides)
     kind = datamodule.kind
+    multi_turn = bool(cfg.algorithm.get("tools")) or cfg.algorithm.get("environment") is not None
+    if multi_turn:
+        from alignlab.algorithms.multiturn import MultiTurnRollouts
+
+        MultiTurnRollouts.check_multi_turn_keys(cfg.algorithm)  # before any model loads
+        if reward_model or ref_model:
+            raise ConfigError(
+                "with tools or an environment, alignlab.evaluate measures multi-turn episodes "
+                "(exact match, tool metrics); --reward-model and --ref-model are for single answers"
+            )
     if reward_model and not baseline_model and kind not in BASELINE_COLUMN:
         raise ConfigError(
             f"a win rate compares the model's answers with other answers, and {kind} data has none: give "
@@ -140,6 +155,10 @@ def evaluate(
     scorer = RewardScorer(reward_model, device, cfg.eval_batch_size) if reward_model else None
     baseline = load_policy(baseline_model, device, cfg.model) if baseline_model else None
     max_new_tokens = cfg.evaluation.max_new_tokens
+
+    if multi_turn:
+        metrics, counts = episode_report(model, tokenizer, datamodule, cfg.algorithm, device)
+        return report(model_folder, None, None, None, list(overrides), cfg, datamodule, metrics, counts)
 
     matched, preferred, implicit, logratios, wins = [], [], [], [], []
     ratio_tokens = 0.0
@@ -194,21 +213,83 @@ def evaluate(
     if wins:
         metrics["win_rate"] = _share(wins)
         counts.update(wins=wins.count(1.0), ties=wins.count(0.5), losses=wins.count(0.0))
+    baseline_name = (baseline_model or BASELINE_COLUMN[kind]) if reward_model else None
+    return report(
+        model_folder, ref_model, reward_model, baseline_name, list(overrides), cfg, datamodule, metrics, counts
+    )
+
+
+def report(model_folder, ref_model, reward_model, baseline, overrides, cfg, datamodule, metrics, counts) -> dict:
+    """The JSON report: what was measured on which data, then the metrics and their counts."""
+    from omegaconf import OmegaConf
+
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    return {
+    out = {
         "model": str(model_folder),
         "ref_model": ref_model,
         "reward_model": reward_model,
-        "baseline": (baseline_model or BASELINE_COLUMN[kind]) if reward_model else None,
-        "data": {"overrides": list(overrides), "kind": kind, "module": data["_target_"], "source": data["source"]},
+        "baseline": baseline,
+        "data": {"overrides": overrides, "kind": datamodule.kind, "module": data["_target_"], "source": data["source"]},
         "split": "eval",
         "max_length": datamodule.max_length,
         "rows": len(datamodule.splits["eval"]),
         "dropped_rows": datamodule.dropped.get("eval", 0),
-        "max_new_tokens": max_new_tokens,
-        "metrics": metrics,
-        "counts": counts,
+        "max_new_tokens": cfg.evaluation.max_new_tokens,
     }
+    if "tool_result_matches" in metrics or "num_turns" in metrics:  # episodes: their limits instead
+        del out["max_new_tokens"]
+        out |= {"max_turns": cfg.algorithm.max_turns, "max_completion_length": cfg.algorithm.max_completion_length}
+    return {**out, "metrics": metrics, "counts": counts}
+
+
+@torch.no_grad()
+def episode_report(model, tokenizer, datamodule, algorithm, device) -> tuple[dict, dict]:
+    """(metrics, counts) of greedy multi-turn episodes on the held-out prompts (see the module docstring):
+    the tools and environment of `algorithm` (its tools, tool_call_format, tool_timeout, environment,
+    max_turns, max_completion_length, generation_chunk_size), as GRPO's evaluation runs them."""
+    from alignlab.online.generation import exact_match, stop_token_ids
+    from alignlab.online.multiturn import (
+        conversation,
+        episode_metrics,
+        episode_setup,
+        greedy_sampler,
+        open_episodes,
+        run_episodes,
+        tool_result_matches,
+    )
+
+    setup = episode_setup(
+        algorithm.tools,
+        algorithm.tool_call_format,
+        algorithm.tool_timeout,
+        algorithm.environment,
+        tokenizer.chat_template,
+    )
+    stops = stop_token_ids(model, tokenizer)
+    sampler = greedy_sampler(model, tokenizer, stops)
+    episodes, matched, correct_calls = [], [], []
+    for batch in datamodule.val_dataloader():
+        columns = batch.get("columns", {})
+        opened = open_episodes(batch["prompt_messages"], columns, 1, setup, tokenizer)
+        limits = (algorithm.max_turns, algorithm.max_completion_length)
+        run_episodes(sampler, tokenizer, opened, 1, *limits, stops, algorithm.generation_chunk_size, None, device)
+        episodes += opened
+        solutions = columns.get("solution") or batch.get("solution") or [None] * len(opened)
+        given = [i for i, s in enumerate(solutions) if s is not None]  # a row without one is not counted
+        if given:
+            answers = [opened[i].final_answer for i in given]
+            matched += exact_match(answers, [solutions[i] for i in given]).tolist()
+            conversations = [conversation(opened[i]) for i in given]
+            correct_calls += tool_result_matches(None, conversations, solution=[solutions[i] for i in given])
+    metrics = dict(episode_metrics(episodes, algorithm.max_turns))
+    counts = {"episodes": len(episodes)}
+    if matched:
+        metrics["exact_match"], counts["exact_match"] = _share(matched), len(matched)
+        metrics["tool_result_matches"] = _share(correct_calls)
+    rewards = [e.reward for e in episodes if e.reward is not None]
+    if rewards:
+        metrics["environment_reward"], counts["environment_reward"] = _share(rewards), len(rewards)
+    return metrics, counts
 
 
 def build_parser() -> argparse.ArgumentParser:

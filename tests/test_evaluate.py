@@ -141,6 +141,12 @@ def test_command_prints_and_writes_the_report(folders, tmp_path, capsys):
         (["data=no_such_data"], [], "do not compose"),
         (["data=custom_sft", "data.source.path=missing.jsonl"], [], "missing.jsonl: no such file"),
         (["data=arith_prompts", "data.source.n_train=4"], ["--reward-model", "rm"], "give --baseline-model"),
+        (
+            ["algorithm=grpo", "data=arith_tools_prompts", "algorithm.tools=[alignlab.tools.calculator]"],
+            ["--reward-model", "rm"],
+            "--reward-model and --ref-model are for single answers",
+        ),
+        (["algorithm=grpo", "data=arith_tools_prompts", "algorithm.tools=[nowhere.tool]"], [], "algorithm.tools[0]"),
     ],
 )
 def test_errors_say_what_to_change(folders, overrides, options, message, capsys):
@@ -153,6 +159,62 @@ def test_data_without_held_out_rows_is_refused(folders, tmp_path, capsys):
     args = ["--model", str(folders["policy"]), "data=custom_sft", f"data.source.path={path}"]
     assert main([*args, "data.source.eval_fraction=0"]) == 1
     assert f"{path}: has no held-out rows to evaluate on" in capsys.readouterr().err
+
+
+TOOLS = [
+    "algorithm=grpo",
+    "data=arith_tools_prompts",
+    "data.source.n_eval=6",
+    "eval_batch_size=4",
+    "algorithm.tools=[alignlab.tools.calculator]",
+    "algorithm.tool_call_format=hermes",
+    "algorithm.max_turns=3",
+    "algorithm.max_completion_length=160",
+]
+
+
+def test_tool_episodes_are_measured_as_grpo_evaluates_them(folders, monkeypatch):
+    """A scripted greedy policy (byte-level tokens) calls the calculator on the question, then answers the
+    tool's result when the first number is even and one more when it is odd: the report counts each."""
+    import alignlab.online.multiturn
+    from alignlab.data.arith_tools import tool_call_text
+
+    seen = []
+
+    def scripted(model, tokenizer, stops):
+        def sampler(ids, attn, n, max_new, keys):
+            rows = []
+            for row, mask in zip(ids, attn):
+                text = bytes(t for t in row[mask.bool()].tolist() if t < 256).decode()
+                a, b = (int(x) for x in re.search(r"(\d+)\+(\d+)=", text).groups())
+                result = re.search(r"tool\n(\d+)", text)
+                if result is None:
+                    turn = tool_call_text(a, b)
+                else:
+                    seen.append(a)
+                    turn = str(int(result.group(1)) + a % 2)
+                rows.append(list(turn.encode()) + [stops[0]])
+            width = max(map(len, rows))
+            return torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+
+        return sampler
+
+    monkeypatch.setattr(alignlab.online.multiturn, "greedy_sampler", scripted)
+    report = evaluate(str(folders["policy"]), TOOLS)
+    metrics = report["metrics"]
+    assert len(seen) == 6 and report["counts"] == {"episodes": 6, "exact_match": 6}
+    assert metrics["exact_match"] == pytest.approx(sum(a % 2 == 0 for a in seen) / 6)
+    assert metrics["tool_result_matches"] == 1.0  # every call was right, whatever the answer made of it
+    assert (metrics["num_turns"], metrics["tools/call_frequency"], metrics["tools/failure_frequency"]) == (2, 1, 0)
+    assert metrics["max_turns_ratio"] == 0 and report["max_turns"] == 3 and "max_new_tokens" not in report
+
+
+def test_the_untrained_model_plays_real_episodes(folders):
+    """The model's own greedy turns: it cannot call the calculator, so no answer is right."""
+    report = evaluate(str(folders["policy"]), [*TOOLS, "algorithm.max_completion_length=24"])
+    metrics = report["metrics"]
+    assert report["counts"]["episodes"] == 6 and 1.0 <= metrics["num_turns"] <= 3.0
+    assert metrics["exact_match"] == 0.0 and metrics["tool_result_matches"] == 0.0
 
 
 def documented(module: str) -> list[str]:

@@ -16,20 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
-from alignlab.online.generation import generate, sample_keys, stop_token_ids
+from alignlab.online.generation import sample_keys, stop_token_ids
 from alignlab.online.multiturn import (
     Episode,
     conversation,
     environment_factory,
     episode_metrics,
     episode_samples,
+    episode_setup,
+    greedy_sampler,
     on_final_answers,
-    render_prompt,
+    open_episodes,
     run_episodes,
 )
 from alignlab.online.rewards import REGISTRY
 from alignlab.online.rollout import Samples
-from alignlab.online.tools import TOOL_CALL_FORMATS, load_tools, resolve_tool_call_format, tool_schema
+from alignlab.online.tools import TOOL_CALL_FORMATS, load_tools
 from alignlab.runner.checks import Checks
 
 
@@ -61,33 +63,20 @@ class MultiTurnRollouts:
     def setup_multi_turn(self) -> None:
         """Load the tools and resolve the call format (from the tokenizer's template when not configured);
         registry reward functions then read a conversation's final answer."""
-        self.tool_functions = load_tools(self.tools)
-        self.tool_schemas = [tool_schema(t) for t in self.tool_functions]
-        call_format = None
-        if self.tool_functions:
-            call_format = resolve_tool_call_format(self.tool_call_format, self.tokenizer.chat_template)
-        self.new_environment = environment_factory(
-            self.environment, self.tool_functions, call_format or self.tool_call_format, self.tool_timeout
+        setup = episode_setup(
+            self.tools, self.tool_call_format, self.tool_timeout, self.environment, self.tokenizer.chat_template
         )
+        self.episode_setup = setup
+        self.tool_functions, self.tool_schemas, self.new_environment = setup
         self.rewards = [(name, on_final_answers(fn) if name in REGISTRY else fn) for name, fn in self.rewards]
         self.rollout_stats: dict[str, torch.Tensor] = {}
         self.greedy_episodes: list[Episode] = []
 
     # -- sampling ------------------------------------------------------------------------------
     def episodes_for(self, batch: dict, num_per_prompt: int) -> list[Episode]:
-        """`num_per_prompt` fresh episodes per row of the batch (consecutive), each with its own environment;
-        a group's prompt is what its first environment's reset gives, rendered with the tools' schemas."""
+        """`num_per_prompt` fresh episodes per row of the batch (alignlab.online.multiturn.open_episodes)."""
         columns = batch.get("columns", {})
-        episodes = []
-        for i, messages in enumerate(batch["prompt_messages"]):
-            row = {"prompt": messages, **{k: v[i] for k, v in columns.items()}}
-            environments = [self.new_environment() for _ in range(num_per_prompt)]
-            opening = environments[0].reset(row)
-            for other in environments[1:]:
-                other.reset(row)
-            ids = render_prompt(self.tokenizer, opening, self.tool_schemas)
-            episodes += [Episode(ids, list(opening), env) for env in environments]
-        return episodes
+        return open_episodes(batch["prompt_messages"], columns, num_per_prompt, self.episode_setup, self.tokenizer)
 
     @torch.no_grad()
     def sample_episodes(self, batch: dict, num_per_prompt: int, greedy: bool = False) -> tuple[Samples, list]:
@@ -99,10 +88,7 @@ class MultiTurnRollouts:
         stops, pad = stop_token_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
         episodes = self.episodes_for(batch, num_per_prompt)
         if greedy:
-            keys = None
-
-            def sampler(ids, attn, n, max_new, _keys):
-                return generate(self.model, self.tokenizer, ids, attn, max_new, stop_ids=stops)
+            keys, sampler = None, greedy_sampler(self.model, self.tokenizer, stops)
         else:
             self.backend.sync(self.model)
             step = getattr(self, self.rollout_counter)

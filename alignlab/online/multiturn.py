@@ -37,10 +37,17 @@ import torch
 from alignlab.data.collate import collate_answers, pad
 from alignlab.errors import ConfigError
 from alignlab.online.backends import Sampled
-from alignlab.online.generation import cut_at_stop, hash32, matches_solution
+from alignlab.online.generation import cut_at_stop, generate, hash32, matches_solution
 from alignlab.online.rewards import is_async
 from alignlab.online.rollout import Samples
-from alignlab.online.tools import ToolCall, parse_tool_calls, run_tool_call
+from alignlab.online.tools import (
+    ToolCall,
+    load_tools,
+    parse_tool_calls,
+    resolve_tool_call_format,
+    run_tool_call,
+    tool_schema,
+)
 
 # -- environments -------------------------------------------------------------------------------
 
@@ -213,6 +220,60 @@ class Episode:
 # -> [B·num_per_prompt, ≤ max_new_tokens] tokens, or an engine's Sampled (tokens and their log-probs):
 # the backend's `sample` contract
 Sampler = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Tensor | None"], "torch.Tensor | Sampled"]
+
+
+class EpisodeSetup(NamedTuple):
+    """What every episode of a run shares: the tools, their JSON schemas (the chat template's `tools`
+    argument) and the factory of one environment per episode."""
+
+    tools: list[Callable]
+    schemas: list[dict]
+    new_environment: Callable[[], Any]
+
+
+def episode_setup(
+    tools: Sequence[str] | None, tool_call_format: str | None, tool_timeout, environment: str | None, chat_template
+) -> EpisodeSetup:
+    """The tools at dotted paths `tools` loaded, the call format resolved (`tool_call_format`, else the
+    one `chat_template` writes) and the environment factory (algorithm.environment, else the tools').
+
+    Raises:
+        ConfigError: naming the algorithm key (a tool or environment that does not load, no call format).
+    """
+    functions = load_tools(list(tools or []))
+    call_format = resolve_tool_call_format(tool_call_format, chat_template) if functions else tool_call_format
+    return EpisodeSetup(
+        functions,
+        [tool_schema(t) for t in functions],
+        environment_factory(environment, functions, call_format, tool_timeout),
+    )
+
+
+def open_episodes(
+    prompts: list[list[dict]], columns: dict[str, list], num_per_prompt: int, setup: EpisodeSetup, tokenizer
+) -> list[Episode]:
+    """`num_per_prompt` fresh episodes per prompt (consecutive), each with its own environment, reset with
+    the row ({"prompt": messages, **its columns}); a group's prompt is what its first environment's reset
+    gives, rendered with the tools' schemas."""
+    episodes = []
+    for i, messages in enumerate(prompts):
+        row = {"prompt": messages, **{k: v[i] for k, v in columns.items()}}
+        environments = [setup.new_environment() for _ in range(num_per_prompt)]
+        opening = environments[0].reset(row)
+        for other in environments[1:]:
+            other.reset(row)
+        ids = render_prompt(tokenizer, opening, setup.schemas)
+        episodes += [Episode(ids, list(opening), env) for env in environments]
+    return episodes
+
+
+def greedy_sampler(model, tokenizer, stops: Sequence[int]) -> Sampler:
+    """A Sampler that decodes greedily (held-out evaluation); it takes no keys."""
+
+    def sampler(ids, attn, n, max_new, _keys):
+        return generate(model, tokenizer, ids, attn, max_new, stop_ids=stops)
+
+    return sampler
 
 
 def run_episodes(
