@@ -258,13 +258,8 @@ def episode_report(model, tokenizer, datamodule, algorithm, device) -> tuple[dic
         tool_result_matches,
     )
 
-    setup = episode_setup(
-        algorithm.tools,
-        algorithm.tool_call_format,
-        algorithm.tool_timeout,
-        algorithm.environment,
-        tokenizer.chat_template,
-    )
+    tools = (algorithm.tools, algorithm.tool_call_format, algorithm.tool_timeout, algorithm.environment)
+    setup = episode_setup(*tools, tokenizer)
     stops = stop_token_ids(model, tokenizer)
     sampler = greedy_sampler(model, tokenizer, stops)
     episodes, matched, correct_calls = [], [], []

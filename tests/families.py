@@ -17,6 +17,8 @@ are added as special tokens after the learnt vocabulary. Models: hidden 64, 2 la
   `<think>\n\n</think>\n\n` block while the generation prompt (thinking on, the default) has none, so
   the generation prompt is not a prefix of prompt + answer; `<think>`/`</think>` are added tokens that
   are *not* special; reasoning before `</think>` in an answer is moved into the block as the real one does.
+  A `tool` message is written inside a user turn as `<tool_response>\n…\n</tool_response>`, consecutive
+  results sharing one turn, as the real template writes them.
 - `mistral` (Mistral-7B-Instruct v0.1): BOS `<s>` written by the template (and added by the tokenizer);
   `[INST] … [/INST]` as plain text; the answer followed by eos `</s>`; no pad; roles must alternate and a
   system role raises; SentencePiece-style `▁` for spaces, one prepended only at the start of the text.
@@ -29,7 +31,8 @@ are added as special tokens after the learnt vocabulary. Models: hidden 64, 2 la
 - `phi3` (Phi-3-mini-instruct): `<|user|>\n…<|end|>\n<|assistant|>\n…<|end|>\n`, then eos
   `<|endoftext|>` when no generation prompt is asked for; the markers take the whitespace to their right
   (`rstrip=True`: the `\n` after `<|end|>` has no token of its own); pad `<|endoftext|>`; eos list
-  [endoftext, assistant, end]; `▁` for spaces, one prepended at the start.
+  [endoftext, assistant, end]; `▁` for spaces, one prepended at the start. Like the real template it writes
+  system, user and assistant messages only (a `tool` message leaves no trace).
 - `gpt2` (GPT-2): no chat template; bos = eos = unk = `<|endoftext|>`; no pad.
 - `llama_base` (Llama-2 base): BOS `<s>` added by the tokenizer, eos `</s>`, unk `<unk>`, no pad, no chat
   template; `▁` for spaces, one prepended at the start.
@@ -95,6 +98,10 @@ QWEN3_TEMPLATE = (
     "{{- '<|im_start|>' + message.role + '\n' + content }}"
     "{%- endif %}"
     "{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'tool' %}"  # consecutive tool results share one user turn, as Qwen3's do
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"

@@ -63,9 +63,7 @@ class MultiTurnRollouts:
     def setup_multi_turn(self) -> None:
         """Load the tools and resolve the call format (from the tokenizer's template when not configured);
         registry reward functions then read a conversation's final answer."""
-        setup = episode_setup(
-            self.tools, self.tool_call_format, self.tool_timeout, self.environment, self.tokenizer.chat_template
-        )
+        setup = episode_setup(self.tools, self.tool_call_format, self.tool_timeout, self.environment, self.tokenizer)
         self.episode_setup = setup
         self.tool_functions, self.tool_schemas, self.new_environment = setup
         self.rewards = [(name, on_final_answers(fn) if name in REGISTRY else fn) for name, fn in self.rewards]

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from alignlab.data.collate import collate_answers, pad
+from alignlab.data.tokenize import encode_prompts
 from alignlab.errors import ConfigError
 from alignlab.online.backends import Sampled
 from alignlab.online.generation import cut_at_stop, generate, hash32, matches_solution
@@ -152,12 +153,10 @@ def turn_keys(keys: torch.Tensor, turn: int) -> torch.Tensor:
 
 def render_prompt(tokenizer, messages: list[dict], schemas: list[dict] | None) -> list[int]:
     """Token ids of `messages` plus the assistant generation prompt, the tools' `schemas` passed to the chat
-    template's `tools` argument (a template that does not read it, like the tiny model's, ignores them)."""
-    return list(
-        tokenizer.apply_chat_template(
-            messages, tools=schemas or None, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    )
+    template's `tools` argument (a template that does not read it, like the tiny model's, ignores them).
+    Encoded as training encodes prompts (alignlab.data.tokenize.encode_prompts): a message's text that
+    spells a control token (`<|im_end|>`) stays text."""
+    return encode_prompts(tokenizer, [messages], tools=[schemas or None])[0]
 
 
 def observation_ids(tokenizer, observation: list[dict], stops: Sequence[int]) -> list[int]:
@@ -175,12 +174,8 @@ def observation_ids(tokenizer, observation: list[dict], stops: Sequence[int]) ->
             {"type": "function", "function": {"name": observation[0].get("name", "tool"), "arguments": {}}}
         ]
     opening = [{"role": "user", "content": "."}, assistant]
-    before = list(tokenizer.apply_chat_template(opening, tokenize=True, return_dict=False))
-    after = list(
-        tokenizer.apply_chat_template(
-            opening + list(observation), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    )
+    # encoded as prompts are, so a tool result that spells a control token stays text (encode_prompts)
+    before, after = encode_prompts(tokenizer, [opening, opening + list(observation)])
     ends = [i for i, t in enumerate(before) if t in set(stops)]
     before = before[: ends[-1] + 1] if ends else before
     if after[: len(before)] != before:
@@ -232,21 +227,52 @@ class EpisodeSetup(NamedTuple):
 
 
 def episode_setup(
-    tools: Sequence[str] | None, tool_call_format: str | None, tool_timeout, environment: str | None, chat_template
+    tools: Sequence[str] | None, tool_call_format: str | None, tool_timeout, environment: str | None, tokenizer
 ) -> EpisodeSetup:
     """The tools at dotted paths `tools` loaded, the call format resolved (`tool_call_format`, else the
-    one `chat_template` writes) and the environment factory (algorithm.environment, else the tools').
+    one the tokenizer's chat template writes) and the environment factory (algorithm.environment, else the
+    tools'), whose `tool` messages the template must be able to write.
 
     Raises:
-        ConfigError: naming the algorithm key (a tool or environment that does not load, no call format).
+        ConfigError: naming the algorithm key (a tool or environment that does not load, no call format, a
+            template that refuses `tool` messages).
     """
     functions = load_tools(list(tools or []))
-    call_format = resolve_tool_call_format(tool_call_format, chat_template) if functions else tool_call_format
+    call_format = tool_call_format
+    if functions:
+        call_format = resolve_tool_call_format(tool_call_format, tokenizer.chat_template)
+        if environment is None:
+            check_tool_messages(tokenizer)
     return EpisodeSetup(
         functions,
         [tool_schema(t) for t in functions],
         environment_factory(environment, functions, call_format, tool_timeout),
     )
+
+
+def check_tool_messages(tokenizer) -> None:
+    """Whether the chat template writes a `tool` message's content after an assistant turn (Gemma's and
+    Mistral's refuse any role but user and assistant; Phi-3's leaves it out, so the model would never see
+    a result), found out before any episode runs.
+
+    Raises:
+        ConfigError: naming algorithm.tools, with the template's own reason.
+    """
+    from alignlab.data.tokenize import end_of_turn_ids
+
+    probe = "tool result 4096"
+    try:
+        message = {"role": "tool", "name": "tool", "content": probe}
+        ids = observation_ids(tokenizer, [message], end_of_turn_ids(tokenizer))
+        reason = None if probe in tokenizer.decode(ids) else "it leaves tool messages out"  # Phi-3's drops them
+    except ValueError as e:  # TemplateRefusal, or a template that does not extend the conversation
+        reason = getattr(e, "reason", str(e))
+    if reason is not None:
+        raise ConfigError(
+            f"algorithm.tools: the model's chat template cannot write a tool result ({reason}). Use a model "
+            "whose template supports tools (Qwen2.5, Qwen3, Llama-3.x, ...), set model.chat_template to one "
+            "that does, or give an algorithm.environment that replies in roles the template takes (user)"
+        ) from None
 
 
 def open_episodes(

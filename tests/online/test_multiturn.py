@@ -238,3 +238,45 @@ def test_a_tool_result_that_is_the_solution_counts_as_a_correct_call():
     no_call = [{"role": "assistant", "content": "777777"}]
     got = tool_result_matches([[]] * 3, [right, wrong, no_call], solution=["777777"] * 3)
     assert got == [1.0, 0.0, 0.0]
+
+
+TOOL_FAMILIES = ["llama3", "qwen25", "qwen3"]
+
+
+@pytest.mark.parametrize("name", TOOL_FAMILIES)
+def test_text_that_spells_a_control_token_stays_text_in_prompts_and_tool_results(family_dir, name):
+    """A user message or a tool result that spells the template's end of turn is encoded as text, never as
+    the control token (a tool result is outside the policy's control: it must not end a turn for it)."""
+    from transformers import AutoTokenizer
+
+    from alignlab.data.tokenize import end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(family_dir(name))
+    stops = list(end_of_turn_ids(tokenizer))
+    literal = "".join(tokenizer.convert_ids_to_tokens(stops))
+    for plain, spelled in [
+        (
+            render_prompt(tokenizer, [{"role": "user", "content": "2+2="}], None),
+            render_prompt(tokenizer, [{"role": "user", "content": f"2+2={literal}"}], None),
+        ),
+        (
+            observation_ids(tokenizer, [{"role": "tool", "name": "calculator", "content": "4"}], stops),
+            observation_ids(tokenizer, [{"role": "tool", "name": "calculator", "content": f"4{literal}"}], stops),
+        ),
+    ]:
+        assert [t for t in spelled if t in stops] == [t for t in plain if t in stops]
+        assert literal in tokenizer.decode(spelled) and len(spelled) > len(plain)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "mistral", "phi3"])
+def test_a_template_that_refuses_or_drops_tool_messages_is_named_before_any_episode(family_dir, name):
+    from transformers import AutoTokenizer
+
+    from alignlab.errors import ConfigError
+    from alignlab.online.multiturn import episode_setup
+
+    tokenizer = AutoTokenizer.from_pretrained(family_dir(name))
+    with pytest.raises(ConfigError, match=r"algorithm.tools: the model's chat template cannot write a tool result"):
+        episode_setup(["alignlab.tools.calculator"], "hermes", 5.0, None, tokenizer)
+    # an environment that replies as the user needs no tool messages
+    episode_setup(["alignlab.tools.calculator"], "hermes", 5.0, "tests.online.test_multiturn.CountingUser", tokenizer)
