@@ -79,11 +79,22 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
 
 class CheckpointOnSignal(L.Callback):
     """SIGTERM (Lightning stops after the current batch) or SIGINT (made to act the same) writes
-    <run>/checkpoints/last.ckpt at a batch boundary; the run then ends with RunInterrupted."""
+    <run>/checkpoints/last.ckpt at a batch boundary; the run then ends with RunInterrupted.
+
+    Two details keep a resumed run's metric history equal to a straight run's. A signal that arrives
+    during a validation inside training is held until the validation ends, so its metrics cover every
+    held-out batch (Lightning would stop after the batch at hand, and a resumed run would finish the
+    validation without the batches already seen). And when the boundary the run stops at had a
+    validation, Lightning's restart skips that validation and counts the boundary's logging step once
+    more, so the checkpoint holds that count one lower.
+    """
 
     def __init__(self, dirpath: str | Path):
         self.path = Path(dirpath) / "last.ckpt"
         self._previous_sigint = None
+        self._held = False  # a signal seen during a validation inside training, not yet passed on
+        self._validated_here = False  # a validation ran after the last training batch
+        self._saving = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         def stop_after_this_batch(signum, frame):
@@ -101,11 +112,35 @@ class CheckpointOnSignal(L.Callback):
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
 
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._validated_here = False
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer._signal_connector.received_sigterm:
+            trainer._signal_connector.received_sigterm = False  # held: the validation runs to its end
+            self._held = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self._validated_here = True
+        if self._held:  # Lightning stops once this boundary's bookkeeping is done
+            trainer._signal_connector.received_sigterm, self._held = True, False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._saving and self._validated_here:
+            loop = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
+            loop["_batches_that_stepped"] -= 1  # the restart adds it back as it skips this boundary's validation
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self._restore_sigint()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore_sigint()
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(str(self.path))
+            self._saving = True
+            try:
+                trainer.save_checkpoint(str(self.path))
+            finally:
+                self._saving = False
             log.warning("stopped on a signal at step %d; checkpoint written to %s", trainer.global_step, self.path)

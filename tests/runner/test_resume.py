@@ -62,6 +62,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 CASES = {
     # 40 DPO steps over 2000 pairs in batches of 16: the interruption falls mid-epoch.
     "dpo": ["trainer.max_steps=40", "trainer.val_check_interval=15"],
+    # ... and on a step that validates, over 4 held-out batches: the signal arrives before the validation
+    # (held until it has seen every batch), and the restart skips it without counting a step twice.
+    "dpo-validating": ["trainer.max_steps=40", "trainer.val_check_interval=20", "eval_batch_size=32"],
     # GRPO samples with keys from its step counter, which the checkpoint restores; the length reward
     # varies for the untrained model's answers, so the policy moves.
     "grpo": [
@@ -75,15 +78,34 @@ CASES = {
         "eval_batch_size=64",
         "data.source.n_eval=64",
     ],
+    # GKD draws on- or off-policy steps and samples the student's answers with keys from its step counter;
+    # the teacher is a noisy copy of the start (given by the test), so the student moves towards it.
+    "gkd": [
+        "algorithm=gkd",
+        "algorithm.max_new_tokens=8",
+        "algorithm.seq_kd=true",
+        "batch_size=8",
+        "trainer.max_steps=10",
+        "trainer.val_check_interval=5",
+        "evaluation.exact_match=false",
+        "data.source.n_eval=16",
+    ],
 }
 
 
 # Each algorithm once and each signal once (the signal handling does not depend on the algorithm).
 @pytest.mark.parametrize(
-    "algorithm, signum", [("dpo", signal.SIGTERM), ("grpo", signal.SIGINT)], ids=["dpo-sigterm", "grpo-sigint"]
+    "algorithm, signum",
+    [("dpo", signal.SIGTERM), ("grpo", signal.SIGINT), ("gkd", signal.SIGTERM), ("dpo-validating", signal.SIGINT)],
+    ids=["dpo-sigterm", "grpo-sigint", "gkd-sigterm", "dpo-validating-sigint"],
 )
 def test_interrupted_and_resumed_equals_straight(algorithm, signum, tmp_path, tiny_model_dir):
     overrides = [*CASES[algorithm], "trainer.log_every_n_steps=1", "save_model=false", *QUIET]
+    if algorithm == "gkd":
+        from tests.test_generate import noisy_copy
+
+        teacher = noisy_copy(tiny_model_dir, tmp_path / "teacher", seed=3, std=0.2)
+        overrides.append(f"algorithm.teacher_model_name_or_path={teacher}")
     steps = int(next(o for o in overrides if o.startswith("trainer.max_steps=")).split("=")[1])
     straight = train(compose(overrides, tmp_path / "straight"))
     assert straight["steps"] == steps
