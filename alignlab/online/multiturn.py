@@ -43,6 +43,7 @@ from alignlab.online.rewards import is_async
 from alignlab.online.rollout import Samples
 from alignlab.online.tools import (
     ToolCall,
+    import_object,
     load_tools,
     parse_tool_calls,
     resolve_tool_call_format,
@@ -111,12 +112,7 @@ def environment_factory(spec: str | None, tools: Sequence[Callable], tool_call_f
     """
     if spec is None:
         return lambda: ToolEnvironment(tools, tool_call_format, timeout)
-    from hydra.utils import get_object
-
-    try:
-        cls = get_object(spec)
-    except Exception as e:
-        raise ConfigError(f"algorithm.environment {spec!r} could not be imported: {e}") from None
+    cls = import_object(spec, f"algorithm.environment {spec!r}")
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:
         raise ConfigError(
