@@ -128,6 +128,15 @@ class MultiTurnRollouts:
             tokens[i, : len(r)] = torch.tensor(r, device=self.device)
         return tokens, [e.final_answer for e in self.greedy_episodes]
 
+    def sample_rows(self, prompts: list, texts: list[str], scores: list[float]) -> list[dict]:
+        """The base class's rows; multi-turn, each also gets `conversation`: its greedy episode's messages after
+        the prompt (assistant turns with their tool calls, tool results, an environment's replies), as reward
+        functions get them, while `answer` stays the last assistant turn."""
+        rows = super().sample_rows(prompts, texts, scores)
+        if self.multi_turn:
+            rows = [{**row, "conversation": conversation(e)} for row, e in zip(rows, self.greedy_episodes)]
+        return rows
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The base class's evaluation, plus, multi-turn, the greedy episodes' metrics (eval/num_turns,
         eval/tools/call_frequency, eval/tools/failure_frequency, eval/max_turns_ratio) and each reward

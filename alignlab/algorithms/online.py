@@ -182,8 +182,12 @@ class OnlineModule(AlignmentModule):
         batch = self.held_out_prompts(n)
         tokens, texts = self.greedy_answers(batch)
         scores = self.eval_scores(batch, tokens, texts).tolist()
-        rows = [sample_row(p, a, s) for p, a, s in zip(batch["prompt_messages"], texts, scores)]
+        rows = self.sample_rows(batch["prompt_messages"], texts, scores)
         log_samples(self.trainer, with_columns(rows, batch.get("columns", {})))
+
+    def sample_rows(self, prompts: list, texts: list[str], scores: list[float]) -> list[dict]:
+        """The sample table's rows for the greedy answers `texts` to `prompts` (message lists) and their scores."""
+        return [sample_row(p, a, s) for p, a, s in zip(prompts, texts, scores)]
 
     def held_out_prompts(self, n: int) -> dict:
         """The first `n` rows of the first held-out batch, tensors on this device, from the trainer's

@@ -43,6 +43,7 @@ from alignlab.online.rewards import is_async
 from alignlab.online.rollout import Samples
 from alignlab.online.tools import (
     ToolCall,
+    import_object,
     load_tools,
     parse_tool_calls,
     resolve_tool_call_format,
@@ -111,12 +112,7 @@ def environment_factory(spec: str | None, tools: Sequence[Callable], tool_call_f
     """
     if spec is None:
         return lambda: ToolEnvironment(tools, tool_call_format, timeout)
-    from hydra.utils import get_object
-
-    try:
-        cls = get_object(spec)
-    except Exception as e:
-        raise ConfigError(f"algorithm.environment {spec!r} could not be imported: {e}") from None
+    cls = import_object(spec, f"algorithm.environment {spec!r}")
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:
         raise ConfigError(
@@ -130,16 +126,52 @@ def environment_factory(spec: str | None, tools: Sequence[Callable], tool_call_f
     return functools.partial(cls, **{k: v for k, v in offered.items() if k in taken})
 
 
-def as_step_result(out: Any, spec: str = "the environment") -> StepResult:
-    """An environment's answer as a StepResult (it may return a plain (messages, done, reward) tuple).
+def environment_name(environment: Any) -> str:
+    """The environment's class by dotted path (as algorithm.environment names it), for error messages."""
+    cls = type(environment)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_messages(messages: Any, what: str) -> list[dict]:
+    """`messages` as a list of chat messages: dicts with a string `role` and a `content` key.
 
     Raises:
-        TypeError: naming the environment when the answer is neither."""
-    if isinstance(out, StepResult):
-        return out
-    if isinstance(out, tuple) and len(out) in (2, 3):
-        return StepResult(list(out[0] or []), bool(out[1]), None if len(out) == 2 else out[2])
-    raise TypeError(f"{spec}.step must return a StepResult or (messages, done, reward), got {type(out).__name__}")
+        TypeError: naming `what` (e.g. `what mygame.Guess.reset(row) returns`) and showing it."""
+    if isinstance(messages, (list, tuple)) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
+    ):
+        return list(messages)
+    shown = repr(messages)
+    shown = shown if len(shown) <= 200 else shown[:200] + "…"
+    raise TypeError(f'{what} must be a list of messages such as [{{"role": "user", "content": "higher"}}], got {shown}')
+
+
+def opening_messages(environment: Any, row: dict) -> list[dict]:
+    """The episode's opening messages: `environment.reset(row)`, checked to be a non-empty message list.
+
+    Raises:
+        TypeError: naming the environment's class when reset gives no message list (check_messages)."""
+    name = f"{environment_name(environment)}.reset(row)"
+    opening = check_messages(environment.reset(row), f"what {name} returns")
+    if not opening:
+        raise TypeError(f"{name} returned no messages: the episode needs its prompt (e.g. list(row['prompt']))")
+    return opening
+
+
+def as_step_result(out: Any, spec: str = "the environment") -> StepResult:
+    """An environment's answer as a StepResult (it may return a plain (messages, done, reward) tuple),
+    its observation checked to be a message list (None: no messages).
+
+    Raises:
+        TypeError: naming the environment (`spec`) when the answer is neither, or its observation is not a
+        list of messages."""
+    if isinstance(out, tuple) and not isinstance(out, StepResult) and len(out) in (2, 3):
+        out = StepResult(out[0], bool(out[1]), None if len(out) == 2 else out[2])
+    if not isinstance(out, StepResult):
+        raise TypeError(f"{spec}.step must return a StepResult or (messages, done, reward), got {type(out).__name__}")
+    observation = [] if out.observation is None else out.observation
+    observation = check_messages(observation, f"the observation {spec}.step returns")
+    return out._replace(observation=observation)
 
 
 # -- keys, rendering ------------------------------------------------------------------------------
@@ -280,14 +312,25 @@ def open_episodes(
 ) -> list[Episode]:
     """`num_per_prompt` fresh episodes per prompt (consecutive), each with its own environment, reset with
     the row ({"prompt": messages, **its columns}); a group's prompt is what its first environment's reset
-    gives, rendered with the tools' schemas."""
+    gives, rendered with the tools' schemas.
+
+    Raises:
+        TypeError: naming the environment when its reset gives no message list (opening_messages).
+        ValueError: naming the environment and the row's prompt when the group's resets differ (its episodes
+        share one prompt encoding)."""
     episodes = []
     for i, messages in enumerate(prompts):
         row = {"prompt": messages, **{k: v[i] for k, v in columns.items()}}
         environments = [setup.new_environment() for _ in range(num_per_prompt)]
-        opening = environments[0].reset(row)
-        for other in environments[1:]:
-            other.reset(row)
+        opening = opening_messages(environments[0], row)
+        if any(opening_messages(other, row) != opening for other in environments[1:]):
+            shown = repr(messages)
+            raise ValueError(
+                f"{environment_name(environments[0])}.reset gave different opening messages to the episodes of "
+                f"the row whose prompt is {shown if len(shown) <= 120 else shown[:120] + '…'}: a prompt's "
+                "num_generations episodes share one prompt encoding, so reset must give the same messages for "
+                "the same row (draw any randomness from the row, e.g. a seed column)"
+            )
         ids = render_prompt(tokenizer, opening, setup.schemas)
         episodes += [Episode(ids, list(opening), env) for env in environments]
     return episodes
@@ -384,7 +427,8 @@ def step_turn(
     if not ended:  # cut at the length limit: nothing to act on
         episode.truncated = episode.done = True
         return
-    result = as_step_result(episode.environment.step(episode.opening + episode.messages))
+    environment = episode.environment
+    result = as_step_result(environment.step(episode.opening + episode.messages), environment_name(environment))
     episode.tool_calls += result.tool_calls
     episode.tool_failures += result.tool_failures
     if result.done:

@@ -2,7 +2,8 @@
 
 A row is `step`, `prompt` (the prompt's messages, a list of {role, content}, as the data gave them),
 `answer` (the generated text), `score` (the algorithm's score of the answer: PPO's reward-model score,
-GRPO's weighted reward; `score` as alignlab.score writes it), then the data row's extra columns.
+GRPO's weighted reward; `score` as alignlab.score writes it), multi-turn GRPO's `conversation` (the episode
+after the prompt), then the data row's extra columns.
 """
 
 from __future__ import annotations

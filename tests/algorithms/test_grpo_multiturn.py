@@ -91,6 +91,10 @@ def test_grpo_trains_on_multi_turn_episodes_and_logs_their_metrics(tmp_path):
     assert float(train_rows[-1]["train/rewards/environment_reward/mean"]) in (0.0, 0.5, 1.0, 1.5, 2.0)
     samples = [json.loads(line) for line in (Path(tmp_path) / "samples.jsonl").read_text().splitlines()]
     assert samples and all(isinstance(s["answer"], str) for s in samples)  # the final answers
+    for sample in samples:  # and the greedy episode after the prompt, as reward functions get it
+        turns = [m for m in sample["conversation"] if m["role"] == "assistant"]
+        assert sample["conversation"][0]["role"] == "assistant" and turns[-1]["content"] == sample["answer"]
+        assert {m["role"] for m in sample["conversation"]} <= {"assistant", "user"}  # CountingUser says `again`
 
 
 class ScriptedBackend:

@@ -3,6 +3,8 @@ sampling, the episodes' mask, and the metrics."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from alignlab.online.backends import TransformersBackend
 from alignlab.online.generation import sample_keys, stop_token_ids
 from alignlab.online.multiturn import (
     Episode,
+    EpisodeSetup,
     StepResult,
     ToolEnvironment,
     as_step_result,
@@ -18,6 +21,8 @@ from alignlab.online.multiturn import (
     episode_samples,
     observation_ids,
     on_final_answers,
+    open_episodes,
+    opening_messages,
     render_prompt,
     run_episodes,
     turn_keys,
@@ -185,6 +190,81 @@ def test_an_environment_runs_turns_and_gives_its_reward(tiny):
     assert as_step_result(([], True)) == StepResult([], True, None)
     with pytest.raises(TypeError, match="must return a StepResult"):
         as_step_result("done")
+
+
+class Hinting:
+    """An environment with a beginner's mistakes: step answers `reply` as the observation."""
+
+    def __init__(self, reply=None, opening=None):
+        self.reply, self.opening = reply, opening
+
+    def reset(self, row):
+        return list(row["prompt"]) if self.opening is None else self.opening
+
+    def step(self, messages):
+        return self.reply, False, None
+
+
+@pytest.mark.parametrize(
+    ("reply", "shown"),
+    [("higher", "got 'higher'"), ({"role": "user", "content": "higher"}, "got {'role': 'user', 'content': 'higher'}")],
+)
+def test_an_observation_that_is_not_a_message_list_is_an_error_naming_the_environment(tiny, reply, shown):
+    model, tokenizer = tiny
+    stops = stop_token_ids(model, tokenizer)
+    env = Hinting(reply)
+    opening = opening_messages(env, {"prompt": [{"role": "user", "content": "guess"}]})
+    episode = Episode(render_prompt(tokenizer, opening, None), opening, env)
+    with pytest.raises(TypeError) as err:
+        run_episodes(scripted(tokenizer, ["5"], stops[0]), tokenizer, [episode], 1, 3, 200, stops, 8, None)
+    message = str(err.value)
+    assert message.startswith("the observation tests.online.test_multiturn.Hinting.step returns must be a list of")
+    assert message.endswith(shown)
+    # a list of messages, or a tuple of them, or none, is read as before
+    assert as_step_result(((), False)).observation == []
+    assert as_step_result((None, True, 1.0)) == StepResult([], True, 1.0)
+    hint = {"role": "user", "content": "higher"}
+    assert as_step_result(((hint,), False, None)) == StepResult([hint], False, None)
+
+
+@pytest.mark.parametrize(
+    ("opening", "message"),
+    [
+        ("guess", "what tests.online.test_multiturn.Hinting.reset(row) returns must be a list of messages"),
+        ([{"content": "guess"}], "reset(row) returns must be a list of messages"),
+        ([], "tests.online.test_multiturn.Hinting.reset(row) returned no messages"),
+    ],
+)
+def test_a_reset_that_gives_no_message_list_is_an_error_naming_the_environment(opening, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        opening_messages(Hinting(opening=opening), {"prompt": [{"role": "user", "content": "guess"}]})
+    row = {"prompt": [{"role": "user", "content": "guess"}], "solution": "7"}
+    assert opening_messages(Hinting(), row) == row["prompt"]
+
+
+class Drawing:
+    """An environment whose reset draws its opening at random: a prompt's episodes would not share a prompt."""
+
+    draws = 0
+
+    def reset(self, row):
+        Drawing.draws += 1
+        return [{"role": "user", "content": f"guess {Drawing.draws}"}]
+
+    def step(self, messages):
+        return [], True, 1.0
+
+
+def test_a_reset_that_differs_between_a_prompts_episodes_is_an_error_naming_the_environment(tiny):
+    prompt = [{"role": "user", "content": "7+5="}]
+    with pytest.raises(ValueError) as err:
+        open_episodes([prompt], {}, 2, EpisodeSetup([], [], Drawing), tiny[1])
+    assert str(err.value).startswith(
+        "tests.online.test_multiturn.Drawing.reset gave different opening messages to the episodes of the row "
+        "whose prompt is [{'role': 'user', 'content': '7+5='}]: a prompt's num_generations episodes share"
+    )
+    episodes = open_episodes([prompt], {}, 2, EpisodeSetup([], [], CountingUser), tiny[1])  # one opening for all
+    assert [e.opening for e in episodes] == [prompt, prompt] and episodes[0].environment is not episodes[1].environment
 
 
 def test_each_turn_has_its_own_keys_and_the_first_is_single_turn_sampling():

@@ -10,9 +10,11 @@ import pytest
 from transformers.utils import get_json_schema
 
 from alignlab.errors import ConfigError
+from alignlab.online.multiturn import ToolEnvironment, environment_factory
 from alignlab.online.tools import (
     ToolCall,
     detect_tool_call_format,
+    import_object,
     load_tools,
     parse_hermes,
     parse_llama3,
@@ -82,6 +84,35 @@ def test_tools_load_by_dotted_path_and_bad_ones_name_the_key():
         load_tools(["tests.online.test_tools.no_docs"])
     with pytest.raises(ConfigError, match="two tools are named"):
         load_tools(["alignlab.tools.calculator", "alignlab.tools.calculator"])
+
+
+def test_a_tool_or_environment_in_the_users_own_module_that_does_not_import_says_what_is_missing(tmp_path, monkeypatch):
+    (tmp_path / "shop_tools_ok.py").write_text(
+        'def unit_price(item: str) -> float:\n    """A price.\n\n    Args:\n        item: the item.\n    """\n'
+        "    return 0.5\n"
+    )
+    (tmp_path / "shop_tools_broken.py").write_text("import a_package_nobody_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_tools(["shop_tools_ok.unit_price"])[0].__name__ == "unit_price"
+    cases = {
+        "shop_tools_elsewhere.unit_price": "algorithm.tools[0]: 'shop_tools_elsewhere.unit_price' could not be "
+        "imported: there is no module 'shop_tools_elsewhere'; run from the folder that holds shop_tools_elsewhere.py, "
+        "or add that folder to PYTHONPATH",
+        "shop_tools_ok.unit_pric": "algorithm.tools[0]: 'shop_tools_ok.unit_pric' could not be imported: "
+        "'shop_tools_ok' has no 'unit_pric'",
+        "shop_tools_broken.unit_price": "algorithm.tools[0]: 'shop_tools_broken.unit_price' could not be imported: "
+        "importing 'shop_tools_broken' raised ModuleNotFoundError(\"No module named 'a_package_nobody_installed'\")",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_tools([path])
+        assert str(err.value) == message
+    with pytest.raises(ConfigError) as err:
+        environment_factory("shop_games_elsewhere.Guess", [], None, None)
+    assert str(err.value).startswith("algorithm.environment 'shop_games_elsewhere.Guess' could not be imported: there")
+    # nested names and packages resolve as Hydra's get_object resolves them
+    assert import_object("alignlab.online.multiturn.ToolEnvironment.step", "x") is ToolEnvironment.step
+    assert import_object("alignlab.tools.calculator", "x") is calculator
 
 
 def test_hermes_calls_are_read_in_order_after_text():
