@@ -139,6 +139,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
                 f"({micro}) must divide"
             )
         cls.check_sync_ref_model(cfg)
+        cls.check_episode_setup(cfg)
 
     # -- generation and rewards -----------------------------------------------------------------
     def rewards_of(

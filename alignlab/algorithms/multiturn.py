@@ -60,6 +60,21 @@ class MultiTurnRollouts:
         if algorithm.environment is not None:
             environment_factory(algorithm.environment, loaded, algorithm.tool_call_format, algorithm.tool_timeout)
 
+    @classmethod
+    def check_episode_setup(cls, cfg: DictConfig) -> None:
+        """With tools: the call format is known and the chat template writes tool results, checked on the
+        policy's tokenizer before anything is written (alignlab.online.multiturn.episode_setup).
+        Raises ConfigError naming the key."""
+        algorithm = cfg.algorithm
+        if not algorithm.tools:
+            return
+        from alignlab.models.loading import prepare_tokenizer, resolve_model_path
+
+        tokenizer = prepare_tokenizer(resolve_model_path(cfg.model), cfg.model, algorithm.requires_chat_template)[0]
+        episode_setup(
+            algorithm.tools, algorithm.tool_call_format, algorithm.tool_timeout, algorithm.environment, tokenizer
+        )
+
     def setup_multi_turn(self) -> None:
         """Load the tools and resolve the call format (from the tokenizer's template when not configured);
         registry reward functions then read a conversation's final answer."""

@@ -47,12 +47,14 @@ def test_multi_turn_settings_are_checked_before_any_model_loads(overrides, messa
     assert message in str(err.value)
 
 
-def test_a_template_without_a_call_format_needs_it_configured(tmp_path):
-    from alignlab.train import train
+def test_a_template_without_a_call_format_needs_it_configured_before_anything_is_written(tmp_path, monkeypatch):
+    import alignlab.train
 
+    monkeypatch.setattr(alignlab.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     overrides = ["algorithm=grpo", "algorithm.tools=[alignlab.tools.calculator]", "trainer.max_steps=1", *QUIET]
     with pytest.raises(ConfigError, match="set algorithm.tool_call_format to one of"):
-        train(compose(overrides, tmp_path))
+        alignlab.train.train(compose(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_grpo_trains_on_multi_turn_episodes_and_logs_their_metrics(tmp_path):
