@@ -109,6 +109,21 @@ def tool_episodes(tiny_model_dir):
     return module, {k: v for k, v in gen.items() if torch.is_tensor(v) or v is None}
 
 
+def grpo_on_two_processes(module, gen: dict) -> torch.Tensor:
+    """grpo_update's first step on 2 emulated processes, each its half of the rows: the step's policy tokens
+    and completions summed over both (sum_across_devices is asked for them in that order), DDP's average."""
+    from tests.algorithms.test_accumulation import update_gradient
+
+    n, grads = len(gen["mask"]), []
+    module.loss_scale = lambda: 2.0
+    for part in (slice(0, n // 2), slice(n // 2, n)):
+        answers = iter([gen["mask"].sum(), float(n)])
+        module.sum_across_devices = lambda value, answers=answers: torch.as_tensor(next(answers), dtype=value.dtype)
+        grads.append(update_gradient(module, rows(gen, part), world=1))
+    del module.sum_across_devices, module.loss_scale
+    return (grads[0] + grads[1]) / 2
+
+
 def test_multi_turn_grpo_step_normalises_by_the_steps_policy_tokens(tiny_model_dir):
     """Episodes whose tool results are masked out (holes in each row's mask), some cut to their first
     trained token, so rows and micro-batches hold very different counts of policy tokens; the engine's
@@ -125,7 +140,6 @@ def test_multi_turn_grpo_step_normalises_by_the_steps_policy_tokens(tiny_model_d
     keep = torch.tensor([i % 3 == 0 for i in range(len(mask))]).unsqueeze(1)
     gen["mask"] = torch.where(keep, mask * first, mask)  # every third episode: one trained token
     gen["advantages"] = torch.linspace(-1.5, 1.5, len(mask), dtype=torch.float64)  # the scripted rewards tie
-    n = len(mask)
     for loss_type in GRPO_LOSS_TYPES:
         module.loss_type, module.epsilon_high = loss_type, (5.0 if loss_type == "cispo" else None)
         module.micro_batch_size, module.max_tokens_per_micro_batch = None, None
@@ -137,16 +151,6 @@ def test_multi_turn_grpo_step_normalises_by_the_steps_policy_tokens(tiny_model_d
             assert relative(update_gradient(module, gen, world=1), whole) < 1e-6, (loss_type, cut)
             module.micro_batch_size, module.max_tokens_per_micro_batch = None, None
         module.micro_batch_size = 2
-        totals = {"tokens": gen["mask"].sum(), "completions": float(n)}
-
-        def on_process(part: slice) -> torch.Tensor:
-            # sum_across_devices is asked for the step's tokens first, then its completions
-            answers = iter([totals["tokens"], totals["completions"]])
-            module.sum_across_devices = lambda value: torch.as_tensor(next(answers), dtype=value.dtype)
-            return update_gradient(module, rows(gen, part), world=1)  # averaged below, as DDP does
-
-        module.loss_scale = lambda: 2.0
-        split = (on_process(slice(0, n // 2)) + on_process(slice(n // 2, n))) / 2
-        del module.sum_across_devices, module.loss_scale
+        split = grpo_on_two_processes(module, gen)
         assert relative(split, whole) < 1e-6, (loss_type, "2 processes")
         module.micro_batch_size = None
