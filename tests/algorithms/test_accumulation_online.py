@@ -47,11 +47,14 @@ def sft_rows(tokenizer, n: int = 8) -> dict:
     return dm.collate(dm.splits["train"], with_prompts=False)
 
 
-@pytest.mark.parametrize("lmbda", [0.0, 1.0], ids=["data answers", "student samples"])
-def test_gkd_step_is_the_whole_batch_step_however_cut(tiny_model_dir, teacher_dir, lmbda):  # noqa: F811
+@pytest.mark.parametrize(
+    ("lmbda", "seq_kd"), [(0.0, False), (1.0, False), (0.0, True)], ids=["data answers", "student samples", "seq_kd"]
+)
+def test_gkd_step_is_the_whole_batch_step_however_cut(tiny_model_dir, teacher_dir, lmbda, seq_kd):  # noqa: F811
     """Answers of 1 and ~60 tokens (the data's), or the student's own samples (lmbda=1, the same keyed
-    samples in every run): the step's mean divergence per answer token, whatever the cut."""
-    module, tokenizer = student(tiny_model_dir, teacher_dir, lmbda=lmbda, beta=0.3, max_new_tokens=12)
+    samples in every run), or the teacher's (seq_kd): the step's mean divergence per answer token, whatever
+    the cut."""
+    module, tokenizer = student(tiny_model_dir, teacher_dir, lmbda=lmbda, seq_kd=seq_kd, beta=0.3, max_new_tokens=12)
     batch = sft_rows(tokenizer)
     n = len(batch["index"])
 
@@ -68,7 +71,9 @@ def test_gkd_step_is_the_whole_batch_step_however_cut(tiny_model_dir, teacher_di
     seqs, _ = module.answers_for(batch)
     total = seqs["loss_mask"][:, 1:].sum().double()  # the step's answer tokens over both processes
     assert relative(two_processes(module, lambda part: step(part, rows=2), n, total), whole) < 1e-6
-    if lmbda == 0.0:  # the rows' answer tokens differ by far between the halves: a per-process mean would show
+    if (
+        lmbda == 0.0 and not seq_kd
+    ):  # the rows' answer tokens differ by far between the halves: a per-process mean would show
         halves = [batch["loss_mask"][p, 1:].sum().item() for p in (slice(0, n // 2), slice(n // 2, n))]
         assert max(halves) > 1.5 * min(halves)
 
