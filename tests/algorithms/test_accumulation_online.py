@@ -11,6 +11,8 @@ does), to 1e-6 relative.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -159,3 +161,30 @@ def test_multi_turn_grpo_step_normalises_by_the_steps_policy_tokens(tiny_model_d
         split = grpo_on_two_processes(module, gen)
         assert relative(split, whole) < 1e-6, (loss_type, "2 processes")
         module.micro_batch_size = None
+
+
+# -- PPO with rule rewards only ---------------------------------------------------------------------
+def test_ppo_with_rule_rewards_only_takes_the_whole_batch_step_however_cut(tiny):
+    """No reward model (reward_funcs=[accuracy]; the value model a copy of the policy): answers cut to 1
+    and 6 tokens in turn; the first optimizer step of the whole batch = micro-batches of 1 and 3 rows = a
+    token budget."""
+    from tests.algorithms.test_accumulation import update_gradient
+    from tests.algorithms.test_ppo import arith_batch
+    from tests.conftest import build_module
+
+    model, tokenizer = tiny
+    module = build_module("ppo", copy.deepcopy(model).double(), tokenizer, reward_funcs=["accuracy"], response_length=6)
+    module = module.double()
+    torch.manual_seed(0)
+    rollout = {k: v for k, v in module.rollout(arith_batch(tokenizer)).items() if torch.is_tensor(v) or v is None}
+    n, length = rollout["mask"].shape
+    keep = torch.tensor([1 if i % 2 else length for i in range(n)]).unsqueeze(1)
+    rollout["mask"] = rollout["mask"] * (torch.arange(length) < keep)
+    module.num_mini_batches, module.micro_batch_size, module.max_tokens_per_micro_batch = 1, None, None
+    whole = update_gradient(module, rollout, world=1)
+    assert whole.norm() > 1e-6
+    for cut in ({"micro_batch_size": 1}, {"micro_batch_size": 3}, {"max_tokens_per_micro_batch": 20}):
+        for key, value in cut.items():
+            setattr(module, key, value)
+        assert relative(update_gradient(module, rollout, world=1), whole) < 1e-6, cut
+        module.micro_batch_size, module.max_tokens_per_micro_batch = None, None
