@@ -9,39 +9,28 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from alignlab.data import PromptDataModule
 from alignlab.data.files import FileSource
 from alignlab.online.multiturn import tool_result_matches
 from alignlab.tools.calculator import calculator
+from tests.algorithms.test_grpo_multiturn import ScriptedBackend
 from tests.conftest import build_module
 
 CASE = Path("/work/shared/cases/grpo_solution_float/prompts.jsonl")
 SEEN: list = []
 
 
-class ExactCaller:
-    """A scripted policy for the byte-level tiny tokenizer: calls the calculator on the prompt's "a+b=" or
-    "a/b=", then answers the tool's result as it is written."""
+class ExactCaller(ScriptedBackend):
+    """The scripted tool-using policy, exact: calls the calculator on the prompt's "a+b=" or "a/b=", then
+    answers the tool's result as it is written."""
 
-    def sync(self, model):
-        pass
-
-    def sample(self, model, ids, attn, num_per_prompt, max_new_tokens, temperature, keys, stop_ids, pad_id):
-        rows = []
-        for i in range(ids.shape[0]):
-            text = bytes(t for t in ids[i][attn[i].bool()].tolist() if t < 256).decode()
-            result = re.search(r"tool\n([\d.]+)", text)
-            if result is None:
-                a, op, b = re.search(r"(\d+)([+/])(\d+)=", text).groups()
-                call = {"name": "calculator", "arguments": {"expression": f"{a}{op}{b}"}}
-                turn = f"<tool_call>{json.dumps(call, separators=(',', ':'))}</tool_call>"
-            else:
-                turn = result.group(1)
-            rows += [list(turn.encode())[: max_new_tokens - 1] + [stop_ids[0]]] * num_per_prompt
-        width = max(map(len, rows))
-        return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+    def turn(self, text: str, key: int) -> str:
+        result = re.search(r"tool\n([\d.]+)", text)
+        if result is not None:
+            return result.group(1)
+        a, op, b = re.search(r"(\d+)([+/])(\d+)=", text).groups()
+        call = {"name": "calculator", "arguments": {"expression": f"{a}{op}{b}"}}
+        return f"<tool_call>{json.dumps(call, separators=(',', ':'))}</tool_call>"
 
 
 def record(prompts, completions, solution=None, **columns):
