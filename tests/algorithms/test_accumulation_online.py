@@ -163,6 +163,48 @@ def test_multi_turn_grpo_step_normalises_by_the_steps_policy_tokens(tiny_model_d
         module.micro_batch_size = None
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"top_entropy_quantile": 0.5},
+        {"importance_sampling_level": "sequence"},
+        {"entropy_coef": 0.01},
+        {"delta": 1.5, "num_iterations": 2},
+    ],
+    ids=["top entropy", "sequence ratio", "entropy bonus", "two-sided clip, 2 iterations"],
+)
+def test_multi_turn_grpo_options_take_the_whole_batch_step_however_cut(tiny_model_dir, options):
+    """The token options on episodes with masked tool tokens: the top-entropy share over the step's policy
+    tokens, GSPO's per-episode ratio, the entropy bonus, δ-clipping over 2 iterations (each step's
+    gradient): the whole batch = micro-batches of 3 rows = a token budget, for dapo and grpo."""
+    from tests.algorithms.test_accumulation import CaptureStep
+
+    module, gen = tool_episodes(tiny_model_dir)
+    first = gen["mask"].cumsum(1) <= 1
+    keep = torch.tensor([i % 3 == 0 for i in range(len(first))]).unsqueeze(1)
+    gen["mask"] = torch.where(keep, gen["mask"] * first, gen["mask"])
+    gen["advantages"] = torch.linspace(-1.5, 1.5, len(first), dtype=torch.float64)
+    if "num_iterations" in options:  # later iterations read the rollout's log-probs: moved off the policy's
+        g = torch.Generator().manual_seed(1)
+        gen["old_logprobs"] = (-torch.rand(gen["mask"].shape, generator=g, dtype=torch.float64)) * gen["mask"]
+    for key, value in options.items():
+        setattr(module, key, value)
+
+    def steps(**cut) -> list[torch.Tensor]:
+        module.micro_batch_size, module.max_tokens_per_micro_batch = cut.get("rows"), cut.get("budget")
+        optimizer = CaptureStep(module, 1)  # keeps each step's gradient; the weights stay
+        module.grpo_update(gen, optimizer)
+        return optimizer.steps
+
+    for loss_type in ("dapo", "grpo"):
+        module.loss_type = loss_type
+        whole = steps()
+        assert len(whole) == module.num_iterations and all(w.norm() > 1e-6 for w in whole)
+        for cut in ({"rows": 3}, {"budget": 400}):
+            for got, want in zip(steps(**cut), whole):
+                assert relative(got, want) < 1e-6, (loss_type, cut)
+
+
 # -- PPO with rule rewards only ---------------------------------------------------------------------
 def test_ppo_with_rule_rewards_only_takes_the_whole_batch_step_however_cut(tiny):
     """No reward model (reward_funcs=[accuracy]; the value model a copy of the policy): answers cut to 1
