@@ -110,16 +110,17 @@ class ScriptedBackend:
         rows = []
         for i in range(ids.shape[0]):
             text = bytes(t for t in ids[i][attn[i].bool()].tolist() if t < 256).decode()
-            a, b = re.search(r"(\d+)\+(\d+)=", text).groups()
             for j in range(num_per_prompt):
-                result = re.search(r"tool\n(\d+)", text)
-                if result is None:
-                    turn = tool_call_text(int(a), int(b))
-                else:
-                    turn = str(int(result.group(1)) + int(keys[i * num_per_prompt + j]) % 2)
+                turn = self.turn(text, int(keys[i * num_per_prompt + j]) if keys is not None else 0)
                 rows.append(list(turn.encode())[: max_new_tokens - 1] + [stop_ids[0]])
         width = max(map(len, rows))
         return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+
+    def turn(self, text: str, key: int) -> str:
+        """The next assistant turn after the conversation `text` so far, for one sampling key."""
+        a, b = re.search(r"(\d+)\+(\d+)=", text).groups()
+        result = re.search(r"tool\n(\d+)", text)
+        return tool_call_text(int(a), int(b)) if result is None else str(int(result.group(1)) + key % 2)
 
 
 class ScriptedEngine(ScriptedBackend):
