@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 
 from alignlab.errors import AlignlabError, ConfigError
 from alignlab.losses.grpo import soft_overlong_penalty
+from alignlab.online.dotted import import_object
 from alignlab.online.generation import _number, matches_solution
 
 
@@ -341,12 +342,7 @@ def build_reward_function(spec: Any) -> tuple[str, Callable]:
     target = spec.get("_target_")
     if not target:
         raise ConfigError(f"a reward function given as a mapping needs `_target_`, got {spec}")
-    try:
-        from hydra.utils import get_object
-
-        obj = get_object(target)
-    except Exception as e:
-        raise ConfigError(f"reward function {target!r} could not be imported: {e}") from None
+    obj = import_object(target, f"reward function {target!r}")  # names what is missing: module, attribute
     if isinstance(obj, type):  # a class (RegexFormat, CosineReward, ...): built, so it checks its arguments now
         try:
             built = instantiate(spec)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
 import inspect
 import json
 import re
@@ -29,42 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignlab.errors import ConfigError
+from alignlab.online.dotted import import_object
 from alignlab.online.rewards import is_async
 
 TOOL_CALL_FORMATS = ("hermes", "llama3")
 
 
 # -- loading ------------------------------------------------------------------------------------
-def import_object(path: str, what: str) -> Any:
-    """The object at dotted `path`: the longest prefix that imports as a module, then its attributes.
-
-    Raises:
-        ConfigError: starting `{what} could not be imported:` and saying what is missing: the module (run
-        from the folder that holds it, or add that folder to PYTHONPATH), an attribute, or what the
-        module's own import raised.
-    """
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module = ".".join(parts[:cut])
-        try:
-            obj = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
-                continue  # this prefix is no module: try a shorter one
-            raise ConfigError(f"{what} could not be imported: importing {module!r} raised {e!r}") from None
-        except Exception as e:
-            raise ConfigError(f"{what} could not be imported: importing {module!r} raised {e!r}") from None
-        for i, attr in enumerate(parts[cut:], start=cut):
-            if not hasattr(obj, attr):
-                raise ConfigError(f"{what} could not be imported: {'.'.join(parts[:i])!r} has no {attr!r}")
-            obj = getattr(obj, attr)
-        return obj
-    raise ConfigError(
-        f"{what} could not be imported: there is no module {parts[0]!r}; run from the folder that holds "
-        f"{parts[0]}.py, or add that folder to PYTHONPATH"
-    )
-
-
 def load_tool(path: str, key: str = "algorithm.tools") -> Callable:
     """The function at dotted `path` (`package.module.function`), checked to make a JSON schema.
 

@@ -337,3 +337,16 @@ def test_grpo_logs_each_reward_functions_time_and_takes_async_ones(tmp_path):
         assert 0 <= seconds < 60, (name, seconds)
     assert result["metrics"]["train/rewards/async_half/mean"] == 0.5
     assert not [k for k in result["metrics"] if k.startswith("eval/timing")]  # timed in training only
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("myrewards_nowhere.sometimes_nan", "there is no module 'myrewards_nowhere'; run from the folder that holds"),
+        ("alignlab.online.rewards.no_such_reward", "'alignlab.online.rewards' has no 'no_such_reward'"),
+    ],
+)
+def test_a_reward_function_that_does_not_import_says_what_is_missing(target, message):
+    with pytest.raises(ConfigError, match=f"reward function '{target}' could not be imported") as err:
+        build_reward_function({"_target_": target})
+    assert message in str(err.value)
