@@ -568,3 +568,23 @@ def test_a_missing_margin_counts_as_zero_in_ultrafeedback_rows_streams_folders_a
     sources = [{"path": str(path), "weight": 2}, {"path": str(without)}]  # every row once
     dm = PairwiseDataModule(FileSource(None, eval_fraction=0), sources=sources, batch_size=12, shuffle=False)
     assert first_margins(tiny, dm) == [2.0, 0.0] * 4 + [0.0] * 4
+
+
+def test_a_mixture_with_no_held_out_rows_trains_without_validation_and_says_so_once(tmp_path, caplog):
+    import logging
+
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", short_pairs(4))
+    one = write_jsonl(tmp_path / "one.jsonl", short_pairs(1))
+    sources = f"data.sources=[{{path:{path},eval_fraction:0}},{{path:{one}}}]"
+    overrides = ["data=custom_pairs", sources, "trainer.max_steps=1", "batch_size=2", *QUIET]
+    with caplog.at_level(logging.WARNING, logger="alignlab.train"):
+        result = train(compose(overrides, tmp_path / "run"))
+    said = [r.getMessage() for r in caplog.records if "no held-out rows" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        "no held-out rows (no source of data.sources holds rows out), so this run trains without validation"
+    )
+    assert "data.sources[i].eval_fraction > 0" in said[0]
+    assert result["steps"] == 1 and not [k for k in result["metrics"] if k.startswith("eval/")]
