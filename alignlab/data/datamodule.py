@@ -350,6 +350,12 @@ class AlignmentDataModule(L.LightningDataModule):
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
         if self.stream is not None and split == "train":
             describe = self.stream.describe()
+        if not counts and self.skipped.get(split):  # every row was bad, none too long
+            return DataError(
+                describe,
+                f"no {split} row is usable: all {self.skipped[split]} rows were left out as bad (data.on_bad_row=skip; "
+                "the log names the first); fix the rows",
+            )
         said = self._dropped_texts(counts, total) or ["every row was left out"]
         hint = "raise max_length" + (
             ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""

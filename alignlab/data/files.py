@@ -542,6 +542,8 @@ class FileSource:
         if self.max_rows is not None:
             dataset = dataset.take(self.max_rows)  # a stream's first N rows: a sample would need all of them
 
+        first_bad: list[DataError] = []  # the first bad row's error (data.on_bad_row=skip)
+
         def convert(record: dict, position: int) -> dict | None:
             if where is None:  # a local file's record: its file and row
                 file, index, raw = record["file"], record["row"], record["raw"]
@@ -553,6 +555,7 @@ class FileSource:
             except DataError as e:
                 if on_bad_row != "skip":
                     raise
+                first_bad[:] = first_bad or [e]
                 self.skipped["train"] = self.skipped.get("train", 0) + 1
                 if self.skipped["train"] == 1:
                     log.warning("%s: left out a bad row (data.on_bad_row=skip): %s", self.path, e)
@@ -566,6 +569,8 @@ class FileSource:
         raws = [record["raw"] if where is None else record for record in peeked]
         check_mapped_columns(raws, self._columns, self.path, self._columns_key)  # a map naming no column fails
         checked = [convert(record, position) for position, record in enumerate(peeked)]
+        if len(peeked) < PEEK_ROWS and all(row is None for row in checked):  # read whole: every row is bad
+            raise DataError(self.path, f"every one of its {len(peeked)} rows is bad; the first: {first_bad[0]}")
         self._forget([row for row in checked if row is not None])
         self.skipped.pop("train", None)  # counted again as training meets them
         stream = RowStream(dataset, self.path, self.shuffle_buffer, convert, self._forget)

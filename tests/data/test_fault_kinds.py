@@ -168,6 +168,14 @@ def test_empty_user_content_is_refused_when_streamed_mixed_or_in_a_json_document
         mix.load(kind)
 
 
+def test_a_stream_whose_every_row_is_empty_stops_when_opened_as_a_file_does(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"conversations": [turn("human", " "), turn("gpt", "4")]}] * 3)
+    expected = f"every one of its 3 rows is bad; the first: {path}, row 1, field 'conversations'"
+    for streaming in (False, True):
+        with pytest.raises(DataError, match=f"^{path}: {expected}"):
+            FileSource(str(path), streaming=streaming).load("sft", on_bad_row="skip")
+
+
 ALLOWED = [
     (
         "ShareGPT, empty system turn",
