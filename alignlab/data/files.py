@@ -433,7 +433,8 @@ class FileSource:
                 dataset = read_hub(location, self.subset, split, self.key)
                 rows = [(where, i + 1, raw, None) for i, raw in enumerate(dataset.to_list())]
         if not rows:
-            raise DataError(location, "has no rows" if not local.is_dir() else f"split {split!r} has no rows")
+            empty = "has no rows" if local.is_file() else f"split {split!r} has no rows"
+            raise DataError(location, f"{empty}; check {key if local.is_file() else split_key}")
         if sample is not None:
             rng = random.Random(f"{self.split_seed}:sample")  # a text seed hashes the same in every process
             if sample > len(rows):
@@ -565,7 +566,8 @@ class FileSource:
 
         peeked = list(dataset.take(PEEK_ROWS))
         if not peeked:
-            raise DataError(self.path, f"split {self.split!r} has no rows")
+            empty = "has no rows" if local.is_file() else f"split {self.split!r} has no rows"
+            raise DataError(self.path, f"{empty}; check {self.key}.{'path' if local.is_file() else 'split'}")
         raws = [record["raw"] if where is None else record for record in peeked]
         check_mapped_columns(raws, self._columns, self.path, self._columns_key)  # a map naming no column fails
         checked = [convert(record, position) for position, record in enumerate(peeked)]

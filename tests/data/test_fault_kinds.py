@@ -596,3 +596,17 @@ def test_a_mixture_with_no_held_out_rows_trains_without_validation_and_says_so_o
     )
     assert "data.sources[i].eval_fraction > 0" in said[0]
     assert result["steps"] == 1 and not [k for k in result["metrics"] if k.startswith("eval/")]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in memory", "stream"])
+def test_an_empty_split_or_file_is_named_with_the_key_to_change(tmp_path, streaming):
+    folder = tmp_path / "hub" / "data"
+    write_jsonl(folder / "train-00000-of-00001.jsonl", short_pairs(4))
+    (folder / "test-00000-of-00001.jsonl").write_text("")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"split 'test' has no rows; check data.source.eval_split$"):
+        FileSource(str(folder.parent), eval_split="test", streaming=streaming).load("pairwise")
+    with pytest.raises(DataError, match=r"empty.jsonl: has no rows; check data.source.eval_path$"):
+        FileSource(str(folder.parent), eval_path=str(tmp_path / "empty.jsonl"), streaming=streaming).load("pairwise")
+    with pytest.raises(DataError, match=r"split 'test' has no rows; check data.sources\[0\].split$"):
+        MixtureSource.from_specs([{"path": str(folder.parent), "split": "test"}], base=FileSource(None)).load("sft")
