@@ -298,6 +298,9 @@ def hub_data_files(path: str, subset: str | None, split: str) -> list[str] | Non
         files = builder.config.data_files or {}
         if builder.name not in ("json", "csv") or builder.info.features is not None or split not in files:
             return None
+        default, where = type(builder.config)(), ("name", "version", "data_dir", "data_files", "description")
+        if any(getattr(builder.config, k, None) != v for k, v in vars(default).items() if k not in where):
+            return None  # read with options of its own (a JSON field, a CSV separator): as `datasets` reads it
         names = [str(f) for f in files[split]]
         return names if names and all(Path(n).suffix.lower() in _FORMATS for n in names) else None  # not .gz
     except Exception:  # anything unusual: `datasets` reads it, and its errors say what is wrong
