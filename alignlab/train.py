@@ -194,12 +194,15 @@ def no_validation_message(cfg: DictConfig, train_rows: int | None) -> str:
     None for a stream, whose length is unknown)."""
     fraction = cfg.data.source.get("eval_fraction")
     why = "the data has one row" if train_rows == 1 and fraction else f"data.source.eval_fraction={fraction}"
+    key = "data.source"
     if train_rows is None:
         why = "data.source.streaming=true holds no fraction of the stream out"
+    elif cfg.data.get("sources"):  # a mixture: each spec holds its own rows out
+        why, key = "no source of data.sources holds rows out", "data.sources[i]"
     return (
         f"no held-out rows ({why}), so this run trains without validation and reports no eval/ metrics; "
-        "to validate, hold rows out with data.source.eval_fraction > 0 on a file of 2 or more rows, or give "
-        "data.source.eval_path"
+        f"to validate, hold rows out with {key}.eval_fraction > 0 on a file of 2 or more rows, or give "
+        f"{key}.eval_path (or {key}.eval_split for a folder or Hub data set)"
     )
 
 

@@ -159,6 +159,7 @@ class AlignmentDataModule(L.LightningDataModule):
                 lambda m, row=row: len(self._encode_rows([{**row, "prompt": m}], (), False)[0][0]),
                 max((len(a) for a in answers), default=0),
                 self.max_length,
+                _shared_start(answers) + 1 if len(answers) > 1 else 0,
             )
             if shorter is not None:
                 row["prompt"] = shorter
@@ -329,22 +330,49 @@ class AlignmentDataModule(L.LightningDataModule):
                 ex["index"] = i  # its position among the kept rows, which the loaders' order indexes
             counts = Counter(why for why in reasons if why is not None)
             self.dropped[split], self.dropped_by_reason[split] = sum(counts.values()), dict(counts)
-            said = [
-                f"{n} of {len(rows)} rows " + DROP_REASONS[why].format(max_length=self.max_length)
-                for why, n in counts.items()
-            ]
-            for text in said:
+            for text in self._dropped_texts(counts, len(rows)):
                 log.warning("%s split: dropped %s", split, text)
             if not kept and rows:
-                hint = "raise max_length" + (
-                    ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""
-                )
-                raise DataError(
-                    describe, f"no {split} row is usable at max_length={self.max_length}: {'; '.join(said)}; {hint}"
-                )
+                raise self.unusable(split, counts, len(rows))
             self.splits[split] = kept
         if not self.splits.get("train") and self.stream is None:
             raise DataError(describe, "the train split is empty")
+        if self.stream is not None and self.stream.whole:  # the stream's rows were all read to check them
+            self._check_stream_rows()
+
+    def _dropped_texts(self, counts: dict[str, int], total: int | None) -> list[str]:
+        of = "" if total is None else f" of {total}"
+        return [f"{n}{of} rows " + DROP_REASONS[why].format(max_length=self.max_length) for why, n in counts.items()]
+
+    def unusable(self, split: str, counts: dict[str, int], total: int | None) -> DataError:
+        """The error for a split of which `max_length` leaves no row (`counts`: rows dropped by reason, of
+        `total`; None: a stream's epoch, whose size is not known), naming max_length and what to do."""
+        describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
+        if self.stream is not None and split == "train":
+            describe = self.stream.describe()
+        if not counts and self.skipped.get(split):  # every row was bad, none too long
+            return DataError(
+                describe,
+                f"no {split} row is usable: all {self.skipped[split]} rows were left out as bad (data.on_bad_row=skip; "
+                "the log names the first); fix the rows",
+            )
+        said = self._dropped_texts(counts, total) or ["every row was left out"]
+        hint = "raise max_length" + (
+            ", or shorten what the two answers share" if "identical_after_truncation" in counts else ""
+        )
+        usable = f"no {split} row is usable at max_length={self.max_length}"
+        return DataError(describe, f"{usable}: {'; '.join(said)}; {hint}")
+
+    def _check_stream_rows(self) -> None:
+        """A stream short enough to have been read whole when its first rows were checked: its rows
+        through the chat template and max_length now, so a stream with no usable row stops before the
+        run writes anything, as a file does."""
+        rows = self.stream.head
+        shortened = self._shortened
+        _, reasons = self._encode_split("train", rows, list(range(len(rows))))
+        self._shortened = shortened
+        if rows and all(why is not None for why in reasons):
+            raise self.unusable("train", dict(Counter(reasons)), len(rows))
 
     def _encode_split(self, split: str, rows: list[dict], index: list[int] | None = None) -> tuple[list[dict], list]:
         """The encoded rows `max_length` leaves usable, in order, and each row's drop reason (None: kept).
@@ -517,6 +545,16 @@ class AlignmentDataModule(L.LightningDataModule):
         text = [k for k in self.passthrough if k in keys] if with_prompts else []
         out = collate_prompts([e["prompt_ids"] for e in examples], self.pad_id) if with_prompts else {}
         return {**out, **collate_extras(examples, numeric, text)}
+
+
+def _shared_start(answers: list[list[int]]) -> int:
+    """How many first tokens all `answers` share."""
+    n = 0
+    for tokens in zip(*answers):
+        if any(t != tokens[0] for t in tokens):
+            break
+        n += 1
+    return n
 
 
 class SFTDataModule(AlignmentDataModule):

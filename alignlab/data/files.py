@@ -53,7 +53,10 @@ def read_jsonl(path: Path) -> list:
 def read_json(path: Path) -> list:
     """Rows of a JSON file: a list of rows, `{"data": [rows]}` / `{"rows": [rows]}`, a single row
     (an object), or JSON Lines saved under a .json name. Each row keeps the types written in the file."""
-    text = path.read_text(encoding="utf-8")
+    return _json_document(path, path.read_text(encoding="utf-8"))
+
+
+def _json_document(path: Path, text: str) -> list:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -111,38 +114,56 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
     return ds.to_list()
 
 
+def _open(name: str, mode: str = "r"):
+    """A local file, or a data file of a Hub data set (an `hf://` URL, as `datasets` resolves them)."""
+    if Path(name).exists():
+        return open(name, mode, encoding="utf-8") if "b" not in mode else open(name, mode)
+    from datasets.utils.file_utils import xopen
+
+    return xopen(name, mode, encoding="utf-8") if "b" not in mode else xopen(name, mode)
+
+
 def _file_records(files: list[str]) -> Iterator[dict]:
-    """{"file", "row" (1-based), "raw"} for every row of `files` in order, read lazily."""
+    """{"file", "row" (1-based), "raw"} for every row of `files` (local paths or Hub URLs) in order, read
+    lazily, each with the values written in it (see the module docstring)."""
     for name in files:
         path = Path(name)
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+            with _open(name) as f:
                 for row, raw in enumerate(_json_lines(path, f), 1):
                     yield {"file": name, "row": row, "raw": raw}
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
             row = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                for raw in batch.to_pylist():
-                    row += 1
-                    yield {"file": name, "row": row, "raw": raw}
+            with _open(name, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                    for raw in batch.to_pylist():
+                        row += 1
+                        yield {"file": name, "row": row, "raw": raw}
         elif suffix == ".csv":
             import pandas as pd
 
             row = 0
-            for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=1024):
-                for raw in chunk.to_dict("records"):
-                    row += 1
-                    yield {"file": name, "row": row, "raw": raw}
+            with _open(name) as f:
+                for chunk in pd.read_csv(f, dtype=str, keep_default_na=False, chunksize=1024):
+                    for raw in chunk.to_dict("records"):
+                        row += 1
+                        yield {"file": name, "row": row, "raw": raw}
         else:  # a JSON document is one value: read whole
-            for row, raw in enumerate(read_rows(name), 1):
+            if Path(name).exists():
+                values = read_rows(name)
+            else:
+                with _open(name) as f:
+                    values = _json_document(path, f.read())
+            for row, raw in enumerate(values, 1):
                 yield {"file": name, "row": row, "raw": raw}
 
 
-def file_stream(files: list[Path]):
-    """A `datasets.IterableDataset` of {"file", "row", "raw"} records over local files, one shard each."""
+def file_stream(files: list[Path] | list[str]):
+    """A `datasets.IterableDataset` of {"file", "row", "raw"} records over local files (or a Hub data
+    set's file URLs), one shard each."""
     import datasets
 
     return datasets.IterableDataset.from_generator(_file_records, gen_kwargs={"files": [str(f) for f in files]})
@@ -262,6 +283,28 @@ def folder_splits(folder: Path, subset: str | None, key: str = "data.source") ->
                     f"set; choose one with {key}.subset",
                 )
     return splits
+
+
+def hub_data_files(path: str, subset: str | None, split: str) -> list[str] | None:
+    """The data files (URLs) of a Hub data set's split when `datasets` would read them as JSON, JSON Lines
+    or CSV and the data set declares no column types: alignlab then reads them itself, so that each
+    value keeps the type written in the file (`datasets` reads such files through Arrow, which widens a
+    column holding 5 and 0.5 to floats, and through pandas, which reads "007" as 7). None otherwise
+    (Parquet keeps the types its writer gave; declared types are the author's): `datasets` reads it."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(path, name=subset)
+        files = builder.config.data_files or {}
+        if builder.name not in ("json", "csv") or builder.info.features is not None or split not in files:
+            return None
+        default, where = type(builder.config)(), ("name", "version", "data_dir", "data_files", "description")
+        if any(getattr(builder.config, k, None) != v for k, v in vars(default).items() if k not in where):
+            return None  # read with options of its own (a JSON field, a CSV separator): as `datasets` reads it
+        names = [str(f) for f in files[split]]
+        return names if names and all(Path(n).suffix.lower() in _FORMATS for n in names) else None  # not .gz
+    except Exception:  # anything unusual: `datasets` reads it, and its errors say what is wrong
+        return None
 
 
 def read_hub(path: str, subset: str | None, split: str, key: str = "data.source", streaming: bool = False):
@@ -386,10 +429,15 @@ class FileSource:
             rows = [(location, i + 1, raw, local.parent) for i, raw in enumerate(read_rows(location))]
         else:
             where = location + (f" ({self.subset})" if self.subset else "") + f" [{split}]"
-            dataset = read_hub(location, self.subset, split, self.key)
-            rows = [(where, i + 1, raw, None) for i, raw in enumerate(dataset.to_list())]
+            files = hub_data_files(location, self.subset, split)
+            if files is not None:  # read here, so that each value keeps its written type
+                rows = [(r["file"], r["row"], r["raw"], None) for r in _file_records(files)]
+            else:
+                dataset = read_hub(location, self.subset, split, self.key)
+                rows = [(where, i + 1, raw, None) for i, raw in enumerate(dataset.to_list())]
         if not rows:
-            raise DataError(location, "has no rows" if not local.is_dir() else f"split {split!r} has no rows")
+            empty = "has no rows" if local.is_file() else f"split {split!r} has no rows"
+            raise DataError(location, f"{empty}; check {key if local.is_file() else split_key}")
         if sample is not None:
             rng = random.Random(f"{self.split_seed}:sample")  # a text seed hashes the same in every process
             if sample > len(rows):
@@ -489,10 +537,16 @@ class FileSource:
                 raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
             dataset, where = file_stream([local]), None
         else:
-            dataset = read_hub(self.path, self.subset, self.split, self.key, streaming=True)
-            where = self.path + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
+            files = hub_data_files(self.path, self.subset, self.split)
+            if files is not None:  # read here, so that each value keeps its written type
+                dataset, where = file_stream(files), None
+            else:
+                dataset = read_hub(self.path, self.subset, self.split, self.key, streaming=True)
+                where = self.path + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
         if self.max_rows is not None:
             dataset = dataset.take(self.max_rows)  # a stream's first N rows: a sample would need all of them
+
+        first_bad: list[DataError] = []  # the first bad row's error (data.on_bad_row=skip)
 
         def convert(record: dict, position: int) -> dict | None:
             if where is None:  # a local file's record: its file and row
@@ -500,11 +554,12 @@ class FileSource:
             else:
                 file, index, raw = f"{where}, streamed row {position + 1}", None, record
             try:
-                folder = Path(file).parent if where is None else None
+                folder = Path(file).parent if where is None and Path(file).exists() else None
                 row = to_canonical(raw, kind, file, index, base_dir=folder, columns=self._columns)
             except DataError as e:
                 if on_bad_row != "skip":
                     raise
+                first_bad[:] = first_bad or [e]
                 self.skipped["train"] = self.skipped.get("train", 0) + 1
                 if self.skipped["train"] == 1:
                     log.warning("%s: left out a bad row (data.on_bad_row=skip): %s", self.path, e)
@@ -514,13 +569,18 @@ class FileSource:
 
         peeked = list(dataset.take(PEEK_ROWS))
         if not peeked:
-            raise DataError(self.path, f"split {self.split!r} has no rows")
+            empty = "has no rows" if local.is_file() else f"split {self.split!r} has no rows"
+            raise DataError(self.path, f"{empty}; check {self.key}.{'path' if local.is_file() else 'split'}")
         raws = [record["raw"] if where is None else record for record in peeked]
         check_mapped_columns(raws, self._columns, self.path, self._columns_key)  # a map naming no column fails
         checked = [convert(record, position) for position, record in enumerate(peeked)]
+        if len(peeked) < PEEK_ROWS and all(row is None for row in checked):  # read whole: every row is bad
+            raise DataError(self.path, f"every one of its {len(peeked)} rows is bad; the first: {first_bad[0]}")
         self._forget([row for row in checked if row is not None])
         self.skipped.pop("train", None)  # counted again as training meets them
-        return RowStream(dataset, self.path, self.shuffle_buffer, convert, self._forget)
+        stream = RowStream(dataset, self.path, self.shuffle_buffer, convert, self._forget)
+        stream.head, stream.whole = [row for row in checked if row is not None], len(peeked) < PEEK_ROWS
+        return stream
 
     def _forget(self, rows: list[dict]) -> None:
         for row in rows:

@@ -6,8 +6,9 @@ Recognised forms (one example row of each is in docs/data.md):
 - ShareGPT: `conversations`, a list of `{"from": ..., "value": ...}` turns with roles human/gpt/system
   (also user/assistant, observation/tool and function_call); an optional `system` column; a pair's
   `chosen`/`rejected` as one `{"from": "gpt", "value": ...}` turn each (LLaMA-Factory's preference form).
-- Alpaca: `instruction`, optional `input` (joined to the instruction with a newline, as ms-swift and
-  LLaMA-Factory join them), `output` (the answer); optional `system` and `history` ([[question, answer], ...]).
+- Alpaca: `instruction`, optional `input` (joined to the instruction with a newline, a blank one left out,
+  as ms-swift and LLaMA-Factory join them), `output` (the answer); optional `system` and `history`
+  ([[question, answer], ...]).
 - Anthropic HH: `chosen`/`rejected` as whole transcripts of `\\n\\nHuman:` / `\\n\\nAssistant:` turns;
   the turns before the last assistant turn are the prompt, which both transcripts must share.
 - TRL's standard form with an implicit prompt: `chosen`/`rejected` as text with no `prompt`; their
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 
 from alignlab.errors import DataError
@@ -48,6 +50,13 @@ ACCEPTED_FORMS = (
     "`instruction` + `input` + `output` (Alpaca)",
 )
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace and invisible format characters (zero-width space
+    and joiners, the byte-order mark, soft hyphen: Unicode category Cf). Every check for an empty
+    message, prompt or answer uses this one test, whatever form the row came in."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
 def rename_columns(raw: dict, columns: Mapping[str, str] | None, source: str, index: int) -> dict:
@@ -170,7 +179,8 @@ def _alpaca(raw: dict, source: str, index: int) -> dict:
         raise DataError(source, f"expected text, got {type(instruction).__name__}", row=index, field="instruction")
     if extra is not None and not isinstance(extra, str):
         raise DataError(source, f"expected text, got {type(extra).__name__}", row=index, field="input")
-    question = instruction + ("\n" + extra if extra and extra.strip() else "")
+    # the non-blank of instruction and input, joined by a newline (as ms-swift and LLaMA-Factory join them)
+    question = "\n".join(part for part in (instruction, extra) if part and not blank(part))
     messages = []
     if isinstance(raw.get("system"), str) and raw["system"].strip():
         messages.append({"role": "system", "content": raw["system"]})
@@ -241,7 +251,7 @@ def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
             and kind in ("pairwise", "labelled", "prompt", "sft")
         ):
             prompt, chosen, rejected = common_prompt(chosen, rejected)
-            if prompt.strip():  # no shared beginning: `prompt` stays missing, and the row is refused for it
+            if not blank(prompt):  # no shared beginning: `prompt` stays missing, and the row is refused for it
                 raw = {**raw, "prompt": prompt, "chosen": chosen, "rejected": rejected}
         if isinstance(raw.get("prompt"), str) and (messages := hh_messages(raw["prompt"])):
             if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from alignlab.data.formats import ACCEPTED_FORMS, normalise, rename_columns
+from alignlab.data.formats import ACCEPTED_FORMS, blank, normalise, rename_columns
 from alignlab.data.images import ImageError, describe, load_image
 from alignlab.errors import DataError
 
@@ -97,7 +97,7 @@ class _Row:
                 raise self.fail(
                     field, f"message {i} content must be text or a list of content parts, got {type(content).__name__}"
                 )
-            if not content.strip() and m["role"] != "system":  # an empty system prompt is a choice
+            if blank(content) and m["role"] != "system":  # an empty system prompt is a choice
                 raise self.fail(field, f"message {i} ({m['role']}) is empty; only a system message may be empty")
             out.append({"role": m["role"], "content": content})
         return out
@@ -130,7 +130,7 @@ class _Row:
     def prompt(self, field: str = "prompt") -> list[dict]:
         value = self.raw.get(field)
         if isinstance(value, str):
-            if not value.strip():
+            if blank(value):
                 raise self.fail(field, "prompt is empty")
             return [{"role": "user", "content": value}]
         if not isinstance(value, list):
@@ -158,7 +158,7 @@ class _Row:
             if msgs[-1]["role"] != "assistant":
                 raise self.fail(field, "must end with an assistant message")
             prefix, text = msgs[:-1], msgs[-1]["content"]
-        if not text.strip():
+        if blank(text):
             raise self.fail(field, "the answer is empty")
         return prefix, text
 
@@ -193,7 +193,7 @@ class _Row:
         msgs = self.messages("messages")
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
             raise self.fail("messages", "must end with an assistant answer after at least one prompt message")
-        if not msgs[-1]["content"].strip():
+        if blank(msgs[-1]["content"]):
             raise self.fail("messages", "the assistant answer is empty")
         return msgs[:-1], msgs[-1]["content"]
 

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from alignlab.data.order import process_group
-from alignlab.errors import ConfigError, DataError
+from alignlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class RowStream:
     ):
         self.dataset, self.name, self.shuffle_buffer = dataset, describe, shuffle_buffer
         self.convert, self.forget = convert, forget
+        self.head: list[dict] = []  # the canonical rows of the first records, as checked when the stream opened
+        self.whole = False  # whether those are all its rows (a stream shorter than PEEK_ROWS)
 
     def rows(self, epoch: int, seed: int, shuffle: bool, start: int = 0) -> Iterator[tuple[int, dict]]:
         """(position in the epoch's stream, canonical row) from position `start` on: the stream shuffled
@@ -178,7 +180,7 @@ class _StreamBatches(IterableDataset):
         current = next(steps, None)
         if current is None:
             if start == 0:
-                raise DataError(dm.stream.describe(), f"epoch {epoch} of the stream gave no usable training row")
+                raise dm.unusable("train", dm.dropped_by_reason.get("train", {}), None)
             order.advance((epoch + 1, 0, 0))  # stopped right at the epoch's end: the next one starts afresh
         while current is not None:
             following = next(steps, None)

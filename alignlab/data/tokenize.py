@@ -20,6 +20,9 @@ GRPO sample from):
    `<|im_end|>`, `</s>`, `<|end|>`). The newline many templates write after that token is not trained:
    generation stops at the end-of-turn token, so the model never writes it. A template that writes no
    special token there ends the answer with its text (right whitespace dropped) and eos.
+   Text a template writes from the row's tool schemas (names, descriptions) is markup, not a message
+   content; a special token's text in it is broken up before rendering (`_Codec.defuse`) and encoded
+   as text too.
 4. A content the template trims (Llama-3, Gemma) is encoded as the template writes it; so is an earlier
    assistant turn the template rewrites (Qwen3 drops the think block of a turn before the last user
    message). Any other rewrite by the template (e.g. Qwen3 moving `<think>…</think>` out of the answer
@@ -31,6 +34,7 @@ merge the prompt's last characters with the answer's first ones.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import weakref
@@ -42,6 +46,7 @@ SYSTEM_PROMPT = ("keep", "merge")  # data.system_prompt: pass system messages to
 
 # Placeholders and stand-ins carry a random mark, so no text a user writes can be mistaken for them.
 _MARK = secrets.token_hex(8)
+_BREAK = f"\ue006{_MARK}\ue007"  # breaks a special token's text in tool schemas (see _Codec.defuse)
 _PLACEHOLDER = re.compile("\ue000" + _MARK + r":(\d+)\ue001")
 
 
@@ -92,6 +97,9 @@ class _Codec:
         self.pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
         self.takes_right_space = {self.stand_in[t.content] for t in specials.values() if t.rstrip}
         self.boundary = f"\ue004{_MARK}\ue005"  # starts a text mid-conversation (see encode)
+        # Splits a special token's text written inside tool schemas, so `protect` does not take it for markup;
+        # dropped once protected (also as a template's `tojson(ensure_ascii=True)` writes it).
+        self.breaks = (_BREAK, json.dumps(_BREAK)[1:-1])
         if not self.fast:
             return
         backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
@@ -109,8 +117,22 @@ class _Codec:
         self.to_real = {backend.token_to_id(s): i for s, i in self.special_id.items()}
 
     def protect(self, markup: str) -> str:
-        """Markup with each special token written as its stand-in."""
-        return self.pattern.sub(lambda m: self.stand_in[m.group(0)], markup) if self.pattern else markup
+        """Markup with each special token written as its stand-in (text `defuse` broke up stays text)."""
+        out = self.pattern.sub(lambda m: self.stand_in[m.group(0)], markup) if self.pattern else markup
+        for mark in self.breaks:
+            out = out.replace(mark, "")
+        return out
+
+    def defuse(self, value):
+        """`value` (tool schemas: dicts, lists, text) with every special token's text in its strings broken
+        by `_BREAK`, so that what a template writes from it stays text (`protect` drops the breaks)."""
+        if isinstance(value, str):
+            return self.pattern.sub(lambda m: m.group(0)[0] + _BREAK + m.group(0)[1:], value) if self.pattern else value
+        if isinstance(value, dict):
+            return {self.defuse(k): self.defuse(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.defuse(v) for v in value]
+        return value
 
     def encode(self, texts: list[str], after: list[str] | None = None) -> list[list[int]]:
         """Ids of protected texts. `after`: per text, the protected text it follows in the conversation
@@ -326,7 +348,7 @@ def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bo
     segments: dict[int, list[tuple[str, bool]]] = {}  # row → its prompt's stretches, for rows with trained turns
     for index, messages in enumerate(prompts):
         messages = merge_system(messages) if merge else list(messages)
-        row_tools = tools[index] if tools is not None else None
+        row_tools = codec.defuse(tools[index]) if tools is not None and tools[index] else None
         row_answers = list(answers[index]) if answers is not None else []
         contents = [m["content"] for m in messages]
         n = len(messages)  # the answer's placeholder

@@ -11,16 +11,20 @@ always (`alignlab.data.tokenize.fit_answer`).
   prompt and its answer fit (TRL's `keep_end` keeps the end of a sequence; this keeps it turn by turn,
   so the template still sees a well-formed conversation).
 - `keep_start`: the last user message's text is cut from its end (the start of a long document is
-  kept, as TRL's `keep_start` keeps the start of a sequence).
+  kept, as TRL's `keep_start` keeps the start of a sequence); never to blank text, which would be an
+  empty message (alignlab.data.formats.blank).
 Both shorten the prompt until prompt + answer fit, counting at most half of `max_length` for the
-answer (a longer answer is then cut from its end), and leave the row out (`prompt_too_long`) when even
-the shortest prompt they allow does not fit. Rows with images are not shortened (their `<image>`
-placeholders must match their images): they are left out as with `drop_row`.
+answer (a longer answer is then cut from its end), but for a pair at least its answers' shared start and
+the first token that differs (so that the cut answers still differ), and leave the row out
+(`prompt_too_long`) when even the shortest prompt they allow does not fit. Rows with images are not
+shortened (their `<image>` placeholders must match their images): they are left out as with `drop_row`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from alignlab.data.formats import blank
 
 TRUNCATION = ("drop_row", "keep_start", "keep_end", "error")
 
@@ -44,18 +48,26 @@ def turns_dropped(messages: list[dict]) -> list[list[dict]]:
 
 
 def shorten_prompt(
-    messages: list[dict], mode: str, length: Callable[[list[dict]], int], answer: int, max_length: int
+    messages: list[dict],
+    mode: str,
+    length: Callable[[list[dict]], int],
+    answer: int,
+    max_length: int,
+    distinct: int = 0,
 ) -> list[dict] | None:
     """A shorter prompt under `mode` (keep_end or keep_start, see the module docstring) whose token count,
-    by `length(messages)`, leaves room for `min(answer, max_length // 2)` answer tokens; when none does,
-    the shortest one allowed if it leaves room for one; else None (the row is left out).
+    by `length(messages)`, leaves room for `max(min(answer, max_length // 2), distinct)` answer tokens;
+    when none does, the shortest one allowed if it leaves room for one; else None (the row is left out).
 
     Args:
         messages: the prompt that does not fit.
         length: the prompt's token count as the chat template lays it out.
         answer: the longest answer's token count (0 for prompt-only rows).
+        distinct: answer tokens a pair needs to stay a pair: its answers' shared first tokens and the
+            first that differs (0 for one answer). Cut to fewer, chosen and rejected would be the same
+            tokens and the row would be dropped.
     """
-    room = max(min(answer, max_length // 2), 1)
+    room = max(min(answer, max_length // 2), min(distinct, answer), 1)
 
     def fits(m: list[dict]) -> bool:
         return length(m) + room <= max_length
@@ -83,7 +95,7 @@ def shorten_prompt(
                     best, lo = mid, mid + 1
                 else:
                     hi = mid - 1
-            if best is not None:
+            if best is not None and not blank(text[:best]):  # a cut to blank text would be an empty message
                 return cut(best)
         return None
     raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {mode!r}")
