@@ -20,7 +20,7 @@ from alignlab.losses import (
     step_mean,
     wpo_weights,
 )
-from alignlab.models.compatible import check_same_tokenizer
+from alignlab.models.compatible import check_ref_model
 from alignlab.models.logprobs import AnswerLogps, answer_logprobs
 from alignlab.runner.checks import Checks
 
@@ -121,9 +121,7 @@ class DPO(PairwiseModule):
                 "algorithm.sync_ref_model=true moves the reference during training, so its log-probs cannot be "
                 "computed once before it: set algorithm.precompute_ref_log_probs=false"
             )
-        if algorithm.ref_model is not None:
-            required = algorithm.requires_chat_template
-            check_same_tokenizer(cfg.model, algorithm.ref_model, "algorithm.ref_model", require_chat_template=required)
+        check_ref_model(cfg)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return super().configure_callbacks() if self.uses_reference else []  # reference-free: nothing to score

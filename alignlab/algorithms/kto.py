@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.data.collate import select_rows
 from alignlab.losses import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_weight_advice, step_mean
-from alignlab.models.compatible import check_same_tokenizer
+from alignlab.models.compatible import check_ref_model
 from alignlab.models.logprobs import answer_logprobs
 from alignlab.runner.checks import Checks
 
@@ -48,13 +48,7 @@ class KTO(AlignmentModule):
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
-        if cfg.algorithm.ref_model is not None:
-            check_same_tokenizer(
-                cfg.model,
-                cfg.algorithm.ref_model,
-                "algorithm.ref_model",
-                require_chat_template=cfg.algorithm.requires_chat_template,
-            )
+        check_ref_model(cfg)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [*super().configure_callbacks(), WeightAdvice()]

@@ -30,7 +30,7 @@ from alignlab.losses.rlhf import (
     masked_mean,
     masked_whiten,
 )
-from alignlab.models.compatible import check_same_tokenizer
+from alignlab.models.compatible import check_ref_model
 from alignlab.models.modes import disable_dropout
 from alignlab.models.reference import Frozen
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
@@ -171,13 +171,7 @@ class PPO(OnlineModule):
                 f"the mini-batch (batch_size / algorithm.num_mini_batches = {batch // minis}) must be "
                 f"divisible by algorithm.micro_batch_size ({micro})"
             )
-        if cfg.algorithm.ref_model is not None:
-            check_same_tokenizer(
-                cfg.model,
-                cfg.algorithm.ref_model,
-                "algorithm.ref_model",
-                require_chat_template=cfg.algorithm.requires_chat_template,
-            )
+        check_ref_model(cfg)
 
     # -- rollout --------------------------------------------------------------------------------
     def rule_rewards(self, batch: dict, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

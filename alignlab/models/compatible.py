@@ -23,7 +23,7 @@ from alignlab.models.loading import (
     tokenizer_from_pretrained,
 )
 
-__all__ = ["check_same_tokenizer"]
+__all__ = ["check_ref_model", "check_same_tokenizer"]
 
 
 def check_same_tokenizer(
@@ -82,6 +82,15 @@ def check_same_tokenizer(
                     f"{key}={path}: the {theirs_name}'s config has vocab_size {declared[1]}, the {ours_name}'s "
                     f"{width}: their logits cover different vocabularies, which are compared token by token"
                 )
+
+
+def check_ref_model(cfg: DictConfig) -> None:
+    """`algorithm.ref_model`, when set, reads the policy's token ids (check_same_tokenizer); DPO, KTO and
+    PPO run it before any model loads. Raises what check_same_tokenizer raises."""
+    algorithm = cfg.algorithm
+    if algorithm.get("ref_model") is not None:
+        required = algorithm.requires_chat_template
+        check_same_tokenizer(cfg.model, algorithm.ref_model, "algorithm.ref_model", require_chat_template=required)
 
 
 def _vocab_size(path: str, trust_remote_code: bool) -> int | None:
