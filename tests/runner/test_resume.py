@@ -64,7 +64,7 @@ CASES = {
     "dpo": ["trainer.max_steps=40", "trainer.val_check_interval=15"],
     # ... and on a step that validates, over 4 held-out batches: the signal arrives before the validation
     # (held until it has seen every batch), and the restart skips it without counting a step twice.
-    "dpo-validating": ["trainer.max_steps=40", "trainer.val_check_interval=20", "eval_batch_size=32"],
+    "dpo-validating": ["trainer.max_steps=20", "trainer.val_check_interval=10", "eval_batch_size=32"],
     # GRPO samples with keys from its step counter, which the checkpoint restores; the length reward
     # varies for the untrained model's answers, so the policy moves.
     "grpo": [
