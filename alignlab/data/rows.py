@@ -354,20 +354,21 @@ class _Row:
         """The columns the row carries beyond those read (`used`), for reward functions and evaluation.
 
         Raises:
-            DataError: a `solution` that is an object or a list: reward functions compare it with the
-                answer's text, so it must be one value (e.g. a struct's field, mapped by data.columns).
+            DataError: a `solution` that is an object (a struct column, as verl's `reward_model`): reward
+                functions compare it with the answer, so it must be a value (e.g. a struct's field, mapped
+                by a dotted data.columns name). A list passes (a custom reward may take several answers).
         """
         out = {k: v for k, v in self.raw.items() if k not in used and k not in IMAGE_COLUMNS}
         solution = out.get("solution")
-        if solution is not None and not isinstance(solution, (str, int, float)):
+        if isinstance(solution, dict):
             hint = ""
-            if isinstance(solution, dict) and solution:
+            if solution:
                 column = next((k for k, v in self.original.items() if v is solution), "<column>")
                 inner = next((k for k in ("ground_truth", "answer", "solution") if k in solution), list(solution)[-1])
                 hint = f"; map the field that holds the answer instead: data.columns={{{column}.{inner}:solution}}"
             raise self.fail(
                 "solution",
-                f"expected one value (text or a number) to compare answers with, got a {type(solution).__name__} "
+                f"expected a value (text or a number) to compare answers with, got an object "
                 f"{_short(repr(solution), 60)}{hint}",
             )
         return out
@@ -526,6 +527,8 @@ def _given_name(
         return None
     if field not in renamed:  # made by a recognised form (alignlab.data.formats)
         consumed = [c for c in renamed if c not in read]  # the columns a form turned into others
+        if not isinstance(renamed.get("input"), dict):  # Alpaca's `input` joins the instruction
+            consumed = [c for c in consumed if c != "input"]
         made_from = {"messages": "conversations", "completion": "output"}
         made_from |= {"chosen": "preferred_output", "rejected": "non_preferred_output"}
         made_from["prompt"] = next((c for c in ("conversations", "input", "messages") if c in consumed), "instruction")
