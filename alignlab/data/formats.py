@@ -188,13 +188,14 @@ def suggest_columns(raw: Mapping, kind: str, present: Iterable[str] = ()) -> dic
     """A `data.columns` map that would read a row's columns as alignlab's for data `kind`: each column
     of `raw` (the row as its file gives it) named as other projects name one of the kind's columns
     (`SYNONYMS`), when neither `raw` nor `present` (the columns read so far) has that column. Columns
-    holding an object are left out (no synonym is a struct). {} when none applies."""
+    holding null or an object are left out (no synonym is a struct). {} when none applies."""
     have = set(raw) | set(present)
     out: dict[str, str] = {}
     for target in _KIND_COLUMNS.get(kind, ()):
         if target in have:
             continue
-        match = next((n for n in SYNONYMS[target] if n in raw and n not in out and not isinstance(raw[n], dict)), None)
+        usable = (n for n in SYNONYMS[target] if raw.get(n) is not None and not isinstance(raw[n], dict))
+        match = next((n for n in usable if n not in out), None)
         if match is not None:
             out[match] = target
     return out

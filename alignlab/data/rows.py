@@ -76,6 +76,7 @@ class _Row:
         self.given = list(raw) if isinstance(raw, dict) else []  # the columns as the file names them
         self.original = raw  # the row as the file gives it (before data.columns and the forms)
         self.kind = ""  # the data kind being read, for the data.columns a refusal suggests
+        self.columns: dict[str, str] = {}  # data.columns in force, which a suggested map extends
 
     def fail(self, field: str, problem: str) -> DataError:
         return DataError(self.source, problem, row=self.index, field=field)
@@ -98,7 +99,7 @@ class _Row:
         if not suggested:
             return ""
         names = ", ".join(f"`{old}` as `{new}`" for old, new in suggested.items())
-        return f"; to read {names}, add {columns_override(suggested)}"
+        return f"; to read {names}, add {columns_override({**self.columns, **suggested})}"  # the whole map to paste
 
     def messages(self, field: str, value: Any = None) -> list[dict]:
         value = self.raw.get(field) if value is None else value
@@ -506,7 +507,7 @@ def to_canonical(
     renamed = rename_columns(raw, columns, source, index)
     read = normalise(renamed, kind, source, index)
     try:
-        return _to_canonical(read, kind, source, index, base_dir, raw)
+        return _to_canonical(read, kind, source, index, base_dir, raw, columns)
     except DataError as e:  # name the user's column, not the one it was read as
         given = _given_name(e.field, raw, renamed, read, columns)
         if given is None or e.row != index:
@@ -540,10 +541,16 @@ def _given_name(
 
 
 def _to_canonical(
-    raw: dict, kind: str, source: str, index: int, base_dir: str | os.PathLike | None, original: dict
+    raw: dict,
+    kind: str,
+    source: str,
+    index: int,
+    base_dir: str | os.PathLike | None,
+    original: dict,
+    columns: Mapping[str, str] | None = None,
 ) -> dict:
     row = _Row(raw, source, index, base_dir)
-    row.given, row.original, row.kind = list(original), original, kind
+    row.given, row.original, row.kind, row.columns = list(original), original, kind, dict(columns or {})
     row.other_media()
     conversational = row.has("messages")
     if kind == "prompt":

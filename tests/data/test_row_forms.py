@@ -371,6 +371,14 @@ def test_a_row_under_other_names_is_told_the_data_columns_map(tmp_path, raw, kin
     assert FileSource(str(path), eval_fraction=0).load(kind, columns=columns)["train"]  # the map reads it
 
 
+def test_a_suggested_map_keeps_the_map_already_given(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"query": "2+2=", "response": "4"}])
+    with pytest.raises(
+        DataError, match=r"to read `response` as `completion`, add data.columns=\{query:prompt,response:completion\};"
+    ):
+        FileSource(str(path)).load("sft", columns={"query": "prompt"})
+
+
 def test_no_map_is_suggested_for_columns_alignlab_already_reads_or_struct_columns():
     assert suggest_columns({"prompt": "q", "answer": "a"}, "sft") == {"answer": "completion"}
     assert suggest_columns({"text": "hello"}, "sft") == {}
