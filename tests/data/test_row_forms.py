@@ -200,6 +200,24 @@ def test_verl_solutions_reach_the_reward_and_score_right_answers(tiny, tmp_path)
     assert accuracy(batch["prompt_messages"], ["0", "2", "4", "6"], batch["columns"]["solution"]) == [1.0] * 4
 
 
+def test_the_dotted_map_works_as_typed_on_the_command_line(tmp_path):
+    from hydra.utils import instantiate
+
+    from alignlab.runner.config import check_data_options
+    from tests.conftest import compose
+
+    path = tmp_path / "gsm8k.parquet"
+    pd.DataFrame(verl_rows(3)).to_parquet(path)
+    overrides = [
+        f"data.source.path={path}",
+        "data.source.eval_fraction=0",
+        "data.columns={reward_model.ground_truth:solution}",
+    ]
+    cfg = compose(["data=custom_prompts", "algorithm=grpo", *overrides])
+    check_data_options(cfg.data)
+    assert [r["solution"] for r in instantiate(cfg.data).read()["train"]] == ["0", "2", "4"]
+
+
 def test_a_struct_solution_is_refused_with_the_map_to_use(tmp_path):
     refused_everywhere(
         tmp_path,
