@@ -5,7 +5,11 @@ Canonical form (what every DataModule reads), prompts are always message lists:
 - sft:      {"prompt": [messages], "completion": str, **extra}
 - pairwise: {"prompt": [messages], "chosen": str, "rejected": str, **extra}
 - labelled: {"prompt": [messages], "completion": str, "label": bool, **extra}
-Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation; the
+An SFT row's earlier assistant messages may carry `"loss": true/false` (ms-swift's per-message flag:
+trained or not, whatever data.train_on says; a final answer marked false ends the row at the last
+turn that trains); other kinds' messages never carry it (their prompts are never trained).
+Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation; a
+`solution` that is an object is refused (a struct's field is mapped by a dotted data.columns name); the
 optional numeric columns (`NUMERIC_COLUMNS`, e.g. `margin`) of a pairwise row become floats, and a
 row without one (missing, null or an empty CSV cell) simply lacks the key (it then counts as 0).
 
@@ -15,7 +19,9 @@ order (`alignlab.data.images.load_image`); a pairwise row may have `rejected_ima
 images its rejected answer is about. A row without images has neither key. Files give images as
 ms-swift does (`<image>` in the message text plus an `images` column) or as TRL does (content parts
 `{"type": "image"}` / `{"type": "text", "text": …}`, the image inline in the part or taken in order
-from `images`); parts are joined into one text, so both forms give the same row.
+from `images`); parts are joined into one text, so both forms give the same row. A pair's two answers
+may be the same text when `rejected_images` differ from `images` (ms-swift's image preference pair;
+`rejected_images` alone repeats the chosen text). Videos and audio (`OTHER_MEDIA`) are refused.
 """
 
 from __future__ import annotations
