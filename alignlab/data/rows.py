@@ -54,7 +54,15 @@ IMAGE_PLACEHOLDER = "<image>"  # where an image sits in a canonical message's te
 IMAGE_COLUMNS = ("images", "rejected_images")
 # Media alignlab cannot read (LLaMA-Factory's and ms-swift's columns and placeholders): a row that gives
 # any is refused, never trained as text.
-OTHER_MEDIA = {"videos": "<video>", "audios": "<audio>", "rejected_videos": "<video>", "rejected_audios": "<audio>"}
+# (LLaMA-Factory's and ms-swift's columns; `video`/`audio`: the Hub's usual feature names). Column → medium.
+OTHER_MEDIA = {
+    "videos": "video",
+    "audios": "audio",
+    "rejected_videos": "video",
+    "rejected_audios": "audio",
+    "video": "video",
+    "audio": "audio",
+}
 _FROM_COLUMN = object()  # an image slot filled from the `images` column (not inline in its content part)
 
 
@@ -384,17 +392,17 @@ class _Row:
         """Refuse a row that gives videos or audio (`OTHER_MEDIA` columns, or their content parts are
         refused by `parts`): alignlab reads images only, and would train their placeholders as text.
         An empty column (null, [], a blank cell) gives none."""
-        for column, tag in OTHER_MEDIA.items():
+        for column, medium in OTHER_MEDIA.items():
             value = self.raw.get(column)
             if value is None or value == [] or (isinstance(value, str) and not value.strip()):
                 continue
             count = len(value) if isinstance(value, (list, tuple)) else 1
+            tag = f"<{medium}>"
             raise self.fail(
                 column,
-                f"gives {count} {column[:-1].split('_')[-1]}(s) ({tag} in the messages), but alignlab reads images "
-                "only "
-                f"(`images`, {IMAGE_PLACEHOLDER}); remove the column and its {tag} placeholders, or leave the row out "
-                "(data.on_bad_row=skip)",
+                f"gives {count} {medium}{'s' if count > 1 and medium == 'video' else ''} ({tag} in the messages), "
+                f"but alignlab reads images only (`images`, {IMAGE_PLACEHOLDER}); remove the column and its {tag} "
+                "placeholders, or leave the row out (data.on_bad_row=skip)",
             )
 
     def image_values(self, field: str) -> list:

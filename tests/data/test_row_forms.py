@@ -260,6 +260,7 @@ MEDIA = [
     ({"prompt": "<video>?", "chosen": "a", "rejected": "b", "videos": ["v.mp4"]}, "pairwise", "videos"),
     ({"prompt": "<audio>?", "audios": ["a.wav"], "solution": "x"}, "prompt", "audios"),
     ({"prompt": "<video>?", "completion": "a", "label": True, "videos": ["v.mp4"]}, "labelled", "videos"),
+    ({"prompt": "<audio>?", "completion": "a", "audio": {"path": "a.wav", "bytes": None}}, "sft", "audio"),
 ]
 
 
