@@ -141,8 +141,9 @@ class AlignmentDataModule(L.LightningDataModule):
         return [(p, a) for p, _, a in self.encode_turn_rows(rows, answer_keys, all_turns=False)]
 
     def encode_turn_rows(self, rows: list[dict], answer_keys: tuple[str, ...], all_turns: bool) -> list[tuple]:
-        """As `encode_rows`, with the mask of each prompt's earlier assistant turns: (prompt ids, mask or
-        None, [answer ids]) (alignlab.data.tokenize.encode_turns); `all_turns=False`: every mask None."""
+        """As `encode_rows`, with the mask of each prompt's trained earlier assistant turns: (prompt ids, mask
+        or None, [answer ids]) (alignlab.data.tokenize.encode_turns). `all_turns`: a turn without its own
+        `loss` is trained (data.train_on=all_assistant); else only turns marked `loss: true` are."""
         encoded = self._encode_rows(rows, answer_keys, all_turns)
         if self.truncation == "drop_row":
             return encoded
@@ -173,9 +174,12 @@ class AlignmentDataModule(L.LightningDataModule):
         markups = [(self._vision.get(id(r)) or (None, None))[1] for r in rows]
         tools = [r.get("tools") for r in rows]
         tools = tools if any(tools) else None
+        marked = any(m.get("loss") for p in prompts for m in p)  # a turn marked `loss: true` (ms-swift)
         try:
-            if all_turns:
-                return encode_turns(self.tokenizer, prompts, answers, self.system_prompt, markups, tools)
+            if all_turns or marked:
+                return encode_turns(
+                    self.tokenizer, prompts, answers, self.system_prompt, markups, tools, default=all_turns
+                )
             encoded = encode_conversations(self.tokenizer, prompts, answers, self.system_prompt, markups, tools)
             return [(p, None, a) for p, a in encoded]
         except TemplateRefusal as e:
@@ -613,15 +617,22 @@ class PairwiseDataModule(AlignmentDataModule):
 
     def encode(self, rows: list[dict]) -> list[dict | None]:
         out = []
-        for p, (c, r) in self.encode_rows(rows, ("chosen", "rejected")):
+        for row, (p, (c, r)) in zip(rows, self.encode_rows(rows, ("chosen", "rejected"))):
             c, r = fit_answer(len(p), c, self.max_length), fit_answer(len(p), r, self.max_length)
-            out.append(None if c is None else {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+            ex = None if c is None else {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+            if ex is not None and "rejected_images" in row:  # the answers follow other images (rows.py)
+                ex["distinct_images"] = True
+            out.append(ex)
         return out
 
     def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
-        """Also a pair whose chosen and rejected are the same tokens once cut to max_length."""
+        """Also a pair whose chosen and rejected are the same tokens once cut to max_length (and follow
+        the same images: a pair may be the same answer about other images, ms-swift's `rejected_images`)."""
         reasons = super().drop_reasons(encoded)
-        same = [ex is not None and ex["chosen_ids"] == ex["rejected_ids"] for ex in encoded]
+        same = [
+            ex is not None and ex["chosen_ids"] == ex["rejected_ids"] and not ex.get("distinct_images")
+            for ex in encoded
+        ]
         return ["identical_after_truncation" if s and why is None else why for s, why in zip(same, reasons)]
 
     def collate(self, examples: list[dict], with_prompts: bool) -> dict:
@@ -689,6 +700,8 @@ class LabelledDataModule(AlignmentDataModule):
                 continue
             kl = fit_answer(len(p), answers[partner], self.max_length)  # the partner's answer after this prompt
             out.append({"prompt_ids": p, "completion_ids": a, "kl_completion_ids": kl, "label": bool(row["label"])})
+            if "rejected_images" in self._derived.get(id(row), {}):  # unpaired from a pair about other images
+                out[-1]["distinct_images"] = True
         return out
 
     def drop_reasons(self, encoded: list[dict | None]) -> list[str | None]:
@@ -698,7 +711,9 @@ class LabelledDataModule(AlignmentDataModule):
         if self.unpair:
             for i in range(0, len(encoded) - 1, 2):
                 a, b = encoded[i], encoded[i + 1]
-                if a is not None and b is not None and a["completion_ids"] == b["completion_ids"]:
+                if a is None or b is None or a.get("distinct_images"):
+                    continue
+                if a["completion_ids"] == b["completion_ids"]:
                     reasons[i] = reasons[i + 1] = "identical_after_truncation"
         return reasons
 

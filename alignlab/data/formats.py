@@ -13,11 +13,17 @@ Recognised forms (one example row of each is in docs/data.md):
   the turns before the last assistant turn are the prompt, which both transcripts must share.
 - TRL's standard form with an implicit prompt: `chosen`/`rejected` as text with no `prompt`; their
   longest common beginning is the prompt (as TRL's `extract_prompt` cuts it).
+- OpenAI's preference fine-tuning rows: `input` (an object with `messages`, optional `tools`),
+  `preferred_output` and `non_preferred_output` (each a list of assistant messages).
+- A `messages` prompt (not ending in an assistant turn) with `chosen`/`rejected` answers and no
+  `prompt`: `messages` is the prompt (the way pairs are often written by hand).
 Everything else (TRL's explicit and conversational forms, ms-swift's `messages` with `rejected_response`
 or `rejected_messages`, UltraFeedback's `prompt` with message-list `chosen`/`rejected`) is read by
 `to_canonical` directly.
 
-`data.columns` (a map from the file's column names to alignlab's) is applied before any of this.
+`data.columns` (a map from the file's column names to alignlab's) is applied before any of this; a
+name in it may be a dotted path into a struct column (`reward_model.ground_truth`, as verl's rows nest
+the answer), which gives the value found there.
 """
 
 from __future__ import annotations
@@ -44,11 +50,55 @@ SHAREGPT_ROLES = {
 # The forms a row may take, as the error for a row matching none of them lists them.
 ACCEPTED_FORMS = (
     "`messages` (+ `rejected_response` or `rejected_messages` for a pair, + `label` for KTO)",
-    "`prompt` + `completion` / `chosen` + `rejected` (text or message lists; + `label` for KTO)",
+    "`prompt` (or a `messages` prompt) + `completion` / `chosen` + `rejected` (text or message lists; + `label` "
+    "for KTO)",
     "`chosen` + `rejected` alone (TRL's implicit prompt, or Anthropic HH transcripts)",
     "`conversations` of from/value turns (ShareGPT)",
     "`instruction` + `input` + `output` (Alpaca)",
+    "`input.messages` + `preferred_output` + `non_preferred_output` (OpenAI preference fine-tuning)",
 )
+# Column names other projects use for alignlab's columns, by the data kind that reads them: a row that
+# lacks a column alignlab needs but has one of these is told the `data.columns` map that reads it.
+SYNONYMS = {
+    "prompt": ("query", "question", "instruction", "input", "context", "problem", "request", "user"),
+    "completion": ("response", "answer", "output", "target", "reply", "assistant"),
+    "chosen": (
+        "answer_w",
+        "chosen_response",
+        "preferred",
+        "preferred_output",
+        "preferred_response",
+        "response_chosen",
+        "chosen_answer",
+        "response_w",
+        "winner",
+        "good",
+        "positive",
+        "accepted",
+    ),
+    "rejected": (
+        "answer_l",
+        "rejected_response",
+        "non_preferred",
+        "non_preferred_output",
+        "dispreferred",
+        "response_rejected",
+        "rejected_answer",
+        "response_l",
+        "loser",
+        "bad",
+        "negative",
+    ),
+    "label": ("kto_tag", "desirable", "is_desirable"),
+    "solution": ("answer", "ground_truth", "final_answer", "gold", "target", "reference"),
+}
+# Which alignlab columns each data kind reads (the targets a suggested map may use).
+_KIND_COLUMNS = {
+    "sft": ("prompt", "completion"),
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "labelled": ("prompt", "completion", "label"),
+    "prompt": ("prompt", "solution"),
+}
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
@@ -59,9 +109,37 @@ def blank(text: str) -> bool:
     return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
+_ABSENT = object()
+
+
+def column_value(raw: dict, name: str):
+    """The value of column `name` of a row: the column itself, or, for a dotted path that is not a
+    column (`reward_model.ground_truth`), the value found by following it through nested objects
+    (struct columns; JSON text of an object, as a CSV cell holds it). `_ABSENT` when there is none."""
+    if name in raw:
+        return raw[name]
+    value = raw
+    for key in name.split(".") if "." in name else ():
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return _ABSENT
+        if not isinstance(value, dict) or key not in value:
+            return _ABSENT
+        value = value[key]
+    return _ABSENT if value is raw else value
+
+
+def has_column(raw: dict, name: str) -> bool:
+    """Whether a row gives column `name` (a dotted path: a value inside a struct column, `column_value`)."""
+    return column_value(raw, name) is not _ABSENT
+
+
 def rename_columns(raw: dict, columns: Mapping[str, str] | None, source: str, index: int) -> dict:
     """The row with its columns renamed by `columns` ({file's name: alignlab's name}); a column the
-    map does not name keeps its name.
+    map does not name keeps its name. A name may be a dotted path into a struct column
+    (`column_value`): its value becomes the new column, and the struct column stays as it is.
 
     Raises:
         DataError: a column would be renamed onto another column the row also has.
@@ -70,16 +148,17 @@ def rename_columns(raw: dict, columns: Mapping[str, str] | None, source: str, in
         return raw
     out = {k: v for k, v in raw.items() if k not in columns}
     for old, new in columns.items():
-        if old not in raw:
+        value = column_value(raw, old)
+        if value is _ABSENT:
             continue
-        if new in out:
+        if new in out and new != old.split(".")[0]:  # a struct column may be replaced by its own field
             raise DataError(
                 source,
                 f"data.columns renames {old!r} to {new!r}, but the row also has a column {new!r}; map only one of them",
                 row=index,
                 field=old,
             )
-        out[new] = raw[old]
+        out[new] = value
     return out
 
 
@@ -90,16 +169,41 @@ def check_mapped_columns(
     if not columns:
         return
     seen: dict[str, None] = {}
+    nested: set[str] = set()  # dotted names some row resolves
     for raw in rows:
         if isinstance(raw, dict):
             seen.update(dict.fromkeys(raw))
-    absent = [k for k in columns if k not in seen]
+            nested.update(k for k in columns if "." in k and k not in raw and column_value(raw, k) is not _ABSENT)
+    absent = [k for k in columns if k not in seen and k not in nested]
     if absent:
         raise DataError(
             source,
             f"{key} names {absent} but no row of the file has such a column; its columns are "
-            f"{list(seen)}. Fix the names in {key} (keys are the file's names, values alignlab's)",
+            f"{list(seen)}. Fix the names in {key} (keys are the file's names, values alignlab's; a dotted "
+            "name such as reward_model.ground_truth reads a field of a struct column)",
         )
+
+
+def suggest_columns(raw: Mapping, kind: str, present: Iterable[str] = ()) -> dict[str, str]:
+    """A `data.columns` map that would read a row's columns as alignlab's for data `kind`: each column
+    of `raw` (the row as its file gives it) named as other projects name one of the kind's columns
+    (`SYNONYMS`), when neither `raw` nor `present` (the columns read so far) has that column. Columns
+    holding null or an object are left out (no synonym is a struct). {} when none applies."""
+    have = set(raw) | set(present)
+    out: dict[str, str] = {}
+    for target in _KIND_COLUMNS.get(kind, ()):
+        if target in have:
+            continue
+        usable = (n for n in SYNONYMS[target] if raw.get(n) is not None and not isinstance(raw[n], dict))
+        match = next((n for n in usable if n not in out), None)
+        if match is not None:
+            out[match] = target
+    return out
+
+
+def columns_override(columns: Mapping[str, str]) -> str:
+    """The command-line override that sets `columns` as data.columns: `data.columns={query:prompt,...}`."""
+    return "data.columns={" + ",".join(f"{old}:{new}" for old, new in columns.items()) + "}"
 
 
 def hh_messages(text: str) -> list[dict] | None:
@@ -222,6 +326,45 @@ def _tools(raw: dict, source: str, index: int) -> dict:
     return out
 
 
+def _openai_preference(raw: dict, source: str, index: int) -> dict:
+    """OpenAI's preference fine-tuning row: `input.messages` is the prompt (`input.tools` the row's tools;
+    `parallel_tool_calls` is OpenAI's API switch, not data), `preferred_output` / `non_preferred_output`
+    the chosen and rejected answers."""
+    given = raw["input"]
+    if not isinstance(given.get("messages"), list):
+        raise DataError(
+            source,
+            "expected an object with `messages` (OpenAI's preference form: input.messages, preferred_output, "
+            "non_preferred_output)",
+            row=index,
+            field="input",
+        )
+    out = {k: v for k, v in raw.items() if k not in ("input", "preferred_output", "non_preferred_output")}
+    out["prompt"] = given["messages"]
+    for name, field in (("preferred_output", "chosen"), ("non_preferred_output", "rejected")):
+        if raw.get(name) is not None:
+            out[field] = raw[name]
+    if given.get("tools") and "tools" not in out:
+        out["tools"] = given["tools"]
+    return out
+
+
+def _messages_prompt(raw: dict) -> dict:
+    """A row whose `messages` end in a user (or tool) turn and that gives its answers in `chosen`,
+    `rejected` or `completion`, without `prompt`: `messages` is the prompt (a JSON text cell is read)."""
+    messages = raw["messages"]
+    if isinstance(messages, str):
+        try:  # CSV cells carry message lists as JSON text
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            return raw  # to_canonical names the cell that is not JSON
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return raw
+    if messages[-1].get("role") == "assistant":  # a whole conversation (UltraFeedback's), read as before
+        return raw
+    return {**{k: v for k, v in raw.items() if k != "messages"}, "prompt": messages}
+
+
 def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
     """The row rewritten into alignlab's columns when it is in one of the forms this module recognises
     (see the module docstring); any other row unchanged.
@@ -231,8 +374,13 @@ def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
     """
     if not isinstance(raw, dict):
         return raw
+    if isinstance(raw.get("input"), dict) and any(k in raw for k in ("preferred_output", "non_preferred_output")):
+        raw = _openai_preference(raw, source, index)
     if "tools" in raw:
         raw = _tools(raw, source, index)
+    answers = ("chosen", "rejected", "completion")
+    if raw.get("messages") is not None and raw.get("prompt") is None and any(raw.get(k) is not None for k in answers):
+        raw = _messages_prompt(raw)
     own = ("messages", "prompt")
     if raw.get("conversations") is not None and not any(raw.get(k) is not None for k in own):
         raw = _sharegpt(raw, source, index)

@@ -5,7 +5,11 @@ Canonical form (what every DataModule reads), prompts are always message lists:
 - sft:      {"prompt": [messages], "completion": str, **extra}
 - pairwise: {"prompt": [messages], "chosen": str, "rejected": str, **extra}
 - labelled: {"prompt": [messages], "completion": str, "label": bool, **extra}
-Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation; the
+An SFT row's earlier assistant messages may carry `"loss": true/false` (ms-swift's per-message flag:
+trained or not, whatever data.train_on says; a final answer marked false ends the row at the last
+turn that trains); other kinds' messages never carry it (their prompts are never trained).
+Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation; a
+`solution` that is an object is refused (a struct's field is mapped by a dotted data.columns name); the
 optional numeric columns (`NUMERIC_COLUMNS`, e.g. `margin`) of a pairwise row become floats, and a
 row without one (missing, null or an empty CSV cell) simply lacks the key (it then counts as 0).
 
@@ -15,7 +19,9 @@ order (`alignlab.data.images.load_image`); a pairwise row may have `rejected_ima
 images its rejected answer is about. A row without images has neither key. Files give images as
 ms-swift does (`<image>` in the message text plus an `images` column) or as TRL does (content parts
 `{"type": "image"}` / `{"type": "text", "text": …}`, the image inline in the part or taken in order
-from `images`); parts are joined into one text, so both forms give the same row.
+from `images`); parts are joined into one text, so both forms give the same row. A pair's two answers
+may be the same text when `rejected_images` differ from `images` (ms-swift's image preference pair;
+`rejected_images` alone repeats the chosen text). Videos and audio (`OTHER_MEDIA`) are refused.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from typing import Any
 
 import torch
 
-from alignlab.data.formats import ACCEPTED_FORMS, blank, normalise, rename_columns
+from alignlab.data.formats import (
+    ACCEPTED_FORMS,
+    blank,
+    columns_override,
+    has_column,
+    normalise,
+    rename_columns,
+    suggest_columns,
+)
 from alignlab.data.images import ImageError, describe, load_image
 from alignlab.errors import DataError
 
@@ -38,6 +52,17 @@ ON_BAD_ROW = ("error", "skip")  # data.on_bad_row: stop at a bad row, or leave i
 NUMERIC_COLUMNS = ("margin",)  # optional per-row numbers of pairwise rows (a reward-model margin)
 IMAGE_PLACEHOLDER = "<image>"  # where an image sits in a canonical message's text
 IMAGE_COLUMNS = ("images", "rejected_images")
+# Media alignlab cannot read (LLaMA-Factory's and ms-swift's columns and placeholders): a row that gives
+# any is refused, never trained as text.
+# (LLaMA-Factory's and ms-swift's columns; `video`/`audio`: the Hub's usual feature names). Column → medium.
+OTHER_MEDIA = {
+    "videos": "video",
+    "audios": "audio",
+    "rejected_videos": "video",
+    "rejected_audios": "audio",
+    "video": "video",
+    "audio": "audio",
+}
 _FROM_COLUMN = object()  # an image slot filled from the `images` column (not inline in its content part)
 
 
@@ -63,6 +88,9 @@ class _Row:
         self.raw, self.source, self.index, self.base_dir = raw, source, index, base_dir
         self.image_parts = False  # whether any message gave a {"type": "image"} content part
         self.given = list(raw) if isinstance(raw, dict) else []  # the columns as the file names them
+        self.original = raw  # the row as the file gives it (before data.columns and the forms)
+        self.kind = ""  # the data kind being read, for the data.columns a refusal suggests
+        self.columns: dict[str, str] = {}  # data.columns in force, which a suggested map extends
 
     def fail(self, field: str, problem: str) -> DataError:
         return DataError(self.source, problem, row=self.index, field=field)
@@ -71,9 +99,21 @@ class _Row:
         return self.raw.get(field) is not None
 
     def missing(self, field: str, hint: str = "") -> DataError:
-        """A required field the row lacks: the error names the columns it has and the forms accepted."""
+        """A required field the row lacks: the error names the columns it has, the `data.columns` map
+        that reads them when they are other projects' names for alignlab's (`suggest_columns`), and the
+        forms accepted."""
         forms = "; ".join(ACCEPTED_FORMS)
-        return self.fail(field, f"missing{hint}; the row has columns {self.given}; accepted forms: {forms}")
+        return self.fail(
+            field, f"missing{hint}; the row has columns {self.given}{self.suggestion()}; accepted forms: {forms}"
+        )
+
+    def suggestion(self) -> str:
+        """'; ... data.columns={query:prompt,...}' when the row's columns are alignlab's under other names."""
+        suggested = suggest_columns(self.original, self.kind, self.raw) if isinstance(self.original, dict) else {}
+        if not suggested:
+            return ""
+        names = ", ".join(f"`{old}` as `{new}`" for old, new in suggested.items())
+        return f"; to read {names}, add {columns_override({**self.columns, **suggested})}"  # the whole map to paste
 
     def messages(self, field: str, value: Any = None) -> list[dict]:
         value = self.raw.get(field) if value is None else value
@@ -99,8 +139,79 @@ class _Row:
                 )
             if blank(content) and m["role"] != "system":  # an empty system prompt is a choice
                 raise self.fail(field, f"message {i} ({m['role']}) is empty; only a system message may be empty")
-            out.append({"role": m["role"], "content": content})
+            out.append({"role": m["role"], "content": content, **self.loss_flag(field, i, m)})
         return out
+
+    def loss_flag(self, field: str, i: int, message: dict) -> dict:
+        """{"loss": bool} for an assistant message that says whether it is trained (ms-swift's per-message
+        `loss`; a CSV or JSON text `true`/`false` too); {} when it does not say (null: the default rule).
+
+        Raises:
+            DataError: a `loss` that is not a boolean, or `loss: true` on a message that is not the
+                assistant's (only assistant turns are trained).
+        """
+        value = message.get("loss")
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if value is None:
+            return {}
+        if not isinstance(value, bool):
+            raise self.fail(field, f"message {i} has loss {value!r}; expected true, false or null")
+        if message["role"] != "assistant":
+            if value:
+                raise self.fail(
+                    field, f"message {i} ({message['role']}) has loss true; only assistant turns are trained"
+                )
+            return {}
+        return {"loss": value} if self.kind == "sft" else {}  # only SFT trains earlier turns
+
+    def answer_loss(self, field: str) -> bool | None:
+        """The `loss` of the message that holds the answer in `field` (its last message), None when the
+        field is text or the message does not say."""
+        value = self.raw.get(field)
+        if isinstance(value, str) and field == "messages":
+            value = json.loads(value)  # valid: `messages` already read it
+        if not isinstance(value, list) or not value or not isinstance(value[-1], dict):
+            return None
+        return self.loss_flag(field, len(value) - 1, value[-1]).get("loss") if self.kind == "sft" else None
+
+    def last_trained(self, prompt: list[dict], field: str) -> tuple[list[dict], str]:
+        """(prompt, answer) of an SFT conversation whose final answer has `loss: false`: cut after the
+        last assistant turn not marked false, which becomes the answer (the turns after it would train
+        nothing, and in a causal model change no earlier token's loss).
+
+        Raises:
+            DataError: no assistant turn is left to train.
+        """
+        j = next((j for j in range(len(prompt) - 1, -1, -1) if prompt[j]["role"] == "assistant"), None)
+        while j is not None and prompt[j].get("loss") is False:
+            j = next((k for k in range(j - 1, -1, -1) if prompt[k]["role"] == "assistant"), None)
+        if j is None:
+            raise self.fail(
+                field,
+                "every assistant turn has loss false, so the row trains nothing; mark a turn to train, or leave "
+                "the row out",
+            )
+        return prompt[:j], prompt[j]["content"]
+
+    def trained_answer(self, field: str) -> None:
+        """Refuse `loss: false` on the answer of a pair or a KTO row: those losses always score it (only
+        SFT leaves turns untrained). Also checks the flag's type."""
+        value = self.raw.get(field)
+        if isinstance(value, str) and field == "messages":
+            value = json.loads(value)  # valid: `messages` already read it
+        if not isinstance(value, list) or not value or not isinstance(value[-1], dict):
+            return
+        last = value[-1]
+        flag = last.get("loss")
+        if isinstance(flag, str) and flag.strip().lower() == "false":
+            flag = False
+        if flag is False and last.get("role") == "assistant":
+            raise self.fail(
+                field,
+                f"the answer (message {len(value) - 1}) has loss false, but {self.kind} data always trains on its "
+                "answers (only SFT leaves turns untrained); remove `loss` or the row",
+            )
 
     def parts(self, field: str, i: int, role: str, parts: list) -> list[str]:
         """The texts of message i's content parts (TRL's form), each image part as `<image>`.
@@ -112,6 +223,10 @@ class _Row:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
+            elif kind in ("video", "audio", "input_audio"):
+                raise self.fail(
+                    field, f"message {i} part {j} is a {kind} part; alignlab reads images only, not videos or audio"
+                )
             elif kind == "image":
                 if role == "assistant":
                     raise self.fail(
@@ -174,7 +289,7 @@ class _Row:
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"  # CSV has no boolean type
-        raise self.fail(field, f"expected true or false, got {value!r}")
+        raise self.fail(field, f"expected true or false, got {value!r}" + (self.suggestion() if value is None else ""))
 
     def number(self, field: str) -> float:
         value = self.raw.get(field)
@@ -251,7 +366,44 @@ class _Row:
         return {k: self.number(k) for k in given}
 
     def extra(self, used: set[str]) -> dict:
-        return {k: v for k, v in self.raw.items() if k not in used and k not in IMAGE_COLUMNS}
+        """The columns the row carries beyond those read (`used`), for reward functions and evaluation.
+
+        Raises:
+            DataError: a `solution` that is an object (a struct column, as verl's `reward_model`): reward
+                functions compare it with the answer, so it must be a value (e.g. a struct's field, mapped
+                by a dotted data.columns name). A list passes (a custom reward may take several answers).
+        """
+        out = {k: v for k, v in self.raw.items() if k not in used and k not in IMAGE_COLUMNS}
+        solution = out.get("solution")
+        if isinstance(solution, dict):
+            hint = ""
+            if solution:
+                column = next((k for k, v in self.original.items() if v is solution), "<column>")
+                inner = next((k for k in ("ground_truth", "answer", "solution") if k in solution), list(solution)[-1])
+                hint = f"; map the field that holds the answer instead: data.columns={{{column}.{inner}:solution}}"
+            raise self.fail(
+                "solution",
+                f"expected a value (text or a number) to compare answers with, got an object "
+                f"{_short(repr(solution), 60)}{hint}",
+            )
+        return out
+
+    def other_media(self) -> None:
+        """Refuse a row that gives videos or audio (`OTHER_MEDIA` columns, or their content parts are
+        refused by `parts`): alignlab reads images only, and would train their placeholders as text.
+        An empty column (null, [], a blank cell) gives none."""
+        for column, medium in OTHER_MEDIA.items():
+            value = self.raw.get(column)
+            if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+                continue
+            count = len(value) if isinstance(value, (list, tuple)) else 1
+            tag = f"<{medium}>"
+            raise self.fail(
+                column,
+                f"gives {count} {medium}{'s' if count > 1 and medium == 'video' else ''} ({tag} in the messages), "
+                f"but alignlab reads images only (`images`, {IMAGE_PLACEHOLDER}); remove the column and its {tag} "
+                "placeholders, or leave the row out (data.on_bad_row=skip)",
+            )
 
     def image_values(self, field: str) -> list:
         """The values an image column gives: a list, or one value meaning one image; null, an empty
@@ -369,36 +521,51 @@ def to_canonical(
     renamed = rename_columns(raw, columns, source, index)
     read = normalise(renamed, kind, source, index)
     try:
-        return _to_canonical(read, kind, source, index, base_dir, list(raw))
+        return _to_canonical(read, kind, source, index, base_dir, raw, columns)
     except DataError as e:  # name the user's column, not the one it was read as
-        given = _given_name(e.field, raw, renamed, columns)
+        given = _given_name(e.field, raw, renamed, read, columns)
         if given is None or e.row != index:
             raise
         problem = str(e).split(": ", 1)[1]
         raise DataError(source, f"(read as `{e.field}`) {problem}", row=index, field=given) from None
 
 
-def _given_name(field: str | None, raw: dict, renamed: dict, columns: Mapping[str, str] | None) -> str | None:
+def _given_name(
+    field: str | None, raw: dict, renamed: dict, read: dict, columns: Mapping[str, str] | None
+) -> str | None:
     """The file's name of the column an error names as `field`, when the file calls it otherwise: a
-    column `data.columns` renamed, or the column of a recognised form it was made from (ShareGPT's
-    `conversations`, Alpaca's `instruction` and `output`); None when the file calls it `field`."""
+    column `data.columns` renamed (a dotted path included), or the column of a recognised form it was
+    made from (ShareGPT's `conversations`, Alpaca's `instruction` and `output`, OpenAI's `input`,
+    `preferred_output` and `non_preferred_output`, a `messages` prompt); None when the file calls it
+    `field`."""
     if field is None or field in raw:
         return None
     if field not in renamed:  # made by a recognised form (alignlab.data.formats)
+        consumed = [c for c in renamed if c not in read]  # the columns a form turned into others
+        if not isinstance(renamed.get("input"), dict):  # Alpaca's `input` joins the instruction
+            consumed = [c for c in consumed if c != "input"]
         made_from = {"messages": "conversations", "completion": "output"}
-        made_from["prompt"] = "conversations" if "conversations" in renamed else "instruction"
+        made_from |= {"chosen": "preferred_output", "rejected": "non_preferred_output"}
+        made_from["prompt"] = next((c for c in ("conversations", "input", "messages") if c in consumed), "instruction")
         field = made_from.get(field)
         if field not in renamed:
             return None
-    back = {new: old for old, new in (columns or {}).items() if old in raw}
+    back = {new: old for old, new in (columns or {}).items() if has_column(raw, old)}
     return back.get(field, field)
 
 
 def _to_canonical(
-    raw: dict, kind: str, source: str, index: int, base_dir: str | os.PathLike | None, given: list[str]
+    raw: dict,
+    kind: str,
+    source: str,
+    index: int,
+    base_dir: str | os.PathLike | None,
+    original: dict,
+    columns: Mapping[str, str] | None = None,
 ) -> dict:
     row = _Row(raw, source, index, base_dir)
-    row.given = given
+    row.given, row.original, row.kind, row.columns = list(original), original, kind, dict(columns or {})
+    row.other_media()
     conversational = row.has("messages")
     if kind == "prompt":
         used = {"messages", "prompt"}
@@ -426,6 +593,8 @@ def _to_canonical(
         else:
             field = "completion" if row.has("completion") or not row.has("chosen") else "chosen"
             prompt, completion = row.prompt_and_answer(field)
+        if row.answer_loss(field) is False:  # tokens after the last trained turn change no loss: cut there
+            prompt, completion = row.last_trained(prompt, field)
         images = row.images(_prompt_source(row, field), prompt, {field: completion})
         used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response", "rejected_messages"}
         return {"prompt": prompt, "completion": completion, **row.extra(used), **images}
@@ -435,13 +604,26 @@ def _to_canonical(
         conversational = conversational and not (row.has("chosen") and row.has("rejected"))
         field = "messages" if conversational else "chosen"
         prompt, chosen = row.conversation() if conversational else row.prompt_and_answer("chosen")
-        rejected = row.rejected(prompt, conversational)
-        rejected_field = "rejected" if not conversational else "rejected_messages"
-        rejected_field = rejected_field if row.has(rejected_field) else "rejected_response"
-        if chosen == rejected:
-            raise row.fail(rejected_field, "identical to the chosen answer, so the pair carries no preference")
-        answers = {field: chosen, rejected_field: rejected}
+        answers = {field: chosen}
+        if not any(row.has(k) for k in ("rejected", "rejected_response", "rejected_messages")) and row.image_values(
+            "rejected_images"
+        ):  # ms-swift: `rejected_images` alone is the chosen answer about other images
+            rejected, rejected_field = chosen, "rejected_images"
+        else:
+            rejected = row.rejected(prompt, conversational)
+            rejected_field = "rejected" if not conversational else "rejected_messages"
+            rejected_field = rejected_field if row.has(rejected_field) else "rejected_response"
+            answers[rejected_field] = rejected
+        for name in (field, rejected_field):
+            row.trained_answer(name)
         images = row.images(_prompt_source(row, field), prompt, answers, pairwise=True)
+        if not _distinct_images(images):  # the same pictures: the rejected side is the chosen one's
+            images.pop("rejected_images", None)
+        if chosen == rejected and "rejected_images" not in images:
+            same = (
+                " and `rejected_images` are the same images as `images`" if row.image_values("rejected_images") else ""
+            )
+            raise row.fail(rejected_field, f"identical to the chosen answer{same}, so the pair carries no preference")
         used = {"messages", "prompt", "chosen", "rejected", "rejected_response", "rejected_messages", *NUMERIC_COLUMNS}
         return {
             "prompt": prompt,
@@ -455,10 +637,21 @@ def _to_canonical(
         label = row.label()  # first: a preference pair fails here, with the hint to unpair it
         field = "messages" if conversational else "completion"
         prompt, completion = row.conversation() if conversational else row.prompt_and_answer("completion")
+        row.trained_answer(field)
         images = row.images(_prompt_source(row, field), prompt, {field: completion})
         used = {"messages", "prompt", "completion", "label"}
         return {"prompt": prompt, "completion": completion, "label": label, **row.extra(used), **images}
     raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+
+
+def _distinct_images(images: dict) -> bool:
+    """Whether a pair's `rejected_images` differ from its `images` (in size, mode or any pixel)."""
+    rejected = images.get("rejected_images")
+    if rejected is None:
+        return False
+    return any(
+        (a.size, a.mode) != (b.size, b.mode) or a.tobytes() != b.tobytes() for a, b in zip(images["images"], rejected)
+    )
 
 
 def _prompt_source(row: _Row, answer_field: str) -> str:

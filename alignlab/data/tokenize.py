@@ -293,10 +293,13 @@ def encode_turns(
     system_prompt="keep",
     images: Sequence[list[str] | None] | None = None,
     tools: Sequence[list[dict] | None] | None = None,
+    default: bool = True,
 ) -> list[tuple[list[int], list[int] | None, list[list[int]]]]:
     """As `encode_conversations`, with per row the trained positions of its prompt: (prompt ids, a 0/1
-    mask as long as the prompt ids, 1 on the tokens of its earlier assistant turns, or None when it
-    has none, [ids of each answer]).
+    mask as long as the prompt ids, 1 on the tokens of its trained earlier assistant turns, or None when
+    it has none, [ids of each answer]). An assistant message's own `loss` (true or false, ms-swift's
+    per-message flag) says whether it is trained; one without it is trained when `default` is true
+    (data.train_on=all_assistant).
 
     An earlier assistant turn's tokens are found from the template's own layout of the whole
     conversation (the markup around each message is what it renders there, so a template that writes
@@ -307,7 +310,7 @@ def encode_turns(
     the answer is), so its ids are those the model writes after that prefix. A prompt without
     assistant turns is encoded exactly as `encode_conversations` encodes it.
     """
-    return _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns=True)
+    return _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns=True, default=default)
 
 
 def _turn_end(codec: _Codec, markup: str) -> str:
@@ -340,7 +343,7 @@ def _segments(codec: _Codec, pieces: list[str], contents: list[str], trained: se
     return out
 
 
-def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bool) -> list:
+def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bool, default: bool = True) -> list:
     codec = _codec(tokenizer)
     merge = system_prompt == "merge"
     eos = tokenizer.eos_token
@@ -369,7 +372,11 @@ def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bo
                     contents = _place_images(contents, images[index], codec, index)
                 prompt = "".join(codec.protect(p) + c for p, c in zip(pieces[:-2], contents))
                 prompt_texts.append(prompt + codec.protect(pieces[-2]))
-                trained = {j for j, i in enumerate(order[:-1]) if turns and messages[i]["role"] == "assistant"}
+                trained = {
+                    j
+                    for j, i in enumerate(order[:-1])
+                    if turns and messages[i]["role"] == "assistant" and messages[i].get("loss", default)
+                }
                 if trained:
                     segments[index] = _segments(codec, pieces, contents, trained)
             if answer is not None:

@@ -43,7 +43,20 @@ def exact_match(
     What `accuracy` was before math-verify, and what held-out `exact_match` measures."""
     if solution is None:
         raise ValueError("the data has no `solution` column")
+    _one_value_each(solution, "exact_match")
     return [float(matches_solution(c, s)) for c, s in zip(completions, solution)]
+
+
+def _one_value_each(solution: Sequence, name: str) -> None:
+    """Raise ValueError for a row whose `solution` is a list or an object: `name` compares the answer
+    with one value (the text of a list never matches, silently)."""
+    bad = next((s for s in solution if isinstance(s, (list, tuple, dict))), None)
+    if bad is not None:
+        raise ValueError(
+            f"{name} compares each answer with one `solution` value, but a row's solution is a "
+            f"{type(bad).__name__} ({str(bad)[:60]}); give one value per row (a struct's field by a dotted "
+            "data.columns name, e.g. {reward_model.ground_truth: solution}), or use a reward function of your own"
+        )
 
 
 def _math_verify():
@@ -120,10 +133,11 @@ def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence |
     arithmetic task's scores, and so its GRPO runs, are what they were before math-verify.
 
     Raises:
-        ValueError: the data has no `solution` column.
+        ValueError: the data has no `solution` column, or a row's solution is a list or an object.
     """
     if solution is None:
         raise ValueError("the data has no `solution` column")
+    _one_value_each(solution, "accuracy")
     return [float(is_correct(c, s)) for c, s in zip(completions, solution)]
 
 

@@ -304,7 +304,12 @@ def bad_rows(folder) -> list:
             ["hold 1", "gives 0 images (it has no `images` column)"],
         ),
         ({"messages": inline}, "sft", "messages", ["the image in message 0", "no such file"]),
-        ({"messages": [user([{"type": "video"}])]}, "prompt", "messages", ["message 0 part 0 must be"]),
+        (
+            {"messages": [user([{"type": "video"}])]},
+            "prompt",
+            "messages",
+            ["message 0 part 0 is a video part", "images only"],
+        ),
         (
             {"prompt": "<image>?", "completion": [assistant([{"type": "image"}])], "images": [red]},
             "sft",

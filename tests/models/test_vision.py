@@ -4,6 +4,7 @@ the reward model and generation, and what trains (vision tower frozen, LoRA on t
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from PIL import Image
 
 from alignlab.data.collate import select_rows
 from alignlab.data.datamodule import LabelledDataModule, PairwiseDataModule, PromptDataModule, SFTDataModule
+from alignlab.data.files import FileSource
 from alignlab.data.vision import collate_vision, repeat_vision, select_vision
 from alignlab.errors import ConfigError, DataError
 from alignlab.models.logprobs import answer_logprobs, check_answer_logprobs, scoring_rows
@@ -187,6 +189,43 @@ def test_rejected_images_follow_the_rejected_answer(vl):
     wrong = [{**data[0], "rejected_images": [picture(0, (112, 112)) for _ in data[0]["images"]]}]
     with pytest.raises(DataError, match="rejected_images"):
         setup(PairwiseDataModule, vl, wrong)
+
+
+def test_the_same_answer_about_other_images_is_a_pair_that_trains(vl, tmp_path):
+    """ms-swift's image preference pair: one answer text, `rejected_images` the pictures it is wrong about
+    (with the text repeated or left out). It is kept, not dropped as identical, and unpaired for KTO."""
+    for i, name in enumerate(("right", "wrong")):
+        picture(i, (56, 56)).save(tmp_path / f"{name}.png")
+    conversation = [{"role": "user", "content": "<image>Which colour?"}, {"role": "assistant", "content": "red"}]
+    raw = [
+        {"messages": conversation, "images": ["right.png"], "rejected_images": ["wrong.png"]},
+        {
+            "messages": conversation,
+            "images": ["right.png"],
+            "rejected_images": ["wrong.png"],
+            "rejected_response": "red",
+        },
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in raw))
+    model, tokenizer, images, _ = vl
+    for module, kwargs in ((PairwiseDataModule, {}), (LabelledDataModule, {"unpair": True})):
+        dm = module(FileSource(str(path), eval_fraction=0), batch_size=2, max_length=128, **kwargs)
+        dm.set_tokenizer(tokenizer)
+        dm.set_image_encoder(images)
+        dm.setup()
+        assert dm.dropped == {"train": 0, "eval": 0} and len(dm.splits["train"]) == 2 * (1 + kwargs.get("unpair", 0))
+        batch = dm.collate(dm.splits["train"][:2], with_prompts=False)
+        halves = select_vision(batch, slice(0, 2)), select_vision(batch, slice(2, 4))
+        if module is PairwiseDataModule:  # the same tokens, other pixels
+            assert torch.equal(batch["input_ids"][:2], batch["input_ids"][2:])
+            assert not torch.equal(halves[0]["pixel_values"], halves[1]["pixel_values"])
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({**raw[0], "rejected_images": ["right.png"]}) + "\n")
+    with pytest.raises(
+        DataError, match=r"field 'rejected_images': identical to the chosen answer and `rejected_images`"
+    ):
+        FileSource(str(same)).load("pairwise")
 
 
 def test_images_need_a_vision_language_model(tiny):
