@@ -210,7 +210,7 @@ class AlignmentDataModule(L.LightningDataModule):
             warned.add("schemas")
             log.warning(
                 "%s: rows give `tools`, but the model's chat template does not write tool schemas, so the model "
-                "never sees them; set model.chat_template to a template with tools support (docs/data.md#tools)",
+                "never sees them; set model.chat_template to a template with tools support (docs/data.md#tools-and-tool-calls)",
                 describe,
             )
         if calls and not writes_calls and "calls" not in warned:
@@ -218,7 +218,7 @@ class AlignmentDataModule(L.LightningDataModule):
             log.warning(
                 "%s: the model's chat template writes no tool calls; assistant turns that call tools are trained "
                 "as Hermes blocks (<tool_call>{json}</tool_call>), so GRPO with tools needs "
-                "algorithm.tool_call_format=hermes (docs/data.md#tools)",
+                "algorithm.tool_call_format=hermes (docs/data.md#tools-and-tool-calls)",
                 describe,
             )
 
