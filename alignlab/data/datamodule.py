@@ -210,7 +210,8 @@ class AlignmentDataModule(L.LightningDataModule):
             warned.add("schemas")
             log.warning(
                 "%s: rows give `tools`, but the model's chat template does not write tool schemas, so the model "
-                "never sees them; set model.chat_template to a template with tools support (docs/data.md#tools-and-tool-calls)",
+                "never sees them; set model.chat_template to a template with tools support "
+                "(docs/data.md#tools-and-tool-calls)",
                 describe,
             )
         if calls and not writes_calls and "calls" not in warned:
