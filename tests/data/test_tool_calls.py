@@ -328,3 +328,53 @@ def test_grpo_warns_when_the_template_shows_no_tool_schemas(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="alignlab.online.multiturn"):
         episode_setup(["alignlab.tools.calculator"], "hermes", None, None, tiny[1])
     assert any("does not write tool schemas, so the prompts never show them" in r.getMessage() for r in caplog.records)
+
+
+def test_pairs_and_kto_rows_whose_answers_call_tools_train_on_the_calls(templates):
+    tokenizer, parse = templates["Qwen2.5 tools"]
+
+    def call(expression):
+        return {"type": "function", "function": {"name": "calc", "arguments": {"expression": expression}}}
+
+    asked = [{"role": "user", "content": "2+3?"}]
+    pair = {"prompt": asked, "chosen": [{"role": "assistant", "tool_calls": [call("2+3")]}]}
+    pair["rejected"] = [{"role": "assistant", "tool_calls": [call("2-3")]}]
+    row = to_canonical(pair, "pairwise", "f.jsonl", 1)
+    ((_, _, answers),) = encode_turns(tokenizer, [row["prompt"]], [[row["chosen"], row["rejected"]]])
+    assert [[c.arguments for c in parse(_content(tokenizer, tokenizer.decode(a)))] for a in answers] == [
+        [{"expression": "2+3"}],
+        [{"expression": "2-3"}],
+    ]
+    kto = to_canonical({"messages": [*asked, pair["chosen"][0]], "label": False}, "labelled", "f.jsonl", 1)
+    assert kto["label"] is False and kto["completion"]["tool_calls"][0]["function"]["name"] == "calc"
+
+
+def test_sft_on_tool_call_rows_then_grpo_with_tools_from_that_model_is_one_path(tmp_path):
+    """docs/tools.md: SFT on ms-swift agent rows (tiny model: calls as Hermes blocks), then GRPO with the
+    calculator and tool_call_format=hermes from the saved model, one step each, through train()."""
+    from alignlab.train import train
+    from tests.conftest import QUIET, compose
+
+    sft_rows = write_jsonl(tmp_path / "traces.jsonl", [FORMS["ms-swift agent"]] * 4)
+    from alignlab.online.tools import tool_schema
+    from alignlab.tools.calculator import calculator
+
+    own = [tool_schema(calculator)]  # a row may repeat an algorithm tool's schema: it is shown once
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "2+3?", "solution": "5", "tools": own}] * 4)
+    common = ["trainer.max_steps=1", "batch_size=2", "max_length=256", "data.source.eval_fraction=0", *QUIET]
+    sft = train(
+        compose(["algorithm=sft", "data=custom_sft", f"data.source.path={sft_rows}", *common], tmp_path / "sft")
+    )
+    grpo = [
+        "algorithm=grpo",
+        "data=custom_prompts",
+        f"data.source.path={prompts}",
+        f"model.path={sft['model_dir']}",
+        "model.tiny=null",
+        "algorithm.tools=[alignlab.tools.calculator]",
+        "algorithm.tool_call_format=hermes",
+        "algorithm.num_generations=2",
+        "algorithm.max_completion_length=16",
+        "algorithm.max_turns=2",
+    ]
+    assert train(compose([*grpo, *common], tmp_path / "grpo"))["steps"] == 1
