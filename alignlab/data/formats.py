@@ -13,6 +13,9 @@ Recognised forms (one example row of each is in docs/data.md):
   the turns before the last assistant turn are the prompt, which both transcripts must share.
 - TRL's standard form with an implicit prompt: `chosen`/`rejected` as text with no `prompt`; their
   longest common beginning is the prompt (as TRL's `extract_prompt` cuts it).
+- Tool calls (`agent_turns`): TRL's `tool_calls` on assistant messages, ms-swift's `tool_call` /
+  `tool_response` messages, LLaMA-Factory's ShareGPT `function_call` / `observation` turns, all read into
+  assistant messages with canonical `tool_calls` and `tool` messages with `name`.
 Everything else (TRL's explicit and conversational forms, ms-swift's `messages` with `rejected_response`
 or `rejected_messages`, UltraFeedback's `prompt` with message-list `chosen`/`rejected`) is read by
 `to_canonical` directly.
@@ -218,7 +221,7 @@ def _tools(raw: dict, source: str, index: int) -> dict:
             row=index,
             field="tools",
         )
-    out["tools"] = value
+    out["tools"] = without_nulls(value)
     return out
 
 
@@ -229,11 +232,23 @@ RESULT_ROLES = ("tool_response", "observation")
 MESSAGE_FIELDS = ("messages", "prompt", "chosen", "rejected", "rejected_messages")
 
 
+def without_nulls(value):
+    """`value` with every null-valued key of its objects left out, at any depth. Arrow (Parquet files, Hub
+    data) gives each object of a column the keys of all rows' objects, null where a row has none, so a
+    call's arguments or a tool's schema would show other rows' names; a null argument counts as not given."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def tool_call(value, where: str, source: str, index: int, field: str) -> dict:
     """One tool call in the canonical (OpenAI / TRL) layout `{"type": "function", "function": {"name": str,
-    "arguments": dict}}` (an `id` kept when given), from that layout, from `{"function": {...}}`, or from
-    the bare `{"name": ..., "arguments": ...}` ms-swift and LLaMA-Factory write (`parameters` as Llama-3
-    writes it); arguments given as JSON text are parsed, so templates write them as JSON (`tojson`).
+    "arguments": dict}}` (an `id` kept when given; null arguments left out, `without_nulls`), from that
+    layout, from `{"function": {...}}`, or from the bare `{"name": ..., "arguments": ...}` ms-swift and
+    LLaMA-Factory write (`parameters` as Llama-3 writes it); arguments given as JSON text are parsed, so
+    templates write them as JSON (`tojson`).
 
     Raises:
         DataError: naming file, row and field (`where` says which message) for a call without a name or
@@ -267,7 +282,7 @@ def tool_call(value, where: str, source: str, index: int, field: str) -> dict:
             row=index,
             field=field,
         )
-    out = {"type": "function", "function": {"name": body["name"], "arguments": arguments}}
+    out = {"type": "function", "function": {"name": body["name"], "arguments": without_nulls(arguments)}}
     if isinstance(value, dict) and isinstance(value.get("id"), str):
         out["id"] = value["id"]
     return out

@@ -378,3 +378,21 @@ def test_sft_on_tool_call_rows_then_grpo_with_tools_from_that_model_is_one_path(
         "algorithm.max_turns=2",
     ]
     assert train(compose([*grpo, *common], tmp_path / "grpo"))["steps"] == 1
+
+
+def test_arguments_and_schemas_that_differ_across_parquet_rows_keep_their_own_names(tmp_path):
+    """Arrow gives each struct every row's keys (null where a row has none): those nulls are left out."""
+
+    def row(arguments: dict, parameters: dict) -> dict:
+        call = {"type": "function", "function": {"name": "f", "arguments": arguments}}
+        schema = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        return {"messages": messages, "tools": [schema]}
+
+    rows = [row({"a": 1}, {"type": "object"}), row({"b": "x"}, {"type": "object", "required": ["b"]})]
+    pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
+    got = FileSource(str(tmp_path / "rows.parquet"), eval_fraction=0).load("sft")["train"]
+    assert [r["completion"]["tool_calls"][0]["function"]["arguments"] for r in got] == [{"a": 1}, {"b": "x"}]
+    assert [r["tools"][0]["function"]["parameters"] for r in got] == [
+        p["tools"][0]["function"]["parameters"] for p in rows
+    ]
