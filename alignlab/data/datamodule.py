@@ -91,6 +91,7 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ConfigError(f"data.truncation must be one of {TRUNCATION}, got {truncation!r}")
         self.system_prompt, self.truncation = system_prompt, truncation
         self.columns = dict(columns) if columns else None  # data.columns: {the file's column name: alignlab's}
+        self._tools_warned: set[str] = set()  # the tool warnings given (_warn_tools), each said once
         self.system = system  # data.system: the system message of rows that have none
         self.shortened: dict[str, int] = {}  # split → rows whose prompt data.truncation shortened
         self._shortened = 0
@@ -205,7 +206,7 @@ class AlignmentDataModule(L.LightningDataModule):
             return
         writes_schemas, writes_calls = template_writes_tools(self.tokenizer)
         describe = getattr(self.source, "describe", lambda: "data")()
-        warned = self.__dict__.setdefault("_tools_warned", set())
+        warned = self._tools_warned
         if schemas and not writes_schemas and "schemas" not in warned:
             warned.add("schemas")
             log.warning(
