@@ -78,17 +78,21 @@ class MultiTurnRollouts:
         )
 
     @classmethod
-    def check_rows(cls, cfg: DictConfig, rows: dict) -> None:
+    def check_rows(cls, cfg: DictConfig, datamodule) -> None:
         """With tools: every read row's own `tools` names only tools an episode runs
         (alignlab.online.multiturn.check_row_tools), checked after the data is read, before anything is
-        written; a streamed split is checked as its rows are met. Raises ConfigError naming the row."""
+        written (a stream's first rows, those it checks when it opens; later ones as they are met). Raises
+        ConfigError naming the row."""
         algorithm = cfg.algorithm
         if not algorithm.get("tools") or algorithm.get("environment") is not None:
             return
         setup = EpisodeSetup([], [tool_schema(t) for t in load_tools(list(algorithm.tools))], None)
-        for split, split_rows in rows.items():
-            if isinstance(split_rows, list):
-                check_row_tools(setup, split_rows, f"the {split} rows")
+        origin = getattr(datamodule.source, "origin", None)
+        describe = getattr(datamodule.source, "describe", lambda: "data")()
+        for split, rows in datamodule.read().items():
+            if not isinstance(rows, list):  # a stream: the rows it checked when it opened, its first ones
+                rows = getattr(rows, "head", [])
+            check_row_tools(setup, rows, f"{describe} ({split} split)", origin)
 
     def setup_multi_turn(self) -> None:
         """Load the tools and resolve the call format (from the tokenizer's template when not configured);

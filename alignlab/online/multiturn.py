@@ -295,14 +295,20 @@ def episode_schemas(setup: EpisodeSetup, row_tools: Any, where: str = "a row") -
     return [*setup.schemas, *extra]
 
 
-def check_row_tools(setup: EpisodeSetup, rows: Sequence[dict], describe: str = "data") -> None:
-    """`episode_schemas` on every row, before anything is written (rows numbered from 1 in the order read).
+def check_row_tools(
+    setup: EpisodeSetup, rows: Sequence[dict], describe: str = "data", origin: Callable | None = None
+) -> None:
+    """`episode_schemas` on every row, before anything is written. `origin(row)`: (file, row number, field)
+    of a row (a FileSource's `origin`), which the error names; None, or a row it does not know: the row's
+    place in `rows` (from 1) after `describe`.
 
     Raises:
         ConfigError: naming the first row that offers a tool nothing would run."""
     for i, row in enumerate(rows):
         if row.get("tools"):
-            episode_schemas(setup, row["tools"], f"{describe}, row {i + 1},")
+            found = origin(row) if origin is not None else None
+            where = f"{found[0]}, row {found[1]}," if found else f"{describe}, row {i + 1},"
+            episode_schemas(setup, row["tools"], where)
 
 
 def episode_setup(

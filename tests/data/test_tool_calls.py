@@ -309,16 +309,24 @@ class _Echo:
         return [], True, None
 
 
-def test_grpo_refuses_rows_offering_tools_nothing_runs_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["file", "stream"])
+def test_grpo_refuses_rows_offering_tools_nothing_runs_before_anything_is_written(tmp_path, streaming):
     from alignlab.train import train
     from tests.conftest import QUIET, compose
 
     rows = [{"prompt": "2+3?", "solution": "5", "tools": [OTHER]}] * 4
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
     overrides = ["algorithm=grpo", "data=custom_prompts", f"data.source.path={path}", "batch_size=2"]
+    overrides.append(f"data.source.streaming={str(streaming).lower()}")
     overrides += ["algorithm.tools=[alignlab.tools.calculator]", "algorithm.tool_call_format=hermes", *QUIET]
-    with pytest.raises(ConfigError, match=r"row 1, offers the tools \['weather'\].*add them to algorithm.tools"):
+    with pytest.raises(ConfigError) as err:
         train(compose(overrides, tmp_path / "run"))
+    assert (
+        str(err.value).startswith(f"{path}")
+        and ", row 1, " in str(err.value)
+        and "offers the tools ['weather'] in its `tools` column" in str(err.value)
+    )
+    assert "add them to algorithm.tools" in str(err.value)
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
