@@ -294,6 +294,17 @@ def _with_id(call: dict, i: int, k: int) -> dict:
     return call if "id" in call else {**call, "id": f"c{i:04d}{k:04d}"}
 
 
+def _call_list(content) -> list:
+    """The calls one call message holds: a JSON list of calls (parallel calls, as LLaMA-Factory writes
+    them) or one call; text that is not a JSON list stays one call, for `tool_call` to read or refuse."""
+    if isinstance(content, str) and content.lstrip().startswith("["):
+        try:
+            content = json.loads(content)
+        except json.JSONDecodeError:
+            return [content]
+    return content if isinstance(content, list) else [content]
+
+
 def agent_turns(messages, source: str, index: int, field: str):
     """`messages` with tool calls and results in the canonical form: an assistant message with
     `tool_calls` (canonical entries, `tool_call`) and `content` ("" when it says nothing else), and
@@ -326,8 +337,7 @@ def agent_turns(messages, source: str, index: int, field: str):
         role, where = m["role"], f"message {i}"
         if role in CALL_ROLES:
             content = m.get("content", m.get("value"))
-            parsed = json.loads(content) if isinstance(content, str) and content.lstrip().startswith("[") else content
-            given = parsed if isinstance(parsed, list) else [parsed]
+            given = _call_list(content)
             new = [_with_id(tool_call(c, where, source, index, field), i, k) for k, c in enumerate(given)]
             last = out[-1] if out else None
             own = last.get("tool_calls") if last is not None else None
@@ -338,7 +348,7 @@ def agent_turns(messages, source: str, index: int, field: str):
                 out.append({"role": "assistant", "content": "", "tool_calls": new})
             calls, answered = out[-1]["tool_calls"], 0
             continue
-        if m.get("tool_calls") is not None and role != "assistant":
+        if m.get("tool_calls") and role != "assistant":
             problem = f"{where} ({role}) has tool_calls; only assistant messages call tools"
             raise DataError(source, problem, row=index, field=field)
         if role == "assistant" and m.get("tool_calls"):
@@ -352,7 +362,8 @@ def agent_turns(messages, source: str, index: int, field: str):
             if answered < len(calls):  # the call it answers names it, and gives the id templates pair it by
                 if not isinstance(m.get("name"), str):
                     m["name"] = calls[answered]["function"]["name"]
-                m.setdefault("tool_call_id", calls[answered]["id"])
+                if not m.get("tool_call_id"):
+                    m["tool_call_id"] = calls[answered]["id"]
             answered += 1
         else:
             calls, answered = [], 0

@@ -155,6 +155,9 @@ def test_content_beside_tool_calls_is_kept_and_an_answer_that_calls_is_a_message
         "content": "Let me see.",
         "tool_calls": [{**call, "id": "c00010000"}],
     }
+    # LLaMA-Factory: parallel calls as one JSON list
+    listed = [messages[0], {"role": "function_call", "content": json.dumps([json.loads(SWIFT_CALL)] * 2)}]
+    assert len(to_canonical({"messages": listed}, "sft", "f.jsonl", 1)["completion"]["tool_calls"]) == 2
     # ms-swift: text, then two parallel calls, join into one assistant turn
     swift = [
         messages[0],
@@ -170,6 +173,7 @@ BAD = [
     ("arguments not JSON", {"role": "tool_call", "content": '{"name": "calc", "arguments": "{x"}'}, "are not JSON"),
     ("arguments a list", {"role": "tool_call", "content": '{"name": "calc", "arguments": [1]}'}, "JSON object"),
     ("call not JSON", {"role": "tool_call", "content": "calc(2+3)"}, "the tool call is not JSON"),
+    ("calls list not JSON", {"role": "tool_call", "content": '[{"name": "calc"'}, "the tool call is not JSON"),
     ("calls on a user message", {"role": "user", "content": "x", "tool_calls": [{"name": "calc"}]}, "only assistant"),
 ]
 
