@@ -75,6 +75,9 @@ def train(cfg: DictConfig) -> dict:
     datamodule.set_tokenizer(tokenizer)
     datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_path))
     datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
+    check_rows = getattr(get_class(cfg.algorithm._target_), "check_rows", None)
+    if check_rows is not None:  # what the algorithm needs of the rows (GRPO: a row's tools are ones it runs)
+        check_rows(cfg, datamodule)
     if datamodule.has_images and not get_class(cfg.algorithm._target_).trains_on_images:
         raise ConfigError(
             f"algorithm={cfg.algorithm.name} does not train on rows with images yet; vision-language models train "

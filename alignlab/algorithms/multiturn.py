@@ -19,6 +19,8 @@ from alignlab.errors import ConfigError
 from alignlab.online.generation import sample_keys, stop_token_ids
 from alignlab.online.multiturn import (
     Episode,
+    EpisodeSetup,
+    check_row_tools,
     conversation,
     environment_factory,
     episode_metrics,
@@ -31,7 +33,7 @@ from alignlab.online.multiturn import (
 )
 from alignlab.online.rewards import REGISTRY
 from alignlab.online.rollout import Samples
-from alignlab.online.tools import TOOL_CALL_FORMATS, load_tools
+from alignlab.online.tools import TOOL_CALL_FORMATS, load_tools, tool_schema
 from alignlab.runner.checks import Checks
 
 
@@ -75,12 +77,29 @@ class MultiTurnRollouts:
             algorithm.tools, algorithm.tool_call_format, algorithm.tool_timeout, algorithm.environment, tokenizer
         )
 
+    @classmethod
+    def check_rows(cls, cfg: DictConfig, datamodule) -> None:
+        """With tools: every read row's own `tools` names only tools an episode runs
+        (alignlab.online.multiturn.check_row_tools), checked after the data is read, before anything is
+        written (a stream's first rows, those it checks when it opens; later ones as they are met). Raises
+        ConfigError naming the row."""
+        algorithm = cfg.algorithm
+        if not algorithm.get("tools") or algorithm.get("environment") is not None:
+            return
+        setup = EpisodeSetup([], [tool_schema(t) for t in load_tools(list(algorithm.tools))], None)
+        origin = getattr(datamodule.source, "origin", None)
+        describe = getattr(datamodule.source, "describe", lambda: "data")()
+        for split, rows in datamodule.read().items():
+            if not isinstance(rows, list):  # a stream: the rows it checked when it opened, its first ones
+                rows = getattr(rows, "head", [])
+            check_row_tools(setup, rows, f"{describe} ({split} split)", origin)
+
     def setup_multi_turn(self) -> None:
         """Load the tools and resolve the call format (from the tokenizer's template when not configured);
         registry reward functions then read a conversation's final answer."""
         setup = episode_setup(self.tools, self.tool_call_format, self.tool_timeout, self.environment, self.tokenizer)
         self.episode_setup = setup
-        self.tool_functions, self.tool_schemas, self.new_environment = setup
+        self.tool_functions, self.tool_schemas, self.new_environment = setup[:3]
         self.rewards = [(name, on_final_answers(fn) if name in REGISTRY else fn) for name, fn in self.rewards]
         self.rollout_stats: dict[str, torch.Tensor] = {}
         self.greedy_episodes: list[Episode] = []

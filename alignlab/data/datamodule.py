@@ -25,12 +25,20 @@ from alignlab.data.mixture import MixtureSource
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader, process_group
 from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
 from alignlab.data.streaming import RowStream, StreamLoader, StreamOrder
-from alignlab.data.tokenize import SYSTEM_PROMPT, TemplateRefusal, encode_conversations, encode_turns, fit_answer
+from alignlab.data.tokenize import (
+    SYSTEM_PROMPT,
+    TemplateRefusal,
+    encode_conversations,
+    encode_turns,
+    fit_answer,
+    template_writes_tools,
+)
 from alignlab.data.truncation import TRUNCATION, shorten_prompt
 from alignlab.data.vision import IMAGE_COLUMNS, ImageEncoder, collate_vision
 from alignlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+ANSWER_COLUMNS = ("completion", "chosen", "rejected")  # canonical answers; one that calls tools is a message
 
 PLAN_EPOCHS = 32  # epochs whose steps set the micro-batch count under a token budget (later ones reuse it)
 
@@ -83,6 +91,7 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ConfigError(f"data.truncation must be one of {TRUNCATION}, got {truncation!r}")
         self.system_prompt, self.truncation = system_prompt, truncation
         self.columns = dict(columns) if columns else None  # data.columns: {the file's column name: alignlab's}
+        self._tools_warned: set[str] = set()  # the tool warnings given (_warn_tools), each said once
         self.system = system  # data.system: the system message of rows that have none
         self.shortened: dict[str, int] = {}  # split → rows whose prompt data.truncation shortened
         self._shortened = 0
@@ -174,6 +183,7 @@ class AlignmentDataModule(L.LightningDataModule):
         markups = [(self._vision.get(id(r)) or (None, None))[1] for r in rows]
         tools = [r.get("tools") for r in rows]
         tools = tools if any(tools) else None
+        self._warn_tools(rows, tools is not None)
         marked = any(m.get("loss") for p in prompts for m in p)  # a turn marked `loss: true` (ms-swift)
         try:
             if all_turns or marked:
@@ -184,6 +194,39 @@ class AlignmentDataModule(L.LightningDataModule):
             return [(p, None, a) for p, a in encoded]
         except TemplateRefusal as e:
             raise self._refused(rows[e.index], e.reason) from None
+
+    def _warn_tools(self, rows: list[dict], schemas: bool) -> None:
+        """Warn once when rows give tool schemas the chat template does not write (the model never sees
+        them), or tool calls it does not write (they are trained as Hermes `<tool_call>` blocks instead,
+        alignlab.data.tokenize.hermes_calls: GRPO with tools then needs algorithm.tool_call_format=hermes)."""
+        calls = any(
+            m.get("tool_calls")
+            for r in rows
+            for v in (r["prompt"], *(r.get(k) for k in ANSWER_COLUMNS))
+            for m in (v if isinstance(v, list) else [v])
+            if isinstance(m, dict)
+        )
+        if not (schemas or calls):
+            return
+        writes_schemas, writes_calls = template_writes_tools(self.tokenizer)
+        describe = getattr(self.source, "describe", lambda: "data")()
+        warned = self._tools_warned
+        if schemas and not writes_schemas and "schemas" not in warned:
+            warned.add("schemas")
+            log.warning(
+                "%s: rows give `tools`, but the model's chat template does not write tool schemas, so the model "
+                "never sees them; set model.chat_template to a template with tools support "
+                "(docs/data.md#tools-and-tool-calls)",
+                describe,
+            )
+        if calls and not writes_calls and "calls" not in warned:
+            warned.add("calls")
+            log.warning(
+                "%s: the model's chat template writes no tool calls; assistant turns that call tools are trained "
+                "as Hermes blocks (<tool_call>{json}</tool_call>), so GRPO with tools needs "
+                "algorithm.tool_call_format=hermes (docs/data.md#tools-and-tool-calls)",
+                describe,
+            )
 
     def _too_long(self, row: dict, length: int) -> DataError:
         origin = getattr(self.source, "origin", lambda _: None)(self._derived.get(id(row), row))

@@ -17,6 +17,9 @@ Recognised forms (one example row of each is in docs/data.md):
   `preferred_output` and `non_preferred_output` (each a list of assistant messages).
 - A `messages` prompt (not ending in an assistant turn) with `chosen`/`rejected` answers and no
   `prompt`: `messages` is the prompt (the way pairs are often written by hand).
+- Tool calls (`agent_turns`): TRL's `tool_calls` on assistant messages, ms-swift's `tool_call` /
+  `tool_response` messages, LLaMA-Factory's ShareGPT `function_call` / `observation` turns, all read into
+  assistant messages with canonical `tool_calls` and `tool` messages with `name`.
 Everything else (TRL's explicit and conversational forms, ms-swift's `messages` with `rejected_response`
 or `rejected_messages`, UltraFeedback's `prompt` with message-list `chosen`/`rejected`) is read by
 `to_canonical` directly.
@@ -42,7 +45,7 @@ SHAREGPT_ROLES = {
     "gpt": "assistant",
     "assistant": "assistant",
     "model": "assistant",
-    "function_call": "assistant",  # the assistant's tool call, written as text
+    "function_call": "tool_call",  # the assistant's tool call as JSON text: made a `tool_calls` entry (agent_turns)
     "system": "system",
     "observation": "tool",
     "tool": "tool",
@@ -322,7 +325,154 @@ def _tools(raw: dict, source: str, index: int) -> dict:
             row=index,
             field="tools",
         )
-    out["tools"] = value
+    out["tools"] = without_nulls(value)
+    return out
+
+
+# Message roles other trainers give tool calls and results, read by `agent_turns`: ms-swift's agent rows
+# (`tool_call` / `tool_response`) and LLaMA-Factory's ShareGPT `function_call` (mapped to `tool_call`).
+CALL_ROLES = ("tool_call", "function_call")
+RESULT_ROLES = ("tool_response", "observation")
+MESSAGE_FIELDS = ("messages", "prompt", "chosen", "rejected", "rejected_messages")
+
+
+def without_nulls(value):
+    """`value` with every null-valued key of its objects left out, at any depth. Arrow (Parquet files, Hub
+    data) gives each object of a column the keys of all rows' objects, null where a row has none, so a
+    call's arguments or a tool's schema would show other rows' names; a null argument counts as not given."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def tool_call(value, where: str, source: str, index: int, field: str) -> dict:
+    """One tool call in the canonical (OpenAI / TRL) layout `{"type": "function", "function": {"name": str,
+    "arguments": dict}}` (an `id` kept when given; null arguments left out, `without_nulls`), from that
+    layout, from `{"function": {...}}`, or from the bare `{"name": ..., "arguments": ...}` ms-swift and
+    LLaMA-Factory write (`parameters` as Llama-3 writes it); arguments given as JSON text are parsed, so
+    templates write them as JSON (`tojson`).
+
+    Raises:
+        DataError: naming file, row and field (`where` says which message) for a call without a name or
+            whose arguments are not a JSON object.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(source, f"{where}: the tool call is not JSON ({e})", row=index, field=field) from None
+    body = value.get("function", value) if isinstance(value, dict) else None
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"].strip():
+        raise DataError(
+            source,
+            f'{where}: a tool call must be an object with a "name" (and "arguments"), got {value!r:.80}',
+            row=index,
+            field=field,
+        )
+    arguments = next((body[k] for k in ("arguments", "parameters") if k in body), {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise DataError(
+                source, f"{where}: the arguments of {body['name']!r} are not JSON ({e})", row=index, field=field
+            ) from None
+    if not isinstance(arguments, dict):
+        raise DataError(
+            source,
+            f"{where}: the arguments of {body['name']!r} must be a JSON object, got {type(arguments).__name__}",
+            row=index,
+            field=field,
+        )
+    out = {"type": "function", "function": {"name": body["name"], "arguments": without_nulls(arguments)}}
+    if isinstance(value, dict) and isinstance(value.get("id"), str):
+        out["id"] = value["id"]
+    return out
+
+
+def _with_id(call: dict, i: int, k: int) -> dict:
+    """The call with an `id` (kept when given; else one made from message i and call k, nine letters and
+    digits as Mistral's template requires): results are paired with calls by it (`tool_call_id`)."""
+    return call if "id" in call else {**call, "id": f"c{i:04d}{k:04d}"}
+
+
+def _call_list(content) -> list:
+    """The calls one call message holds: a JSON list of calls (parallel calls, as LLaMA-Factory writes
+    them) or one call; text that is not a JSON list stays one call, for `tool_call` to read or refuse."""
+    if isinstance(content, str) and content.lstrip().startswith("["):
+        try:
+            content = json.loads(content)
+        except json.JSONDecodeError:
+            return [content]
+    return content if isinstance(content, list) else [content]
+
+
+def agent_turns(messages, source: str, index: int, field: str):
+    """`messages` with tool calls and results in the canonical form: an assistant message with
+    `tool_calls` (canonical entries, `tool_call`) and `content` ("" when it says nothing else), and
+    `{"role": "tool", "name": ..., "content": ...}` results. Read from TRL's form (calls on assistant
+    messages, arguments as dicts or JSON text), ms-swift's agent rows (a `tool_call` message holding the
+    call as JSON text, a `tool_response` message the result) and LLaMA-Factory's ShareGPT
+    (`function_call` / `observation`, roles mapped by SHAREGPT_ROLES): consecutive calls are one turn's
+    parallel calls, joined to the assistant message just before them when it has none of its own. A
+    result without `name` is named after the call it answers (the k-th result after a turn of calls
+    answers its k-th call), and gets its `tool_call_id`; a call without `id` gets one (`_with_id`).
+    Anything that is not a list of messages is returned as it is.
+
+    Raises:
+        DataError: naming file, row and field, for a call that cannot be read (see `tool_call`) or
+            `tool_calls` on a message that is not the assistant's.
+    """
+    if isinstance(messages, str) and field == "messages" and messages.lstrip().startswith("["):
+        try:  # CSV cells carry message lists as JSON text
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            return messages  # to_canonical names the fault
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        return messages
+    if not any(m["role"] in CALL_ROLES + RESULT_ROLES or m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return messages
+    out: list[dict] = []
+    calls: list[dict] = []  # the calls of the last assistant turn, which later results answer in order
+    answered = 0
+    for i, m in enumerate(messages):
+        role, where = m["role"], f"message {i}"
+        if role in CALL_ROLES:
+            content = m.get("content", m.get("value"))
+            given = _call_list(content)
+            new = [_with_id(tool_call(c, where, source, index, field), i, k) for k, c in enumerate(given)]
+            flag = {"loss": m["loss"]} if m.get("loss") is not None else {}  # ms-swift's per-turn `loss` goes along
+            last = out[-1] if out else None
+            own = last.get("tool_calls") if last is not None else None
+            if last is not None and last["role"] == "assistant" and (not own or own is calls):
+                last = out[-1] = {**flag, **last, "tool_calls": [*(last.get("tool_calls") or []), *new]}
+                last["content"] = last.get("content") or ""
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": new, **flag})
+            calls, answered = out[-1]["tool_calls"], 0
+            continue
+        if m.get("tool_calls") and role != "assistant":
+            problem = f"{where} ({role}) has tool_calls; only assistant messages call tools"
+            raise DataError(source, problem, row=index, field=field)
+        if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise DataError(source, f"{where}: tool_calls must be a list of calls", row=index, field=field)
+            new = [_with_id(tool_call(c, where, source, index, field), i, k) for k, c in enumerate(m["tool_calls"])]
+            m = {**m, "tool_calls": new, "content": m.get("content") or ""}
+            calls, answered = new, 0
+        elif role in RESULT_ROLES or role == "tool":
+            m = {**m, "role": "tool"}
+            if answered < len(calls):  # the call it answers names it, and gives the id templates pair it by
+                if not isinstance(m.get("name"), str):
+                    m["name"] = calls[answered]["function"]["name"]
+                if not m.get("tool_call_id"):
+                    m["tool_call_id"] = calls[answered]["id"]
+            answered += 1
+        else:
+            calls, answered = [], 0
+        out.append(m)
     return out
 
 
@@ -405,4 +555,9 @@ def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
             if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
                 messages = messages[:-1]  # HH prompts end with the assistant's empty turn
             raw = {**raw, "prompt": messages}
+    for field in MESSAGE_FIELDS:
+        if field in raw:
+            turns = agent_turns(raw[field], source, index, field)
+            if turns is not raw[field]:
+                raw = {**raw, field: turns}
     return raw

@@ -8,6 +8,11 @@ Canonical form (what every DataModule reads), prompts are always message lists:
 An SFT row's earlier assistant messages may carry `"loss": true/false` (ms-swift's per-message flag:
 trained or not, whatever data.train_on says; a final answer marked false ends the row at the last
 turn that trains); other kinds' messages never carry it (their prompts are never trained).
+Tool calling: an assistant message may carry `tool_calls` (`[{"type": "function", "function": {"name":
+str, "arguments": dict}}]`, its `content` "" when it says nothing else) and a `tool` message `name`;
+an answer (completion, chosen, rejected) that calls tools is that assistant message (a dict) instead
+of text. TRL's, ms-swift's and LLaMA-Factory's spellings are all read into this form
+(alignlab.data.formats.agent_turns); the chat template writes the calls (alignlab.data.tokenize).
 Extra columns (e.g. `solution`) pass through untouched for reward functions and evaluation; a
 `solution` that is an object is refused (a struct's field is mapped by a dotted data.columns name); the
 optional numeric columns (`NUMERIC_COLUMNS`, e.g. `margin`) of a pairwise row become floats, and a
@@ -64,6 +69,20 @@ OTHER_MEDIA = {
     "audio": "audio",
 }
 _FROM_COLUMN = object()  # an image slot filled from the `images` column (not inline in its content part)
+
+
+def tool_calls_of(message) -> list:
+    """A message's tool calls ([] for none, or for what is not a message)."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    return calls if isinstance(calls, list) else []
+
+
+def reply(message: dict) -> str | dict:
+    """An assistant message as a canonical answer: its text, or, when it calls tools, the message itself
+    (`{"role": "assistant", "content": str, "tool_calls": [...]}`), which the chat template renders."""
+    if tool_calls_of(message):
+        return {"role": "assistant", "content": message["content"], "tool_calls": message["tool_calls"]}
+    return message["content"]
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -126,20 +145,23 @@ class _Row:
             raise self.fail(field, f"expected a non-empty list of messages, got {type(value).__name__}")
         out = []
         for i, m in enumerate(value):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            calls = tool_calls_of(m)
+            if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
                 raise self.fail(field, f"message {i} must be an object with 'role' and 'content'")
             if m["role"] not in ROLES:
                 raise self.fail(field, f"message {i} has role {m['role']!r}; expected one of {ROLES}")
-            content = m["content"]
+            content = "" if m.get("content") is None and calls else m["content"]
             if isinstance(content, list):
                 content = "".join(self.parts(field, i, m["role"], content))
             elif not isinstance(content, str):
                 raise self.fail(
                     field, f"message {i} content must be text or a list of content parts, got {type(content).__name__}"
                 )
-            if blank(content) and m["role"] != "system":  # an empty system prompt is a choice
+            if blank(content) and m["role"] != "system" and not calls:  # an empty system prompt is a choice
                 raise self.fail(field, f"message {i} ({m['role']}) is empty; only a system message may be empty")
-            out.append({"role": m["role"], "content": content, **self.loss_flag(field, i, m)})
+            out.append(
+                {"role": m["role"], "content": content, **self.loss_flag(field, i, m), **self.tool_fields(field, i, m)}
+            )
         return out
 
     def loss_flag(self, field: str, i: int, message: dict) -> dict:
@@ -175,7 +197,7 @@ class _Row:
             return None
         return self.loss_flag(field, len(value) - 1, value[-1]).get("loss") if self.kind == "sft" else None
 
-    def last_trained(self, prompt: list[dict], field: str) -> tuple[list[dict], str]:
+    def last_trained(self, prompt: list[dict], field: str) -> tuple[list[dict], str | dict]:
         """(prompt, answer) of an SFT conversation whose final answer has `loss: false`: cut after the
         last assistant turn not marked false, which becomes the answer (the turns after it would train
         nothing, and in a causal model change no earlier token's loss).
@@ -192,7 +214,10 @@ class _Row:
                 "every assistant turn has loss false, so the row trains nothing; mark a turn to train, or leave "
                 "the row out",
             )
-        return prompt[:j], prompt[j]["content"]
+        kept = prompt[j]
+        # An answer that calls tools stays the message (the template writes its calls); `loss` is not kept.
+        answer = {k: v for k, v in kept.items() if k != "loss"} if kept.get("tool_calls") else kept["content"]
+        return prompt[:j], answer
 
     def trained_answer(self, field: str) -> None:
         """Refuse `loss: false` on the answer of a pair or a KTO row: those losses always score it (only
@@ -212,6 +237,21 @@ class _Row:
                 f"the answer (message {len(value) - 1}) has loss false, but {self.kind} data always trains on its "
                 "answers (only SFT leaves turns untrained); remove `loss` or the row",
             )
+
+    def tool_fields(self, field: str, i: int, m: dict) -> dict:
+        """What message i keeps besides role and content: an assistant message's `tool_calls` (already
+        canonical: alignlab.data.formats.agent_turns), a tool result's `name` and `tool_call_id`."""
+        if m["role"] == "assistant" and tool_calls_of(m):
+            return {"tool_calls": m["tool_calls"]}
+        if m["role"] == "tool":
+            out = {}
+            for key in ("name", "tool_call_id"):
+                if m.get(key) is not None and not isinstance(m[key], str):
+                    raise self.fail(field, f"message {i} (tool): {key} must be text, got {type(m[key]).__name__}")
+                if m.get(key):
+                    out[key] = m[key]
+            return out
+        return {}
 
     def parts(self, field: str, i: int, role: str, parts: list) -> list[str]:
         """The texts of message i's content parts (TRL's form), each image part as `<image>`.
@@ -272,8 +312,8 @@ class _Row:
             msgs = self.messages(field, value)
             if msgs[-1]["role"] != "assistant":
                 raise self.fail(field, "must end with an assistant message")
-            prefix, text = msgs[:-1], msgs[-1]["content"]
-        if blank(text):
+            prefix, text = msgs[:-1], reply(msgs[-1])
+        if isinstance(text, str) and blank(text):
             raise self.fail(field, "the answer is empty")
         return prefix, text
 
@@ -308,9 +348,9 @@ class _Row:
         msgs = self.messages("messages")
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
             raise self.fail("messages", "must end with an assistant answer after at least one prompt message")
-        if blank(msgs[-1]["content"]):
+        if blank(msgs[-1]["content"]) and not tool_calls_of(msgs[-1]):
             raise self.fail("messages", "the assistant answer is empty")
-        return msgs[:-1], msgs[-1]["content"]
+        return msgs[:-1], reply(msgs[-1])
 
     def follow(self, prompt: list[dict], turns: list[dict], field: str, name: str) -> list[dict]:
         """The conversation an answer in `field` follows: `prompt` (from `name`) plus the `turns` its

@@ -195,6 +195,98 @@ def _render(tokenizer, messages: list[dict], index: int, tools: list[dict] | Non
         raise TemplateRefusal(index, f"{type(e).__name__}: {e}") from None
 
 
+def hermes_calls(message: dict) -> str:
+    """An assistant message's text with its tool calls written after it as Hermes blocks (Qwen2.5's
+    layout: `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, one per call, a newline between),
+    what `alignlab.online.tools.parse_hermes` reads back: the calls of a template that writes none."""
+    blocks = [
+        "<tool_call>\n"
+        + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+        + "\n</tool_call>"
+        for c in message["tool_calls"]
+    ]
+    return "\n".join([message["content"], *blocks] if message["content"] else blocks)
+
+
+def _call_text(tokenizer, codec: _Codec, context: list[dict], message: dict, index: int, tools) -> str:
+    """The text the chat template writes for assistant `message`, which calls tools, after `context`: what
+    stands where a plain assistant message's content would (its content and the calls in the template's
+    format, protected: a marker such as Mistral's `[TOOL_CALLS]` is its special token, while text from the
+    message stays text). A template that writes no calls gets them as Hermes blocks (`hermes_calls`).
+
+    Raises:
+        TemplateRefusal: the template raises, or writes the turn with other markup around it than a plain one.
+    """
+    probe = _render(tokenizer, [*context, {"role": "assistant", "content": _placeholder(0)}], index, tools)
+    real = _render(tokenizer, [*context, codec.defuse(message)], index, tools)
+    start = probe.find(_placeholder(0))
+    before, after = probe[:start], probe[start + len(_placeholder(0)) :]
+    if not (real.startswith(before) and real.endswith(after) and len(real) >= len(before) + len(after)):
+        raise TemplateRefusal(
+            index,
+            "the chat template writes a tool-calling assistant turn inside other markup than a plain turn (Mistral "
+            "v0.3 drops the space it writes before a plain answer), so its calls cannot be trained as it lays them "
+            "out; set model.chat_template to a template that writes calls where it writes an answer (Qwen2.5's)",
+        )
+    body = real[len(before) : len(real) - len(after)]
+    if body.strip() == codec.defuse(message["content"]).strip():  # the calls left out: the template writes none
+        return hermes_calls(message)
+    return codec.protect(body)
+
+
+def _with_calls(tokenizer, codec: _Codec, messages: list[dict], answers: list, index: int, tools):
+    """`messages` and `answers` with every assistant message that calls tools (a dict answer is one) made
+    a plain assistant message whose content is the text the template writes for it (`_call_text`), so
+    the calls are laid out, and trained, as any assistant content is (a per-turn `loss` stays with it); `name`
+    and the other keys of tool results stay for the template."""
+    if not any(m.get("tool_calls") for m in messages) and all(isinstance(a, str) for a in answers):
+        return messages, answers
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            text = _call_text(tokenizer, codec, messages[: len(out)], m, index, tools)
+            m = {
+                "role": "assistant",
+                "content": text,
+                **({"loss": m["loss"]} if "loss" in m else {}),
+            }  # ms-swift's flag
+        out.append(m)
+    flat = [a if isinstance(a, str) else _call_text(tokenizer, codec, messages, a, index, tools) for a in answers]
+    return out, flat
+
+
+_WRITES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def template_writes_tools(tokenizer) -> tuple[bool, bool]:
+    """(whether the chat template writes the schemas it gets as `tools`, whether it writes an assistant
+    message's `tool_calls`), found by rendering a probe conversation with and without them (False, False
+    without a template). A template that writes no calls gets them as Hermes text (`hermes_calls`); one
+    that writes no schemas leaves the model without them. Cached per tokenizer and template."""
+    key = tokenizer.chat_template
+    cached = _WRITES.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    name = f"probe_{_MARK}"
+    schema = {"type": "function", "function": {"name": name, "description": name, "parameters": {"type": "object"}}}
+    call = {"type": "function", "id": "a1b2c3d4e", "function": {"name": name, "arguments": {name: 1}}}
+    user = {"role": "user", "content": "."}
+    answer = {"role": "assistant", "content": "."}
+    result = (False, False)
+    if tokenizer.chat_template:
+        try:
+            schemas = name in _render(tokenizer, [user, answer], 0, [schema])
+        except TemplateRefusal:
+            schemas = False
+        try:
+            calls = name in _render(tokenizer, [user, {**answer, "tool_calls": [call]}], 0)
+        except TemplateRefusal:
+            calls = False
+        result = (schemas, calls)
+    _WRITES[tokenizer] = (key, result)
+    return result
+
+
 def _end_of_turn(codec: _Codec, tail: str, eos: str | None) -> str:
     """The protected text that ends an answer: the template's text after the answer up to and including
     its first special token; without one, that text without right whitespace, then eos."""
@@ -353,6 +445,7 @@ def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bo
         messages = merge_system(messages) if merge else list(messages)
         row_tools = codec.defuse(tools[index]) if tools is not None and tools[index] else None
         row_answers = list(answers[index]) if answers is not None else []
+        messages, row_answers = _with_calls(tokenizer, codec, messages, row_answers, index, row_tools)
         contents = [m["content"] for m in messages]
         n = len(messages)  # the answer's placeholder
         pieces, order = _lay_out(tokenizer, messages, index, row_tools)

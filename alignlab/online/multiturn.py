@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from alignlab.data.collate import collate_answers, pad
-from alignlab.data.tokenize import encode_prompts
+from alignlab.data.tokenize import encode_prompts, template_writes_tools
 from alignlab.errors import ConfigError
 from alignlab.online.backends import Sampled
 from alignlab.online.generation import cut_at_stop, generate, hash32, matches_solution
@@ -50,6 +51,8 @@ from alignlab.online.tools import (
     run_tool_call,
     tool_schema,
 )
+
+log = logging.getLogger(__name__)
 
 # -- environments -------------------------------------------------------------------------------
 
@@ -251,11 +254,61 @@ Sampler = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Tensor | None"]
 
 class EpisodeSetup(NamedTuple):
     """What every episode of a run shares: the tools, their JSON schemas (the chat template's `tools`
-    argument) and the factory of one environment per episode."""
+    argument), the factory of one environment per episode, and whether that environment is the user's
+    (`algorithm.environment`, which decides what a row's own `tools` mean) rather than the tools'."""
 
     tools: list[Callable]
     schemas: list[dict]
     new_environment: Callable[[], Any]
+    own_environment: bool = False
+
+
+def schema_name(schema: Any) -> str | None:
+    """The tool name a JSON schema gives (`{"type": "function", "function": {"name": …}}` or `{"name": …}`)."""
+    if not isinstance(schema, dict):
+        return None
+    body = schema.get("function", schema)
+    return body.get("name") if isinstance(body, dict) and isinstance(body.get("name"), str) else None
+
+
+def episode_schemas(setup: EpisodeSetup, row_tools: Any, where: str = "a row") -> list[dict]:
+    """The schemas an episode's prompt shows: `algorithm.tools`' schemas, then the row's own `tools`
+    column's that name another tool (a row schema named as an algorithm tool is left out: the schema made
+    from the function that runs is shown).
+
+    Raises:
+        ConfigError: when the row offers a tool that nothing would run: with `algorithm.tools` and no
+            `algorithm.environment`, only `algorithm.tools` run, so a row schema naming another tool would
+            invite calls that can only fail. Names the row (`where`) and the tool.
+    """
+    if not row_tools:
+        return setup.schemas
+    known = {schema_name(s) for s in setup.schemas}
+    extra = [s for s in row_tools if schema_name(s) not in known]
+    if extra and not setup.own_environment:
+        names = [schema_name(s) for s in extra]
+        raise ConfigError(
+            f"{where} offers the tools {names} in its `tools` column, but only algorithm.tools "
+            f"({sorted(n for n in known if n)}) run in an episode: add them to algorithm.tools (by dotted path), "
+            "drop them from the row, or give an algorithm.environment that runs them (docs/tools.md#a-rows-own-tools)"
+        )
+    return [*setup.schemas, *extra]
+
+
+def check_row_tools(
+    setup: EpisodeSetup, rows: Sequence[dict], describe: str = "data", origin: Callable | None = None
+) -> None:
+    """`episode_schemas` on every row, before anything is written. `origin(row)`: (file, row number, field)
+    of a row (a FileSource's `origin`), which the error names; None, or a row it does not know: the row's
+    place in `rows` (from 1) after `describe`.
+
+    Raises:
+        ConfigError: naming the first row that offers a tool nothing would run."""
+    for i, row in enumerate(rows):
+        if row.get("tools"):
+            found = origin(row) if origin is not None else None
+            where = f"{found[0]}, row {found[1]}," if found else f"{describe}, row {i + 1},"
+            episode_schemas(setup, row["tools"], where)
 
 
 def episode_setup(
@@ -275,11 +328,15 @@ def episode_setup(
         call_format = resolve_tool_call_format(tool_call_format, tokenizer.chat_template)
         if environment is None:
             check_tool_messages(tokenizer)
-    return EpisodeSetup(
-        functions,
-        [tool_schema(t) for t in functions],
-        environment_factory(environment, functions, call_format, tool_timeout),
-    )
+    schemas = [tool_schema(t) for t in functions]
+    if schemas and not template_writes_tools(tokenizer)[0]:
+        log.warning(
+            "algorithm.tools: the model's chat template does not write tool schemas, so the prompts never show "
+            "them; the model calls tools only as it learnt to (SFT on tool-call traces, docs/tools.md), or set "
+            "model.chat_template to a template with tools support"
+        )
+    factory = environment_factory(environment, functions, call_format, tool_timeout)
+    return EpisodeSetup(functions, schemas, factory, environment is not None)
 
 
 def check_tool_messages(tokenizer) -> None:
@@ -324,16 +381,21 @@ def open_episodes(
         environments = [setup.new_environment() for _ in range(num_per_prompt)]
         opening = opening_messages(environments[0], row)
         if any(opening_messages(other, row) != opening for other in environments[1:]):
-            shown = repr(messages)
             raise ValueError(
                 f"{environment_name(environments[0])}.reset gave different opening messages to the episodes of "
-                f"the row whose prompt is {shown if len(shown) <= 120 else shown[:120] + '…'}: a prompt's "
+                f"the row whose prompt is {_shown(messages)}: a prompt's "
                 "num_generations episodes share one prompt encoding, so reset must give the same messages for "
                 "the same row (draw any randomness from the row, e.g. a seed column)"
             )
-        ids = render_prompt(tokenizer, opening, setup.schemas)
+        schemas = episode_schemas(setup, row.get("tools"), f"the row whose prompt is {_shown(messages)}")
+        ids = render_prompt(tokenizer, opening, schemas)
         episodes += [Episode(ids, list(opening), env) for env in environments]
     return episodes
+
+
+def _shown(messages: list[dict]) -> str:
+    shown = repr(messages)
+    return shown if len(shown) <= 120 else shown[:120] + "…"
 
 
 def greedy_sampler(model, tokenizer, stops: Sequence[int]) -> Sampler:
