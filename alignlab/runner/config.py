@@ -16,7 +16,7 @@ from alignlab.errors import ConfigError
 from alignlab.models.loading import check_model_config
 from alignlab.runner.checks import Checks
 from alignlab.runner.hardware import check_hardware
-from alignlab.runner.preflight import ALGORITHM_META_KEYS, CONFIG_DIR, unknown_key_error
+from alignlab.runner.preflight import ALGORITHM_META_KEYS, CONFIG_DIR, check_model_path, unknown_key_error
 from alignlab.runner.redact import redact, redact_overrides
 from alignlab.runner.sweeps import name_run
 
@@ -118,12 +118,16 @@ def save_resolved_config(cfg: DictConfig, path: Path) -> None:
 def compose(overrides: list[str] | None = None, output_dir: str | Path = "outputs/composed") -> DictConfig:
     """The config `python -m alignlab OVERRIDES` would run, for use from Python (tests, studies).
 
-    Hydra's runtime values (the run folder) and the run name are filled in, since no Hydra app runs.
+    Raises ConfigError where the command line would stop before Hydra: a `model.path` that the
+    embedded tiny model would replace (alignlab.runner.preflight.check_model_path). Hydra's runtime values (the run folder) and the run name are filled in, since no Hydra app runs.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import open_dict
 
+    parsed = OverridesParser.create().parse_overrides(list(overrides or []))
+    check_model_path({o.key_or_group: o for o in parsed})  # as on the command line (alignlab.runner.preflight)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=list(overrides or []), return_hydra_config=True)
     overrides, choices = list(cfg.hydra.overrides.task), dict(cfg.hydra.runtime.choices)

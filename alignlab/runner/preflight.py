@@ -105,10 +105,36 @@ def chosen_algorithms(overrides: dict) -> list[str]:
         found = [a for s in _values(overrides["sweep"]) if s for a in _sweep_algorithms(str(s))]
         if found:
             return found
+    default = _default_choice("algorithm")
+    return [default] if default else []
+
+
+def _default_choice(group: str) -> str | None:
+    """conf/train.yaml's option for `group` (e.g. `tiny` for model), or None."""
     for entry in OmegaConf.load(CONFIG_DIR / "train.yaml").defaults:
-        if OmegaConf.is_dict(entry) and "algorithm" in entry:
-            return [str(entry.algorithm)]
-    return []
+        if OmegaConf.is_dict(entry) and group in entry:
+            return str(entry[group])
+    return None
+
+
+def check_model_path(overrides: dict) -> None:
+    """`model.path=<run>/model` given while the model config builds the embedded tiny model
+    (`model.tiny` set, as model=tiny and tiny_vl do): the tiny model would be written beside that path
+    and train in its place. Refused unless `model.tiny` is on the command line too (null: train the
+    path; its keys: the embedded model, written to `<path>-<hash>` on purpose)."""
+    path = overrides.get("model.path")
+    if path is None or path.is_delete() or any(k == "model.tiny" or k.startswith("model.tiny.") for k in overrides):
+        return
+    models = [str(v) for v in _values(overrides["model"])] if "model" in overrides else [_default_choice("model")]
+    for model in models:
+        file = CONFIG_DIR / "model" / f"{model}.yaml"
+        if file.is_file() and OmegaConf.load(file).get("tiny"):
+            given = ",".join(str(v) for v in _values(path))
+            raise ConfigError(
+                f"model.path={given} is not the model that would train: model={model} builds the embedded tiny "
+                f"model (model.tiny is set), which would train in its place; add model.tiny=null to train "
+                f"{given}"
+            )
 
 
 def check_algorithm_overrides(overrides: dict) -> None:
@@ -285,15 +311,18 @@ def quoting_error(argv: Sequence[str]) -> ConfigError | None:
         key, value = arg.split("=", 1)
         if value.startswith(("'", '"')):
             continue
+        if value.startswith(("[", "{")):  # a list or map (data.sources): quote the path inside it
+            return ConfigError(
+                f"{arg}: Hydra's command line reads '#' only inside quotes; quote each path that carries it, "
+                f"e.g. '{key}=[{{path: \"train.jsonl#40\", weight: 2}}]', or give the spec max_rows: 40 instead"
+            )
         quoted = f"'{key}=\"{value}\"'"
         path, _, count = value.rpartition("#")
-        rows = ""
-        if key.endswith((".path", ".eval_path")) and count.isdigit() and "[" not in value:
-            section = key.rsplit(".", 1)[0]
-            if key.endswith(".path"):
-                rows = f"{key}={path} {section}.max_rows={count} (the same sample) or "
+        same = ""
+        if key.endswith(".path") and count.isdigit():
+            same = f"{key}={path} {key.rsplit('.', 1)[0]}.max_rows={count} (the same sample) or "
         return ConfigError(
-            f"{arg}: Hydra's command line reads '#' only inside quotes; write {rows}{quoted} (quoted as shown, "
+            f"{arg}: Hydra's command line reads '#' only inside quotes; write {same}{quoted} (quoted as shown, "
             "for the shell and for Hydra)"
         )
     return None
@@ -316,6 +345,7 @@ def preflight(argv: Sequence[str]) -> None:
         return
     overrides = {o.key_or_group: o for o in parsed}
     check_algorithm_overrides(overrides)
+    check_model_path(overrides)
     check_added_keys(args, parsed)
     check_slurm(overrides)
     # A multirun (-m, or a shipped sweep, which sets hydra.mode) writes into hydra.sweep.dir instead.
