@@ -139,8 +139,9 @@ def save_resolved_config(cfg: DictConfig, path: Path) -> None:
 def compose(overrides: list[str] | None = None, output_dir: str | Path = "outputs/composed") -> DictConfig:
     """The config `python -m alignlab OVERRIDES` would run, for use from Python (tests, studies).
 
+    Hydra's runtime values (the run folder) and the run name are filled in, since no Hydra app runs.
     Raises ConfigError where the command line would stop before Hydra: a `model.path` that the
-    embedded tiny model would replace (alignlab.runner.preflight.check_model_path). Hydra's runtime values (the run folder) and the run name are filled in, since no Hydra app runs.
+    embedded tiny model would replace (alignlab.runner.preflight.check_model_path).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -189,9 +189,9 @@ OPEN_SECTIONS = ("hydra", "logger", "callbacks", "data.columns", "data.sources")
 
 
 def accepted_arguments(target: str) -> set[str] | None:
-    """The keyword arguments the class or function `_target_` names takes, following `**kwargs` up
-    the base classes; None when it takes any (its `**kwargs` go on to code that accepts every key) or
-    cannot be imported (instantiating it will say why)."""
+    """The keyword arguments the class or function `_target_` names takes; None when it takes any key
+    (`**kwargs`) or cannot be imported (instantiating it will say why). alignlab's own classes hand
+    their `**kwargs` to their base class, so there the base's arguments are followed instead."""
     from hydra.utils import get_object
 
     try:
@@ -210,6 +210,8 @@ def accepted_arguments(target: str) -> set[str] | None:
         names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             return names
+        if not function.__module__.startswith("alignlab."):
+            return None  # e.g. DDPStrategy's **kwargs go to torch's DistributedDataParallel
     return None
 
 

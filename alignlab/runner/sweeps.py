@@ -97,11 +97,14 @@ def discard_unstarted_run(run_dir: Path) -> bool:
         return False
     for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):  # the job's log file
         for handler in list(getattr(logger, "handlers", [])):
-            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(run_dir):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(
+                run_dir
+            ):
                 handler.close()
                 logger.removeHandler(handler)
     shutil.rmtree(run_dir, ignore_errors=True)
     return not run_dir.exists()
+
 
 # Folders a run writes its exported model into (alignlab.models.export.save_model).
 EXPORT_FOLDERS = ("model", "adapter")
