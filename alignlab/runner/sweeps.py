@@ -84,6 +84,10 @@ def holds_only_hydra_files(run_dir: Path) -> bool:
     return run_dir.is_dir() and all(p.name in HYDRA_FILES for p in run_dir.iterdir())
 
 
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder)
+
+
 def discard_unstarted_run(run_dir: Path) -> bool:
     """Remove the run folder of a command that failed before training began, so that mistakes leave
     no folders behind. Call it only for a folder this job created (held only HYDRA_FILES when the job
@@ -97,9 +101,7 @@ def discard_unstarted_run(run_dir: Path) -> bool:
         return False
     for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):  # the job's log file
         for handler in list(getattr(logger, "handlers", [])):
-            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(
-                run_dir
-            ):
+            if isinstance(handler, logging.FileHandler) and _inside(handler.baseFilename, run_dir):
                 handler.close()
                 logger.removeHandler(handler)
     shutil.rmtree(run_dir, ignore_errors=True)
