@@ -13,7 +13,12 @@ from alignlab.errors import AlignlabError
 # Only light modules here (not alignlab.runner.config: it pulls in Lightning, seconds), so a mistyped
 # override is reported at once.
 from alignlab.runner.preflight import CONFIG_DIR, preflight
-from alignlab.runner.sweeps import discard_unstarted_run, holds_only_hydra_files, register_resolvers
+from alignlab.runner.sweeps import (
+    discard_unstarted_run,
+    holds_only_hydra_files,
+    is_first_process,
+    register_resolvers,
+)
 
 register_resolvers()  # conf/hydra/default.yaml names the run folder with ${alignlab.run_name:}
 
@@ -29,7 +34,8 @@ def main(cfg: DictConfig) -> float | None:
 
     # A folder Hydra has just made for this job: a failure before training removes it (docs/troubleshooting.md).
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    created = run_dir not in EXISTING_RUN_DIRS and holds_only_hydra_files(run_dir)
+    # Only the first process: under DDP the others share the folder and may stop while it trains.
+    created = run_dir not in EXISTING_RUN_DIRS and holds_only_hydra_files(run_dir) and is_first_process()
     try:
         return objective_value(train(cfg), cfg.objective)  # what a search sweeper (Optuna) optimises
     except AlignlabError as e:  # the user's to fix: say what, without a traceback

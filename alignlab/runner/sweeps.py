@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -82,6 +83,12 @@ TRAINED_FILES = ("checkpoints", "summary.json", *STOPPED_FILES.values())
 def holds_only_hydra_files(run_dir: Path) -> bool:
     """True when `run_dir` holds nothing but what Hydra writes as a job starts (HYDRA_FILES)."""
     return run_dir.is_dir() and all(p.name in HYDRA_FILES for p in run_dir.iterdir())
+
+
+def is_first_process() -> bool:
+    """True outside distributed runs and in their global rank 0 (the process that owns the run folder),
+    read from the launchers' environment (torchrun, Lightning's DDP launcher, SLURM) before any is set up."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _inside(path: str, folder: Path) -> bool:

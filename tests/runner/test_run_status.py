@@ -59,7 +59,7 @@ def test_a_run_that_fails_before_training_leaves_no_folder_and_one_that_began_ke
     """`python -m alignlab` removes the folder Hydra made for a run that stopped before training
     (tests/runner/test_config.py runs it end to end); never a folder that training wrote into, nor the
     working directory."""
-    from alignlab.runner.sweeps import discard_unstarted_run, holds_only_hydra_files
+    from alignlab.runner.sweeps import discard_unstarted_run, holds_only_hydra_files, is_first_process
 
     def hydra_folder(name: str, *more: str):
         folder = tmp_path / name
@@ -78,3 +78,6 @@ def test_a_run_that_fails_before_training_leaves_no_folder_and_one_that_began_ke
     here = hydra_folder("here")
     monkeypatch.chdir(here)  # hydra.run.dir=. : the working directory is never removed
     assert not discard_unstarted_run(here) and (here / ".hydra").is_dir()
+    assert is_first_process()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP worker shares rank 0's folder: it never removes it
+    assert not is_first_process()
