@@ -4,7 +4,9 @@ Hydra creates the run folder and writes `.hydra/` before alignlab's code runs, s
 Hydra itself would report with a traceback (an algorithm key that does not exist), one that would
 otherwise rewrite another run's `.hydra/` (a second launch into its folder) or one that only a
 launcher plugin would find (no SLURM) is caught here, from the overrides alone. Light imports only:
-this runs before Lightning is imported, so a mistyped override is reported at once.
+this runs before Lightning is imported, so a mistyped override is reported at once. The exceptions: a
+key added with `+` is checked on the composed config, and one under a section that builds an object
+(`+trainer.…`, `+data.…`) against that object's arguments, which imports its class.
 """
 
 from __future__ import annotations
@@ -332,7 +334,8 @@ def quoting_error(argv: Sequence[str]) -> ConfigError | None:
 
 def preflight(argv: Sequence[str]) -> None:
     """Run every check above on a command line (`sys.argv[1:]`); raise ConfigError on the first
-    failure. A line Hydra cannot parse is left to Hydra, which says what is wrong with it."""
+    failure. A line Hydra cannot parse is left to Hydra, which says what is wrong with it, except an
+    unquoted `#` (quoting_error), whose spellings that work Hydra's message does not give."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if any(a.split("=", 1)[0] in _PRINT_ONLY for a in argv):
