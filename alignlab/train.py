@@ -67,6 +67,8 @@ def train(cfg: DictConfig) -> dict:
 
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
+    if ckpt_path and (finished := finished_run(run_dir, Path(ckpt_path), cfg.trainer.max_steps)) is not None:
+        return finished  # nothing left to train: the run's own summary stands, unrewritten
     datamodule = build_datamodule(cfg.data)
     datamodule.read()  # bad data fails here, before anything is written to the run folder
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -155,6 +157,29 @@ def train(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        print_summary(result)
+    return result
+
+
+def finished_run(run_dir: Path, checkpoint: Path, max_steps: int) -> dict | None:
+    """The summary of the run in `run_dir` when resuming it from its own checkpoint would train no step:
+    it finished (summary.json, no stop mark) at `max_steps` or beyond. A resumed fit with no step left
+    would rewrite summary.json without the train metrics of the steps it did not take, so the run's own
+    summary is printed and returned instead. None when there is training left (or no such summary)."""
+    summary = run_dir / "summary.json"
+    if checkpoint.resolve() != (run_dir / LAST).resolve() or not summary.is_file():
+        return None
+    if any((run_dir / name).exists() for name in STOPPED_FILES.values()):
+        return None
+    result = json.loads(summary.read_text())
+    if result.get("steps", -1) < max_steps:
+        return None
+    if rank_zero_only.rank == 0:
+        print(
+            f"alignlab: the run in {run_dir} already finished {result['steps']} steps (trainer.max_steps="
+            f"{max_steps}); nothing to resume, summary.json is kept. To train on, raise trainer.max_steps.",
+            flush=True,
+        )
         print_summary(result)
     return result
 

@@ -1,6 +1,6 @@
 """A vLLM engine as a server for GRPO and PPO rollouts (`algorithm.use_vllm=true algorithm.vllm_mode=server`).
 
-    python -m alignlab.vllm_serve model.path=<model folder or Hub id> --host 0.0.0.0 --port 8000
+    python -m alignlab.vllm_serve model.path=<model folder or Hub id> model.tiny=null --host 0.0.0.0 --port 8000
 
 `model.*` overrides compose the `model` group as training does (`model=tiny` by default: the embedded
 model); the server needs the policy's architecture, and the trainer pushes its weights before every
@@ -52,7 +52,7 @@ def make_server(engine, host: str, port: int) -> HTTPServer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alignlab.vllm_serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="model.* overrides, e.g. model.path=Qwen/Qwen3-0.6B")
+    parser.add_argument("overrides", nargs="*", help="model.* overrides, e.g. model=qwen model.path=Qwen/Qwen3-0.6B")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

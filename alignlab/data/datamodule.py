@@ -655,6 +655,16 @@ class PairwiseDataModule(AlignmentDataModule):
     sequences_per_row = 2
     numeric_columns = NUMERIC_COLUMNS
 
+    def __init__(self, source, unpair: bool = False, **kwargs):
+        """`unpair` (data.unpair) is the pairwise configs' switch to KTO's labelled rows, which
+        alignlab.runner.config.check_config turns into LabelledDataModule: pairs read as pairs refuse it."""
+        if unpair:
+            raise ConfigError(
+                "data.unpair=true splits each pair into a desirable and an undesirable row for a labelled-data "
+                "algorithm (algorithm=kto); a pairwise algorithm trains on the pairs: drop data.unpair"
+            )
+        super().__init__(source, **kwargs)
+
     def step_counts(self, ex: dict) -> dict[str, int]:
         return {"chosen_tokens": scored_tokens(len(ex["prompt_ids"]), len(ex["chosen_ids"]))}  # the NLL's
 

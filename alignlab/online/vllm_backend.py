@@ -4,7 +4,7 @@ Two modes, named as TRL names them (`algorithm.vllm_mode`):
 - `colocate`: a `vllm.LLM` in the training process (`ColocatedEngine`), sharing its accelerator
   (`vllm_gpu_memory_utilization` of its memory; optionally asleep while the trainer updates,
   `vllm_enable_sleep_mode`).
-- `server`: a separate process, `python -m alignlab.vllm_serve model.path=... --port 8000`, on its own
+- `server`: a separate process, `python -m alignlab.vllm_serve model.path=... model.tiny=null --port 8000`, on its own
   accelerator, reached over HTTP (`ServerEngine`, `vllm_server_host`, `vllm_server_port`,
   `vllm_server_timeout`). The server runs the same ColocatedEngine, so both modes sample alike.
 
@@ -214,8 +214,9 @@ class ServerEngine:
                 raise ConfigError(
                     f"the vLLM server at {self.host}:{self.port} did not answer within {self.timeout:g} s "
                     f"(algorithm.vllm_server_timeout; last error: {last}). Start it first with "
-                    f"`python -m alignlab.vllm_serve model.path=<the policy's folder> --host {self.host} "
-                    f"--port {self.port}`, or set algorithm.vllm_server_host/vllm_server_port to where it runs"
+                    f"`python -m alignlab.vllm_serve model.path=<the policy's folder> model.tiny=null "
+                    f"--host {self.host} --port {self.port}`, or set algorithm.vllm_server_host/vllm_server_port to "
+                    "where it runs"
                 )
             time.sleep(0.5)
 

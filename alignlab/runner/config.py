@@ -16,7 +16,7 @@ from alignlab.errors import ConfigError
 from alignlab.models.loading import check_model_config
 from alignlab.runner.checks import Checks
 from alignlab.runner.hardware import check_hardware
-from alignlab.runner.preflight import ALGORITHM_META_KEYS, CONFIG_DIR, unknown_key_error
+from alignlab.runner.preflight import ALGORITHM_META_KEYS, CONFIG_DIR, check_model_path, unknown_key_error
 from alignlab.runner.redact import redact, redact_overrides
 from alignlab.runner.sweeps import name_run
 
@@ -28,17 +28,38 @@ def data_kind(cfg: DictConfig) -> str:
     return get_class(cfg.data._target_).kind
 
 
+# The data module that reads pairs as labelled rows (data.unpair=true).
+LABELLED_DATA = "alignlab.data.LabelledDataModule"
+
+
+def unpair_pairs(cfg: DictConfig, choices: dict) -> None:
+    """`data.unpair=true` on a pairwise data config (custom_pairs, arith_pairs, shapes_pairs) for an
+    algorithm that trains on labelled rows (KTO): the pairs are read by LabelledDataModule, which splits
+    each into a desirable and an undesirable row, as `data=custom_kto data.unpair=true` does. Sets
+    `cfg.data._target_` so that the saved config.yaml says which module read the data."""
+    if not cfg.data.get("unpair") or data_kind(cfg) != "pairwise":
+        return
+    if "labelled" not in cfg.algorithm.data_kinds:
+        raise ConfigError(
+            f"data.unpair=true splits each pair into a desirable and an undesirable row for a labelled-data "
+            f"algorithm (algorithm=kto); algorithm={choices.get('algorithm', cfg.algorithm.name)} trains on "
+            f"{' or '.join(cfg.algorithm.data_kinds)} data: drop data.unpair"
+        )
+    cfg.data._target_ = LABELLED_DATA
+
+
 def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
-    """Raise ConfigError for anything knowable before a model loads."""
+    """Raise ConfigError for anything knowable before a model loads. Pairs with `data.unpair=true` for
+    KTO become labelled data here (unpair_pairs), the one change made to `cfg`."""
     choices = choices or {}
+    unpair_pairs(cfg, choices)
     kind, accepted = data_kind(cfg), list(cfg.algorithm.data_kinds)
     if kind not in accepted:
         hint = f"pick a data config of that kind (e.g. data={BUNDLED[accepted[0]]})"
         if kind == "pairwise" and "labelled" in accepted:
             hint += (
-                " or, to train on preference pairs, unpair them (chosen → desirable, rejected → undesirable) with "
-                "data.unpair=true: data=arith_kto data.unpair=true, or data=custom_kto data.unpair=true "
-                "data.source.path=<pairs file>"
+                " or, to train on these preference pairs, add data.unpair=true to the command (each pair becomes "
+                "a desirable row, its chosen answer, and an undesirable one, its rejected answer)"
             )
         raise ConfigError(
             f"algorithm={choices.get('algorithm', cfg.algorithm.name)} needs {' or '.join(accepted)} data, but "
@@ -119,11 +140,16 @@ def compose(overrides: list[str] | None = None, output_dir: str | Path = "output
     """The config `python -m alignlab OVERRIDES` would run, for use from Python (tests, studies).
 
     Hydra's runtime values (the run folder) and the run name are filled in, since no Hydra app runs.
+    Raises ConfigError where the command line would stop before Hydra: a `model.path` that the
+    embedded tiny model would replace (alignlab.runner.preflight.check_model_path).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import open_dict
 
+    parsed = OverridesParser.create().parse_overrides(list(overrides or []))
+    check_model_path({o.key_or_group: o for o in parsed})  # as on the command line (alignlab.runner.preflight)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=list(overrides or []), return_hydra_config=True)
     overrides, choices = list(cfg.hydra.overrides.task), dict(cfg.hydra.runtime.choices)

@@ -4,18 +4,21 @@ Hydra creates the run folder and writes `.hydra/` before alignlab's code runs, s
 Hydra itself would report with a traceback (an algorithm key that does not exist), one that would
 otherwise rewrite another run's `.hydra/` (a second launch into its folder) or one that only a
 launcher plugin would find (no SLURM) is caught here, from the overrides alone. Light imports only:
-this runs before Lightning is imported, so a mistyped override is reported at once.
+this runs before Lightning is imported, so a mistyped override is reported at once. The exceptions: a
+key added with `+` is checked on the composed config, and one under a section that builds an object
+(`+trainer.…`, `+data.…`) against that object's arguments, which imports its class.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from alignlab.errors import ConfigError
 
@@ -104,10 +107,36 @@ def chosen_algorithms(overrides: dict) -> list[str]:
         found = [a for s in _values(overrides["sweep"]) if s for a in _sweep_algorithms(str(s))]
         if found:
             return found
+    default = _default_choice("algorithm")
+    return [default] if default else []
+
+
+def _default_choice(group: str) -> str | None:
+    """conf/train.yaml's option for `group` (e.g. `tiny` for model), or None."""
     for entry in OmegaConf.load(CONFIG_DIR / "train.yaml").defaults:
-        if OmegaConf.is_dict(entry) and "algorithm" in entry:
-            return [str(entry.algorithm)]
-    return []
+        if OmegaConf.is_dict(entry) and group in entry:
+            return str(entry[group])
+    return None
+
+
+def check_model_path(overrides: dict) -> None:
+    """`model.path=<run>/model` given while the model config builds the embedded tiny model
+    (`model.tiny` set, as model=tiny and tiny_vl do): the tiny model would be written beside that path
+    and train in its place. Refused unless `model.tiny` is on the command line too (null: train the
+    path; its keys: the embedded model, written to `<path>-<hash>` on purpose)."""
+    path = overrides.get("model.path")
+    if path is None or path.is_delete() or any(k == "model.tiny" or k.startswith("model.tiny.") for k in overrides):
+        return
+    models = [str(v) for v in _values(overrides["model"])] if "model" in overrides else [_default_choice("model")]
+    for model in models:
+        file = CONFIG_DIR / "model" / f"{model}.yaml"
+        if file.is_file() and OmegaConf.load(file).get("tiny"):
+            given = ",".join(str(v) for v in _values(path))
+            raise ConfigError(
+                f"model.path={given} is not the model that would train: model={model} builds the embedded tiny "
+                f"model (model.tiny is set), which would train in its place; add model.tiny=null to train "
+                f"{given}"
+            )
 
 
 def check_algorithm_overrides(overrides: dict) -> None:
@@ -156,9 +185,157 @@ def check_run_folder(overrides: dict) -> None:
         )
 
 
+# Where a key added with `+` is passed on to code that takes any key: Hydra's own settings, a logger's
+# or callback's keyword arguments (or a whole new callback), and the free-form maps of data.
+OPEN_SECTIONS = ("hydra", "logger", "callbacks", "data.columns", "data.sources")
+
+
+def accepted_arguments(target: str) -> set[str] | None:
+    """The keyword arguments the class or function `_target_` names takes; None when it takes any key
+    (`**kwargs`) or cannot be imported (instantiating it will say why). alignlab's own classes hand
+    their `**kwargs` to their base class, so there the base's arguments are followed instead."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:
+        return None
+    chain = [c.__dict__["__init__"] for c in obj.__mro__ if "__init__" in c.__dict__] if inspect.isclass(obj) else [obj]
+    names: set[str] = set()
+    for function in chain:
+        if function is object.__init__:
+            return names
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+        if not function.__module__.startswith("alignlab."):
+            return None  # e.g. DDPStrategy's **kwargs go to torch's DistributedDataParallel
+    return None
+
+
+def _leaves(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key under `cfg` whose value is not a mapping (hydra's own left out)."""
+    out = []
+    for key in cfg:
+        path = f"{prefix}{key}"
+        if path == "hydra" or key == "_target_":
+            continue
+        node = cfg._get_node(key)
+        if OmegaConf.is_dict(node) and not node._is_none():
+            out += _leaves(cfg[key], path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def unread_key_error(cfg: DictConfig, key: str) -> ConfigError | None:
+    """The error for `+key=...` on the composed config `cfg` (without that key) when nothing reads
+    `key`, or None when something does (or the key is Hydra's to judge).
+
+    A key is read where its nearest existing section is open (OPEN_SECTIONS) or builds a `_target_`
+    that takes it as an argument (every argument of the Lightning Trainer, of a data module, ...);
+    a section without `_target_` (the root, model, optim, evaluation, paths) takes the keys it has.
+    """
+    parts = key.split(".")
+    node, depth = cfg, 0
+    while depth < len(parts) - 1 and OmegaConf.is_dict(node) and parts[depth] in node:
+        child = node._get_node(parts[depth])
+        if not OmegaConf.is_dict(child) or child._is_none():
+            return None  # adding under a value that is not a mapping: Hydra says what is wrong
+        node, depth = node[parts[depth]], depth + 1
+    section, name = ".".join(parts[:depth]), parts[depth]
+    if name in node.keys() or any(section == s or section.startswith(s + ".") for s in OPEN_SECTIONS):
+        return None
+    settings = [k for k in node if k != "_target_"]
+    target = node.get("_target_")
+    if target is not None:
+        accepted = accepted_arguments(str(target))
+        if accepted is None or name in accepted:
+            return None
+        settings = sorted(set(settings) | accepted)
+    # A name that is a setting elsewhere (`+lr` for optim.lr) points there; else the closest sibling.
+    elsewhere = [leaf for leaf in _leaves(cfg) if leaf.rsplit(".", 1)[-1] == name]
+    close = difflib.get_close_matches(name, settings, n=1, cutoff=0.6)
+    prefix = f"{section}." if section else ""
+    hint = f" (did you mean {elsewhere[0]}?)" if elsewhere else f" (did you mean {prefix}{close[0]}?)" if close else ""
+    if target is not None:
+        return ConfigError(f"+{key}: {section} builds {target}, which takes no argument {name}{hint}")
+    where = f"{section} has no setting {name}" if section else f"the config has no top-level setting {name}"
+    listed = f"; {section}'s settings are {', '.join(sorted(settings))}" if section else ""
+    return ConfigError(
+        f"+{key}: {where}{hint}, and nothing reads a key added there, so the run would ignore it{listed}"
+    )
+
+
+def check_added_keys(args: Sequence[str], parsed: Sequence) -> None:
+    """`+key=value` (or `++key=value`) where nothing reads `key`: a typo (`+lr` for optim.lr,
+    `+trainer.max_step`) that Hydra accepts and the run would ignore. Hydra's own message for a key
+    that does not exist tells users to add `+`, so this is the path typos take. Composes the config
+    (a quarter of a second) only when such a key is given; algorithm keys are check_algorithm_overrides'."""
+    added = [
+        (a, o)
+        for a, o in zip(args, parsed)
+        if (o.is_add() or o.is_force_add())
+        and not (CONFIG_DIR / o.key_or_group.replace(".", "/")).is_dir()  # `+group=option`: Hydra's
+        and not o.key_or_group.startswith(("hydra.", "algorithm."))
+        and o.package is None
+    ]
+    if not added:
+        return
+    from hydra import compose, initialize_config_dir
+
+    base = []
+    for a, o in zip(args, parsed):
+        if any(o is other for _, other in added):
+            continue
+        if o.is_sweep_override():  # the first of a sweep's values: its config's keys are the same
+            a = f"{a.split('=', 1)[0]}={next(iter(o.sweep_string_iterator()))}"
+        base.append(a)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=base)
+    except Exception:
+        return  # Hydra says what is wrong with the line when it composes it
+    for _, override in added:
+        error = unread_key_error(cfg, override.key_or_group)
+        if error is not None:
+            raise error
+
+
+def quoting_error(argv: Sequence[str]) -> ConfigError | None:
+    """Hydra's override lexer stops at `#` unquoted (`data.source.path=train.jsonl#40`, ms-swift's
+    sample spelling): the error with the spellings that work, or None for any other unparsable line."""
+    for arg in argv:
+        if "=" not in arg or "#" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        if value.startswith(("'", '"')):
+            continue
+        if value.startswith(("[", "{")):  # a list or map (data.sources): quote the path inside it
+            return ConfigError(
+                f"{arg}: Hydra's command line reads '#' only inside quotes; quote each path that carries it, "
+                f"e.g. '{key}=[{{path: \"train.jsonl#40\", weight: 2}}]', or give the spec max_rows: 40 instead"
+            )
+        quoted = f"'{key}=\"{value}\"'"
+        path, _, count = value.rpartition("#")
+        same = ""
+        if key.endswith(".path") and count.isdigit():
+            same = f"{key}={path} {key.rsplit('.', 1)[0]}.max_rows={count} (the same sample) or "
+        return ConfigError(
+            f"{arg}: Hydra's command line reads '#' only inside quotes; write {same}{quoted} (quoted as shown, "
+            "for the shell and for Hydra)"
+        )
+    return None
+
+
 def preflight(argv: Sequence[str]) -> None:
     """Run every check above on a command line (`sys.argv[1:]`); raise ConfigError on the first
-    failure. A line Hydra cannot parse is left to Hydra, which says what is wrong with it."""
+    failure. A line Hydra cannot parse is left to Hydra, which says what is wrong with it, except an
+    unquoted `#` (quoting_error), whose spellings that work Hydra's message does not give."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if any(a.split("=", 1)[0] in _PRINT_ONLY for a in argv):
@@ -167,9 +344,14 @@ def preflight(argv: Sequence[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception:
+        error = quoting_error(args)
+        if error is not None:
+            raise error from None
         return
     overrides = {o.key_or_group: o for o in parsed}
     check_algorithm_overrides(overrides)
+    check_model_path(overrides)
+    check_added_keys(args, parsed)
     check_slurm(overrides)
     # A multirun (-m, or a shipped sweep, which sets hydra.mode) writes into hydra.sweep.dir instead.
     sweep = overrides.get("sweep")

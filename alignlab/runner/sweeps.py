@@ -7,7 +7,10 @@ training stopped early (STOPPED_FILES)."""
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +74,46 @@ def current_job() -> SweepJob | None:
 # Files that mark a run folder whose training stopped early, by status: FAILED (an error, its message
 # inside) or INTERRUPTED (a signal; resumable with resume=auto). A finished run has summary.json instead.
 STOPPED_FILES = {"failed": "FAILED", "interrupted": "INTERRUPTED"}
+# What Hydra writes into a run folder before alignlab's code runs: its record and the job's log file.
+HYDRA_FILES = (".hydra", "alignlab.log")
+# What a run folder holds once training has begun (or ended): it is kept whatever happens next.
+TRAINED_FILES = ("checkpoints", "summary.json", *STOPPED_FILES.values())
+
+
+def holds_only_hydra_files(run_dir: Path) -> bool:
+    """True when `run_dir` holds nothing but what Hydra writes as a job starts (HYDRA_FILES)."""
+    return run_dir.is_dir() and all(p.name in HYDRA_FILES for p in run_dir.iterdir())
+
+
+def is_first_process() -> bool:
+    """True outside distributed runs and in their global rank 0 (the process that owns the run folder),
+    read from the launchers' environment (torchrun, Lightning's DDP launcher, SLURM) before any is set up."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder)
+
+
+def discard_unstarted_run(run_dir: Path) -> bool:
+    """Remove the run folder of a command that failed before training began, so that mistakes leave
+    no folders behind. Call it only for a folder this job created (held only HYDRA_FILES when the job
+    began, see holds_only_hydra_files); one that holds a checkpoint, summary or stop mark (TRAINED_FILES)
+    is kept, as are the working directory and its parents. Returns whether the folder was removed."""
+    run_dir = run_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if not run_dir.is_dir() or run_dir == cwd or run_dir in cwd.parents:
+        return False
+    if any((run_dir / name).exists() for name in TRAINED_FILES):
+        return False
+    for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):  # the job's log file
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler) and _inside(handler.baseFilename, run_dir):
+                handler.close()
+                logger.removeHandler(handler)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
+
 
 # Folders a run writes its exported model into (alignlab.models.export.save_model).
 EXPORT_FOLDERS = ("model", "adapter")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -89,9 +90,13 @@ PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
         (
             ["algorithm=kto", "data=arith_pairs"],
             "provides pairwise data; pick a data config of that kind (e.g. "
-            "data=arith_kto) or, to train on preference pairs, unpair them",
+            "data=arith_kto) or, to train on these preference pairs, add data.unpair=true to the command",
         ),
-        (["algorithm=kto", "data=arith_pairs"], "data.unpair=true"),
+        (
+            ["data.unpair=true"],
+            "data.unpair=true splits each pair into a desirable and an undesirable row for a labelled-data algorithm "
+            "(algorithm=kto); algorithm=dpo trains on pairwise data: drop data.unpair",
+        ),
         (["algorithm=kto", "algorithm.undesirable_weight=-1"], "algorithm.undesirable_weight must be >= 0, got -1"),
         (["algorithm=simpo", "algorithm.simpo_gamma=-0.1"], "algorithm.simpo_gamma must be >= 0, got -0.1"),
         (["algorithm=simpo", "algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
@@ -192,6 +197,13 @@ def test_wrong_overrides_on_the_command_line_are_clear(tmp_path):
         (["algorithm=kto", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
         (["sweep=kto_beta", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=kto; its"),
         (["-m", "algorithm=dpo,cpo", "algorithm.rpo_alpha=1"], "algorithm.rpo_alpha is not a setting of algorithm=cpo"),
+        (["+lr=5e-7"], "+lr: the config has no top-level setting lr (did you mean optim.lr?)"),
+        (
+            ["data=custom_pairs", "data.source.path=train.jsonl#40"],
+            "data.source.path=train.jsonl#40: Hydra's command line reads '#' only inside quotes; write "
+            "data.source.path=train.jsonl data.source.max_rows=40 (the same sample) or "
+            "'data.source.path=\"train.jsonl#40\"'",
+        ),
         (
             ["-m", "hardware=slurm"],
             "hardware=slurm submits the run through SLURM, but sbatch and srun are not on this machine's PATH: "
@@ -230,7 +242,7 @@ def test_a_missing_data_file_or_model_folder_is_one_sentence_and_the_run_folder_
     out = run_cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == "alignlab: error: " + message.format(cwd=tmp_path)
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "alignlab.log"]  # Hydra's own, nothing of alignlab's
+    assert not run.exists()  # Hydra made it for this run, which stopped before training: removed again
 
 
 def test_model_qwen_offline_ends_in_one_clear_sentence(tmp_path):
@@ -239,7 +251,8 @@ def test_model_qwen_offline_ends_in_one_clear_sentence(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("alignlab: error: Could not load model 'Qwen/Qwen2.5-0.5B-Instruct'")
     assert "model.path=/path/to/copy" in last and "Traceback" not in out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "alignlab.log"]  # said before anything is written
+    # said before anything is written; the folder existed before the command, so it stays (with Hydra's record)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "alignlab.log"]
 
 
 def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):
@@ -253,3 +266,112 @@ def test_saved_config_is_resolved_and_has_no_secrets(tmp_path):
         "max_new_tokens": 8,
         "b": [{"password": "<redacted>"}],
     }
+
+
+# Keys added with `+`: refused where nothing reads them (a typo Hydra accepts), with the key meant.
+NOT_READ = "and nothing reads a key added there, so the run would ignore it"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["+lr=5e-7"], f"+lr: the config has no top-level setting lr (did you mean optim.lr?), {NOT_READ}"),
+        (["-m", "+lr=1e-4,1e-5"], "+lr: the config has no top-level setting lr (did you mean optim.lr?)"),
+        (["+seeds=3"], "+seeds: the config has no top-level setting seeds (did you mean seed?)"),
+        (
+            ["+trainer.max_step=20"],
+            "+trainer.max_step: trainer builds lightning.pytorch.Trainer, which takes no argument max_step "
+            "(did you mean trainer.max_steps?)",
+        ),
+        (
+            ["+optim.warmup=3"],
+            f"+optim.warmup: optim has no setting warmup (did you mean optim.warmup_steps?), {NOT_READ}; optim's "
+            "settings are betas, lr, scheduler, warmup_steps, weight_decay",
+        ),
+        (["+model.tiny.hiden_size=64"], "+model.tiny.hiden_size: model.tiny has no setting hiden_size (did you mean "),
+        (
+            ["data=custom_pairs", "data.source.path=x.jsonl", "+data.source.max_row=40"],
+            "+data.source.max_row: data.source builds alignlab.data.files.FileSource, which takes no argument "
+            "max_row (did you mean data.source.max_rows?)",
+        ),
+        (
+            ["algorithm=kto", "+data.unpaired=true"],
+            "+data.unpaired: data builds alignlab.data.LabelledDataModule, which takes no argument unpaired "
+            "(did you mean data.unpair?)",
+        ),
+        (
+            ["+evaluation.max_new_token=4"],
+            "+evaluation.max_new_token: evaluation has no setting max_new_token (did you mean "
+            "evaluation.max_new_tokens?)",
+        ),
+    ],
+)
+def test_keys_added_with_plus_that_nothing_reads_are_refused(args, message):
+    from alignlab.runner.preflight import preflight
+
+    with pytest.raises(ConfigError) as error:
+        preflight(args)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["+data.on_bad_row=skip"],  # an argument of the data module the bundled config leaves at its default
+        ["+trainer.fast_dev_run=true", "++trainer.max_steps=3"],  # any argument of Lightning's Trainer
+        ["+logger.wandb.mode=offline"],  # a logger's keyword arguments pass through
+        ["+callbacks.mark._target_=my.Callback", "+callbacks.mark.step=5"],  # a callback of one's own
+        ["hardware=ddp", "+trainer.strategy.static_graph=true"],  # DDPStrategy passes its **kwargs to DDP
+        ["+hydra.job.env_set.TOKENIZERS_PARALLELISM=false"],
+        ["data=custom_pairs", "data.source.path=x.jsonl", "+data.source.max_rows=40"],
+    ],
+)
+def test_keys_added_with_plus_that_something_reads_pass(args):
+    from alignlab.runner.preflight import preflight
+
+    preflight(args)
+
+
+@pytest.mark.parametrize(
+    ("args", "given"),
+    [(["model.path=outputs/sft/run/model"], "outputs/sft/run/model"), (["model=tiny_vl", "model.path=vl/model"], None)],
+)
+def test_a_model_path_the_tiny_model_would_replace_is_refused(args, given, tmp_path):
+    """The README's chaining step without model.tiny=null would train a fresh tiny model, silently."""
+    from alignlab.runner.preflight import preflight
+
+    model = "tiny_vl" if "model=tiny_vl" in args else "tiny"
+    path = args[-1].split("=", 1)[1]
+    message = (
+        f"model.path={path} is not the model that would train: model={model} builds the embedded tiny model "
+        f"(model.tiny is set), which would train in its place; add model.tiny=null to train {path}"
+    )
+    for refuse in (preflight, compose):
+        with pytest.raises(ConfigError) as error:
+            refuse(args)
+        assert str(error.value) == message
+    preflight([*args, "model.tiny=null"])  # the path trains
+    preflight(["model=qwen", "model.path=my/copy"])  # a config without the tiny model
+    preflight(["model.path=cache/tiny", "model.tiny.hidden_size=64"])  # the tiny model, written there on purpose
+
+
+def test_kto_on_a_pairs_file_with_data_unpair(tmp_path):
+    """`algorithm=kto data=custom_pairs data.unpair=true`: the user's own pairs, two labelled rows each."""
+    from alignlab.data.mixture import build_datamodule
+
+    path = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    args = ["algorithm=kto", "data=custom_pairs", f"data.source.path={path}", "data.source.eval_fraction=0"]
+    with pytest.raises(ConfigError, match="or, to train on these preference pairs, add data.unpair=true to the"):
+        check_config(compose(args, tmp_path))
+    cfg = compose([*args, "data.unpair=true"], tmp_path)
+    check_config(cfg)
+    assert cfg.data._target_ == "alignlab.data.LabelledDataModule"  # as config.yaml records it
+    rows = build_datamodule(cfg.data).read()["train"]
+    assert sorted((r["prompt"][-1]["content"], r["completion"], r["label"]) for r in rows) == [
+        ("1+1=", "2", True),
+        ("1+1=", "3", False),
+        ("2+2=", "4", True),
+        ("2+2=", "5", False),
+    ]

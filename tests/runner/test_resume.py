@@ -5,6 +5,7 @@ subprocess writes a checkpoint that resume=auto continues from."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -116,6 +117,12 @@ def test_interrupted_and_resumed_equals_straight(algorithm, signum, tmp_path, ti
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps // 2
     resumed = train(compose([*overrides, "resume=auto"], run))
     assert resumed["steps"] == steps
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # overwritten, no last-v1.ckpt
+    # resume=auto once more, on the finished run: nothing to train, and its summary is kept as it was.
+    summary = (run / "summary.json").read_text()
+    assert train(compose([*overrides, "resume=auto"], run)) == json.loads(summary)
+    assert (run / "summary.json").read_text() == summary
+    assert any(k.startswith("train/") for k in json.loads(summary)["metrics"])
 
     a, b = weights(tmp_path / "straight"), weights(run)
     assert a.keys() == b.keys()

@@ -53,3 +53,31 @@ def test_a_signal_marks_the_folder_interrupted_until_the_run_is_resumed_to_its_e
     result = train(compose(["trainer.max_steps=5", "trainer.val_check_interval=5", "resume=auto", *SHORT], tmp_path))
     assert result["steps"] == 5 and not (tmp_path / "INTERRUPTED").exists()
     assert load_sweep(tmp_path)["status"].tolist() == ["finished"]
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_and_one_that_began_keeps_its_own(tmp_path, monkeypatch):
+    """`python -m alignlab` removes the folder Hydra made for a run that stopped before training
+    (tests/runner/test_config.py runs it end to end); never a folder that training wrote into, nor the
+    working directory."""
+    from alignlab.runner.sweeps import discard_unstarted_run, holds_only_hydra_files, is_first_process
+
+    def hydra_folder(name: str, *more: str):
+        folder = tmp_path / name
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text("- data=custom_pairs\n")
+        (folder / "alignlab.log").write_text("")
+        for other in more:
+            (folder / other).mkdir()
+        return folder
+
+    fresh = hydra_folder("fresh")
+    assert holds_only_hydra_files(fresh) and discard_unstarted_run(fresh) and not fresh.exists()
+    for marks in (["checkpoints"], ["FAILED"], ["INTERRUPTED"], ["summary.json"]):
+        began = hydra_folder("began-" + marks[0], *marks)
+        assert not holds_only_hydra_files(began) and not discard_unstarted_run(began) and began.exists()
+    here = hydra_folder("here")
+    monkeypatch.chdir(here)  # hydra.run.dir=. : the working directory is never removed
+    assert not discard_unstarted_run(here) and (here / ".hydra").is_dir()
+    assert is_first_process()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP worker shares rank 0's folder: it never removes it
+    assert not is_first_process()
