@@ -4,6 +4,7 @@ runs (offline, real library), the analysis notebook executed headless, and the s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -533,6 +534,23 @@ def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
     _, texts = drawn_labels(lambda: study.plot(table, 0.781, tmp_path / "plot.png"))
     labels = [t for t in texts if t.startswith("β=")]
     assert len(labels) == len(table)  # the 3 far KTO runs in the first panel, the 12 near ones zoomed
+
+
+@pytest.mark.parametrize("study", [[], ["--dpo-loss-types"]])
+def test_a_replot_before_the_study_ran_says_what_to_run_first(study, tmp_path):
+    """docs/results.md's `--replot` lines with no results yet: the command that writes them, no traceback."""
+    out = tmp_path / "none"
+    run_first = " ".join(["python experiments/compare_algorithms.py", *study, "--out", str(out)])
+    with pytest.raises(
+        SystemExit, match=rf"has no results\.csv or results\.md: run the study first \({re.escape(run_first)},"
+    ):
+        study_module().main(["--replot", *study, "--out", str(out)])
+    out.mkdir()
+    (out / "results.csv").write_text("algorithm,algorithm.beta,eval/exact_match,kl_to_sft\ndpo,0.1,0.8,0.1\n")
+    (out / "results.md").write_text("| algorithm | β |\n")
+    with pytest.raises(SystemExit, match="has no 'SFT start … held-out exact match <number>' line"):
+        study_module().main(["--replot", *study, "--out", str(out)])
+    assert not (out / "plot.png").exists()
 
 
 def test_the_loss_type_plot_labels_each_point_with_its_loss_type(tmp_path):
