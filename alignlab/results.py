@@ -10,6 +10,10 @@ column per key, typed), `algorithm` and `seed`, `status` and `finished`, the fin
 (`eval/exact_match`, `train/loss`, …), the best value each eval metric reached during the run under
 `best/<name>` (the lowest for losses and KL, the highest otherwise), `steps`, `seconds`, `run_dir`
 and the W&B `wandb_id` and `wandb_group`.
+
+A relative folder is found as the user means it (`resolve_sweep`: also from the directory the command
+ran in, or a folder above, as for a notebook whose kernel runs in `notebooks/`), and `plot_axes` picks
+what to plot a sweep's metrics against from what it varied (`varied_keys`).
 """
 
 from __future__ import annotations
