@@ -379,6 +379,10 @@ class AlignmentDataModule(L.LightningDataModule):
             raise DataError(getattr(self.source, "describe", lambda: "data")(), "the train split is empty")
         self._encode_images(split, sample)
         encoded = self._encode_rows(sample, self.answer_columns, all_turns=False)
+        if streamed:  # a stream's rows are encoded again as they are read: keep no images of these
+            for row in sample:
+                self._vision.pop(id(row), None)
+                self._vision.pop((id(row), "rejected"), None)
         # prompt-only rows: room for one generated token (PPO/GRPO bound completions by their own settings)
         lengths = [len(p) + max((len(a) for a in answers), default=1) for p, _, answers in encoded]
         length, needed = auto_max_length(lengths, self.max_positions)
@@ -386,7 +390,7 @@ class AlignmentDataModule(L.LightningDataModule):
         rows_said = f"the first {len(sample)} streamed rows" if streamed else f"the {len(sample)} {split} rows"
         said = (
             f"max_length=auto: {length} tokens; {AUTO_COVERAGE:.0%} of {rows_said} need at most {needed} (prompt and "
-            f"answer), and {whole} of them fit whole"
+            f"{'longest answer' if self.answer_columns else 'one generated token'}), and {whole} of them fit whole"
         )
         if length < needed:
             log.warning(
