@@ -13,7 +13,7 @@ from alignlab.data import LabelledDataModule, PairwiseDataModule, PromptDataModu
 from alignlab.data.files import FileSource
 from alignlab.data.truncation import auto_max_length, model_positions
 from alignlab.errors import ConfigError
-from tests.conftest import ListSource, compose
+from tests.conftest import CONF, ListSource
 
 
 def test_auto_max_length_covers_95_percent_rounded_up_and_capped():
@@ -118,11 +118,17 @@ def test_a_stream_measures_the_rows_it_read_when_it_opened(tiny, tmp_path, caplo
 
 
 def test_the_custom_data_configs_default_to_auto_and_the_bundled_ones_keep_128():
-    for data in ("custom_pairs", "custom_sft", "custom_kto", "custom_prompts"):
-        cfg = compose([f"data={data}", "data.source.path=x.jsonl"])
-        assert cfg.data.max_length == "auto", data
-        assert compose([f"data={data}", "data.source.path=x.jsonl", "max_length=512"]).data.max_length == 512
-        assert compose([f"data={data}", "data.source.path=x.jsonl", "data.max_length=300"]).data.max_length == 300
-    for data in ("arith_pairs", "arith_sft", "arith_kto", "arith_prompts", "shapes_pairs"):
-        assert compose([f"data={data}"]).data.max_length == 128, data
-    assert compose([]).max_length == 128
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+
+        def length(*overrides: str):
+            return compose(config_name="train", overrides=list(overrides)).data.max_length
+
+        for data in ("custom_pairs", "custom_sft", "custom_kto", "custom_prompts"):
+            assert length(f"data={data}") == "auto", data
+        assert length("data=custom_pairs", "max_length=512") == 512  # the documented top-level key still sets it
+        assert length("data=custom_pairs", "data.max_length=300") == 300
+        for data in ("arith_pairs", "arith_sft", "arith_prompts", "shapes_pairs"):
+            assert length(f"data={data}") == 128, data
+        assert compose(config_name="train").max_length == 128  # the default job as it was
