@@ -114,6 +114,7 @@ def evaluate(
     """
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
+    from alignlab.data.truncation import model_positions
     from alignlab.data.vision import select_vision
     from alignlab.errors import ConfigError
     from alignlab.models.logprobs import answer_logprobs
@@ -143,6 +144,7 @@ def evaluate(
     model, tokenizer = load_policy(model_folder, device, cfg.model)
     datamodule.set_tokenizer(tokenizer)
     datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_folder))
+    datamodule.set_max_positions(model_positions(model.config))
     datamodule.setup()
     reference = None
     if ref_model:

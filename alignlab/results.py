@@ -10,11 +10,16 @@ column per key, typed), `algorithm` and `seed`, `status` and `finished`, the fin
 (`eval/exact_match`, `train/loss`, …), the best value each eval metric reached during the run under
 `best/<name>` (the lowest for losses and KL, the highest otherwise), `steps`, `seconds`, `run_dir`
 and the W&B `wandb_id` and `wandb_group`.
+
+A relative folder is found as the user means it (`resolve_sweep`: also from the directory the command
+ran in, or a folder above, as for a notebook whose kernel runs in `notebooks/`), and `plot_axes` picks
+what to plot a sweep's metrics against from what it varied (`varied_keys`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -169,13 +174,42 @@ def _wandb_runs(path: str, api=None) -> list[dict]:
 
 
 # -- both -----------------------------------------------------------------------------------------
+def resolve_sweep(source: str | Path) -> Path | str:
+    """The sweep `source` names, read as the user means it: a folder, or else a W&B group.
+
+    A path that exists from the current directory is that folder. A relative one that does not is
+    looked for from the directory the command was started in (the shell's `$PWD`: a Jupyter kernel
+    inherits it but runs in the notebook's folder, so `ALIGNLAB_SWEEP=multirun/<time>` given at the
+    repository root names `<root>/multirun/<time>` while the kernel sits in `notebooks/`), then from
+    each folder above the current one. A folder found there comes back absolute; otherwise an
+    `entity/project/group` text (`wandb:` prefix allowed) comes back as it is, for the W&B API.
+
+    Raises:
+        SweepError: neither a folder anywhere tried nor a W&B path; the message lists the folders tried.
+    """
+    path = Path(source)
+    if path.exists():
+        return path
+    tried = [Path.cwd()]
+    if not path.is_absolute():
+        shell = os.environ.get("PWD")
+        bases = ([Path(shell)] if shell else []) + list(Path.cwd().parents)
+        for base in bases:
+            if base not in tried:
+                tried.append(base)
+                if (base / path).exists():
+                    return (base / path).absolute()
+    if isinstance(source, str) and _WANDB_PATH.match(source):
+        return source
+    raise SweepError(
+        f"{source} is neither a folder nor a W&B path (entity/project/group); looked for the folder from "
+        f"{', '.join(str(b) for b in tried)}. Give the multirun folder's absolute path, or its path from one of these"
+    )
+
+
 def _runs(source: str | Path, allow_unfinished: bool, api=None) -> list[dict]:
-    if Path(source).exists():
-        runs = _local_runs(Path(source))
-    elif isinstance(source, str) and _WANDB_PATH.match(source):
-        runs = _wandb_runs(source, api)
-    else:
-        raise SweepError(f"{source} is neither a folder nor a W&B path (entity/project/group)")
+    found = resolve_sweep(source)
+    runs = _local_runs(found) if isinstance(found, Path) else _wandb_runs(found, api)
     unfinished = [f"{r['run']} ({r['status']})" for r in runs if not r["finished"]]
     if unfinished and not allow_unfinished:
         raise SweepError(
@@ -230,3 +264,40 @@ def load_history(source: str | Path, allow_unfinished: bool = False, api=None) -
             history.insert(0, key, [value] * len(history))
         frames.append(history)
     return pd.concat(frames, ignore_index=True)
+
+
+# -- what a sweep varied ---------------------------------------------------------------------------
+_RUN_COLUMNS = {"run", "status", "finished", "steps", "seconds", "run_dir", "wandb_id", "wandb_group", "seed"}
+
+
+def varied_keys(runs: pd.DataFrame) -> list[str]:
+    """The hyper-parameters that take more than one value across `load_sweep`'s rows, in column order:
+    the overridden keys (`algorithm.beta`, `optim.lr`, …) and `algorithm`; the seed is left out (it
+    repeats a setting, it does not change it), and so are metrics (their names hold a `/`)."""
+    keys = [c for c in runs.columns if c not in _RUN_COLUMNS and "/" not in c]
+    return [k for k in keys if runs[k].dropna().astype(str).nunique() > 1]
+
+
+def is_numeric(values: pd.Series) -> bool:
+    """Whether a hyper-parameter's values are numbers to place on a scale (True/False are names)."""
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+
+
+def plot_axes(runs: pd.DataFrame, x: str | None = None) -> tuple[str, list[str]]:
+    """(the key for the x axis, the keys that tell the plotted lines apart) for `load_sweep`'s rows.
+
+    `x` given: that key, every other varied key (`varied_keys`) separating lines. None: the first varied
+    key whose values are numbers (β before the algorithm's name), else the first varied key, else
+    `seed` when only the seed varied, else `run`.
+
+    Raises:
+        SweepError: `x` is not a column of `runs`.
+    """
+    varied = varied_keys(runs)
+    if x is None:
+        numeric = [k for k in varied if is_numeric(runs[k])]
+        seeds = "seed" in runs and runs["seed"].nunique() > 1
+        x = (numeric or varied or ["seed" if seeds else "run"])[0]
+    elif x not in runs:
+        raise SweepError(f"{x} is not a column of the sweep; the keys it varied: {', '.join(varied) or 'none'}")
+    return x, [k for k in varied if k != x]

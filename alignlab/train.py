@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.data.mixture import build_datamodule
+from alignlab.data.truncation import model_positions
 from alignlab.errors import ConfigError
 from alignlab.models.loading import load_model
 from alignlab.models.vision import load_image_encoder
@@ -76,7 +77,10 @@ def train(cfg: DictConfig) -> dict:
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
     datamodule.set_tokenizer(tokenizer)
     datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_path))
+    datamodule.set_max_positions(model_positions(model.config))
     datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
+    if datamodule.auto_length:  # config.yaml records the length max_length=auto chose
+        cfg.data.max_length = datamodule.max_length
     check_rows = getattr(get_class(cfg.algorithm._target_), "check_rows", None)
     if check_rows is not None:  # what the algorithm needs of the rows (GRPO: a row's tools are ones it runs)
         check_rows(cfg, datamodule)

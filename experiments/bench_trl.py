@@ -547,7 +547,7 @@ def machine(device: str) -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} cores"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_trl"))
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
@@ -579,10 +579,16 @@ def main() -> None:
         "--docs-from", type=Path, help="rewrite the docs' tables from this results.json, without running anything"
     )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker.read_text()))
     if args.docs_from:
+        if not args.docs_from.is_file():  # a documented redraw before any benchmark has run
+            raise SystemExit(
+                f"--docs-from {args.docs_from}: no such file. It is the results.json a benchmark run writes: run "
+                "`python experiments/bench_trl.py [--out DIR]` first (it writes DIR/results.json, by default "
+                "experiments/out/bench_trl/results.json), or use --write-docs to run and rewrite the tables at once"
+            )
         return write_docs(json.loads(args.docs_from.read_text()))
 
     import trl

@@ -16,6 +16,7 @@ default β, the same budget) as one multirun from the same SFT start: one point 
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -196,12 +197,29 @@ def matplotlib_bbox(x0: float, y0: float, x1: float, y1: float):
     return Bbox([[x0, y0], [x1, y1]])
 
 
-def replot(out: Path, loss_types: bool = False) -> None:
-    """plot.png again from a finished study's results.csv and the SFT accuracy in its results.md."""
+def replot(out: Path, loss_types: bool = False, run_first: str = "") -> None:
+    """plot.png again from a finished study's results.csv and the SFT accuracy in its results.md.
+
+    Raises:
+        SystemExit: the study has not written those files in `out` yet (its message names the files and
+            `run_first`, the command that writes them); or results.md has no SFT accuracy line.
+    """
     import re
 
-    sft_accuracy = float(re.search(r"held-out exact match ([\d.]+)", (out / "results.md").read_text()).group(1))
-    draw(pd.read_csv(out / "results.csv"), sft_accuracy, out / "plot.png", loss_types)
+    missing = [name for name in ("results.csv", "results.md") if not (out / name).is_file()]
+    if missing:
+        raise SystemExit(
+            f"--replot redraws plot.png from a finished study's results.csv and results.md, and {out} has no "
+            f"{' or '.join(missing)}: run the study first ({run_first}, which writes them there), or pass --out "
+            "the folder a finished study wrote"
+        )
+    found = re.search(r"held-out exact match ([\d.]+)", (out / "results.md").read_text())
+    if found is None:
+        raise SystemExit(
+            f"{out / 'results.md'} has no 'SFT start … held-out exact match <number>' line, which --replot draws as "
+            f"the SFT start: rerun the study ({run_first})"
+        )
+    draw(pd.read_csv(out / "results.csv"), float(found.group(1)), out / "plot.png", loss_types)
     print(f"wrote {out / 'plot.png'}")
 
 
@@ -225,7 +243,7 @@ def write_results(out: Path, table: pd.DataFrame, lines: list[str], row_cells) -
     print("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="default: experiments/out/<study>")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per algorithm run")
@@ -236,11 +254,12 @@ def main() -> None:
     parser.add_argument(
         "--dpo-loss-types", action="store_true", help="run sweep=dpo_loss_types (one run per DPO loss type)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     study = "dpo_loss_types" if args.dpo_loss_types else "compare_algorithms"
     out = (args.out or Path("experiments/out") / study).resolve()
     if args.replot:
-        return replot(out, args.dpo_loss_types)
+        given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--replot"]
+        return replot(out, args.dpo_loss_types, shlex.join(["python", "experiments/compare_algorithms.py", *given]))
 
     sft_overrides = [*SFT, f"trainer.max_steps={args.sft_steps}", f"seed={args.seed}", *QUIET]
     sft = train(compose(sft_overrides, out / "sft"))

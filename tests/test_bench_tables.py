@@ -100,3 +100,11 @@ def test_the_docs_have_the_markers():
     for page in bench.DOCS:
         out = bench.rewrite(page.read_text(), "NEW TABLE", page.name)  # raises without one pair of markers
         assert out.count(bench.BEGIN) == out.count(bench.END) == 1 and "NEW TABLE" in out, page
+
+
+def test_rewriting_the_docs_before_any_benchmark_ran_says_what_to_run_first(tmp_path):
+    """docs/speed.md's `--docs-from` line with no results.json yet: what to run first, not a traceback."""
+    with pytest.raises(
+        SystemExit, match=r"no such file\. .* run `python experiments/bench_trl\.py \[--out DIR\]` first"
+    ):
+        bench.main(["--docs-from", str(tmp_path / "results.json")])

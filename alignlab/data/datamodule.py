@@ -33,7 +33,7 @@ from alignlab.data.tokenize import (
     fit_answer,
     template_writes_tools,
 )
-from alignlab.data.truncation import TRUNCATION, shorten_prompt
+from alignlab.data.truncation import AUTO_COVERAGE, AUTO_LENGTH, TRUNCATION, auto_max_length, shorten_prompt
 from alignlab.data.vision import IMAGE_COLUMNS, ImageEncoder, collate_vision
 from alignlab.errors import ConfigError, DataError
 
@@ -67,7 +67,7 @@ class AlignmentDataModule(L.LightningDataModule):
         source: Any,
         batch_size: int = 16,
         eval_batch_size: int = 64,
-        max_length: int = 128,
+        max_length: int | str | None = 128,
         seed: int = 0,
         num_workers: int = 0,
         on_bad_row: str = "error",
@@ -81,7 +81,9 @@ class AlignmentDataModule(L.LightningDataModule):
         truncation: str = "drop_row",
     ):
         """`sources` (data.sources): data set specs to mix by weight in place of `source` alone, whose
-        settings are their defaults (alignlab.data.mixture)."""
+        settings are their defaults (alignlab.data.mixture). `max_length` "auto" or None: chosen at setup
+        from the train rows' token counts and the model's positions (`set_max_positions`, see
+        `alignlab.data.truncation.auto_max_length`)."""
         super().__init__()
         if sources:
             source = MixtureSource.from_specs(sources, base=source)
@@ -101,13 +103,21 @@ class AlignmentDataModule(L.LightningDataModule):
         self.on_bad_row = on_bad_row
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
-        if max_length < 2:
-            raise ConfigError(f"max_length must be >= 2 (a prompt token and an answer token), got {max_length}")
+        self.auto_length = max_length in AUTO_LENGTH
+        if isinstance(max_length, float) and max_length.is_integer():
+            max_length = int(max_length)
+        whole = isinstance(max_length, int) and not isinstance(max_length, bool)
+        if not self.auto_length and not (whole and max_length >= 2):
+            raise ConfigError(
+                f"max_length must be >= 2 (a prompt token and an answer token) or auto, got {max_length!r}"
+            )
+        self.max_positions: int | None = None  # the model's positions (set_max_positions)
         if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
             raise ConfigError(f"data.max_tokens_per_micro_batch must be >= 1 or null, got {max_tokens_per_micro_batch}")
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
-        self.max_length, self.seed, self.num_workers = max_length, seed, num_workers
+        # None until setup chooses it when auto
+        self.max_length, self.seed, self.num_workers = (None if self.auto_length else max_length), seed, num_workers
         self.tokenizer = None
         self.images: ImageEncoder | None = None  # a vision-language model's image processor (set_image_encoder)
         # id(row), and (id(row), "rejected") for rejected_images → the images' inputs and markup, until setup
@@ -264,6 +274,20 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ConfigError("the tokenizer needs both a pad token and an eos token")
         self.tokenizer = tokenizer
 
+    def set_max_positions(self, positions: int | None) -> None:
+        """The model's positions (`alignlab.data.truncation.model_positions`; None: unknown): the most that
+        max_length=auto chooses; a max_length given above them is warned about once, here."""
+        self.max_positions = positions
+        if positions and self.max_length is not None and self.max_length > positions:
+            log.warning(
+                "max_length=%d is more than the model's %d positions (max_position_embeddings): rows longer than %d "
+                "tokens go past what the model was built for; set max_length=%d or less (or max_length=auto)",
+                self.max_length,
+                positions,
+                positions,
+                positions,
+            )
+
     def set_image_encoder(self, images: ImageEncoder | None) -> None:
         """The vision-language model's image processor (None: a text model, whose data must have no images)."""
         self.images = images
@@ -277,7 +301,7 @@ class AlignmentDataModule(L.LightningDataModule):
         """
         for row in rows:
             images = row.get("images")
-            if not images:
+            if not images or id(row) in self._vision:  # none, or processed already (max_length=auto measured it)
                 continue
             if self.images is None:
                 describe = getattr(self.source, "describe", lambda: "data")()
@@ -354,6 +378,8 @@ class AlignmentDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("call set_tokenizer() before setup()")
         describe = getattr(self.source, "describe", lambda: type(self.source).__name__)()
+        if self.max_length is None:
+            self.max_length = self._choose_max_length()
         for split, rows in self.read().items():
             if not rows:  # no held-out rows: the run trains without validation (alignlab.train)
                 self.splits[split], self.dropped[split], self.dropped_by_reason[split] = [], 0, {}
@@ -386,6 +412,45 @@ class AlignmentDataModule(L.LightningDataModule):
             raise DataError(describe, "the train split is empty")
         if self.stream is not None and self.stream.whole:  # the stream's rows were all read to check them
             self._check_stream_rows()
+
+    answer_columns: tuple[str, ...] = ()  # the canonical row's answer columns, e.g. ("chosen", "rejected")
+
+    def _choose_max_length(self) -> int:
+        """max_length=auto: what the train rows need (a stream: the rows read when it opened), at most the
+        model's positions; said once in the log."""
+        split = "train" if self.read().get("train") else "eval"  # alignlab.evaluate may read held-out rows only
+        rows = self.read().get(split) or []
+        streamed = isinstance(rows, RowStream)
+        sample = rows.head if streamed else rows
+        if not sample:
+            raise DataError(getattr(self.source, "describe", lambda: "data")(), "the train split is empty")
+        self._encode_images(split, sample)
+        encoded = self._encode_rows(sample, self.answer_columns, all_turns=False)
+        if streamed:  # a stream's rows are encoded again as they are read: keep no images of these
+            for row in sample:
+                self._vision.pop(id(row), None)
+                self._vision.pop((id(row), "rejected"), None)
+        # prompt-only rows: room for one generated token (PPO/GRPO bound completions by their own settings)
+        lengths = [len(p) + max((len(a) for a in answers), default=1) for p, _, answers in encoded]
+        length, needed = auto_max_length(lengths, self.max_positions)
+        whole = sum(n <= length for n in lengths)
+        rows_said = f"the first {len(sample)} streamed rows" if streamed else f"the {len(sample)} {split} rows"
+        said = (
+            f"max_length=auto: {length} tokens; {AUTO_COVERAGE:.0%} of {rows_said} need at most {needed} (prompt and "
+            f"{'longest answer' if self.answer_columns else 'one generated token'}), and {whole} of them fit whole"
+        )
+        if length < needed:
+            log.warning(
+                "%s. It is capped at the model's %d positions (max_position_embeddings): longer answers are cut "
+                "from the end, and prompts that do not fit are handled by data.truncation=%s%s",
+                said,
+                self.max_positions,
+                self.truncation,
+                " (left out; keep_end or keep_start shorten them instead)" if self.truncation == "drop_row" else "",
+            )
+        else:
+            log.info("%s (set max_length=N to choose)", said)
+        return length
 
     def _dropped_texts(self, counts: dict[str, int], total: int | None) -> list[str]:
         of = "" if total is None else f" of {total}"
@@ -612,6 +677,7 @@ class SFTDataModule(AlignmentDataModule):
 
     kind = "sft"
     answer_keys = ("completion_ids",)
+    answer_columns = ("completion",)
 
     def __init__(self, source, train_on: str = "all_assistant", **kwargs):
         super().__init__(source, **kwargs)
@@ -652,6 +718,7 @@ class PairwiseDataModule(AlignmentDataModule):
 
     kind = "pairwise"
     answer_keys = ("chosen_ids", "rejected_ids")
+    answer_columns = ("chosen", "rejected")
     sequences_per_row = 2
     numeric_columns = NUMERIC_COLUMNS
 
@@ -709,6 +776,7 @@ class LabelledDataModule(AlignmentDataModule):
 
     kind = "labelled"
     answer_keys = ("completion_ids", "kl_completion_ids")
+    answer_columns = ("completion",)
 
     def __init__(self, source, unpair: bool = False, **kwargs):
         super().__init__(source, **kwargs)

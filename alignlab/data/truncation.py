@@ -18,15 +18,54 @@ answer (a longer answer is then cut from its end), but for a pair at least its a
 the first token that differs (so that the cut answers still differ), and leave the row out
 (`prompt_too_long`) when even the shortest prompt they allow does not fit. Rows with images are not
 shortened (their `<image>` placeholders must match their images): they are left out as with `drop_row`.
+
+How long max_length is: the bundled tasks give 128; the custom data configs give `auto`, which
+`auto_max_length` turns into the length 95% of the train rows fit within, at most the model's positions
+(`model_positions`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from alignlab.data.formats import blank
 
 TRUNCATION = ("drop_row", "keep_start", "keep_end", "error")
+
+# `max_length` values that leave the length to the data and the model (`auto_max_length`); the custom data
+# configs default to `auto`, the bundled tasks keep 128.
+AUTO_LENGTH = ("auto", None)
+AUTO_COVERAGE = 0.95  # the share of train rows that max_length=auto keeps whole
+AUTO_MULTIPLE = 64  # max_length=auto is rounded up to a multiple of this
+
+
+def model_positions(config: Any) -> int | None:
+    """The positions a model's config gives it (`max_position_embeddings`, GPT-2's `n_positions`; a
+    vision-language model's from its `text_config`); None when it names none."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def auto_max_length(lengths: Sequence[int], positions: int | None) -> tuple[int, int]:
+    """`max_length=auto` for rows of these token counts (prompt plus its longest answer): the count that
+    `AUTO_COVERAGE` of the rows stay within, rounded up to a multiple of `AUTO_MULTIPLE`, at most the
+    model's `positions` (None: no bound). Returns (that length, the uncapped count the rows need).
+
+    Raises:
+        ValueError: no lengths.
+    """
+    if not lengths:
+        raise ValueError("max_length=auto needs at least one row to measure")
+    ordered = sorted(lengths)
+    needed = ordered[max(0, math.ceil(AUTO_COVERAGE * len(ordered)) - 1)]
+    length = max(2, -(-needed // AUTO_MULTIPLE) * AUTO_MULTIPLE)
+    return (min(length, positions) if positions else length), needed
 
 
 def turns_dropped(messages: list[dict]) -> list[list[dict]]:

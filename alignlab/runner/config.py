@@ -11,7 +11,7 @@ from alignlab.data.datamodule import TRAIN_ON
 from alignlab.data.mixture import check_sources
 from alignlab.data.rows import ON_BAD_ROW
 from alignlab.data.streaming import check_streaming
-from alignlab.data.truncation import TRUNCATION
+from alignlab.data.truncation import AUTO_LENGTH, TRUNCATION
 from alignlab.errors import ConfigError
 from alignlab.models.loading import check_model_config
 from alignlab.runner.checks import Checks
@@ -71,7 +71,11 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
         check_sources(cfg.data.sources)
     if missing:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
-    data = Checks(cfg.data, "data").at_least(1, "batch_size", "eval_batch_size").at_least(2, "max_length")
+    data = Checks(cfg.data, "data").at_least(1, "batch_size", "eval_batch_size")
+    if cfg.data.get("max_length", 128) not in AUTO_LENGTH:  # auto: chosen from the rows and the model at setup
+        if isinstance(cfg.data.max_length, str):
+            raise ConfigError(f"data.max_length must be a whole number >= 2 or auto, got {cfg.data.max_length!r}")
+        data.at_least(2, "max_length")
     if "on_bad_row" in cfg.data:
         data.one_of("on_bad_row", ON_BAD_ROW)
     if cfg.data.get("source") is not None and cfg.data.source.get("max_rows") is not None:

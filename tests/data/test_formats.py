@@ -472,6 +472,7 @@ def test_column_map_system_and_truncation_from_the_command_line_train(tmp_path):
         "data.columns={question:prompt,answer:completion}",
         "data.system=Add.",
         "data.truncation=keep_start",
+        "max_length=128",  # under the long prompt (max_length=auto would take the whole row)
     ]
     result = train(compose([*overrides, "trainer.max_steps=2", "batch_size=4", *QUIET], run))
     assert result["steps"] == 2 and result["shortened_prompts"] == {"train": 1, "eval": 1}

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignlab.data.files import FileSource, draw_rows, file_split
 from alignlab.errors import ConfigError, DataError
@@ -196,3 +197,5 @@ def test_an_ultrafeedback_shaped_folder_trains_dpo_end_to_end(tmp_path):
     result = train(compose(overrides, tmp_path / "run"))
     assert result["steps"] == 2 and result["dropped_rows"] == {"train": 0, "eval": 0}
     assert "eval/rewards/accuracies" in result["metrics"]  # the held-out split was validated on
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["max_length"] == "auto" and saved["data"]["max_length"] in (64, 128)  # the length auto chose

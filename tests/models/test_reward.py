@@ -139,6 +139,47 @@ def test_score_command_writes_one_score_per_row(tiny, tmp_path):
     assert not (tmp_path / "bad_out.jsonl").exists()
 
 
+def test_score_command_scores_empty_answers_in_every_form(tiny, tmp_path, capsys):
+    """An empty answer is scored as given (it is an answer, usually a bad one), in each form the rows
+    come in, and counted; a row with another fault still stops the command before anything is written."""
+    import pandas as pd
+
+    model, tokenizer = tiny
+    build_module("rm", model, tokenizer).save_final(tmp_path)
+    scorer = RewardScorer(tmp_path / "model")
+    user = {"role": "user", "content": "3+4="}
+    rows = [
+        {"prompt": "3+4=", "completion": "7"},
+        {"prompt": "3+4=", "completion": ""},
+        {"messages": [user, {"role": "assistant", "content": " "}]},
+        {"instruction": "3+4=", "output": ""},  # Alpaca
+        {"conversations": [{"from": "human", "value": "3+4="}, {"from": "gpt", "value": ""}]},  # ShareGPT
+        {"prompt": [user], "completion": [{"role": "assistant", "content": ""}]},
+    ]
+    expected = scorer.score(["3+4="] * 6, ["7", "", " ", "", "", ""])
+    for name, write in {
+        "in.jsonl": lambda path: path.write_text("\n".join(json.dumps(r) for r in rows)),
+        "in.csv": lambda path: pd.DataFrame(
+            [{"messages": json.dumps([user, {"role": "assistant", "content": a}])} for a in ("7", "")]
+        ).to_csv(path, index=False),
+    }.items():
+        write(tmp_path / name)
+        out = tmp_path / f"{name}.scored.jsonl"
+        assert main(["--model", str(tmp_path / "model"), "--input", str(tmp_path / name), "--output", str(out)]) == 0
+        scores = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+        want = expected if name == "in.jsonl" else expected[:2]
+        assert scores == pytest.approx(want, abs=1e-5)
+        empty = len(want) - 1
+        assert f"({empty} of them for empty answers, scored as given)" in capsys.readouterr().out
+    assert expected[1] != pytest.approx(expected[0], abs=1e-6)  # the empty answer has a score of its own
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "3+4=", "completion": "7"}) + "\n" + json.dumps({"completion": ""}))
+    argv = ["--model", str(tmp_path / "model"), "--input", str(bad), "--output", str(tmp_path / "bad_out.jsonl")]
+    assert main(argv) == 1 and not (tmp_path / "bad_out.jsonl").exists()
+    error = capsys.readouterr().err
+    assert "row 2" in error and "prompt" in error  # the empty answer is not what stops it: the missing prompt
+
+
 def test_margin_column_reaches_the_loss(tiny):
     from alignlab.data.rows import to_canonical
 

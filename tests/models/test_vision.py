@@ -78,6 +78,32 @@ def setup(module_class, vl, data=None, **kwargs):
     return dm
 
 
+def test_max_length_auto_counts_each_rows_image_tokens_and_processes_its_images_once(vl):
+    from alignlab.data.truncation import model_positions
+
+    model, tokenizer, images, _ = vl
+    calls = []
+
+    class Counted:
+        def encode(self, pictures):
+            calls.append(len(pictures))
+            return images.encode(pictures)
+
+    data = rows()
+    for row in [r for r in data if r.get("images")]:  # larger pictures: the longest row passes 64 with their tokens
+        row["images"] = [picture(0, (112, 112)) for _ in row["images"]]
+    dm = PairwiseDataModule(ListSource(data), batch_size=4, max_length="auto")
+    dm.set_tokenizer(tokenizer)
+    dm.set_image_encoder(Counted())
+    dm.set_max_positions(model_positions(model.config))
+    dm.setup()
+    longest = max(dm.length(ex) for ex in dm.splits["train"])  # its image tokens included
+    assert longest > 64 and dm.max_length == -(-longest // 64) * 64  # 95% of 7 rows: all of them
+    assert dm.dropped["train"] == 0
+    image_rows = sum(1 for r in data if r.get("images"))
+    assert len(calls) == 2 * image_rows  # once per row and split (ListSource gives both the same rows)
+
+
 def float64(model, batch):
     return copy.deepcopy(model).double(), {
         k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()

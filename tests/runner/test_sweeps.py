@@ -4,6 +4,7 @@ runs (offline, real library), the analysis notebook executed headless, and the s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,16 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from alignlab.results import SweepError, load_history, load_sweep, lower_is_better, overrides_dict
+from alignlab.results import (
+    SweepError,
+    load_history,
+    load_sweep,
+    lower_is_better,
+    overrides_dict,
+    plot_axes,
+    resolve_sweep,
+    varied_keys,
+)
 from tests.conftest import CONF, QUIET, ROOT, run_cli
 from tests.wandb_records import history, run_record
 
@@ -97,6 +107,70 @@ def test_empty_or_missing_sweep_is_a_clear_error(tmp_path):
         load_sweep(tmp_path)
     with pytest.raises(SweepError, match="neither a folder nor a W&B path"):
         load_sweep(tmp_path / "nowhere")
+
+
+def fake_sweep(folder: Path, jobs: list[dict]) -> Path:
+    """A multirun folder as alignlab writes one, without training: per job its overrides, config.yaml,
+    summary.json and metrics.csv. A job: {"overrides": [...], "algorithm": name, "seed": n, "metrics": {...}};
+    its metrics.csv logs each final metric at steps 0 and 10 (half the value, then the value)."""
+    for num, job in enumerate(jobs):
+        run = folder / str(num)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(job["overrides"]))
+        (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": {"name": job["algorithm"]}, "seed": job["seed"]}))
+        summary = {"metrics": job["metrics"], "steps": 10, "seconds": 1.0, "overrides": job["overrides"]}
+        (run / "summary.json").write_text(json.dumps(summary))
+        half = {k: v / 2 for k, v in job["metrics"].items()}
+        curve = pd.DataFrame([{"step": 0, **half}, {"step": 10, **job["metrics"]}])
+        curve.to_csv(run / "metrics.csv", index=False)
+    return folder
+
+
+def algorithm_sweep(folder: Path) -> Path:
+    """`-m algorithm=dpo,cpo,sft seed=0,1`: no β anywhere; SFT logs no reward margins."""
+    jobs = []
+    for algorithm, accuracy in (("dpo", 0.8), ("cpo", 0.7), ("sft", 0.6)):
+        for seed in (0, 1):
+            metrics = {"eval/exact_match": accuracy + seed / 100, "eval/loss": 1 - accuracy}
+            if algorithm != "sft":
+                metrics["eval/rewards/margins"] = accuracy / 2
+            overrides = [f"algorithm={algorithm}", f"seed={seed}"]
+            jobs.append({"overrides": overrides, "algorithm": algorithm, "seed": seed, "metrics": metrics})
+    return fake_sweep(folder, jobs)
+
+
+def test_the_plot_axes_follow_what_the_sweep_varied(tmp_path):
+    runs = load_sweep(algorithm_sweep(tmp_path / "algorithms"))
+    assert varied_keys(runs) == ["algorithm"] and plot_axes(runs) == ("algorithm", [])
+    jobs = [
+        {"overrides": [f"algorithm={a}", f"algorithm.beta={b}"], "algorithm": a, "seed": 0, "metrics": {"eval/loss": b}}
+        for a in ("dpo", "cpo")
+        for b in (0.1, 0.5)
+    ]
+    grid = load_sweep(fake_sweep(tmp_path / "grid", jobs))
+    assert plot_axes(grid) == ("algorithm.beta", ["algorithm"])  # numbers on the axis, a line per algorithm
+    assert plot_axes(grid, "algorithm") == ("algorithm", ["algorithm.beta"])
+    seeds = [{"overrides": [f"seed={s}"], "algorithm": "dpo", "seed": s, "metrics": {"eval/loss": s}} for s in (0, 1)]
+    assert plot_axes(load_sweep(fake_sweep(tmp_path / "seeds", seeds))) == ("seed", [])
+    with pytest.raises(SweepError, match=r"optim.lr is not a column of the sweep; the keys it varied: algorithm\b"):
+        plot_axes(runs, "optim.lr")
+
+
+def test_a_relative_sweep_path_is_read_from_where_the_command_ran(tmp_path, monkeypatch):
+    """The notebook's kernel runs in notebooks/; ALIGNLAB_SWEEP=multirun/<time> was given at the root."""
+    sweep = algorithm_sweep(tmp_path / "multirun" / "2026-12-07_21-00-00")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    monkeypatch.setenv("PWD", str(tmp_path))  # the shell's directory, which the kernel inherits
+    assert resolve_sweep("multirun/2026-12-07_21-00-00") == sweep
+    monkeypatch.setenv("PWD", "/nowhere")  # e.g. Jupyter started elsewhere: the folders above are tried
+    assert resolve_sweep("multirun/2026-12-07_21-00-00") == sweep
+    assert len(load_sweep("multirun/2026-12-07_21-00-00")) == 6
+    demo = algorithm_sweep(tmp_path / "multirun" / "demo" / "2026-12-07_21-00-00")
+    assert resolve_sweep("multirun/demo/2026-12-07_21-00-00") == demo  # three parts, yet not a W&B group
+    assert resolve_sweep("me/project/group") == "me/project/group"  # no such folder: a W&B group
+    with pytest.raises(SweepError, match=f"multirun/missing is neither .* looked for the folder from .*{tmp_path}"):
+        resolve_sweep("multirun/missing")
 
 
 def test_overrides_are_typed_and_hydra_keys_dropped():
@@ -204,6 +278,30 @@ def test_notebook_runs_top_to_bottom_on_the_sweep(sweep_dir, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plots were drawn
     assert any(f"sweep: {sweep_dir}" in o.get("text", "") for o in outputs)
+
+
+def test_notebook_plots_a_sweep_over_algorithms_named_from_the_repository_root(tmp_path, monkeypatch):
+    """No β in the sweep: the notebook plots what it varied (the algorithm), read from `multirun/<time>` as
+    given where `jupyter execute notebooks/sweep_analysis.ipynb` ran, though its kernel runs in notebooks/."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    algorithm_sweep(tmp_path / "multirun" / "2026-12-07_21-00-00")
+    monkeypatch.setenv("ALIGNLAB_SWEEP", "multirun/2026-12-07_21-00-00")
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # metrics by algorithm, learning curves
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"sweep: {tmp_path / 'multirun' / '2026-12-07_21-00-00'} (ALIGNLAB_SWEEP=multirun/" in text
+    assert "x axis: algorithm; one line per: (one line)" in text
+    best = [o["data"]["text/plain"] for o in notebook.cells[-1].outputs if "text/plain" in o.get("data", {})]
+    assert "dpo" in best[0] and "sft" not in best[0]  # the best setting: DPO's accuracy is the highest
 
 
 # -- shipped sweep configs ----------------------------------------------------------------------
@@ -436,6 +534,23 @@ def test_the_study_plot_labels_no_two_points_on_top_of_each_other(tmp_path):
     _, texts = drawn_labels(lambda: study.plot(table, 0.781, tmp_path / "plot.png"))
     labels = [t for t in texts if t.startswith("β=")]
     assert len(labels) == len(table)  # the 3 far KTO runs in the first panel, the 12 near ones zoomed
+
+
+@pytest.mark.parametrize("study", [[], ["--dpo-loss-types"]])
+def test_a_replot_before_the_study_ran_says_what_to_run_first(study, tmp_path):
+    """docs/results.md's `--replot` lines with no results yet: the command that writes them, no traceback."""
+    out = tmp_path / "none"
+    run_first = " ".join(["python experiments/compare_algorithms.py", *study, "--out", str(out)])
+    with pytest.raises(
+        SystemExit, match=rf"has no results\.csv or results\.md: run the study first \({re.escape(run_first)},"
+    ):
+        study_module().main(["--replot", *study, "--out", str(out)])
+    out.mkdir()
+    (out / "results.csv").write_text("algorithm,algorithm.beta,eval/exact_match,kl_to_sft\ndpo,0.1,0.8,0.1\n")
+    (out / "results.md").write_text("| algorithm | β |\n")
+    with pytest.raises(SystemExit, match="has no 'SFT start … held-out exact match <number>' line"):
+        study_module().main(["--replot", *study, "--out", str(out)])
+    assert not (out / "plot.png").exists()
 
 
 def test_the_loss_type_plot_labels_each_point_with_its_loss_type(tmp_path):
