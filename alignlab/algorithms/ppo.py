@@ -121,7 +121,8 @@ class PPO(OnlineModule):
         if algorithm.missing_eos_penalty is not None:
             checks.non_negative("missing_eos_penalty")
         if algorithm.kl_target is not None:
-            checks.positive("kl_target")
+            # β only ever scales (adaptive_kl_coef), so a β of 0 would stay 0: the controller would do nothing.
+            checks.positive("kl_target", "kl_coef")
         c = algorithm.dual_clip
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1):
             raise ConfigError(f"algorithm.dual_clip must be null or a number > 1 (Ye et al. use 3), got {c!r}")
