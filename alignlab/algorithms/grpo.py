@@ -47,6 +47,7 @@ class PromptDraws(L.Callback):
 
 class GRPO(MultiTurnRollouts, OnlineModule):
     rollout_counter = "generation_batches"
+    step_rows = "one generation batch of batch_size prompts × algorithm.num_generations completions"
     counters = ("generation_batches", "optimizer_steps")
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
@@ -130,6 +131,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
+        super().check_run(cfg)
         completions = cfg.data.batch_size * cfg.algorithm.num_generations
         micro = cfg.algorithm.micro_batch_size
         if micro is not None and completions % micro:

@@ -83,6 +83,10 @@ class PPO(OnlineModule):
     trains_on_images = False  # its value model does not read images yet: refused before training (alignlab.train)
 
     uses_reference = True
+    step_rows = (
+        "one mini-batch of batch_size / algorithm.num_mini_batches rows of a rollout of batch_size prompts "
+        "(num_ppo_epochs × num_mini_batches steps per rollout)"
+    )
     # current_kl_coef: β of the next rollout, which the adaptive controller (kl_target) moves
     counters = ("episodes", "rollouts", "current_kl_coef")
 
@@ -161,6 +165,7 @@ class PPO(OnlineModule):
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
+        super().check_run(cfg)
         batch, minis = cfg.data.batch_size, cfg.algorithm.num_mini_batches
         if batch % minis:
             raise ConfigError(

@@ -194,6 +194,11 @@ def test_a_reward_that_is_not_a_finite_number_names_the_function_and_the_row(bad
             "algorithm.max_tokens_per_micro_batch must be a whole number >= 1",
         ),
         (["algorithm.generation_backend=vllm"], "algorithm.generation_backend must be null or {_target_:"),
+        (  # issue 32: it was set to 1 without a word, the weights as without it
+            ["batch_size=4", "trainer.accumulate_grad_batches=2"],
+            "trainer.accumulate_grad_batches=2 does not apply to algorithm=grpo",
+        ),
+        (["batch_size=4", "trainer.accumulate_grad_batches=2"], "set batch_size=8"),
         (
             ["algorithm.generation_backend={_target_:no.such.Engine}"],
             "algorithm.generation_backend 'no.such.Engine' could not be imported",
