@@ -34,6 +34,7 @@ from alignlab.runner.config import (
 from alignlab.runner.console import format_metrics, quiet_console, split_metrics
 from alignlab.runner.loggers import finish_loggers, wandb_identity
 from alignlab.runner.resume import LAST, CheckpointOnSignal, RunInterrupted, resume_checkpoint
+from alignlab.runner.steps import check_optimizer_steps, check_trainer_steps
 from alignlab.runner.sweeps import STOPPED_FILES, current_job, name_run
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     check_config(cfg, choices)  # before anything slow: a wrong config fails in a second
+    check_trainer_steps(cfg.trainer)  # trainer.max_steps=0 and the like: no optimizer step
     quiet_console()
     name_run(cfg, current_job())  # a sweep's jobs: named after their overrides, grouped by sweep
 
@@ -75,6 +77,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.set_tokenizer(tokenizer)
     datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_path))
     datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
+    check_optimizer_steps(cfg, datamodule)  # a run that would take no optimizer step stops here
     if datamodule.has_images and not get_class(cfg.algorithm._target_).trains_on_images:
         raise ConfigError(
             f"algorithm={cfg.algorithm.name} does not train on rows with images yet; vision-language models train "
