@@ -71,6 +71,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
     datamodule = build_datamodule(cfg.data)
     datamodule.read()  # bad data fails here, before anything is written to the run folder
+    get_class(cfg.algorithm._target_).check_rows(cfg.algorithm, datamodule)  # e.g. a column a reward function needs
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)

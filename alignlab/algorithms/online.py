@@ -23,6 +23,7 @@ from alignlab.errors import ConfigError
 from alignlab.losses.rollout_correction import logprob_mismatch, truncated_importance_weights
 from alignlab.online.backends import build_backend, check_backend_spec
 from alignlab.online.micro_batches import token_budget_micro_batches
+from alignlab.online.rewards import REGISTRY, build_reward_function, check_reward_columns
 from alignlab.online.rollout import Samples, sample
 from alignlab.online.samples import log_samples, sample_row, with_columns
 from alignlab.online.vllm_backend import VLLM_MODES, build_vllm_backend, require_vllm
@@ -81,6 +82,20 @@ class OnlineModule(AlignmentModule):
             f"step's gradient unchanged. For {accumulate}× the rows per optimizer step set {larger} (memory stays "
             "bounded by those two keys) and leave trainer.accumulate_grad_batches=1"
         )
+
+    @classmethod
+    def check_rows(cls, algorithm: DictConfig, datamodule) -> None:
+        """Every row has the columns `algorithm.reward_funcs` require (alignlab.online.rewards.
+        check_reward_columns), in both splits, whatever the batch order. Raises DataError."""
+        specs = algorithm.get("reward_funcs")
+        if not specs:
+            return
+        # a reward-model folder needs no column (and is not loaded again for this)
+        named = [spec for spec in OmegaConf.to_container(specs) if not isinstance(spec, str) or spec in REGISTRY]
+        functions = [build_reward_function(spec) for spec in named]
+        source = datamodule.source
+        describe = getattr(source, "describe", lambda: type(source).__name__)()
+        check_reward_columns(functions, datamodule.read(), getattr(source, "origin", lambda _: None), describe)
 
     @staticmethod
     def check_vllm_keys(algorithm: DictConfig, checks: Checks) -> None:
