@@ -153,6 +153,7 @@ def train(cfg: DictConfig) -> dict:
         "skipped_bad_rows": datamodule.skipped,
         "shortened_prompts": dict(datamodule.shortened),  # per split, by data.truncation=keep_end/keep_start
         "metrics": metrics,
+        "warnings": list(getattr(module, "run_warnings", [])),  # e.g. GRPO's rollouts without reward signal
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
@@ -245,4 +246,5 @@ def print_summary(result: dict) -> None:
     for split in ("train", "eval"):
         if shown := split_metrics(result["metrics"], split):
             lines.append(f"  {split + ':':<6} " + format_metrics(shown))
+    lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]
     print("\n".join(lines), flush=True)
