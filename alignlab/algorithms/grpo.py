@@ -62,7 +62,9 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         self.generation_batches = 0
         self.optimizer_steps = 0  # counts steps for sync_ref_model
         self.run_warnings: list[str] = []  # what the run's summary repeats (watch_reward_signal)
-        self.last_rollout_flat = False
+        self.last_rollout_flat = False  # whether every group of the last rollout had equal rewards
+        self._flat_counts = (0, 0, 0)  # (such rollouts in a row, such rollouts, rollouts) so far
+        self._flat_rewards: list[float] = []  # the mean reward of each rollout of the current streak
 
     @property
     def uses_reference(self) -> bool:
@@ -456,19 +458,19 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         """Count the rollouts in which every group's completions got the same reward, over every process
         (then every advantage is 0, so the policy loss and its gradient are 0: the weights move only by any
         KL term), and warn once when `flat_rollouts_warning` come in a row, saying what usually causes it;
-        the warning goes into `run_warnings`, which the run's summary prints. `check_reward_signal` looks
-        again at the run's end (a run shorter than that)."""
+        the warning goes into `run_warnings`, which the run's summary prints. `on_train_end` looks again
+        at the run's end (a run shorter than that)."""
         both = self.mean_across_devices(torch.stack([torch.tensor(float(flat), device=self.device), reward.float()]))
         flat_everywhere, mean = both[0].item() == 1.0, both[1].item()  # one collective for the two
-        streak, total, seen = getattr(self, "_flat_counts", (0, 0, 0))
+        streak, total, seen = self._flat_counts
         if flat_everywhere:
-            self._flat_rewards = (getattr(self, "_flat_rewards", []) if streak else []) + [mean]
+            self._flat_rewards = (self._flat_rewards if streak else []) + [mean]
         self._flat_counts = (streak + 1 if flat_everywhere else 0, total + flat_everywhere, seen + 1)
         if self._flat_counts[0] >= self.flat_rollouts_warning and not self.run_warnings:
             self.warn_no_reward_signal(self._flat_counts[0])
 
     def warn_no_reward_signal(self, rollouts: int) -> None:
-        rewards = sorted(set(round(r, 6) for r in getattr(self, "_flat_rewards", [])))
+        rewards = sorted(set(round(r, 6) for r in self._flat_rewards))
         said = f"mean reward {rewards[0]:g}" if len(rewards) == 1 else f"mean rewards {rewards[0]:g} to {rewards[-1]:g}"
         message = (
             f"GRPO: in {rollouts} rollouts in a row every group of {self.num_generations} completions got the same "
@@ -478,13 +480,14 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             "algorithm.max_completion_length; a reward that cannot match what the model writes (compare samples.jsonl "
             "with the data's solutions); a column the reward reads that the rows lack"
         )
-        log.warning("%s", message)
+        if self._trainer is None or self.trainer.is_global_zero:  # every process counts alike; one says it
+            log.warning("%s", message)
         self.run_warnings.append(message)
 
     def on_train_end(self) -> None:
         """A run too short for the in-run warning whose every rollout (2 or more) had no reward signal
         says so too."""
-        streak, total, seen = getattr(self, "_flat_counts", (0, 0, 0))
+        _, total, seen = self._flat_counts
         if not self.run_warnings and seen >= 2 and total == seen:
             self.warn_no_reward_signal(seen)
 
