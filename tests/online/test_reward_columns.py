@@ -127,3 +127,15 @@ def test_accuracy_without_a_solution_column_stops_before_the_model_loads(tmp_pat
     with pytest.raises(DataError, match=r"every one of its 12 rows: no `solution`.*algorithm.reward_funcs"):
         training.train(compose(overrides, run))
     assert not (run / "config.yaml").exists()
+
+
+def test_a_hub_folder_is_checked_in_both_splits_and_data_columns_supply_the_column(tmp_path, grpo_config):
+    folder = tmp_path / "hub"
+    (folder / "data").mkdir(parents=True)
+    write(folder / "data" / "train-00000-of-00001.jsonl", ROWS)
+    write(folder / "data" / "test-00000-of-00001.jsonl", rows_lacking([2]))  # the held-out split lacks one
+    with pytest.raises(DataError, match=r"test-00000-of-00001\.jsonl, 1 of its 12 rows \(row 2\): no `solution`"):
+        GRPO.check_rows(grpo_config, PromptDataModule(FileSource(str(folder), eval_split="test")))
+    # the answers under another name, mapped onto `solution` as the message advises
+    renamed = write(tmp_path / "renamed.jsonl", [{"prompt": r["prompt"], "answer": r["solution"]} for r in ROWS])
+    GRPO.check_rows(grpo_config, PromptDataModule(FileSource(str(renamed)), columns={"answer": "solution"}))
