@@ -35,6 +35,7 @@ from alignlab.runner.config import (
 from alignlab.runner.console import format_metrics, quiet_console, split_metrics
 from alignlab.runner.loggers import finish_loggers, wandb_identity
 from alignlab.runner.resume import LAST, CheckpointOnSignal, RunInterrupted, resume_checkpoint
+from alignlab.runner.steps import check_optimizer_steps, check_trainer_steps
 from alignlab.runner.sweeps import STOPPED_FILES, current_job, name_run
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     check_config(cfg, choices)  # before anything slow: a wrong config fails in a second
+    check_trainer_steps(cfg.trainer)  # trainer.max_steps=0 and the like: no optimizer step
     quiet_console()
     name_run(cfg, current_job())  # a sweep's jobs: named after their overrides, grouped by sweep
 
@@ -72,6 +74,7 @@ def train(cfg: DictConfig) -> dict:
         return finished  # nothing left to train: the run's own summary stands, unrewritten
     datamodule = build_datamodule(cfg.data)
     datamodule.read()  # bad data fails here, before anything is written to the run folder
+    get_class(cfg.algorithm._target_).check_rows(cfg.algorithm, datamodule)  # e.g. a column a reward function needs
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
@@ -81,9 +84,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
     if datamodule.auto_length:  # config.yaml records the length max_length=auto chose
         cfg.data.max_length = datamodule.max_length
-    check_rows = getattr(get_class(cfg.algorithm._target_), "check_rows", None)
-    if check_rows is not None:  # what the algorithm needs of the rows (GRPO: a row's tools are ones it runs)
-        check_rows(cfg, datamodule)
+    check_optimizer_steps(cfg, datamodule)  # a run that would take no optimizer step stops here
     if datamodule.has_images and not get_class(cfg.algorithm._target_).trains_on_images:
         raise ConfigError(
             f"algorithm={cfg.algorithm.name} does not train on rows with images yet; vision-language models train "
@@ -158,6 +159,7 @@ def train(cfg: DictConfig) -> dict:
         "skipped_bad_rows": datamodule.skipped,
         "shortened_prompts": dict(datamodule.shortened),  # per split, by data.truncation=keep_end/keep_start
         "metrics": metrics,
+        "warnings": list(getattr(module, "run_warnings", [])),  # e.g. GRPO's rollouts without reward signal
     }
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
@@ -273,4 +275,5 @@ def print_summary(result: dict) -> None:
     for split in ("train", "eval"):
         if shown := split_metrics(result["metrics"], split):
             lines.append(f"  {split + ':':<6} " + format_metrics(shown))
+    lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]
     print("\n".join(lines), flush=True)

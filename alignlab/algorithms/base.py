@@ -119,6 +119,11 @@ class AlignmentModule(L.LightningModule):
     def check_run(cls, cfg: DictConfig) -> None:
         """Raise ConfigError for settings that must agree across groups (e.g. batch sizes)."""
 
+    @classmethod
+    def check_rows(cls, algorithm: DictConfig, datamodule) -> None:
+        """Raise DataError for data rows this algorithm cannot use that the rows alone show (e.g. a column a
+        reward function needs), after the DataModule has read them and before any model loads."""
+
     @staticmethod
     def check_optim(optim: DictConfig) -> None:
         Checks(optim, "optim").positive("lr").non_negative("weight_decay", "warmup_steps").one_of(

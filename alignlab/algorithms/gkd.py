@@ -76,6 +76,7 @@ class GKD(OnlineModule):
     def check_run(cls, cfg: DictConfig) -> None:
         """The teacher shares the student's tokenizer and vocabulary (read from their folders' tokenizer
         and config files, before either model loads)."""
+        super().check_run(cfg)
         check_same_tokenizer(
             cfg.model,
             cfg.algorithm.teacher_model_name_or_path,

@@ -9,6 +9,7 @@ evaluation and sample tables: alignlab.algorithms.online.
 from __future__ import annotations
 
 import functools
+import logging
 
 import lightning as L
 import torch
@@ -36,6 +37,8 @@ from alignlab.online.rewards import build_reward_function, check_reward_funcs, s
 from alignlab.online.rollout import pack, row_sampling_logprobs, token_logprobs
 from alignlab.runner.checks import Checks
 
+log = logging.getLogger(__name__)
+
 
 class PromptDraws(L.Callback):
     """Hands GRPO the DataModule's prompt draw at fit start (dynamic sampling's replacement prompts), so
@@ -47,6 +50,7 @@ class PromptDraws(L.Callback):
 
 class GRPO(MultiTurnRollouts, OnlineModule):
     rollout_counter = "generation_batches"
+    step_rows = "one generation batch of batch_size prompts × algorithm.num_generations completions"
     counters = ("generation_batches", "optimizer_steps")
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
@@ -57,6 +61,10 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             self.setup_multi_turn()
         self.generation_batches = 0
         self.optimizer_steps = 0  # counts steps for sync_ref_model
+        self.run_warnings: list[str] = []  # what the run's summary repeats (watch_reward_signal)
+        self.last_rollout_flat = False  # whether every group of the last rollout had equal rewards
+        self._flat_counts = (0, 0, 0)  # (such rollouts in a row, such rollouts, rollouts) so far
+        self._flat_rewards: list[float] = []  # the mean reward of each rollout of the current streak
 
     @property
     def uses_reference(self) -> bool:
@@ -130,6 +138,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
+        super().check_run(cfg)
         completions = cfg.data.batch_size * cfg.algorithm.num_generations
         micro = cfg.algorithm.micro_batch_size
         if micro is not None and completions % micro:
@@ -201,6 +210,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             returns, g, self.advantage_estimator, self.scale_rewards, batch_rewards=self.gather_across_devices(returns)
         )
         grouped_std = rewards.view(-1, g).std(1)
+        self.last_rollout_flat = bool((grouped_std < 1e-6).all())  # what train_on watches (watch_reward_signal)
         stats = {
             "reward": rewards.mean(),
             "reward_std": grouped_std.mean(),
@@ -436,8 +446,50 @@ class GRPO(MultiTurnRollouts, OnlineModule):
 
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict, int]:
         gen = self.generate_batch(batch)
+        self.watch_reward_signal(self.last_rollout_flat, gen["stats"]["reward"])
         stats = self.grpo_update(gen, optimizer, scheduler)
         return {**gen["stats"], **stats}, gen["input_ids"].shape[0]
+
+    # -- a run that earns no reward signal says so ----------------------------------------------------
+    # Rollouts in a row whose every group has equal rewards before the run warns (once, and in the summary).
+    flat_rollouts_warning: int = 5
+
+    def watch_reward_signal(self, flat: bool, reward: torch.Tensor) -> None:
+        """Count the rollouts in which every group's completions got the same reward, over every process
+        (then every advantage is 0, so the policy loss and its gradient are 0: the weights move only by any
+        KL term), and warn once when `flat_rollouts_warning` come in a row, saying what usually causes it;
+        the warning goes into `run_warnings`, which the run's summary prints. `on_train_end` looks again
+        at the run's end (a run shorter than that)."""
+        both = self.mean_across_devices(torch.stack([torch.tensor(float(flat), device=self.device), reward.float()]))
+        flat_everywhere, mean = both[0].item() == 1.0, both[1].item()  # one collective for the two
+        streak, total, seen = self._flat_counts
+        if flat_everywhere:
+            self._flat_rewards = (self._flat_rewards if streak else []) + [mean]
+        self._flat_counts = (streak + 1 if flat_everywhere else 0, total + flat_everywhere, seen + 1)
+        if self._flat_counts[0] >= self.flat_rollouts_warning and not self.run_warnings:
+            self.warn_no_reward_signal(self._flat_counts[0])
+
+    def warn_no_reward_signal(self, rollouts: int) -> None:
+        rewards = sorted(set(round(r, 6) for r in self._flat_rewards))
+        said = f"mean reward {rewards[0]:g}" if len(rewards) == 1 else f"mean rewards {rewards[0]:g} to {rewards[-1]:g}"
+        message = (
+            f"GRPO: in {rollouts} rollouts in a row every group of {self.num_generations} completions got the same "
+            f"reward ({said}; train/frac_reward_zero_std = 1), so every advantage and the policy loss are 0 and only "
+            "a KL term moves the weights: the run learns nothing from its rewards. Usual causes: the model never "
+            "answers right (or always does): an easier task, a stronger starting model or a longer "
+            "algorithm.max_completion_length; a reward that cannot match what the model writes (compare samples.jsonl "
+            "with the data's solutions); a column the reward reads that the rows lack"
+        )
+        if self._trainer is None or self.trainer.is_global_zero:  # every process counts alike; one says it
+            log.warning("%s", message)
+        self.run_warnings.append(message)
+
+    def on_train_end(self) -> None:
+        """A run too short for the in-run warning whose every rollout (2 or more) had no reward signal
+        says so too."""
+        _, total, seen = self._flat_counts
+        if not self.run_warnings and seen >= 2 and total == seen:
+            self.warn_no_reward_signal(seen)
 
     # -- evaluation: the reward functions on one greedy answer per held-out prompt ------------------
     eval_metric = "reward"

@@ -78,12 +78,12 @@ class MultiTurnRollouts:
         )
 
     @classmethod
-    def check_rows(cls, cfg: DictConfig, datamodule) -> None:
-        """With tools: every read row's own `tools` names only tools an episode runs
-        (alignlab.online.multiturn.check_row_tools), checked after the data is read, before anything is
-        written (a stream's first rows, those it checks when it opens; later ones as they are met). Raises
-        ConfigError naming the row."""
-        algorithm = cfg.algorithm
+    def check_rows(cls, algorithm: DictConfig, datamodule) -> None:
+        """The online checks (reward columns), and with tools: every read row's own `tools` names only
+        tools an episode runs (alignlab.online.multiturn.check_row_tools), checked after the data is read,
+        before any model loads or anything is written (a stream's first rows, those it checks when it
+        opens; later ones as they are met). Raises DataError or ConfigError naming the row."""
+        super().check_rows(algorithm, datamodule)
         if not algorithm.get("tools") or algorithm.get("environment") is not None:
             return
         setup = EpisodeSetup([], [tool_schema(t) for t in load_tools(list(algorithm.tools))], None)

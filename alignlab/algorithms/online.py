@@ -15,7 +15,7 @@ a rollout takes (`steps_per_rollout`). Its update cuts each optimizer step's row
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.data.vision import VISION_KEYS, select_vision
@@ -23,6 +23,7 @@ from alignlab.errors import ConfigError
 from alignlab.losses.rollout_correction import logprob_mismatch, truncated_importance_weights
 from alignlab.online.backends import build_backend, check_backend_spec
 from alignlab.online.micro_batches import token_budget_micro_batches
+from alignlab.online.rewards import REGISTRY, build_reward_function, check_reward_columns
 from alignlab.online.rollout import Samples, sample
 from alignlab.online.samples import log_samples, sample_row, with_columns
 from alignlab.online.vllm_backend import VLLM_MODES, build_vllm_backend, require_vllm
@@ -54,6 +55,47 @@ class OnlineModule(AlignmentModule):
                 checks.at_least(1, key)
         if algorithm.get("use_vllm", False):
             cls.check_vllm_keys(algorithm, checks)
+
+    # What one optimizer step trains on, for the message that refuses trainer.accumulate_grad_batches.
+    step_rows: str = "one batch of batch_size rows"
+
+    @classmethod
+    def check_run(cls, cfg: DictConfig) -> None:
+        """trainer.accumulate_grad_batches other than 1 is refused, naming what does its job here: an online
+        algorithm takes its optimizer steps itself (manual optimisation, which Lightning does not accumulate
+        for) and already cuts each step into micro-batches by algorithm.max_tokens_per_micro_batch and
+        algorithm.micro_batch_size with the step's gradient unchanged, so a larger step is a larger
+        batch_size. Raises ConfigError naming the keys."""
+        accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
+        if accumulate == 1:
+            return
+        batch = OmegaConf.select(cfg, "data.batch_size", default=None)
+        larger = (
+            f"batch_size={batch * accumulate}"
+            if isinstance(batch, int) and isinstance(accumulate, int)
+            else (f"batch_size × {accumulate}")
+        )
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate} does not apply to algorithm={cfg.algorithm.name}, which "
+            f"takes its optimizer steps itself: each trains on {cls.step_rows}, cut into micro-batches by "
+            "algorithm.max_tokens_per_micro_batch (padded tokens) and algorithm.micro_batch_size (rows) with the "
+            f"step's gradient unchanged. For {accumulate}× the rows per optimizer step set {larger} (memory stays "
+            "bounded by those two keys) and leave trainer.accumulate_grad_batches=1"
+        )
+
+    @classmethod
+    def check_rows(cls, algorithm: DictConfig, datamodule) -> None:
+        """Every row has the columns `algorithm.reward_funcs` require (alignlab.online.rewards.
+        check_reward_columns), in both splits, whatever the batch order. Raises DataError."""
+        specs = algorithm.get("reward_funcs")
+        if not specs:
+            return
+        # a reward-model folder needs no column (and is not loaded again for this)
+        named = [spec for spec in OmegaConf.to_container(specs) if not isinstance(spec, str) or spec in REGISTRY]
+        functions = [build_reward_function(spec) for spec in named]
+        source = datamodule.source
+        describe = getattr(source, "describe", lambda: type(source).__name__)()
+        check_reward_columns(functions, datamodule.read(), getattr(source, "origin", lambda _: None), describe)
 
     @staticmethod
     def check_vllm_keys(algorithm: DictConfig, checks: Checks) -> None:

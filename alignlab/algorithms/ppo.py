@@ -83,6 +83,10 @@ class PPO(OnlineModule):
     trains_on_images = False  # its value model does not read images yet: refused before training (alignlab.train)
 
     uses_reference = True
+    step_rows = (
+        "one mini-batch of batch_size / algorithm.num_mini_batches rows of a rollout of batch_size prompts "
+        "(num_ppo_epochs × num_mini_batches steps per rollout)"
+    )
     # current_kl_coef: β of the next rollout, which the adaptive controller (kl_target) moves
     counters = ("episodes", "rollouts", "current_kl_coef")
 
@@ -121,7 +125,8 @@ class PPO(OnlineModule):
         if algorithm.missing_eos_penalty is not None:
             checks.non_negative("missing_eos_penalty")
         if algorithm.kl_target is not None:
-            checks.positive("kl_target")
+            # β only ever scales (adaptive_kl_coef), so a β of 0 would stay 0: the controller would do nothing.
+            checks.positive("kl_target", "kl_coef")
         c = algorithm.dual_clip
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1):
             raise ConfigError(f"algorithm.dual_clip must be null or a number > 1 (Ye et al. use 3), got {c!r}")
@@ -160,6 +165,7 @@ class PPO(OnlineModule):
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
+        super().check_run(cfg)
         batch, minis = cfg.data.batch_size, cfg.algorithm.num_mini_batches
         if batch % minis:
             raise ConfigError(

@@ -127,6 +127,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows
         self._rows: dict[str, list[dict]] | None = None
         self.stream: RowStream | None = None  # the train split when streamed (data.source.streaming=true)
+        self.stream_usable_rows: int | None = None  # a stream read whole when opened: the rows setup keeps
         self._derived: dict[int, dict] = {}  # id(row made from another row, e.g. unpaired) → that row
         self.row_values: dict[str, None] = {}  # names given by add_row_values, in order: numbers batches carry
         self.order: GlobalBatchSampler | None = None  # the training order, once a train loader exists
@@ -483,6 +484,7 @@ class AlignmentDataModule(L.LightningDataModule):
         shortened = self._shortened
         _, reasons = self._encode_split("train", rows, list(range(len(rows))))
         self._shortened = shortened
+        self.stream_usable_rows = sum(why is None for why in reasons)  # all the stream holds (it was read whole)
         if rows and all(why is not None for why in reasons):
             raise self.unusable("train", dict(Counter(reasons)), len(rows))
 

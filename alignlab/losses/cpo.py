@@ -49,7 +49,13 @@ def cpo_loss(
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {loss_type!r}")
     chosen, rejected = alphapo_reward(policy_chosen_logps, alpha), alphapo_reward(policy_rejected_logps, alpha)
-    d = chosen - rejected
+    if alpha == 0.0:
+        d = chosen - rejected
+    else:
+        # (p_l^(−α) − p_w^(−α))/α as p_l^(−α)·(1 − (p_w/p_l)^(−α))/α: the two powers are large and close, and
+        # subtracting them loses the digits that the exact difference of log-probs keeps.
+        logp_gap = policy_chosen_logps - policy_rejected_logps
+        d = -torch.exp(-alpha * policy_rejected_logps) * torch.expm1(-alpha * logp_gap) / alpha
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * d)
     elif loss_type == "hinge":

@@ -188,9 +188,12 @@ def dpo_loss(
             1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
         )
     elif loss_type == "discopop":
+        # σ(ρ/τ)·e^(−ρ) as one exponent: written as a product, e^(−ρ) overflows and σ(ρ/τ) underflows once
+        # ρ < about −88.7 in float32, and inf·0 is NaN although the loss is finite (≈ −ρ there).
         rho = beta * h
-        mix = torch.sigmoid(rho / discopop_tau)
-        losses = (1 - mix) * -F.logsigmoid(rho) + mix * torch.exp(-rho)
+        losses = torch.sigmoid(-rho / discopop_tau) * -F.logsigmoid(rho) + torch.exp(
+            F.logsigmoid(rho / discopop_tau) - rho
+        )
     else:  # sigmoid_norm
         losses = -F.logsigmoid(beta * h)
     chosen_rewards = beta * chosen_logratios.detach()

@@ -123,17 +123,28 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: float, n
     """The adaptive KL controller of Ziegler et al. (2019, "Fine-Tuning Language Models from Human
     Preferences", section 2.2): the next β from the current β and the KL its rollout measured,
 
-        e = clip(KL / target − 1, −0.2, 0.2),    β ← β · (1 + e · n_steps / horizon).
+        e = clip(KL / target − 1, −0.2, 0.2),    β ← β · (1 + e · min(n_steps / horizon, 1)).
+
+    The paper (and TRL, OpenRLHF) use n_steps / horizon uncapped, so a rollout of more than 5·horizon
+    answers far under target turns β negative, which rewards moving away from the reference. Capping the
+    step at one horizon keeps each update within β·[0.8, 1.2]: β stays positive, and within a horizon the
+    controller is the paper's.
 
     Args:
-        kl_coef: β used for the rollout.
+        kl_coef: β used for the rollout (> 0).
         kl: its measured KL(π ‖ π_ref) per answer (summed over tokens, averaged over answers; nats).
         target: the KL to steer to (> 0; Ziegler et al. and TRL: 6).
         horizon: how many answers it takes to correct the error (> 0; TRL, OpenRLHF: 10000).
-        n_steps: answers in the rollout (over every process). β stays positive while n_steps < 5·horizon.
+        n_steps: answers in the rollout (over every process).
+    Returns:
+        the next β, in [0.8·kl_coef, 1.2·kl_coef].
+    Raises:
+        ValueError: target or horizon not > 0.
     """
+    if not (target > 0 and horizon > 0):
+        raise ValueError(f"the adaptive KL controller needs target > 0 and horizon > 0, got {target}, {horizon}")
     error = min(max(kl / target - 1.0, -0.2), 0.2)
-    return kl_coef * (1.0 + error * n_steps / horizon)
+    return kl_coef * (1.0 + error * min(n_steps / horizon, 1.0))
 
 
 def clip_scores(scores: torch.Tensor, low: float, high: float) -> torch.Tensor:

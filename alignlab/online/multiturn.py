@@ -568,7 +568,10 @@ def on_final_answers(fn: Callable) -> Callable:
     def reading_final(prompts, completions, **columns):
         return fn(prompts, [final(c) for c in completions], **columns)
 
-    return functools.update_wrapper(reading_final, fn, updated=()) if inspect.isfunction(fn) else reading_final
+    if inspect.isfunction(fn):
+        return functools.update_wrapper(reading_final, fn, updated=())
+    reading_final.__wrapped__ = fn  # a callable object (cosine): what it requires (required_columns) and takes
+    return reading_final
 
 
 def environment_reward(prompts, completions, environment_reward=None, **columns) -> list[float]:
@@ -588,3 +591,6 @@ def tool_result_matches(prompts, completions, solution=None, **columns) -> list[
         float(any(m.get("role") == "tool" and matches_solution(str(m["content"]), s) for m in c))
         for c, s in zip(completions, solution)
     ]
+
+
+tool_result_matches.required_columns = ("solution",)

@@ -12,6 +12,7 @@ per completion, or (an `async def` function) a coroutine of them: those run conc
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from alignlab.errors import AlignlabError, ConfigError
+from alignlab.errors import AlignlabError, ConfigError, DataError
 from alignlab.losses.grpo import soft_overlong_penalty
 from alignlab.online.dotted import import_object
 from alignlab.online.generation import _number, matches_solution
@@ -45,6 +46,10 @@ def exact_match(
         raise ValueError("the data has no `solution` column")
     _one_value_each(solution, "exact_match")
     return [float(matches_solution(c, s)) for c, s in zip(completions, solution)]
+
+
+exact_match.required_columns = ("solution",)
+exact_match.one_value_columns = ("solution",)  # compared with one value: a list or object never matches
 
 
 def _one_value_each(solution: Sequence, name: str) -> None:
@@ -139,6 +144,10 @@ def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence |
         raise ValueError("the data has no `solution` column")
     _one_value_each(solution, "accuracy")
     return [float(is_correct(c, s)) for c, s in zip(completions, solution)]
+
+
+accuracy.required_columns = ("solution",)
+accuracy.one_value_columns = ("solution",)
 
 
 # -- format ---------------------------------------------------------------------------------------------
@@ -257,6 +266,8 @@ class CosineReward:
         ConfigError: max_len is not positive (when the config is checked).
     """
 
+    required_columns = ("solution",)
+
     def __init__(
         self,
         max_len: int = 1000,
@@ -330,6 +341,146 @@ def accepts_keyword(fn: Callable, name: str) -> bool:
     except (TypeError, ValueError):  # no signature to read: pass it, as TRL does
         return True
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+# What the trainer passes to reward functions itself (GRPO: each completion's token ids, a multi-turn
+# episode's environment reward), never a column of the data.
+TRAINER_COLUMNS = ("completion_ids", "environment_reward")
+
+
+def required_columns(fn: Callable) -> tuple[str, ...]:
+    """The data columns a reward function cannot score without: its `required_columns` attribute where it
+    declares one (the registry's `accuracy`, `exact_match` and `cosine` declare `solution`), else the
+    keyword parameters after (prompts, completions) that have no default and are not bound (a `_target_`
+    function's bound keywords), less what the trainer passes itself (TRAINER_COLUMNS)."""
+    bound: set[str] = set()
+    while True:
+        declared = getattr(fn, "required_columns", None)
+        if declared is not None:
+            return tuple(c for c in declared if c not in bound)
+        if isinstance(fn, functools.partial):
+            bound |= set(fn.keywords)
+            fn = fn.func
+        elif getattr(fn, "__wrapped__", None) is not None:
+            fn = fn.__wrapped__
+        else:
+            break
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY, *named)]
+    columns = [p for p in positional[2:] if p.kind in named]  # the first two take prompts and completions
+    return tuple(
+        p.name
+        for p in columns
+        if p.default is inspect.Parameter.empty and p.name not in bound and p.name not in TRAINER_COLUMNS
+    )
+
+
+def is_missing(value: Any) -> bool:
+    """A column value that is not there: None (JSON null, a Parquet null, a row or a mixture's source
+    without the column), a float NaN (pandas' empty cell) or blank text (a CSV's empty cell)."""
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _rows_text(numbers: list) -> str:
+    """'rows 3, 7 and 9', the first few row numbers of a file, and how many more."""
+    shown = [str(n) for n in sorted(n for n in numbers if n is not None)[:5]]
+    if not shown:
+        return f"{len(numbers)} rows"
+    more = len(numbers) - len(shown)
+    listed = ", ".join(shown[:-1]) + f" and {shown[-1]}" if len(shown) > 1 else shown[0]
+    return f"row{'s' if len(numbers) > 1 else ''} {listed}" + (f" and {more} more" if more else "")
+
+
+def check_reward_columns(
+    functions: Sequence[tuple[str, Callable]], splits: dict, origin: Callable, describe: str
+) -> None:
+    """Every row of every split has each column a reward function requires (`required_columns`), so that
+    no completion is scored 0 for want of its `solution`, whatever the batch order; checked on the rows
+    as read, before any model loads or anything is written.
+
+    Args:
+        functions: (name, callable) of `algorithm.reward_funcs`.
+        splits: {split: canonical rows}; a stream (RowStream) is checked on the rows read when it opened
+            (its later rows: `check_batch_columns`, when they are met).
+        origin: row -> (file, row number, field) or None, as the data source tells it.
+        describe: the data's description, for rows without an origin.
+    Raises:
+        DataError: naming the file(s), the rows lacking the column (of how many), the reward functions
+            that need it and `algorithm.reward_funcs`.
+    """
+    needs: dict[str, list[str]] = {}
+    single: dict[str, list[str]] = {}  # columns a function compares with one value (not a list or an object)
+    for name, fn in functions:
+        for column in required_columns(fn):
+            needs.setdefault(column, []).append(name)
+        for column in getattr(fn, "one_value_columns", ()):
+            single.setdefault(column, []).append(name)
+    if not needs:
+        return
+    rows, streamed = [], {}
+    for split in splits.values():
+        if hasattr(split, "head"):  # a stream: its first rows, in the order read (row numbers of the stream)
+            name = split.describe() if hasattr(split, "describe") else describe
+            streamed |= {id(row): (name, i + 1) for i, row in enumerate(split.head)}
+        rows += list(getattr(split, "head", split) or [])
+    for column, names in needs.items():
+        files: dict[str, list] = {}  # file -> row numbers lacking the column
+        totals: dict[str, int] = {}  # file -> its rows (both splits)
+        for row in rows:
+            file, number = (origin(row) or streamed.get(id(row)) or (describe, None))[:2]
+            totals[file] = totals.get(file, 0) + 1
+            if is_missing(row.get(column)):
+                files.setdefault(file, []).append(number)
+        for row in rows if column in single else ():
+            if isinstance(row.get(column), (list, tuple, dict)):
+                file, number = (origin(row) or streamed.get(id(row)) or (describe, None))[:2]
+                try:
+                    _one_value_each([row[column]], " and ".join(f"'{n}'" for n in single[column]))
+                except ValueError as e:
+                    raise DataError(file, f"{e} (algorithm.reward_funcs)", row=number, field=column) from None
+        if not files:
+            continue
+        located = "; ".join(
+            f"{file}, every one of its {totals[file]} rows"
+            if len(numbers) == totals[file]
+            else f"{file}, {len(numbers)} of its {totals[file]} rows ({_rows_text(numbers)})"
+            for file, numbers in files.items()
+        )
+        listed = ", ".join(f"'{n}'" for n in names)
+        raise DataError(
+            located,
+            f"no `{column}`, which the reward function{'s' if len(names) > 1 else ''} {listed} "
+            f"(algorithm.reward_funcs) need{'' if len(names) > 1 else 's'} to score a completion (without it the "
+            f"answer would score 0 whatever it says). Give every row a `{column}`, map the column that holds it with "
+            f"data.columns (e.g. data.columns={{answer: {column}}}), leave those rows out, or use reward functions "
+            "that need no such column",
+        )
+
+
+def check_batch_columns(functions: Sequence[tuple[str, Callable]], prompts: list, columns: dict) -> None:
+    """At scoring time, the same rule as `check_reward_columns` for rows setup could not see (a stream's
+    later rows): a completion whose row lacks a required column stops the run naming the function, the
+    column and the row's prompt, before any value reaches an advantage.
+
+    Raises:
+        RewardFunctionError
+    """
+    for name, fn in functions:
+        for column in required_columns(fn):
+            values = columns.get(column)
+            for i in range(len(prompts)):
+                if values is None or is_missing(values[i]):
+                    raise RewardFunctionError(
+                        f"reward function '{name}' (algorithm.reward_funcs) needs the `{column}` column, and the data "
+                        f"row whose prompt is {_last_user_text(prompts[i])!r} has none; give every row a `{column}` "
+                        "(or map it with data.columns)"
+                    )
 
 
 def build_reward_function(spec: Any) -> tuple[str, Callable]:
@@ -422,6 +573,7 @@ def score_completions(
     values: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
     pending = []
+    check_batch_columns(functions, prompts, columns)  # before any function runs: no value from a missing column
     functions = [(name, _taking_ids(fn, columns)) for name, fn in functions]
     for name, fn in functions:
         if is_async(fn):

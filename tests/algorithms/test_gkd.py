@@ -159,6 +159,7 @@ def test_the_answers_each_step_trains_on(tiny_model_dir, teacher_dir):
         ("algorithm.temperature=0", "algorithm.temperature must be > 0, got 0"),
         ("algorithm.max_new_tokens=0", "algorithm.max_new_tokens must be a whole number >= 1"),
         ("algorithm.seq_kd=1", "algorithm.seq_kd must be true or false, got 1"),
+        ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 does not apply to algorithm=gkd"),
     ],
 )
 def test_out_of_range_options_are_refused_by_name(teacher_dir, override, message):

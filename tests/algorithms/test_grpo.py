@@ -194,6 +194,11 @@ def test_a_reward_that_is_not_a_finite_number_names_the_function_and_the_row(bad
             "algorithm.max_tokens_per_micro_batch must be a whole number >= 1",
         ),
         (["algorithm.generation_backend=vllm"], "algorithm.generation_backend must be null or {_target_:"),
+        (  # issue 32: it was set to 1 without a word, the weights as without it
+            ["batch_size=4", "trainer.accumulate_grad_batches=2"],
+            "trainer.accumulate_grad_batches=2 does not apply to algorithm=grpo",
+        ),
+        (["batch_size=4", "trainer.accumulate_grad_batches=2"], "set batch_size=8"),
         (
             ["algorithm.generation_backend={_target_:no.such.Engine}"],
             "algorithm.generation_backend 'no.such.Engine' could not be imported",
@@ -388,3 +393,46 @@ def test_a_configured_generation_backend_samples_the_answers(tiny):
     assert gen["mask"].sum(-1).tolist() == [2.0] * 6  # "7" and eos
     module.generate_batch(batch)
     assert module.backend.synced == [module.model, module.model]
+
+
+# -- a run that earns no reward signal says so (issue 32 item 22) -------------------------------------------
+
+
+def test_rollouts_without_reward_signal_warn_once_naming_the_usual_causes(tiny, caplog):
+    from tests.conftest import build_module
+
+    module = build_module("grpo", *tiny)
+    zero = torch.tensor(0.0)
+    for _ in range(module.flat_rollouts_warning - 1):
+        module.watch_reward_signal(True, zero)
+    module.watch_reward_signal(False, torch.tensor(0.5))  # one rollout with signal starts the count again
+    assert module.run_warnings == []
+    with caplog.at_level("WARNING", logger="alignlab.algorithms.grpo"):
+        for _ in range(2 * module.flat_rollouts_warning):
+            module.watch_reward_signal(True, zero)
+    assert len(module.run_warnings) == 1 and len(caplog.records) == 1  # once
+    message = module.run_warnings[0]
+    assert message.startswith(f"GRPO: in {module.flat_rollouts_warning} rollouts in a row every group of ")
+    assert "mean reward 0;" in message and "frac_reward_zero_std = 1" in message
+    assert "never answers right" in message and "cannot match" in message and "column" in message
+
+
+def test_a_short_run_with_no_reward_signal_says_so_in_its_summary(tmp_path, capsys):
+    from alignlab.train import train
+
+    overrides = [
+        "algorithm=grpo",
+        "algorithm.reward_funcs=[{_target_:alignlab.online.rewards.format_reward,pattern:NEVER}]",  # always 0
+        "algorithm.max_completion_length=2",
+        "algorithm.num_generations=2",
+        "batch_size=2",
+        "trainer.max_steps=2",
+        "evaluation.at_start=false",
+        "save_model=false",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    ]
+    result = train(compose(overrides, tmp_path))
+    assert result["steps"] == 2 and len(result["warnings"]) == 1
+    assert result["warnings"][0].startswith("GRPO: in 2 rollouts in a row every group of 2 completions got the same")
+    assert "  warning: GRPO: in 2 rollouts" in capsys.readouterr().out

@@ -47,6 +47,8 @@ def prompt_batch(tokenizer, n=6):
         (["algorithm.kl_estimator=k4"], "algorithm.kl_estimator must be one of ('k1', 'k2', 'k3'), got 'k4'"),
         (["algorithm.kl_target=0"], "algorithm.kl_target must be > 0, got 0"),
         (["algorithm.kl_horizon=0"], "algorithm.kl_horizon must be > 0, got 0"),
+        (["algorithm.kl_target=6", "algorithm.kl_coef=0"], "algorithm.kl_coef must be > 0, got 0"),
+        (["trainer.accumulate_grad_batches=3"], "trainer.accumulate_grad_batches=3 does not apply to algorithm=ppo"),
         (["algorithm.dual_clip=1"], "algorithm.dual_clip must be null or a number > 1 (Ye et al. use 3), got 1"),
         (["algorithm.dual_clip=0.5"], "algorithm.dual_clip must be null or a number > 1"),
         (["algorithm.entropy_coef=-0.01"], "algorithm.entropy_coef must be >= 0, got -0.01"),

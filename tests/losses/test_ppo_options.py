@@ -98,11 +98,26 @@ def test_adaptive_kl_controller_hand_checked():
 def test_adaptive_kl_controller_matches_ziegler_on_random_values():
     g = torch.Generator().manual_seed(1)
     for beta, kl, target, horizon, n in torch.rand(50, 5, generator=g, dtype=torch.float64).tolist():
-        beta, kl, target, horizon, n = beta, kl * 20, 0.5 + target * 10, 100 + horizon * 10000, 1 + int(n * 512)
+        # n <= horizon: within one horizon the controller is the paper's
+        beta, kl, target, horizon, n = beta, kl * 20, 0.5 + target * 10, 512 + horizon * 10000, 1 + int(n * 512)
         error = kl / target - 1
         error = 0.2 if error > 0.2 else -0.2 if error < -0.2 else error  # np.clip as in the paper's code
         expected = beta * (1 + error * n / horizon)
         assert adaptive_kl_coef(beta, kl, target, horizon, n) == pytest.approx(expected, rel=1e-12)
+
+
+def test_adaptive_kl_controller_keeps_beta_positive_past_one_horizon():
+    """kl_target=100, kl_horizon=1 (issue 32): the paper's uncapped step took β from 0.05 to −0.03 on a
+    rollout of 8 answers far under target; the step is capped at one horizon, so β falls by 20% at most."""
+    assert 0.05 * (1 - 0.2 * 8 / 1) < 0  # what the uncapped formula gives
+    assert adaptive_kl_coef(0.05, 0.5, 100.0, 1, 8) == pytest.approx(0.04)
+    beta = 0.05
+    for _ in range(100):
+        beta = adaptive_kl_coef(beta, 0.0, 100.0, 1, 8)
+        assert beta > 0
+    assert adaptive_kl_coef(0.05, 1e6, 100.0, 1, 8) == pytest.approx(0.06)  # and rises by 20% at most
+    with pytest.raises(ValueError, match="horizon > 0"):
+        adaptive_kl_coef(0.05, 1.0, 6.0, 0, 8)
 
 
 def test_adaptive_kl_controller_steers_the_kl_to_its_target():
