@@ -84,12 +84,12 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
     if datamodule.auto_length:  # config.yaml records the length max_length=auto chose
         cfg.data.max_length = datamodule.max_length
-    check_optimizer_steps(cfg, datamodule)  # a run that would take no optimizer step stops here
     if datamodule.has_images and not get_class(cfg.algorithm._target_).trains_on_images:
         raise ConfigError(
             f"algorithm={cfg.algorithm.name} does not train on rows with images yet; vision-language models train "
             "with sft, dpo, kto, rm, cpo, orpo, simpo and grpo"
         )
+    check_optimizer_steps(cfg, datamodule)  # a run that would take no optimizer step stops here
     if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
         save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
     module = build_algorithm(cfg, model, tokenizer)

@@ -248,10 +248,14 @@ def unread_key_error(cfg: DictConfig, key: str) -> ConfigError | None:
             return None  # adding under a value that is not a mapping: Hydra says what is wrong
         node, depth = node[parts[depth]], depth + 1
     section, name = ".".join(parts[:depth]), parts[depth]
-    if name in node.keys() or any(section == s or section.startswith(s + ".") for s in OPEN_SECTIONS):
+    target = node.get("_target_")
+    # An open section takes new entries (a logger, a callback, a column), but an entry that builds an
+    # object (logger.wandb) takes only its object's arguments.
+    if name in node.keys() or (
+        target is None and any(section == s or section.startswith(s + ".") for s in OPEN_SECTIONS)
+    ):
         return None
     settings = [k for k in node if k != "_target_"]
-    target = node.get("_target_")
     if target is not None:
         accepted = accepted_arguments(str(target))
         if accepted is None or name in accepted:

@@ -300,6 +300,10 @@ NOT_READ = "and nothing reads a key added there, so the run would ignore it"
             "(did you mean data.unpair?)",
         ),
         (
+            ["+logger.wandb.mode=offline"],  # a builder that takes no such argument, inside an open section
+            "+logger.wandb.mode: logger.wandb builds alignlab.runner.loggers.wandb_logger, which takes no argument mode",
+        ),
+        (
             ["+evaluation.max_new_token=4"],
             "+evaluation.max_new_token: evaluation has no setting max_new_token (did you mean "
             "evaluation.max_new_tokens?)",
@@ -319,7 +323,7 @@ def test_keys_added_with_plus_that_nothing_reads_are_refused(args, message):
     [
         ["+data.on_bad_row=skip"],  # an argument of the data module the bundled config leaves at its default
         ["+trainer.fast_dev_run=true", "++trainer.max_steps=3"],  # any argument of Lightning's Trainer
-        ["+logger.wandb.mode=offline"],  # a logger's keyword arguments pass through
+        ["+logger.tsv._target_=my.Logger", "+logger.tsv.path=x"],  # a logger of one's own
         ["+callbacks.mark._target_=my.Callback", "+callbacks.mark.step=5"],  # a callback of one's own
         ["hardware=ddp", "+trainer.strategy.static_graph=true"],  # DDPStrategy passes its **kwargs to DDP
         ["+hydra.job.env_set.TOKENIZERS_PARALLELISM=false"],

@@ -13,16 +13,17 @@ SECRETS = {"flag": "cli-secret-0123", "WANDB_API_KEY": "wandb-secret-4567", "HF_
 
 
 def test_a_real_run_writes_no_secret_anywhere(tmp_path):
-    """A secret given on the command line, one in WANDB_API_KEY (W&B kept offline) and one in HF_TOKEN
-    that the config pulls in under an innocent key: none appears in any file of the run folder
+    """A secret given on the command line (as Hydra's `env_set` for the job, which reads it: a key added
+    with `+` that nothing reads is refused), one in WANDB_API_KEY (W&B kept offline) and one in HF_TOKEN
+    that the config pulls in under an innocent name: none appears in any file of the run folder
     (config.yaml, .hydra/, metrics, W&B's offline files, the model) or in the console output."""
     run_dir = tmp_path / "run"
     args = [
         "logger=wandb",
         "trainer.max_steps=2",
         "evaluation.at_start=false",
-        f"+hf_token={SECRETS['flag']}",
-        "+notes=${oc.env:HF_TOKEN}",
+        f"+hydra.job.env_set.HUGGING_FACE_HUB_TOKEN={SECRETS['flag']}",
+        "+hydra.job.env_set.NOTES=${oc.env:HF_TOKEN}",
         f"hydra.run.dir={run_dir}",
         *QUIET[1:],
     ]
@@ -38,8 +39,7 @@ def test_a_real_run_writes_no_secret_anywhere(tmp_path):
         assert secret not in out.stdout + out.stderr
         leaks = [str(p.relative_to(run_dir)) for p in written if secret.encode() in p.read_bytes()]
         assert not leaks, f"{secret} written to {leaks}"
-    assert "hf_token: <redacted>" in (run_dir / "config.yaml").read_text()
-    assert "notes: <redacted>" in (run_dir / "config.yaml").read_text()
+    assert "HUGGING_FACE_HUB_TOKEN: <redacted>" in (run_dir / ".hydra" / "hydra.yaml").read_text()
 
 
 def test_redaction_by_key_by_override_and_by_environment_value(monkeypatch):
