@@ -301,7 +301,8 @@ NOT_READ = "and nothing reads a key added there, so the run would ignore it"
         ),
         (
             ["+logger.wandb.mode=offline"],  # a builder that takes no such argument, inside an open section
-            "+logger.wandb.mode: logger.wandb builds alignlab.runner.loggers.wandb_logger, which takes no argument mode",
+            "+logger.wandb.mode: logger.wandb builds alignlab.runner.loggers.wandb_logger, which takes no "
+            "argument mode",
         ),
         (
             ["+evaluation.max_new_token=4"],
