@@ -268,7 +268,7 @@ MEDIA = [
 def test_rows_with_videos_or_audio_are_refused_in_every_path_naming_the_column(tmp_path, raw, kind, field):
     good = {"sft": {"prompt": "q", "completion": "a"}, "pairwise": {"prompt": "q", "chosen": "a", "rejected": "b"}}
     good |= {"prompt": {"prompt": "q", "solution": "x"}, "labelled": {"prompt": "q", "completion": "a", "label": True}}
-    refused_everywhere(tmp_path, good[kind], raw, kind, field, "alignlab reads images only")
+    refused_everywhere(tmp_path, good[kind], raw, kind, field, "alignlab reads images only")  # asserts per path
 
 
 def test_an_empty_media_column_is_a_text_row_and_skip_leaves_media_rows_out(tmp_path):

@@ -332,9 +332,13 @@ def test_keys_added_with_plus_that_nothing_reads_are_refused(args, message):
     ],
 )
 def test_keys_added_with_plus_that_something_reads_pass(args):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from alignlab.runner.preflight import preflight
 
-    preflight(args)
+    added = [o for o in OverridesParser.create().parse_overrides(args) if o.is_add() or o.is_force_add()]
+    assert added, "each case adds a key with + (else it tests nothing)"
+    preflight(args)  # raises ConfigError for a key nothing reads
 
 
 @pytest.mark.parametrize(
