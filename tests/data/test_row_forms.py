@@ -95,9 +95,9 @@ def read_paths(
     return out
 
 
-def refused_everywhere(tmp_path, good, bad: dict, kind: str, field: str, words: str, columns=None) -> None:
+def refused_everywhere(tmp_path, good, bad: dict, kind: str, field: str, words: str, columns=None) -> int:
     """`bad` as row 2 (after `good`; row 1 when `good` is None) is refused in every reading path, naming the
-    file, the row and `field`."""
+    file, the row and `field`; returns how many paths refused it."""
     rows = [bad] if good is None else [good, bad]
     number = len(rows)
     jsonl = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -118,6 +118,7 @@ def refused_everywhere(tmp_path, good, bad: dict, kind: str, field: str, words: 
     mix = MixtureSource.from_specs([{"path": str(jsonl)}, {"path": str(parquet)}], base=FileSource(None))
     with pytest.raises(DataError, match=rf"row {number}, field '{field}': .*{words}"):
         mix.load(kind, columns=columns)
+    return len(sources) + 1
 
 
 # -- OpenAI preference rows; a `messages` prompt with chosen / rejected ------------------------------------
@@ -268,7 +269,8 @@ MEDIA = [
 def test_rows_with_videos_or_audio_are_refused_in_every_path_naming_the_column(tmp_path, raw, kind, field):
     good = {"sft": {"prompt": "q", "completion": "a"}, "pairwise": {"prompt": "q", "chosen": "a", "rejected": "b"}}
     good |= {"prompt": {"prompt": "q", "solution": "x"}, "labelled": {"prompt": "q", "completion": "a", "label": True}}
-    refused_everywhere(tmp_path, good[kind], raw, kind, field, "alignlab reads images only")  # asserts per path
+    paths = refused_everywhere(tmp_path, good[kind], raw, kind, field, "alignlab reads images only")
+    assert paths == (4 if kind == "labelled" else 5)  # files, Parquet, a Hub folder, (a stream,) a mixture
 
 
 def test_an_empty_media_column_is_a_text_row_and_skip_leaves_media_rows_out(tmp_path):
