@@ -85,6 +85,18 @@ def reply(message: dict) -> str | dict:
     return message["content"]
 
 
+def _text_bool(value):
+    """`value`, with the text `true`/`false` (CSV has no boolean type; any case, spaces around) as a bool."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
+def _ends_in_message(value) -> bool:
+    """Whether `value` is a message list whose last entry is a message (a dict)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[-1], dict)
+
+
 def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
@@ -172,9 +184,7 @@ class _Row:
             DataError: a `loss` that is not a boolean, or `loss: true` on a message that is not the
                 assistant's (only assistant turns are trained).
         """
-        value = message.get("loss")
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            value = value.strip().lower() == "true"
+        value = _text_bool(message.get("loss"))
         if value is None:
             return {}
         if not isinstance(value, bool):
@@ -187,15 +197,19 @@ class _Row:
             return {}
         return {"loss": value} if self.kind == "sft" else {}  # only SFT trains earlier turns
 
+    def raw_list(self, field: str):
+        """The file's value of `field`, a `messages` cell's JSON text (CSV) read as its list (valid: the
+        row's `messages` were already read from it)."""
+        value = self.raw.get(field)
+        return json.loads(value) if isinstance(value, str) and field == "messages" else value
+
     def answer_loss(self, field: str) -> bool | None:
         """The `loss` of the message that holds the answer in `field` (its last message), None when the
         field is text or the message does not say."""
-        value = self.raw.get(field)
-        if isinstance(value, str) and field == "messages":
-            value = json.loads(value)  # valid: `messages` already read it
-        if not isinstance(value, list) or not value or not isinstance(value[-1], dict):
+        value = self.raw_list(field)
+        if self.kind != "sft" or not _ends_in_message(value):
             return None
-        return self.loss_flag(field, len(value) - 1, value[-1]).get("loss") if self.kind == "sft" else None
+        return self.loss_flag(field, len(value) - 1, value[-1]).get("loss")
 
     def last_trained(self, prompt: list[dict], field: str) -> tuple[list[dict], str | dict]:
         """(prompt, answer) of an SFT conversation whose final answer has `loss: false`: cut after the
@@ -222,16 +236,11 @@ class _Row:
     def trained_answer(self, field: str) -> None:
         """Refuse `loss: false` on the answer of a pair or a KTO row: those losses always score it (only
         SFT leaves turns untrained). Also checks the flag's type."""
-        value = self.raw.get(field)
-        if isinstance(value, str) and field == "messages":
-            value = json.loads(value)  # valid: `messages` already read it
-        if not isinstance(value, list) or not value or not isinstance(value[-1], dict):
+        value = self.raw_list(field)
+        if not _ends_in_message(value):
             return
         last = value[-1]
-        flag = last.get("loss")
-        if isinstance(flag, str) and flag.strip().lower() == "false":
-            flag = False
-        if flag is False and last.get("role") == "assistant":
+        if _text_bool(last.get("loss")) is False and last.get("role") == "assistant":
             raise self.fail(
                 field,
                 f"the answer (message {len(value) - 1}) has loss false, but {self.kind} data always trains on its "
@@ -327,8 +336,8 @@ class _Row:
             )
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"  # CSV has no boolean type
+        if isinstance(_text_bool(value), bool):
+            return _text_bool(value)  # CSV has no boolean type
         raise self.fail(field, f"expected true or false, got {value!r}" + (self.suggestion() if value is None else ""))
 
     def number(self, field: str) -> float:
@@ -471,9 +480,7 @@ class _Row:
         """Each `<image>` of the prompt messages, in order, as (the image its content part holds
         inline, or `_FROM_COLUMN`; the message's index). The prompt's messages are the first messages
         of `source`, whose raw content parts say which images are inline."""
-        raw = self.raw.get(source)
-        if isinstance(raw, str) and source == "messages":
-            raw = json.loads(raw)  # valid: `messages` already read it
+        raw = self.raw_list(source)
         raw = raw if isinstance(raw, list) else []  # a text prompt has no parts
         out = []
         for i, message in enumerate(prompt):
