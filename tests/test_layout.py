@@ -11,15 +11,26 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "alignlab"
 
 # Lowest first. A module may import its own layer and those before it.
-LAYERS = ("errors", "tools", "losses", "data", "models", "online", "runner", "algorithms", "entry")
-ENTRY_POINTS = {"__init__", "__main__", "train", "results", "score", "generate", "evaluate", "errors", "vllm_serve"}
+LAYERS = ("errors", "registry", "tools", "losses", "data", "models", "online", "runner", "algorithms", "entry")
+ENTRY_POINTS = {
+    "__init__",
+    "__main__",
+    "train",
+    "results",
+    "score",
+    "generate",
+    "evaluate",
+    "errors",
+    "registry",
+    "vllm_serve",
+}
 
 
 def layer(module: str) -> str:
     """alignlab.<layer>.x → its layer; the modules at the root are entry points (errors is the floor)."""
     parts = module.split(".")[1:]
-    if parts[0] == "errors":
-        return "errors"
+    if parts[0] in ("errors", "registry"):
+        return parts[0]
     return parts[0] if parts[0] in LAYERS else "entry"
 
 
@@ -47,6 +58,7 @@ def test_only_entry_points_live_at_the_package_root():
     assert root == ENTRY_POINTS
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS) - {
         "errors",
+        "registry",
         "entry",
     }
 

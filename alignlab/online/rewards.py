@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 
 from alignlab.errors import AlignlabError, ConfigError, DataError
 from alignlab.losses.grpo import soft_overlong_penalty
-from alignlab.online.dotted import import_object
+from alignlab.registry import import_object
 from alignlab.online.generation import _number, matches_solution
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignlab.errors import ConfigError
-from alignlab.online.dotted import import_object
+from alignlab.registry import import_object
 from alignlab.online.rewards import is_async
 
 TOOL_CALL_FORMATS = ("hermes", "llama3")
