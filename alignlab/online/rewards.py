@@ -27,8 +27,8 @@ from hydra.utils import instantiate
 
 from alignlab.errors import AlignlabError, ConfigError, DataError
 from alignlab.losses.grpo import soft_overlong_penalty
-from alignlab.registry import import_object
 from alignlab.online.generation import _number, matches_solution
+from alignlab.registry import import_object
 
 
 class RewardFunctionError(AlignlabError):

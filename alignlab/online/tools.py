@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignlab.errors import ConfigError
-from alignlab.registry import import_object
 from alignlab.online.rewards import is_async
+from alignlab.registry import import_object
 
 TOOL_CALL_FORMATS = ("hermes", "llama3")
 
