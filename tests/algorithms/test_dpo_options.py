@@ -28,7 +28,8 @@ def other_tokenizer(tiny, tmp_path_factory):
 
 
 BAD = [
-    (["algorithm.loss_type=[sigmoid,nope]"], "algorithm.loss_type must be one of"),
+    (["algorithm.loss_type=[sigmoid,nope]"], "algorithm.loss_type: unknown DPO loss type 'nope'"),
+    (["algorithm.loss_type=sigmoid_nrom"], "unknown DPO loss type 'sigmoid_nrom' (did you mean sigmoid_norm?)"),
     (["algorithm.loss_type=[sigmoid,sigmoid]"], "algorithm.loss_type names a loss type twice"),
     (["algorithm.loss_type=[sigmoid,bco_pair]", "algorithm.loss_weights=[1.0]"], "a list of 2 numbers, one per"),
     (
@@ -38,7 +39,7 @@ BAD = [
     (["algorithm.loss_type=exo_pair"], "exo_pair needs algorithm.label_smoothing > 0"),
     (["algorithm.discopop_tau=0"], "algorithm.discopop_tau must be > 0"),
     (["algorithm.ld_alpha=1.5"], "algorithm.ld_alpha must be in [0.0, 1.0]"),
-    (["algorithm.f_divergence_type=kl"], "algorithm.f_divergence_type must be one of"),
+    (["algorithm.f_divergence_type=kl"], "algorithm.f_divergence_type: unknown f-divergence 'kl'"),
     (["algorithm.f_divergence_type=js_divergence", "algorithm.loss_type=bco_pair"], "not ['bco_pair']"),
     (["algorithm.f_alpha_divergence_coef=0"], "algorithm.f_alpha_divergence_coef must be > 0"),
     (["algorithm.use_weighting=true", "algorithm.loss_type=aot"], "algorithm.use_weighting=true (WPO)"),
@@ -54,10 +55,11 @@ BAD = [
     (["algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model: no such folder"),
     (
         ["algorithm=kto", "algorithm.loss_type=apo_zero"],
-        "algorithm.loss_type must be one of ('kto', 'apo_zero_unpaired')",
+        "algorithm.loss_type: unknown KTO loss type 'apo_zero' (did you mean apo_zero_unpaired?); one of ('kto', "
+        "'apo_zero_unpaired')",
     ),
     (["algorithm=kto", "algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model: no such folder"),
-    (["algorithm=cpo", "algorithm.loss_type=simpo"], "algorithm.loss_type must be one of"),
+    (["algorithm=cpo", "algorithm.loss_type=simpo"], "algorithm.loss_type: unknown CPO loss type 'simpo'"),
     (["algorithm=cpo", "algorithm.loss_type=alphapo"], "set algorithm.cpo_alpha=0"),
     (["algorithm=cpo", "algorithm.alpha=true"], "algorithm.alpha must be a number"),
 ]
