@@ -245,3 +245,68 @@ def test_the_reference_is_compared_with_the_tokenizer_the_policy_runs_with(tiny_
         check_same_tokenizer(model_cfg, str(tiny_model_dir), "algorithm.ref_model", require_chat_template=True)
     with pytest.raises(ModelLoadError):  # a Hub id: the offline hint, not "no such folder"
         check_same_tokenizer(model_cfg, "org/not-cached-here", "algorithm.ref_model", require_chat_template=True)
+
+
+USER_LOSSES = """
+import torch.nn.functional as F
+
+from alignlab.losses.dpo import DPO_LOSSES
+
+
+@DPO_LOSSES.register("user_scaled_sigmoid", f_divergence=True)
+def scaled_sigmoid(p, scale=1.0):
+    return -F.logsigmoid(scale * p.beta * p.h)
+
+
+def plain_sigmoid(p):  # not registered: named by its dotted path
+    return -F.logsigmoid(p.beta * p.h)
+"""
+
+
+@pytest.fixture
+def user_losses(tmp_path, monkeypatch):
+    """A user's module of DPO loss types on sys.path; the registry restored afterwards."""
+    import sys
+
+    from alignlab.losses import DPO_LOSSES
+
+    (tmp_path / "user_dpo_losses.py").write_text(USER_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_dpo_losses", raising=False)
+    monkeypatch.setattr(DPO_LOSSES, "_entries", dict(DPO_LOSSES._entries))
+
+
+def test_a_users_own_loss_type_passes_the_checks_and_trains_by_dotted_path(user_losses, tiny, tmp_path):
+    """algorithm.loss_type=<dotted path> (alone, in an MPO list, or as {_target_: ..., kwargs}) passes the
+    preflight and the config check, and the module's loss is the user's function of the pair's quantities."""
+    from alignlab.runner.config import check_config
+    from alignlab.runner.preflight import preflight
+
+    mix = ["algorithm.loss_type=[sigmoid,user_dpo_losses.plain_sigmoid]", "algorithm.loss_weights=[0.5,0.5]"]
+    target = ["algorithm.loss_type={_target_:user_dpo_losses.scaled_sigmoid,scale:2.0}"]
+    for overrides in (["algorithm.loss_type=user_dpo_losses.plain_sigmoid"], mix, target):
+        preflight(overrides)
+        check_config(compose(overrides, tmp_path))
+    with pytest.raises(ConfigError, match="'user_dpo_losses' has no 'nothing'"):
+        check_config(compose(["algorithm.loss_type=user_dpo_losses.nothing"], tmp_path))
+    with pytest.raises(ConfigError, match=r"generalises only .* not \['user_dpo_losses.plain_sigmoid'\]"):
+        divergence = ["algorithm.loss_type=user_dpo_losses.plain_sigmoid", "algorithm.f_divergence_type=js_divergence"]
+        check_config(compose(divergence, tmp_path))  # not declared f_divergence=True: refused
+
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    policy = perturbed(model)
+    baseline = build_module("dpo", policy, tokenizer, rpo_alpha=0.0, beta=0.2)
+    baseline.reference = ReferenceModel(baseline.model, copy.deepcopy(model))
+    with torch.no_grad():
+        expected, _ = baseline.compute(batch)  # −log σ(0.2·h)
+        for loss_type, beta in (
+            ("user_dpo_losses.plain_sigmoid", 0.2),
+            ({"_target_": "user_dpo_losses.scaled_sigmoid", "scale": 2.0}, 0.1),  # scale 2 doubles β
+        ):
+            module = build_module("dpo", policy, tokenizer, rpo_alpha=0.0, beta=beta, loss_type=loss_type)
+            module.reference = baseline.reference
+            loss, _ = module.compute(batch)
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    mixed = build_module("dpo", policy, tokenizer, loss_type=["sigmoid", "user_dpo_losses.scaled_sigmoid"])
+    assert mixed.term_metrics() == ("loss/sigmoid", "loss/user_scaled_sigmoid")  # registered under its own name
