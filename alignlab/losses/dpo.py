@@ -192,7 +192,8 @@ def aot_loss(p: PairScores) -> torch.Tensor:
 
 @DPO_LOSSES.register("aot_unpaired", sorts_pairs=True)
 def aot_unpaired_loss(p: PairScores) -> torch.Tensor:
-    """The sigmoid loss (with ε) on δ = sort(r_w) − sort(r_l): AOT's unpaired form (Melnyk et al., 2024)."""
+    """The sigmoid loss (with ε) on δ = sort(r_w) − sort(r_l): AOT's unpaired form (Melnyk et al., 2024,
+    arXiv:2406.05882)."""
     delta = torch.sort(p.chosen_logratios, dim=0).values - torch.sort(p.rejected_logratios, dim=0).values
     return sigmoid_loss(p._replace(h=delta))
 
