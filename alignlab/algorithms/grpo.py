@@ -206,16 +206,9 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             penalty, extra["kl"] = kl_reward_penalty(old * mask, ref * mask, mask, self.beta)
             returns = rewards - penalty
             old = old if self.num_iterations > 1 else None  # one iteration: the update's ratio is exactly 1
-        advantages = estimate_advantages(
-            returns,
-            g,
-            self.advantage_estimator,
-            self.scale_rewards,
-            batch_rewards=self.gather_across_devices(returns),
-            lengths=samples.mask.sum(1),
-            logprobs=old,
-            mask=mask,
-        )
+        inputs = {"lengths": samples.mask.sum(1), "logprobs": old, "mask": mask}  # what estimators read besides rewards
+        everyone = self.gather_across_devices(returns)
+        advantages = estimate_advantages(returns, g, self.advantage_estimator, self.scale_rewards, everyone, **inputs)
         grouped_std = rewards.view(-1, g).std(1)
         self.last_rollout_flat = bool((grouped_std < 1e-6).all())  # what train_on watches (watch_reward_signal)
         stats = {

@@ -386,13 +386,11 @@ def grpo_loss(
     """per_token = (w·objective − entropy_coef·H)·entropy_mask + β·k3(π, π_ref), aggregated by loss_type.
 
     logprobs, old_logprobs, ref_logprobs, mask, entropy, entropy_mask, rollout_weights [N, R]; advantages
-    [N] (one per completion). ρ: importance_weights(…, `importance_sampling_level`). `loss_type` (GRPO_LOSSES)
-    names the objective (GRPO_OBJECTIVES: the clipped one with `delta`, cispo capped at ε_high, sapo with
-    its temperatures; ObjectiveSettings) and the aggregation over the optimizer step's `num_items_in_batch`
-    completion tokens and `num_completions` completions (StepCounts, with `scale`). The policy term
-    (_policy_term): `rollout_weights` w (alignlab.losses.rollout_correction, as TRL), the entropy bonus and
-    `entropy_mask` (high_entropy_mask); the KL term is on every token. Raises ValueError for an unknown
-    loss_type or importance_sampling_level, or an entropy_coef without `entropy`.
+    [N]. ρ: importance_weights(…, `importance_sampling_level`). `loss_type` (GRPO_LOSSES) names the objective
+    (GRPO_OBJECTIVES, reading ObjectiveSettings) and the aggregation over the optimizer step's
+    `num_items_in_batch` completion tokens and `num_completions` completions (StepCounts). The policy term:
+    _policy_term (w: alignlab.losses.rollout_correction, as TRL); the KL term (_kl_term) is on every token.
+    Raises ValueError for an unknown loss_type or importance_sampling_level, or entropy_coef without `entropy`.
     """
     kind = GRPO_LOSSES.entry(loss_type)
     objective = GRPO_OBJECTIVES[kind.objective]
@@ -403,11 +401,7 @@ def grpo_loss(
     a = advantages.unsqueeze(1)
     per_token = objective.fn(ratio, a, logprobs, settings)
     per_token = _policy_term(per_token, rollout_weights, entropy, entropy_coef, entropy_mask)
-    kl = None
-    if beta != 0.0:
-        token_kl = k3_kl(logprobs, ref_logprobs)
-        per_token = per_token + beta * token_kl
-        kl = masked_mean(token_kl, mask)
+    per_token, kl = _kl_term(per_token, logprobs, ref_logprobs, mask, beta)
     per_token = per_token * mask
     loss = kind.fn(per_token, mask, StepCounts(num_items_in_batch, num_completions, max_completion_length, scale))
     with torch.no_grad():
@@ -435,6 +429,16 @@ def _policy_term(
     if entropy_mask is not None:
         per_token = per_token * entropy_mask
     return per_token
+
+
+def _kl_term(
+    per_token: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per_token + β·k3(π, π_ref) on every token, the mean k3 over `mask`'s tokens); β = 0: (per_token, None)."""
+    if beta == 0.0:
+        return per_token, None
+    token_kl = k3_kl(logprobs, ref_logprobs)
+    return per_token + beta * token_kl, masked_mean(token_kl, mask)
 
 
 def _clip_statistics(
