@@ -196,6 +196,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         if self.num_iterations > 1 or self.kl_in_reward or engine:  # later iterations (and k1) need them too
             old = token_logprobs(self.model, samples.seqs, samples.starts, length, self.temperature)
         rollout_weights, correction = self.rollout_correction(old, samples, mask) if engine else (None, {})
+        inputs = {"lengths": samples.mask.sum(1), "logprobs": old, "mask": mask}  # what estimators read besides rewards
         extra |= correction
         if engine and not (self.num_iterations > 1 or self.kl_in_reward):
             old = None  # one iteration: the update's ratio stays exactly 1, as without an engine
@@ -206,7 +207,6 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             penalty, extra["kl"] = kl_reward_penalty(old * mask, ref * mask, mask, self.beta)
             returns = rewards - penalty
             old = old if self.num_iterations > 1 else None  # one iteration: the update's ratio is exactly 1
-        inputs = {"lengths": samples.mask.sum(1), "logprobs": old, "mask": mask}  # what estimators read besides rewards
         everyone = self.gather_across_devices(returns)
         advantages = estimate_advantages(returns, g, self.advantage_estimator, self.scale_rewards, everyone, **inputs)
         grouped_std = rewards.view(-1, g).std(1)
