@@ -158,7 +158,7 @@ def kl_reward_penalty(
     the token-mean k1 over the batch: a scalar for logging as `kl`).
     """
     mask = mask.to(old_logprobs.dtype)
-    k1 = (old_logprobs - ref_logprobs) * mask
+    k1 = kl_estimate(old_logprobs, ref_logprobs, "k1") * mask
     return beta * k1.sum(1), k1.sum() / mask.sum().clamp(min=1)
 
 
