@@ -130,9 +130,16 @@ def estimate_advantages(
 
 
 def _by_position(name: str) -> Callable[..., torch.Tensor]:
-    """The estimator `name` called by position (rewards, num_generations, scale_rewards, eps, batch_rewards)."""
+    """The estimator `name` called by position (rewards, num_generations, scale_rewards, eps, batch_rewards),
+    as the built-in estimators were called before the registry."""
 
-    def advantages(rewards, num_generations, scale_rewards=None, eps=1e-4, batch_rewards=None):  # noqa: ANN001, ANN202
+    def advantages(
+        rewards: torch.Tensor,
+        num_generations: int,
+        scale_rewards: str | None = None,
+        eps: float = 1e-4,
+        batch_rewards: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return estimate_advantages(rewards, num_generations, name, scale_rewards, batch_rewards, eps=eps)
 
     advantages.__doc__ = f"ADVANTAGES[{name!r}] by position: {ADVANTAGES[name].fn.__doc__}"
