@@ -28,8 +28,9 @@ class AdvantageInputs:
     rewards [N]: each completion's return (its reward; minus β·Σ k1 with kl_in_reward). scale_rewards:
     `group`, `batch` or `none` (scale_advantages). batch_rewards [M·G]: the whole batch's rewards (every
     process's, whole groups) when `rewards` is one process's share (None: `rewards`). lengths [N]: each
-    completion's tokens. logprobs, mask [N, R]: the sampling policy's token log-probs and 1 on the
-    completion tokens, where the rollout computed them (None otherwise; verl's estimators read the same).
+    completion's tokens. logprobs, mask [N, R]: the sampling policy's token log-probs (meaningful where mask
+    is 1; None where the rollout did not compute them) and 1 on the completion tokens the loss trains
+    (verl's estimators read the response mask, some the old log-probs, as these).
     """
 
     rewards: torch.Tensor
