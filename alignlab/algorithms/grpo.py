@@ -21,10 +21,9 @@ from alignlab.data.collate import select_rows
 from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
 from alignlab.losses.grpo import (
-    ADVANTAGE_ESTIMATORS,
-    CLIP_LOSS_TYPES,
-    GRPO_LOSS_TYPES,
-    IMPORTANCE_SAMPLING_LEVELS,
+    ADVANTAGES,
+    GRPO_LOSSES,
+    IMPORTANCE_RATIOS,
     SCALE_REWARDS,
     entropy_threshold,
     estimate_advantages,
@@ -85,10 +84,10 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         super().check_config(algorithm)
         checks = Checks(algorithm, "algorithm").at_least(2, "num_generations").positive("epsilon")
         checks.non_negative("beta").at_least(1, "num_iterations", "max_completion_length", "generation_chunk_size")
-        checks.one_of("loss_type", GRPO_LOSS_TYPES)
+        checks.registered("loss_type", GRPO_LOSSES)
         if algorithm.epsilon_high is not None:
             checks.positive("epsilon_high")
-        checks.one_of("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        checks.registered("importance_sampling_level", IMPORTANCE_RATIOS)
         checks.positive("sapo_temperature_pos", "sapo_temperature_neg").non_negative("entropy_coef")
         checks.within("top_entropy_quantile", 0.0, 1.0)
         if algorithm.loss_type == "cispo" and algorithm.epsilon_high is None:
@@ -97,9 +96,10 @@ class GRPO(MultiTurnRollouts, OnlineModule):
                 "ms-swift read it; ScaleRL uses 5.0): set it, null would cap at epsilon"
             )
         if algorithm.delta is not None:
-            if algorithm.loss_type not in CLIP_LOSS_TYPES:
+            if GRPO_LOSSES[algorithm.loss_type].objective != "clipped":
                 raise ConfigError(
-                    f"algorithm.delta (two-sided clipping) applies to the clipped loss types {CLIP_LOSS_TYPES}, "
+                    "algorithm.delta (two-sided clipping) applies to the clipped loss types "
+                    f"{GRPO_LOSSES.names(objective='clipped')}, "
                     f"not loss_type={algorithm.loss_type}: set it to null"
                 )
             high = algorithm.epsilon if algorithm.epsilon_high is None else algorithm.epsilon_high
@@ -121,7 +121,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         """Advantage estimators, KL in the reward, dynamic sampling, soft overlong and reference syncs."""
         if algorithm.scale_rewards is not None:
             checks.one_of("scale_rewards", SCALE_REWARDS)
-        checks.one_of("advantage_estimator", ADVANTAGE_ESTIMATORS).at_least(0, "max_resample_times")
+        checks.registered("advantage_estimator", ADVANTAGES, own=True).at_least(0, "max_resample_times")
         for key in ("kl_in_reward", "sync_ref_model"):
             if algorithm[key] and algorithm.beta == 0:
                 raise ConfigError(
@@ -196,6 +196,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         if self.num_iterations > 1 or self.kl_in_reward or engine:  # later iterations (and k1) need them too
             old = token_logprobs(self.model, samples.seqs, samples.starts, length, self.temperature)
         rollout_weights, correction = self.rollout_correction(old, samples, mask) if engine else (None, {})
+        inputs = {"lengths": samples.mask.sum(1), "logprobs": old, "mask": mask}  # what estimators read besides rewards
         extra |= correction
         if engine and not (self.num_iterations > 1 or self.kl_in_reward):
             old = None  # one iteration: the update's ratio stays exactly 1, as without an engine
@@ -206,9 +207,8 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             penalty, extra["kl"] = kl_reward_penalty(old * mask, ref * mask, mask, self.beta)
             returns = rewards - penalty
             old = old if self.num_iterations > 1 else None  # one iteration: the update's ratio is exactly 1
-        advantages = estimate_advantages(
-            returns, g, self.advantage_estimator, self.scale_rewards, batch_rewards=self.gather_across_devices(returns)
-        )
+        everyone = self.gather_across_devices(returns)
+        advantages = estimate_advantages(returns, g, self.advantage_estimator, self.scale_rewards, everyone, **inputs)
         grouped_std = rewards.view(-1, g).std(1)
         self.last_rollout_flat = bool((grouped_std < 1e-6).all())  # what train_on watches (watch_reward_signal)
         stats = {
@@ -355,7 +355,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         # (over all devices' tokens, so the logged value is the whole batch's). Clip shares are weighted
         # by what they count: tokens, or completions with sequence-level ratios.
         clip_keys = {"clip_ratio/low_mean": "clip_low", "clip_ratio/high_mean": "clip_high"}  # as TRL logs them
-        if self.loss_type not in CLIP_LOSS_TYPES:  # cispo's own share; sapo has no clip
+        if GRPO_LOSSES[self.loss_type].objective != "clipped":  # cispo's own share; sapo has no clip
             clip_keys = {"cispo_clip_ratio": "cispo_clip"} if self.loss_type == "cispo" else {}
         sums, clip_sums = {"kl": 0.0, "entropy": 0.0}, dict.fromkeys(clip_keys, 0.0)
         counted, units, applied = 0.0, 0.0, 0.0  # applied: the loss whose gradient each optimizer step took, summed
@@ -419,7 +419,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.loss_beta != 0.0}
         total_units = self.mean_across_devices(units).clamp(min=1)
         out.update({k: self.mean_across_devices(v) / total_units for k, v in clip_sums.items()})
-        if self.loss_type in CLIP_LOSS_TYPES:
+        if GRPO_LOSSES[self.loss_type].objective == "clipped":
             out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
         out["loss"] = self.mean_across_devices(applied) / self.num_iterations  # the steps' losses, averaged
         return out

@@ -21,7 +21,7 @@ from alignlab.data.collate import select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignlab.losses.rlhf import (
-    KL_ESTIMATORS,
+    KL_ESTIMATES,
     adaptive_kl_coef,
     clip_scores,
     gae,
@@ -121,7 +121,7 @@ class PPO(OnlineModule):
         checks.non_negative("kl_coef", "vf_coef", "entropy_coef").positive("cliprange", "cliprange_value")
         checks.within("gamma", 0, 1).within("lam", 0, 1)
         checks.at_least(1, "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size", "response_length")
-        checks.one_of("kl_estimator", KL_ESTIMATORS).positive("kl_horizon")
+        checks.registered("kl_estimator", KL_ESTIMATES).positive("kl_horizon")
         if algorithm.missing_eos_penalty is not None:
             checks.non_negative("missing_eos_penalty")
         if algorithm.kl_target is not None:
