@@ -31,7 +31,7 @@ from alignlab.online.multiturn import (
     open_episodes,
     run_episodes,
 )
-from alignlab.online.rewards import REGISTRY
+from alignlab.online.rewards import REWARD_FUNCTIONS
 from alignlab.online.rollout import Samples
 from alignlab.online.tools import TOOL_CALL_FORMATS, load_tools, tool_schema
 from alignlab.runner.checks import Checks
@@ -100,7 +100,7 @@ class MultiTurnRollouts:
         setup = episode_setup(self.tools, self.tool_call_format, self.tool_timeout, self.environment, self.tokenizer)
         self.episode_setup = setup
         self.tool_functions, self.tool_schemas, self.new_environment = setup[:3]
-        self.rewards = [(name, on_final_answers(fn) if name in REGISTRY else fn) for name, fn in self.rewards]
+        self.rewards = [(name, on_final_answers(fn) if name in REWARD_FUNCTIONS else fn) for name, fn in self.rewards]
         self.rollout_stats: dict[str, torch.Tensor] = {}
         self.greedy_episodes: list[Episode] = []
 
