@@ -252,11 +252,11 @@ class OnlineModule(AlignmentModule):
             metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = values.mean(), everyone.std()
         return metrics
 
-    def update_metrics(self, stats: UpdateStats, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    def update_metrics(self, stats: UpdateStats, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
         """The update's statistics over every device (UpdateStats.reduce), under their logged `names`
-        ({statistic: metric}), in that order; statistics not measured are left out."""
+        ({statistic: metric}, in that order; statistics not measured are left out), or their own."""
         values = stats.reduce(self.mean_across_devices)
-        return {metric: values[name] for name, metric in names.items() if name in values}
+        return values if names is None else {metric: values[k] for k, metric in names.items() if k in values}
 
     def rollout_correction(
         self, train_logprobs: torch.Tensor, samples: Samples, mask: torch.Tensor

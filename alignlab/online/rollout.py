@@ -8,7 +8,7 @@ masks, and reads the answers' per-token log-probs under the policy or the refere
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,8 @@ class Samples:
     # [N, R] the engine's log-prob of each answer token at sampling time, 0 past its end; None when the
     # policy sampled in this process (alignlab.online.backends.Sampled)
     sampling_logprobs: torch.Tensor | None = None
+    # what sampling measured, logged with the rollout's metrics (multi-turn: alignlab.online.multiturn.episode_metrics)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def prompt_ids(batch: dict) -> list[list[int]]:
