@@ -241,7 +241,8 @@ class OnlineModule(AlignmentModule):
         spent = {k: (spent.get(k, 0.0) if step == self.global_step else 0.0) + v for k, v in seconds.items()}
         self._reward_seconds = (self.global_step, spent)
         for k, v in spent.items():
-            self.log(f"train/timing/reward/{k}", v, on_step=True, on_epoch=False, batch_size=rows)
+            name = f"timing/reward/{k}"
+            self.log(f"train/{name}", v, on_step=True, on_epoch=False, batch_size=rows)
 
     def reward_metrics(self, per_fn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """rewards/<name>/mean and rewards/<name>/std (TRL's names), the std over every device's
