@@ -171,11 +171,12 @@ class MultiTurnRollouts:
         if not self.multi_turn:
             return super().greedy_answers(batch)
         rollout = self.sample_episodes(batch, 1, greedy=True)
-        responses = rollout.samples.responses
-        tokens = torch.full((len(responses), rollout.samples.mask.shape[1]), self.tokenizer.pad_token_id)
-        for i, r in enumerate(responses):
-            tokens[i, : len(r)] = torch.tensor(r)
-        return tokens.to(self.device), [e.final_answer for e in rollout.episodes]
+        samples = rollout.samples
+        width = samples.mask.shape[1]
+        tokens = torch.full((len(samples.responses), width), self.tokenizer.pad_token_id, device=self.device)
+        for i, r in enumerate(samples.responses):
+            tokens[i, : len(r)] = torch.tensor(r, device=self.device)
+        return tokens, [e.final_answer for e in rollout.episodes]
 
     def evaluate_greedy(self, batch: dict) -> GreedyEvaluation:
         """Single-turn: the base class's. Multi-turn: greedy episodes scored by the reward functions (each
