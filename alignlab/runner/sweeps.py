@@ -265,10 +265,22 @@ def run_folder_name(*, _root_: DictConfig) -> str:
         return "run"
 
 
+def dpo_loss_types_grid() -> str:
+    """The `alignlab.dpo_loss_types` resolver (conf/sweep/dpo_loss_types.yaml's grid): every registered DPO
+    loss type that needs no other setting (all but those needing label_smoothing > 0), comma-separated,
+    so a loss type registered in alignlab/losses/dpo.py joins the comparison without editing the sweep."""
+    from alignlab.losses.dpo import DPO_LOSSES
+
+    return ",".join(DPO_LOSSES.names(needs_label_smoothing=False))
+
+
 def register_resolvers() -> None:
-    """Make `${alignlab.run_name:}` known to OmegaConf; Hydra resolves it as it creates a run folder."""
+    """Make `${alignlab.run_name:}` (Hydra resolves it as it creates a run folder) and
+    `${alignlab.dpo_loss_types:}` (a sweep grid) known to OmegaConf."""
     if not OmegaConf.has_resolver("alignlab.run_name"):
         OmegaConf.register_new_resolver("alignlab.run_name", run_folder_name)
+    if not OmegaConf.has_resolver("alignlab.dpo_loss_types"):
+        OmegaConf.register_new_resolver("alignlab.dpo_loss_types", dpo_loss_types_grid)
 
 
 def name_run(

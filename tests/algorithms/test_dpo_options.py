@@ -218,7 +218,9 @@ def test_the_loss_type_sweep_runs_every_loss_type_but_exo_pair(tmp_path):
 
     from alignlab.losses import DPO_LOSS_TYPES, DPO_LOSSES
     from alignlab.runner.config import check_config
+    from alignlab.runner.sweeps import register_resolvers
 
+    register_resolvers()  # the grid is ${alignlab.dpo_loss_types:}, resolved from the registry as Hydra does
     grid = OmegaConf.load(CONF / "sweep" / "dpo_loss_types.yaml").hydra.sweeper.params["algorithm.loss_type"]
     needs_epsilon = DPO_LOSSES.names(needs_label_smoothing=True)
     assert needs_epsilon == ("exo_pair",)  # the sweep's header says how to run it
