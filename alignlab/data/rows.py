@@ -583,7 +583,7 @@ def to_canonical(
             raise
         problem = str(e).split(": ", 1)[1]
         where = f"in the row data.row_converter {converter.name} returned"
-        raise DataError(source, f"{problem} ({where})", row=index, field=e.field) from None
+        raise DataError(source, f"({where}) {problem}", row=index, field=e.field) from None
 
 
 def _read(
