@@ -95,39 +95,21 @@ class AlignmentDataModule(L.LightningDataModule):
         from the train rows' token counts and the model's positions (`set_max_positions`, see
         `alignlab.data.truncation.auto_max_length`). `row_converter` (data.row_converter): the user's
         function, by dotted path or `{_target_: ..., **kwargs}`, that each file row goes through first.
-
-        Raises:
-            ConfigError: a setting out of range (`check_options`, naming `data.<key>`).
-        """
+        Raises ConfigError for a setting out of range (`check_options`, naming `data.<key>`)."""
         super().__init__()
-        self.check_options(
-            {
-                "batch_size": batch_size,
-                "eval_batch_size": eval_batch_size,
-                "max_length": max_length,
-                "on_bad_row": on_bad_row,
-                "system_prompt": system_prompt,
-                "max_tokens_per_micro_batch": max_tokens_per_micro_batch,
-                "columns": columns,
-                "system": system,
-                "truncation": truncation,
-                "row_converter": row_converter,
-            }
-        )
+        self.check_options({k: v for k, v in locals().items() if k in self.option_checks})  # the arguments
         if sources:
             source = MixtureSource.from_specs(sources, base=source)
         self.row_converter = ROW_CONVERTERS.resolve(row_converter) if row_converter is not None else None
-        self.system_prompt, self.truncation = system_prompt, truncation
+        # data.system: the system message of rows that have none
+        self.system_prompt, self.truncation, self.system = system_prompt, truncation, system
         self.columns = dict(columns) if columns else None  # data.columns: {the file's column name: alignlab's}
         self._tools_warned: set[str] = set()  # the tool warnings given (_warn_tools), each said once
-        self.system = system  # data.system: the system message of rows that have none
         self.shortened: dict[str, int] = {}  # split → rows whose prompt data.truncation shortened
         self._shortened = 0
-        self.shuffle, self.group_by_length = shuffle, group_by_length
-        self.on_bad_row = on_bad_row
+        self.shuffle, self.group_by_length, self.on_bad_row = shuffle, group_by_length, on_bad_row
         self.auto_length = max_length in AUTO_LENGTH
-        if isinstance(max_length, float) and max_length.is_integer():
-            max_length = int(max_length)
+        max_length = int(max_length) if isinstance(max_length, float) else max_length  # checked: a whole number
         self.max_positions: int | None = None  # the model's positions (set_max_positions)
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size

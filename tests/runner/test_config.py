@@ -26,7 +26,8 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 # conf/_partials/ (and the root max_length, which the custom_* data configs set): the partials change no value.
 COMPOSED_BEFORE_PARTIALS = Path(__file__).with_name("composed_options.json")
 # Keys added since that golden was made, by option: {option: {key: value}}.
-ADDED_SINCE = {f"data={o}": {"row_converter": None} for o in ("custom_kto", "custom_pairs", "custom_prompts", "custom_sft")}
+CUSTOM = ("custom_kto", "custom_pairs", "custom_prompts", "custom_sft")
+ADDED_SINCE = {f"data={o}": {"row_converter": None} for o in CUSTOM}
 
 
 def test_partials_change_no_composed_value_and_are_no_option():
@@ -66,7 +67,8 @@ def test_a_partial_after_self_may_not_set_the_files_own_keys(tmp_path, monkeypat
     (tmp_path / "_partials" / "p.yaml").write_text("beta: 2.0\nuse_vllm: false\n")
     (tmp_path / "algorithm" / "x.yaml").write_text("defaults:\n  - _self_\n  - /_partials/p@_here_\nbeta: 0.1\n")
     monkeypatch.setattr(preflight, "CONFIG_DIR", tmp_path)
-    with pytest.raises(ConfigError, match=r"conf/algorithm/x.yaml sets \['beta'\], which .*p.yaml \(included after _self_\)"):
+    refused = r"conf/algorithm/x.yaml sets \['beta'\], which .*p.yaml \(included after _self_\)"
+    with pytest.raises(ConfigError, match=refused):
         preflight.load_option("algorithm", "x")
     (tmp_path / "algorithm" / "x.yaml").write_text("defaults:\n  - /_partials/p@_here_\n  - _self_\nbeta: 0.1\n")
     assert dict(preflight.load_option("algorithm", "x")) == {"beta": 0.1, "use_vllm": False}
