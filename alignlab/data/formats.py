@@ -2,24 +2,13 @@
 columns `alignlab.data.rows.to_canonical` reads (`messages`, `prompt`, `completion`, `chosen`,
 `rejected`, `rejected_response`, `label`).
 
-Recognised forms (one example row of each is in docs/data.md):
-- ShareGPT: `conversations`, a list of `{"from": ..., "value": ...}` turns with roles human/gpt/system
-  (also user/assistant, observation/tool and function_call); an optional `system` column; a pair's
-  `chosen`/`rejected` as one `{"from": "gpt", "value": ...}` turn each (LLaMA-Factory's preference form).
-- Alpaca: `instruction`, optional `input` (joined to the instruction with a newline, a blank one left out,
-  as ms-swift and LLaMA-Factory join them), `output` (the answer); optional `system` and `history`
-  ([[question, answer], ...]).
-- Anthropic HH: `chosen`/`rejected` as whole transcripts of `\\n\\nHuman:` / `\\n\\nAssistant:` turns;
-  the turns before the last assistant turn are the prompt, which both transcripts must share.
-- TRL's standard form with an implicit prompt: `chosen`/`rejected` as text with no `prompt`; their
-  longest common beginning is the prompt (as TRL's `extract_prompt` cuts it).
-- OpenAI's preference fine-tuning rows: `input` (an object with `messages`, optional `tools`),
-  `preferred_output` and `non_preferred_output` (each a list of assistant messages).
-- A `messages` prompt (not ending in an assistant turn) with `chosen`/`rejected` answers and no
-  `prompt`: `messages` is the prompt (the way pairs are often written by hand).
-- Tool calls (`agent_turns`): TRL's `tool_calls` on assistant messages, ms-swift's `tool_call` /
-  `tool_response` messages, LLaMA-Factory's ShareGPT `function_call` / `observation` turns, all read into
-  assistant messages with canonical `tool_calls` and `tool` messages with `name`.
+Each recognised form (ShareGPT, Alpaca, Anthropic HH, TRL's implicit prompt, OpenAI preference rows, ...;
+last, the tool-call spellings of TRL, ms-swift and LLaMA-Factory) is one converter registered in
+`ROW_FORMS`, which `normalise` tries in registration order; each converter's docstring says what it reads,
+docs/data.md has one example row of each, and the error for a row in no form lists them from the registry
+(`ACCEPTED_FORMS`).
+A form of one's own needs no change here: `data.row_converter` names a function that turns each raw row
+into one of these forms (`ROW_CONVERTERS`, `convert_row`), applied before anything else.
 Everything else (TRL's explicit and conversational forms, ms-swift's `messages` with `rejected_response`
 or `rejected_messages`, UltraFeedback's `prompt` with message-list `chosen`/`rejected`) is read by
 `to_canonical` directly.
