@@ -36,8 +36,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -112,24 +113,44 @@ def evaluate(
         ConfigError: overrides that do not compose, a required data key not set, a win rate without a
             baseline. DataError: bad data, or no held-out rows. ModelLoadError: a folder without a model.
     """
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    from alignlab.data.truncation import model_positions
-    from alignlab.data.vision import select_vision
-    from alignlab.errors import ConfigError
-    from alignlab.models.logprobs import answer_logprobs
-    from alignlab.models.reference import ReferenceModel
     from alignlab.models.reward import RewardScorer
-    from alignlab.models.vision import load_image_encoder
-    from alignlab.online.generation import exact_match
 
     cfg, datamodule = held_out_data(overrides)
-    kind = datamodule.kind
+    multi_turn = check_options(cfg, datamodule.kind, ref_model, reward_model, baseline_model)  # before any model loads
+    model, tokenizer = load_policy(model_folder, device, cfg.model)
+    set_up_data(datamodule, model, tokenizer, model_folder)
+    reference = load_reference(model, tokenizer, model_folder, ref_model, device)
+    scorer = RewardScorer(reward_model, device, cfg.eval_batch_size) if reward_model else None
+    baseline = load_policy(baseline_model, device, cfg.model) if baseline_model else None
+
+    if multi_turn:
+        metrics, counts = episode_report(model, tokenizer, datamodule, cfg.algorithm, device)
+        return report(model_folder, None, None, None, list(overrides), cfg, datamodule, metrics, counts)
+    judges, tally = Judges(model, tokenizer, reference, scorer, baseline, cfg.evaluation.max_new_tokens), Tally()
+    for batch in datamodule.val_dataloader():
+        tally.add_batch(judges, batch, datamodule, device)
+    metrics, counts = tally.metrics()
+    baseline_name = (baseline_model or BASELINE_COLUMN[datamodule.kind]) if reward_model else None
+    return report(
+        model_folder, ref_model, reward_model, baseline_name, list(overrides), cfg, datamodule, metrics, counts
+    )
+
+
+def check_options(cfg, kind: str, ref_model, reward_model, baseline_model) -> bool:
+    """Whether the run measures multi-turn episodes (tools or an environment in cfg.algorithm), after
+    refusing the options that do not fit the data or the episodes. Loads no model.
+
+    Raises:
+        ConfigError: a multi-turn key wrong, --reward-model or --ref-model with episodes, or a win
+            rate without answers to compare with.
+    """
+    from alignlab.errors import ConfigError
+
     multi_turn = bool(cfg.algorithm.get("tools")) or cfg.algorithm.get("environment") is not None
     if multi_turn:
         from alignlab.algorithms.multiturn import MultiTurnRollouts
 
-        MultiTurnRollouts.check_multi_turn_keys(cfg.algorithm)  # before any model loads
+        MultiTurnRollouts.check_multi_turn_keys(cfg.algorithm)
         if reward_model or ref_model:
             raise ConfigError(
                 "with tools or an environment, alignlab.evaluate measures multi-turn episodes "
@@ -140,84 +161,141 @@ def evaluate(
             f"a win rate compares the model's answers with other answers, and {kind} data has none: give "
             "--baseline-model <folder>, or pairwise (chosen) or SFT (completion) data"
         )
+    return multi_turn
 
-    model, tokenizer = load_policy(model_folder, device, cfg.model)
+
+def set_up_data(datamodule, model, tokenizer, model_folder) -> None:
+    """Encode the held-out rows for the loaded policy, as training does: its tokenizer, its image
+    encoder (a vision-language model's), its positions as the longest max_length."""
+    from alignlab.data.truncation import model_positions
+    from alignlab.models.vision import load_image_encoder
+
     datamodule.set_tokenizer(tokenizer)
     datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_folder))
     datamodule.set_max_positions(model_positions(model.config))
     datamodule.setup()
-    reference = None
-    if ref_model:
-        reference = ReferenceModel.of(model, ref_model).to(torch.device(device))
-        if reference.copy.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise ConfigError(
-                f"--ref-model {ref_model} has a smaller vocabulary than {model_folder}'s tokenizer; the "
-                "reference must share the policy's tokenizer (e.g. the model the run started from)"
-            )
-    scorer = RewardScorer(reward_model, device, cfg.eval_batch_size) if reward_model else None
-    baseline = load_policy(baseline_model, device, cfg.model) if baseline_model else None
-    max_new_tokens = cfg.evaluation.max_new_tokens
 
-    if multi_turn:
-        metrics, counts = episode_report(model, tokenizer, datamodule, cfg.algorithm, device)
-        return report(model_folder, None, None, None, list(overrides), cfg, datamodule, metrics, counts)
 
-    matched, preferred, implicit, logratios, wins = [], [], [], [], []
-    ratio_tokens = 0.0
-    for batch in datamodule.val_dataloader():
+def load_reference(model, tokenizer, model_folder, ref_model: str | None, device):
+    """The --ref-model as a ReferenceModel on `device` (None without one).
+
+    Raises:
+        ConfigError: its vocabulary is smaller than the policy's tokenizer.
+    """
+    from alignlab.errors import ConfigError
+    from alignlab.models.reference import ReferenceModel
+
+    if not ref_model:
+        return None
+    reference = ReferenceModel.of(model, ref_model).to(torch.device(device))
+    if reference.copy.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ConfigError(
+            f"--ref-model {ref_model} has a smaller vocabulary than {model_folder}'s tokenizer; the "
+            "reference must share the policy's tokenizer (e.g. the model the run started from)"
+        )
+    return reference
+
+
+@dataclass
+class Judges:
+    """What single answers are measured with: the policy, the optional reference, reward scorer and
+    baseline (model, tokenizer), and the longest greedy answer."""
+
+    model: Any
+    tokenizer: Any
+    reference: Any
+    scorer: Any
+    baseline: tuple | None
+    max_new_tokens: int
+
+
+@dataclass
+class Tally:
+    """Per-row results of single-answer evaluation, summed into the report's metrics at the end."""
+
+    matched: list[float] = field(default_factory=list)  # exact match of each answer with a solution
+    preferred: list[float] = field(default_factory=list)  # log π(chosen) > log π(rejected), per pair
+    implicit: list[float] = field(default_factory=list)  # the same for log π − log π_ref
+    logratios: list[float] = field(default_factory=list)  # log π(chosen) − log π_ref(chosen), per pair
+    wins: list[float] = field(default_factory=list)  # 1 win, 0.5 tie, 0 loss under the reward model
+    ratio_tokens: float = 0.0  # chosen answer tokens behind `logratios`
+
+    def add_batch(self, judges: Judges, batch: dict, datamodule, device) -> None:
+        """Measure one held-out batch: greedy answers where a solution or a reward model needs them,
+        log-probs for pairwise data, the reward model's verdicts."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
         batch = move_data_to_device(batch, torch.device(device))
         solutions = batch.get("solution")
         answers = None
-        if scorer is not None or (solutions and any(s is not None for s in solutions)):
-            prompts = slice(0, len(batch["prompt_input_ids"]))  # the first sequences' images are the prompts'
-            answers = answer_batch(
-                model,
-                tokenizer,
-                batch["prompt_input_ids"],
-                batch["prompt_attention_mask"],
-                max_new_tokens,
-                images=select_vision(batch, prompts),
-            )
+        if judges.scorer is not None or (solutions and any(s is not None for s in solutions)):
+            answers = greedy_answers(judges, batch)
         if answers is not None and solutions:
-            given = [i for i, s in enumerate(solutions) if s is not None]  # a row without one is not counted
-            matched += exact_match([answers[i] for i in given], [solutions[i] for i in given]).tolist()
-        if kind == "pairwise":
-            logps = answer_logprobs(model, batch)
-            rows = len(logps.logps) // 2  # B chosen sequences, then B rejected
-            chosen, rejected = logps.logps[:rows], logps.logps[rows:]
-            preferred += (chosen > rejected).float().tolist()
-            if reference is not None:
-                ref = reference.answer_logprobs(batch).logps
-                ratio_chosen, ratio_rejected = chosen - ref[:rows], rejected - ref[rows:]
-                implicit += (ratio_chosen > ratio_rejected).float().tolist()
-                logratios += ratio_chosen.tolist()
-                ratio_tokens += logps.num_tokens[:rows].sum().item()
-        if scorer is not None:
-            prompts = batch["prompt"]
-            if baseline is not None:
-                others = complete(
-                    *baseline, prompts, max_new_tokens, len(prompts), system_prompt=datamodule.system_prompt
-                )
-            else:
-                others = batch[BASELINE_COLUMN[kind]]
-            ours, theirs = scorer.score(prompts, answers), scorer.score(prompts, others)
-            wins += [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)]
+            self.add_matches(answers, solutions)
+        if datamodule.kind == "pairwise":
+            self.add_preferences(judges, batch)
+        if judges.scorer is not None:
+            self.add_wins(judges, batch, answers, datamodule)
 
-    metrics, counts = {}, {}
-    if matched:
-        metrics["exact_match"], counts["exact_match"] = _share(matched), len(matched)
-    if preferred:
-        metrics["preference_accuracy"], counts["pairs"] = _share(preferred), len(preferred)
-    if implicit:
-        metrics["implicit_reward_accuracy"] = _share(implicit)
-        metrics["chosen_logratio"] = _share(logratios)
-        metrics["chosen_logratio_per_token"] = sum(logratios) / max(ratio_tokens, 1.0)
-    if wins:
-        metrics["win_rate"] = _share(wins)
-        counts.update(wins=wins.count(1.0), ties=wins.count(0.5), losses=wins.count(0.0))
-    baseline_name = (baseline_model or BASELINE_COLUMN[kind]) if reward_model else None
-    return report(
-        model_folder, ref_model, reward_model, baseline_name, list(overrides), cfg, datamodule, metrics, counts
+    def add_matches(self, answers: list[str], solutions: list) -> None:
+        from alignlab.online.generation import exact_match
+
+        given = [i for i, s in enumerate(solutions) if s is not None]  # a row without one is not counted
+        self.matched += exact_match([answers[i] for i in given], [solutions[i] for i in given]).tolist()
+
+    def add_preferences(self, judges: Judges, batch: dict) -> None:
+        from alignlab.models.logprobs import answer_logprobs
+
+        logps = answer_logprobs(judges.model, batch)
+        rows = len(logps.logps) // 2  # B chosen sequences, then B rejected
+        chosen, rejected = logps.logps[:rows], logps.logps[rows:]
+        self.preferred += (chosen > rejected).float().tolist()
+        if judges.reference is not None:
+            ref = judges.reference.answer_logprobs(batch).logps
+            ratio_chosen, ratio_rejected = chosen - ref[:rows], rejected - ref[rows:]
+            self.implicit += (ratio_chosen > ratio_rejected).float().tolist()
+            self.logratios += ratio_chosen.tolist()
+            self.ratio_tokens += logps.num_tokens[:rows].sum().item()
+
+    def add_wins(self, judges: Judges, batch: dict, answers: list[str], datamodule) -> None:
+        prompts = batch["prompt"]
+        if judges.baseline is not None:
+            size, system_prompt = len(prompts), datamodule.system_prompt
+            others = complete(*judges.baseline, prompts, judges.max_new_tokens, size, system_prompt=system_prompt)
+        else:
+            others = batch[BASELINE_COLUMN[datamodule.kind]]
+        ours, theirs = judges.scorer.score(prompts, answers), judges.scorer.score(prompts, others)
+        self.wins += [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)]
+
+    def metrics(self) -> tuple[dict, dict]:
+        """(metrics, counts) of the report: only those measured."""
+        metrics, counts = {}, {}
+        if self.matched:
+            metrics["exact_match"], counts["exact_match"] = _share(self.matched), len(self.matched)
+        if self.preferred:
+            metrics["preference_accuracy"], counts["pairs"] = _share(self.preferred), len(self.preferred)
+        if self.implicit:
+            metrics["implicit_reward_accuracy"] = _share(self.implicit)
+            metrics["chosen_logratio"] = _share(self.logratios)
+            metrics["chosen_logratio_per_token"] = sum(self.logratios) / max(self.ratio_tokens, 1.0)
+        if self.wins:
+            metrics["win_rate"] = _share(self.wins)
+            counts.update(wins=self.wins.count(1.0), ties=self.wins.count(0.5), losses=self.wins.count(0.0))
+        return metrics, counts
+
+
+def greedy_answers(judges: Judges, batch: dict) -> list[str]:
+    """The policy's greedy answers to a batch's prompts."""
+    from alignlab.data.vision import select_vision
+
+    prompts = slice(0, len(batch["prompt_input_ids"]))  # the first sequences' images are the prompts'
+    return answer_batch(
+        judges.model,
+        judges.tokenizer,
+        batch["prompt_input_ids"],
+        batch["prompt_attention_mask"],
+        judges.max_new_tokens,
+        images=select_vision(batch, prompts),
     )
 
 

@@ -120,14 +120,9 @@ def complete(
     from alignlab.data.collate import collate_prompts
     from alignlab.data.tokenize import encode_prompts
     from alignlab.data.vision import collate_vision
-    from alignlab.errors import ConfigError
     from alignlab.online.generation import sample_keys
 
-    vision = [None] * len(prompts)
-    if images is not None and any(images):
-        if image_encoder is None:
-            raise ConfigError("the prompts have images, but the model has no image processor (a text model)")
-        vision = [image_encoder.encode(i) if i else None for i in images]
+    vision = encode_images(images, image_encoder, len(prompts))
     encoded = encode_prompts(tokenizer, prompts, system_prompt, [v[1] if v else None for v in vision])
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
@@ -144,6 +139,22 @@ def complete(
         for i, text in zip(rows, answers):
             texts[i] = text
     return texts
+
+
+def encode_images(images: Sequence[list | None] | None, image_encoder, count: int) -> list:
+    """Each of `count` prompts' vision inputs from its images (`image_encoder.encode`), None for a text
+    prompt (all None when `images` is).
+
+    Raises:
+        ConfigError: images for a model without an image processor (a text model).
+    """
+    from alignlab.errors import ConfigError
+
+    if images is None or not any(images):
+        return [None] * count
+    if image_encoder is None:
+        raise ConfigError("the prompts have images, but the model has no image processor (a text model)")
+    return [image_encoder.encode(i) if i else None for i in images]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,10 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from alignlab.data.files import read_rows, write_jsonl
-    from alignlab.data.rows import to_canonical
-    from alignlab.data.tokenize import TemplateRefusal
-    from alignlab.errors import AlignlabError, DataError
+    from alignlab.data.files import write_jsonl
+    from alignlab.errors import AlignlabError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -182,39 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.output).resolve().parent.is_dir():  # found out now, not after the work
         parser.error(f"--output {args.output}: no such folder to write it in")
     try:
-        raw = read_rows(args.input)
-        if not raw:
-            raise DataError(args.input, "has no rows")
-        folder = Path(args.input).parent  # relative image paths start there
-        canonical = [to_canonical(r, "prompt", args.input, i + 1, base_dir=folder) for i, r in enumerate(raw)]
-        prompts = [row["prompt"] for row in canonical]
-        model_cfg = None
-        if args.dtype:
-            from alignlab.runner.config import compose
-
-            model_cfg = compose([f"model.dtype={args.dtype}"]).model
-        model, tokenizer = load_policy(args.model, args.device, model_cfg)
-        from alignlab.models.vision import load_image_encoder
-
-        try:
-            texts = complete(
-                model,
-                tokenizer,
-                prompts,
-                args.max_new_tokens,
-                args.batch_size,
-                args.temperature,
-                args.seed,
-                args.system_prompt,
-                images=[row.get("images") for row in canonical],
-                image_encoder=load_image_encoder(model, tokenizer, args.model),
-            )
-        except TemplateRefusal as e:
-            field = "messages" if raw[e.index].get("messages") is not None else "prompt"
-            hint = " (--system-prompt merge folds system messages into the next user message)"
-            raise DataError(
-                args.input, f'the chat template refuses it: "{e.reason}"{hint}', e.index + 1, field
-            ) from None
+        raw, canonical = read_prompts(args.input)
+        texts = answer_rows(args, raw, canonical)
     except (AlignlabError, OSError) as e:
         print(f"alignlab.generate: error: {e}", file=sys.stderr)
         return 1
@@ -222,6 +200,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_jsonl(args.output, [{**row, "completion": text} for row, text in zip(kept, texts)])
     print(f"alignlab.generate: wrote {len(texts)} completions to {args.output}")
     return 0
+
+
+def read_prompts(path: str) -> tuple[list[dict], list[dict]]:
+    """(the file's rows as read, the same rows as canonical prompt rows: `prompt` messages, `images`).
+
+    Raises:
+        DataError: no rows, or a row without a prompt (naming the row and field). OSError: unreadable.
+    """
+    from alignlab.data.files import read_rows
+    from alignlab.data.rows import to_canonical
+    from alignlab.errors import DataError
+
+    raw = read_rows(path)
+    if not raw:
+        raise DataError(path, "has no rows")
+    folder = Path(path).parent  # relative image paths start there
+    return raw, [to_canonical(r, "prompt", path, i + 1, base_dir=folder) for i, r in enumerate(raw)]
+
+
+def answer_rows(args: argparse.Namespace, raw: list[dict], canonical: list[dict]) -> list[str]:
+    """The answers of --model to the rows' prompts, as the command line asks (see `complete`).
+
+    Raises:
+        DataError: the chat template refuses a row (naming its row and field). ModelLoadError, ConfigError:
+            as load_policy and complete raise them.
+    """
+    from alignlab.data.tokenize import TemplateRefusal
+    from alignlab.errors import DataError
+    from alignlab.models.vision import load_image_encoder
+
+    model_cfg = None
+    if args.dtype:
+        from alignlab.runner.config import compose
+
+        model_cfg = compose([f"model.dtype={args.dtype}"]).model
+    model, tokenizer = load_policy(args.model, args.device, model_cfg)
+    try:
+        return complete(
+            model,
+            tokenizer,
+            [row["prompt"] for row in canonical],
+            args.max_new_tokens,
+            args.batch_size,
+            args.temperature,
+            args.seed,
+            args.system_prompt,
+            images=[row.get("images") for row in canonical],
+            image_encoder=load_image_encoder(model, tokenizer, args.model),
+        )
+    except TemplateRefusal as e:
+        field = "messages" if raw[e.index].get("messages") is not None else "prompt"
+        hint = " (--system-prompt merge folds system messages into the next user message)"
+        raise DataError(args.input, f'the chat template refuses it: "{e.reason}"{hint}', e.index + 1, field) from None
 
 
 if __name__ == "__main__":

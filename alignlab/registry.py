@@ -146,6 +146,15 @@ class Registry(Generic[F]):
         except (KeyError, TypeError):
             raise ConfigError(self._unknown(name)) from None
 
+    def entry(self, name: Any) -> Entry[F]:
+        """The entry of a registered name given to a function as an argument (a loss called with its
+        loss type): no config in sight, so it raises ValueError `<arg> must be one of (...), got <name>`,
+        <arg> the config key's last part (the argument's name) or the kind."""
+        if isinstance(name, str) and name in self._entries:
+            return self._entries[name]
+        arg = self.config_key.rsplit(".", 1)[-1] if self.config_key else self.kind
+        raise ValueError(f"{arg} must be one of {self.names()}, got {name!r}")
+
     def _unknown(self, name: Any) -> str:
         key = f"{self.config_key}: " if self.config_key else ""
         close = difflib.get_close_matches(str(name), list(self._entries), n=1, cutoff=0.6)

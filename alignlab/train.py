@@ -61,13 +61,14 @@ def build_algorithm(cfg: DictConfig, model, tokenizer) -> L.LightningModule:
 
 
 def train(cfg: DictConfig) -> dict:
-    start = time.perf_counter()
-    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    check_config(cfg, choices)  # before anything slow: a wrong config fails in a second
-    check_trainer_steps(cfg.trainer)  # trainer.max_steps=0 and the like: no optimizer step
-    quiet_console()
-    name_run(cfg, current_job())  # a sweep's jobs: named after their overrides, grouped by sweep
+    """One run of `cfg`: check it, build data, model, algorithm and trainer, fit, export, write and print
+    summary.json, and return the summary (a resumed run with no step left: its own, see finished_run).
 
+    Raises:
+        ConfigError, DataError, ModelLoadError: before anything is written to the run folder.
+        RunInterrupted: stopped on a signal (last.ckpt written; resume=auto continues it)."""
+    start = time.perf_counter()
+    check_before_start(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg.resume, run_dir)
     if ckpt_path and (finished := finished_run(run_dir, Path(ckpt_path), cfg.trainer.max_steps)) is not None:
@@ -78,11 +79,65 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     model, tokenizer, model_path = load_model(cfg.model, require_chat_template=cfg.algorithm.requires_chat_template)
+    set_up_data(cfg, datamodule, model, tokenizer, model_path)
+    if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
+        save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
+    module = build_algorithm(cfg, model, tokenizer)
+    overrides = task_overrides()
+    loggers = build_loggers(cfg, overrides)
+    trainer, validate = build_trainer(cfg, module, datamodule, loggers, run_dir)
+
+    fit(trainer, module, datamodule, loggers, run_dir, ckpt_path, validate and cfg.evaluation.at_start)
+    save_last_checkpoint(trainer)
+    metrics = final_metrics(trainer, module, datamodule, validate)
+    wandb_run = wandb_identity(loggers)
+    finish_loggers(loggers)
+    model_dir = export_model(cfg, trainer, module, run_dir)
+    result = {
+        "algorithm": cfg.algorithm.name,
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir) if model_dir else None,
+        "run_name": cfg.run_name,
+        "overrides": overrides,
+        "wandb": wandb_run,
+        "start_model": model_path,
+        "steps": trainer.global_step,
+        "seconds": round(time.perf_counter() - start, 1),
+        **data_summary(datamodule),
+        "metrics": metrics,
+        "warnings": list(getattr(module, "run_warnings", [])),  # e.g. GRPO's rollouts without reward signal
+    }
+    write_summary(trainer, run_dir, result)
+    return result
+
+
+def check_before_start(cfg: DictConfig) -> None:
+    """Before anything slow: a wrong config fails in a second. Then the console quietened and the run
+    named (a sweep's jobs after their overrides, grouped by sweep).
+
+    Raises:
+        ConfigError: a key wrong (check_config), or a trainer that takes no optimizer step.
+    """
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    check_config(cfg, choices)
+    check_trainer_steps(cfg.trainer)  # trainer.max_steps=0 and the like: no optimizer step
+    quiet_console()
+    name_run(cfg, current_job())
+
+
+def set_up_data(cfg: DictConfig, datamodule, model, tokenizer, model_path: str) -> None:
+    """Every row through the loaded model's chat template and max_length (bad rows fail here, before
+    anything is written); config.yaml then records the length max_length=auto chose.
+
+    Raises:
+        ConfigError: rows with images for an algorithm that does not train on them, or a train split
+            too small for one optimizer step (check_optimizer_steps). DataError: bad rows.
+    """
     datamodule.set_tokenizer(tokenizer)
     datamodule.set_image_encoder(load_image_encoder(model, tokenizer, model_path))
     datamodule.set_max_positions(model_positions(model.config))
-    datamodule.setup()  # every row through the chat template and max_length: bad rows fail here, before writing
-    if datamodule.auto_length:  # config.yaml records the length max_length=auto chose
+    datamodule.setup()
+    if datamodule.auto_length:
         cfg.data.max_length = datamodule.max_length
     if datamodule.has_images and not get_class(cfg.algorithm._target_).trains_on_images:
         raise ConfigError(
@@ -90,14 +145,20 @@ def train(cfg: DictConfig) -> dict:
             "with sft, dpo, kto, rm, cpo, orpo, simpo and grpo"
         )
     check_optimizer_steps(cfg, datamodule)  # a run that would take no optimizer step stops here
-    if rank_zero_only.rank == 0:  # under ddp every process runs this function; one writes the folder
-        save_resolved_config(cfg, run_dir / ("config.yaml" if not ckpt_path else "config.resumed.yaml"))
-    module = build_algorithm(cfg, model, tokenizer)
 
-    overrides = task_overrides()
+
+def build_loggers(cfg: DictConfig, overrides: list[str]) -> list:
+    """The config's loggers, each given the resolved config and the command line's overrides."""
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     for logger in loggers:
         logger.log_hyperparams({**resolved_config(cfg), "overrides": overrides})
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, module, datamodule, loggers: list, run_dir: Path) -> tuple[L.Trainer, bool]:
+    """(the Lightning Trainer, whether it validates): the config's callbacks less those Lightning would
+    refuse, plus CheckpointOnSignal; clipping and accumulation left to a manually optimised module;
+    validation off (with one warning) when the data holds no rows out."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not loggers:  # logger=none: nothing to monitor the learning rate into (Lightning refuses to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -118,8 +179,17 @@ def train(cfg: DictConfig) -> dict:
             train_rows = datamodule.read()["train"]
             log.warning("%s", no_validation_message(cfg, len(train_rows) if isinstance(train_rows, list) else None))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **manual, **no_validation)
+    return trainer, validate
 
-    if validate and cfg.evaluation.at_start and not ckpt_path:
+
+def fit(trainer, module, datamodule, loggers: list, run_dir: Path, ckpt_path, validate_first: bool) -> None:
+    """Validate the starting model (`validate_first`, not on resume), then fit, the run folder marked
+    if it stops early.
+
+    Raises:
+        RunInterrupted: stopped on a signal, after CheckpointOnSignal wrote last.ckpt.
+    """
+    if validate_first and not ckpt_path:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     with marked_if_stopped(run_dir, trainer):
         try:
@@ -130,41 +200,29 @@ def train(cfg: DictConfig) -> dict:
                 f"stopped on a signal at step {trainer.global_step}; checkpoint {run_dir / LAST}. Continue with the "
                 f"same command plus resume=auto hydra.run.dir={run_dir} (or resume={run_dir / LAST})"
             ) from None
-    save_last_checkpoint(trainer)
-    metrics = final_metrics(trainer, module, datamodule, validate)
-    wandb_run = wandb_identity(loggers)
-    finish_loggers(loggers)
 
-    model_dir = None
-    if cfg.save_model:
-        model_dir = run_dir / "model"
-        # Sharded strategies hold a slice of each weight per process: gather them (every process takes
-        # part) and save from the whole tensors. Other strategies save the live model as it is.
-        whole = trainer.strategy.lightning_module_state_dict() if is_sharded(trainer.strategy) else None
-        if trainer.is_global_zero:
-            module.save_final(run_dir, cfg.model.lora.merge, whole)
-        trainer.strategy.barrier()  # every process returns once the model is on disk
-    result = {
-        "algorithm": cfg.algorithm.name,
-        "run_dir": str(run_dir),
-        "model_dir": str(model_dir) if model_dir else None,
-        "run_name": cfg.run_name,
-        "overrides": overrides,
-        "wandb": wandb_run,
-        "start_model": model_path,
-        "steps": trainer.global_step,
-        "seconds": round(time.perf_counter() - start, 1),
+
+def export_model(cfg: DictConfig, trainer, module, run_dir: Path) -> Path | None:
+    """<run>/model with cfg.save_model (None without): the trained model as module.save_final writes it."""
+    if not cfg.save_model:
+        return None
+    # Sharded strategies hold a slice of each weight per process: gather them (every process takes
+    # part) and save from the whole tensors. Other strategies save the live model as it is.
+    whole = trainer.strategy.lightning_module_state_dict() if is_sharded(trainer.strategy) else None
+    if trainer.is_global_zero:
+        module.save_final(run_dir, cfg.model.lora.merge, whole)
+    trainer.strategy.barrier()  # every process returns once the model is on disk
+    return run_dir / "model"
+
+
+def data_summary(datamodule) -> dict:
+    """The summary's account of rows left out, skipped or shortened, per split."""
+    return {
         "dropped_rows": dict(datamodule.dropped),
         "dropped_rows_by_reason": dict(datamodule.dropped_by_reason),
         "skipped_bad_rows": datamodule.skipped,
         "shortened_prompts": dict(datamodule.shortened),  # per split, by data.truncation=keep_end/keep_start
-        "metrics": metrics,
-        "warnings": list(getattr(module, "run_warnings", [])),  # e.g. GRPO's rollouts without reward signal
     }
-    if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
-        print_summary(result)
-    return result
 
 
 def finished_run(run_dir: Path, checkpoint: Path, max_steps: int) -> dict | None:
@@ -263,6 +321,13 @@ def save_last_checkpoint(trainer) -> None:
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
             trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"), weights_only=False)  # resumable
             return
+
+
+def write_summary(trainer, run_dir: Path, result: dict) -> None:
+    """<run>/summary.json, and the summary printed: by the main process alone."""
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        print_summary(result)
 
 
 def print_summary(result: dict) -> None:

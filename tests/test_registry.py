@@ -97,3 +97,12 @@ def test_import_object_says_which_part_is_missing():
     assert import_object("alignlab.registry.Registry", "x") is Registry
     with pytest.raises(ConfigError, match="there is no module 'nosuchpkg'"):
         import_object("nosuchpkg.f", "reward function 'nosuchpkg.f'")
+
+
+def test_a_name_given_as_an_argument_raises_value_error_with_the_arguments_name():
+    reg = fresh()
+    assert reg.entry("normed").needs_lengths is True
+    with pytest.raises(ValueError, match=r"loss_type must be one of \('plain', 'normed'\), got 'normd'"):
+        reg.entry("normd")
+    with pytest.raises(ValueError, match=r"^KL estimator must be one of \(\), got 'k4'"):
+        Registry("KL estimator").entry("k4")

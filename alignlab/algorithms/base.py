@@ -61,6 +61,20 @@ PROGRESS_METRICS = (
 
 
 class AlignmentModule(L.LightningModule):
+    """Base of every algorithm's LightningModule. A subclass defines:
+
+    - its hyper-parameters: the keys of the conf/algorithm/<name>.yaml whose `_target_` names it (they
+      become attributes; `hparam_names`), and the class attributes below that apply (`uses_reference`,
+      `generates`, `trains_on_images`, `counters`, `reference_folder`, `step_sums`);
+    - `compute(batch) -> (loss, metrics)`: the loss of a batch of rows (the step's mean by `step_count`,
+      so a step is the same however it is cut) and metrics under the field's names, logged as
+      `train/<name>` and `eval/<name>`; or, training itself (online algorithms: OnlineModule),
+      `training_step` and `validation_step`;
+    - where its keys need more than their YAML types: `check_config(algorithm)`, `check_run(cfg)`
+      (settings across config groups) and `check_rows(algorithm, datamodule)`, which raise before any
+      model loads, naming the key or row.
+    """
+
     uses_reference: bool = False  # hold a frozen copy of the starting policy (or its disabled adapter)
     generates: bool = True  # a policy that answers prompts (so held-out exact match applies)
     trains_on_images: bool = True  # vision-language rows are handled (PPO's value model: not yet)

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
 from alignlab.errors import ConfigError
-from alignlab.losses import CPO_LOSS_TYPES, LENGTH_NORMALISED_CPO_LOSS_TYPES, cpo_loss, nll_loss, step_mean
+from alignlab.losses import CPO_LOSSES, cpo_loss, nll_loss, step_mean
 from alignlab.runner.checks import Checks
 
 
@@ -17,20 +17,20 @@ class CPO(PairwiseModule):
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
-        checks = Checks(algorithm, "algorithm").positive("beta").non_negative("cpo_alpha", "simpo_gamma")
-        checks.one_of("loss_type", CPO_LOSS_TYPES)
+        Checks(algorithm, "algorithm").positive("beta").non_negative("cpo_alpha", "simpo_gamma")
+        entry = CPO_LOSSES.resolve(algorithm.loss_type)
         alpha = algorithm.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise ConfigError(f"algorithm.alpha must be a number (0: no AlphaPO reward shaping), got {alpha!r}")
-        if algorithm.loss_type == "alphapo" and algorithm.cpo_alpha != 0:
+        if entry.without_nll and algorithm.cpo_alpha != 0:
             raise ConfigError(
-                "algorithm.loss_type=alphapo is AlphaPO as its paper (and TRL) trains it, without CPO's NLL term: "
-                "set algorithm.cpo_alpha=0"
+                f"algorithm.loss_type={entry.name} trains as its paper (and TRL) trains it, without CPO's NLL "
+                "term: set algorithm.cpo_alpha=0"
             )
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = self.policy_pairs(batch)
-        normalised = self.loss_type in LENGTH_NORMALISED_CPO_LOSS_TYPES  # TRL's average_log_prob
+        normalised = CPO_LOSSES.resolve(self.loss_type).length_normalised  # TRL's average_log_prob
         policy_chosen, policy_rejected = (
             (chosen.avg_logps, rejected.avg_logps) if normalised else (chosen.logps, rejected.logps)
         )

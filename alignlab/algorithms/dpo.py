@@ -3,6 +3,8 @@ types the field compares with, alone or mixed with weights (MPO)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig
@@ -10,11 +12,10 @@ from omegaconf import DictConfig, ListConfig
 from alignlab.algorithms.pairwise import PairwiseModule, preference_metrics
 from alignlab.errors import ConfigError
 from alignlab.losses import (
-    DPO_LOSS_TYPES,
-    F_DIVERGENCE_LOSS_TYPES,
-    F_DIVERGENCE_TYPES,
-    SORTING_LOSS_TYPES,
+    DPO_LOSSES,
+    F_DIVERGENCES,
     dpo_loss,
+    implicit_rewards,
     length_desensitised_logps,
     nll_loss,
     step_mean,
@@ -25,9 +26,10 @@ from alignlab.models.logprobs import AnswerLogps, answer_logprobs
 from alignlab.runner.checks import Checks
 
 
-def loss_types(loss_type: str | list) -> tuple[str, ...]:
-    """`loss_type` as a tuple: one name, or a list of them (MPO)."""
-    return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+def loss_types(loss_type: str | Mapping | list) -> tuple:
+    """`loss_type` as a tuple: one loss type (a name, a dotted path or a `{_target_: ...}` mapping), or a
+    list of them (MPO)."""
+    return (loss_type,) if isinstance(loss_type, (str, Mapping)) else tuple(loss_type)
 
 
 class DPO(PairwiseModule):
@@ -45,8 +47,13 @@ class DPO(PairwiseModule):
         return self.ref_model  # null: the starting policy (or its disabled LoRA adapter)
 
     @property
-    def loss_types(self) -> tuple[str, ...]:
+    def loss_types(self) -> tuple:
         return loss_types(self.loss_type)
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The loss types' names in DPO_LOSSES (a dotted path's, a `_target_`'s)."""
+        return tuple(DPO_LOSSES.resolve(spec).name for spec in self.loss_types)
 
     @property
     def loss_weights_used(self) -> tuple[float, ...]:
@@ -59,57 +66,61 @@ class DPO(PairwiseModule):
 
     def term_metrics(self) -> tuple[str, ...]:
         """The per-term metric names, logged when several loss types are mixed: `loss/<loss_type>`."""
-        return tuple(f"loss/{name}" for name in self.loss_types) if len(self.loss_types) > 1 else ()
+        return tuple(f"loss/{name}" for name in self.loss_names) if len(self.loss_types) > 1 else ()
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
         checks = Checks(algorithm, "algorithm").positive("beta", "discopop_tau").non_negative("rpo_alpha")
         checks.within("label_smoothing", 0, 0.5, high_open=True)
-        kinds = algorithm.loss_type
-        if not isinstance(kinds, (str, list, ListConfig)) or not loss_types(kinds):
-            raise ConfigError(f"algorithm.loss_type must be a loss type or a list of them, got {kinds!r}")
-        names = loss_types(kinds)
-        for name in names:
-            if name not in DPO_LOSS_TYPES:
-                raise ConfigError(f"algorithm.loss_type must be one of {DPO_LOSS_TYPES} (or a list), got {name!r}")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"algorithm.loss_type names a loss type twice: {list(names)}")
-        weights = algorithm.loss_weights
-        if weights is not None:
-            if not isinstance(weights, (list, ListConfig)) or len(weights) != len(names):
-                raise ConfigError(
-                    f"algorithm.loss_weights must be null or a list of {len(names)} numbers, one per "
-                    f"algorithm.loss_type {list(names)}, got {weights!r}"
-                )
-            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in weights):
-                raise ConfigError(f"algorithm.loss_weights must be numbers >= 0, got {list(weights)}")
-        if "exo_pair" in names and not algorithm.label_smoothing > 0:
-            raise ConfigError(
-                "algorithm.loss_type=exo_pair needs algorithm.label_smoothing > 0 (EXO's ε; 1e-3 in the paper)"
-            )
         for key in ("ipo_normalize_length", "reference_free", "use_weighting", "sync_ref_model"):
             if not isinstance(algorithm[key], bool):
                 raise ConfigError(f"algorithm.{key} must be true or false, got {algorithm[key]!r}")
         if algorithm.ld_alpha is not None:
             checks.within("ld_alpha", 0.0, 1.0)
-        checks.one_of("f_divergence_type", F_DIVERGENCE_TYPES).positive("f_alpha_divergence_coef")
-        outside = [n for n in names if n not in F_DIVERGENCE_LOSS_TYPES]
-        if algorithm.f_divergence_type != "reverse_kl" and outside:
-            raise ConfigError(
-                f"algorithm.f_divergence_type={algorithm.f_divergence_type} generalises only the loss types built on "
-                f"the chosen − rejected score difference {F_DIVERGENCE_LOSS_TYPES}, not {outside}: set "
-                "algorithm.f_divergence_type=reverse_kl"
-            )
-        if algorithm.use_weighting and (sorting := [n for n in names if n in SORTING_LOSS_TYPES]):
-            raise ConfigError(
-                f"algorithm.use_weighting=true (WPO) weights each pair, and loss_type {sorting} sorts the pairs, "
-                "so a weight would land on another pair: set algorithm.use_weighting=false"
-            )
+        F_DIVERGENCES.check(algorithm.f_divergence_type)
+        checks.positive("f_alpha_divergence_coef")
+        cls.check_loss_types(algorithm)
         if algorithm.reference_free and (algorithm.ref_model is not None or algorithm.sync_ref_model):
             raise ConfigError(
                 "algorithm.reference_free=true uses no reference model (log π_ref = 0): unset algorithm.ref_model "
                 "and algorithm.sync_ref_model"
+            )
+
+    @classmethod
+    def check_loss_types(cls, algorithm: DictConfig) -> None:
+        """loss_type (each resolved in DPO_LOSSES: a name, a dotted path, a `_target_`), loss_weights, and
+        what each loss type's properties ask of the other options."""
+        kinds = algorithm.loss_type
+        if not isinstance(kinds, (str, Mapping, list, ListConfig)) or not loss_types(kinds):
+            raise ConfigError(f"algorithm.loss_type must be a loss type or a list of them, got {kinds!r}")
+        entries = [DPO_LOSSES.resolve(spec) for spec in loss_types(kinds)]
+        names = [entry.name for entry in entries]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"algorithm.loss_type names a loss type twice: {names}")
+        weights = algorithm.loss_weights
+        if weights is not None:
+            if not isinstance(weights, (list, ListConfig)) or len(weights) != len(names):
+                raise ConfigError(
+                    f"algorithm.loss_weights must be null or a list of {len(names)} numbers, one per "
+                    f"algorithm.loss_type {names}, got {weights!r}"
+                )
+            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in weights):
+                raise ConfigError(f"algorithm.loss_weights must be numbers >= 0, got {list(weights)}")
+        for entry in entries:
+            if entry.needs_label_smoothing and not algorithm.label_smoothing > 0:
+                raise ConfigError(f"algorithm.loss_type={entry.name} needs algorithm.label_smoothing > 0 (its ε)")
+        outside = [entry.name for entry in entries if not entry.f_divergence]
+        if algorithm.f_divergence_type != "reverse_kl" and outside:
+            raise ConfigError(
+                f"algorithm.f_divergence_type={algorithm.f_divergence_type} generalises only the loss types built on "
+                f"the chosen − rejected score difference {DPO_LOSSES.names(f_divergence=True)}, not {outside}: set "
+                "algorithm.f_divergence_type=reverse_kl"
+            )
+        if algorithm.use_weighting and (sorting := [entry.name for entry in entries if entry.sorts_pairs]):
+            raise ConfigError(
+                f"algorithm.use_weighting=true (WPO) weights each pair, and loss_type {sorting} sorts the pairs, "
+                "so a weight would land on another pair: set algorithm.use_weighting=false"
             )
 
     @classmethod
@@ -175,9 +186,9 @@ class DPO(PairwiseModule):
                 rejected.token_logps, rejected.token_log_sum_sq_probs, rejected.mask
             )
         loss, terms = None, {}
-        for name, weight in zip(self.loss_types, self.loss_weights_used):
-            if name == "sft":  # the chosen answer's NLL over the step's chosen tokens (TRL's `sft`); WPO weighs
-                term = nll  # pairs, not this token mean (TRL 1.16 fails on sft with use_weighting: no number to match)
+        for spec, name, weight in zip(self.loss_types, self.loss_names, self.loss_weights_used):
+            if DPO_LOSSES[name].token_mean:  # the chosen answer's NLL over the step's chosen tokens (TRL's `sft`);
+                term = nll  # WPO weighs pairs, not this token mean (TRL 1.16 fails on sft with use_weighting)
             else:
                 losses = dpo_loss(
                     policy_chosen,
@@ -185,7 +196,7 @@ class DPO(PairwiseModule):
                     ref_chosen,
                     ref_rejected,
                     beta=self.beta,
-                    loss_type=name,
+                    loss_type=spec,
                     label_smoothing=self.label_smoothing,
                     discopop_tau=self.discopop_tau,
                     chosen_lengths=chosen.num_tokens,
@@ -200,8 +211,8 @@ class DPO(PairwiseModule):
             loss = weight * term if loss is None else loss + weight * term
         loss = loss + self.rpo_alpha * nll if self.rpo_alpha > 0 else loss
         # The rewards every loss type reports (TRL's): β·(log π − log π_ref) of each answer
-        chosen_rewards = self.beta * (policy_chosen - ref_chosen).detach()
-        rejected_rewards = self.beta * (policy_rejected - ref_rejected).detach()
+        chosen_rewards = implicit_rewards(policy_chosen - ref_chosen, self.beta)
+        rejected_rewards = implicit_rewards(policy_rejected - ref_rejected, self.beta)
         metrics = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
         terms = {k: terms[k] for k in self.term_metrics()}
         return loss, {**metrics, "nll_loss": nll.detach(), **terms}

@@ -21,10 +21,9 @@ from alignlab.data.collate import select_rows
 from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
 from alignlab.losses.grpo import (
-    ADVANTAGE_ESTIMATORS,
-    CLIP_LOSS_TYPES,
-    GRPO_LOSS_TYPES,
-    IMPORTANCE_SAMPLING_LEVELS,
+    ADVANTAGES,
+    GRPO_LOSSES,
+    IMPORTANCE_RATIOS,
     SCALE_REWARDS,
     entropy_threshold,
     estimate_advantages,
@@ -33,8 +32,9 @@ from alignlab.losses.grpo import (
     kl_reward_penalty,
 )
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
-from alignlab.online.rewards import build_reward_function, check_reward_funcs, score_completions
-from alignlab.online.rollout import pack, row_sampling_logprobs, token_logprobs
+from alignlab.online.rewards import build_reward_function, check_reward_funcs
+from alignlab.online.rollout import Samples, pack, row_sampling_logprobs, token_logprobs
+from alignlab.online.update_stats import UpdateStats
 from alignlab.runner.checks import Checks
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
 
     def __init__(self, model, tokenizer, optim, evaluation=None, **hparams):
         super().__init__(model, tokenizer, optim, evaluation, **hparams)
-        self.rewards = [self.bind_soft_overlong(build_reward_function(spec)) for spec in self.reward_funcs]
-        self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
+        self.use_reward_functions([self.bind_soft_overlong(build_reward_function(spec)) for spec in self.reward_funcs])
         if self.multi_turn:  # tools or an environment: episodes of several turns (alignlab.algorithms.multiturn)
             self.setup_multi_turn()
         self.generation_batches = 0
@@ -85,10 +84,10 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         super().check_config(algorithm)
         checks = Checks(algorithm, "algorithm").at_least(2, "num_generations").positive("epsilon")
         checks.non_negative("beta").at_least(1, "num_iterations", "max_completion_length", "generation_chunk_size")
-        checks.one_of("loss_type", GRPO_LOSS_TYPES)
+        checks.registered("loss_type", GRPO_LOSSES)
         if algorithm.epsilon_high is not None:
             checks.positive("epsilon_high")
-        checks.one_of("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        checks.registered("importance_sampling_level", IMPORTANCE_RATIOS)
         checks.positive("sapo_temperature_pos", "sapo_temperature_neg").non_negative("entropy_coef")
         checks.within("top_entropy_quantile", 0.0, 1.0)
         if algorithm.loss_type == "cispo" and algorithm.epsilon_high is None:
@@ -97,9 +96,10 @@ class GRPO(MultiTurnRollouts, OnlineModule):
                 "ms-swift read it; ScaleRL uses 5.0): set it, null would cap at epsilon"
             )
         if algorithm.delta is not None:
-            if algorithm.loss_type not in CLIP_LOSS_TYPES:
+            if GRPO_LOSSES[algorithm.loss_type].objective != "clipped":
                 raise ConfigError(
-                    f"algorithm.delta (two-sided clipping) applies to the clipped loss types {CLIP_LOSS_TYPES}, "
+                    "algorithm.delta (two-sided clipping) applies to the clipped loss types "
+                    f"{GRPO_LOSSES.names(objective='clipped')}, "
                     f"not loss_type={algorithm.loss_type}: set it to null"
                 )
             high = algorithm.epsilon if algorithm.epsilon_high is None else algorithm.epsilon_high
@@ -121,7 +121,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         """Advantage estimators, KL in the reward, dynamic sampling, soft overlong and reference syncs."""
         if algorithm.scale_rewards is not None:
             checks.one_of("scale_rewards", SCALE_REWARDS)
-        checks.one_of("advantage_estimator", ADVANTAGE_ESTIMATORS).at_least(0, "max_resample_times")
+        checks.registered("advantage_estimator", ADVANTAGES, own=True).at_least(0, "max_resample_times")
         for key in ("kl_in_reward", "sync_ref_model"):
             if algorithm[key] and algorithm.beta == 0:
                 raise ConfigError(
@@ -151,77 +151,33 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         cls.check_episode_setup(cfg)
 
     # -- generation and rewards -----------------------------------------------------------------
-    def rewards_of(
-        self, batch: dict, texts: list[str], g: int | None = None, completion_ids: list | None = None
-    ) -> tuple[torch.Tensor, dict]:
-        """Weighted sum of every reward function: [N], plus per-function values for metrics. `texts`:
-        `g` answers to each of the batch's prompts in consecutive rows (default num_generations);
-        `completion_ids`: their token ids, passed on as TRL does (e.g. for soft_overlong)."""
-        g = self.num_generations if g is None else g
-        prompts = [p for p in batch["prompt_messages"] for _ in range(g)]  # message lists, as the data gave them
-        columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
-        columns |= {} if completion_ids is None else {"completion_ids": completion_ids}
-        if self.multi_turn:  # what each episode's environment gave at its end
-            columns["environment_reward"] = self.episode_rewards
-        per_fn, total = {}, torch.zeros(len(texts), device=self.device)
-        scored, seconds = score_completions(self.rewards, prompts, texts, columns)  # async functions concurrently
-        for (name, _), weight in zip(self.rewards, self.weights):
-            values = torch.tensor(scored[name], device=self.device)
-            per_fn[name] = values
-            total += weight * values
-        if self._trainer is not None and self.trainer.training:  # timing/reward/<name>: seconds in this step
-            step, spent = getattr(self, "_reward_seconds", (None, {}))
-            spent = {k: (spent.get(k, 0.0) if step == self.global_step else 0.0) + v for k, v in seconds.items()}
-            self._reward_seconds = (self.global_step, spent)  # summed over the step's calls (resampling)
-            for k, v in spent.items():  # this process's seconds: no collective, however often a process scores
-                name = f"timing/reward/{k}"
-                self.log(f"train/{name}", v, on_step=True, on_epoch=False, batch_size=len(texts))
-        return total, per_fn
-
     @torch.no_grad()
     def generate_batch(self, batch: dict) -> dict:
+        """One generation batch: num_generations completions to each of the batch's prompts, scored
+        (`sample_and_score`; with dynamic_sample, groups without signal replaced: `dynamic_sampling`),
+        their log-probs at rollout time (`rollout_logprobs`), and group-relative advantages of the rewards
+        (less β·KL per completion with kl_in_reward): what grpo_update trains on, and its metrics."""
         g = self.num_generations
         samples, texts, rewards, per_fn = self.sample_and_score(batch)
         first_zero_std = (rewards.view(-1, g).std(1) < 1e-6).float().mean()  # of the first sample, as DAPO reports it
-        extra = dict(self.rollout_stats) if self.multi_turn else {}  # the first sample's episodes, as the line above
+        extra = dict(samples.metrics)  # the first sample's episodes (multi-turn), as the line above
         if self.dynamic_sample:
             samples, texts, rewards, per_fn, resamples = self.dynamic_sampling(batch, samples, texts, rewards, per_fn)
             extra["num_resamples"] = torch.tensor(float(resamples), device=self.device)
         mask = samples.mask
         if self.mask_truncated_completions:  # answers cut at the length limit teach nothing
             mask = mask * samples.has_eos.unsqueeze(1).float()
-        length = mask.shape[1]
-        old = ref = None
-        engine = samples.sampling_logprobs is not None  # an engine sampled: compare its log-probs with the policy's
-        if self.num_iterations > 1 or self.kl_in_reward or engine:  # later iterations (and k1) need them too
-            old = token_logprobs(self.model, samples.seqs, samples.starts, length, self.temperature)
-        rollout_weights, correction = self.rollout_correction(old, samples, mask) if engine else (None, {})
+        old, ref, rollout_weights, correction = self.rollout_logprobs(samples, mask)
+        inputs = {"lengths": samples.mask.sum(1), "logprobs": old, "mask": mask}  # what estimators read besides rewards
         extra |= correction
-        if engine and not (self.num_iterations > 1 or self.kl_in_reward):
-            old = None  # one iteration: the update's ratio stays exactly 1, as without an engine
-        if self.reference is not None:
-            ref = token_logprobs(self.reference, samples.seqs, samples.starts, length, self.temperature)
         returns = rewards
         if self.kl_in_reward:  # each token's reward −β·k1, summed into the completion's return
             penalty, extra["kl"] = kl_reward_penalty(old * mask, ref * mask, mask, self.beta)
             returns = rewards - penalty
             old = old if self.num_iterations > 1 else None  # one iteration: the update's ratio is exactly 1
-        advantages = estimate_advantages(
-            returns, g, self.advantage_estimator, self.scale_rewards, batch_rewards=self.gather_across_devices(returns)
-        )
-        grouped_std = rewards.view(-1, g).std(1)
-        self.last_rollout_flat = bool((grouped_std < 1e-6).all())  # what train_on watches (watch_reward_signal)
-        stats = {
-            "reward": rewards.mean(),
-            "reward_std": grouped_std.mean(),
-            "frac_reward_zero_std": first_zero_std,
-            **extra,
-            "completions/mean_length": samples.mask.sum(1).mean(),
-            "completions/clipped_ratio": 1 - samples.has_eos.float().mean(),
-        }
-        for name, values in per_fn.items():
-            everyone = self.gather_across_devices(values)  # the std of the whole batch, not a mean of stds
-            stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = values.mean(), everyone.std()
+        everyone = self.gather_across_devices(returns)
+        advantages = estimate_advantages(returns, g, self.advantage_estimator, self.scale_rewards, everyone, **inputs)
+        self.last_rollout_flat = bool((rewards.view(-1, g).std(1) < 1e-6).all())  # what train_on watches
         return {
             **samples.seqs,
             "starts": samples.starts,
@@ -230,21 +186,55 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             "old_logprobs": old,
             "ref_logprobs": ref,
             "rollout_weights": rollout_weights,
-            "stats": stats,
+            "stats": self.generation_stats(samples, rewards, per_fn, first_zero_std, extra),
             "texts": texts,
+        }
+
+    def rollout_logprobs(self, samples: Samples, mask: torch.Tensor) -> tuple:
+        """(old, ref, rollout_weights, correction metrics): the policy's token log-probs [N, R] at rollout
+        time where the update needs them (num_iterations > 1, kl_in_reward; else None: the ratio is then
+        exactly 1) or an engine sampled (compared with the engine's: `rollout_correction`), and the
+        reference's [N, R] (None without a reference); neither masked."""
+        length = mask.shape[1]
+        old = ref = None
+        engine = samples.sampling_logprobs is not None  # an engine sampled: compare its log-probs with the policy's
+        if self.num_iterations > 1 or self.kl_in_reward or engine:  # later iterations (and k1) need them too
+            old = token_logprobs(self.model, samples.seqs, samples.starts, length, self.temperature)
+        rollout_weights, correction = self.rollout_correction(old, samples, mask) if engine else (None, {})
+        if engine and not (self.num_iterations > 1 or self.kl_in_reward):
+            old = None  # one iteration: the update's ratio stays exactly 1, as without an engine
+        if self.reference is not None:
+            ref = token_logprobs(self.reference, samples.seqs, samples.starts, length, self.temperature)
+        return old, ref, rollout_weights, correction
+
+    def generation_stats(
+        self, samples: Samples, rewards: torch.Tensor, per_fn: dict, first_zero_std: torch.Tensor, extra: dict
+    ) -> dict[str, torch.Tensor]:
+        """The generation batch's metrics: reward, its std within groups, frac_reward_zero_std (of the first
+        sample), `extra`, completion lengths and clipped share, each reward function's mean and std."""
+        return {
+            "reward": rewards.mean(),
+            "reward_std": rewards.view(-1, self.num_generations).std(1).mean(),
+            "frac_reward_zero_std": first_zero_std,
+            **extra,
+            "completions/mean_length": samples.mask.sum(1).mean(),
+            "completions/clipped_ratio": 1 - samples.has_eos.float().mean(),
+            **self.reward_metrics(per_fn),
         }
 
     def sample_and_score(self, batch: dict) -> tuple:
         """num_generations answers to each of the batch's prompts and their rewards: (Samples, texts,
-        weighted rewards [N], per-function rewards {name: [N]})."""
+        weighted rewards [N], per-function rewards {name: [N]}); multi-turn, the texts are the episodes'
+        conversations, scored with each episode's environment reward."""
         g = self.num_generations
         if self.multi_turn:  # completions are conversations: the turns after the prompt, as message lists
-            samples, texts = self.sample_episodes(batch, g)
-            rewards, per_fn = self.rewards_of(batch, texts, completion_ids=samples.responses)
+            episodes = self.sample_episodes(batch, g)
+            samples, texts = episodes.samples, episodes.conversations
+            rewards, per_fn = self.rewards_of(batch, texts, samples.responses, environment_rewards=episodes.rewards)
             return samples, texts, rewards, per_fn
         samples = self.sample_answers(batch, self.max_completion_length, self.generation_chunk_size, g)
         texts = answer_texts(self.tokenizer, samples.responses, samples.has_eos)
-        rewards, per_fn = self.rewards_of(batch, texts, completion_ids=samples.responses)
+        rewards, per_fn = self.rewards_of(batch, texts, samples.responses)
         return samples, texts, rewards, per_fn
 
     # -- DAPO dynamic sampling ------------------------------------------------------------------
@@ -252,11 +242,11 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         """DAPO's dynamic sampling (Yu et al., 2025, §3.2), with ms-swift's `dynamic_sample` and
         `max_resample_times`: a group whose G rewards are all equal (std < 1e-6) gives no gradient under a
         group baseline, so up to max_resample_times more rounds of batch_size freshly drawn training prompts
-        (`draw_prompts`) are sampled and scored while groups with signal are short; the batch is then the
-        first batch_size groups with signal, in the order found, and, if still short after the last round,
-        the first sample's zero-variance groups fill it, so it always keeps batch_size groups. ms-swift
-        instead falls back to the whole first sample when short; this keeps what the rounds found. Under
-        DDP every process runs as many rounds (while any is short) and fills its own share.
+        (`draw_prompts`) are sampled and scored while groups with signal are short (`resample`); the batch
+        is then the first batch_size groups with signal, in the order found, and, if still short after the
+        last round, the first sample's zero-variance groups fill it, so it always keeps batch_size groups.
+        ms-swift instead falls back to the whole first sample when short; this keeps what the rounds found.
+        Under DDP every process runs as many rounds (while any is short) and fills its own share.
 
         Returns (Samples, texts, rewards [N], per-function rewards, rounds run); the inputs unchanged when
         every group of the first sample has signal. Raises ValueError for prompts with images."""
@@ -264,31 +254,43 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         if any(k in batch for k in VISION_KEYS):
             raise ValueError("dynamic_sample does not yet handle prompts with images")
         pieces = [(samples, texts, rewards, per_fn)]
+        rounds = self.resample(batch, pieces)
+        signal = [piece[2].view(-1, g).std(1) >= 1e-6 for piece in pieces]
+        if len(pieces) == 1 and bool(signal[0].all()):
+            return samples, texts, rewards, per_fn, rounds
+        chosen = [(p, i) for p, has in enumerate(signal) for i in range(len(has)) if has[i]][:size]
+        flat = [(0, i) for i in range(size) if (0, i) not in chosen]
+        chosen += flat[: size - len(chosen)]  # the first sample's zero-variance groups, when nothing better was found
+        return (*self.gathered(pieces, [(p, i * g + j) for p, i in chosen for j in range(g)]), rounds)
+
+    def resample(self, batch: dict, pieces: list[tuple]) -> int:
+        """Dynamic sampling's rounds: while any process has fewer than batch_size groups with signal in
+        `pieces` (each sample_and_score's result), and rounds and training rows are left, a fresh draw
+        of batch_size prompts, not yet used in this step, is sampled, scored and appended. Returns the
+        rounds run."""
+        g, size = self.num_generations, len(batch["index"])
         exclude = set(self.gather_across_devices(batch["index"].to(self.device)).tolist())
         rounds = 0
         while True:
             kept = sum(int((piece[2].view(-1, g).std(1) >= 1e-6).sum()) for piece in pieces)
             short = self.gather_across_devices(torch.tensor([size - kept], device=self.device)).max().item()
             if short <= 0 or rounds >= self.max_resample_times:
-                break
+                return rounds
             more = self.draw_prompts(size, rounds, exclude)
             if more is None:  # the training rows ran out
-                break
+                return rounds
             exclude |= set(self.gather_across_devices(more["index"].to(self.device)).tolist())
             pieces.append(self.sample_and_score(more))
             rounds += 1
-        if len(pieces) == 1 and kept == size:
-            return samples, texts, rewards, per_fn, rounds
-        signal = [piece[2].view(-1, g).std(1) >= 1e-6 for piece in pieces]
-        chosen = [(p, i) for p, has in enumerate(signal) for i in range(len(has)) if has[i]][:size]
-        flat = [(0, i) for i in range(size) if (0, i) not in chosen]
-        chosen += flat[: size - len(chosen)]  # the first sample's zero-variance groups, when nothing better was found
-        rows = [(p, i * g + j) for p, i in chosen for j in range(g)]
+
+    def gathered(self, pieces: list[tuple], rows: list[tuple[int, int]]) -> tuple:
+        """(Samples, texts, rewards [N], per-function rewards) of the `rows` ((piece, row) pairs) of
+        `pieces`, packed again: each row keeps its trained tokens as sampled (a multi-turn episode's tool
+        results stay out of the loss) and an engine's sampling log-probs."""
         pick = lambda k: [getattr(pieces[p][0], k)[r] for p, r in rows]  # noqa: E731
-        # each row's trained tokens as sampled: a multi-turn episode's tool results stay out of the loss
         masks = [pieces[p][0].mask[r, : len(pieces[p][0].responses[r])] for p, r in rows]
-        engine_logps = None  # an engine's sampling log-probs travel with their rows
-        if samples.sampling_logprobs is not None:
+        engine_logps = None
+        if pieces[0][0].sampling_logprobs is not None:
             engine_logps = [row_sampling_logprobs(pieces[p][0], r) for p, r in rows]
         packed = pack(
             pick("prompts"),
@@ -301,8 +303,8 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         )
         texts = [pieces[p][1][r] for p, r in rows]
         rewards = torch.stack([pieces[p][2][r] for p, r in rows])
-        per_fn = {name: torch.stack([pieces[p][3][name][r] for p, r in rows]) for name in per_fn}
-        return packed, texts, rewards, per_fn, rounds
+        per_fn = {name: torch.stack([pieces[p][3][name][r] for p, r in rows]) for name in pieces[0][3]}
+        return packed, texts, rewards, per_fn
 
     # Set at fit start by PromptDraws: the DataModule's `draw_prompts` (dynamic sampling's extra prompts).
     prompt_draws = None
@@ -346,83 +348,79 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         Every loss_type divides by the step's totals over every device (completion tokens, or
         completions), so each step equals one pass over the whole generation batch on one process.
         With top_entropy_quantile < 1 each step first finds its high-entropy tokens among all its
-        completion tokens (`high_entropy_tokens`, one more forward pass without gradients)."""
-        n, length = gen["input_ids"].shape[0], gen["mask"].shape[1]
+        completion tokens (`high_entropy_tokens`, one more forward pass without gradients). Logged: each
+        step's token means over every device (clip shares over what they count: tokens, or completions
+        with sequence-level ratios) and its loss, averaged over the steps (UpdateStats)."""
+        n = gen["input_ids"].shape[0]
         tokens = self.sum_across_devices(gen["mask"].sum())
         completions = self.sum_across_devices(torch.tensor(float(n), device=gen["mask"].device))
-        scale = self.loss_scale()  # DDP averages the devices' gradients
-        # Token-weighted sums over every micro-batch and iteration, turned into token means at the end
-        # (over all devices' tokens, so the logged value is the whole batch's). Clip shares are weighted
-        # by what they count: tokens, or completions with sequence-level ratios.
         clip_keys = {"clip_ratio/low_mean": "clip_low", "clip_ratio/high_mean": "clip_high"}  # as TRL logs them
-        if self.loss_type not in CLIP_LOSS_TYPES:  # cispo's own share; sapo has no clip
+        if GRPO_LOSSES[self.loss_type].objective != "clipped":  # cispo's own share; sapo has no clip
             clip_keys = {"cispo_clip_ratio": "cispo_clip"} if self.loss_type == "cispo" else {}
-        sums, clip_sums = {"kl": 0.0, "entropy": 0.0}, dict.fromkeys(clip_keys, 0.0)
-        counted, units, applied = 0.0, 0.0, 0.0  # applied: the loss whose gradient each optimizer step took, summed
-        bonus = self.entropy_coef != 0.0  # the entropy enters the loss: it carries gradients
+        stats = UpdateStats()
         micro_batches = self.micro_batches(gen["attention_mask"])
         for _ in range(self.num_iterations):
             keep = None  # found again each step: the policy, and so its entropy, has changed
             if self.top_entropy_quantile < 1.0:
                 keep = self.high_entropy_tokens(gen, micro_batches)
             for idx in micro_batches:
-                mask = gen["mask"][idx]
-                # Past a completion's end, a row cut shorter than the batch reads other positions than at
-                # generation time: zero every log-prob there, so the ratio and the KL are exactly 1 and 0.
-                logprobs, entropy = token_logprobs(
-                    self.model,
-                    select_rows(gen, idx),
-                    gen["starts"][idx],
-                    length,
-                    self.temperature,
-                    entropy=True,
-                    entropy_grad=bonus,
-                )
-                logprobs, entropy = logprobs * mask, entropy * mask
-                old = logprobs.detach() if gen["old_logprobs"] is None else gen["old_logprobs"][idx] * mask
-                ref = None if gen["ref_logprobs"] is None else gen["ref_logprobs"][idx] * mask
-                out = grpo_loss(
-                    logprobs,
-                    old,
-                    gen["advantages"][idx],
-                    mask,
-                    self.epsilon,
-                    self.epsilon_high,
-                    self.loss_beta,
-                    ref,
-                    self.loss_type,
-                    self.max_completion_length,
-                    num_items_in_batch=tokens,
-                    num_completions=completions,
-                    scale=scale,
-                    importance_sampling_level=self.importance_sampling_level,
-                    delta=self.delta,
-                    sapo_temperature_pos=self.sapo_temperature_pos,
-                    sapo_temperature_neg=self.sapo_temperature_neg,
-                    entropy=entropy,
-                    entropy_coef=self.entropy_coef,
-                    entropy_mask=None if keep is None else keep[idx],
-                    rollout_weights=None if gen.get("rollout_weights") is None else gen["rollout_weights"][idx],
-                )
-                loss = out.loss
-                self.backpropagate(loss)
-                applied = applied + loss.detach()
-                n_tokens = mask.sum()
-                counted, units = counted + n_tokens, units + out.clip_units
-                for key in clip_sums:
-                    clip_sums[key] = clip_sums[key] + getattr(out, clip_keys[key]) * out.clip_units
-                sums["entropy"] = sums["entropy"] + out.entropy * n_tokens
-                if out.kl is not None:
-                    sums["kl"] = sums["kl"] + out.kl.detach() * n_tokens
+                out = self.micro_batch_loss(gen, idx, tokens, completions, keep)
+                self.backpropagate(out.loss)
+                kl = out.kl if self.loss_beta != 0.0 else None  # no KL term in the loss: none logged here
+                stats.add(gen["mask"][idx].sum(), kl=kl, entropy=out.entropy)
+                stats.add(out.clip_units, **{key: getattr(out, name) for key, name in clip_keys.items()})
+                stats.add_shares(loss=out.loss)  # the loss whose gradient the step took
             self.optimizer_step_manually(optimizer, scheduler)
-        total = self.mean_across_devices(counted).clamp(min=1)  # means of both sides: their ratio is the sums'
-        out = {k: self.mean_across_devices(v) / total for k, v in sums.items() if k != "kl" or self.loss_beta != 0.0}
-        total_units = self.mean_across_devices(units).clamp(min=1)
-        out.update({k: self.mean_across_devices(v) / total_units for k, v in clip_sums.items()})
-        if self.loss_type in CLIP_LOSS_TYPES:
+            stats.end_step()
+        out = self.update_metrics(stats)
+        if GRPO_LOSSES[self.loss_type].objective == "clipped":
             out["clip_ratio/region_mean"] = out["clip_ratio/low_mean"] + out["clip_ratio/high_mean"]
-        out["loss"] = self.mean_across_devices(applied) / self.num_iterations  # the steps' losses, averaged
         return out
+
+    def micro_batch_loss(
+        self, gen: dict, idx: torch.Tensor, tokens: torch.Tensor, completions: torch.Tensor, keep
+    ) -> tuple:
+        """grpo_loss's output (GRPOLossOutput) for the generation batch's rows `idx`, divided by the step's
+        `tokens` and `completions` over every device; `keep`: the step's high-entropy tokens [N, R]
+        (top_entropy_quantile), or None."""
+        mask, length = gen["mask"][idx], gen["mask"].shape[1]
+        # Past a completion's end, a row cut shorter than the batch reads other positions than at
+        # generation time: zero every log-prob there, so the ratio and the KL are exactly 1 and 0.
+        logprobs, entropy = token_logprobs(
+            self.model,
+            select_rows(gen, idx),
+            gen["starts"][idx],
+            length,
+            self.temperature,
+            entropy=True,
+            entropy_grad=self.entropy_coef != 0.0,  # the entropy enters the loss: it carries gradients
+        )
+        logprobs, entropy = logprobs * mask, entropy * mask
+        old = logprobs.detach() if gen["old_logprobs"] is None else gen["old_logprobs"][idx] * mask
+        ref = None if gen["ref_logprobs"] is None else gen["ref_logprobs"][idx] * mask
+        return grpo_loss(
+            logprobs,
+            old,
+            gen["advantages"][idx],
+            mask,
+            self.epsilon,
+            self.epsilon_high,
+            self.loss_beta,
+            ref,
+            self.loss_type,
+            self.max_completion_length,
+            num_items_in_batch=tokens,
+            num_completions=completions,
+            scale=self.loss_scale(),  # DDP averages the devices' gradients
+            importance_sampling_level=self.importance_sampling_level,
+            delta=self.delta,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            entropy=entropy,
+            entropy_coef=self.entropy_coef,
+            entropy_mask=None if keep is None else keep[idx],
+            rollout_weights=None if gen.get("rollout_weights") is None else gen["rollout_weights"][idx],
+        )
 
     @torch.no_grad()
     def high_entropy_tokens(self, gen: dict, micro_batches: list[torch.Tensor]) -> torch.Tensor:
@@ -495,9 +493,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
     eval_metric = "reward"
 
     def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """[B] the weighted reward of each greedy answer (its token ids, cut at the first stop token, passed on)."""
-        if self.multi_turn:  # the greedy episodes' conversations (MultiTurnRollouts.greedy_answers)
-            conversations, ids = [e.messages for e in self.greedy_episodes], [e.ids for e in self.greedy_episodes]
-            return self.rewards_of(batch, conversations, g=1, completion_ids=ids)[0]
+        """[B] the weighted reward of each greedy answer (its token ids, cut at the first stop token, passed
+        on). Multi-turn, the greedy episodes are scored by MultiTurnRollouts.evaluate_greedy."""
         answers, _ = cut_at_stop(tokens, stop_token_ids(self.model, self.tokenizer))
-        return self.rewards_of(batch, texts, g=1, completion_ids=answers)[0]
+        return self.rewards_of(batch, texts, answers)[0]

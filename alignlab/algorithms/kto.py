@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.data.collate import select_rows
-from alignlab.losses import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, kto_weight_advice, step_mean
+from alignlab.losses import KTO_LOSSES, kto_kl_estimate, kto_loss, kto_weight_advice, step_mean
 from alignlab.models.compatible import check_ref_model
 from alignlab.models.logprobs import answer_logprobs
 from alignlab.runner.checks import Checks
@@ -43,8 +43,8 @@ class KTO(AlignmentModule):
 
     @classmethod
     def check_config(cls, algorithm: DictConfig) -> None:
-        checks = Checks(algorithm, "algorithm").positive("beta").non_negative("desirable_weight", "undesirable_weight")
-        checks.one_of("loss_type", KTO_LOSS_TYPES)
+        Checks(algorithm, "algorithm").positive("beta").non_negative("desirable_weight", "undesirable_weight")
+        KTO_LOSSES.check(algorithm.loss_type)
 
     @classmethod
     def check_run(cls, cfg: DictConfig) -> None:
@@ -95,9 +95,9 @@ class KTO(AlignmentModule):
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict]:
         n = self.rows_in(batch)
-        if self.loss_type == "kto":
+        if KTO_LOSSES.resolve(self.loss_type).reference_point:
             kl = self.reference_point(batch)  # first: its forwards then run while no activations are kept
-        else:  # APO-zero has no reference point: the mismatched rows are not scored (TRL logs kl 0)
+        else:  # e.g. APO-zero has no reference point: the mismatched rows are not scored (TRL logs kl 0)
             kl = torch.zeros((), device=self.device)
         matched = answer_logprobs(self.model, select_rows(batch, slice(0, n)))
         ref = self.reference_logps(batch)

@@ -11,9 +11,13 @@ The algorithm's loss, KL and entropy then read the mask as they read a single an
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import NamedTuple
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from alignlab.algorithms.online import GreedyEvaluation
 from alignlab.data.vision import VISION_KEYS
 from alignlab.errors import ConfigError
 from alignlab.online.generation import sample_keys, stop_token_ids
@@ -31,15 +35,41 @@ from alignlab.online.multiturn import (
     open_episodes,
     run_episodes,
 )
-from alignlab.online.rewards import REGISTRY
+from alignlab.online.rewards import REWARD_FUNCTIONS
 from alignlab.online.rollout import Samples
 from alignlab.online.tools import TOOL_CALL_FORMATS, load_tools, tool_schema
 from alignlab.runner.checks import Checks
 
 
+class EpisodeRollout(NamedTuple):
+    """Episodes sampled for a batch's prompts (`MultiTurnRollouts.sample_episodes`), as values."""
+
+    samples: Samples  # the episodes' tokens (mask 1 on the policy's only); `metrics`: episode_metrics
+    conversations: list[list[dict]]  # each episode's messages after the prompt, as reward functions get them
+    episodes: list[Episode]
+
+    @property
+    def rewards(self) -> list:
+        """The reward each episode's environment gave at its end (None where it gave none)."""
+        return [e.reward for e in self.episodes]
+
+
 class MultiTurnRollouts:
-    """Mixin for an OnlineModule whose config has `tools`, `tool_call_format`, `tool_timeout`,
-    `environment` and `max_turns`. Multi-turn is on when `tools` or `environment` is set."""
+    """Mixin, before OnlineModule, for an online algorithm whose completions may be episodes of several
+    turns: multi-turn is on when the config's `tools` or `environment` is set.
+
+    The host class must provide:
+    - config keys as attributes: `tools`, `tool_call_format`, `tool_timeout`, `environment`, `max_turns`,
+      `max_completion_length`, `generation_chunk_size`, `temperature`;
+    - OnlineModule's `model`, `tokenizer`, `device`, `backend`, `rollout_counter`, `rewards` (the reward
+      functions, (name, callable) pairs, set before `setup_multi_turn`), `rewards_of`, `eval_metric`,
+      `evaluate_greedy`, `greedy_answers`, `check_rows`;
+    and call `setup_multi_turn()` in its constructor when `multi_turn`, `check_multi_turn_keys` in
+    `check_config` and `check_episode_setup` in `check_run`. It samples with `sample_episodes` where it
+    would sample single answers, and scores an EpisodeRollout's `conversations` with its `rewards`
+    (the environment's) as `environment_reward`. State passes as values: nothing sampled is kept on
+    the module.
+    """
 
     @property
     def multi_turn(self) -> bool:
@@ -100,9 +130,7 @@ class MultiTurnRollouts:
         setup = episode_setup(self.tools, self.tool_call_format, self.tool_timeout, self.environment, self.tokenizer)
         self.episode_setup = setup
         self.tool_functions, self.tool_schemas, self.new_environment = setup[:3]
-        self.rewards = [(name, on_final_answers(fn) if name in REGISTRY else fn) for name, fn in self.rewards]
-        self.rollout_stats: dict[str, torch.Tensor] = {}
-        self.greedy_episodes: list[Episode] = []
+        self.rewards = [(name, on_final_answers(fn) if name in REWARD_FUNCTIONS else fn) for name, fn in self.rewards]
 
     # -- sampling ------------------------------------------------------------------------------
     def episodes_for(self, batch: dict, num_per_prompt: int) -> list[Episode]:
@@ -111,10 +139,10 @@ class MultiTurnRollouts:
         return open_episodes(batch["prompt_messages"], columns, num_per_prompt, self.episode_setup, self.tokenizer)
 
     @torch.no_grad()
-    def sample_episodes(self, batch: dict, num_per_prompt: int, greedy: bool = False) -> tuple[Samples, list]:
+    def sample_episodes(self, batch: dict, num_per_prompt: int, greedy: bool = False) -> EpisodeRollout:
         """Episodes for the batch's prompts, sampled by the generation backend with keys on (seed, rollouts
-        so far, data row, sample, turn), or greedily (held-out evaluation): (Samples, conversations, the
-        message lists reward functions get). Sets `rollout_stats` (episode_metrics)."""
+        so far, data row, sample, turn), or greedily (held-out evaluation); their Samples carry the
+        episodes' metrics (episode_metrics). Raises ValueError for prompts with images."""
         if any(k in batch for k in VISION_KEYS):
             raise ValueError("multi-turn rollouts do not yet handle prompts with images")
         stops, pad = stop_token_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id
@@ -130,55 +158,42 @@ class MultiTurnRollouts:
                 # an engine's Sampled keeps its log-probs per turn: the rollout correction covers every turn
                 return self.backend.sample(self.model, ids, attn, n, max_new, self.temperature, turn_keys, stops, pad)
 
-        chunk = self.generation_chunk_size
-        run_episodes(
-            sampler,
-            self.tokenizer,
-            episodes,
-            1 if greedy else num_per_prompt,
-            self.max_turns,
-            self.max_completion_length,
-            stops,
-            chunk,
-            keys,
-            self.device,
-        )
-        metrics = episode_metrics(episodes, self.max_turns)
-        self.rollout_stats = {k: torch.tensor(v, device=self.device) for k, v in metrics.items()}
-        self.episode_rewards = [e.reward for e in episodes]
-        if greedy:
-            self.greedy_episodes = episodes
-        return episode_samples(episodes, pad, self.device), [conversation(e) for e in episodes]
+        group, chunk = 1 if greedy else num_per_prompt, self.generation_chunk_size
+        limits = (self.max_turns, self.max_completion_length)
+        run_episodes(sampler, self.tokenizer, episodes, group, *limits, stops, chunk, keys, self.device)
+        metrics = {k: torch.tensor(v, device=self.device) for k, v in episode_metrics(episodes, self.max_turns).items()}
+        samples = replace(episode_samples(episodes, pad, self.device), metrics=metrics)
+        return EpisodeRollout(samples, [conversation(e) for e in episodes], episodes)
 
     def greedy_answers(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
-        """Single-turn: the base class's. Multi-turn: greedy episodes (kept in `greedy_episodes`): (every
-        episode's tokens after the prompt [B, ≤ max_completion_length], right-padded, their final answers)."""
+        """Single-turn: the base class's. Multi-turn: greedy episodes: (every episode's tokens after the
+        prompt [B, ≤ max_completion_length], right-padded, their final answers)."""
         if not self.multi_turn:
             return super().greedy_answers(batch)
-        samples, _ = self.sample_episodes(batch, 1, greedy=True)
+        rollout = self.sample_episodes(batch, 1, greedy=True)
+        samples = rollout.samples
         width = samples.mask.shape[1]
         tokens = torch.full((len(samples.responses), width), self.tokenizer.pad_token_id, device=self.device)
         for i, r in enumerate(samples.responses):
             tokens[i, : len(r)] = torch.tensor(r, device=self.device)
-        return tokens, [e.final_answer for e in self.greedy_episodes]
+        return tokens, [e.final_answer for e in rollout.episodes]
 
-    def sample_rows(self, prompts: list, texts: list[str], scores: list[float]) -> list[dict]:
-        """The base class's rows; multi-turn, each also gets `conversation`: its greedy episode's messages after
-        the prompt (assistant turns with their tool calls, tool results, an environment's replies), as reward
-        functions get them, while `answer` stays the last assistant turn."""
-        rows = super().sample_rows(prompts, texts, scores)
-        if self.multi_turn:
-            rows = [{**row, "conversation": conversation(e)} for row, e in zip(rows, self.greedy_episodes)]
-        return rows
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """The base class's evaluation, plus, multi-turn, the greedy episodes' metrics (eval/num_turns,
-        eval/tools/call_frequency, eval/tools/failure_frequency, eval/max_turns_ratio) and each reward
-        function's mean over them (eval/rewards/<fn>/mean; a weight of 0 makes a function a measurement)."""
-        super().validation_step(batch, batch_idx)
-        if self.multi_turn:
-            episodes = self.greedy_episodes
-            conversations, ids = [e.messages for e in episodes], [e.ids for e in episodes]
-            _, per_fn = self.rewards_of(batch, conversations, g=1, completion_ids=ids)
-            means = {f"rewards/{name}/mean": values.mean() for name, values in per_fn.items()}
-            self._log("eval", {**self.rollout_stats, **means}, len(episodes), on_step=False)
+    def evaluate_greedy(self, batch: dict) -> GreedyEvaluation:
+        """Single-turn: the base class's. Multi-turn: greedy episodes scored by the reward functions (each
+        episode's messages and token ids after the prompt, its environment reward); each sample-table row
+        also gets `conversation` (the messages, tool results included), while `answer` stays the last
+        assistant turn; the metrics: the episodes' (num_turns, tools/call_frequency,
+        tools/failure_frequency, max_turns_ratio) and each reward function's mean (rewards/<fn>/mean; a
+        weight of 0 makes a function a measurement)."""
+        if not self.multi_turn:
+            return super().evaluate_greedy(batch)
+        rollout = self.sample_episodes(batch, 1, greedy=True)
+        messages, ids = [e.messages for e in rollout.episodes], [e.ids for e in rollout.episodes]
+        scores, per_fn = self.rewards_of(batch, messages, ids, environment_rewards=rollout.rewards)
+        means = {f"rewards/{name}/mean": values.mean() for name, values in per_fn.items()}
+        return GreedyEvaluation(
+            [e.final_answer for e in rollout.episodes],
+            scores,
+            rows=[{"conversation": c} for c in rollout.conversations],
+            metrics={**rollout.samples.metrics, **means},
+        )

@@ -1,18 +1,18 @@
 """What every online algorithm (PPO, GRPO; next RLOO, GKD, tool-calling rollouts) shares: it samples its
-own answers, then takes several optimizer steps on them.
+own answers, scores them, then takes several optimizer steps on them.
 
 `OnlineModule` owns, once: the generation backend (synced to the policy before every rollout), keyed
-sampling, manual optimisation, the held-out evaluation by greedy answers, and the sample
-tables. A subclass writes the algorithm as its paper does, in `train_on(batch, optimizer, scheduler)`:
-rollout (`sample_answers`, log-probs by alignlab.online.rollout.token_logprobs) → rewards → advantages
-→ clipped update; and says how it scores a greedy answer (`eval_scores`) and how many optimizer steps
-a rollout takes (`steps_per_rollout`). Its update cuts each optimizer step's rows by tokens
-(`micro_batches`) and forwards each micro-batch cut to its own longest row
-(alignlab.data.collate.select_rows). Its config gives `generation_backend`, `temperature`,
+sampling, the one reward-scoring path (`rewards_of`: reward functions, async ones concurrently, with
+`completion_ids`, timing and checked values, plus a reward model's scores), the update's statistics
+(alignlab.online.update_stats.UpdateStats), manual optimisation, the held-out evaluation by greedy
+answers, and the sample tables. Its config gives `generation_backend`, `temperature`,
 `num_sample_generations`, `micro_batch_size` and `max_tokens_per_micro_batch`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,14 +23,39 @@ from alignlab.errors import ConfigError
 from alignlab.losses.rollout_correction import logprob_mismatch, truncated_importance_weights
 from alignlab.online.backends import build_backend, check_backend_spec
 from alignlab.online.micro_batches import token_budget_micro_batches
-from alignlab.online.rewards import REGISTRY, build_reward_function, check_reward_columns
+from alignlab.online.rewards import REWARD_FUNCTIONS, build_reward_function, check_reward_columns, score_completions
 from alignlab.online.rollout import Samples, sample
 from alignlab.online.samples import log_samples, sample_row, with_columns
+from alignlab.online.update_stats import UpdateStats
 from alignlab.online.vllm_backend import VLLM_MODES, build_vllm_backend, require_vllm
 from alignlab.runner.checks import Checks
 
 
+@dataclass
+class GreedyEvaluation:
+    """Greedy answers to held-out prompts, scored: what the evaluation and the sample tables read."""
+
+    texts: list[str]  # [B] each answer's text, cut at the first stop token (multi-turn: its final answer)
+    scores: torch.Tensor  # [B] the algorithm's score of each answer (eval_scores)
+    rows: list[dict] = field(default_factory=list)  # [B] or []: more fields of each sample-table row
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # more eval metrics over the answers
+
+
 class OnlineModule(AlignmentModule):
+    """Base of the online algorithms. A subclass defines:
+
+    - `train_on(batch, optimizer, scheduler) -> (metrics, rows)`: the algorithm as its paper writes it:
+      rollout (`sample_answers`; log-probs by alignlab.online.rollout.token_logprobs) → rewards
+      (`rewards_of`) → advantages → the clipped update, its rows cut by tokens (`micro_batches`; each
+      forward cut to its own longest row, alignlab.data.collate.select_rows), its statistics kept in an
+      UpdateStats (`update_metrics`), its optimizer steps by `optimizer_step_manually`;
+    - `steps_per_rollout`: optimizer steps per rollout (trainer.max_steps counts optimizer steps);
+    - `eval_scores(batch, tokens, texts)` and `eval_metric`: how it scores a greedy answer;
+    - `counters` (with `rollout_counter` among them) and, with reward functions, `use_reward_functions`
+      in its constructor (`rewards`, `weights`; its config's `reward_weights`).
+    It may override `check_config` / `check_run` (calling these first) and `evaluate_greedy`.
+    """
+
     # The attribute counting rollouts so far (one of `counters`, so a resumed run continues it): it keys
     # sampling and spaces the sample tables.
     rollout_counter: str = "rollouts"
@@ -91,7 +116,9 @@ class OnlineModule(AlignmentModule):
         if not specs:
             return
         # a reward-model folder needs no column (and is not loaded again for this)
-        named = [spec for spec in OmegaConf.to_container(specs) if not isinstance(spec, str) or spec in REGISTRY]
+        named = [
+            spec for spec in OmegaConf.to_container(specs) if not isinstance(spec, str) or spec in REWARD_FUNCTIONS
+        ]
         functions = [build_reward_function(spec) for spec in named]
         source = datamodule.source
         describe = getattr(source, "describe", lambda: type(source).__name__)()
@@ -114,6 +141,9 @@ class OnlineModule(AlignmentModule):
             require_vllm()
 
     # -- the algorithm --------------------------------------------------------------------------
+    rewards: Sequence[tuple[str, Callable]] = ()  # (name, function) scored by `rewards_of`
+    weights: Sequence[float] = ()  # one per reward function
+
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], int]:
         """One rollout of the batch's prompts and its optimizer steps: (train metrics, the rows they
         average over)."""
@@ -151,6 +181,83 @@ class OnlineModule(AlignmentModule):
         if hasattr(self.backend, "sleep"):  # a colocated engine may free its memory for the update
             self.backend.sleep()
         return samples
+
+    # -- rewards: one scoring path for every online algorithm ----------------------------------------
+    def use_reward_functions(self, functions: Sequence[tuple[str, Callable]]) -> None:
+        """Score with `functions` ((name, callable), alignlab.online.rewards.build_reward_function), weighted
+        by the config's `reward_weights` (null: 1.0 each)."""
+        self.rewards = list(functions)
+        self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
+
+    def rewards_of(
+        self,
+        batch: dict,
+        completions: list,
+        completion_ids: list | None = None,
+        model_scores: torch.Tensor | None = None,
+        environment_rewards: list | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """([N] the completions' rewards, {name: [N] each reward function's values}).
+
+        `completions`: G answers (text, or a multi-turn episode's messages) to each of the batch's prompts in
+        consecutive rows; every function is called with the prompts' messages and the data's columns,
+        repeated G times, `completion_ids` (their token ids, as TRL passes them) and a multi-turn episode's
+        `environment_reward` (alignlab.online.rewards.score_completions: async functions concurrently,
+        every value checked, naming the function and row). The reward is Σ_k w_k·f_k, plus
+        `model_scores` ([N], a reward model's, PPO's) at weight 1; each function's seconds are logged
+        (`log_reward_seconds`). Raises RewardFunctionError, ValueError for a count that is no multiple
+        of the prompts'."""
+        per_fn, total = {}, torch.zeros(len(completions), device=self.device)
+        if self.rewards:
+            columns = {"completion_ids": completion_ids, "environment_reward": environment_rewards}
+            prompts, columns = self.reward_inputs(batch, len(completions), columns)
+            scored, seconds = score_completions(self.rewards, prompts, completions, columns)
+            for (name, _), weight in zip(self.rewards, self.weights):
+                per_fn[name] = torch.tensor(scored[name], device=self.device)
+                total += weight * per_fn[name]
+            self.log_reward_seconds(seconds, len(completions))
+        if model_scores is not None:
+            total = model_scores + total if self.rewards else model_scores
+        return total, per_fn
+
+    @staticmethod
+    def reward_inputs(batch: dict, count: int, given: dict) -> tuple[list, dict]:
+        """(prompts, columns) for `count` completions, G to each of the batch's prompts: the prompts' message
+        lists and the data's columns, each repeated G times, and the `given` columns that are not None."""
+        prompts = batch["prompt_messages"]
+        g, rest = divmod(count, len(prompts))
+        if rest:
+            raise ValueError(f"{count} completions for {len(prompts)} prompts: not G per prompt")
+        columns = {k: [v for v in values for _ in range(g)] for k, values in batch.get("columns", {}).items()}
+        return [p for p in prompts for _ in range(g)], columns | {k: v for k, v in given.items() if v is not None}
+
+    def log_reward_seconds(self, seconds: dict[str, float], rows: int) -> None:
+        """train/timing/reward/<name>: each reward function's seconds in this training step, summed over
+        the step's calls (dynamic sampling's rounds); this process's own (no collective, however often a
+        process scores); nothing outside training."""
+        if self._trainer is None or not self.trainer.training:
+            return
+        step, spent = getattr(self, "_reward_seconds", (None, {}))
+        spent = {k: (spent.get(k, 0.0) if step == self.global_step else 0.0) + v for k, v in seconds.items()}
+        self._reward_seconds = (self.global_step, spent)
+        for k, v in spent.items():
+            name = f"timing/reward/{k}"
+            self.log(f"train/{name}", v, on_step=True, on_epoch=False, batch_size=rows)
+
+    def reward_metrics(self, per_fn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """rewards/<name>/mean and rewards/<name>/std (TRL's names), the std over every device's
+        completions (not a mean of the devices' stds)."""
+        metrics = {}
+        for name, values in per_fn.items():
+            everyone = self.gather_across_devices(values)
+            metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = values.mean(), everyone.std()
+        return metrics
+
+    def update_metrics(self, stats: UpdateStats, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+        """The update's statistics over every device (UpdateStats.reduce), under their logged `names`
+        ({statistic: metric}, in that order; statistics not measured are left out), or their own."""
+        values = stats.reduce(self.mean_across_devices)
+        return values if names is None else {metric: values[k] for k, metric in names.items() if k in values}
 
     def rollout_correction(
         self, train_logprobs: torch.Tensor, samples: Samples, mask: torch.Tensor
@@ -209,27 +316,32 @@ class OnlineModule(AlignmentModule):
         return [torch.tensor(rows, device=attention_mask.device) for rows in cut]
 
     # -- evaluation -----------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Greedy answers to held-out prompts: eval/<eval_metric> and, where measured, exact_match."""
+    def evaluate_greedy(self, batch: dict) -> GreedyEvaluation:
+        """Greedy answers to the batch's prompts (`greedy_answers`), scored by `eval_scores`."""
         tokens, texts = self.greedy_answers(batch)
-        metrics = {self.eval_metric: self.eval_scores(batch, tokens, texts).mean()}
+        return GreedyEvaluation(texts, self.eval_scores(batch, tokens, texts))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Greedy answers to held-out prompts: eval/<eval_metric>, where measured exact_match, and what
+        `evaluate_greedy` adds."""
+        greedy = self.evaluate_greedy(batch)
+        metrics = {self.eval_metric: greedy.scores.mean()}
         if self.measures_exact_match(batch):
-            metrics["exact_match"] = self.exact_match(batch, texts).mean()
-        self._log("eval", metrics, len(texts), on_step=False)
+            metrics["exact_match"] = self.exact_match(batch, greedy.texts).mean()
+        self._log("eval", {**metrics, **greedy.metrics}, len(greedy.texts), on_step=False)
 
     def log_sample_table(self, n: int = 16) -> None:
         """The first `n` held-out prompts (message lists, as the data gave them), their greedy answers,
-        each answer's eval_scores value as `score`, and the data's extra columns, appended to
-        <run>/samples.jsonl (and a W&B table; alignlab.online.samples)."""
+        each answer's eval_scores value as `score`, what `evaluate_greedy` adds to a row, and the data's
+        extra columns, appended to <run>/samples.jsonl (and a W&B table; alignlab.online.samples)."""
         batch = self.held_out_prompts(n)
-        tokens, texts = self.greedy_answers(batch)
-        scores = self.eval_scores(batch, tokens, texts).tolist()
-        rows = self.sample_rows(batch["prompt_messages"], texts, scores)
+        greedy = self.evaluate_greedy(batch)
+        more = greedy.rows or [{} for _ in greedy.texts]
+        rows = [
+            {**sample_row(p, a, s), **extra}
+            for p, a, s, extra in zip(batch["prompt_messages"], greedy.texts, greedy.scores.tolist(), more)
+        ]
         log_samples(self.trainer, with_columns(rows, batch.get("columns", {})))
-
-    def sample_rows(self, prompts: list, texts: list[str], scores: list[float]) -> list[dict]:
-        """The sample table's rows for the greedy answers `texts` to `prompts` (message lists) and their scores."""
-        return [sample_row(p, a, s) for p, a, s in zip(prompts, texts, scores)]
 
     def held_out_prompts(self, n: int) -> dict:
         """The first `n` rows of the first held-out batch, tensors on this device, from the trainer's

@@ -21,7 +21,7 @@ from alignlab.data.collate import select_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignlab.losses.rlhf import (
-    KL_ESTIMATORS,
+    KL_ESTIMATES,
     adaptive_kl_coef,
     clip_scores,
     gae,
@@ -35,8 +35,9 @@ from alignlab.models.modes import disable_dropout
 from alignlab.models.reference import Frozen
 from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel, is_reward_model_folder
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
-from alignlab.online.rewards import build_reward_function, call_reward_function, check_reward_funcs
-from alignlab.online.rollout import pack, prompt_ids, response_positions, token_logprobs
+from alignlab.online.rewards import build_reward_function, check_reward_funcs
+from alignlab.online.rollout import Samples, pack, prompt_ids, response_positions, token_logprobs
+from alignlab.online.update_stats import UpdateStats
 from alignlab.runner.checks import Checks
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,7 @@ class PPO(OnlineModule):
         self.scorer = Frozen(scorer) if scorer is not None else None
         if self.scorer is not None:
             self.frozen.append(self.scorer)
-        self.rewards = [build_reward_function(spec) for spec in self.reward_funcs or []]
-        self.weights = list(self.reward_weights) if self.reward_weights else [1.0] * len(self.rewards)
+        self.use_reward_functions([build_reward_function(spec) for spec in self.reward_funcs or []])
         self.episodes = 0  # prompts rolled out so far
         self.rollouts = 0
         self.current_kl_coef = self.kl_coef
@@ -121,7 +121,7 @@ class PPO(OnlineModule):
         checks.non_negative("kl_coef", "vf_coef", "entropy_coef").positive("cliprange", "cliprange_value")
         checks.within("gamma", 0, 1).within("lam", 0, 1)
         checks.at_least(1, "num_ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size", "response_length")
-        checks.one_of("kl_estimator", KL_ESTIMATORS).positive("kl_horizon")
+        checks.registered("kl_estimator", KL_ESTIMATES).positive("kl_horizon")
         if algorithm.missing_eos_penalty is not None:
             checks.non_negative("missing_eos_penalty")
         if algorithm.kl_target is not None:
@@ -180,60 +180,17 @@ class PPO(OnlineModule):
         check_ref_model(cfg)
 
     # -- rollout --------------------------------------------------------------------------------
-    def rule_rewards(self, batch: dict, texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """[N] the weighted sum of the reward functions on one answer per prompt (`texts`), and each
-        function's values; called as GRPO calls them, with the prompts' messages and the data's columns."""
-        prompts, columns = list(batch["prompt_messages"]), batch.get("columns", {})
-        per_fn, total = {}, torch.zeros(len(texts), device=self.device)
-        for (name, fn), weight in zip(self.rewards, self.weights):
-            per_fn[name] = torch.tensor(call_reward_function(name, fn, prompts, texts, columns), device=self.device)
-            total = total + weight * per_fn[name]
-        return total, per_fn
-
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
-        """Sample, score and compute advantages for a batch of left-padded prompts."""
-        chunk = self.local_rollout_forward_batch_size
-        samples = self.sample_answers(batch, self.response_length, chunk)
-        seqs, starts, mask, has_eos = samples.seqs, samples.starts, samples.mask, samples.has_eos
-        length, n = mask.shape[1], mask.shape[0]
-        logprobs, ref_logprobs, values, scores = [], [], [], []
-        for i in range(0, n, chunk):
-            sub, at = {k: v[i : i + chunk] for k, v in seqs.items()}, starts[i : i + chunk]
-            logprobs.append(token_logprobs(self.model, sub, at, length, self.temperature))
-            ref_logprobs.append(token_logprobs(self.reference, sub, at, length, self.temperature))
-            values.append(response_positions(self.value.values(sub["input_ids"], sub["attention_mask"]), at, length))
-            if self.scorer is not None:
-                scores.append(self.scorer(sub["input_ids"], sub["attention_mask"], sub["loss_mask"]))
-        logprobs = torch.cat(logprobs) * mask
+        """Sample answers to a batch of left-padded prompts, score them and turn the scores and per-token
+        KL penalties into GAE advantages: what the update trains on, and the rollout's metrics."""
+        samples = self.sample_answers(batch, self.response_length, self.local_rollout_forward_batch_size)
+        mask, has_eos = samples.mask, samples.has_eos
+        logprobs, ref_logprobs, values, model_scores = self.forward_rollout(samples)
         rollout_weights, correction = self.rollout_correction(logprobs, samples, mask)  # an engine's samples only
-        ref_logprobs = torch.cat(ref_logprobs) * mask
-        values = torch.cat(values).float() * mask
-        reward_stats = {}
-        # The score: the reward model's (weight 1) plus the weighted rule rewards.
-        scores = torch.cat(scores).float() if self.scorer is not None else torch.zeros(n, device=self.device)
-        if self.rewards:
-            rule, per_fn = self.rule_rewards(batch, answer_texts(self.tokenizer, samples.responses, has_eos))
-            scores = scores + rule if self.scorer is not None else rule
-            for name, fn_values in per_fn.items():  # TRL's names; the std of the whole batch, not a mean of stds
-                reward_stats[f"rewards/{name}/mean"] = fn_values.mean()
-                reward_stats[f"rewards/{name}/std"] = self.gather_across_devices(fn_values).std()
-        if self.missing_eos_penalty is not None:
-            scores = scores - self.missing_eos_penalty * (~has_eos).float()
-        if self.reward_clip_range is not None:
-            scores = clip_scores(scores, *score_clip_bounds(self.reward_clip_range))
-
-        # β·KL in the reward, or (use_kl_loss) as a loss term in the update instead
+        scores, reward_stats = self.score(batch, samples, model_scores)
         kl_coef = self.current_kl_coef
-        reward_kl_coef = 0.0 if self.use_kl_loss else kl_coef
-        rewards, non_score_reward = kl_penalty_rewards(
-            logprobs, ref_logprobs, scores, mask, reward_kl_coef, self.kl_estimator
-        )
-        total = self.sum_across_devices  # whitening statistics are the whole rollout's, on every device
-        if self.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, total=total) * mask
-        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
-        advantages = masked_whiten(advantages, mask, total=total) * mask
+        advantages, returns, non_score_reward = self.advantages(logprobs, ref_logprobs, values, scores, mask)
         kl = (kl_estimate(logprobs, ref_logprobs, self.kl_estimator) * mask).sum(1)
         stats = {
             "objective/kl": kl.mean(),
@@ -248,8 +205,8 @@ class PPO(OnlineModule):
         if self.kl_target is not None:
             stats["objective/kl_coef"] = torch.tensor(kl_coef, device=self.device)
         out = {
-            **seqs,
-            "starts": starts,
+            **samples.seqs,
+            "starts": samples.starts,
             "mask": mask,
             "logprobs": logprobs,
             "values": values,
@@ -264,6 +221,57 @@ class PPO(OnlineModule):
             out["rollout_weights"] = rollout_weights
         return out
 
+    def forward_rollout(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The sampled answers' token log-probs under the policy and the reference and the value model's
+        values ([N, R] each, 0 past an answer's end), and the reward model's scores ([N], None without
+        one), `local_rollout_forward_batch_size` rows at a time."""
+        chunk, (n, length), mask = self.local_rollout_forward_batch_size, samples.mask.shape, samples.mask
+        logprobs, ref_logprobs, values, scores = [], [], [], []
+        for i in range(0, n, chunk):
+            sub, at = {k: v[i : i + chunk] for k, v in samples.seqs.items()}, samples.starts[i : i + chunk]
+            logprobs.append(token_logprobs(self.model, sub, at, length, self.temperature))
+            ref_logprobs.append(token_logprobs(self.reference, sub, at, length, self.temperature))
+            values.append(response_positions(self.value.values(sub["input_ids"], sub["attention_mask"]), at, length))
+            if self.scorer is not None:
+                scores.append(self.scorer(sub["input_ids"], sub["attention_mask"], sub["loss_mask"]))
+        model_scores = torch.cat(scores).float() if self.scorer is not None else None
+        return (
+            torch.cat(logprobs) * mask,
+            torch.cat(ref_logprobs) * mask,
+            torch.cat(values).float() * mask,
+            model_scores,
+        )
+
+    def score(
+        self, batch: dict, samples: Samples, model_scores: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """([N] each answer's score, the reward functions' metrics): the reward model's score at weight 1
+        plus the weighted reward functions (OnlineModule.rewards_of, as GRPO scores), less
+        missing_eos_penalty for an answer cut at the length limit, clipped to reward_clip_range."""
+        texts = answer_texts(self.tokenizer, samples.responses, samples.has_eos)
+        scores, per_fn = self.rewards_of(batch, texts, samples.responses, model_scores=model_scores)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~samples.has_eos).float()
+        if self.reward_clip_range is not None:
+            scores = clip_scores(scores, *score_clip_bounds(self.reward_clip_range))
+        return scores, self.reward_metrics(per_fn)
+
+    def advantages(
+        self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, mask
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(advantages, returns, the per-token KL penalty) [N, R]: the scores at each answer's last token
+        less β·KL per token (or, with use_kl_loss, no KL here: it is a loss term of the update), whitened
+        where asked, through GAE, the advantages whitened; statistics over the whole rollout, every device."""
+        reward_kl_coef = 0.0 if self.use_kl_loss else self.current_kl_coef
+        rewards, non_score_reward = kl_penalty_rewards(
+            logprobs, ref_logprobs, scores, mask, reward_kl_coef, self.kl_estimator
+        )
+        total = self.sum_across_devices  # whitening statistics are the whole rollout's, on every device
+        if self.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, total=total) * mask
+        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
+        return masked_whiten(advantages, mask, total=total) * mask, returns, non_score_reward
+
     def update_kl_coef(self, rollout: dict) -> None:
         """With `kl_target`, the adaptive controller (Ziegler et al., 2019) sets β for the next rollout
         from this one's KL per answer and size, both over every process (so every process keeps one β)."""
@@ -276,19 +284,29 @@ class PPO(OnlineModule):
         )
 
     # -- update ---------------------------------------------------------------------------------
+    # What ppo_update logs, by the UpdateStats names it keeps them under: each statistic's mean over the
+    # optimizer steps of the step's token mean (a loss: the step's loss).
+    update_metric_names = {
+        "approxkl": "policy/approxkl_avg",
+        "clipfrac": "policy/clipfrac_avg",
+        "pg_loss": "loss/policy_avg",
+        "vf_loss": "loss/value_avg",
+        "vf_clipfrac": "val/clipfrac_avg",
+        "entropy": "policy/entropy_avg",
+        "ratio": "val/ratio",
+        "kl_loss": "loss/kl_avg",  # with use_kl_loss
+        "dual_clipfrac": "policy/dual_clipfrac_avg",  # with dual_clip
+    }
+
     def ppo_update(self, rollout: dict, optimizer, scheduler=None, generator: torch.Generator | None = None) -> dict:
         """num_ppo_epochs × num_mini_batches optimizer steps; each mini-batch's gradient is accumulated
         over micro-batches (its rows cut by tokens, `micro_batches`; each forward cut to its own longest
         row) whose losses are normalised by the mini-batch's token count, so it equals the gradient of
         the whole mini-batch at once. Logged: each mini-batch's loss and token means, averaged over the
-        mini-batches (the same however they are cut)."""
+        mini-batches (the same however they are cut; `update_metric_names`)."""
         n = rollout["input_ids"].shape[0]
         mini = n // self.num_mini_batches
-        length = rollout["mask"].shape[1]
-        keys = ["approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio"]
-        keys += ["kl_loss"] if self.use_kl_loss else []
-        keys += ["dual_clipfrac"] if self.dual_clip is not None else []
-        stats: dict[str, list] = {k: [] for k in keys}
+        stats = UpdateStats()
         for _ in range(self.num_ppo_epochs):
             order = torch.randperm(n, generator=generator).to(self.device)
             for start in range(0, n, mini):
@@ -296,86 +314,54 @@ class PPO(OnlineModule):
                 # Losses are normalised by the mini-batch's tokens on every device, so the gradients
                 # DDP averages add up to the whole mini-batch's token mean.
                 tokens = self.sum_across_devices(rollout["mask"][rows].sum())
-                local_tokens = rollout["mask"][rows].sum().clamp(min=1)
-                sums = dict.fromkeys(stats, 0.0)  # the mini-batch's losses and token means, summed over micro-batches
                 for positions in self.micro_batches(rollout["attention_mask"][rows]):
-                    idx = rows[positions]
-                    sub = select_rows(rollout, idx)
-                    mask, starts = rollout["mask"][idx], rollout["starts"][idx]
-                    new_logprobs, entropy = token_logprobs(  # the entropy's gradient only for a bonus
-                        self.model,
-                        sub,
-                        starts,
-                        length,
-                        self.temperature,
-                        entropy=True,
-                        entropy_grad=self.entropy_coef > 0,
-                    )
-                    new_logprobs = new_logprobs * mask
-                    vpred = response_positions(
-                        self.value.values(sub["input_ids"], sub["attention_mask"]), starts, length
-                    ).float()
-                    kl = None
-                    if self.use_kl_loss:  # the KL to the reference as a loss term (verl), not in the reward
-                        kl = kl_estimate(new_logprobs, rollout["ref_logprobs"][idx] * mask, self.kl_estimator)
-                    policy = ppo_policy_loss(
-                        new_logprobs,
-                        rollout["logprobs"][idx],
-                        rollout["advantages"][idx],
-                        mask,
-                        self.cliprange,
-                        num_items_in_batch=tokens,
-                        scale=self.loss_scale(),
-                        dual_clip=self.dual_clip,
-                        entropy=entropy,
-                        entropy_coef=self.entropy_coef,
-                        kl=kl,
-                        kl_coef=self.current_kl_coef,
-                        rollout_weights=rollout["rollout_weights"][idx] if "rollout_weights" in rollout else None,
-                    )
-                    vf_loss, vf_clipfrac = ppo_value_loss(
-                        vpred,
-                        rollout["values"][idx],
-                        rollout["returns"][idx],
-                        mask,
-                        self.cliprange_value,
-                        num_items_in_batch=tokens,
-                        scale=self.loss_scale(),
-                    )
-                    loss = policy.loss + self.vf_coef * vf_loss
-                    self.backpropagate(loss)
-                    share = mask.sum() / local_tokens  # this micro-batch's share of the mini-batch's tokens
-                    for key, value in (
-                        ("approxkl", policy.approxkl * share),
-                        ("clipfrac", policy.clipfrac * share),
-                        ("pg_loss", policy.pg_loss),  # already a share of the mini-batch's loss
-                        ("vf_loss", vf_loss),
-                        ("vf_clipfrac", vf_clipfrac * share),
-                        ("entropy", masked_mean(entropy.detach(), mask) * share),
-                        ("ratio", policy.ratio * share),
-                        ("kl_loss", policy.kl),  # a share too
-                        ("dual_clipfrac", None if policy.dual_clipfrac is None else policy.dual_clipfrac * share),
-                    ):
-                        if key in sums:
-                            sums[key] = sums[key] + value.detach()
-                for key, value in sums.items():
-                    stats[key].append(value)
+                    self.micro_batch_step(rollout, rows[positions], tokens, stats)
                 self.optimizer_step_manually(optimizer, scheduler)
-        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
-        out = {
-            "policy/approxkl_avg": mean["approxkl"],
-            "policy/clipfrac_avg": mean["clipfrac"],
-            "loss/policy_avg": mean["pg_loss"],
-            "loss/value_avg": mean["vf_loss"],
-            "val/clipfrac_avg": mean["vf_clipfrac"],
-            "policy/entropy_avg": mean["entropy"],
-            "val/ratio": mean["ratio"],
-        }
-        if self.use_kl_loss:
-            out["loss/kl_avg"] = mean["kl_loss"]
-        if self.dual_clip is not None:
-            out["policy/dual_clipfrac_avg"] = mean["dual_clipfrac"]
-        return out
+                stats.end_step()
+        return self.update_metrics(stats, self.update_metric_names)
+
+    def micro_batch_step(self, rollout: dict, idx: torch.Tensor, tokens: torch.Tensor, stats: UpdateStats) -> None:
+        """The policy and value losses of the rollout's rows `idx` (normalised by the mini-batch's
+        `tokens`), backpropagated, their statistics added to `stats`."""
+        mask, starts, length = rollout["mask"][idx], rollout["starts"][idx], rollout["mask"].shape[1]
+        sub = select_rows(rollout, idx)
+        new_logprobs, entropy = token_logprobs(  # the entropy's gradient only for a bonus
+            self.model, sub, starts, length, self.temperature, entropy=True, entropy_grad=self.entropy_coef > 0
+        )
+        new_logprobs = new_logprobs * mask
+        vpred = response_positions(self.value.values(sub["input_ids"], sub["attention_mask"]), starts, length).float()
+        kl = None
+        if self.use_kl_loss:  # the KL to the reference as a loss term (verl), not in the reward
+            kl = kl_estimate(new_logprobs, rollout["ref_logprobs"][idx] * mask, self.kl_estimator)
+        policy = ppo_policy_loss(
+            new_logprobs,
+            rollout["logprobs"][idx],
+            rollout["advantages"][idx],
+            mask,
+            self.cliprange,
+            num_items_in_batch=tokens,
+            scale=self.loss_scale(),
+            dual_clip=self.dual_clip,
+            entropy=entropy,
+            entropy_coef=self.entropy_coef,
+            kl=kl,
+            kl_coef=self.current_kl_coef,
+            rollout_weights=rollout["rollout_weights"][idx] if "rollout_weights" in rollout else None,
+        )
+        vf_loss, vf_clipfrac = ppo_value_loss(
+            vpred,
+            rollout["values"][idx],
+            rollout["returns"][idx],
+            mask,
+            self.cliprange_value,
+            num_items_in_batch=tokens,
+            scale=self.loss_scale(),
+        )
+        self.backpropagate(policy.loss + self.vf_coef * vf_loss)
+        entropy = masked_mean(entropy.detach(), mask)
+        stats.add(mask.sum(), approxkl=policy.approxkl, clipfrac=policy.clipfrac, vf_clipfrac=vf_clipfrac)
+        stats.add(mask.sum(), entropy=entropy, ratio=policy.ratio, dual_clipfrac=policy.dual_clipfrac)
+        stats.add_shares(pg_loss=policy.pg_loss, vf_loss=vf_loss, kl_loss=policy.kl)  # shares of the step's loss
 
     def train_on(self, batch: dict, optimizer, scheduler) -> tuple[dict, int]:
         rollout = self.rollout(batch)
@@ -394,14 +380,14 @@ class PPO(OnlineModule):
     eval_metric = "objective/scores"
 
     @torch.no_grad()
-    def eval_scores(self, batch: dict, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def eval_scores(self, batch: dict, tokens: torch.Tensor | None, texts: list[str]) -> torch.Tensor:
         """[B] scores of generated answers to the batch's prompts: the reward model's plus the weighted
-        rule rewards (no missing-eos penalty, no clipping)."""
-        scores = torch.zeros(len(texts), device=self.device)
-        if self.scorer is not None:
+        reward functions (no missing-eos penalty, no clipping). `tokens` None (no reward model): the
+        reward functions get the texts only, without `completion_ids`."""
+        answers = model_scores = None
+        if tokens is not None:
             answers, ended = cut_at_stop(tokens, stop_token_ids(self.model, self.tokenizer))
+        if self.scorer is not None:
             seqs = pack(prompt_ids(batch), answers, ended, self.tokenizer.pad_token_id, self.device).seqs
-            scores = self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()
-        if self.rewards:
-            scores = scores + self.rule_rewards(batch, texts)[0]
-        return scores
+            model_scores = self.scorer(seqs["input_ids"], seqs["attention_mask"], seqs["loss_mask"]).float()
+        return self.rewards_of(batch, texts, answers, model_scores=model_scores)[0]

@@ -11,7 +11,7 @@ from alignlab.algorithms.base import AlignmentModule
 from alignlab.errors import ConfigError
 from alignlab.losses.reward import bradley_terry_loss
 from alignlab.models.export import save_model, submodule_state
-from alignlab.models.reward import RewardModel
+from alignlab.models.reward import VALUE_HEAD_FILE, RewardModel
 from alignlab.models.vision import is_multimodal
 from alignlab.runner.checks import Checks
 
@@ -73,6 +73,6 @@ class RM(AlignmentModule):
             if place.exists():
                 self.model.save_value_head(place, head)
         if seq_cls:
-            (folder / "value_head.safetensors").unlink()
+            (folder / VALUE_HEAD_FILE).unlink()
             self.model.save_seq_cls(folder, self.tokenizer, head)
         return folder

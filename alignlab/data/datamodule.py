@@ -53,6 +53,24 @@ DROP_REASONS = {
 
 
 class AlignmentDataModule(L.LightningDataModule):
+    """The base of every data kind's DataModule: reads rows from `source`, encodes them once the
+    tokenizer is known, leaves out what max_length makes meaningless, and serves the loaders.
+
+    A subclass defines:
+        kind: the data kind it reads (alignlab.data.rows.KINDS); the source's rows come in that form.
+        encode(rows): one dict per canonical row, `prompt_ids` and the ids under each of `answer_keys`
+            (`encode_rows` does the chat template), or None for a row that does not fit max_length.
+        collate(examples, with_prompts): a padded batch from encoded rows (alignlab.data.collate).
+        answer_keys, answer_columns: the encoded and the canonical answer columns, e.g.
+            ("chosen_ids", "rejected_ids") and ("chosen", "rejected"); sequences_per_row: the sequences
+            a row puts through the trained forward (2 for a pair).
+    and may override `drop_reasons` (what else truncation makes meaningless, a DROP_REASONS key),
+    `step_counts` (per-row counts the loss averages over), `passthrough`, `numeric_columns` and
+    `drop_last_train`. Its constructor takes its own keys and passes the rest (`**kwargs`) here; the
+    data config names it with `_target_` (conf/data/). `source` is any object with `load(kind,
+    on_bad_row)`, as alignlab.data.files.FileSource describes.
+    """
+
     kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)
     # Text columns that travel with eval batches (for exact-match and reward functions).
     passthrough: tuple[str, ...] = ("solution",)

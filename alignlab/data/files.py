@@ -349,6 +349,14 @@ class FileSource:
     A row that cannot be used stops loading with an error naming file, row and field; with
     `on_bad_row="skip"` it is left out instead, and the count (with the first reason) is logged.
 
+    A source of your own (the bundled tasks, alignlab.data.arith.ArithTask and
+    alignlab.data.shapes.ShapesTask, are two; `data.source._target_` names it) defines
+    `load(kind, on_bad_row="error")`: {"train": rows, "eval": rows} in the canonical form of `kind`
+    (alignlab.data.rows; a train split may instead be a streamed alignlab.data.streaming.RowStream),
+    raising DataError for a bad row. It may define `describe()` (how errors name it), `origin(row)`
+    ((file, row number, field) of a row it made, for errors), a `skipped` {split: count} and a
+    `columns` keyword of `load` (without one, data.columns is refused).
+
     Raises:
         ConfigError: (on construction) `subset` and `name` disagree; `#N` and `max_rows` disagree; a
             sample size below 1; `eval_split` on a single file.

@@ -40,6 +40,11 @@ class RowStream:
     (data.on_bad_row=skip), or raises DataError naming file, row and field; `forget(rows)` drops what
     the source keeps about rows once they are encoded (their file and row, for errors), so that a long
     stream does not fill memory.
+
+    A source that streams returns one as the train split of its `load` (FileSource._stream), after
+    setting `head` (the canonical rows of the first PEEK_ROWS records, checked before anything is
+    written) and `whole` (whether those were all of them). `dataset` needs `take`, `shuffle(seed,
+    buffer_size)` and `set_epoch`, as a `datasets.IterableDataset` has.
     """
 
     def __init__(

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
 
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+from alignlab.losses.dpo import implicit_rewards
+from alignlab.registry import Registry
+
+
+class UnpairedScores(NamedTuple):
+    """What a KTO loss type reads of B unpaired answers."""
+
+    logratios: torch.Tensor  # [B] r = log π(y|x) − log π_ref(y|x), summed over the answer's tokens
+    kl: torch.Tensor  # scalar, the reference point's estimate z₀ before clamping (kto_kl_estimate)
+    beta: float  # β
+
+
+# Each returns ([B] loss if the answer is desirable, [B] loss if it is undesirable), before the weights λ_D, λ_U.
+KTO_LOSSES: Registry[Callable[[UnpairedScores], tuple[torch.Tensor, torch.Tensor]]] = Registry(
+    "KTO loss type",
+    "algorithm.loss_type",
+    reference_point=False,  # reads the KL reference point z₀, so the batch's mismatched pairs are scored
+)
+
+
+@KTO_LOSSES.register("kto", reference_point=True)
+def kto_losses(s: UnpairedScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 − σ(β(r − z₀)) and 1 − σ(β(z₀ − r)), z₀ = max(kl, 0) detached: KTO (Ethayarajh et al., 2024,
+    arXiv:2402.01306, eq. 8)."""
+    z0 = s.kl.detach().clamp(min=0)
+    return 1 - torch.sigmoid(s.beta * (s.logratios - z0)), 1 - torch.sigmoid(s.beta * (z0 - s.logratios))
+
+
+@KTO_LOSSES.register("apo_zero_unpaired")
+def apo_zero_unpaired_losses(s: UnpairedScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 − σ(βr) and σ(βr): APO-zero (D'Oosterlinck et al., 2024, arXiv:2408.06266, eq. 7), each answer on
+    its own; no reference point (`kl` is not read)."""
+    return 1 - torch.sigmoid(s.beta * s.logratios), torch.sigmoid(s.beta * s.logratios)
+
+
+KTO_LOSS_TYPES = KTO_LOSSES.names()
 
 
 class KTOLossOutput(NamedTuple):
@@ -31,28 +67,20 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
-    loss_type: str = "kto",
+    loss_type: str | Mapping = "kto",
 ) -> KTOLossOutput:
     """Kahneman-Tversky Optimization (Ethayarajh et al., 2024, arXiv:2402.01306), eq. 8, and APO-zero's
-    unpaired form.
+    unpaired form: the loss type `loss_type` names in KTO_LOSSES (a name in KTO_LOSS_TYPES, a dotted path to
+    the user's own function of UnpairedScores, or `{_target_: dotted.path, **kwargs}`), weighted λ_D for
+    desirable answers (label true) and λ_U for undesirable ones.
 
-    r = log π(y|x) − log π_ref(y|x), z₀ = max(kl, 0) (detached):
-    - kto: desirable (label true) λ_D·(1 − σ(β(r − z₀))), undesirable (label false) λ_U·(1 − σ(β(z₀ − r)))
-    - apo_zero_unpaired: desirable λ_D·(1 − σ(βr)), undesirable λ_U·σ(βr) (APO-zero, D'Oosterlinck et al.,
-      2024, arXiv:2408.06266, eq. 7, each answer on its own; no reference point, `kl` is not read)
     Inputs [B] (desirable a bool mask, kl a scalar); the batch loss is the mean of `losses`.
-    Raises ValueError for an unknown loss_type.
+    Raises ConfigError for an unknown loss_type.
     """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
     r = policy_logps - ref_logps
-    if loss_type == "kto":
-        z0 = kl.detach().clamp(min=0)
-        good, bad = 1 - torch.sigmoid(beta * (r - z0)), 1 - torch.sigmoid(beta * (z0 - r))
-    else:
-        good, bad = 1 - torch.sigmoid(beta * r), torch.sigmoid(beta * r)
+    good, bad = KTO_LOSSES.resolve(loss_type).fn(UnpairedScores(r, kl, beta))
     losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
-    return KTOLossOutput(losses, beta * r.detach())
+    return KTOLossOutput(losses, implicit_rewards(r, beta))
 
 
 def kto_weight_advice(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from alignlab.losses.reduction import masked_mean
+from alignlab.registry import Registry
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -48,18 +49,40 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(-1)
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# Per-token estimates of KL(π ‖ π_ref) from tokens sampled from π (Schulman, 2020, "Approximating KL
+# Divergence", http://joschu.net/blog/kl-approx.html; TRL's and OpenRLHF's `kl_estimator`). Each takes
+# (log π, log π_ref) of the sampled tokens, any one shape, and is 0 where they are equal (masked positions
+# holding 0 and 0). PPO's `kl_estimator` names one; GRPO's KL term is k3.
+KL_ESTIMATES: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry(
+    "KL estimator", "algorithm.kl_estimator"
+)
+
+
+@KL_ESTIMATES.register("k1")
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log π − log π_ref: unbiased, high variance, negative on some tokens."""
+    return logprobs - ref_logprobs
+
+
+@KL_ESTIMATES.register("k2")
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 = ½·(log r)², log r = log π_ref − log π: biased, low variance, >= 0."""
+    return 0.5 * (ref_logprobs - logprobs) ** 2
+
+
+@KL_ESTIMATES.register("k3")
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r − 1) − log r, log r = log π_ref − log π: unbiased, low variance, >= 0 (verl's `low_var_kl`,
+    GRPO's KL). r − 1 through expm1, exact near r = 1, where a policy close to its reference puts most tokens."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+KL_ESTIMATORS = KL_ESTIMATES.names()
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (Schulman, 2020, "Approximating
-    KL Divergence", http://joschu.net/blog/kl-approx.html; TRL's and OpenRLHF's `kl_estimator`).
-
-    With log r = log π_ref − log π at the sampled token:
-        k1 = −log r               unbiased, high variance, negative on some tokens;
-        k2 = ½·(log r)²            biased, low variance, >= 0;
-        k3 = (r − 1) − log r       unbiased, low variance, >= 0 (verl's `low_var_kl`, GRPO's KL).
-    All three are 0 where the two log-probs are equal (masked positions holding 0 and 0).
+    """Per-token estimate of KL(π ‖ π_ref) by `estimator`, a name in KL_ESTIMATES (k1, k2, k3).
 
     Args:
         logprobs, ref_logprobs: log π and log π_ref of the sampled tokens, any shape (the same).
@@ -67,16 +90,9 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     Returns:
         a tensor of their shape.
     Raises:
-        ValueError: an estimator not in KL_ESTIMATORS.
+        ValueError: an estimator not in KL_ESTIMATES.
     """
-    if estimator == "k1":
-        return logprobs - ref_logprobs  # the same operation as before the option existed: k1 stays bit-identical
-    log_ratio = ref_logprobs - logprobs
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    if estimator == "k3":
-        return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    return KL_ESTIMATES.entry(estimator).fn(logprobs, ref_logprobs)
 
 
 def kl_penalty_rewards(

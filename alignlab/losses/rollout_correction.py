@@ -6,13 +6,25 @@ from, π_sampler, is not exactly the trainer's π_train even at the same weights
 token's policy-gradient term by the truncated ratio w_t = min(π_train(y_t) / π_sampler(y_t), C), which
 makes the gradient an (at most C-biased) estimate of the on-policy one. TRL calls it
 `vllm_importance_sampling_correction` (mode token_truncate) with the cap C.
+
+Each correction mode is one function in ROLLOUT_CORRECTIONS, fn(train_logprobs, sampling_logprobs, mask,
+cap) -> weights, under TRL's `vllm_importance_sampling_mode` name; token_truncate is the one there is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from alignlab.registry import Registry
 
+ROLLOUT_CORRECTIONS: Registry[Callable[..., torch.Tensor]] = Registry(
+    "rollout correction mode", "algorithm.vllm_importance_sampling_mode"
+)
+
+
+@ROLLOUT_CORRECTIONS.register("token_truncate")
 def truncated_importance_weights(
     train_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
 ) -> torch.Tensor:

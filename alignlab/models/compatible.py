@@ -52,13 +52,7 @@ def check_same_tokenizer(
         ModelLoadError: a Hub id while offline and not cached.
     """
     ours_name, theirs_name = names
-    if not other:
-        raise ConfigError(f"{key} is not set: give the {theirs_name}'s folder (e.g. a run's <run>/model) or Hub id")
-    path = os.fspath(other)
-    if not Path(path).expanduser().exists():
-        if not is_hub_id(path):
-            raise ConfigError(f"{key}={path}: no such folder (relative paths start from {Path.cwd()})")
-        check_hub_path(path)
+    path = _existing_path(other, key, theirs_name)
     policy_path = resolve_model_path(model_cfg)
     tokenizer = prepare_tokenizer(policy_path, model_cfg, require_chat_template)[0]
     ours = tokenizer.get_vocab()
@@ -74,14 +68,41 @@ def check_same_tokenizer(
             "from it, <run>/model)"
         )
     if same_logit_width:
-        declared = _vocab_size(policy_path, model_cfg.trust_remote_code), _vocab_size(path, model_cfg.trust_remote_code)
-        if None not in declared:
-            width = max(declared[0], len(tokenizer))  # added template markers grow the policy's embeddings
-            if width != declared[1]:
-                raise ConfigError(
-                    f"{key}={path}: the {theirs_name}'s config has vocab_size {declared[1]}, the {ours_name}'s "
-                    f"{width}: their logits cover different vocabularies, which are compared token by token"
-                )
+        _check_logit_width(model_cfg, policy_path, len(tokenizer), path, key, names)
+
+
+def _existing_path(other: str | None, key: str, theirs_name: str) -> str:
+    """`other` as a path: an existing folder, or a Hub id that is reachable or cached.
+
+    Raises:
+        ConfigError: unset, or neither a folder nor a Hub id. ModelLoadError: a Hub id offline, not cached.
+    """
+    if not other:
+        raise ConfigError(f"{key} is not set: give the {theirs_name}'s folder (e.g. a run's <run>/model) or Hub id")
+    path = os.fspath(other)
+    if not Path(path).expanduser().exists():
+        if not is_hub_id(path):
+            raise ConfigError(f"{key}={path}: no such folder (relative paths start from {Path.cwd()})")
+        check_hub_path(path)
+    return path
+
+
+def _check_logit_width(model_cfg: DictConfig, policy_path: str, tokens: int, path: str, key: str, names) -> None:
+    """The configs of the policy (grown to its tokenizer's `tokens`) and of `path` declare one vocab_size;
+    not checked when either declares none.
+
+    Raises:
+        ConfigError: they differ.
+    """
+    ours_name, theirs_name = names
+    declared = _vocab_size(policy_path, model_cfg.trust_remote_code), _vocab_size(path, model_cfg.trust_remote_code)
+    if None not in declared:
+        width = max(declared[0], tokens)  # added template markers grow the policy's embeddings
+        if width != declared[1]:
+            raise ConfigError(
+                f"{key}={path}: the {theirs_name}'s config has vocab_size {declared[1]}, the {ours_name}'s "
+                f"{width}: their logits cover different vocabularies, which are compared token by token"
+            )
 
 
 def check_ref_model(cfg: DictConfig) -> None:

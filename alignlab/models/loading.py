@@ -282,11 +282,32 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
             "whose tokenizer has these tokens."
         )
     quantization = quantization_config(model_cfg)
+    model = load_weights(path, model_cfg, quantization)
+    grow_embeddings(model, added)
+    stop_at_end_of_turn(model, tokenizer)
+    model = prepare_for_training(model, model_cfg, quantized=quantization is not None)
+    if model_cfg.get("padding_free"):
+        enable_padding_free(model)  # set on the base model: PEFT's wrapper and a deep copy read it through
+    frozen_vision = is_multimodal(model) and model_cfg.get("freeze_vision", True)
+    if frozen_vision:
+        log.info("vision tower frozen (model.freeze_vision=true): %d parameters", freeze_vision(model))
+    if model_cfg.lora.enabled:
+        model = apply_lora(model, model_cfg.lora, added, exclude=list(vision_modules(model)) if frozen_vision else ())
+    return model, tokenizer, path
+
+
+def load_weights(path: str, model_cfg: DictConfig, quantization):
+    """The model in `path` (safetensors only) in model.dtype, quantized by `quantization` (4-bit straight
+    onto this process's GPU where there is one).
+
+    Raises:
+        ModelLoadError: weights that do not load, or a Hub id offline and not cached.
+    """
     placement = {}
     if quantization is not None and torch.cuda.is_available():  # quantize straight onto this process's GPU
         placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
-        model = auto_model_class(path, model_cfg.trust_remote_code).from_pretrained(
+        return auto_model_class(path, model_cfg.trust_remote_code).from_pretrained(
             path,
             dtype=_DTYPES[model_cfg.dtype],
             trust_remote_code=model_cfg.trust_remote_code,
@@ -298,10 +319,13 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
         if Path(path).exists():
             raise ModelLoadError(f"Could not load model weights from {path}: {e}") from None
         raise _offline_hint(path, e) from None
-    grow_embeddings(model, added)
-    stop_at_end_of_turn(model, tokenizer)
+
+
+def prepare_for_training(model, model_cfg: DictConfig, quantized: bool):
+    """The model ready to train on 4-bit weights (PEFT's prepare_model_for_kbit_training) when `quantized`,
+    with gradient checkpointing when model.gradient_checkpointing."""
     checkpointing = bool(model_cfg.get("gradient_checkpointing"))
-    if quantization is not None:
+    if quantized:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
@@ -318,14 +342,7 @@ def load_model(model_cfg: DictConfig, require_chat_template: bool = True):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_cfg.lora.enabled:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need a grad path
-    if model_cfg.get("padding_free"):
-        enable_padding_free(model)  # set on the base model: PEFT's wrapper and a deep copy read it through
-    frozen_vision = is_multimodal(model) and model_cfg.get("freeze_vision", True)
-    if frozen_vision:
-        log.info("vision tower frozen (model.freeze_vision=true): %d parameters", freeze_vision(model))
-    if model_cfg.lora.enabled:
-        model = apply_lora(model, model_cfg.lora, added, exclude=list(vision_modules(model)) if frozen_vision else ())
-    return model, tokenizer, path
+    return model
 
 
 def apply_lora(model, lora_cfg: DictConfig, new_token_ids: Sequence[int] = (), exclude: Sequence[str] = ()):

@@ -324,17 +324,9 @@ def answer_logprobs(
     (for an entropy bonus in the loss); `sum_sq_probs` adds log Σ_v π(v)² (token_log_sum_sq_probs, detached).
     """
     states, targets, rows, cols, mask, head, transform = _answer_states(model, batch, by_forward, padding_free)
-    hidden_dtype = states.dtype
-    step = chunk_size if chunk_size > 0 else max(len(targets), 1)
-    pieces = []
-    for start in range(0, len(targets), step):
-        args = (states[start : start + step], targets[start : start + step], head, transform, temperature, entropy)
-        args += (entropy_grad, sum_sq_probs)
-        if torch.is_grad_enabled() and states.requires_grad:
-            pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
-        else:
-            pieces.append(_score_chunk(*args))
-    dtype = torch.float32 if hidden_dtype in (torch.float16, torch.bfloat16) else hidden_dtype
+    options = (temperature, entropy, entropy_grad, sum_sq_probs)
+    pieces = _score_chunks(states, targets, head, transform, chunk_size, options)
+    dtype = torch.float32 if states.dtype in (torch.float16, torch.bfloat16) else states.dtype
     logps = torch.cat([p[0] for p in pieces]) if pieces else states.new_zeros(0, dtype=dtype)
     token_logps = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)
     mask = mask.to(logps.dtype)
@@ -344,18 +336,38 @@ def answer_logprobs(
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             values = torch.cat([p[2] for p in pieces]) if pieces else logps.detach()
             token_entropy = torch.zeros_like(token_logps).index_put((rows, cols), values)
-    with torch.no_grad():
-        mean_logit = torch.cat([p[1] for p in pieces]) if pieces else logps.detach()
-        mean_logits = torch.zeros_like(num_tokens).index_add(0, rows, mean_logit) / num_tokens.clamp(min=1)
-        argmax = torch.cat([p[3] for p in pieces]).to(logps.dtype) if pieces else logps.detach()
-        token_argmax = torch.zeros_like(token_logps).index_put((rows, cols), argmax)
-        sum_sq = None
-        if sum_sq_probs:
-            values = torch.cat([p[4] for p in pieces]) if pieces else logps.detach()
-            sum_sq = torch.zeros_like(token_logps).index_put((rows, cols), values.to(token_logps.dtype))
-    return AnswerLogps(
-        token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy, token_argmax, sum_sq
-    )
+    mean_logits, argmax, sum_sq = _detached_stats(pieces, logps, token_logps, num_tokens, rows, cols, sum_sq_probs)
+    return AnswerLogps(token_logps.sum(-1), num_tokens, token_logps, mask, mean_logits, token_entropy, argmax, sum_sq)
+
+
+def _score_chunks(states, targets, head, transform, chunk_size: int, options: tuple) -> list[tuple]:
+    """_score_chunk's outputs for the K answer positions, `chunk_size` at a time (all at once for 0),
+    each chunk recomputed in the backward pass where gradients flow. `options`: (temperature, entropy,
+    entropy_grad, sum_sq_probs) as answer_logprobs takes them."""
+    step = chunk_size if chunk_size > 0 else max(len(targets), 1)
+    pieces = []
+    for start in range(0, len(targets), step):
+        args = (states[start : start + step], targets[start : start + step], head, transform, *options)
+        if torch.is_grad_enabled() and states.requires_grad:
+            pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
+        else:
+            pieces.append(_score_chunk(*args))
+    return pieces
+
+
+@torch.no_grad()
+def _detached_stats(pieces, logps, token_logps, num_tokens, rows, cols, sum_sq_probs: bool) -> tuple:
+    """(mean logit per sequence [N], argmax token per position [N, T-1], log Σ π² per position [N, T-1]
+    or None) from the chunks' outputs, without gradients."""
+    mean_logit = torch.cat([p[1] for p in pieces]) if pieces else logps.detach()
+    mean_logits = torch.zeros_like(num_tokens).index_add(0, rows, mean_logit) / num_tokens.clamp(min=1)
+    argmax = torch.cat([p[3] for p in pieces]).to(logps.dtype) if pieces else logps.detach()
+    token_argmax = torch.zeros_like(token_logps).index_put((rows, cols), argmax)
+    sum_sq = None
+    if sum_sq_probs:
+        values = torch.cat([p[4] for p in pieces]) if pieces else logps.detach()
+        sum_sq = torch.zeros_like(token_logps).index_put((rows, cols), values.to(token_logps.dtype))
+    return mean_logits, token_argmax, sum_sq
 
 
 # Largest |difference| in a token's log-prob (nats) that check_answer_logprobs puts down to rounding,

@@ -198,6 +198,12 @@ class RewardScorer:
 
     The answer is tokenised exactly as in training (chat-template prompt, answer + eos) and the
     reward is read at its last token.
+
+    It is a reward function (`__call__`), so GRPO and PPO take it wherever they take one (a folder in
+    algorithm.reward_funcs, or `{_target_: alignlab.models.reward.RewardScorer, folder: ...}`). A scorer
+    of your own, e.g. one served elsewhere, defines the same `__call__(prompts, completions, **columns)`
+    returning one float per completion; the columns (the data's extra columns, `completion_ids`) are as
+    alignlab.online.rewards describes them.
     """
 
     def __init__(
@@ -221,6 +227,11 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str | list[dict]], answers: Sequence[str]) -> list[float]:
+        """The reward of each answer to its prompt, `batch_size` at a time.
+
+        Raises:
+            ValueError: as many prompts as answers are needed.
+        """
         if len(prompts) != len(answers):
             raise ValueError(f"got {len(prompts)} prompts and {len(answers)} answers")
         messages = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]

@@ -31,6 +31,17 @@ class Sampled(NamedTuple):
 
 
 class GenerationBackend(Protocol):
+    """What samples the online algorithms' answers; a backend of your own defines both methods.
+
+    A subclass (or any class with these two methods: this is a Protocol) defines `sync(model)`, called
+    before every rollout with the live policy (copy its weights into an engine, or nothing for a
+    sampler that runs the policy itself), and `sample(...)`, the answers to a chunk of left-padded
+    prompts in the layout described there. Its constructor takes the keys of
+    `algorithm.generation_backend` besides `_target_`; `build_backend` refuses a class lacking either
+    method. `TransformersBackend` is the smallest example, `alignlab.online.vllm_backend.VLLMBackend` a
+    full engine.
+    """
+
     def sync(self, model: torch.nn.Module) -> None:
         """Called before each rollout with the policy whose current weights the samples must follow."""
 

@@ -434,34 +434,51 @@ def run_episodes(
         if not live:
             break
         keyed = None if keys is None else turn_keys(keys, turn)
-        tokens: dict[int, list[int]] = {}
-        logps: dict[int, list[float] | None] = {}
         group = num_per_prompt if turn == 0 else 1
-        per_call = max(1, chunk // group)
         heads = live[::group]  # turn 0: every episode is live, groups are consecutive
-        for start in range(0, len(heads), per_call):
-            rows = heads[start : start + per_call]
-            contexts = [episodes[i].prompt_ids + episodes[i].ids for i in rows]
-            ids, attn = pad(contexts, tokenizer.pad_token_id, left=True)
-            budget = max(max_completion_length - len(episodes[i].ids) for i in rows)
-            members = [i + j for i in rows for j in range(group)]
-            out = sampler(
-                ids.to(device),
-                attn.to(device),
-                group,
-                budget,
-                None if keyed is None else keyed[members],
-            )
-            engine = out.logprobs if isinstance(out, Sampled) else None
-            answers, _ = cut_at_stop(out.tokens if engine is not None else out, stops)
-            tokens.update(zip(members, answers))
-            for row, (i, answer) in enumerate(zip(members, answers)):
-                logps[i] = None if engine is None else engine[row, : len(answer)].tolist()
+        tokens, logps = sample_turn(
+            sampler, tokenizer, episodes, heads, group, max_completion_length, stops, chunk, keyed, device
+        )
         for i in live:
             step_turn(
                 episodes[i], tokens[i], tokenizer, stop_set, stops, turn, max_turns, max_completion_length, logps[i]
             )
     return episodes
+
+
+def sample_turn(
+    sampler: Sampler,
+    tokenizer,
+    episodes: list[Episode],
+    heads: list[int],
+    group: int,
+    max_completion_length: int,
+    stops: Sequence[int],
+    chunk: int,
+    keys: torch.Tensor | None,
+    device: torch.device | str,
+) -> tuple[dict[int, list[int]], dict[int, list[float] | None]]:
+    """One turn's answers, at most `chunk` at a time: `group` answers to the context of each episode in
+    `heads` (its prompt and what it holds so far), for it and the `group` − 1 episodes after it; each
+    gets at most what is left of `max_completion_length`. Returns ({episode: its answer's token ids,
+    through the stop token}, {episode: an engine's log-probs of them, or None}); `keys`: this turn's
+    (turn_keys) for every episode, or None."""
+    tokens: dict[int, list[int]] = {}
+    logps: dict[int, list[float] | None] = {}
+    per_call = max(1, chunk // group)
+    for start in range(0, len(heads), per_call):
+        rows = heads[start : start + per_call]
+        contexts = [episodes[i].prompt_ids + episodes[i].ids for i in rows]
+        ids, attn = pad(contexts, tokenizer.pad_token_id, left=True)
+        budget = max(max_completion_length - len(episodes[i].ids) for i in rows)
+        members = [i + j for i in rows for j in range(group)]
+        out = sampler(ids.to(device), attn.to(device), group, budget, None if keys is None else keys[members])
+        engine = out.logprobs if isinstance(out, Sampled) else None
+        answers, _ = cut_at_stop(out.tokens if engine is not None else out, stops)
+        tokens.update(zip(members, answers))
+        for row, (i, answer) in enumerate(zip(members, answers)):
+            logps[i] = None if engine is None else engine[row, : len(answer)].tolist()
+    return tokens, logps
 
 
 def step_turn(

@@ -1,5 +1,6 @@
-"""Reward functions for GRPO: a registry of named functions, reward-model folders, or any callable
-given by dotted path.
+"""Reward functions for GRPO and PPO: the built-in ones, registered by name in `REWARD_FUNCTIONS`
+(alignlab.registry.Registry), reward-model folders, or any callable given by dotted path (`_target_`);
+and the one scoring path every online algorithm calls (`score_completions`).
 
 A reward function is called as `fn(prompts, completions, **columns)`: prompts are message lists,
 completions are the decoded answers, and every extra column of the data rows (e.g. `solution`)
@@ -19,7 +20,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,14 +29,21 @@ from hydra.utils import instantiate
 from alignlab.errors import AlignlabError, ConfigError, DataError
 from alignlab.losses.grpo import soft_overlong_penalty
 from alignlab.online.generation import _number, matches_solution
-from alignlab.registry import import_object
+from alignlab.registry import Registry, import_object
 
 
 class RewardFunctionError(AlignlabError):
     """A reward function raised, returned the wrong number of values, or a value that is not a finite number."""
 
 
+# The built-in reward functions `algorithm.reward_funcs` may name: a new one is one function decorated with
+# `@REWARD_FUNCTIONS.register("name")` below (a callable object: `REWARD_FUNCTIONS.add("name", obj)`).
+# Users' own come by `{_target_: package.module.function}` (`build_reward_function`).
+REWARD_FUNCTIONS: Registry[Callable] = Registry("reward function", "algorithm.reward_funcs")
+
+
 # -- correctness --------------------------------------------------------------------------------------
+@REWARD_FUNCTIONS.register("exact_match")
 def exact_match(
     prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns
 ) -> list[float]:
@@ -128,6 +136,7 @@ def is_correct(answer: str, solution: Any) -> bool:
     return bool(verify(gold, parse(_final(text))))
 
 
+@REWARD_FUNCTIONS.register("accuracy")
 def accuracy(prompts: Sequence, completions: Sequence[str], solution: Sequence | None = None, **columns) -> list[float]:
     """1.0 where the completion gives the row's `solution` (`is_correct`: math-verify's equivalence for
     LaTeX, `\\boxed{}`, fractions and `#### 42`; normalised text for words), else 0.0.
@@ -182,6 +191,7 @@ class RegexFormat:
 regex_format = RegexFormat  # the name a config gives as `_target_`
 
 
+@REWARD_FUNCTIONS.register("format")
 def format_reward(prompts: Sequence, completions: Sequence[str], pattern: str = r"-?\d+", **columns) -> list[float]:
     """1.0 where the whole completion matches `pattern` (default: an integer), else 0.0."""
     return RegexFormat(pattern)(prompts, completions)
@@ -191,6 +201,7 @@ def format_reward(prompts: Sequence, completions: Sequence[str], pattern: str = 
 THINK_FORMAT = re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL)
 
 
+@REWARD_FUNCTIONS.register("think_format")
 def think_format(prompts: Sequence, completions: Sequence[str], **columns) -> list[float]:
     """1.0 where the completion is `<think>reasoning</think>` followed by a non-empty answer (reasoning
     models' format, e.g. DeepSeek-R1's; TRL's `think_format_reward` also accepts an empty answer), with
@@ -206,11 +217,13 @@ def _think_then_answer(text: str) -> bool:
     return "<think>" not in reasoning and "<think>" not in answer and "</think>" not in answer and bool(answer.strip())
 
 
+@REWARD_FUNCTIONS.register("length")
 def length_reward(prompts: Sequence, completions: Sequence[str], target: int = 2, **columns) -> list[float]:
     """1 − |len − target| / target in characters, floored at 0: 1.0 at exactly `target` characters."""
     return [max(0.0, 1 - abs(len(c) - target) / target) for c in completions]
 
 
+@REWARD_FUNCTIONS.register("soft_overlong")
 def soft_overlong(
     prompts: Sequence,
     completions: Sequence[str],
@@ -322,16 +335,26 @@ class RepetitionPenalty:
         return [repetition_penalty(c.lower().split(), self.ngram_size, self.max_penalty) for c in completions]
 
 
-REGISTRY: dict[str, Callable] = {
-    "accuracy": accuracy,
-    "exact_match": exact_match,
-    "format": format_reward,
-    "think_format": think_format,
-    "length": length_reward,
-    "cosine": CosineReward(),
-    "repetition": RepetitionPenalty(),
-    "soft_overlong": soft_overlong,
-}
+REWARD_FUNCTIONS.add("cosine", CosineReward())
+REWARD_FUNCTIONS.add("repetition", RepetitionPenalty())
+
+
+class _Functions(Mapping):
+    """`REGISTRY` as callers before REWARD_FUNCTIONS read it: a live view, name -> function."""
+
+    def __getitem__(self, name: str) -> Callable:
+        if name not in REWARD_FUNCTIONS:
+            raise KeyError(name)
+        return REWARD_FUNCTIONS[name].fn
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(REWARD_FUNCTIONS)
+
+    def __len__(self) -> int:
+        return len(REWARD_FUNCTIONS)
+
+
+REGISTRY: Mapping[str, Callable] = _Functions()
 
 
 def accepts_keyword(fn: Callable, name: str) -> bool:
@@ -484,14 +507,14 @@ def check_batch_columns(functions: Sequence[tuple[str, Callable]], prompts: list
 
 
 def build_reward_function(spec: Any) -> tuple[str, Callable]:
-    """(name, callable) from a registry name, a reward-model folder, or a dict with `_target_`.
+    """(name, callable) from a name in REWARD_FUNCTIONS, a reward-model folder, or a dict with `_target_`.
 
     A dict may carry `name` (used in metrics); a `_target_` naming a function gets its other keys
     bound as keyword arguments; one naming a class is instantiated with them (e.g. RewardScorer).
     """
     if isinstance(spec, str):
-        if spec in REGISTRY:
-            return spec, REGISTRY[spec]
+        if spec in REWARD_FUNCTIONS:
+            return spec, REWARD_FUNCTIONS[spec].fn
         from pathlib import Path
 
         from alignlab.models.reward import RewardScorer, is_reward_model_folder
@@ -499,7 +522,7 @@ def build_reward_function(spec: Any) -> tuple[str, Callable]:
         if is_reward_model_folder(spec):
             return f"reward_model:{Path(spec).name}", RewardScorer(spec)
         raise ConfigError(
-            f"unknown reward function {spec!r}: use one of {sorted(REGISTRY)}, a reward-model "
+            f"unknown reward function {spec!r}: use one of {sorted(REWARD_FUNCTIONS)}, a reward-model "
             "folder, or {_target_: package.module.function}"
         )
     spec = dict(spec)

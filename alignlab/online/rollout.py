@@ -8,7 +8,7 @@ masks, and reads the answers' per-token log-probs under the policy or the refere
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,8 @@ class Samples:
     # [N, R] the engine's log-prob of each answer token at sampling time, 0 past its end; None when the
     # policy sampled in this process (alignlab.online.backends.Sampled)
     sampling_logprobs: torch.Tensor | None = None
+    # what sampling measured, logged with the rollout's metrics (multi-turn: alignlab.online.multiturn.episode_metrics)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def prompt_ids(batch: dict) -> list[list[int]]:
@@ -125,28 +127,13 @@ def sample(
     (the template's end of turn, every eos id: stop_token_ids)."""
     stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
     ids, attn = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    responses, has_eos = [], []
     keys = sample_keys(torch.initial_seed(), step, batch["index"], num_per_prompt) if step is not None else None
     images = repeat_vision(batch, num_per_prompt)  # each answer's prompt's images (none for text prompts)
     if step is not None and not images:  # keyed: each prompt's KV cache is computed once and shared by its completions
-        backend = backend or TransformersBackend()
-        per_chunk = max(1, chunk // num_per_prompt)
-        pieces = []
-        for i in range(0, ids.shape[0], per_chunk):
-            rows = slice(i * num_per_prompt, (i + per_chunk) * num_per_prompt)
-            pieces.append(
-                backend.sample(
-                    model,
-                    ids[i : i + per_chunk],
-                    attn[i : i + per_chunk],
-                    num_per_prompt,
-                    max_new_tokens,
-                    temperature,
-                    keys[rows],
-                    stops,
-                    pad,
-                )
-            )
+        settings = (num_per_prompt, max_new_tokens, temperature)
+        pieces = _shared_prefix_pieces(
+            backend or TransformersBackend(), model, ids, attn, settings, keys, stops, pad, chunk
+        )
     else:  # plain, or keyed through transformers' generate for prompts with images (multimodal positions)
         ids, attn = ids.repeat_interleave(num_per_prompt, 0), attn.repeat_interleave(num_per_prompt, 0)
         pieces = [
@@ -164,6 +151,35 @@ def sample(
             )
             for i in range(0, ids.shape[0], chunk)
         ]
+    responses, has_eos, engine_logps = _answers(pieces, stops)
+    prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]
+    device = batch["prompt_input_ids"].device
+    return pack(prompts, responses, has_eos, pad, device, images, sampling_logprobs=engine_logps)
+
+
+def _shared_prefix_pieces(
+    backend: GenerationBackend, model, ids, attn, settings: tuple, keys, stops, pad: int, chunk: int
+) -> list:
+    """What `backend` samples for left-padded prompts `ids`/`attn`, `chunk` answers at a time (whole
+    groups of a prompt's answers); settings: (answers per prompt, max new tokens, temperature)."""
+    num_per_prompt, max_new_tokens, temperature = settings
+    per_chunk = max(1, chunk // num_per_prompt)
+    pieces = []
+    for i in range(0, ids.shape[0], per_chunk):
+        rows = slice(i * num_per_prompt, (i + per_chunk) * num_per_prompt)
+        at = slice(i, i + per_chunk)
+        pieces.append(
+            backend.sample(
+                model, ids[at], attn[at], num_per_prompt, max_new_tokens, temperature, keys[rows], stops, pad
+            )
+        )
+    return pieces
+
+
+def _answers(pieces: list, stops) -> tuple[list[list[int]], torch.Tensor, list | None]:
+    """(each answer's token ids through its first stop token, whether it stopped [N], an engine's
+    log-probs of each answer's tokens or None) of sampled pieces (token tensors, or an engine's Sampled)."""
+    responses, has_eos = [], []
     engine_logps = [] if any(isinstance(p, Sampled) for p in pieces) else None  # an engine's own log-probs
     for piece in pieces:
         tokens = piece.tokens if isinstance(piece, Sampled) else piece
@@ -172,6 +188,4 @@ def sample(
         has_eos.append(ended)
         if engine_logps is not None:
             engine_logps += [logps[: len(a)] for logps, a in zip(piece.logprobs, answers)]
-    prompts = [p for p in prompt_ids(batch) for _ in range(num_per_prompt)]
-    device = batch["prompt_input_ids"].device
-    return pack(prompts, responses, torch.cat(has_eos), pad, device, images, sampling_logprobs=engine_logps)
+    return responses, torch.cat(has_eos), engine_logps

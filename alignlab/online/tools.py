@@ -121,10 +121,6 @@ class ToolCall:
     arguments: dict = field(default_factory=dict)
     error: str | None = None
 
-    def as_message_call(self) -> dict:
-        """The call as a chat message's `tool_calls` entry (OpenAI's layout, which chat templates read)."""
-        return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
 
 def _from_json(text: str, argument_keys: tuple[str, ...]) -> ToolCall:
     try:

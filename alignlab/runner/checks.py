@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alignlab.errors import ConfigError
+from alignlab.registry import Registry
 
 
 class Checks:
@@ -54,4 +56,19 @@ class Checks:
     def one_of(self, key: str, options: Iterable[str]) -> Checks:
         if self.section[key] not in tuple(options):
             self._fail(key, f"one of {tuple(options)}")
+        return self
+
+    def registered(self, key: str, registry: Registry, own: bool = False) -> Checks:
+        """`key` names a variant of `registry`: one of its names ("must be one of (...), got x (did you mean
+        y?)"), or with `own` also the user's own function by dotted path or {_target_: path, ...}, imported
+        now so that a missing one fails before anything slow starts (Registry.check)."""
+        value = self.section[key]
+        if own and (OmegaConf.is_dict(value) or (isinstance(value, str) and "." in value)):
+            registry.check(OmegaConf.to_container(value) if OmegaConf.is_dict(value) else value)
+            return self
+        if not (isinstance(value, str) and value in registry):
+            close = difflib.get_close_matches(str(value), registry.names(), n=1, cutoff=0.6)
+            allowed = f"one of {registry.names()}" + (" or a dotted path to your own function" if own else "")
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{self.prefix}.{key} must be {allowed}, got {value!r}{hint}")
         return self

@@ -34,6 +34,8 @@ KEY_LINE = re.compile(r"^(\w+):(.*)$")  # a top-level key; its value and comment
 
 @dataclass
 class HyperParameter:
+    """One top-level key of conf/algorithm/<name>.yaml: a row of its table in docs/algorithms.md."""
+
     key: str
     default: str  # as the YAML writes it
     meaning: str  # the trailing comment, continuation lines joined

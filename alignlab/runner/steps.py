@@ -72,25 +72,50 @@ def check_optimizer_steps(cfg: DictConfig, datamodule) -> None:
         ConfigError: naming batch_size, the rows kept and why others were left out.
     """
     check_trainer_steps(cfg.trainer)
-    if datamodule.stream is not None:
-        kept = datamodule.stream_usable_rows
-        if kept is None:  # longer than what was read to check it: at least one step's worth is not known yet
-            return
-    else:
-        kept = len(datamodule.splits.get("train") or [])
+    kept = usable_train_rows(datamodule)
+    if kept is None:  # longer than what was read to check it: at least one step's worth is not known yet
+        return
     processes = expected_processes(cfg.trainer)
     if not datamodule.drop_last_train:
         needed = processes
     else:
         accumulate = cfg.trainer.get("accumulate_grad_batches", 1) if datamodule.max_tokens_per_micro_batch else 1
         needed = datamodule.batch_size * processes * (accumulate if isinstance(accumulate, int) else 1)
-    if kept >= needed:
-        return
+    if kept < needed:
+        raise ConfigError(no_step_message(cfg, datamodule, kept, needed, processes))
+
+
+def usable_train_rows(datamodule) -> int | None:
+    """The train split's rows left after setup; for a stream, those of the part read to check it (None
+    when the stream is longer than that)."""
+    if datamodule.stream is not None:
+        return datamodule.stream_usable_rows
+    return len(datamodule.splits.get("train") or [])
+
+
+def no_step_message(cfg: DictConfig, datamodule, kept: int, needed: int, processes: int) -> str:
+    """Why the run would take no optimizer step: the rows one step takes, the rows kept and why the others
+    were left out, and what to change."""
     per_step = f"batch_size={datamodule.batch_size}" if datamodule.drop_last_train else "one row"
     if processes > 1:
         per_step += f" × {processes} processes"
     if needed != datamodule.batch_size * processes and datamodule.drop_last_train:
         per_step += f" × trainer.accumulate_grad_batches={needed // (datamodule.batch_size * processes)}"
+    fit = kept // max(1, needed // datamodule.batch_size) if datamodule.drop_last_train else 0
+    advice = f"lower batch_size to {fit} or less, or give more rows" if fit else "give more rows"
+    if datamodule.dropped.get("train"):
+        advice += " (or raise max_length to keep the rows left out)"
+    algorithm = cfg.algorithm.get("name", "this algorithm")
+    return (
+        f"the run would take no optimizer step: the data has {rows_account(datamodule, kept)}, and one optimizer "
+        f"step of algorithm={algorithm} takes {per_step} rows"
+        + (" (a last batch smaller than that is left out)" if datamodule.drop_last_train else "")
+        + f"; {advice}"
+    )
+
+
+def rows_account(datamodule, kept: int) -> str:
+    """'<kept> usable training rows of <read> read; <n> left out at max_length=… (…); <n> skipped as bad'."""
     read = datamodule.read().get("train")
     total = len(read) if isinstance(read, list) else None
     left_out = []
@@ -104,14 +129,4 @@ def check_optimizer_steps(cfg: DictConfig, datamodule) -> None:
         rows += f" of {total} read"
     if left_out:
         rows += f"; {'; '.join(left_out)}"
-    fit = kept // max(1, needed // datamodule.batch_size) if datamodule.drop_last_train else 0
-    advice = f"lower batch_size to {fit} or less, or give more rows" if fit else "give more rows"
-    if datamodule.dropped.get("train"):
-        advice += " (or raise max_length to keep the rows left out)"
-    algorithm = cfg.algorithm.get("name", "this algorithm")
-    raise ConfigError(
-        f"the run would take no optimizer step: the data has {rows}, and one optimizer step of "
-        f"algorithm={algorithm} takes {per_step} rows"
-        + (" (a last batch smaller than that is left out)" if datamodule.drop_last_train else "")
-        + f"; {advice}"
-    )
+    return rows

@@ -24,6 +24,8 @@ from alignlab.runner.redact import SECRET_KEY, redact_text
 
 @dataclass(frozen=True)
 class SweepJob:
+    """One job of a sweep, as `current_job` reads it from Hydra: what names its run and its group."""
+
     group: str  # e.g. "dpo_beta-2026-11-25_10-00-00": the sweep config (or "multirun") and the sweep folder
     name: str  # e.g. "algorithm.beta=0.1,seed=0"
     num: int  # the job's number in the sweep

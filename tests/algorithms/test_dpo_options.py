@@ -28,7 +28,8 @@ def other_tokenizer(tiny, tmp_path_factory):
 
 
 BAD = [
-    (["algorithm.loss_type=[sigmoid,nope]"], "algorithm.loss_type must be one of"),
+    (["algorithm.loss_type=[sigmoid,nope]"], "algorithm.loss_type: unknown DPO loss type 'nope'"),
+    (["algorithm.loss_type=sigmoid_nrom"], "unknown DPO loss type 'sigmoid_nrom' (did you mean sigmoid_norm?)"),
     (["algorithm.loss_type=[sigmoid,sigmoid]"], "algorithm.loss_type names a loss type twice"),
     (["algorithm.loss_type=[sigmoid,bco_pair]", "algorithm.loss_weights=[1.0]"], "a list of 2 numbers, one per"),
     (
@@ -38,7 +39,7 @@ BAD = [
     (["algorithm.loss_type=exo_pair"], "exo_pair needs algorithm.label_smoothing > 0"),
     (["algorithm.discopop_tau=0"], "algorithm.discopop_tau must be > 0"),
     (["algorithm.ld_alpha=1.5"], "algorithm.ld_alpha must be in [0.0, 1.0]"),
-    (["algorithm.f_divergence_type=kl"], "algorithm.f_divergence_type must be one of"),
+    (["algorithm.f_divergence_type=kl"], "algorithm.f_divergence_type: unknown f-divergence 'kl'"),
     (["algorithm.f_divergence_type=js_divergence", "algorithm.loss_type=bco_pair"], "not ['bco_pair']"),
     (["algorithm.f_alpha_divergence_coef=0"], "algorithm.f_alpha_divergence_coef must be > 0"),
     (["algorithm.use_weighting=true", "algorithm.loss_type=aot"], "algorithm.use_weighting=true (WPO)"),
@@ -54,10 +55,11 @@ BAD = [
     (["algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model: no such folder"),
     (
         ["algorithm=kto", "algorithm.loss_type=apo_zero"],
-        "algorithm.loss_type must be one of ('kto', 'apo_zero_unpaired')",
+        "algorithm.loss_type: unknown KTO loss type 'apo_zero' (did you mean apo_zero_unpaired?); one of ('kto', "
+        "'apo_zero_unpaired')",
     ),
     (["algorithm=kto", "algorithm.ref_model=/nowhere/model"], "algorithm.ref_model=/nowhere/model: no such folder"),
-    (["algorithm=cpo", "algorithm.loss_type=simpo"], "algorithm.loss_type must be one of"),
+    (["algorithm=cpo", "algorithm.loss_type=simpo"], "algorithm.loss_type: unknown CPO loss type 'simpo'"),
     (["algorithm=cpo", "algorithm.loss_type=alphapo"], "set algorithm.cpo_alpha=0"),
     (["algorithm=cpo", "algorithm.alpha=true"], "algorithm.alpha must be a number"),
 ]
@@ -214,11 +216,13 @@ def test_the_loss_type_sweep_runs_every_loss_type_but_exo_pair(tmp_path):
     config checks."""
     from omegaconf import OmegaConf
 
-    from alignlab.losses import DPO_LOSS_TYPES
+    from alignlab.losses import DPO_LOSS_TYPES, DPO_LOSSES
     from alignlab.runner.config import check_config
 
     grid = OmegaConf.load(CONF / "sweep" / "dpo_loss_types.yaml").hydra.sweeper.params["algorithm.loss_type"]
-    assert sorted(grid.split(",")) == sorted(set(DPO_LOSS_TYPES) - {"exo_pair"})
+    needs_epsilon = DPO_LOSSES.names(needs_label_smoothing=True)
+    assert needs_epsilon == ("exo_pair",)  # the sweep's header says how to run it
+    assert sorted(grid.split(",")) == sorted(set(DPO_LOSS_TYPES) - set(needs_epsilon))
     for loss_type in grid.split(","):
         check_config(compose([f"algorithm.loss_type={loss_type}"], tmp_path))
 
@@ -243,3 +247,68 @@ def test_the_reference_is_compared_with_the_tokenizer_the_policy_runs_with(tiny_
         check_same_tokenizer(model_cfg, str(tiny_model_dir), "algorithm.ref_model", require_chat_template=True)
     with pytest.raises(ModelLoadError):  # a Hub id: the offline hint, not "no such folder"
         check_same_tokenizer(model_cfg, "org/not-cached-here", "algorithm.ref_model", require_chat_template=True)
+
+
+USER_LOSSES = """
+import torch.nn.functional as F
+
+from alignlab.losses.dpo import DPO_LOSSES
+
+
+@DPO_LOSSES.register("user_scaled_sigmoid", f_divergence=True)
+def scaled_sigmoid(p, scale=1.0):
+    return -F.logsigmoid(scale * p.beta * p.h)
+
+
+def plain_sigmoid(p):  # not registered: named by its dotted path
+    return -F.logsigmoid(p.beta * p.h)
+"""
+
+
+@pytest.fixture
+def user_losses(tmp_path, monkeypatch):
+    """A user's module of DPO loss types on sys.path; the registry restored afterwards."""
+    import sys
+
+    from alignlab.losses import DPO_LOSSES
+
+    (tmp_path / "user_dpo_losses.py").write_text(USER_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_dpo_losses", raising=False)
+    monkeypatch.setattr(DPO_LOSSES, "_entries", dict(DPO_LOSSES._entries))
+
+
+def test_a_users_own_loss_type_passes_the_checks_and_trains_by_dotted_path(user_losses, tiny, tmp_path):
+    """algorithm.loss_type=<dotted path> (alone, in an MPO list, or as {_target_: ..., kwargs}) passes the
+    preflight and the config check, and the module's loss is the user's function of the pair's quantities."""
+    from alignlab.runner.config import check_config
+    from alignlab.runner.preflight import preflight
+
+    mix = ["algorithm.loss_type=[sigmoid,user_dpo_losses.plain_sigmoid]", "algorithm.loss_weights=[0.5,0.5]"]
+    target = ["algorithm.loss_type={_target_:user_dpo_losses.scaled_sigmoid,scale:2.0}"]
+    for overrides in (["algorithm.loss_type=user_dpo_losses.plain_sigmoid"], mix, target):
+        preflight(overrides)
+        check_config(compose(overrides, tmp_path))
+    with pytest.raises(ConfigError, match="'user_dpo_losses' has no 'nothing'"):
+        check_config(compose(["algorithm.loss_type=user_dpo_losses.nothing"], tmp_path))
+    with pytest.raises(ConfigError, match=r"generalises only .* not \['user_dpo_losses.plain_sigmoid'\]"):
+        divergence = ["algorithm.loss_type=user_dpo_losses.plain_sigmoid", "algorithm.f_divergence_type=js_divergence"]
+        check_config(compose(divergence, tmp_path))  # not declared f_divergence=True: refused
+
+    model, tokenizer = tiny
+    batch = pair_batch(tokenizer)
+    policy = perturbed(model)
+    baseline = build_module("dpo", policy, tokenizer, rpo_alpha=0.0, beta=0.2)
+    baseline.reference = ReferenceModel(baseline.model, copy.deepcopy(model))
+    with torch.no_grad():
+        expected, _ = baseline.compute(batch)  # −log σ(0.2·h)
+        for loss_type, beta in (
+            ("user_dpo_losses.plain_sigmoid", 0.2),
+            ({"_target_": "user_dpo_losses.scaled_sigmoid", "scale": 2.0}, 0.1),  # scale 2 doubles β
+        ):
+            module = build_module("dpo", policy, tokenizer, rpo_alpha=0.0, beta=beta, loss_type=loss_type)
+            module.reference = baseline.reference
+            loss, _ = module.compute(batch)
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    mixed = build_module("dpo", policy, tokenizer, loss_type=["sigmoid", "user_dpo_losses.scaled_sigmoid"])
+    assert mixed.term_metrics() == ("loss/sigmoid", "loss/user_scaled_sigmoid")  # registered under its own name

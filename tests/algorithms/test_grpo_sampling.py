@@ -4,6 +4,7 @@ reference syncs, wired into the module."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -106,6 +107,36 @@ def test_generation_passes_each_completions_token_ids_to_the_rewards(tiny):
     module.rewards = [("spy", spy)]
     samples, texts, rewards, _ = module.sample_and_score(batch)
     assert seen["ids"] == samples.responses and rewards.tolist() == [float(len(r)) for r in samples.responses]
+
+
+def test_a_users_own_advantage_estimator_passes_the_checks_and_sees_the_rollouts_lengths(tiny, tmp_path, monkeypatch):
+    """algorithm.advantage_estimator={_target_: dotted.path, ...} or a dotted path: the user's function of
+    AdvantageInputs (alignlab.losses.grpo), imported by the config check; the rollout hands it the lengths."""
+    from alignlab.losses.grpo import ADVANTAGES
+    from alignlab.online.rewards import length_reward
+
+    (tmp_path / "my_adv.py").write_text(
+        "def longer_first(x, weight=1.0):\n"
+        "    return weight * (x.lengths.to(x.rewards.dtype) - x.lengths.to(x.rewards.dtype).mean()) + x.rewards\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_adv", raising=False)
+    monkeypatch.setattr(ADVANTAGES, "_entries", dict(ADVANTAGES._entries))  # restored after the test
+    for spelling in ("my_adv.longer_first", "{_target_: my_adv.longer_first, weight: 0.5}"):
+        check_config(compose(["algorithm=grpo", f"algorithm.advantage_estimator={spelling}"], tmp_path))
+    with pytest.raises(ConfigError, match="algorithm.advantage_estimator 'my_adv.nothing' could not be imported"):
+        check_config(compose(["algorithm=grpo", "algorithm.advantage_estimator=my_adv.nothing"], tmp_path))
+    _, batch = prompt_batch(tiny)
+    spec = {"_target_": "my_adv.longer_first", "weight": 0.5}
+    module = build_module(
+        "grpo", copy.deepcopy(tiny[0]), tiny[1], num_generations=2, max_completion_length=6, advantage_estimator=spec
+    )
+    module.rewards = [("length", lambda p, c, **kw: length_reward(p, c, target=3))]
+    torch.manual_seed(0)
+    gen = module.generate_batch(batch)
+    samples, _, rewards, _ = module.sample_and_score(batch)  # keyed sampling: the same answers again
+    lengths = samples.mask.sum(1).to(rewards.dtype)
+    assert torch.equal(gen["advantages"], 0.5 * (lengths - lengths.mean()) + rewards)
 
 
 # -- kl_in_reward: −β·k1 on every token's reward, carried by the advantages -----------------------------

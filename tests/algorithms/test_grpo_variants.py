@@ -20,6 +20,11 @@ from tests.conftest import QUIET, compose
     [
         (["algorithm.importance_sampling_level=sentence"], "algorithm.importance_sampling_level must be one of"),
         (["algorithm.loss_type=vespo"], "algorithm.loss_type must be one of"),
+        (["algorithm.loss_type=dapoo"], "got 'dapoo' (did you mean dapo?)"),  # the registry's closest name
+        (
+            ["algorithm.importance_sampling_level=sequence.token"],
+            "must be one of ('token', 'sequence', 'sequence_token')",
+        ),
         (["algorithm.top_entropy_quantile=1.5"], "algorithm.top_entropy_quantile must be in [0.0, 1.0], got 1.5"),
         (["algorithm.top_entropy_quantile=-0.1"], "algorithm.top_entropy_quantile must be in [0.0, 1.0]"),
         (["algorithm.entropy_coef=-0.01"], "algorithm.entropy_coef must be >= 0, got -0.01"),

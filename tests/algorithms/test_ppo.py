@@ -274,6 +274,37 @@ def test_a_reward_model_and_rule_rewards_add_up_with_the_model_at_weight_one(tin
     torch.testing.assert_close(combined["scores"], alone["scores"] + 2 * torch.tensor(lengths), rtol=0, atol=1e-6)
 
 
+def test_ppo_scores_as_grpo_does_with_completion_ids_and_async_functions_together(tiny):
+    """PPO's rollout scores on the online path (OnlineModule.rewards_of): each answer's token ids reach a
+    function that takes `completion_ids`, and async functions are in flight at once (a count of the
+    calls running, which one-at-a-time calls would keep at 1)."""
+    import asyncio
+
+    model, tokenizer = tiny
+    module = build_module("ppo", copy.deepcopy(model), tokenizer, reward_funcs=["length"], response_length=6)
+    seen, running = {}, {"now": 0, "most": 0}
+
+    def by_ids(prompts, completions, completion_ids, **columns):
+        seen["ids"] = completion_ids
+        return [float(len(ids)) for ids in completion_ids]
+
+    async def judge(prompts, completions, **columns):
+        running["now"] += 1
+        running["most"] = max(running["most"], running["now"])
+        for _ in range(3):
+            await asyncio.sleep(0)  # hands the loop to the other judge, when it runs beside this one
+        running["now"] -= 1
+        return [0.0] * len(completions)
+
+    module.use_reward_functions([("by_ids", by_ids), ("judge_a", judge), ("judge_b", judge)])
+    rollout = module.rollout(arith_batch(tokenizer))
+    spans = zip(rollout["input_ids"], rollout["starts"].tolist(), rollout["mask"].sum(1).int().tolist())
+    answers = [row[start : start + n].tolist() for row, start, n in spans]
+    assert seen["ids"] == answers
+    assert torch.equal(rollout["scores"], torch.tensor([float(len(a)) for a in answers]))
+    assert running["most"] == 2
+
+
 def test_reward_clipping_bounds_the_score_before_the_kl_penalty(tiny):
     _, tokenizer = tiny
     module = build_module(
@@ -375,7 +406,14 @@ def test_ppo_with_a_rule_reward_and_no_reward_model_trains_through_train(tmp_pat
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v}
-    for key in ("rewards/accuracy/mean", "objective/kl_coef", "loss/kl_avg", "policy/dual_clipfrac_avg"):
+    logs = (
+        "rewards/accuracy/mean",
+        "timing/reward/accuracy",
+        "objective/kl_coef",
+        "loss/kl_avg",
+        "policy/dual_clipfrac_avg",
+    )
+    for key in logs:
         assert f"train/{key}" in logged, key
     assert "eval/objective/scores" in logged
     assert result["metrics"]

@@ -4,14 +4,18 @@ float64 references written from each paper's formula (hand-checked numbers, then
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from alignlab.losses import (
     CPO_LOSS_TYPES,
+    CPO_LOSSES,
+    DPO_LOSSES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCE_TYPES,
+    KTO_LOSSES,
     PAIR_LOSS_TYPES,
     SORTING_LOSS_TYPES,
     alphapo_reward,
@@ -112,6 +116,16 @@ def test_aot_sorts_the_batch_before_comparing():
     out = dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="aot_unpaired")
     assert torch.allclose(out.losses, t(math.log(2), math.log1p(math.exp(-2))))
     assert torch.allclose(out.chosen_rewards, t(1.0, -2.0))  # rewards stay per pair, unsorted
+
+
+def test_every_loss_type_cites_its_paper_and_has_its_docs_row():
+    """A loss type is one registered function: its docstring names its paper, docs/algorithms.md its row."""
+    docs = (Path(__file__).parents[2] / "docs" / "algorithms.md").read_text()
+    for registry in (DPO_LOSSES, CPO_LOSSES, KTO_LOSSES):
+        for name in registry:
+            assert "arXiv:" in registry[name].fn.__doc__, (registry.kind, name)
+    for name in DPO_LOSSES:
+        assert f"| `{name}` |" in docs, f"docs/algorithms.md has no row for the DPO loss type {name}"
 
 
 def test_exo_pair_needs_label_smoothing_and_sigmoid_norm_needs_lengths():

@@ -4,12 +4,17 @@ references written from the papers (hand-checkable numbers and random ones)."""
 from __future__ import annotations
 
 import math
+import sys
+import textwrap
 
 import pytest
 import torch
 
+from alignlab.errors import ConfigError
 from alignlab.losses.grpo import (
+    ADVANTAGES,
     DEFAULT_SCALE_REWARDS,
+    AdvantageInputs,
     estimate_advantages,
     group_advantages,
     kl_reward_penalty,
@@ -126,6 +131,50 @@ def test_estimate_advantages_takes_each_estimators_own_scaling_by_default():
         estimate_advantages(rewards, 4, "ppo")
     with pytest.raises(ValueError, match="scale_rewards must be one of"):
         estimate_advantages(rewards, 4, "rloo", "median")
+
+
+# -- a user's own estimator: one function of AdvantageInputs, named by dotted path ---------------------
+LENGTH_WEIGHTED = """
+def length_weighted(x, power=1.0):
+    \"\"\"OPO's baseline (Hao et al., 2025, arXiv:2505.23585): the group's rewards averaged with weights
+    |y|^power (OPO: power 1), each completion's reward minus it.\"\"\"
+    g = x.grouped
+    w = x.lengths.view(-1, x.num_generations).to(g.dtype) ** power
+    return (g - (w * g).sum(1, keepdim=True) / w.sum(1, keepdim=True)).view(-1)
+"""
+
+
+@pytest.fixture
+def own_estimator(tmp_path, monkeypatch) -> str:
+    """The dotted path of a module of the user's holding LENGTH_WEIGHTED; the registry is restored after."""
+    (tmp_path / "my_advantages.py").write_text(textwrap.dedent(LENGTH_WEIGHTED))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_advantages", raising=False)
+    monkeypatch.setattr(ADVANTAGES, "_entries", dict(ADVANTAGES._entries))
+    return "my_advantages.length_weighted"
+
+
+def test_a_users_own_estimator_reads_the_lengths_by_dotted_path_or_target(own_estimator):
+    rewards, lengths = t([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 1.0, 1.0]), torch.tensor([2, 6, 4, 4, 1, 1, 1, 1])
+    out = estimate_advantages(rewards, 4, own_estimator, lengths=lengths)
+    # group 1: baseline (2·1 + 4·1) / 16 = 0.375; group 2: equal lengths, the plain mean 1.5
+    assert out.tolist() == pytest.approx([0.625, -0.375, -0.375, 0.625, 1.5, -0.5, -0.5, -0.5], abs=1e-15)
+    squared = estimate_advantages(rewards, 4, {"_target_": own_estimator, "power": 2.0}, lengths=lengths)
+    assert squared[0].item() == pytest.approx(1 - (4 + 16) / (4 + 36 + 16 + 16), abs=1e-15)  # weights 4, 36, 16, 16
+    assert ADVANTAGES[own_estimator].scale_rewards == "group"  # the registry's default (the function ignores it)
+    with pytest.raises(ConfigError, match="'my_advantages' has no 'nothing'"):
+        estimate_advantages(rewards, 4, "my_advantages.nothing")
+
+
+def test_every_estimator_sees_the_inputs_record_the_rollout_gives(monkeypatch):
+    monkeypatch.setattr(ADVANTAGES, "_entries", dict(ADVANTAGES._entries))  # restored after the test
+    seen = {}
+    ADVANTAGES.add("spy", lambda x: seen.setdefault("x", x).rewards * 0)
+    lengths, logprobs, mask = torch.tensor([3, 1]), torch.zeros(2, 3), torch.ones(2, 3)
+    estimate_advantages(t([1.0, 2.0]), 2, "spy", None, lengths=lengths, logprobs=logprobs, mask=mask)
+    x = seen["x"]
+    assert isinstance(x, AdvantageInputs) and x.scale_rewards == "group" and x.eps == 1e-4
+    assert x.lengths is lengths and x.logprobs is logprobs and x.mask is mask and torch.equal(x.everyone, x.rewards)
 
 
 # -- the KL as a reward penalty (kl_in_reward) ----------------------------------------------------

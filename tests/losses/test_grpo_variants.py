@@ -12,11 +12,15 @@ import torch
 from alignlab.losses.grpo import (
     CLIP_LOSS_TYPES,
     GRPO_LOSS_TYPES,
+    GRPO_LOSSES,
+    GRPO_OBJECTIVES,
+    ObjectiveSettings,
     entropy_threshold,
     grpo_loss,
     high_entropy_mask,
     importance_weights,
 )
+from alignlab.losses.ppo import clipped_objective
 
 
 def t(rows):
@@ -359,3 +363,31 @@ def test_variants_split_into_micro_batches_give_the_whole_step(loss_type, level)
         for c in cuts
     )  # fmt: skip
     assert parts.item() == pytest.approx(whole.item(), rel=1e-13)
+
+
+# -- the registry: a loss type is an objective and an aggregation -------------------------------------
+def test_each_loss_type_is_an_objective_and_an_aggregation():
+    assert GRPO_LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+    assert CLIP_LOSS_TYPES == GRPO_LOSSES.names(objective="clipped") == ("grpo", "bnpo", "dr_grpo", "dapo")
+    assert {name: GRPO_LOSSES[name].objective for name in ("cispo", "sapo")} == {"cispo": "cispo", "sapo": "sapo"}
+    same = {name: GRPO_LOSSES[name].fn for name in GRPO_LOSS_TYPES}  # grpo's row mean, dapo's token mean
+    assert same["grpo"] is same["sapo"] and same["bnpo"] is same["dapo"] is same["cispo"]
+    assert same["dr_grpo"] not in (same["grpo"], same["dapo"]) and same["grpo"] is not same["dapo"]
+    assert set(GRPO_OBJECTIVES.names()) == {GRPO_LOSSES[name].objective for name in GRPO_LOSS_TYPES}
+
+
+def test_grpos_clipped_objective_is_ppos_clipped_surrogate_bit_for_bit():
+    """−min(ρA, clip(ρ)·A) (GRPO's spelling) and max(−Aρ, −A·clip(ρ)) (PPO's) are one function: equal to
+    the bit, values and gradients (negation is exact)."""
+    g = torch.Generator().manual_seed(5)
+    logp, old = torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g)
+    adv = torch.randn(6, 1, generator=g)
+    for high in (0.2, 0.28):
+        logp_a, logp_b = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+        ratio_a, ratio_b = torch.exp(logp_a - old), torch.exp(logp_b - old)
+        shared = GRPO_OBJECTIVES["clipped"].fn(ratio_a, adv, logp_a, ObjectiveSettings(0.2, high))
+        ppo = torch.max(-adv * ratio_b, -adv * torch.clamp(ratio_b, 1 - 0.2, 1 + high))
+        assert torch.equal(shared, ppo) and torch.equal(shared, clipped_objective(ratio_b, adv, 0.2, high))
+        shared.sum().backward()
+        ppo.sum().backward()
+        assert torch.equal(logp_a.grad, logp_b.grad)

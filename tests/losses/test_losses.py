@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from alignlab.errors import ConfigError
 from alignlab.losses import dpo_loss, nll_loss
 
 # The first four; the others are tested in test_dpo_variants.py.
@@ -91,7 +92,7 @@ def test_rewards_are_detached_and_loss_has_gradient():
 
 
 def test_unknown_loss_type_is_an_error():
-    with pytest.raises(ValueError, match="loss_type must be one of"):
+    with pytest.raises(ConfigError, match=r"unknown DPO loss type 'nope'; one of \('sigmoid', "):
         dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), loss_type="nope")
 
 

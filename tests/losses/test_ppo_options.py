@@ -216,6 +216,23 @@ def test_entropy_bonus_and_kl_term_on_random_tokens_over_micro_batches():
     assert parts.item() == pytest.approx(whole.loss.item(), rel=1e-12)
 
 
+def test_one_spelling_of_each_kl_estimator_serves_ppo_and_grpo():
+    from alignlab.losses.grpo import k3_kl
+    from alignlab.losses.reduction import masked_mean
+    from alignlab.losses.rlhf import KL_ESTIMATES, KL_ESTIMATORS
+
+    g = torch.Generator().manual_seed(3)
+    logp, ref = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    assert KL_ESTIMATORS == KL_ESTIMATES.names() == ("k1", "k2", "k3")
+    assert torch.equal(k3_kl(logp, ref), kl_estimate(logp, ref, "k3"))  # GRPO's KL term is the expm1 form
+    d = (ref - logp).double()
+    torch.testing.assert_close(k3_kl(logp, ref).double(), torch.expm1(d) - d, rtol=1e-6, atol=1e-7)
+    mask = (torch.rand(5, 7, generator=g) > 0.3).float()
+    out = ppo_policy_loss(logp, ref, torch.randn(5, 7, generator=g), mask)
+    before = 0.5 * masked_mean((logp - ref) ** 2, mask)  # PPO's approxkl as it was written, ½·mean of squares
+    assert torch.equal(out.approxkl, before)  # now the k2 estimate of π_old to π, to the bit
+
+
 def test_the_default_policy_loss_is_the_plain_clipped_objective_bit_for_bit():
     g = torch.Generator().manual_seed(2)
     logp, old, adv = (torch.randn(4, 6, generator=g) for _ in range(3))

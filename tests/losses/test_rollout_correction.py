@@ -9,7 +9,7 @@ import torch
 
 from alignlab.losses.grpo import grpo_loss
 from alignlab.losses.ppo import ppo_policy_loss
-from alignlab.losses.rollout_correction import logprob_mismatch, truncated_importance_weights
+from alignlab.losses.rollout_correction import ROLLOUT_CORRECTIONS, logprob_mismatch, truncated_importance_weights
 
 
 def t(rows):
@@ -102,3 +102,8 @@ def test_ppo_policy_loss_weights_each_clipped_token():
                 total += w[i, j].item() * max(-a * ratio, -a * min(max(ratio, 0.8), 1.2))
     out = ppo_policy_loss(logp, old, adv, mask, rollout_weights=w)
     assert out.loss.item() == pytest.approx(total / 7, rel=1e-12)
+
+
+def test_each_correction_mode_is_one_registered_function():
+    assert ROLLOUT_CORRECTIONS.names() == ("token_truncate",)  # TRL's default mode; issue 34 adds the others
+    assert ROLLOUT_CORRECTIONS["token_truncate"].fn is truncated_importance_weights

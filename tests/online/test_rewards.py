@@ -14,6 +14,7 @@ from alignlab.data.arith import ArithTask
 from alignlab.errors import ConfigError
 from alignlab.online.rewards import (
     REGISTRY,
+    REWARD_FUNCTIONS,
     CosineReward,
     RepetitionPenalty,
     RewardFunctionError,
@@ -303,6 +304,33 @@ def test_async_reward_functions_run_inside_a_running_event_loop():
 def test_a_partial_of_an_async_function_is_awaited():
     name, fn = build_reward_function({"_target_": "tests.online.test_rewards.async_length"})
     assert call_reward_function(name, fn, [user("q")], ["ab"], {}) == [2.0]
+
+
+# -- the registry -------------------------------------------------------------------------------------------
+def test_built_in_reward_functions_are_registry_entries_that_names_resolve_to(monkeypatch):
+    """REWARD_FUNCTIONS holds the built-ins; REGISTRY (the older name) maps each name to the same function;
+    a function registered with the decorator is one `reward_funcs` may name."""
+    assert set(REWARD_FUNCTIONS) == {
+        "accuracy",
+        "exact_match",
+        "format",
+        "think_format",
+        "length",
+        "soft_overlong",
+        "cosine",
+        "repetition",
+    }
+    assert dict(REGISTRY) == {name: REWARD_FUNCTIONS[name].fn for name in REWARD_FUNCTIONS}
+    assert build_reward_function("accuracy") == ("accuracy", accuracy)
+    monkeypatch.setattr(REWARD_FUNCTIONS, "_entries", dict(REWARD_FUNCTIONS._entries))  # undone after the test
+
+    @REWARD_FUNCTIONS.register("shouting")
+    def shouting(prompts, completions, **columns):
+        return [float(c.isupper()) for c in completions]
+
+    assert build_reward_function("shouting") == ("shouting", shouting) and REGISTRY["shouting"] is shouting
+    with pytest.raises(ConfigError, match="unknown reward function 'shoutin': use one of"):
+        build_reward_function("shoutin")
 
 
 # -- wired into GRPO ---------------------------------------------------------------------------------------

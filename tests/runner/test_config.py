@@ -168,7 +168,7 @@ PPO = ["algorithm=ppo", "algorithm.reward_model=/nowhere/rm"]
         (["algorithm.beta=0"], "algorithm.beta must be > 0, got 0"),
         (["algorithm.beta=-0.5"], "algorithm.beta must be > 0"),
         (["algorithm.rpo_alpha=-1"], "algorithm.rpo_alpha must be >= 0"),
-        (["algorithm.loss_type=squared"], "algorithm.loss_type must be one of"),
+        (["algorithm.loss_type=squared"], "algorithm.loss_type: unknown DPO loss type 'squared'"),
         (["algorithm.label_smoothing=0.5"], "algorithm.label_smoothing must be in [0, 0.5)"),
         (["optim.lr=0"], "optim.lr must be > 0"),
         (["optim.scheduler=exponential"], "optim.scheduler must be one of"),
