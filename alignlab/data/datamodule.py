@@ -67,8 +67,11 @@ class AlignmentDataModule(L.LightningDataModule):
     and may override `drop_reasons` (what else truncation makes meaningless, a DROP_REASONS key),
     `step_counts` (per-row counts the loss averages over), `passthrough`, `numeric_columns` and
     `drop_last_train`. Its constructor takes its own keys and passes the rest (`**kwargs`) here; the
+    check of an own key goes into `option_checks` (as SFTDataModule's `train_on`: alignlab.data.options),
+    which its constructor runs through `check_options` and the config check runs before a model loads. The
     data config names it with `_target_` (conf/data/). `source` is any object with `load(kind,
-    on_bad_row)`, as alignlab.data.files.FileSource describes.
+    on_bad_row)` (and `columns`, `row_converter` where it reads files), as alignlab.data.files.FileSource
+    describes.
     """
 
     kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)

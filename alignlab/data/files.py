@@ -354,8 +354,9 @@ class FileSource:
     `load(kind, on_bad_row="error")`: {"train": rows, "eval": rows} in the canonical form of `kind`
     (alignlab.data.rows; a train split may instead be a streamed alignlab.data.streaming.RowStream),
     raising DataError for a bad row. It may define `describe()` (how errors name it), `origin(row)`
-    ((file, row number, field) of a row it made, for errors), a `skipped` {split: count} and a
-    `columns` keyword of `load` (without one, data.columns is refused).
+    ((file, row number, field) of a row it made, for errors), a `skipped` {split: count} and the
+    `columns` and `row_converter` keywords of `load` (without one, data.columns or data.row_converter is
+    refused).
 
     Raises:
         ConfigError: (on construction) `subset` and `name` disagree; `#N` and `max_rows` disagree; a
