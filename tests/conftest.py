@@ -108,9 +108,10 @@ def build_module(name: str, model, tokenizer, **overrides):
     from omegaconf import OmegaConf
 
     from alignlab.runner.config import ALGORITHM_META_KEYS
+    from alignlab.runner.preflight import load_option
 
     root = OmegaConf.load(CONF / "train.yaml")
-    root.algorithm = OmegaConf.load(CONF / "algorithm" / f"{name}.yaml")
+    root.algorithm = load_option("algorithm", name)  # the file with the partials it includes (conf/_partials/)
     cfg = OmegaConf.to_container(root.algorithm, resolve=True)
     hparams = {k: v for k, v in cfg.items() if k not in (*ALGORITHM_META_KEYS, "defaults", "_target_")}
     return get_class(cfg["_target_"])(model, tokenizer, OPTIM, **{**hparams, **overrides})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -21,19 +21,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from alignlab.data.collate import collate_answers, collate_extras, collate_prompts, scored_tokens
+from alignlab.data.formats import ROW_CONVERTERS
 from alignlab.data.mixture import MixtureSource
+from alignlab.data.options import OPTION_CHECKS, TRAIN_ON, Check, check_options, one_of
 from alignlab.data.order import GlobalBatchSampler, ResumableLoader, process_group
-from alignlab.data.rows import NUMERIC_COLUMNS, ON_BAD_ROW, mismatch_partners, unpair
+from alignlab.data.rows import NUMERIC_COLUMNS, mismatch_partners, unpair
 from alignlab.data.streaming import RowStream, StreamLoader, StreamOrder
 from alignlab.data.tokenize import (
-    SYSTEM_PROMPT,
     TemplateRefusal,
     encode_conversations,
     encode_turns,
     fit_answer,
     template_writes_tools,
 )
-from alignlab.data.truncation import AUTO_COVERAGE, AUTO_LENGTH, TRUNCATION, auto_max_length, shorten_prompt
+from alignlab.data.truncation import AUTO_COVERAGE, AUTO_LENGTH, auto_max_length, shorten_prompt
 from alignlab.data.vision import IMAGE_COLUMNS, ImageEncoder, collate_vision
 from alignlab.errors import ConfigError, DataError
 
@@ -42,7 +43,6 @@ ANSWER_COLUMNS = ("completion", "chosen", "rejected")  # canonical answers; one 
 
 PLAN_EPOCHS = 32  # epochs whose steps set the micro-batch count under a token budget (later ones reuse it)
 
-TRAIN_ON = ("all_assistant", "last_assistant")  # data.train_on (SFT): which assistant turns the loss covers
 
 # Why setup leaves a row out (the keys of `dropped_by_reason`), as the log and errors say it.
 DROP_REASONS = {
@@ -67,8 +67,11 @@ class AlignmentDataModule(L.LightningDataModule):
     and may override `drop_reasons` (what else truncation makes meaningless, a DROP_REASONS key),
     `step_counts` (per-row counts the loss averages over), `passthrough`, `numeric_columns` and
     `drop_last_train`. Its constructor takes its own keys and passes the rest (`**kwargs`) here; the
+    check of an own key goes into `option_checks` (as SFTDataModule's `train_on`: alignlab.data.options),
+    which its constructor runs through `check_options` and the config check runs before a model loads. The
     data config names it with `_target_` (conf/data/). `source` is any object with `load(kind,
-    on_bad_row)`, as alignlab.data.files.FileSource describes.
+    on_bad_row)` (and `columns`, `row_converter` where it reads files), as alignlab.data.files.FileSource
+    describes.
     """
 
     kind: str = ""  # the data kind this module reads (see alignlab.data.rows.KINDS)
@@ -79,6 +82,15 @@ class AlignmentDataModule(L.LightningDataModule):
     numeric_columns: tuple[str, ...] = ()
     # Online algorithms split each batch into mini-batches, so a short last batch is dropped.
     drop_last_train: bool = False
+    # The check of each setting (data.<key>) this module takes (alignlab.data.options); a subclass adds its own.
+    option_checks: dict[str, Check] = OPTION_CHECKS
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Check the settings `options` gives (the constructor's arguments, or the composed `cfg.data`):
+        the one check of each `data.<key>`, run by the constructor and, before any model loads, by
+        alignlab.runner.config.check_config. Raises ConfigError naming the key (alignlab.data.options)."""
+        check_options(options, cls.option_checks)
 
     def __init__(
         self,
@@ -97,41 +109,29 @@ class AlignmentDataModule(L.LightningDataModule):
         columns: dict[str, str] | None = None,
         system: str | None = None,
         truncation: str = "drop_row",
+        row_converter: Any = None,
     ):
         """`sources` (data.sources): data set specs to mix by weight in place of `source` alone, whose
         settings are their defaults (alignlab.data.mixture). `max_length` "auto" or None: chosen at setup
         from the train rows' token counts and the model's positions (`set_max_positions`, see
-        `alignlab.data.truncation.auto_max_length`)."""
+        `alignlab.data.truncation.auto_max_length`). `row_converter` (data.row_converter): the user's
+        function, by dotted path or `{_target_: ..., **kwargs}`, that each file row goes through first.
+        Raises ConfigError for a setting out of range (`check_options`, naming `data.<key>`)."""
         super().__init__()
+        self.check_options({k: v for k, v in locals().items() if k in self.option_checks})  # the arguments
         if sources:
             source = MixtureSource.from_specs(sources, base=source)
-        if system_prompt not in SYSTEM_PROMPT:
-            raise ConfigError(f"data.system_prompt must be one of {SYSTEM_PROMPT}, got {system_prompt!r}")
-        if truncation not in TRUNCATION:
-            raise ConfigError(f"data.truncation must be one of {TRUNCATION}, got {truncation!r}")
-        self.system_prompt, self.truncation = system_prompt, truncation
+        self.row_converter = ROW_CONVERTERS.resolve(row_converter) if row_converter is not None else None
+        # data.system: the system message of rows that have none
+        self.system_prompt, self.truncation, self.system = system_prompt, truncation, system
         self.columns = dict(columns) if columns else None  # data.columns: {the file's column name: alignlab's}
         self._tools_warned: set[str] = set()  # the tool warnings given (_warn_tools), each said once
-        self.system = system  # data.system: the system message of rows that have none
         self.shortened: dict[str, int] = {}  # split → rows whose prompt data.truncation shortened
         self._shortened = 0
-        self.shuffle, self.group_by_length = shuffle, group_by_length
-        if on_bad_row not in ON_BAD_ROW:
-            raise ConfigError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-        self.on_bad_row = on_bad_row
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
+        self.shuffle, self.group_by_length, self.on_bad_row = shuffle, group_by_length, on_bad_row
         self.auto_length = max_length in AUTO_LENGTH
-        if isinstance(max_length, float) and max_length.is_integer():
-            max_length = int(max_length)
-        whole = isinstance(max_length, int) and not isinstance(max_length, bool)
-        if not self.auto_length and not (whole and max_length >= 2):
-            raise ConfigError(
-                f"max_length must be >= 2 (a prompt token and an answer token) or auto, got {max_length!r}"
-            )
+        max_length = int(max_length) if isinstance(max_length, float) else max_length  # checked: a whole number
         self.max_positions: int | None = None  # the model's positions (set_max_positions)
-        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
-            raise ConfigError(f"data.max_tokens_per_micro_batch must be >= 1 or null, got {max_tokens_per_micro_batch}")
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         # None until setup chooses it when auto
@@ -367,17 +367,18 @@ class AlignmentDataModule(L.LightningDataModule):
         return self._rows
 
     def load(self, kind: str) -> dict[str, list[dict]]:
-        """Canonical rows of `kind` from the source, `data.columns` applied while reading, `data.system`
-        added to rows without a system message."""
-        if self.columns:
-            if "columns" not in inspect.signature(self.source.load).parameters:
+        """Canonical rows of `kind` from the source, `data.row_converter` and `data.columns` applied while
+        reading, `data.system` added to rows without a system message."""
+        given = {"columns": self.columns, "row_converter": self.row_converter}
+        reading = {k: v for k, v in given.items() if v}
+        for key in reading:
+            if key not in inspect.signature(self.source.load).parameters:
+                what = "renames the columns" if key == "columns" else "converts the rows"
                 raise ConfigError(
-                    f"data.columns renames the columns of data files, but {type(self.source).__name__} reads no "
-                    "files; remove data.columns"
+                    f"data.{key} {what} of data files, but {type(self.source).__name__} reads no files; "
+                    f"remove data.{key}"
                 )
-            splits = self.source.load(kind, on_bad_row=self.on_bad_row, columns=self.columns)
-        else:
-            splits = self.source.load(kind, on_bad_row=self.on_bad_row)
+        splits = self.source.load(kind, on_bad_row=self.on_bad_row, **reading)
         if self.system is not None:
             for rows in splits.values():
                 for row in rows:  # the same dict (its origin is looked up by id), a new prompt list
@@ -699,10 +700,11 @@ class SFTDataModule(AlignmentDataModule):
     answer_keys = ("completion_ids",)
     answer_columns = ("completion",)
 
+    option_checks = {**OPTION_CHECKS, "train_on": one_of("train_on", TRAIN_ON)}
+
     def __init__(self, source, train_on: str = "all_assistant", **kwargs):
         super().__init__(source, **kwargs)
-        if train_on not in TRAIN_ON:
-            raise ConfigError(f"data.train_on must be one of {TRAIN_ON}, got {train_on!r}")
+        self.check_options({"train_on": train_on})
         self.train_on = train_on
 
     def step_counts(self, ex: dict) -> dict[str, int]:

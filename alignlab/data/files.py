@@ -354,8 +354,9 @@ class FileSource:
     `load(kind, on_bad_row="error")`: {"train": rows, "eval": rows} in the canonical form of `kind`
     (alignlab.data.rows; a train split may instead be a streamed alignlab.data.streaming.RowStream),
     raising DataError for a bad row. It may define `describe()` (how errors name it), `origin(row)`
-    ((file, row number, field) of a row it made, for errors), a `skipped` {split: count} and a
-    `columns` keyword of `load` (without one, data.columns is refused).
+    ((file, row number, field) of a row it made, for errors), a `skipped` {split: count} and the
+    `columns` and `row_converter` keywords of `load` (without one, data.columns or data.row_converter is
+    refused).
 
     Raises:
         ConfigError: (on construction) `subset` and `name` disagree; `#N` and `max_rows` disagree; a
@@ -393,6 +394,7 @@ class FileSource:
             raise ConfigError(f"{self.key}.max_rows (or #N on the path) must be a whole number >= 1, got {max_rows!r}")
         self.columns = dict(columns or {})
         self._columns = self.columns  # in force while loading: data.columns under this spec's own map
+        self._converter = None  # in force while loading: data.row_converter (a registry Entry), or None
         self._columns_key = f"{self.key}.columns"  # the key errors about the map name
         self.settings = {  # as given, for `with_spec`
             "path": path,
@@ -469,11 +471,12 @@ class FileSource:
     def _canonical(self, location: str, split_name: str, split_key: str, kind: str, on_bad_row: str, split: str):
         key = f"{self.key}.eval_path" if split == "eval" and self.eval_path else f"{self.key}.path"
         rows = self._raw(location, split_name, key, split_key, self.max_rows if split == "train" else None)
-        check_mapped_columns((raw for _, _, raw, _ in rows), self._columns, location, self._columns_key)
+        if self._converter is None:  # with a converter, the map names the columns it returns
+            check_mapped_columns((raw for _, _, raw, _ in rows), self._columns, location, self._columns_key)
         out, bad = [], []
         for file, index, raw, folder in rows:
             try:
-                out.append(to_canonical(raw, kind, file, index, base_dir=folder, columns=self._columns))
+                out.append(to_canonical(raw, kind, file, index, folder, self._columns, self._converter))
                 self._origin[id(out[-1])] = (file, index, _prompt_field(raw))
             except DataError as e:
                 if on_bad_row != "skip":
@@ -488,9 +491,12 @@ class FileSource:
             raise DataError(location, f"every one of its {len(rows)} rows is bad; the first: {bad[0]}")
         return out
 
-    def load(self, kind: str, on_bad_row: str = "error", columns: dict | None = None) -> dict[str, list[dict]]:
-        """Canonical rows of `kind`: {"train": [...], "eval": [...]}. `columns` (data.columns, for every
-        source) renames columns first; this spec's own `columns` take precedence over it.
+    def load(
+        self, kind: str, on_bad_row: str = "error", columns: dict | None = None, row_converter=None
+    ) -> dict[str, list[dict]]:
+        """Canonical rows of `kind`: {"train": [...], "eval": [...]}. `row_converter` (data.row_converter,
+        a resolved registry entry) converts each row first; `columns` (data.columns, for every source) then
+        renames columns; this spec's own `columns` take precedence over it.
 
         Raises:
             DataError: a missing file or folder, an unknown split or subset, a bad row (file, row, field).
@@ -498,6 +504,7 @@ class FileSource:
         if self.path is None:
             raise ConfigError(f"{self.key}.path is not set; give a file, a folder or a Hub data set id")
         self._columns = {**(columns or {}), **self.columns}
+        self._converter = row_converter
         self._columns_key = f"{self.key}.columns" if self.columns else "data.columns"
         if self.eval_split and not self.eval_path and Path(self.path).expanduser().is_file():
             raise ConfigError(
@@ -563,7 +570,7 @@ class FileSource:
                 file, index, raw = f"{where}, streamed row {position + 1}", None, record
             try:
                 folder = Path(file).parent if where is None and Path(file).exists() else None
-                row = to_canonical(raw, kind, file, index, base_dir=folder, columns=self._columns)
+                row = to_canonical(raw, kind, file, index, folder, self._columns, self._converter)
             except DataError as e:
                 if on_bad_row != "skip":
                     raise
@@ -580,7 +587,8 @@ class FileSource:
             empty = "has no rows" if local.is_file() else f"split {self.split!r} has no rows"
             raise DataError(self.path, f"{empty}; check {self.key}.{'path' if local.is_file() else 'split'}")
         raws = [record["raw"] if where is None else record for record in peeked]
-        check_mapped_columns(raws, self._columns, self.path, self._columns_key)  # a map naming no column fails
+        if self._converter is None:  # a map naming no column fails (with a converter: the columns it returns)
+            check_mapped_columns(raws, self._columns, self.path, self._columns_key)
         checked = [convert(record, position) for position, record in enumerate(peeked)]
         if len(peeked) < PEEK_ROWS and all(row is None for row in checked):  # read whole: every row is bad
             raise DataError(self.path, f"every one of its {len(peeked)} rows is bad; the first: {first_bad[0]}")

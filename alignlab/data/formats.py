@@ -2,24 +2,13 @@
 columns `alignlab.data.rows.to_canonical` reads (`messages`, `prompt`, `completion`, `chosen`,
 `rejected`, `rejected_response`, `label`).
 
-Recognised forms (one example row of each is in docs/data.md):
-- ShareGPT: `conversations`, a list of `{"from": ..., "value": ...}` turns with roles human/gpt/system
-  (also user/assistant, observation/tool and function_call); an optional `system` column; a pair's
-  `chosen`/`rejected` as one `{"from": "gpt", "value": ...}` turn each (LLaMA-Factory's preference form).
-- Alpaca: `instruction`, optional `input` (joined to the instruction with a newline, a blank one left out,
-  as ms-swift and LLaMA-Factory join them), `output` (the answer); optional `system` and `history`
-  ([[question, answer], ...]).
-- Anthropic HH: `chosen`/`rejected` as whole transcripts of `\\n\\nHuman:` / `\\n\\nAssistant:` turns;
-  the turns before the last assistant turn are the prompt, which both transcripts must share.
-- TRL's standard form with an implicit prompt: `chosen`/`rejected` as text with no `prompt`; their
-  longest common beginning is the prompt (as TRL's `extract_prompt` cuts it).
-- OpenAI's preference fine-tuning rows: `input` (an object with `messages`, optional `tools`),
-  `preferred_output` and `non_preferred_output` (each a list of assistant messages).
-- A `messages` prompt (not ending in an assistant turn) with `chosen`/`rejected` answers and no
-  `prompt`: `messages` is the prompt (the way pairs are often written by hand).
-- Tool calls (`agent_turns`): TRL's `tool_calls` on assistant messages, ms-swift's `tool_call` /
-  `tool_response` messages, LLaMA-Factory's ShareGPT `function_call` / `observation` turns, all read into
-  assistant messages with canonical `tool_calls` and `tool` messages with `name`.
+Each recognised form (ShareGPT, Alpaca, Anthropic HH, TRL's implicit prompt, OpenAI preference rows, ...;
+last, the tool-call spellings of TRL, ms-swift and LLaMA-Factory) is one converter registered in
+`ROW_FORMS`, which `normalise` tries in registration order; each converter's docstring says what it reads,
+docs/data.md has one example row of each, and the error for a row in no form lists them from the registry
+(`ACCEPTED_FORMS`).
+A form of one's own needs no change here: `data.row_converter` names a function that turns each raw row
+into one of these forms (`ROW_CONVERTERS`, `convert_row`), applied before anything else.
 Everything else (TRL's explicit and conversational forms, ms-swift's `messages` with `rejected_response`
 or `rejected_messages`, UltraFeedback's `prompt` with message-list `chosen`/`rejected`) is read by
 `to_canonical` directly.
@@ -34,9 +23,10 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from alignlab.errors import DataError
+from alignlab.registry import Entry, Registry
 
 # How ShareGPT's `from` values map to chat roles.
 SHAREGPT_ROLES = {
@@ -50,16 +40,6 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
-# The forms a row may take, as the error for a row matching none of them lists them.
-ACCEPTED_FORMS = (
-    "`messages` (+ `rejected_response` or `rejected_messages` for a pair, + `label` for KTO)",
-    "`prompt` (or a `messages` prompt) + `completion` / `chosen` + `rejected` (text or message lists; + `label` "
-    "for KTO)",
-    "`chosen` + `rejected` alone (TRL's implicit prompt, or Anthropic HH transcripts)",
-    "`conversations` of from/value turns (ShareGPT)",
-    "`instruction` + `input` + `output` (Alpaca)",
-    "`input.messages` + `preferred_output` + `non_preferred_output` (OpenAI preference fine-tuning)",
-)
 # Column names other projects use for alignlab's columns, by the data kind that reads them: a row that
 # lacks a column alignlab needs but has one of these is told the `data.columns` map that reads it.
 SYNONYMS = {
@@ -238,30 +218,6 @@ def common_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def _sharegpt(raw: dict, source: str, index: int) -> dict:
-    turns = raw["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise DataError(source, "expected a non-empty list of turns", row=index, field="conversations")
-    messages = [_sharegpt_turn(t, i, "conversations", source, index) for i, t in enumerate(turns)]
-    system = raw.get("system")
-    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system})
-    out = {k: v for k, v in raw.items() if k not in ("conversations", "system")}
-    if "chosen" in raw or "rejected" in raw:  # a preference pair: the conversation is the prompt
-        for field in ("chosen", "rejected"):
-            value = raw.get(field)
-            if isinstance(value, dict):
-                value = [value]
-            if isinstance(value, list):
-                out[field] = [_sharegpt_turn(t, i, field, source, index) for i, t in enumerate(value)]
-        out["prompt"] = messages
-    else:
-        out["messages"] = messages
-    if "label" not in out and isinstance(raw.get("kto_tag"), bool):  # LLaMA-Factory's KTO label
-        out["label"] = out.pop("kto_tag")
-    return out
-
-
 def _sharegpt_turn(turn, i: int, field: str, source: str, index: int) -> dict:
     if isinstance(turn, dict) and "role" in turn and "content" in turn:
         return turn  # already a message; to_canonical checks it
@@ -278,55 +234,6 @@ def _sharegpt_turn(turn, i: int, field: str, source: str, index: int) -> dict:
             field=field,
         )
     return {"role": role, "content": turn["value"]}
-
-
-def _alpaca(raw: dict, source: str, index: int) -> dict:
-    instruction, extra = raw["instruction"], raw.get("input")
-    if not isinstance(instruction, str):
-        raise DataError(source, f"expected text, got {type(instruction).__name__}", row=index, field="instruction")
-    if extra is not None and not isinstance(extra, str):
-        raise DataError(source, f"expected text, got {type(extra).__name__}", row=index, field="input")
-    # the non-blank of instruction and input, joined by a newline (as ms-swift and LLaMA-Factory join them)
-    question = "\n".join(part for part in (instruction, extra) if part and not blank(part))
-    messages = []
-    if isinstance(raw.get("system"), str) and raw["system"].strip():
-        messages.append({"role": "system", "content": raw["system"]})
-    history = raw.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in history):
-        raise DataError(source, "expected a list of [question, answer] pairs", row=index, field="history")
-    for q, a in history:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    out = {k: v for k, v in raw.items() if k not in ("instruction", "input", "output", "system", "history")}
-    out["prompt"] = messages + [{"role": "user", "content": question}] if messages else question
-    if raw.get("output") is not None:
-        out["completion"] = raw["output"]
-    return out
-
-
-def _tools(raw: dict, source: str, index: int) -> dict:
-    """`tools` as a list of JSON-schema objects (a JSON string, as ms-swift and CSV store it, is parsed);
-    null or an empty list: no tools."""
-    value = raw["tools"]
-    if isinstance(value, str):
-        if not value.strip():
-            value = None
-        else:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise DataError(source, f"text that is not JSON ({e})", row=index, field="tools") from None
-    out = {k: v for k, v in raw.items() if k != "tools"}
-    if value is None or value == []:
-        return out
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise DataError(
-            source,
-            "expected a list of tool schemas (JSON objects), as chat templates take them",
-            row=index,
-            field="tools",
-        )
-    out["tools"] = without_nulls(value)
-    return out
 
 
 # Message roles other trainers give tool calls and results, read by `agent_turns`: ms-swift's agent rows
@@ -476,7 +383,35 @@ def agent_turns(messages, source: str, index: int, field: str):
     return out
 
 
-def _openai_preference(raw: dict, source: str, index: int) -> dict:
+# -- the recognised row forms, one converter each ----------------------------------------------------------
+# The forms other trainers and the Hub write, in the order `normalise` tries them on a row (each seeing the
+# row as the forms before it left it): a converter `fn(raw, kind, source, index) -> row` registered with
+# `detect(raw, kind)`, whether a row is in its form, and `described`, how the error for a row in no form
+# lists it ("" for a spelling inside other forms). A new form is one decorated function here.
+ROW_FORMS: Registry[Callable[..., dict]] = Registry("row form", None, detect=None, described="")
+# The forms `to_canonical` reads directly, listed first by the error for a row in no form.
+CANONICAL_FORMS = (
+    "`messages` (+ `rejected_response` or `rejected_messages` for a pair, + `label` for KTO)",
+    "`prompt` (or a `messages` prompt) + `completion` / `chosen` + `rejected` (text or message lists; + `label` "
+    "for KTO)",
+)
+# A user's own converter, `data.row_converter`: `fn(row) -> row` by dotted path or {_target_: path, **kwargs}.
+ROW_CONVERTERS: Registry[Callable[[dict], dict]] = Registry("row converter", "data.row_converter")
+
+
+def _given(raw: dict, *keys: str) -> bool:
+    """Whether the row gives any of `keys` a value (null counts as not given)."""
+    return any(raw.get(k) is not None for k in keys)
+
+
+@ROW_FORMS.register(
+    "openai_preference",
+    detect=lambda raw, kind: (
+        isinstance(raw.get("input"), dict) and any(k in raw for k in ("preferred_output", "non_preferred_output"))
+    ),
+    described="`input.messages` + `preferred_output` + `non_preferred_output` (OpenAI preference fine-tuning)",
+)
+def openai_preference(raw: dict, kind: str, source: str, index: int) -> dict:
     """OpenAI's preference fine-tuning row: `input.messages` is the prompt (`input.tools` the row's tools;
     `parallel_tool_calls` is OpenAI's API switch, not data), `preferred_output` / `non_preferred_output`
     the chosen and rejected answers."""
@@ -499,7 +434,42 @@ def _openai_preference(raw: dict, source: str, index: int) -> dict:
     return out
 
 
-def _messages_prompt(raw: dict) -> dict:
+@ROW_FORMS.register("tools_text", detect=lambda raw, kind: "tools" in raw)
+def tools_text(raw: dict, kind: str, source: str, index: int) -> dict:
+    """`tools` as a list of JSON-schema objects (a JSON string, as ms-swift and CSV store it, is parsed);
+    null or an empty list: no tools."""
+    value = raw["tools"]
+    if isinstance(value, str):
+        if not value.strip():
+            value = None
+        else:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise DataError(source, f"text that is not JSON ({e})", row=index, field="tools") from None
+    out = {k: v for k, v in raw.items() if k != "tools"}
+    if value is None or value == []:
+        return out
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise DataError(
+            source,
+            "expected a list of tool schemas (JSON objects), as chat templates take them",
+            row=index,
+            field="tools",
+        )
+    out["tools"] = without_nulls(value)
+    return out
+
+
+@ROW_FORMS.register(
+    "messages_prompt",
+    detect=lambda raw, kind: (
+        raw.get("messages") is not None
+        and raw.get("prompt") is None
+        and _given(raw, "chosen", "rejected", "completion")
+    ),
+)
+def messages_prompt(raw: dict, kind: str, source: str, index: int) -> dict:
     """A row whose `messages` end in a user (or tool) turn and that gives its answers in `chosen`,
     `rejected` or `completion`, without `prompt`: `messages` is the prompt (a JSON text cell is read)."""
     messages = raw["messages"]
@@ -515,49 +485,164 @@ def _messages_prompt(raw: dict) -> dict:
     return {**{k: v for k, v in raw.items() if k != "messages"}, "prompt": messages}
 
 
-def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
-    """The row rewritten into alignlab's columns when it is in one of the forms this module recognises
-    (see the module docstring); any other row unchanged.
+@ROW_FORMS.register(
+    "sharegpt",
+    detect=lambda raw, kind: raw.get("conversations") is not None and not _given(raw, "messages", "prompt"),
+    described="`conversations` of from/value turns (ShareGPT)",
+)
+def sharegpt(raw: dict, kind: str, source: str, index: int) -> dict:
+    """ShareGPT (LLaMA-Factory's `sharegpt` formatting): `conversations` of from/value turns are `messages`,
+    or a pair's prompt when it gives `chosen`/`rejected` turns; `system` opens it; `kto_tag` is the label."""
+    turns = raw["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(source, "expected a non-empty list of turns", row=index, field="conversations")
+    messages = [_sharegpt_turn(t, i, "conversations", source, index) for i, t in enumerate(turns)]
+    system = raw.get("system")
+    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    out = {k: v for k, v in raw.items() if k not in ("conversations", "system")}
+    if "chosen" in raw or "rejected" in raw:  # a preference pair: the conversation is the prompt
+        for field in ("chosen", "rejected"):
+            value = raw.get(field)
+            if isinstance(value, dict):
+                value = [value]
+            if isinstance(value, list):
+                out[field] = [_sharegpt_turn(t, i, field, source, index) for i, t in enumerate(value)]
+        out["prompt"] = messages
+    else:
+        out["messages"] = messages
+    if "label" not in out and isinstance(raw.get("kto_tag"), bool):  # LLaMA-Factory's KTO label
+        out["label"] = out.pop("kto_tag")
+    return out
 
-    Raises:
-        DataError: naming file, row and field, for a recognised form with a malformed value.
-    """
-    if not isinstance(raw, dict):
-        return raw
-    if isinstance(raw.get("input"), dict) and any(k in raw for k in ("preferred_output", "non_preferred_output")):
-        raw = _openai_preference(raw, source, index)
-    if "tools" in raw:
-        raw = _tools(raw, source, index)
-    answers = ("chosen", "rejected", "completion")
-    if raw.get("messages") is not None and raw.get("prompt") is None and any(raw.get(k) is not None for k in answers):
-        raw = _messages_prompt(raw)
-    own = ("messages", "prompt")
-    if raw.get("conversations") is not None and not any(raw.get(k) is not None for k in own):
-        raw = _sharegpt(raw, source, index)
-    elif raw.get("instruction") is not None and not any(raw.get(k) is not None for k in own):
-        raw = _alpaca(raw, source, index)
-    chosen, rejected = raw.get("chosen"), raw.get("rejected")
-    if raw.get("messages") is None:
-        hh = [hh_messages(v) for v in (chosen, rejected)]
-        if hh[0] is not None and (hh[1] is not None or rejected is None):
-            raw = {**raw, "chosen": hh[0], **({"rejected": hh[1]} if hh[1] is not None else {})}
-        elif (
-            raw.get("prompt") is None
-            and isinstance(chosen, str)
-            and isinstance(rejected, str)
-            and chosen != rejected
-            and kind in ("pairwise", "labelled", "prompt", "sft")
-        ):
-            prompt, chosen, rejected = common_prompt(chosen, rejected)
-            if not blank(prompt):  # no shared beginning: `prompt` stays missing, and the row is refused for it
-                raw = {**raw, "prompt": prompt, "chosen": chosen, "rejected": rejected}
-        if isinstance(raw.get("prompt"), str) and (messages := hh_messages(raw["prompt"])):
-            if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-                messages = messages[:-1]  # HH prompts end with the assistant's empty turn
-            raw = {**raw, "prompt": messages}
+
+@ROW_FORMS.register(
+    "alpaca",
+    detect=lambda raw, kind: raw.get("instruction") is not None and not _given(raw, "messages", "prompt"),
+    described="`instruction` + `input` + `output` (Alpaca)",
+)
+def alpaca(raw: dict, kind: str, source: str, index: int) -> dict:
+    """Alpaca (LLaMA-Factory's `alpaca` formatting): `instruction` and `input` are the question, `output`
+    the answer; `system` and `history` ([[question, answer], ...]) come before it."""
+    instruction, extra = raw["instruction"], raw.get("input")
+    if not isinstance(instruction, str):
+        raise DataError(source, f"expected text, got {type(instruction).__name__}", row=index, field="instruction")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(source, f"expected text, got {type(extra).__name__}", row=index, field="input")
+    # the non-blank of instruction and input, joined by a newline (as ms-swift and LLaMA-Factory join them)
+    question = "\n".join(part for part in (instruction, extra) if part and not blank(part))
+    messages = []
+    if isinstance(raw.get("system"), str) and raw["system"].strip():
+        messages.append({"role": "system", "content": raw["system"]})
+    history = raw.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in history):
+        raise DataError(source, "expected a list of [question, answer] pairs", row=index, field="history")
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    out = {k: v for k, v in raw.items() if k not in ("instruction", "input", "output", "system", "history")}
+    out["prompt"] = messages + [{"role": "user", "content": question}] if messages else question
+    if raw.get("output") is not None:
+        out["completion"] = raw["output"]
+    return out
+
+
+def _transcripts(raw: dict) -> tuple[list | None, list | None]:
+    return hh_messages(raw.get("chosen")), hh_messages(raw.get("rejected"))
+
+
+@ROW_FORMS.register(
+    "hh",
+    detect=lambda raw, kind: (
+        raw.get("messages") is None
+        and (hh := _transcripts(raw))[0] is not None
+        and (hh[1] is not None or raw.get("rejected") is None)
+    ),
+    described="`chosen` + `rejected` transcripts of Human:/Assistant: turns (Anthropic HH)",
+)
+def hh(raw: dict, kind: str, source: str, index: int) -> dict:
+    """Anthropic HH: `chosen`/`rejected` whole transcripts, read as message lists (`hh_messages`)."""
+    chosen, rejected = _transcripts(raw)
+    return {**raw, "chosen": chosen, **({"rejected": rejected} if rejected is not None else {})}
+
+
+@ROW_FORMS.register(
+    "implicit_prompt",
+    detect=lambda raw, kind: (
+        not _given(raw, "messages", "prompt")
+        and isinstance(raw.get("chosen"), str)
+        and isinstance(raw.get("rejected"), str)
+        and raw["chosen"] != raw["rejected"]
+        and kind in ("pairwise", "labelled", "prompt", "sft")
+    ),
+    described="`chosen` + `rejected` alone (TRL's implicit prompt)",
+)
+def implicit_prompt(raw: dict, kind: str, source: str, index: int) -> dict:
+    """TRL's standard form with an implicit prompt: the texts' common beginning (`common_prompt`); with none,
+    `prompt` stays missing and the row is refused for it."""
+    prompt, chosen, rejected = common_prompt(raw["chosen"], raw["rejected"])
+    return raw if blank(prompt) else {**raw, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@ROW_FORMS.register(
+    "hh_prompt",
+    detect=lambda raw, kind: (
+        raw.get("messages") is None and isinstance(raw.get("prompt"), str) and bool(hh_messages(raw["prompt"]))
+    ),
+)
+def hh_prompt(raw: dict, kind: str, source: str, index: int) -> dict:
+    """An HH transcript as an explicit `prompt` (its trailing empty assistant turn dropped)."""
+    messages = hh_messages(raw["prompt"])
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages = messages[:-1]  # HH prompts end with the assistant's empty turn
+    return {**raw, "prompt": messages}
+
+
+@ROW_FORMS.register("tool_calls", detect=lambda raw, kind: any(f in raw for f in MESSAGE_FIELDS))
+def tool_calls(raw: dict, kind: str, source: str, index: int) -> dict:
+    """Every message list's tool calls and results in the canonical spelling (`agent_turns`)."""
     for field in MESSAGE_FIELDS:
         if field in raw:
             turns = agent_turns(raw[field], source, index, field)
             if turns is not raw[field]:
                 raw = {**raw, field: turns}
     return raw
+
+
+# The forms a row may take, as the error for a row matching none of them lists them.
+ACCEPTED_FORMS = CANONICAL_FORMS + tuple(ROW_FORMS[n].described for n in ROW_FORMS if ROW_FORMS[n].described)
+
+
+def normalise(raw: dict, kind: str, source: str, index: int) -> dict:
+    """The row rewritten into alignlab's columns by each recognised form (`ROW_FORMS`, in its order) whose
+    `detect` matches it; any other row unchanged.
+
+    Raises:
+        DataError: naming file, row and field, for a recognised form with a malformed value.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    for name in ROW_FORMS:
+        form = ROW_FORMS[name]
+        if form.detect(raw, kind):
+            raw = form.fn(raw, kind, source, index)
+    return raw
+
+
+def convert_row(raw: dict, converter: Entry, source: str, index: int | None) -> dict:
+    """The row the user's `data.row_converter` (resolved by `ROW_CONVERTERS`) makes of a file's row (a copy).
+
+    Raises:
+        DataError: naming file, row and `data.row_converter`, when the function raises or returns
+            anything but a row (a dict of columns).
+    """
+    try:
+        out = converter.fn(dict(raw))
+    except Exception as e:
+        raise DataError(source, f"data.row_converter {converter.name} raised {e!r}", row=index) from e
+    if not isinstance(out, dict):
+        raise DataError(
+            source,
+            f"data.row_converter {converter.name} returned {type(out).__name__}, not a row (a dict of columns)",
+            row=index,
+        )
+    return out

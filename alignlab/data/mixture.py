@@ -130,15 +130,17 @@ class MixtureSource:
             sources.append(base.with_spec(settings, key=f"data.sources[{i}]"))
         return cls(sources, [float(s.get("weight", 1.0)) for s in specs], seed=base.split_seed)
 
-    def load(self, kind: str, on_bad_row: str = "error", columns: dict | None = None) -> dict[str, list[dict]]:
+    def load(
+        self, kind: str, on_bad_row: str = "error", columns: dict | None = None, row_converter=None
+    ) -> dict[str, list[dict]]:
         """The mix's train rows and every source's held-out rows; `columns` (data.columns) apply to every
-        source, under each spec's own `columns`.
+        source, under each spec's own `columns`, and `row_converter` (data.row_converter) to every source.
 
         Raises:
             DataError: a source's own errors; a source with no train rows, or one whose weight gives it
                 no row of the mix.
         """
-        parts = [source.load(kind, on_bad_row, columns) for source in self.sources]
+        parts = [source.load(kind, on_bad_row, columns, row_converter) for source in self.sources]
         sizes = [len(part["train"]) for part in parts]
         for source, size in zip(self.sources, sizes):
             if not size:

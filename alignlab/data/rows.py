@@ -43,6 +43,7 @@ from alignlab.data.formats import (
     ACCEPTED_FORMS,
     blank,
     columns_override,
+    convert_row,
     has_column,
     normalise,
     rename_columns,
@@ -50,6 +51,7 @@ from alignlab.data.formats import (
 )
 from alignlab.data.images import ImageError, describe, load_image
 from alignlab.errors import DataError
+from alignlab.registry import Entry
 
 KINDS = ("prompt", "sft", "pairwise", "labelled")
 ROLES = ("system", "user", "assistant", "tool")
@@ -548,6 +550,7 @@ def to_canonical(
     index: int,
     base_dir: str | os.PathLike | None = None,
     columns: Mapping[str, str] | None = None,
+    converter: Entry | None = None,
 ) -> dict:
     """Convert one file row to the canonical row of `kind` (see the module docstring), images loaded.
 
@@ -557,14 +560,41 @@ def to_canonical(
         source, index: the file and 1-based row number that errors name.
         base_dir: the data file's folder, where relative image paths are tried first (then the
             current directory); None: the current directory only.
-        columns: `data.columns`, {the file's column name: alignlab's}, applied first.
+        columns: `data.columns`, {the file's column name: alignlab's}, applied to the row (as the
+            converter returns it).
+        converter: `data.row_converter`, the user's function (an entry of
+            `alignlab.data.formats.ROW_CONVERTERS`), applied first to the row as the file gives it.
 
     Raises:
         DataError: naming file, row and field, for a row that cannot be used (images included: a
-            missing or unreadable image, a URL, placeholders that do not match the images).
+            missing or unreadable image, a URL, placeholders that do not match the images); with a
+            converter, naming `data.row_converter` too (it raised, returned no row, or a row that
+            cannot be used).
     """
     if not isinstance(raw, dict):
         raise DataError(source, f"expected an object per row, got {type(raw).__name__}", row=index)
+    if converter is None:
+        return _read(raw, kind, source, index, base_dir, columns)
+    converted = convert_row(raw, converter, source, index)
+    try:
+        return _read(converted, kind, source, index, base_dir, columns)
+    except DataError as e:  # the fields are those of the converter's row: say so
+        if e.row != index:
+            raise
+        problem = str(e).split(": ", 1)[1]
+        where = f"in the row data.row_converter {converter.name} returned"
+        raise DataError(source, f"({where}) {problem}", row=index, field=e.field) from None
+
+
+def _read(
+    raw: dict,
+    kind: str,
+    source: str,
+    index: int,
+    base_dir: str | os.PathLike | None,
+    columns: Mapping[str, str] | None,
+) -> dict:
+    """`to_canonical` of a row (a dict): data.columns, then the recognised forms, then the kind's reader."""
     renamed = rename_columns(raw, columns, source, index)
     read = normalise(renamed, kind, source, index)
     try:
@@ -610,85 +640,97 @@ def _to_canonical(
     original: dict,
     columns: Mapping[str, str] | None = None,
 ) -> dict:
+    """The canonical row of `kind` from a row in alignlab's columns (`raw`; `original` as the file gave it)."""
     row = _Row(raw, source, index, base_dir)
     row.given, row.original, row.kind, row.columns = list(original), original, kind, dict(columns or {})
     row.other_media()
+    if kind not in KIND_READERS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    return KIND_READERS[kind](row)
+
+
+def _prompt_row(row: _Row) -> dict:
+    """A prompt-only row: `messages` (a trailing answer dropped), `prompt`, or a pair's prompt."""
+    used = {"messages", "prompt"}
     conversational = row.has("messages")
-    if kind == "prompt":
-        used = {"messages", "prompt"}
-        if conversational:
-            msgs = row.messages("messages")
-            while msgs and msgs[-1]["role"] == "assistant":  # a reference answer is not part of the prompt
-                msgs = msgs[:-1]
-            if not msgs:
-                raise row.fail("messages", "has no prompt message before the assistant answer")
-            prompt = msgs
-        elif row.has("prompt"):
-            prompt = row.prompt()
-        elif isinstance(raw.get("chosen"), list):  # TRL's implicit prompt (or HH): the conversation before the answer
-            prompt = row.prompt_and_answer("chosen")[0]
-            used |= {"chosen", "rejected"}
-        else:
-            raise row.missing("messages", " (give `messages` or `prompt`)")
-        source_field = "messages" if conversational else "prompt" if row.has("prompt") else "chosen"
-        images = row.images(source_field, prompt, {})
-        return {"prompt": prompt, **row.extra(used), **images}
-    if kind == "sft":
-        if conversational:
-            field = "messages"
-            prompt, completion = row.conversation()
-        else:
-            field = "completion" if row.has("completion") or not row.has("chosen") else "chosen"
-            prompt, completion = row.prompt_and_answer(field)
-        if row.answer_loss(field) is False:  # tokens after the last trained turn change no loss: cut there
-            prompt, completion = row.last_trained(prompt, field)
-        images = row.images(_prompt_source(row, field), prompt, {field: completion})
-        used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response", "rejected_messages"}
-        return {"prompt": prompt, "completion": completion, **row.extra(used), **images}
-    if kind == "pairwise":
-        # UltraFeedback's rows hold `messages` (the chosen conversation) beside `chosen`/`rejected`: a pair
-        # given as `chosen` and `rejected` is read from them.
-        conversational = conversational and not (row.has("chosen") and row.has("rejected"))
-        field = "messages" if conversational else "chosen"
-        prompt, chosen = row.conversation() if conversational else row.prompt_and_answer("chosen")
-        answers = {field: chosen}
-        if not any(row.has(k) for k in ("rejected", "rejected_response", "rejected_messages")) and row.image_values(
-            "rejected_images"
-        ):  # ms-swift: `rejected_images` alone is the chosen answer about other images
-            rejected, rejected_field = chosen, "rejected_images"
-        else:
-            rejected = row.rejected(prompt, conversational)
-            rejected_field = "rejected" if not conversational else "rejected_messages"
-            rejected_field = rejected_field if row.has(rejected_field) else "rejected_response"
-            answers[rejected_field] = rejected
-        for name in (field, rejected_field):
-            row.trained_answer(name)
-        images = row.images(_prompt_source(row, field), prompt, answers, pairwise=True)
-        if not _distinct_images(images):  # the same pictures: the rejected side is the chosen one's
-            images.pop("rejected_images", None)
-        if chosen == rejected and "rejected_images" not in images:
-            same = (
-                " and `rejected_images` are the same images as `images`" if row.image_values("rejected_images") else ""
-            )
-            raise row.fail(rejected_field, f"identical to the chosen answer{same}, so the pair carries no preference")
-        used = {"messages", "prompt", "chosen", "rejected", "rejected_response", "rejected_messages", *NUMERIC_COLUMNS}
-        return {
-            "prompt": prompt,
-            "chosen": chosen,
-            "rejected": rejected,
-            **row.extra(used),
-            **row.numbers(NUMERIC_COLUMNS),
-            **images,
-        }
-    if kind == "labelled":
-        label = row.label()  # first: a preference pair fails here, with the hint to unpair it
-        field = "messages" if conversational else "completion"
-        prompt, completion = row.conversation() if conversational else row.prompt_and_answer("completion")
-        row.trained_answer(field)
-        images = row.images(_prompt_source(row, field), prompt, {field: completion})
-        used = {"messages", "prompt", "completion", "label"}
-        return {"prompt": prompt, "completion": completion, "label": label, **row.extra(used), **images}
-    raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    if conversational:
+        msgs = row.messages("messages")
+        while msgs and msgs[-1]["role"] == "assistant":  # a reference answer is not part of the prompt
+            msgs = msgs[:-1]
+        if not msgs:
+            raise row.fail("messages", "has no prompt message before the assistant answer")
+        prompt = msgs
+    elif row.has("prompt"):
+        prompt = row.prompt()
+    elif isinstance(row.raw.get("chosen"), list):  # TRL's implicit prompt (or HH): the conversation before the answer
+        prompt = row.prompt_and_answer("chosen")[0]
+        used |= {"chosen", "rejected"}
+    else:
+        raise row.missing("messages", " (give `messages` or `prompt`)")
+    source_field = "messages" if conversational else "prompt" if row.has("prompt") else "chosen"
+    images = row.images(source_field, prompt, {})
+    return {"prompt": prompt, **row.extra(used), **images}
+
+
+def _sft_row(row: _Row) -> dict:
+    """An SFT row: a conversation ending in the answer, or a prompt and its `completion` (or `chosen`)."""
+    if row.has("messages"):
+        field = "messages"
+        prompt, completion = row.conversation()
+    else:
+        field = "completion" if row.has("completion") or not row.has("chosen") else "chosen"
+        prompt, completion = row.prompt_and_answer(field)
+    if row.answer_loss(field) is False:  # tokens after the last trained turn change no loss: cut there
+        prompt, completion = row.last_trained(prompt, field)
+    images = row.images(_prompt_source(row, field), prompt, {field: completion})
+    used = {"messages", "prompt", "completion", "chosen", "rejected", "rejected_response", "rejected_messages"}
+    return {"prompt": prompt, "completion": completion, **row.extra(used), **images}
+
+
+def _pairwise_row(row: _Row) -> dict:
+    """A preference pair: a prompt, its `chosen` and `rejected` answers, numeric columns, images."""
+    # UltraFeedback's rows hold `messages` (the chosen conversation) beside `chosen`/`rejected`: a pair
+    # given as `chosen` and `rejected` is read from them.
+    conversational = row.has("messages") and not (row.has("chosen") and row.has("rejected"))
+    field = "messages" if conversational else "chosen"
+    prompt, chosen = row.conversation() if conversational else row.prompt_and_answer("chosen")
+    answers = {field: chosen}
+    if not any(row.has(k) for k in ("rejected", "rejected_response", "rejected_messages")) and row.image_values(
+        "rejected_images"
+    ):  # ms-swift: `rejected_images` alone is the chosen answer about other images
+        rejected, rejected_field = chosen, "rejected_images"
+    else:
+        rejected = row.rejected(prompt, conversational)
+        rejected_field = "rejected" if not conversational else "rejected_messages"
+        rejected_field = rejected_field if row.has(rejected_field) else "rejected_response"
+        answers[rejected_field] = rejected
+    for name in (field, rejected_field):
+        row.trained_answer(name)
+    images = row.images(_prompt_source(row, field), prompt, answers, pairwise=True)
+    if not _distinct_images(images):  # the same pictures: the rejected side is the chosen one's
+        images.pop("rejected_images", None)
+    if chosen == rejected and "rejected_images" not in images:
+        same = " and `rejected_images` are the same images as `images`" if row.image_values("rejected_images") else ""
+        raise row.fail(rejected_field, f"identical to the chosen answer{same}, so the pair carries no preference")
+    used = {"messages", "prompt", "chosen", "rejected", "rejected_response", "rejected_messages", *NUMERIC_COLUMNS}
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {**pair, **row.extra(used), **row.numbers(NUMERIC_COLUMNS), **images}
+
+
+def _labelled_row(row: _Row) -> dict:
+    """A KTO row: a prompt, one `completion` and its `label` (read first: a pair fails there, with the hint
+    to unpair it)."""
+    label = row.label()
+    field = "messages" if row.has("messages") else "completion"
+    prompt, completion = row.conversation() if field == "messages" else row.prompt_and_answer("completion")
+    row.trained_answer(field)
+    images = row.images(_prompt_source(row, field), prompt, {field: completion})
+    used = {"messages", "prompt", "completion", "label"}
+    return {"prompt": prompt, "completion": completion, "label": label, **row.extra(used), **images}
+
+
+# The reader of each data kind's canonical row, by kind (`KINDS`).
+KIND_READERS = {"prompt": _prompt_row, "sft": _sft_row, "pairwise": _pairwise_row, "labelled": _labelled_row}
 
 
 def _distinct_images(images: dict) -> bool:

@@ -7,11 +7,8 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from alignlab.data.datamodule import TRAIN_ON
 from alignlab.data.mixture import check_sources
-from alignlab.data.rows import ON_BAD_ROW
 from alignlab.data.streaming import check_streaming
-from alignlab.data.truncation import AUTO_LENGTH, TRUNCATION
 from alignlab.errors import ConfigError
 from alignlab.models.loading import check_model_config
 from alignlab.runner.checks import Checks
@@ -71,21 +68,10 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
         check_sources(cfg.data.sources)
     if missing:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
-    data = Checks(cfg.data, "data").at_least(1, "batch_size", "eval_batch_size")
-    if cfg.data.get("max_length", 128) not in AUTO_LENGTH:  # auto: chosen from the rows and the model at setup
-        if isinstance(cfg.data.max_length, str):
-            raise ConfigError(f"data.max_length must be a whole number >= 2 or auto, got {cfg.data.max_length!r}")
-        data.at_least(2, "max_length")
-    if "on_bad_row" in cfg.data:
-        data.one_of("on_bad_row", ON_BAD_ROW)
+    check_data_options(cfg.data)
     if cfg.data.get("source") is not None and cfg.data.source.get("max_rows") is not None:
         Checks(cfg.data.source, "data.source").at_least(1, "max_rows")
     check_streaming(cfg.data, cfg.algorithm, kind)
-    if "truncation" in cfg.data:
-        data.one_of("truncation", TRUNCATION)
-    if "train_on" in cfg.data:
-        data.one_of("train_on", TRAIN_ON)
-    check_data_options(cfg.data)
     check_model_config(cfg.model)
     check_hardware(cfg.trainer, choices.get("hardware"))
     algorithm_class = get_class(cfg.algorithm._target_)
@@ -96,23 +82,9 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
 
 
 def check_data_options(data: DictConfig) -> None:
-    """data.columns: a map of column names to column names, no two onto one name; data.system: text or null."""
-    columns = data.get("columns")
-    if columns is not None:
-        if not isinstance(columns, DictConfig) or not all(
-            isinstance(k, str) and isinstance(v, str) and v for k, v in columns.items()
-        ):
-            raise ConfigError(
-                f"data.columns must map the file's column names to alignlab's, e.g. {{question: prompt, answer: "
-                f"solution}}, got {columns!r}"
-            )
-        targets = list(columns.values())
-        twice = sorted({v for v in targets if targets.count(v) > 1})
-        if twice:
-            raise ConfigError(f"data.columns maps several columns onto {twice}; map one column onto each name")
-    system = data.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ConfigError(f"data.system must be text (the default system message) or null, got {system!r}")
+    """data's settings, by the checks its module class runs on its arguments (`check_options`,
+    alignlab.data.options): each data key is checked in that one place, here before any model loads."""
+    get_class(data._target_).check_options(data)
 
 
 def check_algorithm_keys(algorithm: DictConfig, algorithm_class: type, choice: str) -> None:

@@ -1,8 +1,10 @@
 """The hyper-parameter tables of docs/algorithms.md, generated from conf/algorithm/*.yaml.
 
-An algorithm's YAML is the one place its hyper-parameters are written down: each key, its default and
-the comment after it (continued on the indented comment lines right below it), and the file's opening
-comment, which describes the algorithm. This module rewrites what lies between the markers
+An algorithm's YAML (with the partials its `defaults:` list includes, conf/_partials/algorithm/) is the one
+place its hyper-parameters are written down: each key, its default and the comment after it (continued on
+the indented comment lines right below it), and the file's opening comment, which describes the algorithm.
+A partial's keys are documented under every algorithm that includes it. This module rewrites what lies
+between the markers
 
     <!-- generated: dpo description -->        ...  <!-- end generated -->
     <!-- generated: dpo hyper-parameters -->   ...  <!-- end generated -->
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from alignlab.runner.preflight import CONFIG_DIR, algorithm_hparams
+from alignlab.runner.preflight import CONFIG_DIR, algorithm_hparams, option_files
 
 DOCS = CONFIG_DIR.parent / "docs" / "algorithms.md"
 BLOCK = re.compile(r"(<!-- generated: (\w+) (description|hyper-parameters) -->\n)(.*?)(<!-- end generated -->)", re.S)
@@ -40,18 +42,19 @@ class HyperParameter:
 
 
 def read_algorithm(name: str) -> tuple[str, list[HyperParameter]]:
-    """(description, hyper-parameters in file order) of conf/algorithm/<name>.yaml.
+    """(description, hyper-parameters in composed order) of conf/algorithm/<name>.yaml and its partials.
 
     Raises ValueError when a hyper-parameter has no comment, or is not a key of the file's top level."""
     path = CONFIG_DIR / "algorithm" / f"{name}.yaml"
-    lines = path.read_text().splitlines()
     header = []
-    for line in lines:
+    for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
         header.append(line.lstrip("#").strip())
+    # the file's keys and those of the partials it includes (conf/_partials/, e.g. GRPO's and PPO's vllm_*)
+    lines = [line for file in option_files("algorithm", name) for line in ["", *file.read_text().splitlines()]]
     keys, comments, defaults, current = set(algorithm_hparams(name)), {}, {}, None
-    for line in lines[len(header) :]:
+    for line in lines:
         if (match := KEY_LINE.match(line)) is not None:
             value, _, comment = match.group(2).partition(" #")
             current = match.group(1) if match.group(1) in keys else None

@@ -56,12 +56,63 @@ def unknown_key_error(group: str, choice: str, key: str, settings: Sequence[str]
     )
 
 
+def _included(path: Path, entry) -> Path | None:
+    """The file a `defaults:` entry of `path` includes into `path`'s own package (`- /_partials/x@_here_`),
+    or None for any other entry (`_self_`, a group override, an include into another package)."""
+    if not isinstance(entry, str) or not entry.endswith("@_here_"):
+        return None
+    name = entry.removesuffix("@_here_")
+    return (CONFIG_DIR / name.lstrip("/") if name.startswith("/") else path.parent / name).with_suffix(".yaml")
+
+
+def option_files(group: str, name: str) -> list[Path]:
+    """conf/<group>/<name>.yaml and the partials (conf/_partials/) its `defaults:` list includes under its
+    own package, at any depth, in the order Hydra merges them: where its keys and their comments are written."""
+
+    def walk(path: Path) -> list[Path]:
+        entries = list(OmegaConf.load(path).get("defaults") or [])
+        if "_self_" not in entries:
+            entries.append("_self_")  # Hydra's default place for it: the file's own keys win
+        files = []
+        for entry in entries:
+            include = _included(path, entry)
+            files += [path] if entry == "_self_" else walk(include) if include is not None else []
+        return files
+
+    return walk(CONFIG_DIR / group / f"{name}.yaml")
+
+
+def load_option(group: str, name: str) -> DictConfig:
+    """conf/<group>/<name>.yaml as Hydra composes it under its own package (`algorithm`, `data`): the file
+    merged with the partials its `defaults:` list includes at `@_here_`, in the list's order around
+    `_self_`, `defaults` left out, interpolations unresolved. Group overrides (`override /data@...`) and
+    includes into another package (`@_global_`) are Hydra's to apply and are left out here. Every reader
+    of an option's keys (preflight, the generated docs, run names, the modules' hparam_names) uses this.
+
+    Raises:
+        ConfigError: a partial merged after `_self_` sets a key the file sets too (the partial would win
+            without a word; list it before `_self_` so the file can change it).
+    """
+    out, own = OmegaConf.create(), None
+    for path in option_files(group, name):
+        cfg = OmegaConf.load(path)
+        cfg.pop("defaults", None)
+        if path.parent == CONFIG_DIR / group and path.stem == name:
+            own = cfg
+        elif own is not None and (twice := sorted(set(cfg) & set(own))):
+            raise ConfigError(
+                f"conf/{group}/{name}.yaml sets {twice}, which {path.relative_to(CONFIG_DIR.parent)} (included after "
+                "_self_) sets too and would win; include it before _self_ or drop the keys from one of them"
+            )
+        out = OmegaConf.merge(out, cfg)
+    return out
+
+
 def algorithm_hparams(name: str) -> list[str]:
-    """The hyper-parameter keys of conf/algorithm/<name>.yaml: the one place an algorithm's
-    hyper-parameters are named (with their defaults and comments). The module class takes exactly these
-    (AlignmentModule.hparam_names), and config checks refuse any other key."""
-    cfg = OmegaConf.load(CONFIG_DIR / "algorithm" / f"{name}.yaml")
-    return [k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS)]
+    """The hyper-parameter keys of conf/algorithm/<name>.yaml and the partials it includes (load_option):
+    the one place an algorithm's hyper-parameters are named (with their defaults and comments). The
+    module class takes exactly these (AlignmentModule.hparam_names), and config checks refuse any other key."""
+    return [k for k in load_option("algorithm", name) if k not in ("_target_", *ALGORITHM_META_KEYS)]
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from alignlab.runner.preflight import CONFIG_DIR
+from alignlab.runner.preflight import CONFIG_DIR, load_option
 from alignlab.runner.redact import SECRET_KEY, redact_text
 
 
@@ -181,15 +181,19 @@ def _default_option(group: str, choices: dict) -> str | None:
 
 def file_default(key: str, choices: dict):
     """The value the config files give `key` before overrides: `group.rest` from
-    conf/<group>/<choice>.yaml, a top-level key from conf/train.yaml, a group's option from the defaults
-    lists. Raises KeyError when no file says (overlays such as `hardware=gpu`, `@package _global_`, are
-    not consulted)."""
+    conf/<group>/<choice>.yaml and the partials it includes (preflight.load_option), a top-level key
+    from conf/train.yaml, a group's option from the defaults lists. Raises KeyError when no file says
+    (overlays such as `hardware=gpu`, `@package _global_`, are not consulted)."""
     group, _, rest = key.partition(".")
     if (CONFIG_DIR / group).is_dir() and not rest:
         return _default_option(group, choices)
     path = CONFIG_DIR / group / f"{choices.get(group)}.yaml"
-    node = OmegaConf.to_container(OmegaConf.load(path if rest and path.is_file() else CONFIG_DIR / "train.yaml"))
-    for part in (rest if rest and path.is_file() else key).split("."):
+    # an option's keys with those of the partials it includes (conf/_partials/: data.shuffle, algorithm.use_vllm)
+    option = bool(rest) and path.is_file()
+    node = OmegaConf.to_container(
+        load_option(group, path.stem) if option else OmegaConf.load(CONFIG_DIR / "train.yaml")
+    )
+    for part in (rest if option else key).split("."):
         if not isinstance(node, dict) or part not in node:
             raise KeyError(key)
         node = node[part]

@@ -211,13 +211,11 @@ def test_a_module_takes_exactly_the_keys_of_its_config_file(name):
     """conf/algorithm/<name>.yaml is the one place a hyper-parameter is written: the class it builds
     reads its names from there, and declares none of its own."""
     from hydra.utils import get_class
-    from omegaconf import OmegaConf
 
-    from alignlab.runner.preflight import ALGORITHM_META_KEYS
-    from tests.conftest import CONF
+    from alignlab.runner.preflight import ALGORITHM_META_KEYS, load_option
 
-    cfg = OmegaConf.load(CONF / "algorithm" / f"{name}.yaml")
-    keys = [k for k in cfg if k not in ("defaults", "_target_", *ALGORITHM_META_KEYS)]
+    cfg = load_option("algorithm", name)  # the file with the partials it includes (conf/_partials/)
+    keys = [k for k in cfg if k not in ("_target_", *ALGORITHM_META_KEYS)]
     cls = get_class(cfg._target_)
     assert cls.hparam_names() == tuple(keys)
     assert "hparam_names" not in vars(cls) and not set(keys) & set(vars(cls).get("__annotations__", {}))

@@ -477,3 +477,90 @@ def test_column_map_system_and_truncation_from_the_command_line_train(tmp_path):
     result = train(compose([*overrides, "trainer.max_steps=2", "batch_size=4", *QUIET], run))
     assert result["steps"] == 2 and result["shortened_prompts"] == {"train": 1, "eval": 1}
     assert result["dropped_rows"] == {"train": 0, "eval": 0}
+
+
+# -- the registry of recognised forms, and data.row_converter (a user's own form) ----------------------------
+CONVERTERS = '''
+def to_pair(row):
+    """A lab's own form: {"q": ..., "good": ..., "bad": ...}."""
+    return {"prompt": row["q"], "chosen": row["good"], "rejected": row["bad"]}
+
+
+def tagged(row, tag):
+    return {**to_pair(row), "source_tag": tag}
+
+
+def boom(row):
+    if row["q"] == "3+3=":
+        raise ValueError("no such form")
+    return to_pair(row)
+
+
+def a_list(row):
+    return [row]
+
+
+def garbage(row):
+    return {"question": row["q"]}
+'''
+
+
+def test_each_recognised_form_is_one_registered_converter_tried_in_order():
+    from alignlab.data.formats import ACCEPTED_FORMS, CANONICAL_FORMS, ROW_FORMS
+
+    assert ROW_FORMS.names()[:5] == ("openai_preference", "tools_text", "messages_prompt", "sharegpt", "alpaca")
+    assert ROW_FORMS.names()[-1] == "tool_calls"  # every other form's tool-call spellings, made canonical last
+    described = [ROW_FORMS[n].described for n in ROW_FORMS if ROW_FORMS[n].described]
+    assert ACCEPTED_FORMS == (*CANONICAL_FORMS, *described) and len(described) == 5
+
+
+def _pairs_file(tmp_path, module: str):
+    """A JSONL file of a form no trainer writes, and `module` (importable) holding converters for it."""
+    (tmp_path / f"{module}.py").write_text(CONVERTERS)
+    path = tmp_path / "lab.jsonl"
+    rows = [{"q": "2+2=", "good": "4", "bad": "5"}, {"q": "3+3=", "good": "6", "bad": "7"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_row_converter_reads_a_form_of_ones_own(tmp_path, monkeypatch):
+    from alignlab.data import PairwiseDataModule
+    from alignlab.data.files import FileSource
+
+    path = _pairs_file(tmp_path, "lab_form_ok")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dm = PairwiseDataModule(FileSource(str(path), eval_fraction=0), row_converter="lab_form_ok.to_pair")
+    assert dm.read()["train"] == [
+        {"prompt": [user("2+2=")], "chosen": "4", "rejected": "5"},
+        {"prompt": [user("3+3=")], "chosen": "6", "rejected": "7"},
+    ]
+    spec = {"_target_": "lab_form_ok.tagged", "tag": "lab"}  # keyword arguments bound, as Hydra writes them
+    rows = PairwiseDataModule(FileSource(str(path), eval_fraction=0), row_converter=spec).read()["train"]
+    assert [r["source_tag"] for r in rows] == ["lab", "lab"]
+
+
+def test_a_row_converter_that_fails_is_named_with_file_and_row(tmp_path, monkeypatch):
+    from alignlab.data import PairwiseDataModule
+    from alignlab.data.arith import ArithTask
+    from alignlab.data.files import FileSource
+    from alignlab.errors import ConfigError
+
+    path = _pairs_file(tmp_path, "lab_form_bad")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def read(converter):
+        return PairwiseDataModule(FileSource(str(path), eval_fraction=0), row_converter=converter).read()
+
+    with pytest.raises(DataError, match=rf"^{path}, row 2: data.row_converter lab_form_bad.boom raised ValueError"):
+        read("lab_form_bad.boom")
+    with pytest.raises(DataError, match=rf"^{path}, row 1: data.row_converter lab_form_bad.a_list returned list, not"):
+        read("lab_form_bad.a_list")
+    garbage = (
+        rf"^{path}, row 1, field 'chosen': \(in the row data.row_converter lab_form_bad.garbage returned\) missing"
+    )
+    with pytest.raises(DataError, match=garbage):
+        read("lab_form_bad.garbage")
+    with pytest.raises(ConfigError, match="data.row_converter 'lab_form_bad.nothing' could not be imported"):
+        read("lab_form_bad.nothing")
+    with pytest.raises(ConfigError, match="data.row_converter converts the rows of data files, but ArithTask reads"):
+        PairwiseDataModule(ArithTask(n_train=4, n_eval=2), row_converter="lab_form_bad.to_pair").read()

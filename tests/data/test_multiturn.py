@@ -262,6 +262,8 @@ def test_bad_options_are_refused_naming_the_key():
         ("data.columns={a:prompt,b:prompt}", r"data.columns maps several columns onto \['prompt'\]"),
         ("data.columns=[a,b]", "data.columns must map the file's column names"),
         ("data.system=[a]", "data.system must be text"),
+        ("data.row_converter=nowhere_at_all.fn", "data.row_converter 'nowhere_at_all.fn' could not be imported"),
+        ("data.max_tokens_per_micro_batch=0", "data.max_tokens_per_micro_batch must be a whole number >= 1 or null"),
     ],
 )
 def test_config_checks_name_the_data_key(tmp_path, override, message):

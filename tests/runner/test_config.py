@@ -22,9 +22,71 @@ HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
+# Each algorithm's and data config's section as main composed it before the shared blocks moved into
+# conf/_partials/ (and the root max_length, which the custom_* data configs set): the partials change no value.
+COMPOSED_BEFORE_PARTIALS = Path(__file__).with_name("composed_options.json")
+# Keys added since that golden was made, by option: {option: {key: value}}.
+CUSTOM = ("custom_kto", "custom_pairs", "custom_prompts", "custom_sft")
+ADDED_SINCE = {f"data={o}": {"row_converter": None} for o in CUSTOM}
+
+
+def composed_before(option: str) -> dict:
+    """The section `option` (`group=name`) composed to before the partials, with the keys added since."""
+    group = option.split("=")[0]
+    return {**json.loads(COMPOSED_BEFORE_PARTIALS.read_text())[option][group], **ADDED_SINCE.get(option, {})}
+
+
+def test_partials_change_no_composed_value_and_are_no_option():
+    """conf/_partials/ (the vLLM block, the keys every data config has, those of the file configs) is
+    included with `defaults:`. Every algorithm and data option composes to the values it had before, which
+    is what preflight, the generated docs and run names read too (load_option follows the same chain);
+    and no partial is an `algorithm=` or `data=` option."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    from alignlab.runner.preflight import load_option, preflight
+
+    golden = json.loads(COMPOSED_BEFORE_PARTIALS.read_text())
+    for option in golden:  # (Hydra's composition of each: test_every_group_option_composes)
+        group, name = option.split("=")
+        assert OmegaConf.to_container(load_option(group, name)) == composed_before(option), option
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(MissingConfigException) as listed:
+            hydra_compose("train", ["algorithm=vllm"])
+    assert "vllm" not in str(listed.value).split("Available options")[-1]
+    # the command-line key check (before Hydra) knows a partial's keys, for the options that include it only
+    preflight(["algorithm=grpo", "algorithm.vllm_mode=server", "algorithm.use_vllm=true"])
+    with pytest.raises(ConfigError, match="algorithm.vllm_mode is not a setting of algorithm=dpo"):
+        preflight(["algorithm=dpo", "algorithm.vllm_mode=server"])
+    assert sorted(golden) == [f"{g}={p.stem}" for g in ("algorithm", "data") for p in sorted((CONF / g).glob("*.yaml"))]
+    for group in ("algorithm", "data"):  # a sub-folder's file would be an option (`data=custom/x`)
+        assert sorted((CONF / group).rglob("*.yaml")) == sorted((CONF / group).glob("*.yaml"))
+
+
+def test_a_partial_after_self_may_not_set_the_files_own_keys(tmp_path, monkeypatch):
+    """Hydra lets a partial merged after `_self_` win over the file: load_option refuses that layout."""
+    from alignlab.runner import preflight
+
+    (tmp_path / "algorithm").mkdir()
+    (tmp_path / "_partials").mkdir()
+    (tmp_path / "_partials" / "p.yaml").write_text("beta: 2.0\nuse_vllm: false\n")
+    (tmp_path / "algorithm" / "x.yaml").write_text("defaults:\n  - _self_\n  - /_partials/p@_here_\nbeta: 0.1\n")
+    monkeypatch.setattr(preflight, "CONFIG_DIR", tmp_path)
+    refused = r"conf/algorithm/x.yaml sets \['beta'\], which .*p.yaml \(included after _self_\)"
+    with pytest.raises(ConfigError, match=refused):
+        preflight.load_option("algorithm", "x")
+    (tmp_path / "algorithm" / "x.yaml").write_text("defaults:\n  - /_partials/p@_here_\n  - _self_\nbeta: 0.1\n")
+    assert dict(preflight.load_option("algorithm", "x")) == {"beta": 0.1, "use_vllm": False}
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes(group, option, tmp_path):
     cfg = compose([f"{group}={option}"], output_dir=tmp_path)
+    if group in ("algorithm", "data"):  # the shared blocks in conf/_partials/ changed no value
+        assert OmegaConf.to_container(cfg[group]) == composed_before(f"{group}={option}")
+        if group == "data":
+            assert cfg.max_length == json.loads(COMPOSED_BEFORE_PARTIALS.read_text())[f"data={option}"]["max_length"]
     OmegaConf.resolve(cfg)
     if group == "algorithm":
         assert cfg.algorithm.name == option

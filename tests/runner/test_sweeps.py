@@ -425,6 +425,8 @@ def test_a_run_name_carries_the_overrides_that_differ_from_the_defaults(monkeypa
 
     assert compose(["algorithm.beta=0.5"]).run_name == "dpo-tiny-beta=0.5"
     assert compose(["algorithm.beta=0.1", "seed=0", "data=arith_pairs"]).run_name == "dpo-tiny"  # all defaults
+    # defaults written in a partial the option includes (conf/_partials/) count as defaults too
+    assert compose(["algorithm=grpo", "algorithm.use_vllm=false", "data.shuffle=true"]).run_name == "grpo-tiny"
     name = compose(["algorithm=cpo", "algorithm.beta=0.5", "optim.lr=2e-4", "model.lora.r=16"]).run_name
     assert name == "cpo-tiny-beta=0.5,lr=2e-4,lora.r=16"  # each key without its group
     plumbing = [
