@@ -24,6 +24,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from alignlab.errors import DataError
 from alignlab.registry import Entry, Registry
@@ -316,6 +317,58 @@ def _call_list(content) -> list:
     return content if isinstance(content, list) else [content]
 
 
+def _message_list(messages, field: str) -> tuple[Any, bool]:
+    """`messages` read from JSON text where a CSV cell carries a message list, and whether it is a list
+    of messages with a tool call or result in it (anything else `agent_turns` returns as it is)."""
+    if isinstance(messages, str) and field == "messages" and messages.lstrip().startswith("["):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            return messages, False  # to_canonical names the fault
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        return messages, False
+    return messages, any(
+        m["role"] in CALL_ROLES + RESULT_ROLES or m.get("tool_calls") or m["role"] == "tool" for m in messages
+    )
+
+
+def _join_calls(out: list[dict], calls: list[dict], m: dict, i: int, source: str, index: int, field: str) -> list:
+    """Message i, a call message (CALL_ROLES), as canonical calls on `out`'s last message when that is
+    the assistant's with no calls of its own (or only the calls just read, `calls`: parallel calls),
+    else on a new assistant message; returns that message's calls, which later results answer."""
+    given = _call_list(m.get("content", m.get("value")))
+    new = [_with_id(tool_call(c, f"message {i}", source, index, field), i, k) for k, c in enumerate(given)]
+    flag = {"loss": m["loss"]} if m.get("loss") is not None else {}  # ms-swift's per-turn `loss` goes along
+    last = out[-1] if out else None
+    own = last.get("tool_calls") if last is not None else None
+    if last is not None and last["role"] == "assistant" and (not own or own is calls):
+        last = out[-1] = {**flag, **last, "tool_calls": [*(last.get("tool_calls") or []), *new]}
+        last["content"] = last.get("content") or ""
+    else:
+        out.append({"role": "assistant", "content": "", "tool_calls": new, **flag})
+    return out[-1]["tool_calls"]
+
+
+def _assistant_calls(m: dict, i: int, source: str, index: int, field: str) -> dict:
+    """Assistant message i, which has `tool_calls`, with them canonical and `content` "" when it has none."""
+    if not isinstance(m["tool_calls"], list):
+        raise DataError(source, f"message {i}: tool_calls must be a list of calls", row=index, field=field)
+    new = [_with_id(tool_call(c, f"message {i}", source, index, field), i, k) for k, c in enumerate(m["tool_calls"])]
+    return {**m, "tool_calls": new, "content": m.get("content") or ""}
+
+
+def _tool_result(m: dict, calls: list[dict], answered: int) -> dict:
+    """A result message as `{"role": "tool", ...}`; when it answers a call (the `answered`-th of the
+    last turn's `calls`), named after that call and paired with it by `tool_call_id`, unless it says."""
+    m = {**m, "role": "tool"}
+    if answered < len(calls):  # the call it answers names it, and gives the id templates pair it by
+        if not isinstance(m.get("name"), str):
+            m["name"] = calls[answered]["function"]["name"]
+        if not m.get("tool_call_id"):
+            m["tool_call_id"] = calls[answered]["id"]
+    return m
+
+
 def agent_turns(messages, source: str, index: int, field: str):
     """`messages` with tool calls and results in the canonical form: an assistant message with
     `tool_calls` (canonical entries, `tool_call`) and `content` ("" when it says nothing else), and
@@ -332,51 +385,25 @@ def agent_turns(messages, source: str, index: int, field: str):
         DataError: naming file, row and field, for a call that cannot be read (see `tool_call`) or
             `tool_calls` on a message that is not the assistant's.
     """
-    if isinstance(messages, str) and field == "messages" and messages.lstrip().startswith("["):
-        try:  # CSV cells carry message lists as JSON text
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            return messages  # to_canonical names the fault
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        return messages
-    if not any(m["role"] in CALL_ROLES + RESULT_ROLES or m.get("tool_calls") or m["role"] == "tool" for m in messages):
+    messages, agent = _message_list(messages, field)
+    if not agent:
         return messages
     out: list[dict] = []
     calls: list[dict] = []  # the calls of the last assistant turn, which later results answer in order
     answered = 0
     for i, m in enumerate(messages):
-        role, where = m["role"], f"message {i}"
+        role = m["role"]
         if role in CALL_ROLES:
-            content = m.get("content", m.get("value"))
-            given = _call_list(content)
-            new = [_with_id(tool_call(c, where, source, index, field), i, k) for k, c in enumerate(given)]
-            flag = {"loss": m["loss"]} if m.get("loss") is not None else {}  # ms-swift's per-turn `loss` goes along
-            last = out[-1] if out else None
-            own = last.get("tool_calls") if last is not None else None
-            if last is not None and last["role"] == "assistant" and (not own or own is calls):
-                last = out[-1] = {**flag, **last, "tool_calls": [*(last.get("tool_calls") or []), *new]}
-                last["content"] = last.get("content") or ""
-            else:
-                out.append({"role": "assistant", "content": "", "tool_calls": new, **flag})
-            calls, answered = out[-1]["tool_calls"], 0
+            calls, answered = _join_calls(out, calls, m, i, source, index, field), 0
             continue
         if m.get("tool_calls") and role != "assistant":
-            problem = f"{where} ({role}) has tool_calls; only assistant messages call tools"
+            problem = f"message {i} ({role}) has tool_calls; only assistant messages call tools"
             raise DataError(source, problem, row=index, field=field)
         if role == "assistant" and m.get("tool_calls"):
-            if not isinstance(m["tool_calls"], list):
-                raise DataError(source, f"{where}: tool_calls must be a list of calls", row=index, field=field)
-            new = [_with_id(tool_call(c, where, source, index, field), i, k) for k, c in enumerate(m["tool_calls"])]
-            m = {**m, "tool_calls": new, "content": m.get("content") or ""}
-            calls, answered = new, 0
+            m = _assistant_calls(m, i, source, index, field)
+            calls, answered = m["tool_calls"], 0
         elif role in RESULT_ROLES or role == "tool":
-            m = {**m, "role": "tool"}
-            if answered < len(calls):  # the call it answers names it, and gives the id templates pair it by
-                if not isinstance(m.get("name"), str):
-                    m["name"] = calls[answered]["function"]["name"]
-                if not m.get("tool_call_id"):
-                    m["tool_call_id"] = calls[answered]["id"]
-            answered += 1
+            m, answered = _tool_result(m, calls, answered), answered + 1
         else:
             calls, answered = [], 0
         out.append(m)
