@@ -420,6 +420,51 @@ def _rows_text(numbers: list) -> str:
     return f"row{'s' if len(numbers) > 1 else ''} {listed}" + (f" and {more} more" if more else "")
 
 
+def _column_users(functions: Sequence[tuple[str, Callable]]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """({column: the reward functions that require it}, {column: those that compare it with one value,
+    not a list or an object}), in the order of `functions`."""
+    needs: dict[str, list[str]] = {}
+    single: dict[str, list[str]] = {}
+    for name, fn in functions:
+        for column in required_columns(fn):
+            needs.setdefault(column, []).append(name)
+        for column in getattr(fn, "one_value_columns", ()):
+            single.setdefault(column, []).append(name)
+    return needs, single
+
+
+def _rows_and_locator(splits: dict, origin: Callable, describe: str) -> tuple[list[dict], Callable]:
+    """Every split's rows as read (a stream's first rows, its `head`), and row -> (file, row number):
+    the source's `origin`, else the stream's name and row number, else (`describe`, None)."""
+    rows, streamed = [], {}
+    for split in splits.values():
+        if hasattr(split, "head"):  # a stream: its first rows, in the order read (row numbers of the stream)
+            name = split.describe() if hasattr(split, "describe") else describe
+            streamed |= {id(row): (name, i + 1) for i, row in enumerate(split.head)}
+        rows += list(getattr(split, "head", split) or [])
+    return rows, lambda row: (origin(row) or streamed.get(id(row)) or (describe, None))[:2]
+
+
+def _missing_column_error(column: str, names: list[str], files: dict[str, list], totals: dict[str, int]) -> DataError:
+    """The error for rows lacking `column`: {file: row numbers lacking it} of {file: its rows}, and the
+    reward functions (`names`) that need it, with the ways to give it."""
+    located = "; ".join(
+        f"{file}, every one of its {totals[file]} rows"
+        if len(numbers) == totals[file]
+        else f"{file}, {len(numbers)} of its {totals[file]} rows ({_rows_text(numbers)})"
+        for file, numbers in files.items()
+    )
+    listed = ", ".join(f"'{n}'" for n in names)
+    return DataError(
+        located,
+        f"no `{column}`, which the reward function{'s' if len(names) > 1 else ''} {listed} "
+        f"(algorithm.reward_funcs) need{'' if len(names) > 1 else 's'} to score a completion (without it the "
+        f"answer would score 0 whatever it says). Give every row a `{column}`, map the column that holds it with "
+        f"data.columns (e.g. data.columns={{answer: {column}}}), leave those rows out, or use reward functions "
+        "that need no such column",
+    )
+
+
 def check_reward_columns(
     functions: Sequence[tuple[str, Callable]], splits: dict, origin: Callable, describe: str
 ) -> None:
@@ -437,53 +482,27 @@ def check_reward_columns(
         DataError: naming the file(s), the rows lacking the column (of how many), the reward functions
             that need it and `algorithm.reward_funcs`.
     """
-    needs: dict[str, list[str]] = {}
-    single: dict[str, list[str]] = {}  # columns a function compares with one value (not a list or an object)
-    for name, fn in functions:
-        for column in required_columns(fn):
-            needs.setdefault(column, []).append(name)
-        for column in getattr(fn, "one_value_columns", ()):
-            single.setdefault(column, []).append(name)
+    needs, single = _column_users(functions)
     if not needs:
         return
-    rows, streamed = [], {}
-    for split in splits.values():
-        if hasattr(split, "head"):  # a stream: its first rows, in the order read (row numbers of the stream)
-            name = split.describe() if hasattr(split, "describe") else describe
-            streamed |= {id(row): (name, i + 1) for i, row in enumerate(split.head)}
-        rows += list(getattr(split, "head", split) or [])
+    rows, locate = _rows_and_locator(splits, origin, describe)
     for column, names in needs.items():
         files: dict[str, list] = {}  # file -> row numbers lacking the column
         totals: dict[str, int] = {}  # file -> its rows (both splits)
         for row in rows:
-            file, number = (origin(row) or streamed.get(id(row)) or (describe, None))[:2]
+            file, number = locate(row)
             totals[file] = totals.get(file, 0) + 1
             if is_missing(row.get(column)):
                 files.setdefault(file, []).append(number)
         for row in rows if column in single else ():
             if isinstance(row.get(column), (list, tuple, dict)):
-                file, number = (origin(row) or streamed.get(id(row)) or (describe, None))[:2]
+                file, number = locate(row)
                 try:
                     _one_value_each([row[column]], " and ".join(f"'{n}'" for n in single[column]))
                 except ValueError as e:
                     raise DataError(file, f"{e} (algorithm.reward_funcs)", row=number, field=column) from None
-        if not files:
-            continue
-        located = "; ".join(
-            f"{file}, every one of its {totals[file]} rows"
-            if len(numbers) == totals[file]
-            else f"{file}, {len(numbers)} of its {totals[file]} rows ({_rows_text(numbers)})"
-            for file, numbers in files.items()
-        )
-        listed = ", ".join(f"'{n}'" for n in names)
-        raise DataError(
-            located,
-            f"no `{column}`, which the reward function{'s' if len(names) > 1 else ''} {listed} "
-            f"(algorithm.reward_funcs) need{'' if len(names) > 1 else 's'} to score a completion (without it the "
-            f"answer would score 0 whatever it says). Give every row a `{column}`, map the column that holds it with "
-            f"data.columns (e.g. data.columns={{answer: {column}}}), leave those rows out, or use reward functions "
-            "that need no such column",
-        )
+        if files:
+            raise _missing_column_error(column, names, files, totals)
 
 
 def check_batch_columns(functions: Sequence[tuple[str, Callable]], prompts: list, columns: dict) -> None:
