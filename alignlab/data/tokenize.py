@@ -436,6 +436,8 @@ def _segments(codec: _Codec, pieces: list[str], contents: list[str], trained: se
 
 
 def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bool, default: bool = True) -> list:
+    """The work of `encode_conversations` (turns=False) and `encode_turns` (turns=True): each row's texts
+    as the template lays them out (`_row_texts`), then all rows' ids, encoded in batches (`_prompt_ids`)."""
     codec = _codec(tokenizer)
     merge = system_prompt == "merge"
     eos = tokenizer.eos_token
@@ -445,37 +447,65 @@ def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bo
         messages = merge_system(messages) if merge else list(messages)
         row_tools = codec.defuse(tools[index]) if tools is not None and tools[index] else None
         row_answers = list(answers[index]) if answers is not None else []
-        messages, row_answers = _with_calls(tokenizer, codec, messages, row_answers, index, row_tools)
-        contents = [m["content"] for m in messages]
-        n = len(messages)  # the answer's placeholder
-        pieces, order = _lay_out(tokenizer, messages, index, row_tools)
-        ragged = any(c != c.strip() for c in contents + row_answers)
-        # earlier assistant turns, which a template may rewrite (Qwen3 drops their think blocks)
-        free = frozenset(j for j, i in enumerate(order) if i < n and messages[i]["role"] == "assistant")
-        written = [contents[i] if i < n else None for i in order]
-        for k, answer in enumerate(row_answers or [None]):
-            final = _placeholder(n) if answer is None else answer  # prompts only: the placeholder stays
-            shown = [c if c is not None else final for c in written]
-            if ragged or free:  # the template may trim or rewrite: read the forms from a real rendering
-                real = _render(tokenizer, [*messages, {"role": "assistant", "content": final}], index, row_tools)
-                shown = _as_written(pieces, shown, real, free) or shown
-            if k == 0:
-                contents = shown[:-1]
-                if images is not None and images[index]:
-                    contents = _place_images(contents, images[index], codec, index)
-                prompt = "".join(codec.protect(p) + c for p, c in zip(pieces[:-2], contents))
-                prompt_texts.append(prompt + codec.protect(pieces[-2]))
-                trained = {
-                    j
-                    for j, i in enumerate(order[:-1])
-                    if turns and messages[i]["role"] == "assistant" and messages[i].get("loss", default)
-                }
-                if trained:
-                    segments[index] = _segments(codec, pieces, contents, trained)
-            if answer is not None:
-                answer_texts.append(shown[-1] + _end_of_turn(codec, pieces[-1], eos))
-                answer_after.append(prompt_texts[-1])
-        shape.append(len(row_answers))
+        row_images = images[index] if images is not None else None
+        prompt, stretches, texts = _row_texts(
+            tokenizer, codec, messages, row_answers, index, row_tools, row_images, turns, default, eos
+        )
+        prompt_texts.append(prompt)
+        if stretches is not None:
+            segments[index] = stretches
+        answer_texts += texts
+        answer_after += [prompt] * len(texts)
+        shape.append(len(texts))
+    prompt_ids, masks = _prompt_ids(codec, prompt_texts, segments)
+    answer_ids = iter(codec.encode(answer_texts, after=answer_after))
+    return [(p, m, [next(answer_ids) for _ in range(k)]) for p, m, k in zip(prompt_ids, masks, shape)]
+
+
+def _row_texts(
+    tokenizer, codec, messages, row_answers, index, row_tools, row_images, turns: bool, default: bool, eos
+) -> tuple[str, list[tuple[str, bool]] | None, list[str]]:
+    """One row's protected texts: (its prompt, up to where the answer begins; its prompt's (text,
+    trained) stretches (`_segments`) when it has trained earlier assistant turns, else None; each
+    answer with its end of turn). Each text is in the form the template writes it in the whole
+    conversation (`_as_written`, for contents a template may trim or rewrite)."""
+    messages, row_answers = _with_calls(tokenizer, codec, messages, row_answers, index, row_tools)
+    contents = [m["content"] for m in messages]
+    n = len(messages)  # the answer's placeholder
+    pieces, order = _lay_out(tokenizer, messages, index, row_tools)
+    ragged = any(c != c.strip() for c in contents + row_answers)
+    # earlier assistant turns, which a template may rewrite (Qwen3 drops their think blocks)
+    free = frozenset(j for j, i in enumerate(order) if i < n and messages[i]["role"] == "assistant")
+    written = [contents[i] if i < n else None for i in order]
+    prompt, stretches, answer_texts = "", None, []
+    for k, answer in enumerate(row_answers or [None]):
+        final = _placeholder(n) if answer is None else answer  # prompts only: the placeholder stays
+        shown = [c if c is not None else final for c in written]
+        if ragged or free:  # the template may trim or rewrite: read the forms from a real rendering
+            real = _render(tokenizer, [*messages, {"role": "assistant", "content": final}], index, row_tools)
+            shown = _as_written(pieces, shown, real, free) or shown
+        if k == 0:
+            contents = shown[:-1]
+            if row_images:
+                contents = _place_images(contents, row_images, codec, index)
+            prompt = "".join(codec.protect(p) + c for p, c in zip(pieces[:-2], contents)) + codec.protect(pieces[-2])
+            trained = {
+                j
+                for j, i in enumerate(order[:-1])
+                if turns and messages[i]["role"] == "assistant" and messages[i].get("loss", default)
+            }
+            if trained:
+                stretches = _segments(codec, pieces, contents, trained)
+        if answer is not None:
+            answer_texts.append(shown[-1] + _end_of_turn(codec, pieces[-1], eos))
+    return prompt, stretches, answer_texts
+
+
+def _prompt_ids(
+    codec: _Codec, prompt_texts: list[str], segments: dict[int, list[tuple[str, bool]]]
+) -> tuple[list[list[int]], list[list[int] | None]]:
+    """(ids of each prompt, its 0/1 mask of trained tokens or None): a prompt without trained turns is
+    encoded whole; one with them stretch by stretch (`segments`), each as what follows the text before it."""
     plain = [i for i in range(len(prompt_texts)) if i not in segments]
     prompt_ids: list = [None] * len(prompt_texts)
     for i, ids in zip(plain, codec.encode([prompt_texts[i] for i in plain])):
@@ -495,8 +525,7 @@ def _encode(tokenizer, prompts, answers, system_prompt, images, tools, turns: bo
         prompt_ids_parts[i][1].extend([int(flag)] * len(ids))
     for i, (ids, mask) in prompt_ids_parts.items():
         prompt_ids[i], masks[i] = ids, mask
-    answer_ids = iter(codec.encode(answer_texts, after=answer_after))
-    return [(p, m, [next(answer_ids) for _ in range(k)]) for p, m, k in zip(prompt_ids, masks, shape)]
+    return prompt_ids, masks
 
 
 def encode_prompts(
