@@ -21,6 +21,7 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from alignlab.data.formats import check_mapped_columns
 from alignlab.data.rows import to_canonical
@@ -545,23 +546,51 @@ class FileSource:
         """
         check_source_exists(self.path, f"{self.key}.path")
         local = Path(self.path).expanduser()
-        if local.is_dir():
-            dataset, where = file_stream(self._split_files(local, self.split, f"{self.key}.split")), None
-        elif local.exists():
-            if local.suffix.lower() not in _FORMATS:
-                raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
-            dataset, where = file_stream([local]), None
-        else:
-            files = hub_data_files(self.path, self.subset, self.split)
-            if files is not None:  # read here, so that each value keeps its written type
-                dataset, where = file_stream(files), None
-            else:
-                dataset = read_hub(self.path, self.subset, self.split, self.key, streaming=True)
-                where = self.path + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
+        dataset, where = self._stream_dataset(local)
         if self.max_rows is not None:
             dataset = dataset.take(self.max_rows)  # a stream's first N rows: a sample would need all of them
-
         first_bad: list[DataError] = []  # the first bad row's error (data.on_bad_row=skip)
+        convert = self._stream_converter(kind, on_bad_row, where, first_bad)
+        peeked = list(dataset.take(PEEK_ROWS))
+        if not peeked:
+            empty = "has no rows" if local.is_file() else f"split {self.split!r} has no rows"
+            raise DataError(self.path, f"{empty}; check {self.key}.{'path' if local.is_file() else 'split'}")
+        raws = [record["raw"] if where is None else record for record in peeked]
+        if self._converter is None:  # a map naming no column fails (with a converter: the columns it returns)
+            check_mapped_columns(raws, self._columns, self.path, self._columns_key)
+        checked = [convert(record, position) for position, record in enumerate(peeked)]
+        if len(peeked) < PEEK_ROWS and all(row is None for row in checked):  # read whole: every row is bad
+            raise DataError(self.path, f"every one of its {len(peeked)} rows is bad; the first: {first_bad[0]}")
+        self._forget([row for row in checked if row is not None])
+        self.skipped.pop("train", None)  # counted again as training meets them
+        stream = RowStream(dataset, self.path, self.shuffle_buffer, convert, self._forget)
+        stream.head, stream.whole = [row for row in checked if row is not None], len(peeked) < PEEK_ROWS
+        return stream
+
+    def _stream_dataset(self, local: Path) -> tuple[Any, str | None]:
+        """(the train split as a `datasets.IterableDataset`, where): local files, or a Hub data set's files
+        that alignlab reads itself (`hub_data_files`), as `file_stream`'s {"file", "row", "raw"} records
+        (where None); else `datasets`' stream of raw rows, `where` naming it for errors ("id (subset) [split]").
+
+        Raises:
+            DataError: a local file of an unknown type.
+        """
+        if local.is_dir():
+            return file_stream(self._split_files(local, self.split, f"{self.key}.split")), None
+        if local.exists():
+            if local.suffix.lower() not in _FORMATS:
+                raise DataError(str(local), f"unknown file type; expected one of {sorted(_FORMATS)}")
+            return file_stream([local]), None
+        files = hub_data_files(self.path, self.subset, self.split)
+        if files is not None:  # read here, so that each value keeps its written type
+            return file_stream(files), None
+        dataset = read_hub(self.path, self.subset, self.split, self.key, streaming=True)
+        return dataset, self.path + (f" ({self.subset})" if self.subset else "") + f" [{self.split}]"
+
+    def _stream_converter(self, kind: str, on_bad_row: str, where: str | None, first_bad: list[DataError]):
+        """`convert(record, position)`: a streamed record (see `_stream_dataset`) as a canonical row, its
+        origin kept; None for a bad row under on_bad_row=skip (counted, the first logged and kept in
+        `first_bad`). Raises DataError for a bad row otherwise."""
 
         def convert(record: dict, position: int) -> dict | None:
             if where is None:  # a local file's record: its file and row
@@ -582,21 +611,7 @@ class FileSource:
             self._origin[id(row)] = (file, index, _prompt_field(raw))
             return row
 
-        peeked = list(dataset.take(PEEK_ROWS))
-        if not peeked:
-            empty = "has no rows" if local.is_file() else f"split {self.split!r} has no rows"
-            raise DataError(self.path, f"{empty}; check {self.key}.{'path' if local.is_file() else 'split'}")
-        raws = [record["raw"] if where is None else record for record in peeked]
-        if self._converter is None:  # a map naming no column fails (with a converter: the columns it returns)
-            check_mapped_columns(raws, self._columns, self.path, self._columns_key)
-        checked = [convert(record, position) for position, record in enumerate(peeked)]
-        if len(peeked) < PEEK_ROWS and all(row is None for row in checked):  # read whole: every row is bad
-            raise DataError(self.path, f"every one of its {len(peeked)} rows is bad; the first: {first_bad[0]}")
-        self._forget([row for row in checked if row is not None])
-        self.skipped.pop("train", None)  # counted again as training meets them
-        stream = RowStream(dataset, self.path, self.shuffle_buffer, convert, self._forget)
-        stream.head, stream.whole = [row for row in checked if row is not None], len(peeked) < PEEK_ROWS
-        return stream
+        return convert
 
     def _forget(self, rows: list[dict]) -> None:
         for row in rows:
