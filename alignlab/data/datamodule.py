@@ -125,9 +125,6 @@ class AlignmentDataModule(L.LightningDataModule):
         # data.system: the system message of rows that have none
         self.system_prompt, self.truncation, self.system = system_prompt, truncation, system
         self.columns = dict(columns) if columns else None  # data.columns: {the file's column name: alignlab's}
-        self._tools_warned: set[str] = set()  # the tool warnings given (_warn_tools), each said once
-        self.shortened: dict[str, int] = {}  # split → rows whose prompt data.truncation shortened
-        self._shortened = 0
         self.shuffle, self.group_by_length, self.on_bad_row = shuffle, group_by_length, on_bad_row
         self.auto_length = max_length in AUTO_LENGTH
         max_length = int(max_length) if isinstance(max_length, float) else max_length  # checked: a whole number
@@ -136,6 +133,11 @@ class AlignmentDataModule(L.LightningDataModule):
         self.source, self.batch_size, self.eval_batch_size = source, batch_size, eval_batch_size
         # None until setup chooses it when auto
         self.max_length, self.seed, self.num_workers = (None if self.auto_length else max_length), seed, num_workers
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        """What setup and the loaders fill in later, empty: the tokenizer and image processor, the splits
+        and what setup left out of them or shortened, a stream's state and the training order."""
         self.tokenizer = None
         self.images: ImageEncoder | None = None  # a vision-language model's image processor (set_image_encoder)
         # id(row), and (id(row), "rejected") for rejected_images → the images' inputs and markup, until setup
@@ -143,6 +145,9 @@ class AlignmentDataModule(L.LightningDataModule):
         self.splits: dict[str, list[dict]] = {}
         self.dropped: dict[str, int] = {}  # split → rows left out by setup, all reasons together
         self.dropped_by_reason: dict[str, dict[str, int]] = {}  # split → DROP_REASONS key → rows
+        self._tools_warned: set[str] = set()  # the tool warnings given (_warn_tools), each said once
+        self.shortened: dict[str, int] = {}  # split → rows whose prompt data.truncation shortened
+        self._shortened = 0
         self._rows: dict[str, list[dict]] | None = None
         self.stream: RowStream | None = None  # the train split when streamed (data.source.streaming=true)
         self.stream_usable_rows: int | None = None  # a stream read whole when opened: the rows setup keeps
