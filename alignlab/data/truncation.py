@@ -105,6 +105,8 @@ def shorten_prompt(
         distinct: answer tokens a pair needs to stay a pair: its answers' shared first tokens and the
             first that differs (0 for one answer). Cut to fewer, chosen and rejected would be the same
             tokens and the row would be dropped.
+    Raises:
+        ValueError: a `mode` that is neither keep_end nor keep_start.
     """
     room = max(min(answer, max_length // 2), min(distinct, answer), 1)
 
@@ -112,29 +114,41 @@ def shorten_prompt(
         return length(m) + room <= max_length
 
     if mode == "keep_end":
-        options = turns_dropped(messages)
-        best = next((m for m in options if fits(m)), None)
-        if best is None and options and length(options[-1]) < max_length:
-            best = options[-1]
-        return best
+        return _keep_end(messages, fits, length, max_length)
     if mode == "keep_start":
-        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-        if last is None:
-            return None
-        text = messages[last]["content"]
-
-        def cut(n: int) -> list[dict]:
-            return [*messages[:last], {**messages[last], "content": text[:n]}, *messages[last + 1 :]]
-
-        for test in (fits, lambda m: length(m) < max_length):  # the longest cut that fits, one character at least
-            lo, hi, best = 1, len(text) - 1, None
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                if test(cut(mid)):
-                    best, lo = mid, mid + 1
-                else:
-                    hi = mid - 1
-            if best is not None and not blank(text[:best]):  # a cut to blank text would be an empty message
-                return cut(best)
-        return None
+        return _keep_start(messages, fits, length, max_length)
     raise ValueError(f"data.truncation must be one of {TRUNCATION}, got {mode!r}")
+
+
+def _keep_end(messages: list[dict], fits: Callable, length: Callable, max_length: int) -> list[dict] | None:
+    """keep_end: the prompt with the fewest oldest turns dropped (`turns_dropped`) that `fits`; else the
+    shortest such prompt if it leaves room for one answer token; else None."""
+    options = turns_dropped(messages)
+    best = next((m for m in options if fits(m)), None)
+    if best is None and options and length(options[-1]) < max_length:
+        best = options[-1]
+    return best
+
+
+def _keep_start(messages: list[dict], fits: Callable, length: Callable, max_length: int) -> list[dict] | None:
+    """keep_start: the prompt with its last user message cut to the longest start (one character at
+    least, not blank) that `fits`; else to the longest that leaves room for one answer token; else None."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:
+        return None
+    text = messages[last]["content"]
+
+    def cut(n: int) -> list[dict]:
+        return [*messages[:last], {**messages[last], "content": text[:n]}, *messages[last + 1 :]]
+
+    for test in (fits, lambda m: length(m) < max_length):  # the longest cut that fits, one character at least
+        lo, hi, best = 1, len(text) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if test(cut(mid)):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        if best is not None and not blank(text[:best]):  # a cut to blank text would be an empty message
+            return cut(best)
+    return None
