@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.data.formats import check_mapped_columns
+from alignlab.data.options import check_max_rows
 from alignlab.data.rows import to_canonical
 from alignlab.data.streaming import PEEK_ROWS, STREAM_KINDS, RowStream
 from alignlab.errors import ConfigError, DataError
@@ -390,9 +391,7 @@ class FileSource:
         if sample is not None and max_rows is not None and sample != max_rows:
             raise ConfigError(f"{self.key}.path ends in #{sample} but {self.key}.max_rows={max_rows}; give one of them")
         self.max_rows = sample if sample is not None else max_rows
-        whole = isinstance(self.max_rows, (int, float)) and not isinstance(self.max_rows, bool)
-        if self.max_rows is not None and not (whole and float(self.max_rows).is_integer() and self.max_rows >= 1):
-            raise ConfigError(f"{self.key}.max_rows (or #N on the path) must be a whole number >= 1, got {max_rows!r}")
+        check_max_rows(self.max_rows, self.key)
         self.columns = dict(columns or {})
         self._columns = self.columns  # in force while loading: data.columns under this spec's own map
         self._converter = None  # in force while loading: data.row_converter (a registry Entry), or None

@@ -46,6 +46,17 @@ def one_of(key: str, choices: tuple) -> Check:
     return check
 
 
+def check_max_rows(value: Any, key: str = "data.source") -> None:
+    """`<key>.max_rows`, or `#N` on its path: null (every row) or a whole number >= 1, the train rows to
+    sample. The one check of it, run by FileSource's constructor (a mixture's specs too: `key` is then
+    data.sources[i]) and, before any model loads, by alignlab.runner.config.check_config."""
+    if value is not None and not (_whole(value) and value >= 1):
+        raise ConfigError(
+            f"{key}.max_rows (or #N on the path) must be a whole number >= 1, got {value!r}; give how many "
+            "train rows to sample, or null for all of them"
+        )
+
+
 def check_max_length(value: Any) -> None:
     """A whole number >= 2 (a prompt token and an answer token), or auto (chosen at setup)."""
     if value in AUTO_LENGTH:

@@ -8,10 +8,10 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.data.mixture import check_sources
+from alignlab.data.options import check_max_rows
 from alignlab.data.streaming import check_streaming
 from alignlab.errors import ConfigError
 from alignlab.models.loading import check_model_config
-from alignlab.runner.checks import Checks
 from alignlab.runner.hardware import check_hardware
 from alignlab.runner.preflight import ALGORITHM_META_KEYS, CONFIG_DIR, check_model_path, unknown_key_error
 from alignlab.runner.redact import redact, redact_overrides
@@ -69,8 +69,8 @@ def check_config(cfg: DictConfig, choices: dict | None = None) -> None:
     if missing:
         raise ConfigError(f"required config value(s) not set: {', '.join(sorted(missing))}")
     check_data_options(cfg.data)
-    if cfg.data.get("source") is not None and cfg.data.source.get("max_rows") is not None:
-        Checks(cfg.data.source, "data.source").at_least(1, "max_rows")
+    if cfg.data.get("source") is not None:
+        check_max_rows(cfg.data.source.get("max_rows"))
     check_streaming(cfg.data, cfg.algorithm, kind)
     check_model_config(cfg.model)
     check_hardware(cfg.trainer, choices.get("hardware"))

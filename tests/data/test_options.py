@@ -3,11 +3,14 @@ the config check before a run (check_config → the module class's check_options
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
 from alignlab.data import PromptDataModule, SFTDataModule
-from alignlab.data.options import OPTION_CHECKS
+from alignlab.data.files import FileSource
+from alignlab.data.options import OPTION_CHECKS, check_max_rows
 from alignlab.errors import ConfigError
 from tests.conftest import ListSource
 
@@ -39,3 +42,15 @@ def test_every_setting_of_the_base_module_is_checked_and_train_on_is_sfts_own():
     assert {"batch_size", "max_length", "truncation", "row_converter"} <= set(OPTION_CHECKS)
     assert "train_on" in SFTDataModule.option_checks and "train_on" not in PromptDataModule.option_checks
     PromptDataModule.check_options(OmegaConf.create({"max_length": "auto", "batch_size": 2.0, "train_on": "x"}))
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many", True])
+def test_max_rows_is_refused_alike_by_the_source_and_the_config_check(value):
+    message = (
+        rf"^data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1, got {re.escape(repr(value))}; "
+    )
+    with pytest.raises(ConfigError, match=message):
+        FileSource("rows.jsonl", max_rows=value)
+    with pytest.raises(ConfigError, match=message):
+        check_max_rows(OmegaConf.create({"max_rows": value}).max_rows)  # what check_config runs on data.source
+    assert FileSource("rows.jsonl", max_rows=40.0).max_rows == 40.0 and FileSource("rows.jsonl#40").max_rows == 40

@@ -133,8 +133,12 @@ def test_a_sample_larger_than_the_data_repeats_every_row(tmp_path):
     "path, max_rows, message",
     [
         ("rows.jsonl#5", 6, r"data\.source\.path ends in #5 but data\.source\.max_rows=6; give one of them"),
-        ("rows.jsonl", 0, r"data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1, got 0"),
-        ("rows.jsonl#0", None, r"data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1"),
+        ("rows.jsonl", 0, r"data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1, got 0; give"),
+        (
+            "rows.jsonl#0",
+            None,
+            r"data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1, got 0; give",
+        ),
         ("rows.jsonl", 2.5, r"must be a whole number >= 1, got 2\.5"),
         ("rows.jsonl", "many", r"must be a whole number >= 1, got 'many'"),
     ],

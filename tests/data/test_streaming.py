@@ -238,7 +238,11 @@ def test_a_hub_id_streams_through_datasets_and_its_bad_rows_are_named_by_stream_
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.source.max_rows=0"], r"^data\.source\.max_rows must be a whole number >= 1, got 0$"),
+        (
+            ["data.source.max_rows=0"],
+            r"^data\.source\.max_rows \(or #N on the path\) must be a whole number >= 1, got 0; give how many train "
+            r"rows to sample, or null for all of them$",
+        ),
         (["data.source.streaming=true"], r"^algorithm\.precompute_ref_log_probs=true scores every row .*=false$"),
         (["data.source.streaming=true", "data.source.shuffle_buffer=-5"], r"data\.source\.shuffle_buffer must be"),
     ],
