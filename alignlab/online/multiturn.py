@@ -75,6 +75,32 @@ class StepResult(NamedTuple):
 
 
 class Environment(Protocol):
+    """What a multi-turn environment (`algorithm.environment`, by dotted path) defines: `reset` and `step`.
+    Any class with the two is one; it need not subclass this. Checked before a model loads
+    (`environment_factory`: ConfigError naming algorithm.environment when the class does not import or
+    lacks either method). One instance per episode, holding its state (e.g. what reset read from the row),
+    so a prompt's `num_generations` episodes have one each; its constructor gets `tools`,
+    `tool_call_format` and `tool_timeout` where it takes them.
+
+    reset(row) -> list[dict]: the episode's opening messages (chat messages, dicts with a `role` string
+        and `content`; e.g. `list(row["prompt"])`) for a data row `{"prompt": messages, **its columns}`
+        (`solution`, `tools`, ...). Called once per episode, before sampling; the opening messages are the
+        prompt the policy sees, rendered with the tools' schemas. A prompt's episodes share one prompt
+        encoding, so reset must give them the same messages: draw any randomness from the row.
+    step(messages) -> StepResult, or a tuple (observation, done) / (observation, done, reward): called
+        after each assistant turn that ended at a stop token (not one cut at max_completion_length), with
+        the conversation so far (the opening messages, then the turns: assistant messages carry the
+        sampled text as `content`). `observation` is a list of messages appended as context (never
+        trained; None or [] for none; ignored when done or after the `max_turns`-th turn, and ending the
+        episode when it would not fit max_completion_length); `done` ends the episode; `reward` (a float,
+        or None) of the step that ends it reaches the reward function `environment_reward` (0.0 where None).
+
+    Raises (the run stops, naming the class): TypeError when reset gives no message list or an empty one
+    (`opening_messages`), or step gives neither a StepResult nor such a tuple, or an observation that is
+    not a message list (`as_step_result`); ValueError when a prompt's episodes get different opening
+    messages. An exception raised in reset or step is not caught: it stops the run.
+    """
+
     def reset(self, row: dict) -> list[dict]:
         """The episode's opening messages for a data row ({"prompt": messages, **columns})."""
 
