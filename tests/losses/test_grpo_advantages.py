@@ -120,7 +120,7 @@ def test_reinforce_plus_plus_other_scalings():
 
 def test_estimate_advantages_takes_each_estimators_own_scaling_by_default():
     rewards = random_rewards(9)
-    assert DEFAULT_SCALE_REWARDS == {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}
+    assert DEFAULT_SCALE_REWARDS.items() >= {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}.items()
     assert torch.equal(estimate_advantages(rewards, 4), group_advantages(rewards, 4, "group"))  # today's, bit for bit
     assert torch.equal(estimate_advantages(rewards, 4, "rloo"), rloo_advantages(rewards, 4, "none"))
     assert torch.equal(
