@@ -31,6 +31,7 @@ from alignlab.losses.grpo import (
     high_entropy_mask,
     kl_reward_penalty,
 )
+from alignlab.losses.rollout_correction import off_policy_sequence_mask
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
 from alignlab.online.rewards import build_reward_function, check_reward_funcs
 from alignlab.online.rollout import Samples, pack, row_sampling_logprobs, token_logprobs
@@ -90,6 +91,8 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         checks.registered("importance_sampling_level", IMPORTANCE_RATIOS)
         checks.positive("sapo_temperature_pos", "sapo_temperature_neg").non_negative("entropy_coef")
         checks.within("top_entropy_quantile", 0.0, 1.0)
+        if algorithm.off_policy_mask_threshold is not None:
+            checks.non_negative("off_policy_mask_threshold")
         if algorithm.loss_type == "cispo" and algorithm.epsilon_high is None:
             raise ConfigError(
                 "algorithm.loss_type=cispo caps the importance weight at algorithm.epsilon_high itself (as TRL and "
@@ -186,6 +189,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             "old_logprobs": old,
             "ref_logprobs": ref,
             "rollout_weights": rollout_weights,
+            "sampling_logprobs": samples.sampling_logprobs,  # the engine's (None without one): the off-policy mask's
             "stats": self.generation_stats(samples, rewards, per_fn, first_zero_std, extra),
             "texts": texts,
         }
@@ -419,8 +423,24 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             entropy=entropy,
             entropy_coef=self.entropy_coef,
             entropy_mask=None if keep is None else keep[idx],
-            rollout_weights=None if gen.get("rollout_weights") is None else gen["rollout_weights"][idx],
+            rollout_weights=self.policy_weights(gen, idx, logprobs, old, mask),
         )
+
+    def policy_weights(
+        self, gen: dict, idx: torch.Tensor, logprobs: torch.Tensor, old: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """[N, R] the rows `idx`' weights on the policy term (None: 1): the engine's importance weights
+        (rollout_correction) times, with off_policy_mask_threshold δ, DeepSeek-V3.2's off-policy sequence
+        mask (alignlab.losses.rollout_correction.off_policy_sequence_mask, as TRL: each step's current
+        log-probs `logprobs` against the engine's, or against π_old `old` without an engine)."""
+        weights = None if gen.get("rollout_weights") is None else gen["rollout_weights"][idx]
+        if self.off_policy_mask_threshold is None:
+            return weights
+        behaviour = old if gen.get("sampling_logprobs") is None else gen["sampling_logprobs"][idx]
+        keep = off_policy_sequence_mask(
+            gen["advantages"][idx], logprobs, behaviour, mask, self.off_policy_mask_threshold
+        )
+        return keep.to(logprobs.dtype) if weights is None else weights * keep.to(weights.dtype)
 
     @torch.no_grad()
     def high_entropy_tokens(self, gen: dict, micro_batches: list[torch.Tensor]) -> torch.Tensor:

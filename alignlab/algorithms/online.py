@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlab.algorithms.base import AlignmentModule
 from alignlab.data.vision import VISION_KEYS, select_vision
 from alignlab.errors import ConfigError
-from alignlab.losses.rollout_correction import logprob_mismatch, truncated_importance_weights
+from alignlab.losses.rollout_correction import ROLLOUT_CORRECTIONS, logprob_mismatch
 from alignlab.online.backends import build_backend, check_backend_spec
 from alignlab.online.micro_batches import token_budget_micro_batches
 from alignlab.online.rewards import REWARD_FUNCTIONS, build_reward_function, check_reward_columns, score_completions
@@ -126,12 +126,19 @@ class OnlineModule(AlignmentModule):
 
     @staticmethod
     def check_vllm_keys(algorithm: DictConfig, checks: Checks) -> None:
-        """With use_vllm: the vllm_* keys in range, no other generation_backend, and vllm importable (else
+        """With use_vllm: the vllm_* keys in range (the correction mode one of ROLLOUT_CORRECTIONS' or the user's
+        own function by dotted path, clip_min in [0, cap)), no other generation_backend, and vllm importable (else
         ConfigError naming the `vllm` extra)."""
         checks.one_of("vllm_mode", VLLM_MODES).positive("vllm_gpu_memory_utilization")
         checks.within("vllm_gpu_memory_utilization", 0.0, 1.0)
         checks.within("vllm_server_port", 1, 65535).positive("vllm_server_timeout", "vllm_importance_sampling_cap")
-        checks.non_negative("vllm_sync_tolerance")
+        checks.non_negative("vllm_sync_tolerance").registered(
+            "vllm_importance_sampling_mode", ROLLOUT_CORRECTIONS, own=True
+        )
+        if algorithm.vllm_importance_sampling_clip_min is not None:  # C_min below C_max, as TRL
+            checks.within(
+                "vllm_importance_sampling_clip_min", 0.0, algorithm.vllm_importance_sampling_cap, high_open=True
+            )
         if algorithm.generation_backend is not None:
             raise ConfigError(
                 "algorithm.use_vllm=true samples with vLLM, and algorithm.generation_backend names another backend: "
@@ -262,11 +269,12 @@ class OnlineModule(AlignmentModule):
     def rollout_correction(
         self, train_logprobs: torch.Tensor, samples: Samples, mask: torch.Tensor
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """For answers an engine sampled (Samples.sampling_logprobs; else (None, {})): the truncated
-        importance weights [N, R] of the policy's log-probs at rollout time `train_logprobs` [N, R] against
-        the engine's (with vllm_importance_sampling_correction, capped at vllm_importance_sampling_cap;
-        else None), and the metrics: the mismatch |log π_train − log π_vllm| (mean, max over `mask`'s
-        tokens) and the weights' min, mean and max, under TRL's names."""
+        """For answers an engine sampled (Samples.sampling_logprobs; else (None, {})): the importance weights
+        [N, R] of the policy's log-probs at rollout time `train_logprobs` [N, R] against the engine's (with
+        vllm_importance_sampling_correction, by vllm_importance_sampling_mode in [clip_min, cap]: alignlab.
+        losses.rollout_correction; else None), and the metrics under TRL's names: the mismatch |log π_train −
+        log π_vllm| (mean, max over `mask`'s tokens) and the weights' min, mean and max (over the tokens, or
+        over the completions for a sequence mode, as TRL), with a mask mode also the share masked to 0."""
         if samples.sampling_logprobs is None:
             return None, {}
         train, engine = train_logprobs.detach().float(), samples.sampling_logprobs
@@ -274,12 +282,17 @@ class OnlineModule(AlignmentModule):
         stats = {"sampling/sampling_logp_difference/mean": mean, "sampling/sampling_logp_difference/max": most}
         if not self.vllm_importance_sampling_correction:
             return None, stats
-        weights = truncated_importance_weights(train, engine, mask, self.vllm_importance_sampling_cap)
-        on_tokens = weights[mask > 0]
+        mode = ROLLOUT_CORRECTIONS.resolve(self.vllm_importance_sampling_mode)
+        weights = mode.fn(
+            train, engine, mask, self.vllm_importance_sampling_cap, self.vllm_importance_sampling_clip_min
+        )
+        on_tokens = weights[:, 0] if mode.level == "sequence" else weights[mask > 0]
         if on_tokens.numel():
             stats["sampling/importance_sampling_ratio/min"] = on_tokens.min()
             stats["sampling/importance_sampling_ratio/mean"] = on_tokens.mean()
             stats["sampling/importance_sampling_ratio/max"] = on_tokens.max()
+            if mode.masks:
+                stats["sampling/importance_sampling_ratio/masked_fraction"] = (on_tokens == 0).float().mean()
         return weights.to(train_logprobs.dtype), stats
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
