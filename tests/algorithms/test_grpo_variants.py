@@ -37,6 +37,7 @@ from tests.conftest import QUIET, compose
         (["algorithm.delta=1.2"], "algorithm.delta must be > 1 + epsilon_high = 1.2 (so it caps only the ratios of"),
         (["algorithm.delta=1.25", "algorithm.epsilon_high=0.28"], "algorithm.delta must be > 1 + epsilon_high = 1.28"),
         (["algorithm.delta=-2"], "algorithm.delta must be > 0"),
+        (["algorithm.off_policy_mask_threshold=-0.5"], "algorithm.off_policy_mask_threshold must be >= 0, got -0.5"),
         (
             ["algorithm.delta=2.0", "algorithm.loss_type=sapo"],
             "algorithm.delta (two-sided clipping) applies to the clipped loss types",

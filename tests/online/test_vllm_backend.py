@@ -8,11 +8,14 @@ import copy
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from alignlab.algorithms.online import OnlineModule
 from alignlab.errors import ConfigError
+from alignlab.losses.rollout_correction import ROLLOUT_CORRECTIONS
 from alignlab.online.generation import sample_keys
 from alignlab.online.rollout import token_logprobs
 from alignlab.online.vllm_backend import (
@@ -204,6 +207,61 @@ def test_ppo_takes_the_engines_samples_and_weights(tiny):
     module.ppo_update(rollout, torch.optim.SGD(module.model.parameters(), lr=0.1))
 
 
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_each_correction_mode_gives_its_weights_and_trls_metrics(mode):
+    """rollout_correction by vllm_importance_sampling_mode and both bounds: the registered function's weights;
+    min/mean/max over the answers' tokens, or over the completions for a sequence mode (as TRL); a mask mode's
+    share of zeros."""
+    g = torch.Generator().manual_seed(8)
+    train, mask = -torch.rand(6, 5, generator=g) * 2, (torch.rand(6, 5, generator=g) < 0.7).float()
+    samples = SimpleNamespace(sampling_logprobs=train + 0.4 * torch.randn(6, 5, generator=g))
+    settings = {"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": mode}
+    module = SimpleNamespace(**settings, vllm_importance_sampling_cap=1.5, vllm_importance_sampling_clip_min=0.7)
+    weights, stats = OnlineModule.rollout_correction(module, train, samples, mask)
+    want = ROLLOUT_CORRECTIONS[mode].fn(train, samples.sampling_logprobs, mask, 1.5, 0.7)
+    assert torch.equal(weights, want)
+    values = want[:, 0] if mode.startswith("sequence") else want[mask > 0]
+    assert stats["sampling/importance_sampling_ratio/min"] == values.min()
+    assert stats["sampling/importance_sampling_ratio/max"] == values.max()
+    if mode.endswith("mask"):
+        share = stats["sampling/importance_sampling_ratio/masked_fraction"]
+        assert share == (values == 0).float().mean() and 0 < share < 1  # these bounds mask some, not all
+    else:
+        assert "sampling/importance_sampling_ratio/masked_fraction" not in stats
+
+
+def test_a_sequence_mask_outside_the_bounds_silences_grpos_policy_term(tiny):
+    """The fake engine's log-prob −0.5 per token is far above the tiny model's: every completion's ratio is far
+    below clip_min 0.5, so sequence_mask zeroes every weight and the step moves nothing (beta 0)."""
+    model, tokenizer = tiny
+    options = {"num_generations": 2, "use_vllm": True, "vllm_importance_sampling_mode": "sequence_mask"}
+    module = build_module("grpo", copy.deepcopy(model), tokenizer, **options, vllm_importance_sampling_clip_min=0.5)
+    module.backend.engine = FakeEngine(model)
+    gen = module.generate_batch(prompt_batch(tokenizer))
+    assert (gen["rollout_weights"] == 0).all()
+    assert gen["stats"]["sampling/importance_sampling_ratio/masked_fraction"] == 1.0
+    before = [p.detach().clone() for p in module.model.parameters()]
+    module.grpo_update(gen, torch.optim.SGD(module.model.parameters(), lr=0.5))
+    assert all(torch.equal(p, q) for p, q in zip(module.model.parameters(), before))
+
+
+def test_the_off_policy_mask_drops_grpos_negative_drifted_completions(tiny):
+    """off_policy_mask_threshold δ = 1: against the engine's −0.5 per token the tiny policy has drifted by far
+    more than 1 nat per token, so exactly the completions with A < 0 leave the policy term."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    length = {"_target_": "alignlab.online.rewards.length_reward", "target": 16, "name": "length"}
+    options = {"num_generations": 2, "use_vllm": True, "reward_funcs": [length], "off_policy_mask_threshold": 1.0}
+    module = build_module("grpo", copy.deepcopy(model), tokenizer, **options)
+    module.backend.engine = FakeEngine(model)
+    gen = module.generate_batch(prompt_batch(tokenizer))
+    rows = torch.arange(gen["mask"].shape[0])
+    out = module.micro_batch_loss(gen, rows, gen["mask"].sum(), torch.tensor(float(len(rows))), None)
+    negative = gen["advantages"] < 0
+    assert negative.any() and (gen["advantages"] > 0).any()
+    assert (out.per_token[negative] == 0).all() and (out.per_token[~negative].abs().sum(1) > 0).all()
+
+
 def test_the_in_process_sampler_is_unchanged(tiny):
     """use_vllm=false (the default): no engine log-probs, no weights, the rollout as before."""
     model, tokenizer = tiny
@@ -277,6 +335,16 @@ SERVER = ["algorithm.use_vllm=true", "algorithm.vllm_mode=server"]
         (["algorithm.vllm_server_port=70000"], "algorithm.vllm_server_port must be in [1, 65535]"),
         (["algorithm.vllm_server_timeout=0"], "algorithm.vllm_server_timeout must be > 0"),
         (["algorithm.vllm_importance_sampling_cap=0"], "algorithm.vllm_importance_sampling_cap must be > 0"),
+        (
+            ["algorithm.vllm_importance_sampling_mode=sequence_masks"],
+            "algorithm.vllm_importance_sampling_mode must be one of ('token_truncate', 'token_mask', "
+            "'sequence_truncate', 'sequence_mask') or a dotted path to your own function, got 'sequence_masks' "
+            "(did you mean sequence_mask?)",
+        ),
+        (
+            ["algorithm.vllm_importance_sampling_clip_min=2.0"],
+            "algorithm.vllm_importance_sampling_clip_min must be in [0.0, 2.0), got 2.0",
+        ),
         (["algorithm.vllm_sync_tolerance=-1"], "algorithm.vllm_sync_tolerance must be >= 0"),
         (
             ["algorithm.generation_backend={_target_:alignlab.online.backends.TransformersBackend}"],
