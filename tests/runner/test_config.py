@@ -28,6 +28,8 @@ COMPOSED_BEFORE_PARTIALS = Path(__file__).with_name("composed_options.json")
 # Keys added since that golden was made, by option: {option: {key: value}}.
 CUSTOM = ("custom_kto", "custom_pairs", "custom_prompts", "custom_sft")
 ADDED_SINCE = {f"data={o}": {"row_converter": None} for o in CUSTOM}
+CORRECTION = {"vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_min": None}  # issue 34
+ADDED_SINCE |= {"algorithm=ppo": CORRECTION, "algorithm=grpo": {**CORRECTION, "off_policy_mask_threshold": None}}
 
 
 def composed_before(option: str) -> dict:
