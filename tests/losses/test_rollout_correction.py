@@ -263,3 +263,19 @@ def test_decoupled_objective_random_and_its_gradient():
     ratio = torch.exp(logp - prox.detach())
     ppo = -torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.3) * adv[:, None]) * mask
     assert torch.equal(same, ppo)
+
+
+def test_off_policy_mask_equals_trls_where_trl_is_installed():
+    """TRL's GRPOTrainer.get_off_policy_mask on the same tensors (skipped without TRL, or a TRL without it)."""
+    trl = pytest.importorskip("trl")
+    reference = getattr(trl.GRPOTrainer, "get_off_policy_mask", None)
+    if reference is None:
+        pytest.skip(f"trl {trl.__version__} has no off-policy sequence masking")
+    g = torch.Generator().manual_seed(9)
+    logp = -torch.rand(7, 12, generator=g, dtype=torch.float64) * 3
+    behaviour = logp + torch.randn(7, 12, generator=g, dtype=torch.float64) * 0.25
+    mask, adv = (torch.rand(7, 12, generator=g) < 0.75).double(), torch.randn(7, 1, generator=g, dtype=torch.float64)
+    for delta in (0.0, 0.05, 0.2, 0.5):
+        want = reference(advantages=adv, per_token_logps=logp, sampling_per_token_logps=behaviour, mask=mask,
+                         off_policy_threshold=delta)  # fmt: skip
+        assert torch.equal(off_policy_sequence_mask(adv, logp, behaviour, mask, delta), want)
