@@ -440,7 +440,7 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         keep = off_policy_sequence_mask(
             gen["advantages"][idx], logprobs, behaviour, mask, self.off_policy_mask_threshold
         )
-        return keep.to(logprobs.dtype) if weights is None else weights * keep.to(weights.dtype)
+        return keep if weights is None else weights * keep.to(weights.dtype)
 
     @torch.no_grad()
     def high_entropy_tokens(self, gen: dict, micro_batches: list[torch.Tensor]) -> torch.Tensor:
