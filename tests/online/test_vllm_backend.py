@@ -230,6 +230,19 @@ def test_each_correction_mode_gives_its_weights_and_trls_metrics(mode):
         assert "sampling/importance_sampling_ratio/masked_fraction" not in stats
 
 
+def test_a_correction_mode_by_dotted_path_passes_the_check_and_keeps_its_properties(tmp_path):
+    path = "alignlab.losses.rollout_correction.sequence_masked_importance_weights"
+    check_config(compose(["algorithm=grpo", *SERVER, f"algorithm.vllm_importance_sampling_mode={path}"], tmp_path))
+    g = torch.Generator().manual_seed(10)
+    train, mask = -torch.rand(4, 3, generator=g), torch.ones(4, 3)
+    samples = SimpleNamespace(sampling_logprobs=train + torch.randn(4, 3, generator=g))
+    settings = {"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": path}
+    module = SimpleNamespace(**settings, vllm_importance_sampling_cap=1.5, vllm_importance_sampling_clip_min=None)
+    weights, stats = OnlineModule.rollout_correction(module, train, samples, mask)
+    assert torch.equal(weights, ROLLOUT_CORRECTIONS["sequence_mask"].fn(train, samples.sampling_logprobs, mask, 1.5))
+    assert "sampling/importance_sampling_ratio/masked_fraction" in stats  # the registered entry's `masks`
+
+
 def test_a_sequence_mask_outside_the_bounds_silences_grpos_policy_term(tiny):
     """The fake engine's log-prob −0.5 per token is far above the tiny model's: every completion's ratio is far
     below clip_min 0.5, so sequence_mask zeroes every weight and the step moves nothing (beta 0)."""
