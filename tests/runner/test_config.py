@@ -27,7 +27,11 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 COMPOSED_BEFORE_PARTIALS = Path(__file__).with_name("composed_options.json")
 # Keys added since that golden was made, by option: {option: {key: value}}.
 CUSTOM = ("custom_kto", "custom_pairs", "custom_prompts", "custom_sft")
-ADDED_SINCE = {f"data={o}": {"row_converter": None} for o in CUSTOM}
+ADDED_SINCE = {
+    **{f"data={o}": {"row_converter": None} for o in CUSTOM},
+    "algorithm=grpo": {"kl_estimator": "k3", "use_bias_correction_kl": False},
+    "algorithm=ppo": {"use_bias_correction_kl": False},
+}
 
 
 def composed_before(option: str) -> dict:
