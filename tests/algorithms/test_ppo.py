@@ -44,7 +44,15 @@ def prompt_batch(tokenizer, n=6):
             ["algorithm.max_tokens_per_micro_batch=-1"],
             "algorithm.max_tokens_per_micro_batch must be a whole number >= 1",
         ),
-        (["algorithm.kl_estimator=k4"], "algorithm.kl_estimator must be one of ('k1', 'k2', 'k3'), got 'k4'"),
+        (["algorithm.kl_estimator=k4"], "algorithm.kl_estimator must be one of ('k1', 'k2', 'k3', "),
+        (
+            ["algorithm.use_bias_correction_kl=true"],
+            "algorithm.use_bias_correction_kl=true weights the KL loss term, which needs use_kl_loss=true",
+        ),
+        (
+            ["algorithm.use_kl_loss=true", "algorithm.kl_estimator=k2", "algorithm.use_bias_correction_kl=true"],
+            "algorithm.use_bias_correction_kl weights the KL by ρ = π/π_old, whose gradient is ∇E_π[estimate]",
+        ),
         (["algorithm.kl_target=0"], "algorithm.kl_target must be > 0, got 0"),
         (["algorithm.kl_horizon=0"], "algorithm.kl_horizon must be > 0, got 0"),
         (["algorithm.kl_target=6", "algorithm.kl_coef=0"], "algorithm.kl_coef must be > 0, got 0"),
