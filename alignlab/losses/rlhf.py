@@ -83,8 +83,8 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = (r − 1) − log r, log r = log π_ref − log π: unbiased, low variance, >= 0 (verl's `low_var_kl`,
     GRPO's KL). r − 1 through expm1, exact near r = 1, where a policy close to its reference puts most tokens.
     As a loss its gradient (1 − r)·∇log π is, over y ~ π, −Σ_y π_ref(y)·∇log π(y) = ∇KL(π_ref ‖ π): the
-    forward KL, not the one the value estimates (verl PR 2953; Shah et al., 2025, "A Comedy of Estimators",
-    arXiv:2512.21852)."""
+    forward KL, not the one the value estimates (verl PR 2953; "A Comedy of Estimators: On KL Regularization in RL
+    Training of LLMs", 2025, arXiv:2512.21852)."""
     log_ratio = ref_logprobs - logprobs
     return torch.expm1(log_ratio) - log_ratio
 

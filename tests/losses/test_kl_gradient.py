@@ -7,7 +7,7 @@ what averaging ∇f over sampled tokens estimates. It is compared in float64 wit
     ∇_θ KL(π ‖ π_ref) = π ⊙ (d − E_π[d]),  d = log π − log π_ref     (the reverse KL: what the value estimates)
     ∇_θ KL(π_ref ‖ π) = π − π_ref                                    (the forward KL)
 
-Plain k3 as a loss descends the forward KL (verl PR 2953; Shah et al. 2025, "A Comedy of Estimators"); k2,
+Plain k3 as a loss descends the forward KL (verl PR 2953; "A Comedy of Estimators", arXiv:2512.21852); k2,
 verl's k1+/k3+ (on-policy), TRL's use_bias_correction_kl (ρ·k3, ρ = π/π_old, any π_old) and OpenRLHF's
 `unbiased_gradient` (k3's value, ρ-weighted k2 gradient with ρ detached) descend the reverse KL.
 """
@@ -100,6 +100,7 @@ def test_each_estimators_loss_gradient_is_the_one_its_properties_claim(name, see
     checked for every registered estimator, so a new one is held to what it declares."""
     logits, ref, old = random_case(seed)
     entry = KL_ESTIMATES[name]
+    assert entry.loss_gradient is not None, f"{name}: register it with loss_gradient= (and unbiased=, if so)"
     claimed = {
         "reverse": reverse_kl_gradient(logits, ref),
         "forward": forward_kl_gradient(logits, ref),
