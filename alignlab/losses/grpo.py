@@ -393,16 +393,14 @@ def grpo_loss(
     kl_estimator: str = "k3",
     use_bias_correction_kl: bool = False,
 ) -> GRPOLossOutput:
-    """per_token = (w·objective − entropy_coef·H)·entropy_mask + β·KL_t, aggregated by loss_type; KL_t: k3(π, π_ref)
-    by default, else alignlab.losses.rlhf.kl_loss_term(…, kl_estimator, use_bias_correction_kl).
+    """per_token = (w·objective − entropy_coef·H)·entropy_mask + β·KL_t, aggregated by loss_type.
 
     logprobs, old_logprobs, ref_logprobs, mask, entropy, entropy_mask, rollout_weights [N, R]; advantages
     [N]. ρ: importance_weights(…, `importance_sampling_level`). `loss_type` (GRPO_LOSSES) names the objective
     (GRPO_OBJECTIVES, reading ObjectiveSettings) and the aggregation over the optimizer step's
     `num_items_in_batch` completion tokens and `num_completions` completions (StepCounts). The policy term:
-    _policy_term (w: alignlab.losses.rollout_correction, as TRL); the KL term (_kl_term) is on every token.
-    Raises ValueError for an unknown loss_type or importance_sampling_level, or entropy_coef without `entropy`.
-    """
+    _policy_term (w: alignlab.losses.rollout_correction, as TRL); KL_t, on every token: rlhf.kl_loss_term (k3).
+    Raises ValueError: an unknown loss_type, importance_sampling_level or kl_estimator; entropy_coef without entropy."""
     kind = GRPO_LOSSES.entry(loss_type)
     objective = GRPO_OBJECTIVES[kind.objective]
     high = epsilon if epsilon_high is None else epsilon_high
@@ -412,9 +410,8 @@ def grpo_loss(
     a = advantages.unsqueeze(1)
     per_token = objective.fn(ratio, a, logprobs, settings)
     per_token = _policy_term(per_token, rollout_weights, entropy, entropy_coef, entropy_mask)
-    bias_corrected = use_bias_correction_kl
-    token_kl = None if beta == 0.0 else kl_loss_term(logprobs, ref_logprobs, old_logprobs, kl_estimator, bias_corrected)
-    per_token, kl = _kl_term(per_token, token_kl, mask, beta)
+    kl_t = kl_loss_term(logprobs, ref_logprobs, old_logprobs, kl_estimator, use_bias_correction_kl) if beta else None
+    per_token, kl = _kl_term(per_token, kl_t, mask, beta)
     per_token = per_token * mask
     loss = kind.fn(per_token, mask, StepCounts(num_items_in_batch, num_completions, max_completion_length, scale))
     with torch.no_grad():
@@ -447,8 +444,8 @@ def _policy_term(
 def _kl_term(
     per_token: torch.Tensor, token_kl: torch.Tensor | None, mask: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(per_token + β·token_kl on every token, the mean token_kl over `mask`'s tokens); β = 0: (per_token, None)."""
-    if beta == 0.0:
+    """(per_token + β·token_kl on every token, the mean token_kl over `mask`'s tokens); None: (per_token, None)."""
+    if token_kl is None:
         return per_token, None
     return per_token + beta * token_kl, masked_mean(token_kl, mask)
 
