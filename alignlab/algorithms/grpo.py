@@ -31,12 +31,13 @@ from alignlab.losses.grpo import (
     high_entropy_mask,
     kl_reward_penalty,
 )
+from alignlab.losses.rlhf import KL_ESTIMATES
 from alignlab.losses.rollout_correction import off_policy_sequence_mask
 from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
 from alignlab.online.rewards import build_reward_function, check_reward_funcs
 from alignlab.online.rollout import Samples, pack, row_sampling_logprobs, token_logprobs
 from alignlab.online.update_stats import UpdateStats
-from alignlab.runner.checks import Checks
+from alignlab.runner.checks import Checks, check_kl_loss
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,14 @@ class GRPO(MultiTurnRollouts, OnlineModule):
         if algorithm.scale_rewards is not None:
             checks.one_of("scale_rewards", SCALE_REWARDS)
         checks.registered("advantage_estimator", ADVANTAGES, own=True).at_least(0, "max_resample_times")
+        checks.registered("kl_estimator", KL_ESTIMATES)
         for key in ("kl_in_reward", "sync_ref_model"):
             if algorithm[key] and algorithm.beta == 0:
                 raise ConfigError(
                     f"algorithm.{key}=true needs a reference model, and algorithm.beta=0 loads none: "
                     f"set algorithm.beta > 0 or algorithm.{key}=false"
                 )
+        check_kl_loss(algorithm, algorithm.beta != 0 and not algorithm.kl_in_reward, "beta > 0, kl_in_reward=false")
         if "soft_overlong" in funcs:
             if algorithm.soft_cache_length is None:
                 raise ConfigError("the soft_overlong reward needs algorithm.soft_cache_length (and soft_max_length)")
@@ -424,6 +427,8 @@ class GRPO(MultiTurnRollouts, OnlineModule):
             entropy_coef=self.entropy_coef,
             entropy_mask=None if keep is None else keep[idx],
             rollout_weights=self.policy_weights(gen, idx, logprobs, old, mask),
+            kl_estimator=self.kl_estimator,
+            use_bias_correction_kl=self.use_bias_correction_kl,
         )
 
     def policy_weights(

@@ -26,6 +26,7 @@ from alignlab.losses.rlhf import (
     clip_scores,
     gae,
     kl_estimate,
+    kl_loss_term,
     kl_penalty_rewards,
     masked_mean,
     masked_whiten,
@@ -38,7 +39,7 @@ from alignlab.online.generation import answer_texts, cut_at_stop, stop_token_ids
 from alignlab.online.rewards import build_reward_function, check_reward_funcs
 from alignlab.online.rollout import Samples, pack, prompt_ids, response_positions, token_logprobs
 from alignlab.online.update_stats import UpdateStats
-from alignlab.runner.checks import Checks
+from alignlab.runner.checks import Checks, check_kl_loss
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,7 @@ class PPO(OnlineModule):
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1):
             raise ConfigError(f"algorithm.dual_clip must be null or a number > 1 (Ye et al. use 3), got {c!r}")
         cls.check_reward_clip_range(algorithm.reward_clip_range)
-        if algorithm.use_kl_loss and algorithm.kl_estimator == "k1":
-            log.warning(  # OpenRLHF warns the same: k1's gradient as a loss is zero in expectation
-                "algorithm.use_kl_loss=true with kl_estimator=k1: as a loss term k1 has no gradient in expectation; "
-                "k2 or k3 is the usual choice"
-            )
+        check_kl_loss(algorithm, algorithm.use_kl_loss, "use_kl_loss=true")
         funcs = OmegaConf.to_container(algorithm.reward_funcs) if algorithm.reward_funcs is not None else []
         if algorithm.reward_model is None and not funcs:
             raise ConfigError(
@@ -332,7 +329,8 @@ class PPO(OnlineModule):
         vpred = response_positions(self.value.values(sub["input_ids"], sub["attention_mask"]), starts, length).float()
         kl = None
         if self.use_kl_loss:  # the KL to the reference as a loss term (verl), not in the reward
-            kl = kl_estimate(new_logprobs, rollout["ref_logprobs"][idx] * mask, self.kl_estimator)
+            ref, old = rollout["ref_logprobs"][idx] * mask, rollout["logprobs"][idx] * mask
+            kl = kl_loss_term(new_logprobs, ref, old, self.kl_estimator, self.use_bias_correction_kl)
         policy = ppo_policy_loss(
             new_logprobs,
             rollout["logprobs"][idx],

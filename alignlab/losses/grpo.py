@@ -13,7 +13,7 @@ import torch
 
 from alignlab.losses.ppo import clipped_objective
 from alignlab.losses.reduction import masked_mean, step_mean
-from alignlab.losses.rlhf import kl_estimate
+from alignlab.losses.rlhf import kl_estimate, kl_loss_term
 from alignlab.registry import Entry, Registry
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -186,7 +186,7 @@ def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: 
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimate (r − 1) − log r >= 0, log r = ref − log π (Schulman's k3): GRPO's KL term,
+    """Per-token KL estimate (r − 1) − log r >= 0, log r = ref − log π (Schulman's k3): GRPO's default KL term,
     alignlab.losses.rlhf.kl_estimate's k3."""
     return kl_estimate(logprobs, ref_logprobs, "k3")
 
@@ -390,16 +390,17 @@ def grpo_loss(
     entropy_coef: float = 0.0,
     entropy_mask: torch.Tensor | None = None,
     rollout_weights: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
 ) -> GRPOLossOutput:
-    """per_token = (w·objective − entropy_coef·H)·entropy_mask + β·k3(π, π_ref), aggregated by loss_type.
+    """per_token = (w·objective − entropy_coef·H)·entropy_mask + β·KL_t, aggregated by loss_type.
 
     logprobs, old_logprobs, ref_logprobs, mask, entropy, entropy_mask, rollout_weights [N, R]; advantages
     [N]. ρ: importance_weights(…, `importance_sampling_level`). `loss_type` (GRPO_LOSSES) names the objective
     (GRPO_OBJECTIVES, reading ObjectiveSettings) and the aggregation over the optimizer step's
     `num_items_in_batch` completion tokens and `num_completions` completions (StepCounts). The policy term:
-    _policy_term (w: alignlab.losses.rollout_correction, as TRL); the KL term (_kl_term) is on every token.
-    Raises ValueError for an unknown loss_type or importance_sampling_level, or entropy_coef without `entropy`.
-    """
+    _policy_term (w: alignlab.losses.rollout_correction, as TRL); KL_t, on every token: rlhf.kl_loss_term (k3).
+    Raises ValueError: an unknown loss_type, importance_sampling_level or kl_estimator; entropy_coef without entropy."""
     kind = GRPO_LOSSES.entry(loss_type)
     objective = GRPO_OBJECTIVES[kind.objective]
     high = epsilon if epsilon_high is None else epsilon_high
@@ -409,7 +410,8 @@ def grpo_loss(
     a = advantages.unsqueeze(1)
     per_token = objective.fn(ratio, a, logprobs, settings)
     per_token = _policy_term(per_token, rollout_weights, entropy, entropy_coef, entropy_mask)
-    per_token, kl = _kl_term(per_token, logprobs, ref_logprobs, mask, beta)
+    kl_t = kl_loss_term(logprobs, ref_logprobs, old_logprobs, kl_estimator, use_bias_correction_kl) if beta else None
+    per_token, kl = _kl_term(per_token, kl_t, mask, beta)
     per_token = per_token * mask
     loss = kind.fn(per_token, mask, StepCounts(num_items_in_batch, num_completions, max_completion_length, scale))
     with torch.no_grad():
@@ -440,12 +442,11 @@ def _policy_term(
 
 
 def _kl_term(
-    per_token: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, mask: torch.Tensor, beta: float
+    per_token: torch.Tensor, token_kl: torch.Tensor | None, mask: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(per_token + β·k3(π, π_ref) on every token, the mean k3 over `mask`'s tokens); β = 0: (per_token, None)."""
-    if beta == 0.0:
+    """(per_token + β·token_kl on every token, the mean token_kl over `mask`'s tokens); None: (per_token, None)."""
+    if token_kl is None:
         return per_token, None
-    token_kl = k3_kl(logprobs, ref_logprobs)
     return per_token + beta * token_kl, masked_mean(token_kl, mask)
 
 

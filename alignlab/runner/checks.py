@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from alignlab.errors import ConfigError
+from alignlab.losses.rlhf import kl_loss_gradient
 from alignlab.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class Checks:
@@ -72,3 +76,26 @@ class Checks:
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{self.prefix}.{key} must be {allowed}, got {value!r}{hint}")
         return self
+
+
+def check_kl_loss(algorithm: DictConfig, in_loss: bool, needs: str) -> None:
+    """PPO's and GRPO's `kl_estimator` (registered: checked before) and `use_bias_correction_kl` for the KL to
+    the reference as a loss term; `in_loss`: whether this configuration has that term, `needs`: what gives it.
+    Warns where the term's gradient is zero in expectation (k1: OpenRLHF warns the same).
+
+    Raises:
+        ConfigError: use_bias_correction_kl without the loss term, or with an estimator the importance ratio
+        does not correct (alignlab.losses.rlhf.kl_loss_gradient).
+    """
+    corrected = algorithm.use_bias_correction_kl
+    if corrected and not in_loss:
+        raise ConfigError(f"algorithm.use_bias_correction_kl=true weights the KL loss term, which needs {needs}")
+    try:
+        gradient = kl_loss_gradient(algorithm.kl_estimator, corrected)
+    except ValueError as e:
+        raise ConfigError(f"algorithm.{e}") from None
+    if in_loss and gradient == "zero":
+        log.warning(
+            f"algorithm.kl_estimator={algorithm.kl_estimator} as a loss term has no gradient in expectation; k2, k1+ "
+            "or k3+ (or use_bias_correction_kl=true) descend KL(π ‖ π_ref) (docs/algorithms.md)"
+        )

@@ -436,3 +436,16 @@ def test_a_short_run_with_no_reward_signal_says_so_in_its_summary(tmp_path, caps
     assert result["steps"] == 2 and len(result["warnings"]) == 1
     assert result["warnings"][0].startswith("GRPO: in 2 rollouts in a row every group of 2 completions got the same")
     assert "  warning: GRPO: in 2 rollouts" in capsys.readouterr().out
+
+
+def test_the_kl_options_reach_grpo_loss(tiny, monkeypatch):
+    """algorithm.kl_estimator and use_bias_correction_kl are what the update's KL term is computed with
+    (alignlab.losses.rlhf.kl_loss_term; its gradients: tests/losses/test_kl_gradient.py)."""
+    import alignlab.algorithms.grpo as grpo_algorithm
+
+    module, gen = length_rewarded_generation(tiny, kl_estimator="k1", use_bias_correction_kl=True, num_iterations=2)
+    seen, real = [], grpo_algorithm.grpo_loss
+    monkeypatch.setattr(grpo_algorithm, "grpo_loss", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    logged = updated([module], gen)[0]
+    assert len(seen) == 2 and all(kw["kl_estimator"] == "k1" and kw["use_bias_correction_kl"] for kw in seen)
+    assert logged["kl"].item() != 0.0

@@ -24,6 +24,12 @@ from tests.conftest import QUIET, build_module, compose
         (["algorithm.advantage_estimator=ppo"], "algorithm.advantage_estimator must be one of"),
         (["algorithm.scale_rewards=median"], "algorithm.scale_rewards must be one of"),
         (["algorithm.kl_in_reward=true"], "algorithm.kl_in_reward=true needs a reference model, and algorithm.beta=0"),
+        (["algorithm.kl_estimator=k5"], "algorithm.kl_estimator must be one of ('k1', 'k2', 'k3', "),
+        (["algorithm.use_bias_correction_kl=true"], "the KL loss term, which needs beta > 0, kl_in_reward=false"),
+        (
+            ["algorithm.beta=0.04", "algorithm.kl_estimator=k3+", "algorithm.use_bias_correction_kl=true"],
+            "the reverse KL's for ('k1', 'k3') only, not kl_estimator=k3+",
+        ),
         (
             ["algorithm.sync_ref_model=true"],
             "algorithm.sync_ref_model=true needs a reference model, and algorithm.beta",
@@ -65,6 +71,10 @@ def test_the_defaults_pass_and_each_option_is_accepted(tmp_path):
             tmp_path,
         )
     )
+    for estimator in ("k3", "k1"):  # TRL's use_bias_correction_kl: the ratio-weighted k3 (or k1)
+        corrected = [f"algorithm.kl_estimator={estimator}", "algorithm.use_bias_correction_kl=true"]
+        check_config(compose(["algorithm=grpo", "algorithm.beta=0.04", *corrected], tmp_path))
+    check_config(compose(["algorithm=grpo", "algorithm.beta=0.04", "algorithm.kl_estimator=k3+"], tmp_path))
 
 
 # -- soft_overlong: completion ids reach the reward functions that take them -----------------------

@@ -44,7 +44,15 @@ def prompt_batch(tokenizer, n=6):
             ["algorithm.max_tokens_per_micro_batch=-1"],
             "algorithm.max_tokens_per_micro_batch must be a whole number >= 1",
         ),
-        (["algorithm.kl_estimator=k4"], "algorithm.kl_estimator must be one of ('k1', 'k2', 'k3'), got 'k4'"),
+        (["algorithm.kl_estimator=k4"], "algorithm.kl_estimator must be one of ('k1', 'k2', 'k3', "),
+        (
+            ["algorithm.use_bias_correction_kl=true"],
+            "algorithm.use_bias_correction_kl=true weights the KL loss term, which needs use_kl_loss=true",
+        ),
+        (
+            ["algorithm.use_kl_loss=true", "algorithm.kl_estimator=k2", "algorithm.use_bias_correction_kl=true"],
+            "algorithm.use_bias_correction_kl weights the KL by ρ = π/π_old, whose gradient is ∇E_π[estimate]",
+        ),
         (["algorithm.kl_target=0"], "algorithm.kl_target must be > 0, got 0"),
         (["algorithm.kl_horizon=0"], "algorithm.kl_horizon must be > 0, got 0"),
         (["algorithm.kl_target=6", "algorithm.kl_coef=0"], "algorithm.kl_coef must be > 0, got 0"),
@@ -435,3 +443,22 @@ def test_with_a_lora_policy_and_no_reward_model_the_value_model_trains_its_own_a
     policy = {id(p) for p in module.model.parameters()}
     assert not any(id(p) in policy for p in module.value.parameters())  # a copy: the two adapters train apart
     assert all(m.p == 0 for m in module.value.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_the_kl_loss_options_reach_the_kl_term(tiny, reward_folder, monkeypatch):
+    """With use_kl_loss, the update's KL term is kl_loss_term of the policy, the reference and the rollout's
+    log-probs (π_old) with kl_estimator and use_bias_correction_kl (its gradients: tests/losses/test_kl_gradient.py)."""
+    import alignlab.algorithms.ppo as ppo_algorithm
+
+    _, tokenizer = tiny
+    options = {"use_kl_loss": True, "kl_estimator": "k3", "use_bias_correction_kl": True}
+    module = ppo_module(tiny, reward_folder, num_ppo_epochs=1, **options)
+    torch.manual_seed(0)
+    rollout = module.rollout(prompt_batch(tokenizer))
+    seen, real = [], ppo_algorithm.kl_loss_term
+    monkeypatch.setattr(ppo_algorithm, "kl_loss_term", lambda *a: seen.append(a) or real(*a))
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    module.ppo_update(rollout, optimizer, generator=torch.Generator().manual_seed(0))
+    assert seen and all(args[3:] == ("k3", True) for args in seen)
+    old = torch.cat([args[2] for args in seen]).flatten().tolist()
+    assert sorted(old) == sorted((rollout["logprobs"] * rollout["mask"]).flatten().tolist())  # each row, as π_old

@@ -29,7 +29,11 @@ COMPOSED_BEFORE_PARTIALS = Path(__file__).with_name("composed_options.json")
 CUSTOM = ("custom_kto", "custom_pairs", "custom_prompts", "custom_sft")
 ADDED_SINCE = {f"data={o}": {"row_converter": None} for o in CUSTOM}
 CORRECTION = {"vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_min": None}  # issue 34
-ADDED_SINCE |= {"algorithm=ppo": CORRECTION, "algorithm=grpo": {**CORRECTION, "off_policy_mask_threshold": None}}
+KL_LOSS = {"use_bias_correction_kl": False}  # issue 34
+ADDED_SINCE |= {
+    "algorithm=ppo": {**CORRECTION, **KL_LOSS},
+    "algorithm=grpo": {**CORRECTION, "off_policy_mask_threshold": None, "kl_estimator": "k3", **KL_LOSS},
+}
 
 
 def composed_before(option: str) -> dict:
