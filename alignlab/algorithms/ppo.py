@@ -11,7 +11,6 @@ evaluation and sample tables: alignlab.algorithms.online.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,8 +39,6 @@ from alignlab.online.rewards import build_reward_function, check_reward_funcs
 from alignlab.online.rollout import Samples, pack, prompt_ids, response_positions, token_logprobs
 from alignlab.online.update_stats import UpdateStats
 from alignlab.runner.checks import Checks, check_kl_loss
-
-log = logging.getLogger(__name__)
 
 
 def load_reward_and_value_models(
