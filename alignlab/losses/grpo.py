@@ -395,11 +395,10 @@ def grpo_loss(
 ) -> GRPOLossOutput:
     """per_token = (w·objective − entropy_coef·H)·entropy_mask + β·KL_t, aggregated by loss_type.
 
-    logprobs, old_logprobs, ref_logprobs, mask, entropy, entropy_mask, rollout_weights [N, R]; advantages
-    [N]. ρ: importance_weights(…, `importance_sampling_level`). `loss_type` (GRPO_LOSSES) names the objective
-    (GRPO_OBJECTIVES, reading ObjectiveSettings) and the aggregation over the optimizer step's
-    `num_items_in_batch` completion tokens and `num_completions` completions (StepCounts). The policy term:
-    _policy_term (w: alignlab.losses.rollout_correction, as TRL); KL_t, on every token: rlhf.kl_loss_term (k3).
+    logprobs, old_logprobs, ref_logprobs, mask, entropy, entropy_mask, rollout_weights [N, R]; advantages [N].
+    ρ: importance_weights(…, `importance_sampling_level`). `loss_type` (GRPO_LOSSES) names the objective
+    (GRPO_OBJECTIVES) and the aggregation over the step's `num_items_in_batch` completion tokens and
+    `num_completions` completions (StepCounts). w: alignlab.losses.rollout_correction; KL_t: rlhf.kl_loss_term.
     Raises ValueError: an unknown loss_type, importance_sampling_level or kl_estimator; entropy_coef without entropy."""
     kind = GRPO_LOSSES.entry(loss_type)
     objective = GRPO_OBJECTIVES[kind.objective]
