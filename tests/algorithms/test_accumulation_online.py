@@ -170,8 +170,19 @@ def test_multi_turn_grpo_step_normalises_by_the_steps_policy_tokens(tiny_model_d
         {"importance_sampling_level": "sequence"},
         {"entropy_coef": 0.01},
         {"delta": 1.5, "num_iterations": 2},
+        {"off_policy_mask_threshold": 0.0, "num_iterations": 2},
+        {"use_bias_correction_kl": True, "num_iterations": 2},
+        {"kl_estimator": "k3+"},
     ],
-    ids=["top entropy", "sequence ratio", "entropy bonus", "two-sided clip, 2 iterations"],
+    ids=[
+        "top entropy",
+        "sequence ratio",
+        "entropy bonus",
+        "two-sided clip, 2 iterations",
+        "off-policy mask, 2 iterations",
+        "ratio-weighted k3, 2 iterations",
+        "k3+",
+    ],
 )
 def test_multi_turn_grpo_options_take_the_whole_batch_step_however_cut(tiny_model_dir, options):
     """The token options on episodes with masked tool tokens: the top-entropy share over the step's policy
